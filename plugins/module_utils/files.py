@@ -1,0 +1,90 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Private, atomic file handling for the core (no Ansible imports).
+
+PRIVATE to the collection: it can change at any time.
+Every file the system writes goes through here: 0600 files in 0700 folders, written to a
+temporary file in the same folder, fsynced, renamed over the target, and the folder fsynced,
+so a crash leaves either the old content or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import yaml
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def ensure_private_dir(path):
+    """Create path (and parents) as 0700; tighten it if it exists with other modes."""
+    os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
+    if os.stat(path).st_mode & 0o777 != PRIVATE_DIR:
+        os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, mode=PRIVATE_FILE):
+    """Write bytes to path atomically with the given mode; the folder must exist."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def dump_yaml(obj):
+    return yaml.safe_dump(obj, default_flow_style=False, sort_keys=True).encode("utf-8")
+
+
+def read_yaml(path, default=None):
+    """The parsed YAML file at path, or default when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        return default
+
+
+def write_yaml(path, obj, mode=PRIVATE_FILE):
+    atomic_write(path, dump_yaml(obj), mode)
+
+
+def write_json(path, obj, mode=PRIVATE_FILE):
+    atomic_write(path, json.dumps(obj, sort_keys=True, indent=1).encode("utf-8"), mode)
+
+
+def read_json(path, default=None):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return default
