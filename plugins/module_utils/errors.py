@@ -1,0 +1,61 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Errors of the core (no Ansible imports). PRIVATE to the collection.
+
+Each message says what is wrong and what to do. None carries key material, document
+content or, for encrypted jobs, namespace names.
+"""
+from __future__ import annotations
+
+
+class KmipBackupError(Exception):
+    """Base class: a failure the user can understand and act on."""
+
+
+class ConfigError(KmipBackupError):
+    """Missing or invalid configuration (kmip.yml, groups, jobs, parameters)."""
+
+
+class CertificateError(KmipBackupError):
+    """A client certificate or key that cannot be used (kind says why)."""
+
+    def __init__(self, message, kind="invalid"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class KmipError(KmipBackupError):
+    """A KMIP failure; kind is one of: unknown_ca, bad_client_cert, no_client_auth,
+    permission_denied, not_found, not_active, unreachable, hostname_mismatch, protocol."""
+
+    def __init__(self, message, kind="protocol", uid=None, servers=None):
+        super().__init__(message)
+        self.kind = kind
+        self.uid = uid
+        self.servers = servers or []
+
+
+class SourceError(KmipBackupError):
+    """The source deployment cannot be used (unreachable, auth, standalone, history lost)."""
+
+
+class HistoryLostError(SourceError):
+    """The change stream cannot resume from the stored point: a new initial sync is needed."""
+
+
+class IntegrityError(KmipBackupError):
+    """A store object failed authentication or does not match what references it."""
+
+    def __init__(self, message, kind=None, object_id=None):
+        super().__init__(message)
+        self.kind = kind
+        self.object_id = object_id
+
+
+class StoreError(KmipBackupError):
+    """The snapshot store is missing, unreadable, or a snapshot is not there."""
+
+
+class RestoreError(KmipBackupError):
+    """A restore that cannot proceed (target not empty, unreachable, ...)."""
