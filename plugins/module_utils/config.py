@@ -1,0 +1,256 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Paths and the configuration files of a daemon host (no Ansible imports).
+
+PRIVATE to the collection: it can change at any time.
+config_dir holds kmip.yml (kmip_config), groups/<group>.yml (group_kmip) and
+jobs/<job>.yml (backup_job_encryption); this file reads all of them and writes the
+first two. See docs/internals.md, "Files on a daemon host".
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+
+DEFAULT_CONFIG_DIR = "/etc/kmipbackup"
+DEFAULT_DATA_DIR = "/var/lib/kmipbackup"
+DEFAULT_PORT = 5696
+PROTOCOLS = ("kmip_1_2", "legacy")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HOST = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+
+def validate_name(name, what="name"):
+    """Return name when it is a safe file name ([A-Za-z0-9_.-]+), else raise ConfigError."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise ConfigError("invalid %s %r: use letters, digits, '_', '.' and '-' only" % (what, name))
+    return name
+
+
+def kmip_path(config_dir=DEFAULT_CONFIG_DIR):
+    return os.path.join(config_dir, "kmip.yml")
+
+
+def groups_dir(config_dir=DEFAULT_CONFIG_DIR):
+    return os.path.join(config_dir, "groups")
+
+
+def group_path(config_dir, group):
+    return os.path.join(groups_dir(config_dir), validate_name(group, "group name") + ".yml")
+
+
+def jobs_dir(config_dir=DEFAULT_CONFIG_DIR):
+    return os.path.join(config_dir, "jobs")
+
+
+def job_path(config_dir, job):
+    return os.path.join(jobs_dir(config_dir), validate_name(job, "job name") + ".yml")
+
+
+def parse_server(entry, default_port=DEFAULT_PORT):
+    """(host, port) of a server entry: 'host', 'host:port', '[v6 address]' or '[v6 address]:port'."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise ConfigError("invalid KMIP server entry %r: give a host name or address, optionally with ':port'" % (entry,))
+    entry = entry.strip()
+    host, port = entry, default_port
+    if entry.startswith("["):
+        end = entry.find("]")
+        if end < 0:
+            raise ConfigError("invalid KMIP server entry %r: missing ']' after the IPv6 address" % entry)
+        host, rest = entry[1:end], entry[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError("invalid KMIP server entry %r: expected ':port' after ']'" % entry)
+            port = rest[1:]
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        port = 0
+    if not 0 < port < 65536:
+        raise ConfigError("invalid port in KMIP server entry %r: use 1-65535" % entry)
+    if not host or not _HOST.match(host):
+        raise ConfigError("invalid host in KMIP server entry %r" % entry)
+    return host, port
+
+
+@dataclasses.dataclass
+class KmipConfig:
+    """kmip.yml: the KMIP servers (tried in order), their port, the CA that signs them."""
+    servers: list
+    ca_file: str
+    port: int = DEFAULT_PORT
+    connect_timeout: float = 5.0
+    connect_retries: int = 2
+    protocol: str = "kmip_1_2"
+
+    def __post_init__(self):
+        if not isinstance(self.servers, list) or not self.servers:
+            raise ConfigError("KMIP servers must be a non-empty list of host names or addresses")
+        self.servers = [str(s).strip() for s in self.servers]
+        try:
+            self.port = int(self.port)
+            self.connect_timeout = float(self.connect_timeout)
+            self.connect_retries = int(self.connect_retries)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("invalid KMIP setting (port, connect_timeout, connect_retries): %s" % e)
+        if not 0 < self.port < 65536:
+            raise ConfigError("invalid KMIP port %r: use 1-65535" % self.port)
+        if self.connect_timeout <= 0:
+            raise ConfigError("connect_timeout must be positive (seconds)")
+        if self.connect_retries < 0:
+            raise ConfigError("connect_retries must be 0 or more")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError("invalid KMIP protocol %r: use one of %s" % (self.protocol, ", ".join(PROTOCOLS)))
+        if not self.ca_file or not isinstance(self.ca_file, str):
+            raise ConfigError("ca_file is required: the PEM file of the CA that signs the KMIP servers' certificates")
+        for s in self.servers:
+            parse_server(s, self.port)
+
+    def addresses(self):
+        """[(host, port)] in failover order."""
+        return [parse_server(s, self.port) for s in self.servers]
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GroupConfig:
+    """groups/<group>.yml: the group's KMIP client certificate (and key, password)."""
+    group: str
+    client_cert_file: str
+    client_key_file: str = None
+    client_cert_password: str = None
+
+    def __post_init__(self):
+        validate_name(self.group, "group name")
+        if not self.client_cert_file or not isinstance(self.client_cert_file, str):
+            raise ConfigError("group %s: client_cert_file is required" % self.group)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls, data, path):
+    if not isinstance(data, dict):
+        raise ConfigError("%s is not a YAML mapping: rewrite it with the module that owns it" % path)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError("%s has unknown keys %s: rewrite it with the module that owns it" % (path, ", ".join(unknown)))
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError("%s is incomplete (%s): rewrite it with the module that owns it" % (path, e))
+    except ConfigError as e:
+        raise ConfigError("%s: %s" % (path, e))
+
+
+def _read(path):
+    try:
+        return files.read_yaml(path)
+    except OSError as e:
+        raise ConfigError("cannot read %s: %s" % (path, e.strerror or e))
+    except Exception as e:  # yaml.YAMLError, without importing yaml here
+        raise ConfigError("%s is not valid YAML (%s): rewrite it with the module that owns it" % (path, type(e).__name__))
+
+
+def load_kmip_config(config_dir=DEFAULT_CONFIG_DIR):
+    path = kmip_path(config_dir)
+    data = _read(path)
+    if data is None:
+        raise ConfigError("no KMIP configuration at %s: run kmipbackup.mongodb.kmip_config first" % path)
+    return _from_dict(KmipConfig, data, path)
+
+
+def save_kmip_config(config_dir, cfg):
+    files.ensure_private_dir(config_dir)
+    path = kmip_path(config_dir)
+    files.write_yaml(path, cfg.to_dict())
+    return path
+
+
+def delete_kmip_config(config_dir):
+    """Remove kmip.yml; True when it existed."""
+    return _remove(kmip_path(config_dir))
+
+
+def load_group(config_dir, group):
+    path = group_path(config_dir, group)
+    data = _read(path)
+    if data is None:
+        raise ConfigError("no KMIP client certificate configured for group %s (%s): run kmipbackup.mongodb.group_kmip first"
+                          % (group, path))
+    grp = _from_dict(GroupConfig, data, path)
+    if grp.group != group:
+        raise ConfigError("%s names group %s, not %s: rewrite it with kmipbackup.mongodb.group_kmip" % (path, grp.group, group))
+    return grp
+
+
+def save_group(config_dir, grp):
+    files.ensure_private_dir(config_dir)
+    files.ensure_private_dir(groups_dir(config_dir))
+    path = group_path(config_dir, grp.group)
+    files.write_yaml(path, grp.to_dict())
+    return path
+
+
+def delete_group(config_dir, group):
+    """Remove groups/<group>.yml; True when it existed."""
+    return _remove(group_path(config_dir, group))
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    files.fsync_dir(os.path.dirname(path))
+    return True
+
+
+def _names(folder):
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(e[:-4] for e in entries if e.endswith(".yml") and not e.startswith(".") and _NAME.match(e[:-4]))
+
+
+def list_groups(config_dir=DEFAULT_CONFIG_DIR):
+    return _names(groups_dir(config_dir))
+
+
+def list_jobs(config_dir=DEFAULT_CONFIG_DIR):
+    return _names(jobs_dir(config_dir))
+
+
+def load_job(config_dir, job):
+    """The parsed jobs/<job>.yml (a dict; written by backup_job_encryption)."""
+    path = job_path(config_dir, job)
+    data = _read(path)
+    if data is None:
+        raise ConfigError("no backup job %s at %s: create it with kmipbackup.mongodb.backup_job_encryption" % (job, path))
+    if not isinstance(data, dict):
+        raise ConfigError("%s is not a YAML mapping: rewrite it with kmipbackup.mongodb.backup_job_encryption" % path)
+    return data
+
+
+def group_master_key_uids(config_dir, group):
+    """{uid: [job, ...]} of the current and previous master keys of the group's jobs."""
+    uids = {}
+    for job in list_jobs(config_dir):
+        data = load_job(config_dir, job)
+        if data.get("group") != group:
+            continue
+        for uid in [data.get("master_key_uid")] + list(data.get("previous_master_key_uids") or []):
+            if uid:
+                uids.setdefault(str(uid), []).append(job)
+    return uids
