@@ -1,0 +1,627 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The head database of a backup job (no Ansible imports). PRIVATE to the collection.
+
+One SQLCipher database per job, keyed with the job's 32-byte head key as a raw key (no
+KDF), SQLCipher 4 defaults (AES-256 pages with HMAC). WAL mode, so a read transaction is
+a stable image (a snapshot) while capture goes on writing; temp_store=MEMORY so SQLite
+writes no plaintext temp files. An unencrypted job uses the same schema with no key.
+
+Rows are keyed by namespace and id_key(), an order-preserving, injective encoding of the
+document's _id in MongoDB's comparison order; values are the raw BSON bytes. The change
+log remembers which (namespace, id_key) changed since the last snapshot.
+"""
+from __future__ import annotations
+
+import contextlib
+import decimal
+import json
+import os
+import struct
+import threading
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
+
+try:
+    import sqlcipher3
+    SQLCIPHER_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    sqlcipher3 = None
+    SQLCIPHER_IMPORT_ERROR = e
+
+try:
+    from bson import encode as bson_encode
+    from bson.binary import Binary
+    from bson.decimal128 import Decimal128
+    from bson.raw_bson import RawBSONDocument
+    BSON_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    bson_encode = Binary = Decimal128 = RawBSONDocument = None
+    BSON_IMPORT_ERROR = e
+
+
+class HeadError(KmipBackupError):
+    """The head database cannot be opened or used."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL, doc BLOB NOT NULL,
+    PRIMARY KEY (ns_id, id_key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS namespaces (ns_id INTEGER PRIMARY KEY, ns TEXT NOT NULL UNIQUE, uuid BLOB,
+    options BLOB NOT NULL, indexes BLOB NOT NULL, incarnation INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (ns_id, id_key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS position (one INTEGER PRIMARY KEY CHECK (one = 1), resume_token BLOB,
+    ct_t INTEGER, ct_i INTEGER, consistent INTEGER NOT NULL DEFAULT 0, sync TEXT);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO position (one, consistent) VALUES (1, 0);
+INSERT OR IGNORE INTO meta VALUES ('change_seq', 0);
+INSERT OR IGNORE INTO meta VALUES ('incarnation', 0);
+INSERT OR IGNORE INTO meta VALUES ('schema', 1);
+"""
+
+EMPTY_BSON = b"\x05\x00\x00\x00\x00"
+
+
+def _require():
+    if sqlcipher3 is None:
+        raise HeadError("The Python package sqlcipher3-binary is missing (%s): install the collection's requirements "
+                        "(requirements/daemon.txt) in the daemon's virtualenv." % SQLCIPHER_IMPORT_ERROR)
+
+
+def _join_specs(specs):
+    return b"".join(bytes(s) for s in specs)
+
+
+def split_bson_docs(blob):
+    """Split concatenated BSON documents into a list of bytes."""
+    out, pos, mv = [], 0, memoryview(blob)
+    while pos < len(blob):
+        n = struct.unpack_from("<i", blob, pos)[0]
+        out.append(bytes(mv[pos:pos + n]))
+        pos += n
+    return out
+
+
+class Head:
+    """A job's head database at path; key: 32 bytes (encrypted) or None (unencrypted)."""
+
+    def __init__(self, path, key):
+        _require()
+        if key is not None and (not isinstance(key, (bytes, bytearray)) or len(key) != 32):
+            raise HeadError("The head key must be 32 bytes; the job's wrapped head key is damaged: start a new initial sync.")
+        self.path = os.path.abspath(path)
+        self._key_hex = bytes(key).hex() if key is not None else None
+        self._lock = threading.RLock()
+        ensure_private_dir(os.path.dirname(self.path))
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite gives -wal/-shm the same mode
+        self._conn = self._connect()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(_SCHEMA)
+        self._ns_cache = {}
+
+    def _connect(self):
+        conn = sqlcipher3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
+        if self._key_hex is not None:
+            conn.execute("PRAGMA key = \"x'%s'\"" % self._key_hex)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlcipher3.DatabaseError as e:
+            conn.close()
+            raise HeadError("The head database %s cannot be read with this job's key (%s): the head key does not match "
+                            "(or the file is damaged); remove the head to start a new initial sync." % (self.path, e)) from None
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash; a power loss keeps the db consistent
+        conn.execute("PRAGMA cache_size=-32768")
+        conn.execute("PRAGMA busy_timeout=60000")
+        return conn
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def write(self):
+        """One write transaction (BEGIN IMMEDIATE .. COMMIT), rolled back on error."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            w = Writer(self, conn)
+            try:
+                yield w
+                w._finish()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._ns_cache.clear()
+                raise
+
+    @contextlib.contextmanager
+    def read(self):
+        """One read transaction: a stable image of the head while writes go on."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            r = Reader(conn)
+            conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()  # pins the WAL snapshot now
+            r.change_seq = conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0]
+            yield r
+        finally:
+            try:
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+
+    def position(self):
+        """{"resume_token", "cluster_time" [t, i] or None, "consistent", "sync"} as last committed."""
+        with self._lock:
+            return _position(self._conn)
+
+    def mark_snapshotted(self, change_seq):
+        """Forget changes up to change_seq (after a snapshot covering them is durable)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM changes WHERE seq <= ?", (int(change_seq),))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def size(self):
+        """Bytes on disk of the head (database, WAL and shared memory files)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+    def checkpoint(self):
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _position(conn):
+    row = conn.execute("SELECT resume_token, ct_t, ct_i, consistent, sync FROM position WHERE one=1").fetchone()
+    return {"resume_token": row[0], "cluster_time": [row[1], row[2]] if row[1] is not None else None,
+            "consistent": bool(row[3]), "sync": json.loads(row[4]) if row[4] else None}
+
+
+def _namespaces(conn):
+    out = []
+    for ns, uuid, options, indexes, incarnation in conn.execute(
+            "SELECT ns, uuid, options, indexes, incarnation FROM namespaces ORDER BY ns"):
+        out.append({"ns": ns, "uuid": uuid, "options": options, "indexes": split_bson_docs(indexes),
+                    "incarnation": incarnation})
+    return out
+
+
+class Reader:
+    """The read side of one transaction (also the base of Writer)."""
+
+    def __init__(self, conn):
+        self._c = conn
+        self.change_seq = None
+
+    def _ns_id(self, ns):
+        row = self._c.execute("SELECT ns_id FROM namespaces WHERE ns=?", (ns,)).fetchone()
+        return row[0] if row else None
+
+    def position(self):
+        return _position(self._c)
+
+    def namespaces(self):
+        """[{"ns", "uuid", "options" (raw BSON), "indexes" [raw BSON], "incarnation"}] sorted by ns."""
+        return _namespaces(self._c)
+
+    def namespace(self, ns):
+        for n in self._c.execute("SELECT ns FROM namespaces WHERE ns=?", (ns,)):
+            return [x for x in _namespaces(self._c) if x["ns"] == n[0]][0]
+        return None
+
+    def scan(self, ns, start=None, end=None):
+        """(id_key, raw) pairs of ns in id_key order, start inclusive, end exclusive."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return
+        sql, args = "SELECT id_key, doc FROM docs WHERE ns_id=?", [ns_id]
+        if start is not None:
+            sql += " AND id_key >= ?"
+            args.append(bytes(start))
+        if end is not None:
+            sql += " AND id_key < ?"
+            args.append(bytes(end))
+        cur = self._c.execute(sql + " ORDER BY id_key", args)
+        while True:
+            rows = cur.fetchmany(1000)
+            if not rows:
+                return
+            yield from rows
+
+    def get(self, ns, id_key):
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return None
+        row = self._c.execute("SELECT doc FROM docs WHERE ns_id=? AND id_key=?", (ns_id, bytes(id_key))).fetchone()
+        return row[0] if row else None
+
+    def count(self, ns):
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return 0
+        return self._c.execute("SELECT count(*) FROM docs WHERE ns_id=?", (ns_id,)).fetchone()[0]
+
+    def changed(self, ns):
+        """Sorted id_keys of ns changed since the last mark_snapshotted (in this image)."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return []
+        return [r[0] for r in self._c.execute("SELECT id_key FROM changes WHERE ns_id=? ORDER BY id_key", (ns_id,))]
+
+
+class Writer(Reader):
+    """The write side of one transaction; every document change is recorded in the change log."""
+
+    def __init__(self, head, conn):
+        super().__init__(conn)
+        self._h = head
+        self._cache = head._ns_cache
+        self._seq = conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0] + 1
+        self._dirty = False
+
+    def _finish(self):
+        if self._dirty:
+            self._c.execute("UPDATE meta SET value=? WHERE name='change_seq'", (self._seq,))
+
+    def _next_incarnation(self):
+        self._c.execute("UPDATE meta SET value = value + 1 WHERE name='incarnation'")
+        return self._c.execute("SELECT value FROM meta WHERE name='incarnation'").fetchone()[0]
+
+    def _ns_id(self, ns):
+        ns_id = self._cache.get(ns)
+        if ns_id is None:
+            ns_id = super()._ns_id(ns)
+            if ns_id is not None:
+                self._cache[ns] = ns_id
+        return ns_id
+
+    def _ensure_ns(self, ns):
+        ns_id = self._ns_id(ns)
+        if ns_id is None:  # implicit creation (an insert into a new collection)
+            ns_id = self.create_namespace(ns, EMPTY_BSON)
+        return ns_id
+
+    def create_namespace(self, ns, options_raw, uuid=None, indexes=None):
+        """Create ns (a no-op apart from options/uuid when it exists). Returns its ns_id."""
+        ns_id = self._ns_id(ns)
+        if ns_id is not None:
+            self._c.execute("UPDATE namespaces SET options=?, uuid=coalesce(?, uuid) WHERE ns_id=?",
+                            (bytes(options_raw), uuid, ns_id))
+            if indexes is not None:
+                self.set_indexes(ns, indexes)
+            return ns_id
+        cur = self._c.execute("INSERT INTO namespaces (ns, uuid, options, indexes, incarnation) VALUES (?, ?, ?, ?, ?)",
+                              (ns, uuid, bytes(options_raw), _join_specs(indexes or []), self._next_incarnation()))
+        self._cache[ns] = cur.lastrowid
+        return cur.lastrowid
+
+    def set_options(self, ns, options_raw):
+        self._c.execute("UPDATE namespaces SET options=? WHERE ns_id=?", (bytes(options_raw), self._ensure_ns(ns)))
+
+    def set_indexes(self, ns, specs):
+        """Replace the index specs of ns with specs (raw BSON documents)."""
+        self._c.execute("UPDATE namespaces SET indexes=? WHERE ns_id=?", (_join_specs(specs), self._ensure_ns(ns)))
+
+    def drop_namespace(self, ns):
+        """Drop ns and its documents; True when it existed."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return False
+        for table in ("docs", "changes", "namespaces"):
+            self._c.execute("DELETE FROM %s WHERE ns_id=?" % table, (ns_id,))
+        self._cache.pop(ns, None)
+        self._dirty = True
+        return True
+
+    def drop_database(self, db):
+        """Drop every namespace of db; returns how many."""
+        names = [r[0] for r in self._c.execute("SELECT ns FROM namespaces WHERE substr(ns, 1, ?) = ?", (len(db) + 1, db + "."))]
+        for ns in names:
+            self.drop_namespace(ns)
+        return len(names)
+
+    def rename(self, ns, to, drop_target=True):
+        """Rename ns to `to` (any database); an existing target is dropped. False when ns does not exist."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return False
+        if ns == to:
+            return True
+        if drop_target:
+            self.drop_namespace(to)
+        self._c.execute("UPDATE namespaces SET ns=?, incarnation=? WHERE ns_id=?", (to, self._next_incarnation(), ns_id))
+        self._cache.pop(ns, None)
+        self._cache[to] = ns_id
+        self._dirty = True
+        return True
+
+    def upsert(self, ns, id_key, raw):
+        """Store raw (BSON bytes) under (ns, id_key) and record the change."""
+        ns_id = self._ns_id(ns) or self._ensure_ns(ns)
+        self._c.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", (ns_id, id_key, raw))
+        self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
+        self._dirty = True
+
+    def upsert_many(self, ns, pairs):
+        """Store many (id_key, raw) pairs of ns in one statement batch."""
+        ns_id = self._ns_id(ns) or self._ensure_ns(ns)
+        pairs = pairs if isinstance(pairs, list) else list(pairs)
+        self._c.executemany("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", [(ns_id, k, v) for k, v in pairs])
+        self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _ in pairs])
+        self._dirty = True
+
+    def delete(self, ns, id_key):
+        """Delete (ns, id_key); True when it existed."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return False
+        cur = self._c.execute("DELETE FROM docs WHERE ns_id=? AND id_key=?", (ns_id, id_key))
+        if cur.rowcount:
+            self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
+            self._dirty = True
+        return cur.rowcount > 0
+
+    def set_position(self, resume_token_raw, cluster_time, consistent):
+        """Store the stream position these changes bring the head to (same transaction)."""
+        t, i = (cluster_time or (None, None))
+        self._c.execute("UPDATE position SET resume_token=?, ct_t=?, ct_i=?, consistent=? WHERE one=1",
+                        (bytes(resume_token_raw) if resume_token_raw is not None else None, t, i, 1 if consistent else 0))
+
+    def set_sync_state(self, state):
+        """Initial-sync progress (a JSON-safe dict, or None once consistent)."""
+        self._c.execute("UPDATE position SET sync=? WHERE one=1", (json.dumps(state) if state is not None else None,))
+
+    def clear(self):
+        """Remove every namespace and document and reset the position (a fresh initial sync)."""
+        for (ns,) in self._c.execute("SELECT ns FROM namespaces").fetchall():
+            self.drop_namespace(ns)
+        self._c.execute("UPDATE position SET resume_token=NULL, ct_t=NULL, ct_i=NULL, consistent=0, sync=NULL WHERE one=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# id_key: order-preserving, injective encoding of a BSON _id value.
+#
+# Layout: a class byte in MongoDB's canonical comparison order, then a self-delimiting body,
+# so embedded documents encode element by element (class, name, body) as MongoDB compares them.
+# Numbers (int32, int64, double, decimal128) share one exact decimal space: NaN < -inf <
+# negatives < 0 < positives < +inf, then a type tag and, for double and decimal128, the raw
+# bytes: numerically equal values of different types or decimal128 cohorts (1.0 vs 1.00) get
+# distinct keys, ordered by (value, type, raw bytes). Doubles are encoded exactly (Decimal of
+# the binary value), so ints and doubles order correctly even beyond 2**53.
+# Strings compare by UTF-8 bytes (no collation), as MongoDB's default. BinData orders by
+# length, subtype, bytes, as MongoDB does.
+# ---------------------------------------------------------------------------------------------
+
+C_MINKEY, C_UNDEFINED, C_NULL, C_NUMBER, C_STRING, C_OBJECT, C_ARRAY, C_BINARY = 0x01, 0x02, 0x05, 0x10, 0x15, 0x20, 0x25, 0x30
+C_OID, C_BOOL, C_DATE, C_TIMESTAMP, C_REGEX, C_DBPOINTER, C_CODE, C_CODEWS, C_MAXKEY = 0x35, 0x40, 0x45, 0x47, 0x50, 0x55, 0x60, 0x65, 0x7F
+
+_N_NAN, _N_NEGINF, _N_NEG, _N_ZERO, _N_POS, _N_POSINF = 1, 2, 3, 4, 5, 6
+_T_INT32, _T_INT64, _T_DOUBLE, _T_DECIMAL = 1, 2, 3, 4
+_EXP_BIAS = 0x8000
+
+_i32 = struct.Struct("<i")
+_i64 = struct.Struct("<q")
+_u64 = struct.Struct("<Q")
+_dbl = struct.Struct("<d")
+_be_u64 = struct.Struct(">Q")
+_be_u16 = struct.Struct(">H")
+_be_u32 = struct.Struct(">I")
+
+_POS_DIGITS = bytes.maketrans(b"0123456789", bytes(range(1, 11)))
+_NEG_DIGITS = bytes.maketrans(b"0123456789", bytes(range(10, 0, -1)))
+
+
+def _escape(b):
+    """Order-preserving, self-delimiting bytes: 0x00 -> 00 FF, terminated by 00 00."""
+    return b.replace(b"\x00", b"\x00\xff") + b"\x00\x00"
+
+
+def _num_digits(negative, digits, exp10):
+    """value = 0.digits * 10**exp10 with digits (ASCII, no leading/trailing zero) non-empty."""
+    if not negative:
+        return bytes((_N_POS,)) + _be_u16.pack(exp10 + _EXP_BIAS) + digits.translate(_POS_DIGITS) + b"\x00"
+    return bytes((_N_NEG,)) + _be_u16.pack(0xFFFF - (exp10 + _EXP_BIAS)) + digits.translate(_NEG_DIGITS) + b"\xff"
+
+
+def _num_int(n):
+    if n == 0:
+        return bytes((_N_ZERO,))
+    s = str(abs(n)).encode()
+    return _num_digits(n < 0, s.rstrip(b"0"), len(s))
+
+
+def _num_decimal(d):
+    if d.is_nan():
+        return bytes((_N_NAN,))
+    if d.is_infinite():
+        return bytes((_N_NEGINF if d < 0 else _N_POSINF,))
+    if not d:
+        return bytes((_N_ZERO,))
+    sign, digits, exponent = d.as_tuple()
+    s = "".join(map(str, digits)).lstrip("0")
+    stripped = s.rstrip("0")
+    return _num_digits(bool(sign), stripped.encode(), len(s) + exponent)
+
+
+def _num_double(raw8):
+    x = _dbl.unpack(raw8)[0]
+    if x != x:
+        body = bytes((_N_NAN,))
+    elif x.is_integer():
+        body = _num_int(int(x))
+    elif x in (float("inf"), float("-inf")):
+        body = bytes((_N_POSINF if x > 0 else _N_NEGINF,))
+    else:
+        body = _num_decimal(decimal.Decimal(x))
+    return body + bytes((_T_DOUBLE,)) + raw8
+
+
+def _cstring_end(buf, pos):
+    return buf.index(b"\x00", pos)
+
+
+def _encode(buf, t, pos, out):
+    """Append the encoding of the value of type t at buf[pos:] to out; return the end position."""
+    if t == 0x07:
+        out += bytes((C_OID,)) + buf[pos:pos + 12]
+        return pos + 12
+    if t == 0x10:
+        out += bytes((C_NUMBER,)) + _num_int(_i32.unpack_from(buf, pos)[0]) + bytes((_T_INT32,))
+        return pos + 4
+    if t == 0x12:
+        out += bytes((C_NUMBER,)) + _num_int(_i64.unpack_from(buf, pos)[0]) + bytes((_T_INT64,))
+        return pos + 8
+    if t in (0x02, 0x0E, 0x0D):  # string, symbol, code
+        n = _i32.unpack_from(buf, pos)[0]
+        s = bytes(buf[pos + 4:pos + 3 + n])
+        if t == 0x0D:
+            out += bytes((C_CODE,)) + _escape(s)
+        else:
+            out += bytes((C_STRING,)) + _escape(s) + (b"\x01" if t == 0x02 else b"\x02")
+        return pos + 4 + n
+    if t == 0x01:
+        out += bytes((C_NUMBER,)) + _num_double(bytes(buf[pos:pos + 8]))
+        return pos + 8
+    if t == 0x09:
+        out += bytes((C_DATE,)) + _be_u64.pack(_i64.unpack_from(buf, pos)[0] + (1 << 63))
+        return pos + 8
+    if t == 0x05:
+        n = _i32.unpack_from(buf, pos)[0]
+        out += bytes((C_BINARY,)) + _be_u32.pack(n) + buf[pos + 4:pos + 5] + buf[pos + 5:pos + 5 + n]
+        return pos + 5 + n
+    if t in (0x03, 0x04):
+        n = _i32.unpack_from(buf, pos)[0]
+        out.append(C_OBJECT if t == 0x03 else C_ARRAY)
+        p, end = pos + 4, pos + n - 1
+        while p < end:
+            et = buf[p]
+            ne = _cstring_end(buf, p + 1)
+            if t == 0x03:
+                sub, p0 = bytearray(), p
+                p = _encode(buf, et, ne + 1, sub)
+                out.append(sub[0])  # the element's class first, then its name, then its body (MongoDB's order)
+                out += buf[p0 + 1:ne] + b"\x00"
+                out += sub[1:]
+            else:
+                p = _encode(buf, et, ne + 1, out)
+        out.append(0)
+        return pos + n
+    if t == 0x08:
+        out += bytes((C_BOOL, 1 if buf[pos] else 0))
+        return pos + 1
+    if t == 0x11:
+        out += bytes((C_TIMESTAMP,)) + _be_u64.pack(_u64.unpack_from(buf, pos)[0])
+        return pos + 8
+    if t == 0x13:
+        out += bytes((C_NUMBER,)) + _num_decimal(_decimal128(bytes(buf[pos:pos + 16]))) + bytes((_T_DECIMAL,)) + buf[pos:pos + 16]
+        return pos + 16
+    if t == 0x0A:
+        out.append(C_NULL)
+        return pos
+    if t == 0x06:
+        out.append(C_UNDEFINED)
+        return pos
+    if t == 0xFF:
+        out.append(C_MINKEY)
+        return pos
+    if t == 0x7F:
+        out.append(C_MAXKEY)
+        return pos
+    if t == 0x0B:
+        e1 = _cstring_end(buf, pos)
+        e2 = _cstring_end(buf, e1 + 1)
+        out += bytes((C_REGEX,)) + _escape(bytes(buf[pos:e1])) + _escape(bytes(buf[e1 + 1:e2]))
+        return e2 + 1
+    if t == 0x0C:
+        n = _i32.unpack_from(buf, pos)[0]
+        out += bytes((C_DBPOINTER,)) + _escape(bytes(buf[pos + 4:pos + 3 + n])) + buf[pos + 4 + n:pos + 16 + n]
+        return pos + 16 + n
+    if t == 0x0F:
+        n = _i32.unpack_from(buf, pos)[0]
+        sn = _i32.unpack_from(buf, pos + 4)[0]
+        out += bytes((C_CODEWS,)) + _escape(bytes(buf[pos + 8:pos + 7 + sn]))
+        _encode(buf, 0x03, pos + 8 + sn, out)
+        return pos + n
+    raise HeadError("Unsupported BSON type 0x%02x in an _id value: the source document cannot be keyed." % t)
+
+
+def _decimal128(raw16):
+    return Decimal128.from_bid(raw16).to_decimal()
+
+
+def id_key(raw_value, bson_type):
+    """The id_key of a BSON value given as its raw value bytes (no type byte, no name) and its type."""
+    out = bytearray()
+    _encode(bytes(raw_value), bson_type, 0, out)
+    return bytes(out)
+
+
+def id_key_from_document(raw):
+    """The id_key of the _id of a raw BSON document (bytes), read without decoding the document."""
+    if raw[4] == 0x07 and raw[5:9] == b"_id\x00":  # fast path: ObjectId _id first, as mongod stores it
+        return b"\x35" + bytes(raw[9:21])
+    pos, end = 4, len(raw) - 1
+    while pos < end:
+        t = raw[pos]
+        ne = raw.index(b"\x00", pos + 1)
+        if raw[pos + 1:ne] == b"_id":
+            out = bytearray()
+            _encode(raw, t, ne + 1, out)
+            return bytes(out)
+        pos = _skip(raw, t, ne + 1)
+    raise HeadError("A document without _id cannot be stored in the head.")
+
+
+def id_key_from_value(value):
+    """The id_key of an _id given as a Python value (or a documentKey RawBSONDocument / raw bytes)."""
+    if isinstance(value, (bytes, bytearray)) and not isinstance(value, Binary):
+        return id_key_from_document(value)
+    raw = getattr(value, "raw", None)
+    if raw is not None and isinstance(value, RawBSONDocument):
+        return id_key_from_document(raw)
+    return id_key_from_document(bson_encode({"_id": value}))
+
+
+_FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x06: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0}
+
+
+def _skip(buf, t, pos):
+    """The position after the value of type t starting at pos."""
+    n = _FIXED.get(t)
+    if n is not None:
+        return pos + n
+    if t in (0x02, 0x0D, 0x0E):
+        return pos + 4 + _i32.unpack_from(buf, pos)[0]
+    if t in (0x03, 0x04, 0x0F):
+        return pos + _i32.unpack_from(buf, pos)[0]
+    if t == 0x05:
+        return pos + 5 + _i32.unpack_from(buf, pos)[0]
+    if t == 0x0B:
+        return buf.index(b"\x00", buf.index(b"\x00", pos) + 1) + 1
+    if t == 0x0C:
+        return pos + 16 + _i32.unpack_from(buf, pos)[0]
+    raise HeadError("Unsupported BSON type 0x%02x in a document: it cannot be parsed." % t)
