@@ -1,0 +1,600 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The Backup Daemon (no Ansible imports).
+
+PRIVATE to the collection: it can change at any time.
+Runs every job of config_dir/jobs/*.yml in a thread, notices configuration changes by
+polling mtimes, writes status/<job>.json atomically, serves request files and takes
+scheduled snapshots. Unwrapped keys stay in memory. Run it as
+
+    python -m ansible_collections.kmipbackup.mongodb.plugins.module_utils.daemon \\
+        --config-dir /etc/kmipbackup --data-dir /var/lib/kmipbackup [--supervise] [--detach --pidfile F]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
+    ConfigError, HistoryLostError, KmipBackupError, KmipError, SourceError)
+
+LOG = logging.getLogger("kmipbackup.daemon")
+# changes to these keys restart a job's runner; others (schedule, store) are picked up live
+RESTART_KEYS = ("group", "source", "encryption", "master_key_uid", "generation", "state")
+BACKOFF_MAX = 30.0
+STATUS_EVERY = 1.0
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Stopped(Exception):
+    """The runner was asked to stop."""
+
+
+class JobRunner(threading.Thread):
+    """Keeps one job's head current: head key, initial sync, capture, requests, snapshots."""
+
+    def __init__(self, daemon, cfg):
+        super().__init__(name="job-%s" % cfg["job"], daemon=True)
+        self.d = daemon
+        self.cfg = cfg
+        self.job = cfg["job"]
+        self.generation = int(cfg.get("generation") or 1)
+        self.stop_event = threading.Event()
+        self.kmip = None
+        self.head = None
+        self.status = self._initial_status()
+        self._status_written = 0.0
+
+    # ---- status ----------------------------------------------------------------------
+
+    def _initial_status(self):
+        prev = jobs.read_status(self.d.data_dir, self.job) or {}
+        same = prev.get("generation") == self.generation
+        return {
+            "job": self.job, "state": "INACTIVE", "generation": self.generation,
+            "encryption": bool(self.cfg.get("encryption")), "master_key_uid": self.cfg.get("master_key_uid"),
+            "consistent": False, "cluster_time": None, "lag_seconds": None, "head_bytes": 0,
+            "initial_syncs": prev.get("initial_syncs", 0) if same else 0,
+            "history_lost": prev.get("history_lost", 0) if same else 0,
+            "verification": prev.get("verification") if same and prev.get("verification") else
+            {"checked": 0, "mismatched": 0, "recopied": 0},
+            "last_snapshot": prev.get("last_snapshot"), "last_error": None,
+            "updated": None, "pid": os.getpid(),
+        }
+
+    def set_status(self, force=True, **fields):
+        self.status.update(fields)
+        now = time.monotonic()
+        if not force and now - self._status_written < STATUS_EVERY:
+            return
+        self._status_written = now
+        self.status["updated"] = utcnow()
+        self.status["pid"] = os.getpid()
+        self.status["head_bytes"] = self.head.size() if self.head is not None else _folder_bytes(self.head_path)
+        jobs.write_status(self.d.data_dir, self.job, self.status)
+
+    def error(self, state, message):
+        """Record a failure the runner will retry (message carries no secret or document content)."""
+        if message != self.status.get("last_error") or state != self.status.get("state"):
+            LOG.warning("job %s: %s", self.job, message)
+        self.set_status(state=state, last_error=message, consistent=False)
+
+    # ---- control ---------------------------------------------------------------------
+
+    @property
+    def head_path(self):
+        return jobs.head_dir(self.d.data_dir, self.job, self.generation)
+
+    def update(self, cfg):
+        """Apply a change that does not need a restart (schedule, store)."""
+        self.cfg = cfg
+
+    def stop(self):
+        self.stop_event.set()
+
+    def sleep(self, seconds):
+        if self.stop_event.wait(seconds):
+            raise Stopped()
+
+    def check_stop(self):
+        if self.stop_event.is_set():
+            raise Stopped()
+
+    def run(self):
+        try:
+            if self.cfg.get("state") == "stopped":
+                self.set_status(state="STOPPED", consistent=False, lag_seconds=None, last_error=None)
+                LOG.info("job %s: stopped", self.job)
+                self.stop_event.wait()
+                return
+            self._run()
+        except Stopped:
+            pass
+        except Exception as e:  # a bug: keep the daemon alive, report it, the reconcile loop restarts us
+            LOG.exception("job %s: unexpected failure", self.job) if not self.cfg.get("encryption") else \
+                LOG.error("job %s: unexpected failure (%s)", self.job, type(e).__name__)
+            self.error("INACTIVE", "unexpected failure (%s); the daemon retries the job" % type(e).__name__)
+        finally:
+            self._close()
+
+    def _close(self):
+        for obj in (self.head, self.kmip):
+            close = getattr(obj, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:  # closing on the way out: nothing more to do
+                    pass
+        self.head = None
+        self.kmip = None
+
+    def _run(self):
+        backoff = 1.0
+        key = self._head_key()
+        files.ensure_private_dir(self.head_path)
+        self.head = _import("head").Head(os.path.join(self.head_path, "head.db"), key)
+        while True:
+            self.check_stop()
+            try:
+                self._sync()
+                backoff = 1.0
+            except HistoryLostError:
+                self.status["history_lost"] = self.status.get("history_lost", 0) + 1
+                LOG.warning("job %s: resume point lost; starting a new initial sync", self.job)
+                self.error("PROVISIONING", "the source's history no longer holds the resume point; a new initial sync runs")
+                self._reset_head()
+            except _Resync:
+                self._reset_head()
+            except SourceError as e:
+                self.error(self.status["state"] if self.status["state"] in ("PROVISIONING", "STARTED") else "INACTIVE",
+                           "source unavailable, retrying in %ds: %s" % (backoff, _safe(e, self.cfg)))
+                self.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _reset_head(self):
+        with self.head.write() as w:
+            w.clear()
+
+    # ---- keys ------------------------------------------------------------------------
+
+    def _head_key(self):
+        """The head key (bytes), unwrapped through KMIP; None for an unencrypted job.
+
+        Waits with backoff while KMIP is unreachable; nothing is written meanwhile."""
+        if not self.cfg.get("encryption"):
+            return None
+        uid = self.cfg.get("master_key_uid")
+        if not uid:
+            raise ConfigError("job %s has encryption on but no master_key_uid" % self.job)
+        path = os.path.join(self.head_path, "headkey.json")
+        backoff = 1.0
+        while True:
+            self.check_stop()
+            try:
+                self.kmip = self.kmip or jobs.kmip_client(self.d.config_dir, self.cfg["group"])
+                record = files.read_json(path)
+                if record is None:
+                    key = secrets.token_bytes(32)
+                    record = {"job": self.job, "generation": self.generation, "created": utcnow(),
+                              "wrapped": self.kmip.wrap(uid, key)}
+                    files.ensure_private_dir(self.head_path)
+                    files.write_json(path, record)
+                    LOG.info("job %s: head key created for generation %d", self.job, self.generation)
+                else:
+                    key = self.kmip.unwrap(record["wrapped"])
+                    if str(record["wrapped"].get("master_key_uid")) != str(uid):
+                        # the master key was rotated: rewrap under the current one
+                        record = dict(record, wrapped=self.kmip.wrap(uid, key), rewrapped=utcnow())
+                        files.write_json(path, record)
+                        LOG.info("job %s: head key rewrapped under the current master key", self.job)
+                return key
+            except (KmipError, ConfigError) as e:
+                self._drop_kmip()
+                self.error("INACTIVE", "waiting for KMIP (retry in %ds): %s" % (backoff, e))
+                self.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _drop_kmip(self):
+        if self.kmip is not None:
+            try:
+                self.kmip.close()
+            except Exception:  # a broken session: it is replaced anyway
+                pass
+        self.kmip = None
+
+    # ---- sync and capture ------------------------------------------------------------
+
+    def _sync(self):
+        source_mod = _import("source")
+        pos = self.head.position() or {}
+        if not (pos.get("resume_token") and pos.get("consistent") is not None and pos.get("cluster_time")):
+            self.set_status(state="PROVISIONING", consistent=False, last_error=None)
+            LOG.info("job %s: initial sync of generation %d", self.job, self.generation)
+            started = time.monotonic()
+            source_mod.initial_sync(self.cfg["source"], self.head, should_stop=self.stop_event.is_set)
+            self.check_stop()
+            self.status["initial_syncs"] = self.status.get("initial_syncs", 0) + 1
+            LOG.info("job %s: initial sync done in %.1fs", self.job, time.monotonic() - started)
+        self._capture(source_mod)
+
+    def _capture(self, source_mod):
+        with source_mod.Capture(self.cfg["source"], self.head) as cap:
+            while True:
+                self.check_stop()
+                cap.step(timeout=0.5)
+                pos = self.head.position() or {}
+                consistent = bool(pos.get("consistent"))
+                ct = pos.get("cluster_time")
+                lag = max(0.0, time.time() - ct[0]) if ct else None
+                if consistent and self.status["state"] != "STARTED":
+                    LOG.info("job %s: head consistent; capture running", self.job)
+                    self.set_status(state="STARTED")
+                    self.d.generation_ready(self.job, self.generation)
+                self.set_status(force=False, consistent=consistent, cluster_time=list(ct) if ct else None,
+                                lag_seconds=round(lag, 3) if lag is not None else None, last_error=None,
+                                state="STARTED" if consistent else self.status["state"])
+                self._serve_requests(cap)
+                self._scheduled_snapshot()
+
+    # ---- requests and snapshots ------------------------------------------------------
+
+    def _serve_requests(self, cap):
+        for rid, req in jobs.pending_requests(self.d.data_dir, self.job):
+            action = req.get("action")
+            try:
+                if action == "snapshot":
+                    result = self.take_snapshot(on_demand=True)
+                elif action == "verify":
+                    result = self._verify(cap, full=True)
+                elif action == "resync":
+                    jobs.answer_request(self.d.data_dir, self.job, rid, result={"resync": "started"})
+                    LOG.info("job %s: resync requested", self.job)
+                    raise _Resync()
+                else:
+                    raise ConfigError("unknown request action %r: use snapshot, verify or resync" % action)
+                jobs.answer_request(self.d.data_dir, self.job, rid, result=result)
+            except KmipBackupError as e:
+                jobs.answer_request(self.d.data_dir, self.job, rid, error=_safe(e, self.cfg))
+
+    def _verify(self, cap, full):
+        verify = getattr(cap, "verify", None)
+        if verify is None:
+            raise KmipBackupError("head verification is not available in this version of the daemon")
+        counts = verify(full=full)
+        v = self.status["verification"]
+        for k in ("checked", "mismatched", "recopied"):
+            v[k] = v.get(k, 0) + int(counts.get(k, 0))
+        self.set_status()
+        return counts
+
+    def _scheduled_snapshot(self):
+        try:
+            retention = _import("retention")
+        except ImportError:
+            return
+        due = getattr(retention, "due", None)
+        if due is None:
+            return
+        last = self.status.get("last_snapshot")
+        if due(self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS, last.get("created") if last else None):
+            try:
+                self.take_snapshot(on_demand=False)
+            except KmipBackupError as e:
+                self.error("STARTED", "scheduled snapshot failed: %s" % _safe(e, self.cfg))
+
+    def take_snapshot(self, on_demand):
+        if not self.status.get("consistent"):
+            raise KmipBackupError("job %s has no consistent head yet: wait for status STARTED and try again" % self.job)
+        snapshot = _import("snapshot")
+        started = time.monotonic()
+        info = snapshot.take_snapshot(self.cfg, self.head, self.kmip)
+        self.head.mark_snapshotted(info["change_seq"]) if "change_seq" in info else None
+        last = {k: info.get(k) for k in ("id", "created", "cluster_time")}
+        self.set_status(last_snapshot=last)
+        LOG.info("job %s: snapshot taken in %.1fs (%s)", self.job, time.monotonic() - started,
+                 "on demand" if on_demand else "scheduled")
+        return last
+
+
+class _Resync(Exception):
+    pass
+
+
+def _import(name):
+    import importlib
+    return importlib.import_module("ansible_collections.kmipbackup.mongodb.plugins.module_utils." + name)
+
+
+def _safe(err, cfg):
+    """An error's message for status and logs (KmipBackupError messages carry no secrets)."""
+    if isinstance(err, KmipBackupError):
+        return str(err)
+    return type(err).__name__
+
+
+def _folder_bytes(path):
+    total = 0
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_file(follow_symlinks=False):
+                    total += e.stat().st_size
+    except FileNotFoundError:
+        pass
+    return total
+
+
+class Daemon:
+    """Runs every declared job; reconciles with config_dir every poll_interval seconds."""
+
+    def __init__(self, config_dir, data_dir, poll_interval=1.0):
+        self.config_dir = config_dir
+        self.data_dir = data_dir
+        self.poll_interval = poll_interval
+        self.runners = {}
+        self.mtimes = {}
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        for sub in ("", "status", "heads", "requests"):
+            files.ensure_private_dir(os.path.join(data_dir, sub))
+
+    def stop(self):
+        self.stop_event.set()
+
+    def run(self):
+        LOG.info("daemon started (pid %d)", os.getpid())
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.reconcile()
+                except Exception as e:  # keep serving the other jobs
+                    LOG.error("reconcile failed: %s", type(e).__name__)
+                self.stop_event.wait(self.poll_interval)
+        finally:
+            for r in list(self.runners.values()):
+                r.stop()
+            for r in list(self.runners.values()):
+                r.join(timeout=30)
+            LOG.info("daemon stopped")
+
+    def _read_jobs(self):
+        """{job: (mtime, cfg)} of the declared jobs that parse."""
+        out = {}
+        for job in config.list_jobs(self.config_dir):
+            path = config.job_path(self.config_dir, job)
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if job in self.mtimes and self.mtimes[job][0] == mtime:
+                out[job] = self.mtimes[job]
+                continue
+            try:
+                cfg = jobs.load_job(self.config_dir, job)
+            except ConfigError as e:
+                LOG.error("job %s: %s", job, e)
+                continue
+            if cfg is not None:
+                out[job] = (mtime, cfg)
+        return out
+
+    def reconcile(self):
+        declared = self._read_jobs()
+        for job, (mtime, cfg) in declared.items():
+            runner = self.runners.get(job)
+            if runner is not None and not runner.is_alive() and not runner.stop_event.is_set():
+                runner = None  # crashed: restart below
+                time.sleep(0)
+            if runner is None:
+                self._start(cfg)
+            elif self.mtimes.get(job, (None,))[0] != mtime:
+                if any(runner.cfg.get(k) != cfg.get(k) for k in RESTART_KEYS):
+                    LOG.info("job %s: configuration changed; restarting its runner", job)
+                    runner.stop()
+                    runner.join(timeout=60)
+                    self._start(cfg)
+                else:
+                    runner.update(cfg)
+            self.mtimes[job] = (mtime, cfg)
+        for job in list(self.runners):
+            if job not in declared:
+                self._terminate(job)
+        # heads left by jobs removed while the daemon was down
+        try:
+            leftovers = set(os.listdir(os.path.join(self.data_dir, "heads"))) - set(declared)
+        except FileNotFoundError:
+            leftovers = set()
+        for job in leftovers:
+            if config._NAME.match(job):
+                self._terminate(job)
+
+    def _start(self, cfg):
+        runner = JobRunner(self, cfg)
+        self.runners[cfg["job"]] = runner
+        runner.start()
+
+    def _terminate(self, job):
+        LOG.info("job %s: removed; terminating", job)
+        runner = self.runners.pop(job, None)
+        self.mtimes.pop(job, None)
+        status = jobs.read_status(self.data_dir, job) or {"job": job}
+        status.update(state="TERMINATING", updated=utcnow(), pid=os.getpid(), consistent=False)
+        jobs.write_status(self.data_dir, job, status)
+        if runner is not None:
+            runner.stop()
+            runner.join(timeout=60)
+        jobs.remove_tree(jobs.heads_dir(self.data_dir, job))
+        jobs.remove_tree(jobs.requests_dir(self.data_dir, job))
+        jobs.remove_status(self.data_dir, job)
+        LOG.info("job %s: head removed (snapshots in the store are kept)", job)
+
+    def generation_ready(self, job, generation):
+        """The head of this generation is consistent: destroy older generations' heads."""
+        folder = jobs.heads_dir(self.data_dir, job)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        for n in names:
+            if n.isdigit() and int(n) != generation:
+                jobs.remove_tree(os.path.join(folder, n))
+                LOG.info("job %s: head of generation %s removed (generation %d is consistent)", job, n, generation)
+
+
+# ---- process: logging, signals, supervision ----------------------------------------------
+
+def setup_logging(path, level="INFO"):
+    files.ensure_private_dir(os.path.dirname(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, files.PRIVATE_FILE)
+    os.close(fd)
+    os.chmod(path, files.PRIVATE_FILE)
+    from logging.handlers import WatchedFileHandler
+    handler = WatchedFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(message)s"))
+    root = logging.getLogger("kmipbackup")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    return path
+
+
+def run_worker(config_dir, data_dir, poll_interval=1.0):
+    d = Daemon(config_dir, data_dir, poll_interval)
+
+    def on_signal(signum, frame):
+        d.stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    d.run()
+    return 0
+
+
+def supervise(argv_worker, data_dir):
+    """Run the worker as a child process; restart it with backoff when it dies."""
+    stop = threading.Event()
+    child = {"p": None}
+
+    def on_signal(signum, frame):
+        stop.set()
+        p = child["p"]
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    backoff = 1.0
+    while not stop.is_set():
+        started = time.monotonic()
+        child["p"] = subprocess.Popen([sys.executable, "-m", _MODULE] + argv_worker)
+        LOG.info("supervisor: worker started (pid %d)", child["p"].pid)
+        rc = child["p"].wait()
+        if stop.is_set():
+            break
+        if time.monotonic() - started > 60:
+            backoff = 1.0
+        LOG.warning("supervisor: worker exited with %s; restarting in %ds", rc, backoff)
+        stop.wait(backoff)
+        backoff = min(backoff * 2, 60.0)
+    return 0
+
+
+_MODULE = "ansible_collections.kmipbackup.mongodb.plugins.module_utils.daemon"
+
+
+def read_pid(pidfile):
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def stop_pidfile(pidfile, timeout=60):
+    pid = read_pid(pidfile)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and read_pid(pidfile) == pid:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    if read_pid(pidfile) == pid:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        os.unlink(pidfile)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def _detach():
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    fd = os.open(os.devnull, os.O_RDWR)
+    for n in (0, 1, 2):
+        os.dup2(fd, n)
+    os.close(fd)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="kmipbackup-daemon", description="The kmipbackup Backup Daemon.")
+    ap.add_argument("--config-dir", default=config.DEFAULT_CONFIG_DIR)
+    ap.add_argument("--data-dir", default=config.DEFAULT_DATA_DIR)
+    ap.add_argument("--poll-interval", type=float, default=1.0)
+    ap.add_argument("--log-file", help="default: DATA_DIR/log/daemon.log")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument("--supervise", action="store_true", help="run the worker as a child and restart it when it dies")
+    ap.add_argument("--detach", action="store_true", help="go to the background (with --pidfile)")
+    ap.add_argument("--pidfile", help="write the process id here; with --stop, stop that process")
+    ap.add_argument("--stop", action="store_true", help="stop the daemon named by --pidfile and exit")
+    a = ap.parse_args(argv)
+    config_dir, data_dir = os.path.abspath(a.config_dir), os.path.abspath(a.data_dir)
+    os.umask(0o077)
+    if a.stop:
+        if not a.pidfile:
+            ap.error("--stop needs --pidfile")
+        stop_pidfile(a.pidfile)
+        return 0
+    if a.pidfile and read_pid(a.pidfile):
+        print("the daemon already runs (pid %d)" % read_pid(a.pidfile), file=sys.stderr)
+        return 0
+    files.ensure_private_dir(data_dir)
+    log_file = os.path.abspath(a.log_file or os.path.join(data_dir, "log", "daemon.log"))
+    setup_logging(log_file, a.log_level)
+    if a.detach:
+        _detach()
+    if a.pidfile:
+        files.atomic_write(os.path.abspath(a.pidfile), b"%d\n" % os.getpid())
+    try:
+        if a.supervise:
+            worker = ["--config-dir", config_dir, "--data-dir", data_dir, "--poll-interval", str(a.poll_interval),
+                      "--log-level", a.log_level, "--log-file", log_file]
+            return supervise(worker, data_dir)
+        return run_worker(config_dir, data_dir, a.poll_interval)
+    finally:
+        if a.pidfile and read_pid(a.pidfile) == os.getpid():
+            os.unlink(a.pidfile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+---
+module: backup_job_encryption
+short_description: Declare a backup job and its encryption for the kmipbackup Backup Daemon
+version_added: 0.1.0
+description:
+  - Writes the job's configuration (C(jobs/<job>.yml) in O(config_dir)) that the Backup Daemon runs.
+  - With encryption enabled, the job's head database and snapshots are encrypted with data keys wrapped by
+    a KMIP master key. The key is created here, with the group's client certificate, so a KMIP problem fails
+    the task rather than the daemon.
+  - Enabling or disabling encryption on an existing job needs a new initial sync that recreates the head
+    database (RV(resync_required)); the daemon destroys the old head only once the new one is consistent.
+  - Everything is validated before anything is written (group, KMIP configuration, source reachability and
+    credentials, access to a given master key).
+author: kmipbackup developers
+extends_documentation_fragment:
+  - kmipbackup.mongodb.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - No master key is created and nothing is written; the source and KMIP server are still contacted.
+  diff_mode:
+    support: full
+    details:
+      - The source password is redacted.
+  idempotent:
+    support: full
+options:
+  job:
+    description: Name of the backup job (letters, digits, C(_), C(.), C(-)).
+    type: str
+    required: true
+  group:
+    description:
+      - Group whose KMIP client certificate the job uses (declared with M(kmipbackup.mongodb.group_kmip)).
+      - Required unless O(state=absent).
+    type: str
+  source:
+    description: The MongoDB deployment to back up, a replica set or a mongos. Required unless O(state=absent).
+    type: dict
+    suboptions:
+      uri:
+        description: MongoDB connection string (C(mongodb://) or C(mongodb+srv://)).
+        type: str
+        required: true
+      tls:
+        description: Connect with TLS.
+        type: bool
+        default: false
+      tls_ca_file:
+        description: CA file that signs the source's certificates.
+        type: path
+      tls_certificate_key_file:
+        description: Client certificate and key (PEM) for mutual TLS or MONGODB-X509.
+        type: path
+      username:
+        description: User to authenticate as.
+        type: str
+      password:
+        description: Password of O(source.username).
+        type: str
+      auth_mechanism:
+        description: Authentication mechanism, for example C(SCRAM-SHA-256) or C(MONGODB-X509).
+        type: str
+      auth_source:
+        description: Database that holds the user's credentials.
+        type: str
+      connect_timeout:
+        description: Seconds to wait for the source when connecting.
+        type: int
+        default: 10
+  encryption:
+    description: Whether the job's head database and snapshots are encrypted.
+    type: str
+    choices: [enabled, disabled]
+    default: enabled
+  master_key:
+    description:
+      - The KMIP master key of an encrypted job. By default a key named C(kmipbackup-<job>) is created once
+        and kept on later runs.
+    type: dict
+    suboptions:
+      create:
+        description: Create a new AES-256 key in the KMIP server (only when the job has none yet).
+        type: bool
+        default: true
+      name:
+        description: Name of the created key; defaults to C(kmipbackup-<job>).
+        type: str
+      uid:
+        description: UID of an existing key the group's certificate can use, instead of creating one.
+        type: str
+  store:
+    description: Root of the snapshot store; defaults to C(store) in O(data_dir).
+    type: path
+  schedule:
+    description: Snapshot schedule and retention, with Ops Manager's ranges.
+    type: dict
+    suboptions:
+      interval_hours:
+        description: Hours between snapshots.
+        type: int
+        choices: [6, 8, 12, 24]
+        default: 6
+      recent_days:
+        description: Days every snapshot is kept (2-5).
+        type: int
+        default: 2
+      daily_days:
+        description: Days a daily snapshot is kept (1-365).
+        type: int
+        default: 7
+      weekly_weeks:
+        description: Weeks a weekly snapshot is kept (1-52).
+        type: int
+        default: 4
+      monthly_months:
+        description: Months a monthly snapshot is kept (1-36).
+        type: int
+        default: 13
+  state:
+    description:
+      - V(present) runs the job, V(stopped) keeps its configuration and head but stops change capture,
+        V(absent) removes the job; the daemon then deletes its head (snapshots in the store are kept).
+    type: str
+    choices: [present, absent, stopped]
+    default: present
+  wait:
+    description:
+      - Wait for the daemon to report the job STARTED with a consistent head (STOPPED for O(state=stopped),
+        gone for O(state=absent)).
+    type: bool
+    default: false
+  wait_timeout:
+    description: Seconds to wait when O(wait=true).
+    type: int
+    default: 600
+  config_dir:
+    description: The daemon's configuration folder.
+    type: path
+    default: /etc/kmipbackup
+  data_dir:
+    description: The daemon's data folder (status files are read from there).
+    type: path
+    default: /var/lib/kmipbackup
+notes:
+  - The master key is never revoked or destroyed by this module; keys rotated away from stay listed in the job
+    as long as snapshots may need them.
+seealso:
+  - module: kmipbackup.mongodb.backup_job_info
+  - module: kmipbackup.mongodb.group_kmip
+  - module: kmipbackup.mongodb.kmip_config
+'''
+
+EXAMPLES = r'''
+- name: Back up the orders replica set, encrypted with a new KMIP master key
+  kmipbackup.mongodb.backup_job_encryption:
+    job: orders
+    group: payments
+    source:
+      uri: mongodb://db1.example.com:27017,db2.example.com:27017/?replicaSet=rs0
+      username: backup
+      password: "{{ vault_backup_password }}"
+      auth_source: admin
+    encryption: enabled
+    wait: true
+
+- name: Use an existing master key
+  kmipbackup.mongodb.backup_job_encryption:
+    job: inventory
+    group: payments
+    source:
+      uri: mongodb://db1.example.com:27017/?replicaSet=rs1
+    master_key:
+      uid: "4711"
+
+- name: Stop change capture, keep the head
+  kmipbackup.mongodb.backup_job_encryption:
+    job: inventory
+    group: payments
+    source:
+      uri: mongodb://db1.example.com:27017/?replicaSet=rs1
+    state: stopped
+
+- name: Remove a job (its snapshots stay in the store)
+  kmipbackup.mongodb.backup_job_encryption:
+    job: inventory
+    state: absent
+'''
+
+RETURN = r'''
+master_key_uid:
+  description: UID of the job's current KMIP master key (null when encryption is disabled).
+  returned: when O(state) is not V(absent)
+  type: str
+  sample: "42"
+resync_required:
+  description: True when this run toggled encryption on an existing job, so the daemon rebuilds its head by a new initial sync.
+  returned: always
+  type: bool
+status:
+  description: The job's statusName as the daemon reports it (INACTIVE, PROVISIONING, STARTED, STOPPED, TERMINATING).
+  returned: always
+  type: str
+  sample: STARTED
+job:
+  description: The job's configuration, source password redacted.
+  returned: when O(state) is not V(absent)
+  type: dict
+job_status:
+  description: The daemon's full status record for the job, when there is one.
+  returned: always
+  type: dict
+'''
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
+    IMPORT_ERROR = None
+except ImportError as e:  # a missing third-party package of the core
+    IMPORT_ERROR = e
+    IMPORT_TRACE = traceback.format_exc()
+
+
+def argument_spec():
+    return dict(
+        job=dict(type="str", required=True),
+        group=dict(type="str"),
+        source=dict(type="dict", options=dict(
+            uri=dict(type="str", required=True),
+            tls=dict(type="bool", default=False),
+            tls_ca_file=dict(type="path"),
+            tls_certificate_key_file=dict(type="path", no_log=False),
+            username=dict(type="str"),
+            password=dict(type="str", no_log=True),
+            auth_mechanism=dict(type="str"),
+            auth_source=dict(type="str"),
+            connect_timeout=dict(type="int", default=10),
+        )),
+        encryption=dict(type="str", choices=["enabled", "disabled"], default="enabled"),
+        master_key=dict(type="dict", no_log=False, options=dict(
+            create=dict(type="bool", default=True),
+            name=dict(type="str"),
+            uid=dict(type="str"),
+        )),
+        store=dict(type="path"),
+        schedule=dict(type="dict", options=dict(
+            interval_hours=dict(type="int", choices=[6, 8, 12, 24], default=6),
+            recent_days=dict(type="int", default=2),
+            daily_days=dict(type="int", default=7),
+            weekly_weeks=dict(type="int", default=4),
+            monthly_months=dict(type="int", default=13),
+        )),
+        state=dict(type="str", choices=["present", "absent", "stopped"], default="present"),
+        wait=dict(type="bool", default=False),
+        wait_timeout=dict(type="int", default=600),
+        config_dir=dict(type="path", default="/etc/kmipbackup"),
+        data_dir=dict(type="path", default="/var/lib/kmipbackup"),
+    )
+
+
+def run(module):
+    p = module.params
+    job = jobs.check_name(p["job"])
+    existing = jobs.load_job(p["config_dir"], job)
+    result = {"changed": False, "resync_required": False}
+
+    if p["state"] == "absent":
+        result["changed"] = existing is not None
+        if module._diff:
+            result["diff"] = {"before": jobs.redact(existing) or {}, "after": {}}
+        if existing is not None and not module.check_mode:
+            jobs.remove_job(p["config_dir"], job)
+            if p["wait"]:
+                jobs.wait_removed(p["data_dir"], job, p["wait_timeout"])
+        st = jobs.read_status(p["data_dir"], job)
+        result["status"] = st.get("state") if st else "INACTIVE"
+        result["job_status"] = st or {}
+        return result
+
+    for name in ("group", "source"):
+        if not p[name]:
+            module.fail_json(msg="%s is required when state is %s." % (name, p["state"]))
+    master_key = dict(p["master_key"] or {})
+    if master_key.get("uid"):
+        master_key["create"] = False
+    new, info = jobs.plan_job(dict(p, master_key=master_key), existing, check_mode=module.check_mode)
+    changed = new != existing
+    result.update(changed=changed, master_key_uid=info["master_key_uid"], resync_required=info["resync_required"],
+                  job=jobs.redact(new))
+    if module._diff:
+        result["diff"] = {"before": jobs.redact(existing) or {}, "after": jobs.redact(new)}
+    if changed and not module.check_mode:
+        jobs.write_job(p["config_dir"], new)
+    if p["wait"] and not module.check_mode:
+        jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
+    st = jobs.read_status(p["data_dir"], job)
+    result["status"] = jobs.status_name(p["data_dir"], job, new)
+    result["job_status"] = st or {}
+    return result
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    if IMPORT_ERROR is not None:
+        module.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
+                         % IMPORT_ERROR, exception=IMPORT_TRACE)
+    try:
+        result = run(module)
+    except KmipBackupError as e:
+        module.fail_json(msg=str(e), error_kind=getattr(e, "kind", None) or type(e).__name__)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

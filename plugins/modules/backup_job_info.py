@@ -1,0 +1,112 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+---
+module: backup_job_info
+short_description: Show kmipbackup backup jobs and what the Backup Daemon reports about them
+version_added: 0.1.0
+description:
+  - Returns every declared backup job (or the named ones) with its configuration, secrets redacted, and the
+    daemon's status (statusName, consistency, applied cluster time, lag, head size, last error, last snapshot).
+author: kmipbackup developers
+extends_documentation_fragment:
+  - kmipbackup.mongodb.attributes
+  - kmipbackup.mongodb.attributes.INFO_MODULE
+options:
+  job:
+    description: Names of the jobs to show; all declared jobs when omitted.
+    type: list
+    elements: str
+  config_dir:
+    description: The daemon's configuration folder.
+    type: path
+    default: /etc/kmipbackup
+  data_dir:
+    description: The daemon's data folder.
+    type: path
+    default: /var/lib/kmipbackup
+seealso:
+  - module: kmipbackup.mongodb.backup_job_encryption
+'''
+
+EXAMPLES = r'''
+- name: Show every job
+  kmipbackup.mongodb.backup_job_info:
+  register: backup_jobs
+
+- name: Fail when a job is not running
+  ansible.builtin.assert:
+    that: item.status_name == 'STARTED'
+  loop: "{{ backup_jobs.jobs }}"
+  loop_control:
+    label: "{{ item.job }}"
+'''
+
+RETURN = r'''
+jobs:
+  description: One entry per job.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    job:
+      description: The job's name.
+      type: str
+    config:
+      description: The job's configuration, source password redacted; null for a job that is being removed.
+      type: dict
+    status_name:
+      description: INACTIVE, PROVISIONING, STARTED, STOPPED or TERMINATING.
+      type: str
+    status:
+      description: The daemon's status record (empty when the daemon has not reported yet).
+      type: dict
+'''
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
+    IMPORT_ERROR = None
+except ImportError as e:
+    IMPORT_ERROR = e
+    IMPORT_TRACE = traceback.format_exc()
+
+
+def main():
+    module = AnsibleModule(argument_spec=dict(
+        job=dict(type="list", elements="str"),
+        config_dir=dict(type="path", default="/etc/kmipbackup"),
+        data_dir=dict(type="path", default="/var/lib/kmipbackup"),
+    ), supports_check_mode=True)
+    if IMPORT_ERROR is not None:
+        module.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
+                         % IMPORT_ERROR, exception=IMPORT_TRACE)
+    p = module.params
+    try:
+        names = p["job"] or jobs.list_jobs(p["config_dir"])
+        out = []
+        for name in names:
+            cfg = jobs.load_job(p["config_dir"], name)
+            st = jobs.read_status(p["data_dir"], name)
+            if cfg is None and st is None:
+                if p["job"]:
+                    module.fail_json(msg="No backup job %s in %s: declare it with kmipbackup.mongodb.backup_job_encryption."
+                                     % (name, p["config_dir"]))
+                continue
+            out.append({"job": name, "config": jobs.redact(cfg), "status": st or {},
+                        "status_name": jobs.status_name(p["data_dir"], name, cfg) if cfg else (st or {}).get("state", "TERMINATING")})
+    except KmipBackupError as e:
+        module.fail_json(msg=str(e))
+    module.exit_json(changed=False, jobs=out)
+
+
+if __name__ == "__main__":
+    main()
