@@ -82,7 +82,10 @@ def make_pki(folder, clients=("group1", "group2"), server_names=("localhost", "1
     """
     os.makedirs(folder, mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)
-    p = lambda n: os.path.join(folder, n)  # noqa: E731
+
+    def p(name):
+        return os.path.join(folder, name)
+
     out = {"dir": folder, "clients": {}}
 
     ca_key = _key()
