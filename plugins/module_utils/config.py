@@ -153,7 +153,7 @@ def _from_dict(cls, data, path):
         raise ConfigError("%s: %s" % (path, e))
 
 
-def _read(path):
+def read_raw(path):
     try:
         return files.read_yaml(path)
     except OSError as e:
@@ -164,7 +164,7 @@ def _read(path):
 
 def load_kmip_config(config_dir=DEFAULT_CONFIG_DIR):
     path = kmip_path(config_dir)
-    data = _read(path)
+    data = read_raw(path)
     if data is None:
         raise ConfigError("no KMIP configuration at %s: run kmipbackup.mongodb.kmip_config first" % path)
     return _from_dict(KmipConfig, data, path)
@@ -184,7 +184,7 @@ def delete_kmip_config(config_dir):
 
 def load_group(config_dir, group):
     path = group_path(config_dir, group)
-    data = _read(path)
+    data = read_raw(path)
     if data is None:
         raise ConfigError("no KMIP client certificate configured for group %s (%s): run kmipbackup.mongodb.group_kmip first"
                           % (group, path))
@@ -235,7 +235,7 @@ def list_jobs(config_dir=DEFAULT_CONFIG_DIR):
 def load_job(config_dir, job):
     """The parsed jobs/<job>.yml (a dict; written by backup_job_encryption)."""
     path = job_path(config_dir, job)
-    data = _read(path)
+    data = read_raw(path)
     if data is None:
         raise ConfigError("no backup job %s at %s: create it with kmipbackup.mongodb.backup_job_encryption" % (job, path))
     if not isinstance(data, dict):

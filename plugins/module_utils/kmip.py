@@ -339,6 +339,11 @@ class KmipClient:
         return KmipError("KMIP %s on key %s failed at %s: %s (%s)" % (op.name, uid, self.server, message,
                                                                    getattr(reason, "name", reason)), kind="protocol", uid=uid)
 
+    def ping(self):
+        """One authenticated KMIP request (DiscoverVersions): proves the server accepts this identity."""
+        resp = self._call(enums.Operation.DISCOVER_VERSIONS, payloads.DiscoverVersionsRequestPayload())
+        return ["%d.%d" % (v.major, v.minor) for v in resp.protocol_versions or []]
+
     # --- keys -------------------------------------------------------------------------------
     def create_master_key(self, name):
         """Create an AES-256 key usable for Encrypt/Decrypt/WrapKey/UnwrapKey, activate it, return its UID."""

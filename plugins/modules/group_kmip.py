@@ -1,0 +1,237 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+module: group_kmip
+short_description: Set the KMIP client certificate of a group of backup jobs
+version_added: 0.1.0
+description:
+  - Records the KMIP client certificate a group's backup jobs use, in C(groups/<group>.yml) under O(config_dir)
+    (mode C(0600), as it holds the key password). Ops Manager's C(kmipClientCertPath) and C(kmipClientCertPassword).
+  - Validates the certificate before writing anything, against the CA file of the KMIP configuration
+    (M(kmipbackup.mongodb.kmip_config) must have run); a bad certificate or a wrong password fails and writes nothing.
+  - The checks are the key password, the key matching the certificate, validity dates (with a warning when it expires
+    within O(expiry_warning_days)), the clientAuth extended key usage, exactly one common name (the KMIP identity), and
+    a chain to the configured CA.
+  - With O(verify=true), connects to the KMIP server with the certificate and checks it can use every master key recorded
+    for the group's jobs (C(jobs/*.yml) with this group, current and previous keys), naming any it cannot.
+author: kmipbackup developers
+extends_documentation_fragment:
+  - kmipbackup.mongodb.attributes
+  - kmipbackup.mongodb.kmip
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - The password is shown redacted.
+  idempotent:
+    support: full
+options:
+  group:
+    description: Name of the group (letters, digits, V(_), V(.) and V(-)).
+    type: str
+    required: true
+  client_cert_file:
+    description:
+      - PEM file with the client certificate (optionally followed by intermediate CA certificates) and, unless
+        O(client_key_file) is set, its private key. Required when O(state=present).
+    type: path
+  client_key_file:
+    description: PEM file with the private key, when it is not in O(client_cert_file).
+    type: path
+  client_cert_password:
+    description: Password of an encrypted private key.
+    type: str
+  expiry_warning_days:
+    description: Warn when the certificate expires within this many days.
+    type: int
+    default: 30
+  state:
+    description: V(present) records the certificate; V(absent) removes the group's file.
+    type: str
+    choices: [present, absent]
+    default: present
+  verify:
+    description:
+      - Connect to the KMIP server with the certificate and check access to every master key of the group's jobs.
+      - Runs in check mode too (it changes nothing).
+    type: bool
+    default: false
+seealso:
+  - module: kmipbackup.mongodb.kmip_config
+'''
+
+EXAMPLES = r'''
+- name: Give the payments group its KMIP client certificate and check it reaches the group's keys
+  kmipbackup.mongodb.group_kmip:
+    group: payments
+    client_cert_file: /etc/pki/kmip/payments.pem
+    client_cert_password: "{{ vault_payments_kmip_password }}"
+    verify: true
+
+- name: Certificate and key in separate files
+  kmipbackup.mongodb.group_kmip:
+    group: reporting
+    client_cert_file: /etc/pki/kmip/reporting.crt
+    client_key_file: /etc/pki/kmip/reporting.key
+
+- name: Forget a group
+  kmipbackup.mongodb.group_kmip:
+    group: reporting
+    state: absent
+'''
+
+RETURN = r'''
+path:
+  description: Path of the group's file.
+  returned: always
+  type: str
+  sample: /etc/kmipbackup/groups/payments.yml
+identity:
+  description: The certificate's common name, the identity the KMIP server knows the group by.
+  returned: when O(state=present)
+  type: str
+  sample: payments
+subject:
+  description: The certificate's subject.
+  returned: when O(state=present)
+  type: str
+  sample: CN=payments,O=Example
+not_after:
+  description: End of the certificate's validity (ISO 8601, UTC).
+  returned: when O(state=present)
+  type: str
+  sample: "2027-11-27T18:26:58+00:00"
+days_left:
+  description: Whole days until the certificate expires.
+  returned: when O(state=present)
+  type: int
+fingerprint_sha256:
+  description: SHA-256 fingerprint of the certificate.
+  returned: when O(state=present)
+  type: str
+cert_warnings:
+  description: Warnings about the certificate (for example that it expires soon); also shown as Ansible warnings.
+  returned: when O(state=present)
+  type: list
+  elements: str
+keys_checked:
+  description: With O(verify=true), each master key of the group's jobs and whether the certificate can use it.
+  returned: when O(verify=true)
+  type: list
+  elements: dict
+  contains:
+    uid:
+      description: The master key UID.
+      type: str
+    jobs:
+      description: Jobs that record this key.
+      type: list
+      elements: str
+    ok:
+      description: Whether the key is usable.
+      type: bool
+    kind:
+      description: Why not (V(permission_denied), V(not_found), V(not_active)).
+      type: str
+    reason:
+      description: The error message.
+      type: str
+'''
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, certs, config, kmip
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipError
+
+
+def check_keys(kcfg, grp, config_dir):
+    """[{uid, jobs, ok, kind, reason}] for every master key of the group's jobs."""
+    uids = config.group_master_key_uids(config_dir, grp.group)
+    out = []
+    with kmip.KmipClient(kcfg, grp) as client:
+        client.ping()  # TLS and identity are accepted, even for a group without keys yet
+        for uid, jobs in sorted(uids.items()):
+            item = {"uid": uid, "jobs": jobs, "ok": True, "kind": None, "reason": None}
+            try:
+                client.check_access(uid)
+            except KmipError as e:
+                if e.kind not in ("permission_denied", "not_found", "not_active"):
+                    raise
+                item.update(ok=False, kind=e.kind, reason=str(e))
+            out.append(item)
+    return out
+
+
+def present(module, config_dir):
+    p = module.params
+    if not p["client_cert_file"]:
+        raise ConfigError("client_cert_file is required with state=present")
+    kcfg = config.load_kmip_config(config_dir)
+    cert_file = os.path.abspath(p["client_cert_file"])
+    key_file = os.path.abspath(p["client_key_file"]) if p["client_key_file"] else None
+    info = certs.check_client_certificate(cert_file, key_file, p["client_cert_password"], ca_file=kcfg.ca_file,
+                                          warn_days=p["expiry_warning_days"])
+    grp = config.GroupConfig(group=p["group"], client_cert_file=cert_file, client_key_file=key_file,
+                             client_cert_password=p["client_cert_password"] or None)
+    result = info.to_dict()
+    result["cert_warnings"] = result.pop("warnings")
+    if p["verify"]:
+        keys = check_keys(kcfg, grp, config_dir)
+        result["keys_checked"] = keys
+        bad = [k for k in keys if not k["ok"]]
+        if bad:
+            module.fail_json(msg="the certificate of group %s (CN=%s) cannot use %d master key(s), nothing written: %s"
+                             % (grp.group, info.identity, len(bad), "; ".join("%s (jobs %s): %s" % (k["uid"], ", ".join(k["jobs"]), k["reason"])
+                                                                                for k in bad)), **result)
+    return grp, result
+
+
+def main():
+    spec = dict(
+        group=dict(type="str", required=True),
+        client_cert_file=dict(type="path"),
+        client_key_file=dict(type="path"),
+        client_cert_password=dict(type="str", no_log=True),
+        expiry_warning_days=dict(type="int", default=certs.DEFAULT_WARN_DAYS),
+        state=dict(type="str", default="present", choices=["present", "absent"]),
+        verify=dict(type="bool", default=False),
+    )
+    spec.update(ansible_module.config_dir_spec())
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
+                           required_if=[("state", "present", ("client_cert_file",))])
+    p = module.params
+    config_dir = p["config_dir"]
+    path = ansible_module.call(module, config.group_path, config_dir, p["group"])
+    before = ansible_module.call(module, config.read_raw, path)
+    if before is not None and not isinstance(before, dict):
+        before = {"unparsable": True}
+    result = dict(path=path)
+    if p["state"] == "present":
+        grp, info = ansible_module.call(module, present, module, config_dir)
+        after = grp.to_dict()
+        changed = before != after
+        if changed and not module.check_mode:
+            ansible_module.call(module, config.save_group, config_dir, grp)
+        for w in info["cert_warnings"]:
+            module.warn(w)
+        result.update(info)
+    else:
+        after = None
+        changed = before is not None
+        if changed and not module.check_mode:
+            config.delete_group(config_dir, p["group"])
+    if module._diff:
+        result["diff"] = ansible_module.diff(before, after)
+    module.exit_json(changed=changed, **result)
+
+
+if __name__ == "__main__":
+    main()
