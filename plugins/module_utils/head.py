@@ -229,8 +229,10 @@ class Reader:
         return _namespaces(self._c)
 
     def namespace(self, ns):
-        for n in self._c.execute("SELECT ns FROM namespaces WHERE ns=?", (ns,)):
-            return [x for x in _namespaces(self._c) if x["ns"] == n[0]][0]
+        """One entry of namespaces(), or None."""
+        for ns_, uuid, options, indexes, incarnation in self._c.execute(
+                "SELECT ns, uuid, options, indexes, incarnation FROM namespaces WHERE ns=?", (ns,)):
+            return {"ns": ns_, "uuid": uuid, "options": options, "indexes": split_bson_docs(indexes), "incarnation": incarnation}
         return None
 
     def scan(self, ns, start=None, end=None):
@@ -298,6 +300,9 @@ class Writer(Reader):
             if ns_id is not None:
                 self._cache[ns] = ns_id
         return ns_id
+
+    def has_namespace(self, ns):
+        return self._ns_id(ns) is not None
 
     def _ensure_ns(self, ns):
         ns_id = self._ns_id(ns)
