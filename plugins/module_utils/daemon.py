@@ -57,6 +57,7 @@ class JobRunner(threading.Thread):
         self.head = None
         self.status = self._initial_status()
         self._status_written = 0.0
+        self._next_check = None
 
     # ---- status ----------------------------------------------------------------------
 
@@ -280,33 +281,52 @@ class JobRunner(threading.Thread):
         self.set_status()
         return counts
 
+    def _job_store(self):
+        store = _import("store")
+        root = self.cfg.get("store") or os.path.join(self.d.data_dir, "store")
+        files.ensure_private_dir(root)
+        js = store.JobStore(root, self.job)
+        return js, store.Keys(js, provider=self.kmip, encryption=bool(self.cfg.get("encryption")))
+
     def _scheduled_snapshot(self):
+        retention = _import("retention")
+        now = _import("store").utcnow()
+        if self._next_check and now < self._next_check:
+            return
+        self._next_check = now + datetime.timedelta(seconds=30)
         try:
-            retention = _import("retention")
-        except ImportError:
-            return
-        due = getattr(retention, "due", None)
-        if due is None:
-            return
-        last = self.status.get("last_snapshot")
-        if due(self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS, last.get("created") if last else None):
-            try:
+            js, _keys = self._job_store()
+            entries = [e for e in js.catalog() if e.get("type") != "on-demand"]
+            if retention.due(now, entries[-1] if entries else None, self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS):
                 self.take_snapshot(on_demand=False)
-            except KmipBackupError as e:
-                self.error("STARTED", "scheduled snapshot failed: %s" % _safe(e, self.cfg))
+        except KmipBackupError as e:
+            self.set_status(last_error="scheduled snapshot failed: %s" % _safe(e, self.cfg))
+            LOG.warning("job %s: scheduled snapshot failed", self.job)
 
     def take_snapshot(self, on_demand):
-        if not self.status.get("consistent"):
+        if not (self.head.position() or {}).get("consistent"):
             raise KmipBackupError("job %s has no consistent head yet: wait for status STARTED and try again" % self.job)
-        snapshot = _import("snapshot")
+        snapshot, retention = _import("snapshot"), _import("retention")
+        schedule = self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS
+        kind = "on-demand" if on_demand else "scheduled"
         started = time.monotonic()
-        info = snapshot.take_snapshot(self.cfg, self.head, self.kmip)
-        self.head.mark_snapshotted(info["change_seq"]) if "change_seq" in info else None
-        last = {k: info.get(k) for k in ("id", "created", "cluster_time")}
-        self.set_status(last_snapshot=last)
-        LOG.info("job %s: snapshot taken in %.1fs (%s)", self.job, time.monotonic() - started,
-                 "on demand" if on_demand else "scheduled")
-        return last
+        if self.cfg.get("encryption") and self.kmip is None:
+            self.kmip = jobs.kmip_client(self.d.config_dir, self.cfg["group"])
+        js, keys = self._job_store()
+        now = _import("store").utcnow()
+        info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
+                                      encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
+                                      expires=retention.expires(now, kind, schedule))
+        self.head.mark_snapshotted(info["change_seq"])
+        expired = retention.apply_retention(js, schedule, now)
+        gc = js.gc(keys)
+        last = {"id": info["snapshot_id"], "created": info["created"], "cluster_time": info["cluster_time"], "type": kind}
+        self.set_status(last_snapshot=last, snapshots=len(js.catalog()))
+        LOG.info("job %s: %s snapshot in %.1fs: %d chunks written, %d reused; %d expired; %d chunks collected",
+                 self.job, kind, time.monotonic() - started, info.get("written_chunks", 0), info.get("reused_chunks", 0),
+                 len(expired), gc.get("chunks_deleted", 0))
+        return dict(last, data_bytes=info.get("data_bytes"), written_bytes=info.get("written_bytes"),
+                    doc_count=info.get("doc_count"), master_key_uids=info.get("master_key_uids"))
 
 
 class _Resync(Exception):
@@ -556,6 +576,17 @@ def _detach():
     os.close(fd)
 
 
+def _switch_user(name):
+    import pwd
+    pw = pwd.getpwnam(name)
+    if pw.pw_uid == os.geteuid():
+        return
+    os.setgid(pw.pw_gid)
+    os.initgroups(name, pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    os.environ["HOME"] = pw.pw_dir
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="kmipbackup-daemon", description="The kmipbackup Backup Daemon.")
     ap.add_argument("--config-dir", default=config.DEFAULT_CONFIG_DIR)
@@ -567,17 +598,24 @@ def main(argv=None):
     ap.add_argument("--detach", action="store_true", help="go to the background (with --pidfile)")
     ap.add_argument("--pidfile", help="write the process id here; with --stop, stop that process")
     ap.add_argument("--stop", action="store_true", help="stop the daemon named by --pidfile and exit")
+    ap.add_argument("--status", action="store_true", help="exit 0 when the daemon named by --pidfile runs, 3 otherwise")
+    ap.add_argument("--user", help="when started as root, run as this user")
     a = ap.parse_args(argv)
     config_dir, data_dir = os.path.abspath(a.config_dir), os.path.abspath(a.data_dir)
     os.umask(0o077)
+    if (a.stop or a.status or a.detach) and not a.pidfile:
+        ap.error("--stop, --status and --detach need --pidfile")
     if a.stop:
-        if not a.pidfile:
-            ap.error("--stop needs --pidfile")
         stop_pidfile(a.pidfile)
         return 0
     if a.pidfile and read_pid(a.pidfile):
-        print("the daemon already runs (pid %d)" % read_pid(a.pidfile), file=sys.stderr)
+        if not a.status:
+            print("the daemon already runs (pid %d)" % read_pid(a.pidfile), file=sys.stderr)
         return 0
+    if a.status:
+        return 3
+    if a.user and os.geteuid() == 0:
+        _switch_user(a.user)
     files.ensure_private_dir(data_dir)
     log_file = os.path.abspath(a.log_file or os.path.join(data_dir, "log", "daemon.log"))
     setup_logging(log_file, a.log_level)

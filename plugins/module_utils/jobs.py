@@ -189,7 +189,7 @@ def _pymongo_check(source):
             client.admin.command("connectionStatus")
     except perr.OperationFailure as e:
         raise SourceError("The source refused the credentials (%s): check source.username, password, "
-                          "auth_mechanism and auth_source." % e.details.get("errmsg", e) if e.details else e)
+                          "auth_mechanism and auth_source." % ((e.details or {}).get("errmsg") or e.code))
     except perr.PyMongoError as e:
         raise SourceError("Cannot reach the source %s (%s): check source.uri, TLS options and that the "
                           "deployment is up." % (_uri_hosts(source["uri"]), type(e).__name__))
@@ -249,25 +249,21 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
     uid = None
     created = False
     if encryption:
-        want_uid = master_key.get("uid")
-        if want_uid:
-            uid = str(want_uid)
-            if uid != old.get("master_key_uid"):
+        with client:
+            if master_key.get("uid"):
+                uid = str(master_key["uid"])
                 _check_key(client, uid)
-        elif old.get("encryption") and old.get("master_key_uid") and old.get("group") == group:
-            uid = old["master_key_uid"]
-        else:
-            name = master_key.get("name") or "kmipbackup-%s" % job
-            if check_mode:
+            elif old.get("encryption") and old.get("master_key_uid") and old.get("group") == group:
+                uid = str(old["master_key_uid"])
+                _check_key(client, uid)
+            elif check_mode:
                 uid = "(created at apply)"
+                created = True
             else:
-                with client:
-                    uid = client.create_master_key(name)
-            created = True
-        if old.get("master_key_uid") and uid != old["master_key_uid"] and old["master_key_uid"] not in previous:
-            previous.insert(0, old["master_key_uid"])
-    elif old.get("master_key_uid") and old["master_key_uid"] not in previous:
-        # keep the key listed: snapshots taken under it still need it
+                uid = client.create_master_key(master_key.get("name") or "kmipbackup-%s" % job)
+                created = True
+    if old.get("master_key_uid") and uid != old["master_key_uid"] and old["master_key_uid"] not in previous:
+        # keep the old key listed: snapshots and the head taken under it may still need it
         previous.insert(0, old["master_key_uid"])
 
     generation = int(old.get("generation") or 1)
@@ -285,12 +281,13 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
 
 
 def _check_key(client, uid):
-    with client:
-        try:
-            client.check_access(uid)
-        except KmipError as e:
-            raise KmipError("The group's certificate cannot use master key %s (%s): %s" % (uid, e.kind, e),
-                            kind=e.kind, uid=uid, servers=e.servers)
+    try:
+        client.check_access(uid)
+    except KmipError as e:
+        if e.kind == "unreachable":
+            raise
+        raise KmipError("The group's certificate cannot use master key %s (%s): %s" % (uid, e.kind, e),
+                        kind=e.kind, uid=uid, servers=e.servers)
 
 
 def wait_timeout_error(job, status, want):
