@@ -1,0 +1,130 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Data keys, sealing and keyed hashes of the snapshot store (no Ansible imports).
+
+PRIVATE to the collection: it can change at any time.
+A sealed blob is a 96-bit random nonce followed by AES-256-GCM ciphertext and tag; the
+associated data (aad) binds the blob to what refers to it. With key None (an unencrypted
+job) the same calls use the null cipher: the blob is a SHA-256 checksum of aad and
+plaintext followed by the plaintext, which detects damage but is not secret.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError
+
+try:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    CRYPTOGRAPHY_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    AESGCM = InvalidTag = None
+    CRYPTOGRAPHY_IMPORT_ERROR = e
+
+try:
+    import zstandard
+    ZSTD_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    zstandard = None
+    ZSTD_IMPORT_ERROR = e
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_NULL_SUM = 32
+ZSTD_LEVEL = 3
+# The null cipher's key for keyed hashes: an unencrypted job's ids and boundaries are not secret.
+NULL_ID_KEY = b"kmipbackup unencrypted job id key"
+
+
+def _require_cryptography():
+    if AESGCM is None:
+        raise KmipBackupError("The Python package cryptography is missing (%s): install the collection's requirements." % CRYPTOGRAPHY_IMPORT_ERROR)
+
+
+def _require_zstd():
+    if zstandard is None:
+        raise KmipBackupError("The Python package zstandard is missing (%s): install the collection's requirements." % ZSTD_IMPORT_ERROR)
+
+
+def new_key():
+    """A fresh 256-bit data key."""
+    return os.urandom(KEY_BYTES)
+
+
+def derive(key, label):
+    """A 32-byte subkey of key for one purpose (HMAC-SHA256 as a KDF over a fixed label)."""
+    return hmac.new(key, b"kmipbackup derive " + label.encode("ascii"), hashlib.sha256).digest()
+
+
+def seal(key, plaintext, aad):
+    """nonce || AES-256-GCM(key, plaintext, aad); key None: the null cipher (checksum || plaintext)."""
+    if key is None:
+        return hashlib.sha256(aad + b"\x00" + plaintext).digest() + plaintext
+    _require_cryptography()
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(key, blob, aad, kind="object", object_id=None):
+    """The plaintext of a sealed blob; IntegrityError naming kind/object_id when it fails authentication."""
+    blob = bytes(blob)
+    if key is None:
+        body = blob[_NULL_SUM:]
+        if len(blob) < _NULL_SUM or not hmac.compare_digest(blob[:_NULL_SUM], hashlib.sha256(aad + b"\x00" + body).digest()):
+            raise integrity_error(kind, object_id)
+        return body
+    _require_cryptography()
+    if len(blob) < NONCE_BYTES + 16:
+        raise integrity_error(kind, object_id)
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise integrity_error(kind, object_id) from None
+
+
+def integrity_error(kind, object_id, why="failed authentication (it was modified, damaged or swapped)"):
+    name = "%s %s" % (kind, object_id) if object_id is not None else kind
+    return IntegrityError("The snapshot store's %s %s: restore from another snapshot or a copy of the store, "
+                          "and find out who changed the store." % (name, why), kind=kind, object_id=object_id)
+
+
+def chunk_id(id_key, data):
+    """A chunk's content address: HMAC-SHA256 of its plaintext under the chunk-id key, hex."""
+    return hmac.new(id_key, data, hashlib.sha256).hexdigest()
+
+
+def mac(key, data):
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def boundary_threshold_fn(id_key, target_bytes):
+    """A function (doc_id_key, doc_size) -> bool: True when a chunk ends after this document.
+
+    The keyed hash (BLAKE2b, fast on short inputs) of the document's id_key, as a fraction of 2**64, is compared with
+    size / target_bytes, so chunks average about target_bytes whatever the documents' sizes,
+    and a boundary depends only on that document, not on its neighbours."""
+    bkey = derive(id_key, "boundary")
+    scale = (1 << 64) / float(target_bytes)
+    blake2b = hashlib.blake2b
+    from_bytes = int.from_bytes
+
+    def is_boundary(doc_key, size):
+        return from_bytes(blake2b(doc_key, key=bkey, digest_size=8).digest(), "big") < size * scale
+    return is_boundary
+
+
+def compress(data):
+    _require_zstd()
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def decompress(data, kind="chunk", object_id=None):
+    _require_zstd()
+    try:
+        return zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError:
+        raise integrity_error(kind, object_id, "does not decompress") from None

@@ -1,0 +1,387 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Restoring a snapshot (no Ansible imports). PRIVATE to the collection.
+
+Targets: MongoTarget (a MongoDB deployment through pymongo), DirectoryTarget (mongodump
+layout) and ArchiveTarget (mongodump --archive file). Chunks are streamed one at a time.
+Directory and archive restores are built in a temporary sibling and renamed into place at
+the end, so a failure leaves the target untouched. A MongoDB restore first authenticates
+every chunk it needs, then inserts; its progress is recorded in the marker collection
+kmipbackup_restore.restoreInfo (state incomplete until the restore is verified).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.snapshot import namespace_hash
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
+
+try:
+    import bson
+    from bson.codec_options import CodecOptions
+    from bson.raw_bson import RawBSONDocument
+    BSON_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    bson = CodecOptions = RawBSONDocument = None
+    BSON_IMPORT_ERROR = e
+
+try:
+    import pymongo
+    import pymongo.errors
+    PYMONGO_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    pymongo = None
+    PYMONGO_IMPORT_ERROR = e
+
+RESTORE_INFO = "restoreInfo.txt"
+MARKER_DB = "kmipbackup_restore"
+MARKER_COLL = "restoreInfo"
+INSERT_BATCH_BYTES = 8 << 20
+
+
+def _require_pymongo():
+    if pymongo is None:
+        raise RestoreError("The Python package pymongo is missing (%s): install the collection's requirements." % PYMONGO_IMPORT_ERROR)
+
+
+def count_docs(plain):
+    n, pos, size = 0, 0, len(plain)
+    from_bytes = int.from_bytes
+    while pos < size:
+        pos += from_bytes(plain[pos:pos + 4], "little")
+        n += 1
+    return n
+
+
+def restore_info_text(entry, job, kmip_servers=None):
+    """restoreInfo.txt as Ops Manager writes it: what was restored and which keys it needs."""
+    ct = entry.get("cluster_time") or [0, 0]
+    lines = ["Restore Information",
+             "Backup Job: %s" % job,
+             "Snapshot ID: %s" % entry["snapshot_id"],
+             "Snapshot Type: %s" % entry.get("type"),
+             "Created: %s" % entry["created"],
+             "Last Oplog Applied: Timestamp(%d, %d)" % (ct[0], ct[1]),
+             "Cluster Time: %d %d" % (ct[0], ct[1]),
+             "Documents: %d" % entry.get("doc_count", 0),
+             "Data Bytes: %d" % entry.get("data_bytes", 0),
+             "Encryption: %s" % ("enabled" if entry.get("encryption") else "disabled")]
+    if entry.get("encryption"):
+        lines.append("Master Key UUID: %s" % ", ".join(entry.get("master_key_uids") or []))
+        if kmip_servers:
+            lines.append("KMIP Server: %s" % ", ".join(kmip_servers))
+        lines.append("You must have a certificate provisioned for this Master Key on the KMIP server to restore it again.")
+    lines.append("Restored: %s" % iso(utcnow()))
+    return "\n".join(lines) + "\n"
+
+
+def _info_matches(text, job, snapshot_id):
+    return ("Snapshot ID: %s\n" % snapshot_id) in text and ("Backup Job: %s\n" % job) in text
+
+
+def select_namespaces(manifest, include=None, exclude=None, rename=None):
+    """[(namespace entry, target db, target collection)] after include/exclude patterns
+    (fnmatch on "db.collection") and database rename ({source db: target db})."""
+    out = []
+    for n in manifest["namespaces"]:
+        ns = n["ns"]
+        if include and not any(fnmatch.fnmatchcase(ns, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(ns, p) for p in exclude):
+            continue
+        db, _, coll = ns.partition(".")
+        out.append((n, (rename or {}).get(db, db), coll))
+    return out
+
+
+class _Verifier:
+    """Per namespace: documents and content hash of what was streamed, compared with the manifest."""
+
+    def __init__(self, n):
+        self.n = n
+        self.count = 0
+        self.hashes = []
+
+    def add(self, chunk_entry, plain):
+        self.count += count_docs(plain)
+        self.hashes.append({"sha256": hashlib.sha256(plain).digest()})
+
+    def check(self, label, target_count=None):
+        if self.count != self.n["count"] or namespace_hash(self.hashes) != self.n["hash"]:
+            raise crypto.integrity_error("manifest", label, "does not match the restored documents of a namespace")
+        if target_count is not None and target_count != self.n["count"]:
+            raise RestoreError("Verification failed: the target holds %d documents where the snapshot has %d; "
+                               "restore again with drop." % (target_count, self.n["count"]))
+
+
+class DirectoryTarget:
+    kind = "directory"
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def describe(self):
+        return self.path
+
+
+class ArchiveTarget:
+    kind = "archive"
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def describe(self):
+        return self.path
+
+    @property
+    def info_path(self):
+        return self.path + "." + RESTORE_INFO
+
+
+class MongoTarget:
+    kind = "mongodb"
+
+    def __init__(self, uri, restore_info_path=None, **client_options):
+        self.uri = uri
+        self.client_options = client_options
+        self.restore_info_path = restore_info_path
+        self._client = None
+
+    def describe(self):
+        return "MongoDB"
+
+    def client(self):
+        _require_pymongo()
+        if self._client is None:
+            self._client = pymongo.MongoClient(self.uri, document_class=RawBSONDocument, **self.client_options)
+        return self._client
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def make_target(target):
+    if isinstance(target, (DirectoryTarget, ArchiveTarget, MongoTarget)):
+        return target
+    if isinstance(target, str) and target.startswith(("mongodb://", "mongodb+srv://")):
+        return MongoTarget(target)
+    raise RestoreError("Unknown restore target %r: give a MongoDB URI, a DirectoryTarget or an ArchiveTarget." % (target,))
+
+
+def already_restored(job_store, snapshot, target):
+    """True when target already holds a complete restore of this snapshot (for changed=false)."""
+    target = make_target(target)
+    sid = job_store.catalog_entry(snapshot)["snapshot_id"]
+    if target.kind == "directory":
+        info = os.path.join(target.path, RESTORE_INFO)
+        return os.path.exists(info) and _info_matches(open(info).read(), job_store.job, sid)
+    if target.kind == "archive":
+        return (os.path.exists(target.path) and os.path.exists(target.info_path)
+                and _info_matches(open(target.info_path).read(), job_store.job, sid))
+    doc = target.client()[MARKER_DB][MARKER_COLL].find_one({"_id": "%s/%s" % (job_store.job, sid)})
+    return doc is not None and doc["state"] == "complete"
+
+
+def _chunks(job_store, keys, n):
+    for c in n["chunks"]:
+        yield c, job_store.read_chunk(c, keys)
+
+
+def _tmp_sibling(path):
+    parent = os.path.dirname(path)
+    ensure_private_dir(parent)
+    return os.path.join(parent, ".%s.kmipbackup-tmp-%s" % (os.path.basename(path), os.urandom(4).hex()))
+
+
+def _check_file_target(path, drop):
+    if os.path.isdir(path) and os.listdir(path) or os.path.isfile(path):
+        if not drop:
+            raise RestoreError("The restore target %s exists and is not empty: choose an empty or new location, or set "
+                               "drop to replace it." % path)
+
+
+def _replace(tmp, path):
+    """Move the finished tmp into place (over path when drop allowed it)."""
+    old = None
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        old = _tmp_sibling(path) + ".old"
+        os.rename(path, old)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
+
+
+def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text):
+    _check_file_target(target.path, drop)
+    tmp = _tmp_sibling(target.path)
+    ensure_private_dir(tmp)
+    try:
+        for n, db, coll in selected:
+            folder = ensure_private_dir(os.path.join(tmp, db))
+            base = os.path.join(folder, mongodump.escape_collection_name(coll))
+            meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
+            atomic_write(base + ".metadata.json", meta.encode("utf-8"))
+            v = _Verifier(n)
+            whole = hashlib.sha256()
+            fd = os.open(base + ".bson", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                for c, plain in _chunks(job_store, keys, n):
+                    v.add(c, plain)
+                    whole.update(plain)
+                    f.write(plain)
+                f.flush()
+                os.fsync(f.fileno())
+            if verify:
+                v.check(entry["snapshot_id"])
+                _check_file_hash(base + ".bson", whole.hexdigest())
+        atomic_write(os.path.join(tmp, RESTORE_INFO), info_text.encode("utf-8"))
+        _replace(tmp, target.path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_file_hash(path, expect):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expect:
+        raise RestoreError("Verification failed: %s does not read back as written (disk error?); restore again." % path)
+
+
+def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text):
+    _check_file_target(target.path, drop)
+    tmp = _tmp_sibling(target.path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            w = mongodump.ArchiveWriter(f)
+            w.prelude([(db, coll, mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll,
+                                                          n.get("type", "collection")), n["bytes"]) for n, db, coll in selected])
+            for n, db, coll in selected:
+                v, crc = _Verifier(n), mongodump.Crc64()
+                for c, plain in _chunks(job_store, keys, n):
+                    v.add(c, plain)
+                    crc.update(plain)
+                    w.segment(db, coll, plain)
+                if verify:
+                    v.check(entry["snapshot_id"])
+                w.eof(db, coll, crc.value())
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write(target.info_path, info_text.encode("utf-8"))
+        _replace(tmp, target.path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _index_specs(n):
+    out = []
+    for raw in n["indexes"]:
+        spec = bson.decode(bytes(raw))
+        if spec.get("name") == "_id_":
+            continue
+        spec.pop("ns", None)
+        out.append(spec)
+    return out
+
+
+def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text):
+    client = target.client()
+    existing, busy = {}, []
+    for n, db, coll in selected:
+        names = existing.get(db)
+        if names is None:
+            names = existing[db] = set(client[db].list_collection_names())
+        if coll in names and client[db][coll].find_one({}, projection={"_id": 1}) is not None:
+            busy.append("%s.%s" % (db, coll))
+    if busy and not drop:
+        raise RestoreError("The target's namespace(s) %s are not empty: restore into other namespaces (rename), or set "
+                           "drop to replace them." % ", ".join(sorted(busy)))
+    # authenticate every needed chunk before the target is touched
+    for n, _db, _coll in selected:
+        for c in n["chunks"]:
+            job_store.read_chunk_sealed(c["id"], keys)
+    marker = client[MARKER_DB][MARKER_COLL]
+    marker_id = "%s/%s" % (job_store.job, entry["snapshot_id"])
+    marker.replace_one({"_id": marker_id}, {"_id": marker_id, "state": "incomplete", "started": iso(utcnow()),
+                                            "restoreInfo": info_text}, upsert=True)
+    try:
+        _insert_all(job_store, keys, entry, selected, client, existing, drop, verify)
+    except pymongo.errors.PyMongoError as e:
+        raise RestoreError("The restore into MongoDB stopped (%s): the target is incomplete, as recorded in %s.%s "
+                           "(_id %s, state incomplete); restore again with drop." % (e, MARKER_DB, MARKER_COLL, marker_id)) from None
+    marker.update_one({"_id": marker_id}, {"$set": {"state": "complete", "finished": iso(utcnow())}})
+    if target.restore_info_path:
+        atomic_write(target.restore_info_path, info_text.encode("utf-8"))
+
+
+def _insert_all(job_store, keys, entry, selected, client, existing, drop, verify):
+    codec = CodecOptions(document_class=RawBSONDocument)
+    for n, db, coll in selected:
+        if drop:
+            client[db].drop_collection(coll)
+        options = bson.decode(bytes(n["options"])) if n["options"] else {}
+        if drop or coll not in existing[db]:
+            client[db].create_collection(coll, **options)
+        if options.get("viewOn"):
+            continue
+        c_obj = client[db][coll]
+        v, batch, batch_bytes = _Verifier(n), [], 0
+        for c, plain in _chunks(job_store, keys, n):
+            v.add(c, plain)
+            batch.extend(bson.decode_all(plain, codec))
+            batch_bytes += len(plain)
+            if batch_bytes >= INSERT_BATCH_BYTES:
+                c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
+                batch, batch_bytes = [], 0
+        if batch:
+            c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
+        specs = _index_specs(n)
+        if specs:
+            client[db].command("createIndexes", coll, indexes=specs)
+        if verify:
+            v.check(entry["snapshot_id"], c_obj.count_documents({}))
+
+
+def restore(job_store, snapshot, keys, target, include=None, exclude=None, rename=None, drop=False, verify=True,
+            kmip_servers=None, expect_encryption=None):
+    """Restore snapshot (an id or 'latest') of job_store to target; returns a summary dict.
+
+    IntegrityError names a tampered chunk, manifest, keyring entry or catalog entry."""
+    if bson is None:
+        raise RestoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
+    target = make_target(target)
+    entry = job_store.catalog_entry(snapshot)
+    sid = entry["snapshot_id"]
+    if expect_encryption and not entry.get("encryption"):
+        raise crypto.integrity_error("catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted")
+    job_store.verify_catalog(entry, keys)
+    manifest = job_store.read_manifest(sid, keys, entry.get("manifest_sha256"))
+    selected = select_namespaces(manifest, include, exclude, rename)
+    info_text = restore_info_text(entry, job_store.job, kmip_servers)
+    run = {"directory": _restore_directory, "archive": _restore_archive, "mongodb": _restore_mongodb}[target.kind]
+    try:
+        run(job_store, keys, entry, selected, target, drop, verify, info_text)
+    except IntegrityError:
+        raise
+    except OSError as e:
+        raise RestoreError("The restore to %s failed: %s. Fix the target and restore again." % (target.describe(), e)) from None
+    return {"snapshot_id": sid, "created": entry["created"], "cluster_time": entry["cluster_time"],
+            "encryption": entry.get("encryption"), "master_key_uids": entry.get("master_key_uids") or [],
+            "target": target.kind, "namespaces": len(selected),
+            "documents": sum(n["count"] for n, _d, _c in selected), "bytes": sum(n["bytes"] for n, _d, _c in selected),
+            "restore_info": info_text}

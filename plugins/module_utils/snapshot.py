@@ -1,0 +1,222 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Cutting a snapshot from a head (no Ansible imports). PRIVATE to the collection.
+
+One head.read() transaction gives the image at the head's cluster time. Per namespace, the
+documents in id_key order are cut into chunks after documents whose keyed hash of id_key
+falls under size/target (so chunks average target bytes and a boundary depends only on its
+own document), with a hard maximum. Incremental: chunk i of the previous manifest covers the
+id_keys (last of chunk i-1, last of chunk i]; only the runs of chunks whose range holds a
+changed id_key are re-read and re-chunked, every other chunk is reused without reading it.
+"""
+from __future__ import annotations
+
+import bisect
+import datetime
+import hashlib
+import os
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
+
+try:
+    from bson.binary import Binary
+    BSON_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    Binary = None
+    BSON_IMPORT_ERROR = e
+
+TARGET_BYTES = 1 << 20
+MAX_BYTES = 4 << 20
+KINDS = ("scheduled", "on-demand")
+FORMAT = 1
+
+
+class SnapshotError(KmipBackupError):
+    """A snapshot cannot be taken now (head not consistent, ...)."""
+
+
+def new_snapshot_id(now):
+    return now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(4).hex()
+
+
+class _Writer:
+    """Writes the chunks of one snapshot, deduplicating by content address."""
+
+    def __init__(self, job_store, key_id, key, id_key, target_bytes, max_bytes):
+        self.js, self.key_id, self.key, self.id_key = job_store, key_id, key, id_key
+        self.is_boundary = crypto.boundary_threshold_fn(id_key, target_bytes)
+        self.max_bytes = max_bytes
+        self.unsynced = []
+        self.written_bytes = 0
+        self.written_chunks = 0
+        self.touched = []
+
+    def emit(self, docs, first, last, size):
+        plain = b"".join(docs)
+        cid = crypto.chunk_id(self.id_key, plain)
+        path = self.js.chunk_path(cid)
+        if self.js.storage.exists(path):
+            key_id = self.js.chunk_key_id(cid)
+            self.js.storage.touch(path)  # GC grace: a reused chunk is young again
+            stored = self.js.storage.size(path)
+        else:
+            key_id = self.key_id
+            stored = self.js.put_chunk(cid, plain, key_id, self.key, sync=False)
+            self.unsynced.append(path)
+            self.written_bytes += stored
+            self.written_chunks += 1
+        return {"id": cid, "key": key_id, "first": Binary(first), "last": Binary(last), "count": len(docs),
+                "bytes": size, "stored": stored, "sha256": Binary(hashlib.sha256(plain).digest())}
+
+    def chunk(self, rows):
+        """Chunk entries for (id_key, raw) rows in order."""
+        out, docs, size, first = [], [], 0, None
+        is_boundary, max_bytes = self.is_boundary, self.max_bytes
+        last = None
+        for key, raw in rows:
+            n = len(raw)
+            if docs and size + n > max_bytes:
+                out.append(self.emit(docs, first, last, size))
+                docs, size = [], 0
+            if not docs:
+                first = key
+            docs.append(raw)
+            size += n
+            last = key
+            if is_boundary(key, n):
+                out.append(self.emit(docs, first, last, size))
+                docs, size = [], 0
+        if docs:
+            out.append(self.emit(docs, first, last, size))
+        return out
+
+
+def _prev_namespaces(prev_manifest, head_path):
+    if not prev_manifest or prev_manifest.get("head_path") != head_path:
+        return {}
+    return {n["ns"]: n for n in prev_manifest["namespaces"]}
+
+
+def _runs(indices):
+    runs, cur = [], None
+    for i in sorted(indices):
+        if cur and i == cur[1] + 1:
+            cur[1] = i
+        else:
+            cur = [i, i]
+            runs.append(cur)
+    return runs
+
+
+def _namespace_chunks(reader, ns, prev, writer):
+    """The chunk list of ns: a full cut, or the previous list with changed ranges re-cut."""
+    if prev is None or not prev["chunks"]:
+        return writer.chunk(reader.scan(ns)), False
+    chunks = prev["chunks"]
+    lasts = [bytes(c["last"]) for c in chunks]
+    n = len(chunks)
+    affected = {min(bisect.bisect_left(lasts, k), n - 1) for k in reader.changed(ns)}
+    if not affected:
+        return list(chunks), True
+    out, i = [], 0
+    for a, b in _runs(affected):
+        out.extend(chunks[i:a])
+        start = lasts[a - 1] + b"\x00" if a > 0 else None
+        end = lasts[b] + b"\x00" if b < n - 1 else None
+        out.extend(writer.chunk(reader.scan(ns, start, end)))
+        i = b + 1
+    out.extend(chunks[i:])
+    return out, True
+
+
+def namespace_hash(chunks):
+    """The content hash of a namespace: SHA-256 over its chunks' plaintext SHA-256s, in order."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(bytes(c["sha256"]))
+    return h.hexdigest()
+
+
+def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encryption=True, kind="scheduled", now=None,
+                  expires=None, target_bytes=TARGET_BYTES, max_bytes=MAX_BYTES):
+    """Cut a snapshot of head into job_store; returns its catalog entry plus "change_seq" (to pass to
+    head.mark_snapshotted once this returns) and "reused_chunks"/"written_chunks"."""
+    if Binary is None:
+        raise StoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
+    if job is not None and job != job_store.job:
+        raise SnapshotError("Job %s does not match the store area of job %s." % (job, job_store.job))
+    if kind not in KINDS:
+        raise SnapshotError("Unknown snapshot type %r: use one of %s." % (kind, ", ".join(KINDS)))
+    if bool(encryption) != keys.encryption:
+        raise SnapshotError("The job's encryption setting and its keys disagree: reload the job configuration.")
+    now = now or utcnow()
+    key_id, id_key_id = keys.epoch_for(master_key_uid if encryption else None, now)
+    key = keys.key(key_id)
+    id_key = keys.key(id_key_id) if encryption else crypto.NULL_ID_KEY
+    entries = job_store.catalog()
+    base = entries[-1] if entries else None
+    snapshot_id = new_snapshot_id(now)
+    job_store.begin(snapshot_id, base["snapshot_id"] if base else None, now)
+    prev_manifest = None
+    if base is not None:
+        try:
+            prev_manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
+        except (StoreError, KmipBackupError):
+            prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
+    writer = _Writer(job_store, key_id, key, id_key, target_bytes, max_bytes)
+    with head.read() as r:
+        pos = r.position()
+        if not pos.get("consistent") or not pos.get("cluster_time"):
+            job_store.end(snapshot_id)
+            raise SnapshotError("The head of job %s is not consistent yet (initial sync or catch-up running): a snapshot "
+                                "can only be cut at a consistent cluster time; wait for status STARTED." % job_store.job)
+        change_seq = r.change_seq
+        prev = _prev_namespaces(prev_manifest, head.path)
+        if prev_manifest is not None and prev and prev_manifest.get("change_seq", 0) > change_seq:
+            prev = {}
+        namespaces, reused = [], 0
+        for info in r.namespaces():
+            ns = info["ns"]
+            p = prev.get(ns)
+            if p is not None and p.get("incarnation") != info["incarnation"]:
+                p = None
+            chunks, _incremental = _namespace_chunks(r, ns, p, writer)
+            if p is not None:
+                prev_ids = {id(c) for c in p["chunks"]}
+                reused += sum(1 for c in chunks if id(c) in prev_ids)
+            namespaces.append({
+                "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
+                "options": Binary(bytes(info["options"] or b"\x05\x00\x00\x00\x00")),
+                "indexes": [Binary(bytes(s)) for s in info["indexes"]], "incarnation": info["incarnation"],
+                "type": info.get("type") or "collection",
+                "count": sum(c["count"] for c in chunks), "bytes": sum(c["bytes"] for c in chunks),
+                "stored": sum(c["stored"] for c in chunks), "hash": namespace_hash(chunks), "chunks": chunks})
+        cluster_time = list(pos["cluster_time"])
+    job_store.storage.sync(writer.unsynced)
+    missing = [c["id"] for n in namespaces for c in n["chunks"] if not job_store.has_chunk(c["id"])]
+    if missing:
+        job_store.end(snapshot_id)
+        raise SnapshotError("%d chunk(s) this snapshot reuses were removed meanwhile (garbage collection of a stale "
+                            "store?): take the snapshot again." % len(missing))
+    key_ids = sorted({c["key"] for n in namespaces for c in n["chunks"]} | {key_id})
+    master_uids = sorted({u for u in (keys.master_key_uid(k) for k in key_ids) if u})
+    manifest = {"format": FORMAT, "job": job_store.job, "snapshot_id": snapshot_id, "created": iso(now),
+                "cluster_time": cluster_time, "change_seq": change_seq, "head_path": head.path,
+                "namespaces": namespaces}
+    manifest_sha, manifest_size = job_store.put_manifest(snapshot_id, manifest, key_id, key)
+    entry = {"snapshot_id": snapshot_id, "job": job_store.job, "created": iso(now), "cluster_time": cluster_time,
+             "data_bytes": sum(n["bytes"] for n in namespaces),
+             "stored_bytes": sum(n["stored"] for n in namespaces) + manifest_size,
+             "written_bytes": writer.written_bytes + manifest_size,
+             "doc_count": sum(n["count"] for n in namespaces), "namespaces": len(namespaces),
+             "encryption": bool(encryption), "master_key_uids": master_uids, "key_id": key_id,
+             "manifest_sha256": manifest_sha, "expires": iso(expires) if isinstance(expires, datetime.datetime) else expires,
+             "type": kind, "format": FORMAT}
+    entry = job_store.put_catalog(entry, keys)
+    job_store.end(snapshot_id)
+    result = dict(entry)
+    result.update(change_seq=change_seq, written_chunks=writer.written_chunks, reused_chunks=reused)
+    return result

@@ -1,0 +1,536 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The snapshot store (no Ansible imports). PRIVATE to the collection.
+
+Storage is a narrow interface (put_atomic, get, exists, list, delete, rename, mtime, touch,
+sync) over "/"-separated relative paths, so an object store can follow FileStorage.
+
+A job's area, <root>/<job>/:
+  keyring/<key_id>.json    wrapped data keys, one record per key and epoch, authenticated with
+                           a MAC keyed by a subkey of the unwrapped key over every field
+                           (job, key_id, purpose, epoch, master key UID), so a swapped or
+                           edited record fails
+  chunks/<aa>/<chunk_id>   "KBC1" + key id + seal(zstd(concatenated raw BSON)), content-addressed
+                           by the keyed HMAC of the plaintext; aad binds job, chunk id, key id
+  manifests/<snapshot_id>  "KBM1" + key id + seal(zstd(BSON manifest)); aad binds job, snapshot id, key id
+  catalog/<snapshot_id>.json   non-secret fields plus a MAC keyed by a subkey of the snapshot's
+                           data key; written last: a snapshot exists only once this file does
+  pending/<snapshot_id>.json   a snapshot in progress (started, base snapshot)
+
+Garbage collection against a concurrent snapshot (pending markers plus a grace period): a
+snapshot writes its pending marker (naming its base snapshot) before anything else, touches
+every existing chunk it reuses by content, checks at commit that every chunk it references
+still exists, and removes the marker after its catalog entry. GC keeps every chunk referenced
+by a catalog entry or by the base of a live pending marker, and deletes an unreferenced chunk
+only when its mtime is older than both the grace period and the start of every live snapshot.
+A kill -9 anywhere leaves a stale marker (ignored after stale_seconds) and unreferenced files
+that a later GC removes; catalog entries are removed before the files only they reference.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import socket
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
+
+try:
+    import bson
+    from bson.binary import Binary
+    BSON_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    bson = Binary = None
+    BSON_IMPORT_ERROR = e
+
+JOB_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+SNAPSHOT_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
+CATALOG_FIELDS = ("snapshot_id", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
+                  "namespaces", "encryption", "master_key_uids", "key_id", "manifest_sha256", "expires", "type", "format")
+PURPOSES = ("head", "snapshot", "chunk_id")
+
+
+def _require_bson():
+    if bson is None:
+        raise StoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso(dt):
+    return dt.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def canonical(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+class FileStorage:
+    """Storage on a local filesystem: files 0600, folders 0700, atomic replace."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+
+    def _p(self, path):
+        if path.startswith("/") or ".." in path.split("/"):
+            raise StoreError("Invalid store path %r." % path)
+        return os.path.join(self.root, *path.split("/"))
+
+    def put_atomic(self, path, data, sync=True):
+        """Write data at path atomically; sync=False leaves fsync to a later sync([path])."""
+        full = self._p(path)
+        folder = os.path.dirname(full)
+        if not os.path.isdir(folder):
+            ensure_private_dir(folder)
+        if sync:
+            atomic_write(full, data)
+            return
+        tmp = "%s.tmp-%d" % (full, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, full)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def sync(self, paths):
+        """Make earlier put_atomic(sync=False) writes durable: fsync each file, then each folder."""
+        folders = set()
+        for path in paths:
+            full = self._p(path)
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.add(os.path.dirname(full))
+        for folder in folders:
+            fsync_dir(folder)
+
+    def get(self, path):
+        try:
+            with open(self._p(path), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StoreError("The store object %s is missing under %s: the store is incomplete; restore another snapshot "
+                             "or a copy of the store." % (path, self.root)) from None
+
+    def get_head(self, path, n):
+        with open(self._p(path), "rb") as f:
+            return f.read(n)
+
+    def exists(self, path):
+        return os.path.exists(self._p(path))
+
+    def list(self, prefix):
+        """Names (not paths) directly under the folder prefix, sorted; temporary files left out."""
+        try:
+            return sorted(n for n in os.listdir(self._p(prefix)) if ".tmp" not in n)
+        except FileNotFoundError:
+            return []
+
+    def delete(self, path):
+        try:
+            os.unlink(self._p(path))
+        except FileNotFoundError:
+            pass
+
+    def rename(self, src, dst):
+        os.replace(self._p(src), self._p(dst))
+        fsync_dir(os.path.dirname(self._p(dst)))
+
+    def mtime(self, path):
+        return os.stat(self._p(path)).st_mtime
+
+    def size(self, path):
+        return os.stat(self._p(path)).st_size
+
+    def touch(self, path):
+        os.utime(self._p(path))
+
+    def clean_temporary(self, prefix, older_than):
+        """Remove temporary files a killed writer left under prefix (recursively)."""
+        base = self._p(prefix)
+        for folder, _dirs, names in os.walk(base):
+            for n in names:
+                if ".tmp" in n:
+                    full = os.path.join(folder, n)
+                    try:
+                        if os.stat(full).st_mtime < older_than:
+                            os.unlink(full)
+                    except FileNotFoundError:
+                        pass
+
+
+def _blob(magic, key_id, sealed):
+    kid = key_id.encode("ascii")
+    return magic + bytes([len(kid)]) + kid + sealed
+
+
+def _unblob(magic, blob, kind, object_id):
+    if blob[:4] != magic or len(blob) < 5:
+        raise crypto.integrity_error(kind, object_id, "has an unknown format")
+    n = blob[4]
+    try:
+        key_id = blob[5:5 + n].decode("ascii")
+    except UnicodeDecodeError:
+        raise crypto.integrity_error(kind, object_id, "has an unknown format") from None
+    return key_id, blob[5 + n:]
+
+
+class JobStore:
+    """One job's area of a store."""
+
+    def __init__(self, storage, job):
+        if not JOB_RE.match(job or ""):
+            raise StoreError("Invalid job name %r: use letters, digits, '_', '.' and '-'." % (job,))
+        if isinstance(storage, str):
+            storage = FileStorage(storage)
+        self.storage = storage
+        self.job = job
+
+    def _p(self, *parts):
+        return "/".join((self.job,) + parts)
+
+    # keyring -------------------------------------------------------------------------------------------
+    def keyring_records(self):
+        out = []
+        for name in self.storage.list(self._p("keyring")):
+            if name.endswith(".json"):
+                try:
+                    out.append(json.loads(self.storage.get(self._p("keyring", name))))
+                except ValueError:
+                    raise crypto.integrity_error("keyring entry", name[:-5], "is not valid JSON") from None
+        return sorted(out, key=lambda r: (r.get("epoch", 0), r.get("purpose", "")))
+
+    def keyring_record(self, key_id):
+        path = self._p("keyring", key_id + ".json")
+        if not self.storage.exists(path):
+            raise StoreError("The keyring of job %s has no key %s: the store is incomplete; restore the keyring from a copy "
+                             "of the store." % (self.job, key_id))
+        try:
+            return json.loads(self.storage.get(path))
+        except ValueError:
+            raise crypto.integrity_error("keyring entry", key_id, "is not valid JSON") from None
+
+    def _record_mac_input(self, record):
+        fields = {k: record.get(k) for k in ("key_id", "purpose", "epoch", "master_key_uid", "wrapped", "created")}
+        fields["job"] = self.job
+        return canonical(fields)
+
+    def put_key(self, key_id, purpose, epoch, master_key_uid, key, wrapped, now=None):
+        if purpose not in PURPOSES:
+            raise StoreError("Unknown key purpose %r." % purpose)
+        record = {"key_id": key_id, "purpose": purpose, "epoch": epoch, "master_key_uid": master_key_uid,
+                  "wrapped": wrapped, "created": iso(now or utcnow())}
+        record["mac"] = crypto.mac(crypto.derive(key, "keyring"), self._record_mac_input(record))
+        self.storage.put_atomic(self._p("keyring", key_id + ".json"), canonical(record))
+        return record
+
+    def verify_key_record(self, record, key):
+        if not isinstance(record.get("mac"), str) or not crypto.hmac.compare_digest(
+                record["mac"], crypto.mac(crypto.derive(key, "keyring"), self._record_mac_input(record))):
+            raise crypto.integrity_error("keyring entry", record.get("key_id"))
+
+    # chunks ------------------------------------------------------------------------------------------
+    def chunk_path(self, cid):
+        return self._p("chunks", cid[:2], cid)
+
+    def _chunk_aad(self, cid, key_id):
+        return b"kmipbackup chunk\x00" + self.job.encode() + b"\x00" + cid.encode() + b"\x00" + key_id.encode()
+
+    def has_chunk(self, cid):
+        return self.storage.exists(self.chunk_path(cid))
+
+    def chunk_key_id(self, cid):
+        """The key id a stored chunk names (authenticated when the chunk is read)."""
+        key_id, _ = _unblob(b"KBC1", self.storage.get_head(self.chunk_path(cid), 64), "chunk", cid)
+        return key_id
+
+    def put_chunk(self, cid, plaintext, key_id, key, sync=True):
+        """Store a chunk; returns its stored size."""
+        blob = _blob(b"KBC1", key_id, crypto.seal(key, crypto.compress(plaintext), self._chunk_aad(cid, key_id)))
+        self.storage.put_atomic(self.chunk_path(cid), blob, sync=sync)
+        return len(blob)
+
+    def read_chunk_sealed(self, cid, keys):
+        """The compressed plaintext of a chunk, authenticated (IntegrityError naming the chunk)."""
+        if not CHUNK_RE.match(cid):
+            raise crypto.integrity_error("chunk", cid, "has an invalid id")
+        blob = self.storage.get(self.chunk_path(cid))
+        key_id, sealed = _unblob(b"KBC1", blob, "chunk", cid)
+        return crypto.open_sealed(keys.key(key_id), sealed, self._chunk_aad(cid, key_id), "chunk", cid)
+
+    def read_chunk(self, entry, keys):
+        """The plaintext of a manifest's chunk entry, checked against the entry's key, size and hash."""
+        cid = entry["id"]
+        if entry.get("key") is not None and self.chunk_key_id(cid) != entry["key"]:
+            raise crypto.integrity_error("chunk", cid, "names another key than its manifest")
+        plain = crypto.decompress(self.read_chunk_sealed(cid, keys), "chunk", cid)
+        if len(plain) != entry["bytes"] or hashlib.sha256(plain).digest() != bytes(entry["sha256"]):
+            raise crypto.integrity_error("chunk", cid, "does not match its manifest")
+        return plain
+
+    def chunk_ids(self):
+        for aa in self.storage.list(self._p("chunks")):
+            for cid in self.storage.list(self._p("chunks", aa)):
+                if CHUNK_RE.match(cid):
+                    yield cid
+
+    # manifests ---------------------------------------------------------------------------------------
+    def _manifest_aad(self, snapshot_id, key_id):
+        return b"kmipbackup manifest\x00" + self.job.encode() + b"\x00" + snapshot_id.encode() + b"\x00" + key_id.encode()
+
+    def put_manifest(self, snapshot_id, manifest, key_id, key):
+        """Store the manifest (a dict encoded as BSON); returns the blob's SHA-256 hex and size."""
+        _require_bson()
+        blob = _blob(b"KBM1", key_id, crypto.seal(key, crypto.compress(bson.encode(manifest)),
+                                                  self._manifest_aad(snapshot_id, key_id)))
+        self.storage.put_atomic(self._p("manifests", snapshot_id), blob)
+        return hashlib.sha256(blob).hexdigest(), len(blob)
+
+    def read_manifest(self, snapshot_id, keys, expect_sha256=None):
+        _require_bson()
+        blob = self.storage.get(self._p("manifests", snapshot_id))
+        if expect_sha256 is not None and hashlib.sha256(blob).hexdigest() != expect_sha256:
+            raise crypto.integrity_error("manifest", snapshot_id, "does not match its catalog entry")
+        key_id, sealed = _unblob(b"KBM1", blob, "manifest", snapshot_id)
+        plain = crypto.decompress(crypto.open_sealed(keys.key(key_id), sealed, self._manifest_aad(snapshot_id, key_id),
+                                                     "manifest", snapshot_id), "manifest", snapshot_id)
+        try:
+            manifest = bson.decode(plain)
+        except Exception:
+            raise crypto.integrity_error("manifest", snapshot_id, "does not decode") from None
+        if manifest.get("snapshot_id") != snapshot_id or manifest.get("job") != self.job:
+            raise crypto.integrity_error("manifest", snapshot_id, "belongs to another snapshot")
+        return manifest
+
+    def manifest_ids(self):
+        return [n for n in self.storage.list(self._p("manifests")) if SNAPSHOT_RE.match(n)]
+
+    # catalog -----------------------------------------------------------------------------------------
+    def _catalog_mac(self, entry, keys):
+        fields = canonical({k: entry.get(k) for k in CATALOG_FIELDS})
+        key = keys.key(entry["key_id"]) if entry.get("encryption") else None
+        if key is None:
+            return "sha256:" + hashlib.sha256(fields).hexdigest()
+        return "hmac-sha256:" + crypto.mac(crypto.derive(key, "catalog"), fields)
+
+    def put_catalog(self, entry, keys):
+        entry = {k: entry.get(k) for k in CATALOG_FIELDS}
+        entry["mac"] = self._catalog_mac(entry, keys)
+        self.storage.put_atomic(self._p("catalog", entry["snapshot_id"] + ".json"), canonical(entry))
+        return entry
+
+    def catalog(self):
+        """Catalog entries (unverified, non-secret), oldest first; entries that do not parse are skipped."""
+        out = []
+        for name in self.storage.list(self._p("catalog")):
+            if name.endswith(".json") and SNAPSHOT_RE.match(name[:-5]):
+                try:
+                    out.append(json.loads(self.storage.get(self._p("catalog", name))))
+                except (ValueError, StoreError):
+                    continue
+        return sorted(out, key=lambda e: (str(e.get("created")), str(e.get("snapshot_id"))))
+
+    def catalog_entry(self, snapshot_id):
+        """The catalog entry of snapshot_id or 'latest' (unverified)."""
+        if snapshot_id == "latest":
+            entries = self.catalog()
+            if not entries:
+                raise StoreError("Job %s has no snapshot in the store %s: take a snapshot first, or check the job name and "
+                                 "store location." % (self.job, getattr(self.storage, "root", "")))
+            return entries[-1]
+        if not SNAPSHOT_RE.match(snapshot_id or ""):
+            raise StoreError("Invalid snapshot id %r: use an id from snapshot_info or 'latest'." % (snapshot_id,))
+        path = self._p("catalog", snapshot_id + ".json")
+        if not self.storage.exists(path):
+            raise StoreError("Job %s has no snapshot %s in the store: list the snapshots with snapshot_info." % (self.job, snapshot_id))
+        try:
+            return json.loads(self.storage.get(path))
+        except ValueError:
+            raise crypto.integrity_error("catalog entry", snapshot_id, "is not valid JSON") from None
+
+    def verify_catalog(self, entry, keys):
+        sid = entry.get("snapshot_id")
+        if entry.get("job") != self.job or not isinstance(entry.get("mac"), str):
+            raise crypto.integrity_error("catalog entry", sid)
+        if entry.get("encryption") and not entry.get("key_id"):
+            raise crypto.integrity_error("catalog entry", sid)
+        if not crypto.hmac.compare_digest(entry["mac"], self._catalog_mac(entry, keys)):
+            raise crypto.integrity_error("catalog entry", sid)
+        return entry
+
+    def delete_snapshot(self, snapshot_id):
+        """Remove a snapshot from the catalog (its manifest and chunks go at the next GC); never the last one."""
+        ids = [e["snapshot_id"] for e in self.catalog()]
+        if snapshot_id in ids and len(ids) <= 1:
+            raise StoreError("Snapshot %s is the last restorable snapshot of job %s: it is kept." % (snapshot_id, self.job))
+        self.storage.delete(self._p("catalog", snapshot_id + ".json"))
+
+    # pending markers ---------------------------------------------------------------------------------
+    def begin(self, snapshot_id, base, now=None):
+        marker = {"snapshot_id": snapshot_id, "base": base, "started": (now or utcnow()).timestamp(),
+                  "host": socket.gethostname(), "pid": os.getpid()}
+        self.storage.put_atomic(self._p("pending", snapshot_id + ".json"), canonical(marker))
+        return marker
+
+    def end(self, snapshot_id):
+        self.storage.delete(self._p("pending", snapshot_id + ".json"))
+
+    def pending(self, now, stale_seconds):
+        out = []
+        for name in self.storage.list(self._p("pending")):
+            try:
+                marker = json.loads(self.storage.get(self._p("pending", name)))
+            except (ValueError, StoreError):
+                continue
+            if now.timestamp() - float(marker.get("started", 0)) < stale_seconds:
+                out.append(marker)
+        return out
+
+    # garbage collection ------------------------------------------------------------------------------
+    def gc(self, keys, now=None, grace_seconds=3600, stale_seconds=86400):
+        """Delete chunks and manifests no catalog entry or live snapshot needs; returns counts and bytes."""
+        now = now or utcnow()
+        markers = self.pending(now, stale_seconds)
+        cutoff = now.timestamp() - grace_seconds
+        for m in markers:
+            cutoff = min(cutoff, float(m["started"]) - 60)
+        roots = {e["snapshot_id"]: e for e in self.catalog()}
+        live_manifests = set(roots) | {m["base"] for m in markers if m.get("base")} | {m["snapshot_id"] for m in markers}
+        referenced = set()
+        for sid in sorted(live_manifests):
+            if not self.storage.exists(self._p("manifests", sid)):
+                continue
+            entry = roots.get(sid)
+            manifest = self.read_manifest(sid, keys, entry.get("manifest_sha256") if entry else None)
+            for ns in manifest["namespaces"]:
+                referenced.update(c["id"] for c in ns["chunks"])
+        deleted = freed = 0
+        for cid in list(self.chunk_ids()):
+            if cid in referenced:
+                continue
+            path = self.chunk_path(cid)
+            try:
+                if self.storage.mtime(path) >= cutoff:
+                    continue
+                size = self.storage.size(path)
+            except FileNotFoundError:
+                continue
+            self.storage.delete(path)
+            deleted += 1
+            freed += size
+        manifests = 0
+        for sid in self.manifest_ids():
+            path = self._p("manifests", sid)
+            if sid not in live_manifests and self.storage.mtime(path) < cutoff:
+                self.storage.delete(path)
+                manifests += 1
+        if hasattr(self.storage, "clean_temporary"):
+            self.storage.clean_temporary(self.job, cutoff)
+        return {"chunks_deleted": deleted, "bytes_freed": freed, "manifests_deleted": manifests, "chunks_referenced": len(referenced)}
+
+    def master_keys_needed(self):
+        """Master key UIDs the catalog's snapshots need (from the non-secret catalog entries)."""
+        out = set()
+        for e in self.catalog():
+            out.update(e.get("master_key_uids") or [])
+        return sorted(out)
+
+
+class Keys:
+    """A job's data keys: unwrapped once through the KeyProvider and cached in memory only.
+
+    provider: an object with wrap(uid, key) -> dict and unwrap(dict) -> bytes (kmip.KmipClient);
+    encryption False: the null cipher, no keys and no provider needed."""
+
+    def __init__(self, job_store, provider=None, encryption=True):
+        self.job_store = job_store
+        self.provider = provider
+        self.encryption = bool(encryption)
+        self._cache = {}
+        self._records = {}
+
+    def _record(self, key_id):
+        rec = self._records.get(key_id)
+        if rec is None:
+            rec = self.job_store.keyring_record(key_id)
+            if rec.get("key_id") != key_id:
+                raise crypto.integrity_error("keyring entry", key_id, "names another key")
+            self._records[key_id] = rec
+        return rec
+
+    def key(self, key_id):
+        """The unwrapped data key key_id (None for the null cipher)."""
+        if key_id in (None, "none"):
+            return None
+        key = self._cache.get(key_id)
+        if key is None:
+            if self.provider is None:
+                raise StoreError("Key %s is needed but no KMIP client was given: configure the KMIP client certificate "
+                                 "for this job." % key_id)
+            rec = self._record(key_id)
+            wrapped = rec.get("wrapped")
+            if not isinstance(wrapped, dict):
+                raise crypto.integrity_error("keyring entry", key_id, "has no wrapped key")
+            key = self.provider.unwrap(wrapped)
+            if not isinstance(key, (bytes, bytearray)) or len(key) != crypto.KEY_BYTES:
+                raise crypto.integrity_error("keyring entry", key_id, "does not unwrap to a data key")
+            self.job_store.verify_key_record(rec, bytes(key))
+            key = bytes(key)
+            self._cache[key_id] = key
+        return key
+
+    def master_key_uid(self, key_id):
+        if key_id in (None, "none"):
+            return None
+        return self._record(key_id).get("master_key_uid")
+
+    def epoch_for(self, master_key_uid, now=None):
+        """(snapshot key id, chunk-id key id) of the epoch of master_key_uid, starting a new epoch
+        when the job's master key changed (rotation): a new snapshot key, the chunk-id key rewrapped."""
+        if not self.encryption:
+            return "none", "none"
+        if not master_key_uid:
+            raise StoreError("An encrypted job needs a master key UID: run backup_job_encryption for job %s." % self.job_store.job)
+        records = self.job_store.keyring_records()
+        epochs = {}
+        for r in records:
+            epochs.setdefault(r.get("epoch", 0), {})[r.get("purpose")] = r
+        if epochs:
+            last = max(epochs)
+            cur = epochs[last]
+            if cur.get("snapshot", {}).get("master_key_uid") == master_key_uid and "chunk_id" in cur:
+                for r in cur.values():
+                    self._records[r["key_id"]] = r
+                return cur["snapshot"]["key_id"], cur["chunk_id"]["key_id"]
+            old_chunk = cur.get("chunk_id")
+            id_key = self.key(old_chunk["key_id"]) if old_chunk else crypto.new_key()
+            epoch = last + 1
+        else:
+            id_key, epoch = crypto.new_key(), 1
+        skey = crypto.new_key()
+        sid, cid = "snapshot-%d" % epoch, "chunk_id-%d" % epoch
+        # chunk-id record first: an epoch is usable only once its snapshot key exists
+        for key_id, purpose, key in ((cid, "chunk_id", id_key), (sid, "snapshot", skey)):
+            wrapped = self.provider.wrap(master_key_uid, key)
+            rec = self.job_store.put_key(key_id, purpose, epoch, master_key_uid, key, wrapped, now)
+            self._records[key_id] = rec
+            self._cache[key_id] = key
+        return sid, cid

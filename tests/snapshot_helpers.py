@@ -1,0 +1,142 @@
+"""Helpers for the snapshot/store/restore tests: a local KeyProvider double and head builders."""
+import datetime
+import os
+import re
+import uuid
+
+import bson
+from bson import Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding, aes_key_wrap_with_padding
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head as headmod
+
+
+class LocalKeyProvider:
+    """wrap/unwrap with RFC 5649 AES key wrap under local master keys; counts calls like KmipClient.
+    Stands in for KMIP only where a test claims nothing about KMIP."""
+
+    def __init__(self):
+        self.masters = {}
+        self.calls = 0
+
+    def create(self, uid):
+        self.masters[uid] = os.urandom(32)
+        return uid
+
+    def wrap(self, uid, key):
+        self.calls += 1
+        return {"master_key_uid": uid, "mode": "local-rfc5649", "wrapped": aes_key_wrap_with_padding(self.masters[uid], key).hex()}
+
+    def unwrap(self, wrapped):
+        self.calls += 1
+        return aes_key_unwrap_with_padding(self.masters[wrapped["master_key_uid"]], bytes.fromhex(wrapped["wrapped"]))
+
+
+def all_types_docs(canary="CANARY"):
+    """Documents covering every BSON type, with the canary in values, field names and string ids."""
+    now = datetime.datetime(2026, 11, 27, 18, 0, 0, 123000, tzinfo=datetime.timezone.utc)
+    return [
+        {"_id": ObjectId(), "double": 1.5, "str": canary + " text é", "doc": {"a": 1, canary: "x"}, "arr": [1, "two", 3.0]},
+        {"_id": canary + "-id", "bin": Binary(b"\x00\x01" + canary.encode()), "uuid": Binary(uuid.uuid4().bytes, 4),
+         "bool": True, "date": now, "null": None},
+        {"_id": 7, "regex": Regex("^" + canary, "i"), "code": Code("function(){return 1}"),
+         "codews": Code("function(){return x}", {"x": 1}), "int32": 2 ** 31 - 1, "ts": Timestamp(1760000000, 3)},
+        {"_id": Int64(2 ** 40), "int64": Int64(-2 ** 62), "dec": Decimal128("1234.5678E-3"), "min": MinKey(), "max": MaxKey(),
+         "dbref": DBRef("c", 1, "d"), "nested": {"deep": [{"x": [1, {"y": canary}]}]}},
+        {"_id": {"compound": 1, "k": canary}, "neg0": -0.0, "nan": float("nan"), "inf": float("inf")},
+        {"_id": 2.5, "empty_doc": {}, "empty_arr": [], "bin_old": Binary(b"abc", 2), "f" * 200: "long name"},
+        {"_id": now, "value": 1},
+        {"_id": Binary(b"\x01\x02", 0), "value": 2},
+        {"_id": True, "value": 3},
+        {"_id": MinKey(), "v": 1},
+        {"_id": Decimal128("-1.0"), "v": 2},
+    ]
+
+
+def upsert_docs(w, ns, docs):
+    for d in docs:
+        raw = d if isinstance(d, bytes) else bson.encode(d)
+        w.upsert(ns, headmod.id_key_from_document(raw), raw)
+
+
+def make_head(path, namespaces, key=None, cluster_time=(1760000000, 1), indexes=None):
+    """A consistent head with namespaces {ns: [docs]}; indexes {ns: [spec dicts]}."""
+    h = headmod.Head(path, key)
+    with h.write() as w:
+        for ns, docs in namespaces.items():
+            specs = [bson.encode({"v": 2, "key": {"_id": 1}, "name": "_id_"})]
+            specs += [bson.encode(s) for s in (indexes or {}).get(ns, [])]
+            w.create_namespace(ns, bson.encode({}), uuid=uuid.uuid4().bytes, indexes=specs)
+            upsert_docs(w, ns, docs)
+        w.set_position(b"token", list(cluster_time), True)
+    return h
+
+
+def split_docs(blob):
+    return headmod.split_bson_docs(blob)
+
+
+def read_archive(path):
+    """Parse a mongodump archive per mongo-tools' spec: (header, [collection metadata], {ns: [raw docs]}, {ns: crc})."""
+    data = open(path, "rb").read()
+    assert data[:4] == bytes.fromhex("6de29981"), "bad magic"
+    pos = 4
+
+    def doc():
+        nonlocal pos
+        n = int.from_bytes(data[pos:pos + 4], "little")
+        raw = data[pos:pos + n]
+        pos += n
+        return raw
+
+    def terminator():
+        nonlocal pos
+        if data[pos:pos + 4] == b"\xff\xff\xff\xff":
+            pos += 4
+            return True
+        return False
+
+    header = bson.decode(doc())
+    metas = []
+    while not terminator():
+        metas.append(bson.decode(doc()))
+    docs, crcs = {}, {}
+    while pos < len(data):
+        h = bson.decode(doc())
+        ns = h["db"] + "." + h["collection"]
+        if h["EOF"]:
+            crcs[ns] = h["CRC"]
+            assert terminator()
+            continue
+        assert h["CRC"] == 0
+        while not terminator():
+            docs.setdefault(ns, []).append(doc())
+    return header, metas, docs, crcs
+
+
+_POLY = 0xC96C5795D7870F42
+_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ _POLY if _c & 1 else _c >> 1
+    _TABLE.append(_c)
+
+
+def crc64_ecma_reference(data):
+    """Go's crc64.Checksum(data, crc64.MakeTable(crc64.ECMA)), bit by bit from the polynomial."""
+    crc = 0xFFFFFFFFFFFFFFFF
+    for b in data:
+        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFFFFFFFFFF
+
+
+def files_under(root):
+    for folder, _dirs, names in os.walk(root):
+        for n in names:
+            yield os.path.join(folder, n)
+
+
+def canary_hits(root, canary):
+    pat = re.compile(re.escape(canary.encode()), re.I)
+    return [p for p in files_under(root) if pat.search(open(p, "rb").read()) or canary.lower() in p.lower()]
