@@ -51,7 +51,7 @@ except ImportError as e:  # pragma: no cover
 JOB_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 SNAPSHOT_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
 CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
-CATALOG_FIELDS = ("snapshot_id", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
+CATALOG_FIELDS = ("snapshot_id", "seq", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
                   "namespaces", "encryption", "master_key_uids", "key_id", "manifest_sha256", "expires", "type", "format")
 PURPOSES = ("head", "snapshot", "chunk_id")
 
@@ -93,7 +93,7 @@ class FileStorage:
         full = self._p(path)
         folder = os.path.dirname(full)
         if not os.path.isdir(folder):
-            ensure_private_dir(folder)
+            self._mkdirs(folder)
         if sync:
             atomic_write(full, data)
             return
@@ -107,6 +107,15 @@ class FileStorage:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    def _mkdirs(self, folder):
+        """folder and every missing parent up to the root, each 0700."""
+        missing = []
+        while not os.path.isdir(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        for f in reversed(missing):
+            ensure_private_dir(f)
 
     def sync(self, paths):
         """Make earlier put_atomic(sync=False) writes durable: fsync each file, then each folder."""
@@ -338,7 +347,8 @@ class JobStore:
         return entry
 
     def catalog(self):
-        """Catalog entries (unverified, non-secret), oldest first; entries that do not parse are skipped."""
+        """Catalog entries (unverified, non-secret), oldest first (by seq: each snapshot's is its base's + 1,
+        so order holds within one second); entries that do not parse are skipped."""
         out = []
         for name in self.storage.list(self._p("catalog")):
             if name.endswith(".json") and SNAPSHOT_RE.match(name[:-5]):
@@ -346,7 +356,7 @@ class JobStore:
                     out.append(json.loads(self.storage.get(self._p("catalog", name))))
                 except (ValueError, StoreError):
                     continue
-        return sorted(out, key=lambda e: (str(e.get("created")), str(e.get("snapshot_id"))))
+        return sorted(out, key=lambda e: (int(e.get("seq") or 0), str(e.get("created")), str(e.get("snapshot_id"))))
 
     def catalog_entry(self, snapshot_id):
         """The catalog entry of snapshot_id or 'latest' (unverified)."""

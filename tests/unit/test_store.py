@@ -1,0 +1,252 @@
+import datetime
+import json
+import os
+
+import bson
+import pytest
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
+from snapshot_helpers import LocalKeyProvider, all_types_docs, canary_hits, make_head, read_archive, split_docs, upsert_docs
+
+CANARY = "ZebraCanary42"
+
+
+@pytest.fixture
+def env(tmp_path):
+    provider = LocalKeyProvider()
+    provider.create("mk1")
+    js = store.JobStore(str(tmp_path / "store"), "job1")
+    return tmp_path, provider, js
+
+
+def source_docs(n, size=300, random_pad=False):
+    return [{"_id": i, "pad": os.urandom(size // 2).hex() if random_pad else "p" * size, "v": i} for i in range(n)]
+
+
+def snap(h, js, provider, mk="mk1", encryption=True, **kw):
+    keys = store.Keys(js, provider if encryption else None, encryption=encryption)
+    e = snapshot.take_snapshot(h, js, keys, "job1", mk if encryption else None, encryption, **kw)
+    h.mark_snapshotted(e["change_seq"])
+    return e
+
+
+def restored_docs(tmp_path, js, provider, sid="latest", name="out", encryption=True):
+    out = tmp_path / name
+    restore.restore(js, sid, store.Keys(js, provider if encryption else None, encryption), restore.DirectoryTarget(str(out)))
+    return {p.parent.name + "." + p.name[:-5]: split_docs(p.read_bytes()) for p in out.glob("*/*.bson")}
+
+
+def test_round_trip_every_bson_type_and_canary(env):
+    tmp, provider, js = env
+    docs = all_types_docs(CANARY)
+    ns = "db_%s.coll_%s" % (CANARY, CANARY)
+    h = make_head(str(tmp / "h" / "head.db"), {ns: docs, "other.c": source_docs(3000)}, key=os.urandom(32),
+                  indexes={ns: [{"v": 2, "key": {"str": 1}, "name": "str_1", "unique": False}]})
+    snap(h, js, provider)
+    got = restored_docs(tmp, js, provider)
+    with h.read() as r:
+        assert got[ns] == [raw for _k, raw in r.scan(ns)]
+        assert got["other.c"] == [raw for _k, raw in r.scan("other.c")]
+    assert sorted(bson.encode(d) for d in docs) == sorted(got[ns])
+    meta = json.loads((tmp / "out" / ("db_" + CANARY) / ("coll_%s.metadata.json" % CANARY)).read_text())
+    assert [i["name"] for i in meta["indexes"]] == ["_id_", "str_1"]
+    assert "Encryption: enabled" in (tmp / "out" / "restoreInfo.txt").read_text()
+    assert canary_hits(str(tmp / "store"), CANARY) == []
+    assert all(os.stat(p).st_mode & 0o777 == 0o600 for p in (tmp / "store").rglob("*") if p.is_file())
+    assert all(os.stat(p).st_mode & 0o777 == 0o700 for p in (tmp / "store").rglob("*") if p.is_dir())
+
+
+def test_unencrypted_job_null_cipher(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(100)})
+    e = snap(h, js, None, encryption=False)
+    assert e["encryption"] is False and e["master_key_uids"] == [] and e["mac"].startswith("sha256:")
+    assert len(restored_docs(tmp, js, None, encryption=False)["d.c"]) == 100
+    with pytest.raises(IntegrityError, match="unencrypted"):
+        restore.restore(js, "latest", store.Keys(js, None, False), restore.DirectoryTarget(str(tmp / "o2")), expect_encryption=True)
+
+
+def test_crash_before_catalog_leaves_snapshot_invisible(env, monkeypatch):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(2000)}, key=os.urandom(32))
+    first = snap(h, js, provider)
+    with h.write() as w:
+        upsert_docs(w, "d.c", [{"_id": 5, "changed": True}])
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated crash before the catalog entry)")
+    monkeypatch.setattr(js, "put_catalog", boom)
+    with pytest.raises(OSError):
+        snapshot.take_snapshot(h, js, store.Keys(js, provider), "job1", "mk1", True)
+    monkeypatch.undo()
+    assert [e["snapshot_id"] for e in js.catalog()] == [first["snapshot_id"]]
+    assert len(js.manifest_ids()) == 2  # the orphan manifest is there, unlisted
+    assert restored_docs(tmp, js, provider)["d.c"][5] == bson.encode(source_docs(6)[5])
+    gc = js.gc(store.Keys(js, provider), now=store.utcnow() + datetime.timedelta(days=2), stale_seconds=3600)
+    assert gc["manifests_deleted"] == 1
+    assert len(restored_docs(tmp, js, provider, name="o3")["d.c"]) == 2000
+
+
+def test_chunking_stability_and_incremental(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(40000, 200, random_pad=True)}, key=os.urandom(32))
+    full = snap(h, js, provider, target_bytes=64 << 10, max_bytes=256 << 10)
+    assert full["written_chunks"] > 60
+    with h.write() as w:  # an insert in the middle (id between 20000 and 20001)
+        upsert_docs(w, "d.c", [{"_id": 20000.5, "pad": "n" * 200}])
+    inc = snap(h, js, provider, target_bytes=64 << 10, max_bytes=256 << 10)
+    assert inc["written_chunks"] <= 2 and inc["reused_chunks"] >= full["written_chunks"] - 2
+    with h.write() as w:  # 1% of documents changed, spread across the key space
+        upsert_docs(w, "d.c", [{"_id": i, "pad": "u" * 200, "v": -i} for i in range(0, 40000, 100)])
+    one = snap(h, js, provider, target_bytes=64 << 10, max_bytes=256 << 10)
+    assert one["reused_chunks"] + one["written_chunks"] > 0  # a uniform spread touches nearly every 64 KiB chunk
+    with h.write() as w:  # 1% changed on recent ids (updates and inserts), as time-ordered ids do
+        upsert_docs(w, "d.c", [{"_id": i, "pad": os.urandom(100).hex()} for i in range(39800, 40200)])
+    rec = snap(h, js, provider, target_bytes=64 << 10, max_bytes=256 << 10)
+    assert rec["written_bytes"] <= 0.05 * full["written_bytes"], (rec, full)
+    with h.read() as r:
+        expect = [raw for _k, raw in r.scan("d.c")]
+    assert restored_docs(tmp, js, provider)["d.c"] == expect
+    assert len(expect) == 40201
+
+
+def test_namespace_incarnation_change_rewrites_whole(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(500)}, key=os.urandom(32))
+    snap(h, js, provider)
+    with h.write() as w:
+        w.drop_namespace("d.c")
+        w.create_namespace("d.c", bson.encode({}), indexes=[])
+        upsert_docs(w, "d.c", [{"_id": 1, "new": True}])
+    snap(h, js, provider)
+    assert restored_docs(tmp, js, provider)["d.c"] == [bson.encode({"_id": 1, "new": True})]
+
+
+def test_not_consistent_refused(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(5)}, key=os.urandom(32))
+    with h.write() as w:
+        w.set_position(b"t", [1760000001, 1], False)
+    with pytest.raises(snapshot.SnapshotError, match="not consistent"):
+        snap(h, js, provider)
+    assert js.catalog() == []
+
+
+def _tamper(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["chunk", "manifest", "keyring entry", "catalog entry"])
+def test_tamper_each_object_kind(env, kind):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(3000)}, key=os.urandom(32))
+    e = snap(h, js, provider)
+    root = tmp / "store" / "job1"
+    if kind == "chunk":
+        path = sorted((root / "chunks").rglob("*"))[-1]
+        obj = path.name
+        _tamper(path)
+    elif kind == "manifest":
+        path, obj = root / "manifests" / e["snapshot_id"], e["snapshot_id"]
+        _tamper(path)
+    elif kind == "keyring entry":
+        path, obj = root / "keyring" / "snapshot-1.json", "snapshot-1"
+        rec = json.loads(path.read_text())
+        rec["master_key_uid"] = "mk1"
+        rec["created"] = "2020-01-01T00:00:00Z"
+        path.write_text(json.dumps(rec))
+    else:
+        path, obj = root / "catalog" / (e["snapshot_id"] + ".json"), e["snapshot_id"]
+        entry = json.loads(path.read_text())
+        entry["doc_count"] = 1
+        path.write_text(json.dumps(entry))
+    out = tmp / "out"
+    with pytest.raises(IntegrityError) as err:
+        restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(out)))
+    assert err.value.kind == kind and err.value.object_id == obj and obj in str(err.value)
+    assert not out.exists() and not list(tmp.glob(".out*"))
+
+
+def test_swapped_keyring_records_detected(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(10)}, key=os.urandom(32))
+    snap(h, js, provider)
+    ring = tmp / "store" / "job1" / "keyring"
+    a, b = json.loads((ring / "snapshot-1.json").read_text()), json.loads((ring / "chunk_id-1.json").read_text())
+    a["wrapped"], b["wrapped"] = b["wrapped"], a["wrapped"]
+    (ring / "snapshot-1.json").write_text(json.dumps(a))
+    with pytest.raises(IntegrityError) as err:
+        restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp / "o")))
+    assert err.value.kind == "keyring entry"
+
+
+def test_rotation_new_epoch_both_restore_and_o1_calls(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(3000)}, key=os.urandom(32))
+    keys = store.Keys(js, provider)
+    e1 = snapshot.take_snapshot(h, js, keys, "job1", "mk1", True, target_bytes=16 << 10)
+    h.mark_snapshotted(e1["change_seq"])
+    calls = provider.calls
+    for i in range(3):
+        with h.write() as w:
+            upsert_docs(w, "d.c", [{"_id": 10 ** 6 + i}])
+        h.mark_snapshotted(snapshot.take_snapshot(h, js, keys, "job1", "mk1", True, target_bytes=16 << 10)["change_seq"])
+    assert provider.calls == calls  # cached keys: no wrap/unwrap per snapshot
+    fresh = store.Keys(js, provider)
+    before = provider.calls
+    snapshot.take_snapshot(h, js, fresh, "job1", "mk1", True, target_bytes=16 << 10)
+    assert provider.calls - before <= 3
+    provider.create("mk2")
+    with h.write() as w:
+        upsert_docs(w, "d.c", [{"_id": 2 * 10 ** 6}])
+    e2 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job1", "mk2", True, target_bytes=16 << 10)
+    assert e2["key_id"] == "snapshot-2" and e2["master_key_uids"] == ["mk1", "mk2"]
+    assert len(restored_docs(tmp, js, provider, e1["snapshot_id"], "o1")["d.c"]) == 3000
+    before = provider.calls
+    assert len(restored_docs(tmp, js, provider, e2["snapshot_id"], "o2")["d.c"]) == 3004
+    assert provider.calls - before <= 2  # one unwrap per epoch the snapshot spans
+    assert js.master_keys_needed() == ["mk1", "mk2"]
+
+
+def test_gc_and_retention_keep_last(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": source_docs(3000)}, key=os.urandom(32))
+    e1 = snap(h, js, provider, target_bytes=32 << 10)
+    with h.write() as w:
+        for i in range(0, 3000, 7):
+            w.delete("d.c", store_key(i))
+    e2 = snap(h, js, provider, target_bytes=32 << 10)
+    js.delete_snapshot(e1["snapshot_id"])
+    with pytest.raises(StoreError, match="last restorable"):
+        js.delete_snapshot(e2["snapshot_id"])
+    keys = store.Keys(js, provider)
+    assert js.gc(keys)["chunks_deleted"] == 0  # within the grace period
+    gc = js.gc(keys, now=store.utcnow() + datetime.timedelta(hours=2))
+    assert gc["chunks_deleted"] > 0 and gc["manifests_deleted"] == 1
+    assert set(js.chunk_ids()) == {c["id"] for n in js.read_manifest(e2["snapshot_id"], keys)["namespaces"] for c in n["chunks"]}
+    assert len(restored_docs(tmp, js, provider)["d.c"]) == 3000 - len(range(0, 3000, 7))
+
+
+def store_key(i):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    return head.id_key_from_document(bson.encode({"_id": i}))
+
+
+def test_archive_restore_and_idempotence(env):
+    tmp, provider, js = env
+    h = make_head(str(tmp / "h" / "head.db"), {"a.x": all_types_docs(CANARY), "b.y": source_docs(5000)}, key=os.urandom(32))
+    e = snap(h, js, provider)
+    arch = tmp / "r" / "dump.archive"
+    target = restore.ArchiveTarget(str(arch))
+    assert not restore.already_restored(js, "latest", target)
+    restore.restore(js, "latest", store.Keys(js, provider), target, rename={"b": "b2"}, exclude=["a.*"])
+    assert restore.already_restored(js, e["snapshot_id"], target)
+    _h, metas, docs, _crcs = read_archive(str(arch))
+    assert [(m["db"], m["collection"]) for m in metas] == [("b2", "y")] and len(docs["b2.y"]) == 5000
+    with pytest.raises(Exception, match="not empty"):
+        restore.restore(js, "latest", store.Keys(js, provider), target)
+    restore.restore(js, "latest", store.Keys(js, provider), target, drop=True)
+    assert len(read_archive(str(arch))[1]) == 2
