@@ -1,0 +1,188 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+---
+module: backup_snapshot
+short_description: Take an on-demand snapshot of a backup job
+version_added: 0.1.0
+description:
+  - Asks the Backup Daemon for an on-demand snapshot of O(job) (Ops Manager's C(onDemandSnapshot)) through a request
+    file under O(data_dir) and, with O(wait=true), waits for the daemon's answer and returns the new snapshot.
+  - The snapshot is cut from the job's head at one applied cluster time; the job must be STARTED (head consistent).
+    On-demand snapshots follow the daily retention, as in Ops Manager.
+  - Every run takes a new snapshot; this is an action, not a desired state.
+author: kmipbackup developers
+extends_documentation_fragment:
+  - kmipbackup.mongodb.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Reports C(changed=true) without asking the daemon.
+  diff_mode:
+    support: none
+  idempotent:
+    support: none
+    details:
+      - Each run asks for a new snapshot.
+options:
+  job:
+    description: Name of the backup job.
+    type: str
+    required: true
+  config_dir:
+    description: The daemon host's configuration folder (the job must be declared there).
+    type: path
+    default: /etc/kmipbackup
+  data_dir:
+    description: The daemon's data folder, where requests are dropped and answered.
+    type: path
+    default: /var/lib/kmipbackup
+  wait:
+    description:
+      - Wait for the daemon to take the snapshot and return it.
+      - With V(false), returns the request id at once; the daemon takes the snapshot when it next serves requests.
+    type: bool
+    default: true
+  timeout:
+    description: Seconds to wait for the daemon's answer with O(wait=true).
+    type: int
+    default: 600
+notes:
+  - Needs a running Backup Daemon (role C(kmipbackup.mongodb.backup_daemon)) on the host.
+seealso:
+  - module: kmipbackup.mongodb.snapshot_info
+  - module: kmipbackup.mongodb.snapshot_restore
+'''
+
+EXAMPLES = r'''
+- name: Snapshot job orders before a risky migration
+  kmipbackup.mongodb.backup_snapshot:
+    job: orders
+  register: pre_migration
+
+- name: Show the snapshot id to restore if the migration goes wrong
+  ansible.builtin.debug:
+    msg: "Snapshot {{ pre_migration.snapshot.id }} at cluster time {{ pre_migration.snapshot.cluster_time }}"
+
+- name: Ask without waiting
+  kmipbackup.mongodb.backup_snapshot:
+    job: orders
+    wait: false
+'''
+
+RETURN = r'''
+request_id:
+  description: Id of the request file the daemon answers.
+  returned: when not in check mode
+  type: str
+  sample: 1764266400000-0123456789ab
+snapshot:
+  description: The new snapshot (fields as M(kmipbackup.mongodb.snapshot_info) returns them).
+  returned: when O(wait=true), not in check mode
+  type: dict
+  contains:
+    id:
+      description: The snapshot id.
+      type: str
+      sample: 20261127T180000Z-1a2b3c4d
+    created:
+      description: When the snapshot was taken (ISO 8601, UTC).
+      type: str
+    cluster_time:
+      description: The source cluster time the snapshot is consistent at, C([seconds, increment]).
+      type: list
+      elements: int
+    data_bytes:
+      description: Size of the documents (uncompressed BSON).
+      type: int
+    stored_bytes:
+      description: Bytes the snapshot references in the store.
+      type: int
+    written_bytes:
+      description: Bytes this snapshot added to the store.
+      type: int
+    doc_count:
+      description: Number of documents.
+      type: int
+    namespaces:
+      description: Number of namespaces.
+      type: int
+    encryption:
+      description: Whether the snapshot is encrypted.
+      type: bool
+    master_key_uids:
+      description: KMIP master key UUIDs the snapshot needs to be restored.
+      type: list
+      elements: str
+    expires:
+      description: When retention removes the snapshot, or null.
+      type: str
+    kind:
+      description: V(on-demand).
+      type: str
+'''
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
+
+PUBLIC_FIELDS = ("created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count", "namespaces",
+                 "encryption", "master_key_uids", "expires")
+
+
+def load(params):
+    cfg = jobs.load_job(params["config_dir"], params["job"])
+    if cfg is None:
+        raise ConfigError("Job %s is not declared in %s: declare it with kmipbackup.mongodb.backup_job_encryption first."
+                          % (params["job"], config.jobs_dir(params["config_dir"])))
+    if params["timeout"] <= 0:
+        raise ConfigError("timeout must be a positive number of seconds.")
+    return cfg
+
+
+def snapshot_result(cfg, params, answer):
+    """The public fields of the catalog entry of the snapshot the daemon answered with."""
+    sid = (answer or {}).get("id") or (answer or {}).get("snapshot_id")
+    root = cfg.get("store") or os.path.join(params["data_dir"], "store")
+    entry = store.JobStore(root, params["job"]).catalog_entry(sid)
+    out = {"id": entry.get("snapshot_id")}
+    out.update((k, entry.get(k)) for k in PUBLIC_FIELDS)
+    out["kind"] = entry.get("type")
+    return out
+
+
+def main():
+    spec = dict(
+        job=dict(type="str", required=True),
+        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
+        wait=dict(type="bool", default=True),
+        timeout=dict(type="int", default=600),
+    )
+    spec.update(ansible_module.config_dir_spec())
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    p = module.params
+    cfg = ansible_module.call(module, load, p)
+    if module.check_mode:
+        module.exit_json(changed=True)
+    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], "snapshot")
+    result = dict(changed=True, request_id=rid)
+    if not p["wait"]:
+        module.exit_json(**result)
+    try:
+        answer = jobs.wait_answer(p["data_dir"], p["job"], rid, p["timeout"])
+        result["snapshot"] = snapshot_result(cfg, p, answer)
+    except KmipBackupError as e:
+        ansible_module.fail(module, e, **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
