@@ -205,7 +205,8 @@ def apply_update_description(doc_raw, ud_raw):
 def _raw(value):
     """Raw bytes of a sub-document of an event (RawBSONDocument, bytes or mapping)."""
     if isinstance(value, RawBSONDocument):
-        return value.raw
+        raw = value.raw
+        return raw if type(raw) is bytes else bytes(raw)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     return bson_encode(value)

@@ -20,6 +20,7 @@ import json
 import os
 import struct
 import threading
+import time
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
@@ -58,7 +59,6 @@ CREATE TABLE IF NOT EXISTS position (one INTEGER PRIMARY KEY CHECK (one = 1), re
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO position (one, consistent) VALUES (1, 0);
 INSERT OR IGNORE INTO meta VALUES ('change_seq', 0);
-INSERT OR IGNORE INTO meta VALUES ('incarnation', 0);
 INSERT OR IGNORE INTO meta VALUES ('schema', 1);
 """
 
@@ -102,6 +102,8 @@ class Head:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.executescript(_SCHEMA)
+            # incarnations unique across head files too, so a new head never reuses an old snapshot's numbers
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)", (time.time_ns() // 1000,))
         self._ns_cache = {}
 
     def _connect(self):
@@ -371,13 +373,16 @@ class Writer(Reader):
         self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
         self._dirty = True
 
-    def upsert_many(self, ns, pairs):
-        """Store many (id_key, raw) pairs of ns in one statement batch."""
+    def upsert_many(self, ns, pairs, track=True):
+        """Store many (id_key, raw) pairs of ns in one statement batch. track=False (initial sync into a
+        namespace created in this head generation, whose new incarnation makes a snapshot take it whole)
+        skips the change log."""
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
         pairs = pairs if isinstance(pairs, list) else list(pairs)
         self._c.executemany("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", [(ns_id, k, v) for k, v in pairs])
-        self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _ in pairs])
-        self._dirty = True
+        if track:
+            self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _ in pairs])
+            self._dirty = True
 
     def delete(self, ns, id_key):
         """Delete (ns, id_key); True when it existed."""
@@ -587,6 +592,8 @@ def id_key(raw_value, bson_type):
 
 def id_key_from_document(raw):
     """The id_key of the _id of a raw BSON document (bytes), read without decoding the document."""
+    if type(raw) is not bytes:
+        raw = bytes(raw)
     if raw[4] == 0x07 and raw[5:9] == b"_id\x00":  # fast path: ObjectId _id first, as mongod stores it
         return b"\x35" + bytes(raw[9:21])
     pos, end = 4, len(raw) - 1

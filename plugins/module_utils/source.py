@@ -1,0 +1,632 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""mongod handling (no Ansible imports). PRIVATE to the collection.
+
+connect() opens a source (replica set or sharded cluster through mongos; a standalone is
+refused), initial_sync() fills a head (cluster-wide change stream opened first, clone as
+raw BSON, catch-up until consistent), Capture applies the change stream continuously and
+verify() compares per-document hashes of the head and the source and heals what differs.
+
+Every head transaction stores the resume token and cluster time of the changes it holds,
+so a restart (even after kill -9) resumes by token without a gap or a duplicate. A head
+whose initial sync was interrupted is cleared and synced again.
+
+Namespaces: every database except admin, config and local; every collection and view
+except system.* collections, but system.js (stored functions, which mongodump keeps too).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import queue
+import struct
+import threading
+import time
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier, merge_fragments, parse_elements
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import id_key_from_document
+
+try:
+    import pymongo
+    from bson import decode as bson_decode
+    from bson import encode as bson_encode
+    from bson.codec_options import CodecOptions
+    from bson.raw_bson import RawBSONDocument
+    from pymongo import errors as mongo_errors
+    PYMONGO_IMPORT_ERROR = None
+    RAW = CodecOptions(document_class=RawBSONDocument)
+except ImportError as e:  # pragma: no cover
+    pymongo = mongo_errors = RawBSONDocument = bson_decode = bson_encode = RAW = None
+    PYMONGO_IMPORT_ERROR = e
+
+EXCLUDED_DBS = ("admin", "config", "local")
+HISTORY_LOST_CODES = (286, 280, 260)  # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken
+CLONE_COMMIT_BYTES = 32 << 20
+_i32 = struct.Struct("<i")
+
+
+def _require():
+    if pymongo is None:
+        raise SourceError("The Python package pymongo is missing (%s): install the collection's requirements in the "
+                          "daemon's virtualenv." % PYMONGO_IMPORT_ERROR)
+
+
+def _redact(text, source):
+    """text without the source's passwords (pymongo messages may carry the URI)."""
+    text = str(text)
+    secrets = [source.get("password"), source.get("tls_certificate_key_file_password")]
+    netloc = (source.get("uri") or "").split("://", 1)[-1].split("/", 1)[0]
+    if "@" in netloc and ":" in netloc.rsplit("@", 1)[0]:
+        secrets.append(netloc.rsplit("@", 1)[0].split(":", 1)[1])
+    for secret in secrets:
+        if secret:
+            text = text.replace(str(secret), "********")
+    return text
+
+
+def client_options(source):
+    """pymongo.MongoClient keyword arguments from a job's source settings."""
+    timeout_ms = int(float(source.get("connect_timeout") or 10) * 1000)
+    kw = {"document_class": RawBSONDocument, "appname": "kmipbackup", "connectTimeoutMS": timeout_ms,
+          "serverSelectionTimeoutMS": timeout_ms}
+    if source.get("tls"):
+        kw["tls"] = True
+        if source.get("tls_ca_file"):
+            kw["tlsCAFile"] = source["tls_ca_file"]
+        if source.get("tls_certificate_key_file"):
+            kw["tlsCertificateKeyFile"] = source["tls_certificate_key_file"]
+        if source.get("tls_certificate_key_file_password"):
+            kw["tlsCertificateKeyFilePassword"] = source["tls_certificate_key_file_password"]
+    if source.get("username"):
+        kw["username"] = source["username"]
+    if source.get("password") is not None and source.get("username"):
+        kw["password"] = source["password"]
+    if source.get("auth_mechanism"):
+        kw["authMechanism"] = source["auth_mechanism"]
+    if source.get("auth_source"):
+        kw["authSource"] = source["auth_source"]
+    return kw
+
+
+def connect(source):
+    """A MongoClient (raw BSON documents) for a job's source settings, checked: reachable,
+    authenticated, and a replica set or mongos. Raises SourceError with what to do."""
+    _require()
+    if not source.get("uri"):
+        raise SourceError("The source has no uri: set source.uri to the replica set or mongos connection string.")
+    try:
+        client = pymongo.MongoClient(source["uri"], **client_options(source))
+    except (mongo_errors.ConfigurationError, mongo_errors.InvalidURI, ValueError, TypeError) as e:
+        raise SourceError("The source settings are invalid (%s): fix source.uri and the TLS/authentication options."
+                          % _redact(e, source)) from None
+    try:
+        hello = client.admin.command("hello")
+        if source.get("username") or source.get("auth_mechanism") == "MONGODB-X509":
+            client.admin.command("listDatabases", nameOnly=True)  # authentication happens on first use
+    except mongo_errors.OperationFailure as e:
+        client.close()
+        if e.code in (18, 13, 11):
+            raise SourceError("The source refused the credentials (authentication failed or not authorized): check "
+                              "source.username, source.password, source.auth_mechanism and source.auth_source; the "
+                              "backup user needs the backup role (read on all databases, changeStream).") from None
+        raise SourceError("The source failed a check command: %s." % _redact(e, source)) from None
+    except mongo_errors.ConfigurationError as e:
+        client.close()
+        raise SourceError("The source settings are invalid (%s): fix source.uri and the TLS/authentication options."
+                          % _redact(e, source)) from None
+    except mongo_errors.PyMongoError as e:
+        client.close()
+        raise SourceError("The source %s cannot be reached (%s): check that it runs, the host and port, the firewall "
+                          "and the TLS settings (source.tls, tls_ca_file, tls_certificate_key_file)."
+                          % (_hosts(source), _redact(_short(e), source))) from None
+    if hello.get("msg") != "isdbgrid" and not hello.get("setName"):
+        client.close()
+        raise SourceError("The source %s is a standalone mongod: change streams need a replica set or a sharded cluster "
+                          "(connect through mongos). Convert it to a one-member replica set (replication.replSetName, "
+                          "then rs.initiate()) and try again." % _hosts(source))
+    return client
+
+
+def _hosts(source):
+    uri = source.get("uri") or ""
+    rest = uri.split("://", 1)[-1].split("/", 1)[0]
+    return rest.rsplit("@", 1)[-1]
+
+
+def _short(e):
+    text = str(e)
+    return text.split(", Timeout:")[0][:300]
+
+
+def kind(client):
+    """"sharded" (mongos) or "replica_set"."""
+    return "sharded" if client.admin.command("hello").get("msg") == "isdbgrid" else "replica_set"
+
+
+def _cluster_time(client):
+    """An upper bound of every operation committed so far: the cluster time the source gossips."""
+    reply = client.admin.command("hello")
+    times = [t for t in ((reply.get("$clusterTime") or {}).get("clusterTime"), reply.get("operationTime")) if t is not None]
+    return max((t.time, t.inc) for t in times) if times else None
+
+
+def _wanted(db, coll):
+    return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
+
+
+def list_namespaces(client):
+    """[(ns, info RawBSONDocument from listCollections)] of every namespace a backup keeps."""
+    out = []
+    for db in sorted(client.list_database_names()):
+        if db in EXCLUDED_DBS:
+            continue
+        for info in _list_collections(client, db):
+            name = info["name"]
+            if _wanted(db, name):
+                out.append(("%s.%s" % (db, name), info))
+    return out
+
+
+def _list_collections(client, db, query=None):
+    """listCollections entries as raw BSON (pymongo's list_collections() decodes them)."""
+    cmd = {"listCollections": 1, "cursor": {"batchSize": 100000}}
+    if query:
+        cmd["filter"] = query
+    return client[db].command(cmd, codec_options=RAW)["cursor"]["firstBatch"]
+
+
+def _split(ns):
+    db, _, coll = ns.partition(".")
+    return db, coll
+
+
+def _info_to_head(client, ns, info):
+    """{"options", "indexes", "uuid", "type"} of a namespace from its listCollections entry."""
+    options = info.get("options")
+    uuid = (info.get("info") or {}).get("uuid")
+    ctype = info.get("type", "collection")
+    indexes = []
+    if ctype == "collection":
+        db, coll = _split(ns)
+        try:
+            reply = client[db].command({"listIndexes": coll, "cursor": {"batchSize": 10000}}, codec_options=RAW)
+            indexes = [bytes(spec.raw) for spec in reply["cursor"]["firstBatch"]]  # pymongo's list_indexes() decodes to SON
+        except mongo_errors.OperationFailure as e:
+            if e.code != 26:  # NamespaceNotFound: dropped meanwhile, the stream says so
+                raise
+    return {"options": bytes(options.raw) if options is not None else bson_encode({}), "indexes": indexes,
+            "uuid": bytes(uuid) if uuid is not None else None, "type": ctype}
+
+
+def refresh_namespace(client, ns):
+    """Current options and index specs of ns at the source, or None when it does not exist."""
+    db, coll = _split(ns)
+    for info in _list_collections(client, db, {"name": coll}):
+        return _info_to_head(client, ns, info)
+    return None
+
+
+def _split_batch(batch):
+    """(id_key, raw) pairs of a raw batch (concatenated BSON documents)."""
+    out, pos, n, mv = [], 0, len(batch), memoryview(batch)
+    unpack = _i32.unpack_from
+    while pos < n:
+        size = unpack(batch, pos)[0]
+        doc = bytes(mv[pos:pos + size])
+        out.append((id_key_from_document(doc), doc))
+        pos += size
+    return out
+
+
+def _open_stream(client, resume_token=None, max_await_ms=500, batch_size=None):
+    kw = {"show_expanded_events": True, "max_await_time_ms": max_await_ms}
+    if resume_token is not None:
+        kw["resume_after"] = RawBSONDocument(bytes(resume_token)) if isinstance(resume_token, (bytes, bytearray)) else resume_token
+    if batch_size:
+        kw["batch_size"] = batch_size
+    try:
+        return client.watch([{"$changeStreamSplitLargeEvent": {}}], **kw)
+    except mongo_errors.OperationFailure as e:
+        _raise_history_lost(e)
+        raise
+
+
+def _raise_history_lost(e):
+    if getattr(e, "code", None) in HISTORY_LOST_CODES:
+        raise HistoryLostError("The source no longer has the change history this head needs (the resume point left the "
+                               "oplog, code %s): a new initial sync is needed; the daemon starts one and reports it in status."
+                               % e.code) from None
+
+
+def needs_initial_sync(head):
+    """True when the head has no stream position to resume from or its initial sync was interrupted."""
+    pos = head.position()
+    return pos["resume_token"] is None or pos["sync"] is not None
+
+
+def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=None):
+    """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
+
+    Returns {"docs", "bytes", "namespaces", "seconds", "events"}."""
+    t0 = time.monotonic()
+    status = on_status or (lambda **kw: None)
+    with head.write() as w:
+        w.clear()
+        w.set_sync_state({"phase": "clone"})
+    stream = _open_stream(client)
+    start_token = stream.resume_token
+    stream.close()
+    if start_token is None:
+        raise SourceError("The source's change stream returned no start point: it cannot be used for a consistent backup.")
+    start_raw = _raw_token(start_token)
+    with head.write() as w:
+        w.set_position(start_raw, None, False)
+        w.set_sync_state({"phase": "clone"})
+    status(phase="clone")
+    namespaces = list_namespaces(client)
+    with head.write() as w:
+        for ns, info in namespaces:
+            meta = _info_to_head(client, ns, info)
+            w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+    docs, nbytes = _clone(head, client, [ns for ns, info in namespaces if info.get("type", "collection") == "collection"],
+                          stop_event)
+    end_time = _cluster_time(client)
+    with head.write() as w:
+        w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
+    status(phase="catch_up", docs=docs)
+    cap = Capture(head, client, on_status=on_status)
+    cap.catch_up_until = end_time
+    deadline = time.monotonic() + catch_up_timeout
+    while not head.position()["consistent"]:
+        if stop_event is not None and stop_event.is_set():
+            break
+        if time.monotonic() > deadline:
+            raise SourceError("The initial sync could not catch up with the source's changes within %d s: the source "
+                              "writes faster than the head applies; the daemon retries." % catch_up_timeout)
+        cap.run_once(max_time=2.0)
+    cap.close()
+    return {"docs": docs, "bytes": nbytes, "namespaces": len(namespaces), "seconds": time.monotonic() - t0,
+            "events": cap.stats["events"]}
+
+
+def _clone(head, client, names, stop_event=None):
+    """Copy every document of names into head: a reader thread fetches raw batches while this thread writes."""
+    q = queue.Queue(maxsize=8)
+    failure = []
+
+    def reader():
+        try:
+            for ns in names:
+                db, coll = _split(ns)
+                for batch in client[db][coll].find_raw_batches({}, batch_size=4096):
+                    q.put((ns, batch))
+                    if stop_event is not None and stop_event.is_set():
+                        return
+        except BaseException as e:  # handed to the writer thread
+            failure.append(e)
+        finally:
+            q.put(None)
+
+    thread = threading.Thread(target=reader, name="kmipbackup-clone", daemon=True)
+    thread.start()
+    docs = nbytes = pending = 0
+    ctx = head.write()
+    w = ctx.__enter__()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            ns, batch = item
+            pairs = _split_batch(batch)
+            w.upsert_many(ns, pairs, track=False)
+            docs += len(pairs)
+            nbytes += len(batch)
+            pending += len(batch)
+            if pending >= CLONE_COMMIT_BYTES:
+                ctx.__exit__(None, None, None)
+                ctx = head.write()
+                w = ctx.__enter__()
+                pending = 0
+        ctx.__exit__(None, None, None)
+    except BaseException as e:
+        ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+    finally:
+        thread.join()
+    if failure:
+        e = failure[0]
+        if isinstance(e, mongo_errors.PyMongoError):
+            raise SourceError("Cloning from the source failed (%s): the daemon restarts the initial sync." % _short(e)) from None
+        raise e
+    return docs, nbytes
+
+
+class Capture:
+    """Continuous change capture into a head that has a stream position (after initial_sync).
+
+    run_once(max_time) applies what the stream delivers for up to max_time seconds, in
+    transactions that each store the resume token and cluster time they bring the head to.
+    A transaction ends at a cluster-time boundary (consistent), when the stream is idle
+    (consistent: nothing more is coming), or mid-run when a run of equal cluster times is
+    too large for one transaction (not consistent until the run ends).
+    """
+
+    def __init__(self, head, client, on_status=None, max_batch_events=20000, max_batch_seconds=1.0):
+        self.head = head
+        self.client = client
+        self.on_status = on_status
+        self.max_batch_events = max_batch_events
+        self.max_batch_seconds = max_batch_seconds
+        self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
+        self.applier = Applier(refresh=lambda ns: refresh_namespace(client, ns))
+        self.stream = None
+        self.stats = {"events": 0, "transactions": 0, "recopied": 0}
+        self.lag_seconds = None
+        self._fragments = []
+        self._carry = None
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self._carry = None  # a reopened stream delivers it again from the stored token
+        self._fragments = []
+
+    def _stream(self):
+        if self.stream is None:
+            token = self.head.position()["resume_token"]
+            if token is None:
+                raise SourceError("The head has no change-stream position: run an initial sync first.")
+            self.stream = _open_stream(self.client, token)
+        return self.stream
+
+    def run(self, stop_event, slice_seconds=1.0):
+        while not stop_event.is_set():
+            self.run_once(max_time=slice_seconds)
+
+    def run_once(self, max_time=1.0):
+        """Apply events for up to max_time seconds; returns the number of events applied."""
+        deadline = time.monotonic() + max_time
+        applied = 0
+        try:
+            stream = self._stream()
+            while True:
+                n, more = self._one_transaction(stream, deadline)
+                applied += n
+                if not more or time.monotonic() >= deadline:
+                    break
+        except mongo_errors.OperationFailure as e:
+            self.close()
+            _raise_history_lost(e)
+            raise SourceError("The source's change stream failed (%s): the daemon retries." % _short(e)) from None
+        except mongo_errors.PyMongoError as e:
+            self.close()
+            raise SourceError("The source cannot be reached for change capture (%s): the daemon retries with backoff."
+                              % _short(e)) from None
+        return applied
+
+    def _next(self, stream):
+        """The next whole event (fragments of a split event merged), or None when the stream is idle."""
+        if self._carry is not None:
+            ev, self._carry = self._carry, None
+            return ev
+        while True:
+            ev = stream.try_next()
+            if ev is None:
+                return None
+            split = ev.get("splitEvent")
+            if split is None or split["of"] == 1:
+                return ev
+            self._fragments.append(ev)
+            if split["fragment"] == split["of"]:
+                ev, self._fragments = merge_fragments(self._fragments), []
+                return ev
+
+    def _one_transaction(self, stream, deadline):
+        """Apply one transaction's worth of events; returns (events, whether to go on at once)."""
+        pos = self.head.position()
+        last_ct = tuple(pos["cluster_time"]) if pos["cluster_time"] else None
+        count, started = 0, time.monotonic()
+        with self.head.write() as w:
+            token, consistent, more, proof = None, False, True, None
+            while True:
+                ev = self._next(stream)
+                if ev is None:  # idle: everything committed so far is applied; the batch's token is past it
+                    if stream.resume_token is not None and not self._fragments:
+                        token = _raw_token(stream.resume_token)
+                    consistent, more, proof = not self._fragments, False, "idle"
+                    self.lag_seconds = 0.0
+                    break
+                ctv = ev["clusterTime"]
+                ct = (ctv.time, ctv.inc)
+                now = time.monotonic()
+                if count and last_ct is not None and ct > last_ct and (
+                        count >= self.max_batch_events or now - started >= self.max_batch_seconds or now >= deadline):
+                    self._carry = ev  # a later cluster time proves last_ct complete: commit a consistent image
+                    consistent, proof = True, ct
+                    break
+                self.applier.apply(w, ev, catch_up=self._catch_up(ct))
+                self._recopy(w)
+                count += 1
+                token, last_ct = bytes(ev["_id"].raw), ct
+                wall = ev.get("wallTime")
+                if wall is not None:
+                    self.lag_seconds = max(0.0, time.time() - wall.replace(tzinfo=datetime.timezone.utc).timestamp())
+                if count >= 4 * self.max_batch_events or now >= deadline + 5 * self.max_batch_seconds:
+                    break  # inside a huge run of one cluster time: commit, not consistent yet
+            if self.catch_up_until is not None:
+                if consistent and (proof == "idle" or proof > tuple(self.catch_up_until)):
+                    w.set_sync_state(None)  # past the clone's end: the head is consistent from here on
+                    last_ct = max(last_ct or (0, 0), tuple(self.catch_up_until))
+                    token = token if token is not None else pos["resume_token"]
+                    self.catch_up_until = None
+                else:
+                    consistent = False
+            if token is not None or consistent != pos["consistent"]:
+                w.set_position(token if token is not None else pos["resume_token"], last_ct, consistent)
+        if count:
+            self.stats["events"] += count
+            self.stats["transactions"] += 1
+        if self.on_status is not None:
+            self.on_status(phase="capture", events=self.stats["events"], lag_seconds=self.lag_seconds)
+        return count, more
+
+    def _catch_up(self, ct):
+        return self.catch_up_until is not None and ct <= tuple(self.catch_up_until)
+
+    def _recopy(self, w):
+        if not self.applier.recopy:
+            return
+        for ns, dkey in self.applier.recopy:
+            recopy_document(w, self.client, ns, dkey)
+            self.stats["recopied"] += 1
+        self.applier.recopy = []
+
+
+def _raw_token(token):
+    return bytes(token.raw) if isinstance(token, RawBSONDocument) else bson_encode(token)
+
+
+def _id_filter(doc_raw):
+    """A raw {_id: <value>} filter from a raw document whose _id is anywhere."""
+    for name, t, v in parse_elements(doc_raw):
+        if name == b"_id":
+            body = b"%c_id\x00%s" % (t, v)
+            return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
+    raise SourceError("A document key without _id cannot be re-read from the source.")
+
+
+def recopy_document(w, client, ns, doc_key_raw):
+    """Re-read one document from the source into the head (delete it when the source lacks it)."""
+    db, coll = _split(ns)
+    doc = client[db][coll].find_one(_id_filter(doc_key_raw))
+    ik = id_key_from_document(doc_key_raw)
+    if doc is None:
+        w.delete(ns, ik)
+    else:
+        w.upsert(ns, ik, bytes(doc.raw))
+
+
+def verify(head, client, sample=100, full=False):
+    """Compare sha256 of head and source documents; re-copy what differs, delete what the source lacks.
+
+    full=True: every document of every collection (both sides). Otherwise `sample` documents
+    per collection from each side ($sample at the source, random probes in the head).
+    Returns {"checked", "mismatched", "recopied", "removed"}. Run it while capture is paused
+    (between run_once calls): a document changed after the head's position counts as a
+    mismatch and is re-copied, and the stream then brings it on as usual."""
+    counts = {"checked": 0, "mismatched": 0, "recopied": 0, "removed": 0}
+    with head.read() as r:
+        names = [n["ns"] for n in r.namespaces() if not parse_options_is_view(n["options"])]
+    for ns in names:
+        db, coll = _split(ns)
+        if full:
+            with head.read() as r:
+                head_keys = (k for k, _ in r.scan(ns))
+                _verify_keys(head, client, ns, _chunks(head_keys, 500), counts)
+            for batch in client[db][coll].find_raw_batches({}, batch_size=2000):
+                _verify_source_batch(head, ns, _split_batch(batch), counts)
+        else:
+            with head.read() as r:
+                probes = _head_probes(r, ns, sample)
+            _verify_keys(head, client, ns, [probes], counts)
+            docs = list(client[db][coll].aggregate([{"$sample": {"size": int(sample)}}]))
+            _verify_source_batch(head, ns, [(id_key_from_document(d.raw), bytes(d.raw)) for d in docs], counts)
+    return counts
+
+
+def parse_options_is_view(options_raw):
+    return any(name == b"viewOn" for name, _, _ in parse_elements(options_raw))
+
+
+def _chunks(it, n):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _head_probes(r, ns, n):
+    keys = []
+    first = next((k for k, _ in r.scan(ns)), None)
+    if first is None:
+        return keys
+    for _ in range(int(n)):
+        probe = first[:1] + os.urandom(12)
+        row = next((k for k, _ in r.scan(ns, start=probe)), None) or next((k for k, _ in r.scan(ns, start=first)), None)
+        if row is not None and row not in keys:
+            keys.append(row)
+    return keys
+
+
+def _verify_keys(head, client, ns, key_chunks, counts):
+    """Check head documents (by id_key) against the source."""
+    db, coll = _split(ns)
+    for keys in key_chunks:
+        with head.read() as r:
+            docs = [(k, r.get(ns, k)) for k in keys]
+        docs = [(k, d) for k, d in docs if d is not None]
+        ids = [_id_value_raw(d) for _, d in docs]
+        query = _in_filter(ids)
+        src = {}
+        for batch in client[db][coll].find_raw_batches(query):
+            for k, d in _split_batch(batch):
+                src[k] = d
+        fixes = []
+        for k, d in docs:
+            counts["checked"] += 1
+            s = src.get(k)
+            if s is None or hashlib.sha256(s).digest() != hashlib.sha256(d).digest():
+                counts["mismatched"] += 1
+                fixes.append((k, s))
+        if fixes:
+            with head.write() as w:
+                for k, s in fixes:
+                    if s is None:
+                        w.delete(ns, k)
+                        counts["removed"] += 1
+                    else:
+                        w.upsert(ns, k, s)
+                        counts["recopied"] += 1
+
+
+def _verify_source_batch(head, ns, pairs, counts):
+    """Check source documents against the head: missing or different ones are re-copied."""
+    with head.read() as r:
+        fixes = []
+        for k, s in pairs:
+            d = r.get(ns, k)
+            if d is None or hashlib.sha256(s).digest() != hashlib.sha256(d).digest():
+                fixes.append((k, s))
+    counts["checked"] += len(pairs)
+    if fixes:
+        counts["mismatched"] += len(fixes)
+        counts["recopied"] += len(fixes)
+        with head.write() as w:
+            for k, s in fixes:
+                w.upsert(ns, k, s)
+
+
+def _id_value_raw(doc):
+    for name, t, v in parse_elements(doc):
+        if name == b"_id":
+            return t, v
+    raise SourceError("A head document has no _id.")
+
+
+def _in_filter(ids):
+    """Raw {_id: {$in: [ids...]}} from (type, value bytes) pairs."""
+    arr = b"".join(b"%c%d\x00%s" % (t, i, v) for i, (t, v) in enumerate(ids))
+    arr = _i32.pack(len(arr) + 5) + arr + b"\x00"
+    inner = b"\x04$in\x00" + arr
+    inner = _i32.pack(len(inner) + 5) + inner + b"\x00"
+    body = b"\x03_id\x00" + inner
+    return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
