@@ -33,6 +33,8 @@ LOG = logging.getLogger("kmipbackup.daemon")
 RESTART_KEYS = ("group", "source", "encryption", "master_key_uid", "generation", "state")
 BACKOFF_MAX = 30.0
 STATUS_EVERY = 1.0
+VERIFY_EVERY = 600.0     # seconds between sampled head verifications
+VERIFY_SAMPLE = 100      # documents per collection and side
 
 
 def utcnow():
@@ -115,19 +117,32 @@ class JobRunner(threading.Thread):
             raise Stopped()
 
     def run(self):
+        backoff = 1.0
         try:
             if self.cfg.get("state") == "stopped":
                 self.set_status(state="STOPPED", consistent=False, lag_seconds=None, last_error=None)
                 LOG.info("job %s: stopped", self.job)
                 self.stop_event.wait()
                 return
-            self._run()
+            while True:
+                try:
+                    self._run()
+                    return
+                except Stopped:
+                    raise
+                except Exception as e:  # keep the daemon alive, report it, retry with backoff
+                    if isinstance(e, KmipBackupError):
+                        LOG.error("job %s: %s", self.job, e)
+                    elif self.cfg.get("encryption"):  # no traceback: messages could quote data
+                        LOG.error("job %s: unexpected failure (%s)", self.job, type(e).__name__)
+                    else:
+                        LOG.exception("job %s: unexpected failure", self.job)
+                    self._close()
+                    self.error("INACTIVE", "%s; retrying in %ds" % (_safe(e, self.cfg), backoff))
+                    self.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
         except Stopped:
             pass
-        except Exception as e:  # a bug: keep the daemon alive, report it, the reconcile loop restarts us
-            LOG.exception("job %s: unexpected failure", self.job) if not self.cfg.get("encryption") else \
-                LOG.error("job %s: unexpected failure (%s)", self.job, type(e).__name__)
-            self.error("INACTIVE", "unexpected failure (%s); the daemon retries the job" % type(e).__name__)
         finally:
             self._close()
 
@@ -219,47 +234,58 @@ class JobRunner(threading.Thread):
     # ---- sync and capture ------------------------------------------------------------
 
     def _sync(self):
-        source_mod = _import("source")
-        pos = self.head.position() or {}
-        if not (pos.get("resume_token") and pos.get("consistent") is not None and pos.get("cluster_time")):
-            self.set_status(state="PROVISIONING", consistent=False, last_error=None)
-            LOG.info("job %s: initial sync of generation %d", self.job, self.generation)
-            started = time.monotonic()
-            source_mod.initial_sync(self.cfg["source"], self.head, should_stop=self.stop_event.is_set)
-            self.check_stop()
-            self.status["initial_syncs"] = self.status.get("initial_syncs", 0) + 1
-            LOG.info("job %s: initial sync done in %.1fs", self.job, time.monotonic() - started)
-        self._capture(source_mod)
+        source = _import("source")
+        client = source.connect(self.cfg["source"])
+        try:
+            if source.needs_initial_sync(self.head):
+                self.set_status(state="PROVISIONING", consistent=False, last_error=None)
+                LOG.info("job %s: initial sync of generation %d", self.job, self.generation)
+                stats = source.initial_sync(self.head, client, stop_event=self.stop_event)
+                self.check_stop()
+                self.status["initial_syncs"] = self.status.get("initial_syncs", 0) + 1
+                LOG.info("job %s: initial sync done: %d namespaces, %d documents, %d bytes, %d events, %.1fs",
+                         self.job, stats["namespaces"], stats["docs"], stats["bytes"], stats["events"], stats["seconds"])
+            self._capture(source, client)
+        finally:
+            client.close()
 
-    def _capture(self, source_mod):
-        with source_mod.Capture(self.cfg["source"], self.head) as cap:
+    def _capture(self, source, client):
+        cap = source.Capture(self.head, client)
+        next_verify = time.monotonic() + VERIFY_EVERY
+        try:
             while True:
                 self.check_stop()
-                cap.step(timeout=0.5)
-                pos = self.head.position() or {}
+                cap.run_once(max_time=0.5)
+                pos = self.head.position()
                 consistent = bool(pos.get("consistent"))
                 ct = pos.get("cluster_time")
-                lag = max(0.0, time.time() - ct[0]) if ct else None
                 if consistent and self.status["state"] != "STARTED":
                     LOG.info("job %s: head consistent; capture running", self.job)
-                    self.set_status(state="STARTED")
+                    self.set_status(state="STARTED", consistent=True, cluster_time=ct, last_error=None)
                     self.d.generation_ready(self.job, self.generation)
-                self.set_status(force=False, consistent=consistent, cluster_time=list(ct) if ct else None,
-                                lag_seconds=round(lag, 3) if lag is not None else None, last_error=None,
-                                state="STARTED" if consistent else self.status["state"])
-                self._serve_requests(cap)
-                self._scheduled_snapshot()
+                lag = cap.lag_seconds
+                self.set_status(force=False, consistent=consistent, cluster_time=ct, events=cap.stats["events"],
+                                lag_seconds=round(lag, 3) if lag is not None else None,
+                                last_error=None if self.status["state"] == "STARTED" else self.status.get("last_error"))
+                self._serve_requests(source, client)
+                if consistent and time.monotonic() >= next_verify:
+                    next_verify = time.monotonic() + VERIFY_EVERY
+                    self._verify(source, client, full=False)
+                if consistent:
+                    self._scheduled_snapshot()
+        finally:
+            cap.close()
 
     # ---- requests and snapshots ------------------------------------------------------
 
-    def _serve_requests(self, cap):
+    def _serve_requests(self, source, client):
         for rid, req in jobs.pending_requests(self.d.data_dir, self.job):
             action = req.get("action")
             try:
                 if action == "snapshot":
                     result = self.take_snapshot(on_demand=True)
                 elif action == "verify":
-                    result = self._verify(cap, full=True)
+                    result = self._verify(source, client, full=True)
                 elif action == "resync":
                     jobs.answer_request(self.d.data_dir, self.job, rid, result={"resync": "started"})
                     LOG.info("job %s: resync requested", self.job)
@@ -270,14 +296,14 @@ class JobRunner(threading.Thread):
             except KmipBackupError as e:
                 jobs.answer_request(self.d.data_dir, self.job, rid, error=_safe(e, self.cfg))
 
-    def _verify(self, cap, full):
-        verify = getattr(cap, "verify", None)
-        if verify is None:
-            raise KmipBackupError("head verification is not available in this version of the daemon")
-        counts = verify(full=full)
+    def _verify(self, source, client, full):
+        counts = source.verify(self.head, client, sample=VERIFY_SAMPLE, full=full)
         v = self.status["verification"]
-        for k in ("checked", "mismatched", "recopied"):
+        for k in ("checked", "mismatched", "recopied", "removed"):
             v[k] = v.get(k, 0) + int(counts.get(k, 0))
+        v["last"] = utcnow()
+        if counts.get("mismatched"):
+            LOG.warning("job %s: verification found %d mismatched documents and re-copied them", self.job, counts["mismatched"])
         self.set_status()
         return counts
 
