@@ -27,18 +27,12 @@ import time
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import CertificateError, IntegrityError, KmipError
 
-try:
-    from kmip.core import attributes as kmip_attributes
-    from kmip.core import enums, objects
-    from kmip.core import exceptions as kmip_exceptions
-    from kmip.core.factories.attributes import AttributeFactory
-    from kmip.core.messages import payloads
-    from kmip.services.kmip_client import KMIPProxy
-    from kmip.services.kmip_protocol import KMIPProtocol, RequestLengthMismatch
-    PYKMIP_IMPORT_ERROR = None
-except ImportError as e:
-    PYKMIP_IMPORT_ERROR = e
-    KMIPProxy = object
+# PyKMIP is imported on first use: importing it pulls in SQLAlchemy (about a second), which
+# modules that only check TLS or certificates should not pay.
+kmip_attributes = enums = objects = kmip_exceptions = AttributeFactory = payloads = None
+KMIPProtocol = RequestLengthMismatch = _Proxy = None
+PYKMIP_IMPORT_ERROR = None
+
 
 try:
     from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding, aes_key_wrap_with_padding
@@ -56,8 +50,35 @@ _BACKOFF_MAX = 5.0
 
 
 def _require():
-    if PYKMIP_IMPORT_ERROR is not None:
+    """Import PyKMIP once; KmipError when it is missing."""
+    global kmip_attributes, enums, objects, kmip_exceptions, AttributeFactory, payloads, KMIPProtocol, RequestLengthMismatch
+    global _Proxy, PYKMIP_IMPORT_ERROR
+    if _Proxy is not None:
+        return
+    try:
+        from kmip.core import attributes as kmip_attributes
+        from kmip.core import enums, objects
+        from kmip.core import exceptions as kmip_exceptions
+        from kmip.core.factories.attributes import AttributeFactory
+        from kmip.core.messages import payloads
+        from kmip.services.kmip_client import KMIPProxy
+        from kmip.services.kmip_protocol import KMIPProtocol, RequestLengthMismatch
+    except ImportError as e:
+        PYKMIP_IMPORT_ERROR = e
         raise KmipError("the Python package pykmip is required on this host: install it (pip install pykmip)", kind="protocol")
+
+    class Proxy(KMIPProxy):
+        """KMIPProxy over a socket we connected and verified; never reads a PyKMIP config file."""
+
+        def __init__(self, sock):
+            super().__init__(host="localhost", port=1, config_file=os.devnull, timeout=1)
+            self.socket = sock
+            self.protocol = KMIPProtocol(sock)
+
+        def open(self):
+            raise RuntimeError("connections are opened by kmipbackup's KmipClient")
+
+    _Proxy = Proxy
 
 
 def _b64(data):
@@ -189,18 +210,6 @@ def verify_server(kmip_config, entry):
     finally:
         ssock.close()
     return result
-
-
-class _Proxy(KMIPProxy):
-    """KMIPProxy over a socket we connected and verified; never reads a PyKMIP config file."""
-
-    def __init__(self, sock):
-        super().__init__(host="localhost", port=1, config_file=os.devnull, timeout=1)
-        self.socket = sock
-        self.protocol = KMIPProtocol(sock)
-
-    def open(self):
-        raise RuntimeError("connections are opened by kmipbackup's KmipClient")
 
 
 class KmipClient:
