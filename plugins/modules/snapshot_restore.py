@@ -458,7 +458,8 @@ class Restore:
         result["already_restored"] = already
         if self.client is None and entry.get("encryption"):
             result.update(planned_from="catalog", documents=entry.get("doc_count"), bytes=entry.get("data_bytes"))
-            return dict(result, changed=not already or p["force"])
+            result["changed"] = not already or p["force"]
+            return result
         js.verify_catalog(entry, keys)
         manifest = js.read_manifest(sid, keys, entry.get("manifest_sha256"))
         index = {n["ns"]: i for i, n in enumerate(manifest["namespaces"], 1)}
@@ -471,7 +472,8 @@ class Restore:
                       documents=sum(n["count"] for _i, (n, _d, _c) in selected),
                       bytes=sum(n["bytes"] for _i, (n, _d, _c) in selected))
         if already and not p["force"]:
-            return dict(result, changed=False)
+            result["changed"] = False
+            return result
         drop = p["drop"] or already
         if target.kind == "mongodb":
             busy = busy_namespaces(target, selected)
@@ -483,7 +485,8 @@ class Restore:
         else:
             restore._check_file_target(target.path, drop)
         if self.module.check_mode:
-            return dict(result, changed=True)
+            result["changed"] = True
+            return result
         servers = ["%s:%d" % a for a in settings[0].addresses()] if settings else None
         summary = restore.restore(js, sid, keys, target, include=p["include"], exclude=p["exclude"], rename=p["rename_databases"],
                                   drop=drop, verify=p["verify"], kmip_servers=servers)
@@ -491,7 +494,8 @@ class Restore:
             ns["verified"] = p["verify"]
         result.update(restore_info_text=summary["restore_info"],
                       verify={"enabled": p["verify"], "namespaces_verified": len(selected) if p["verify"] else 0})
-        return dict(result, changed=True)
+        result["changed"] = True
+        return result
 
 
 def main():

@@ -225,9 +225,10 @@ def test_drop_false_refuses_non_empty_target(ansible, lab_job, tmp_path, mongo_s
     with open(os.path.join(d, "other.txt"), "w") as f:
         f.write("keep")
     base = dict(target_uri=mongo_server["uri"], rename_databases={lab_job["db"]: busy_db})
+    label = "#%d" % (sorted(lab_job["source"]).index("%s.orders_%s" % (lab_job["db"], CANARY)) + 1)  # manifest order
     r = ansible.run([sr(lab_job, **base), sr(lab_job, target_dir=d)])
     no_canary(r)
-    assert r[0]["failed"] and "#1" in r[0]["msg"] and "not empty" in r[0]["msg"], r.output
+    assert r[0]["failed"] and "namespace(s) %s are" % label in r[0]["msg"] and "not empty" in r[0]["msg"], r.output
     assert "nothing was written" in r[0]["msg"]
     assert r[1]["failed"] and "not empty" in r[1]["msg"]
     assert list(m[busy_db]["orders_" + CANARY].find()) == [{"_id": 1, "keep": True}]
@@ -237,7 +238,7 @@ def test_drop_false_refuses_non_empty_target(ansible, lab_job, tmp_path, mongo_s
     r = ansible.run([sr(lab_job, show_namespaces=True, **base), sr(lab_job, drop=True, **base)])
     assert r[0]["failed"] and "%s.orders_%s" % (busy_db, CANARY) in r[0]["msg"], r.output
     assert r[1]["changed"] is True and not r[1].get("failed"), r.output
-    assert r[1]["busy_namespaces"] == ["#1"]
+    assert r[1]["busy_namespaces"] == [label]
     assert_db_equal(m, lab_job, busy_db)
 
 
