@@ -152,7 +152,9 @@ options:
     type: list
     elements: str
   rename_databases:
-    description: Restore database keys into the database values, for example C({orders: orders_restored}).
+    description:
+      - Restore each database named by a key into the database named by its value.
+      - 'For example C({orders: orders_restored}).'
     type: dict
   drop:
     description:

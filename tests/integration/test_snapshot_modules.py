@@ -4,7 +4,6 @@ a real KmipClient as the key provider) from documents inserted into SecantusDB."
 import os
 import shutil
 import struct
-import threading
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, head, jobs, kmip, snapshot, store
-from daemon_helper import write_kmip_setup
+from daemon_helper import DaemonProcess, write_kmip_setup
 
 SI = "kmipbackup.mongodb.snapshot_info"
 SR = "kmipbackup.mongodb.snapshot_restore"
@@ -280,41 +279,45 @@ def test_tampered_chunk_fails_naming_it(ansible, lab_job, tmp_path):
     assert not os.path.exists(d) and not [n for n in os.listdir(str(tmp_path)) if "kmipbackup-tmp" in n]
 
 
-def serve_snapshots(lab, stop):
-    """Answers snapshot requests as the daemon does, with the core (the daemon needs a live source capture)."""
-    while not stop.is_set():
-        for rid, req in jobs.pending_requests(lab["data_dir"], "snapjob"):
-            db = lab["mongo"][lab["db"]]
-            info = make_snapshot(lab["head"], lab["js"], lab["keys"], lab["uid"], lab["mongo"], db)
-            jobs.answer_request(lab["data_dir"], "snapjob", rid, result={"id": info["snapshot_id"], "created": info["created"]})
-        time.sleep(0.1)
-
-
-def test_backup_snapshot(ansible, lab_job, tmp_path):
-    task = {BS: dict(job="snapjob", config_dir=lab_job["config_dir"], data_dir=lab_job["data_dir"], timeout=30)}
+def test_backup_snapshot_through_daemon_then_restore(ansible, tmp_path, pki, kmip_server, mongo_server):
+    import pymongo
+    cd, dd = str(tmp_path / "etc"), str(tmp_path / "var")
+    write_kmip_setup(cd, pki, kmip_server["port"])
+    mc = pymongo.MongoClient(mongo_server["uri"])
+    db = mc["bs_%d_%s" % (os.getpid(), CANARY)]
+    source = fill_source(db)
+    cfg, _info = jobs.plan_job({"job": "bsjob", "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
+                                "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                "master_key": {"create": True}, "state": "present"}, None)
+    jobs.write_job(cd, cfg)
+    task = {BS: dict(job="bsjob", config_dir=cd, data_dir=dd, timeout=60)}
     r = ansible.run([task], check=True)
     assert r[0]["changed"] is True and "request_id" not in r[0], r.output
-    assert not jobs.pending_requests(lab_job["data_dir"], "snapjob")
-    before = len(lab_job["js"].catalog())
-    stop = threading.Event()
-    t = threading.Thread(target=serve_snapshots, args=(lab_job, stop), daemon=True)
-    t.start()
+    assert not jobs.pending_requests(dd, "bsjob")
+
+    d = DaemonProcess(cd, dd).start()
     try:
-        r = ansible.run([task])
+        d.wait_status("bsjob", lambda st: st["state"] == "STARTED" and st["consistent"], timeout=120)
+        out = str(tmp_path / "restored")
+        r = ansible.run([task,
+                         {SI: dict(job="bsjob", config_dir=cd)},
+                         {SR: dict(job="bsjob", config_dir=cd, snapshot="{{ r0.snapshot.id }}", target_dir=out,
+                                   include=[db.name + ".*"])}])
     finally:
-        stop.set()
-        t.join()
+        d.stop()
     no_canary(r)
     assert r[0]["changed"] is True and not r[0].get("failed"), r.output
     s = r[0]["snapshot"]
-    assert len(lab_job["js"].catalog()) == before + 1 and s["id"] == lab_job["js"].catalog()[-1]["snapshot_id"]
-    assert s["encryption"] is True and s["master_key_uids"] == [lab_job["uid"]] and s["doc_count"] == 370
-    assert s["kind"] == "on-demand" and s["stored_bytes"] > 0
-    r = ansible.run([dict(task, **{BS: dict(task[BS], timeout=1)}), {BS: dict(job="nojob", config_dir=lab_job["config_dir"])}])
+    assert s["kind"] == "on-demand" and s["encryption"] is True and s["master_key_uids"] == [cfg["master_key_uid"]]
+    assert s["id"] in [x["id"] for x in r[1]["snapshots"]] and s["stored_bytes"] > 0 and s["doc_count"] >= 370
+    assert r[2]["changed"] is True and r[2]["snapshot_id"] == s["id"] and not r[2].get("failed"), r.output
+    assert read_dir(out, db.name) == source
+
+    # no daemon running: the request is not answered in time; an undeclared job fails at once
+    r = ansible.run([{BS: dict(task[BS], timeout=1)}, {BS: dict(job="nojob", config_dir=cd, data_dir=dd)}])
     assert r[0]["failed"] and "did not reach an answer" in r[0]["msg"] and r[0]["request_id"], r.output
     assert r[1]["failed"] and "not declared" in r[1]["msg"]
-    for rid, _req in jobs.pending_requests(lab_job["data_dir"], "snapjob"):
-        jobs.answer_request(lab_job["data_dir"], "snapjob", rid, error="test cleanup")
+    mc.close()
 
 
 def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
