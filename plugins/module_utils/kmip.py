@@ -25,6 +25,7 @@ import ssl
 import time
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import parse_server
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import CertificateError, IntegrityError, KmipError
 
 # PyKMIP is imported on first use: importing it pulls in SQLAlchemy (about a second), which
@@ -184,7 +185,6 @@ def verify_server(kmip_config, entry):
     """One TLS handshake with a configured server entry, checking its certificate and host name
     against the CA file. Returns {"server", "host", "port", "ok", "reason"}; a server that asks for a
     client certificate (which we do not send here) has passed the checks on its certificate."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import parse_server
     host, port = parse_server(entry, kmip_config.port)
     result = {"server": entry, "host": host, "port": port, "ok": False, "reason": None}
     ctx = tls_context(kmip_config.ca_file)
@@ -345,8 +345,8 @@ class KmipClient:
             hint = "set protocol: legacy in kmip_config" if op in (enums.Operation.ENCRYPT, enums.Operation.DECRYPT) else "check the server"
             return KmipError("the KMIP server %s does not support %s (%s): %s" % (self.server, op.name, message, hint),
                              kind="protocol", uid=uid)
-        return KmipError("KMIP %s on key %s failed at %s: %s (%s)" % (op.name, uid, self.server, message,
-                                                                   getattr(reason, "name", reason)), kind="protocol", uid=uid)
+        reason_name = getattr(reason, "name", reason)
+        return KmipError("KMIP %s on key %s failed at %s: %s (%s)" % (op.name, uid, self.server, message, reason_name), kind="protocol", uid=uid)
 
     def ping(self):
         """One authenticated KMIP request (DiscoverVersions): proves the server accepts this identity."""

@@ -18,7 +18,7 @@ description:
     a chain to the configured CA.
   - With O(verify=true), connects to the KMIP server with the certificate and checks it can use every master key recorded
     for the group's jobs (C(jobs/*.yml) with this group, current and previous keys), naming any it cannot.
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip
@@ -188,9 +188,9 @@ def present(module, config_dir):
         result["keys_checked"] = keys
         bad = [k for k in keys if not k["ok"]]
         if bad:
+            named = "; ".join("%s (jobs %s): %s" % (k["uid"], ", ".join(k["jobs"]), k["reason"]) for k in bad)
             module.fail_json(msg="the certificate of group %s (CN=%s) cannot use %d master key(s), nothing written: %s"
-                             % (grp.group, info.identity, len(bad), "; ".join("%s (jobs %s): %s" % (k["uid"], ", ".join(k["jobs"]), k["reason"])
-                                                                                for k in bad)), **result)
+                             % (grp.group, info.identity, len(bad), named), **result)
     return grp, result
 
 

@@ -14,7 +14,7 @@ description:
   - With O(verify=true), makes a TLS handshake with each server and checks its certificate and host name against O(ca_file)
     before writing anything; one server failing the check fails the module and writes nothing.
   - Client certificates are per group, see M(kmipbackup.mongodb.group_kmip).
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip

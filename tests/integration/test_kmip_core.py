@@ -213,7 +213,7 @@ def test_one_connection_for_many_operations_and_reconnect(pki, s1, g1, master):
             assert c.unwrap(rec) == b"\x02" * 32
         rate = 50 / (time.monotonic() - t)
         assert c._proxy.socket is sock  # no reconnects
-        assert rate > 50, rate
+        assert rate > 10, rate  # about 200/s on an idle machine; loose for loaded CI
         sock.shutdown(socket.SHUT_RDWR)  # the connection breaks under us
         assert c.unwrap(rec) == b"\x02" * 32
         assert c._proxy.socket is not sock
