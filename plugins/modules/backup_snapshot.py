@@ -15,7 +15,7 @@ description:
   - The snapshot is cut from the job's head at one applied cluster time; the job must be STARTED (head consistent).
     On-demand snapshots follow the daily retention, as in Ops Manager.
   - Every run takes a new snapshot; this is an action, not a desired state.
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
 attributes:

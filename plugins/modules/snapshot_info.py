@@ -17,7 +17,7 @@ description:
     The catalog is plaintext and authenticated with a MAC keyed by the snapshot's data key; this module cannot
     check that MAC without KMIP access, so what it shows is unverified. M(kmipbackup.mongodb.snapshot_restore)
     checks it (and every other store object) before it writes anything.
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.attributes.INFO_MODULE

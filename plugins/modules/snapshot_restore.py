@@ -29,7 +29,7 @@ description:
   - With encryption, namespace names are secret (they never reach the store, logs or Ansible output in plaintext);
     unless O(show_namespaces=true), the result and error messages name namespaces by their position in the
     snapshot (V(#1), V(#2), ...).
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
 attributes:
@@ -260,7 +260,7 @@ namespaces:
       description: The namespace in the snapshot (V(#n) for an encrypted snapshot unless O(show_namespaces=true)).
       type: str
     target:
-      description: The namespace written (after O(rename_databases)); V(#n) like O(namespaces[].source).
+      description: The namespace written (after O(rename_databases)); V(#n) like RV(namespaces[].source).
       type: str
     count:
       description: Documents.
@@ -280,7 +280,7 @@ bytes:
   returned: always
   type: int
 busy_namespaces:
-  description: Non-empty target namespaces (named as in O(namespaces[].target)) that O(drop=true) would replace.
+  description: Non-empty target namespaces (named as in RV(namespaces[].target)) that O(drop=true) would replace.
   returned: when the target is MongoDB
   type: list
   elements: str
@@ -304,7 +304,7 @@ restore_info_text:
   returned: when a restore ran
   type: str
 kmip_calls:
-  description: KMIP operations this run made (O(1) per key epoch).
+  description: KMIP operations this run made (one access check per master key and one unwrap per data key).
   returned: always
   type: int
 kmip_server:
@@ -314,6 +314,7 @@ kmip_server:
 '''
 
 import os
+import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -323,8 +324,9 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
 
 try:
     from pymongo.errors import PyMongoError
-except ImportError:  # reported by the core when a MongoDB target is used
-    PyMongoError = KmipBackupError
+except ImportError:  # the core reports the missing package when a MongoDB target is used
+    class PyMongoError(Exception):
+        pass
 
 
 def job_config(p):
@@ -370,7 +372,7 @@ def make_target(p, sid):
     if p["target_archive"]:
         t = restore.ArchiveTarget(p["target_archive"])
         return t, t.info_path
-    info = p["restore_info_file"] or os.path.expanduser("~/restoreInfo-%s-%s.txt" % (p["job"], sid))
+    info = p["restore_info_file"] or os.path.join(pwd.getpwuid(os.getuid()).pw_dir, "restoreInfo-%s-%s.txt" % (p["job"], sid))
     opts = {"serverSelectionTimeoutMS": p["target_connect_timeout"] * 1000, "connectTimeoutMS": p["target_connect_timeout"] * 1000}
     for param, opt in (("target_tls_ca_file", "tlsCAFile"), ("target_tls_certificate_key_file", "tlsCertificateKeyFile"),
                        ("target_username", "username"), ("target_password", "password"),
@@ -395,7 +397,7 @@ def check_keys(client, uids):
     if denied:
         raise KmipError("The KMIP client certificate (identity %s) cannot use the master key(s) %s that snapshot needs "
                         "(%s): use a certificate provisioned for these keys (the job's group certificate or a reissued "
-                        "one of the same identity)." % (client.identity, ", ".join(u for u, _ in denied),
+                        "one of the same identity)." % (client.identity, ", ".join(u for u, _kind in denied),
                                                         ", ".join("%s: %s" % d for d in denied)),
                         kind=denied[0][1], uid=denied[0][0])
 
