@@ -636,7 +636,7 @@ def main(argv=None):
         return 0
     if a.pidfile and read_pid(a.pidfile):
         if not a.status:
-            print("the daemon already runs (pid %d)" % read_pid(a.pidfile), file=sys.stderr)
+            sys.stderr.write("the daemon already runs (pid %d)\n" % read_pid(a.pidfile))
         return 0
     if a.status:
         return 3
@@ -661,4 +661,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ description:
     database (RV(resync_required)); the daemon destroys the old head only once the new one is consistent.
   - Everything is validated before anything is written (group, KMIP configuration, source reachability and
     credentials, access to a given master key).
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
 attributes:
@@ -227,7 +227,7 @@ from ansible.module_utils.basic import AnsibleModule
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
-    IMPORT_ERROR = None
+    IMPORT_ERROR = IMPORT_TRACE = None
 except ImportError as e:  # a missing third-party package of the core
     IMPORT_ERROR = e
     IMPORT_TRACE = traceback.format_exc()

@@ -12,7 +12,7 @@ version_added: 0.1.0
 description:
   - Returns every declared backup job (or the named ones) with its configuration, secrets redacted, and the
     daemon's status (statusName, consistency, applied cluster time, lag, head size, last error, last snapshot).
-author: kmipbackup developers
+author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.attributes.INFO_MODULE
@@ -74,7 +74,7 @@ from ansible.module_utils.basic import AnsibleModule
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
-    IMPORT_ERROR = None
+    IMPORT_ERROR = IMPORT_TRACE = None
 except ImportError as e:
     IMPORT_ERROR = e
     IMPORT_TRACE = traceback.format_exc()
