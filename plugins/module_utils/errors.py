@@ -26,8 +26,9 @@ class CertificateError(KmipBackupError):
 
 
 class KmipError(KmipBackupError):
-    """A KMIP failure; kind is one of: unknown_ca, bad_client_cert, no_client_auth,
-    permission_denied, not_found, not_active, unreachable, hostname_mismatch, protocol."""
+    """A KMIP failure; kind is one of: unknown_ca, untrusted_server, bad_client_cert,
+    no_client_auth, permission_denied, not_found, not_active, unreachable, hostname_mismatch,
+    protocol."""
 
     def __init__(self, message, kind="protocol", uid=None, servers=None):
         super().__init__(message)
