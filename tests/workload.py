@@ -165,7 +165,8 @@ class Workload:
         k = self.rnd.randint(0, 4)
         name = "ddl_%d" % self.renamed
         if k == 0:
-            self.db[name].insert_many([all_types_doc(i, self.rnd) for i in range(5)])
+            self.next_i += 5
+            self.db[name].insert_many([all_types_doc(self.next_i - i, self.rnd) for i in range(5)])
             create_indexes(self.db[name])
         elif k == 1 and name in self.db.list_collection_names():
             self.db[name].rename("ddl_%d" % (self.renamed + 1), dropTarget=True)

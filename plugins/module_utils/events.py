@@ -348,6 +348,7 @@ class Applier:
         to = ev.get("to") or (ev.get("operationDescription") or {}).get("to")
         to_ns = _ns(to)[1]
         if w.rename(ns, to_ns, drop_target=True):
+            self._refresh_into(w, to_ns)  # index events may have been applied without their full specs
             return APPLIED
         return SKIPPED  # already applied (catch-up) or never seen: the target is what the clone/refresh gave
 

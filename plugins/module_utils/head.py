@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
 
@@ -49,7 +50,7 @@ class HeadError(KmipBackupError):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL, doc BLOB NOT NULL,
-    PRIMARY KEY (ns_id, id_key)) WITHOUT ROWID;
+    bnd INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (ns_id, id_key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS namespaces (ns_id INTEGER PRIMARY KEY, ns TEXT NOT NULL UNIQUE, uuid BLOB,
     options BLOB NOT NULL, indexes BLOB NOT NULL, incarnation INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL, seq INTEGER NOT NULL,
@@ -63,6 +64,9 @@ INSERT OR IGNORE INTO meta VALUES ('schema', 1);
 """
 
 EMPTY_BSON = b"\x05\x00\x00\x00\x00"
+# Documents after which a snapshot chunk ends (crypto.boundary_threshold_fn for this target) are flagged
+# (docs.bnd) when written, so a snapshot finds chunk ends through a small partial index.
+BOUNDARY_TARGET = 1 << 20
 
 
 def _require():
@@ -95,6 +99,9 @@ class Head:
         self.path = os.path.abspath(path)
         self._key_hex = bytes(key).hex() if key is not None else None
         self._lock = threading.RLock()
+        self._boundary_key = crypto.derive(bytes(key) if key is not None else crypto.NULL_ID_KEY, "head chunk boundaries")
+        self._is_boundary = crypto.boundary_threshold_fn(self._boundary_key, BOUNDARY_TARGET)
+        self.boundary_target = BOUNDARY_TARGET
         ensure_private_dir(os.path.dirname(self.path))
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite gives -wal/-shm the same mode
@@ -104,11 +111,33 @@ class Head:
             self._conn.executescript(_SCHEMA)
             # incarnations unique across head files too, so a new head never reuses an old snapshot's numbers
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)", (time.time_ns() // 1000,))
+            self._add_boundary_flags()
         self._ns_cache = {}
+
+    def _add_boundary_flags(self):
+        """Flag chunk boundaries in a head written before the flags existed (once), and index the flags."""
+        conn = self._conn
+        if "bnd" not in [row[1] for row in conn.execute("PRAGMA table_info(docs)")]:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("ALTER TABLE docs ADD COLUMN bnd INTEGER NOT NULL DEFAULT 0")
+                conn.create_function("kmipbackup_boundary", 2, lambda k, n: 1 if self._is_boundary(k, n) else 0, deterministic=True)
+                conn.execute("UPDATE docs SET bnd = kmipbackup_boundary(id_key, length(doc))")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        conn.execute("CREATE INDEX IF NOT EXISTS docs_boundaries ON docs (ns_id, id_key) WHERE bnd = 1")
+
+    def boundary_fn(self, target_bytes):
+        """crypto.boundary_threshold_fn under this head's boundary key: (id_key, size) -> bool; for
+        BOUNDARY_TARGET it says exactly what the stored flags say."""
+        return crypto.boundary_threshold_fn(self._boundary_key, target_bytes)
 
     def _connect(self):
         conn = sqlcipher3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
         if self._key_hex is not None:
+            conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is reported by HeadError, not on stderr
             conn.execute("PRAGMA key = \"x'%s'\"" % self._key_hex)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -256,6 +285,37 @@ class Reader:
                 return
             yield from rows
 
+    def _range(self, sql, ns_id, start, end):
+        args = [ns_id]
+        if start is not None:
+            sql += " AND id_key >= ?"
+            args.append(bytes(start))
+        if end is not None:
+            sql += " AND id_key < ?"
+            args.append(bytes(end))
+        return sql, args
+
+    def boundaries(self, ns, start=None, end=None):
+        """Sorted id_keys in [start, end) of the documents flagged as chunk ends (for BOUNDARY_TARGET)."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return []
+        sql, args = self._range("SELECT id_key FROM docs INDEXED BY docs_boundaries WHERE ns_id=? AND bnd = 1", ns_id, start, end)
+        return [row[0] for row in self._c.execute(sql + " ORDER BY id_key", args)]
+
+    def read_range(self, ns, start=None, end=None):
+        """(first id_key, last id_key, [raw documents in id_key order]) of ns in [start, end), in three queries."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return None, None, []
+        sql, args = self._range("FROM docs WHERE ns_id=?", ns_id, start, end)
+        docs = [row[0] for row in self._c.execute("SELECT doc " + sql + " ORDER BY id_key", args).fetchall()]
+        if not docs:
+            return None, None, []
+        first = self._c.execute("SELECT id_key " + sql + " ORDER BY id_key LIMIT 1", args).fetchone()[0]
+        last = self._c.execute("SELECT id_key " + sql + " ORDER BY id_key DESC LIMIT 1", args).fetchone()[0]
+        return first, last, docs
+
     def get(self, ns, id_key):
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -369,7 +429,8 @@ class Writer(Reader):
     def upsert(self, ns, id_key, raw):
         """Store raw (BSON bytes) under (ns, id_key) and record the change."""
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
-        self._c.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", (ns_id, id_key, raw))
+        self._c.execute("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
+                        (ns_id, id_key, raw, 1 if self._h._is_boundary(id_key, len(raw)) else 0))
         self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
         self._dirty = True
 
@@ -379,7 +440,9 @@ class Writer(Reader):
         skips the change log."""
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
         pairs = pairs if isinstance(pairs, list) else list(pairs)
-        self._c.executemany("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", [(ns_id, k, v) for k, v in pairs])
+        isb = self._h._is_boundary
+        self._c.executemany("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
+                            [(ns_id, k, v, 1 if isb(k, len(v)) else 0) for k, v in pairs])
         if track:
             self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _ in pairs])
             self._dirty = True

@@ -250,7 +250,7 @@ def needs_initial_sync(head):
 def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=None):
     """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
 
-    Returns {"docs", "bytes", "namespaces", "seconds", "events"}."""
+    Returns {"docs", "bytes", "namespaces", "seconds", "clone_seconds", "events"}."""
     t0 = time.monotonic()
     status = on_status or (lambda **kw: None)
     with head.write() as w:
@@ -271,8 +271,10 @@ def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=
         for ns, info in namespaces:
             meta = _info_to_head(client, ns, info)
             w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+    t_clone = time.monotonic()
     docs, nbytes = _clone(head, client, [ns for ns, info in namespaces if info.get("type", "collection") == "collection"],
                           stop_event)
+    clone_seconds = time.monotonic() - t_clone
     end_time = _cluster_time(client)
     with head.write() as w:
         w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
@@ -289,6 +291,7 @@ def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=
         cap.run_once(max_time=2.0)
     cap.close()
     return {"docs": docs, "bytes": nbytes, "namespaces": len(namespaces), "seconds": time.monotonic() - t0,
+            "clone_seconds": clone_seconds,
             "events": cap.stats["events"]}
 
 
@@ -514,15 +517,23 @@ def recopy_document(w, client, ns, doc_key_raw):
 def verify(head, client, sample=100, full=False):
     """Compare sha256 of head and source documents; re-copy what differs, delete what the source lacks.
 
-    full=True: every document of every collection (both sides). Otherwise `sample` documents
-    per collection from each side ($sample at the source, random probes in the head).
-    Returns {"checked", "mismatched", "recopied", "removed"}. Run it while capture is paused
-    (between run_once calls): a document changed after the head's position counts as a
-    mismatch and is re-copied, and the stream then brings it on as usual."""
-    counts = {"checked": 0, "mismatched": 0, "recopied": 0, "removed": 0}
+    full=True: every document of every collection (both sides), and the namespaces themselves
+    (options and index specs re-read, namespaces missing on either side created or dropped).
+    Otherwise `sample` documents per collection from each side ($sample at the source, random
+    probes in the head). Returns {"checked", "mismatched", "recopied", "removed",
+    "namespaces_fixed"}. Run it while capture is paused (between run_once calls): a document
+    changed after the head's position counts as a mismatch and is re-copied, and the stream
+    then brings it on as usual."""
+    counts = {"checked": 0, "mismatched": 0, "recopied": 0, "removed": 0, "namespaces_fixed": 0}
     with head.read() as r:
-        names = [n["ns"] for n in r.namespaces() if not parse_options_is_view(n["options"])]
-    for ns in names:
+        in_head = {n["ns"]: n for n in r.namespaces()}
+    if full:
+        _verify_namespaces(head, client, in_head, counts)
+        with head.read() as r:
+            in_head = {n["ns"]: n for n in r.namespaces()}
+    for ns in sorted(in_head):
+        if parse_options_is_view(in_head[ns]["options"]):
+            continue
         db, coll = _split(ns)
         if full:
             with head.read() as r:
@@ -537,6 +548,20 @@ def verify(head, client, sample=100, full=False):
             docs = list(client[db][coll].aggregate([{"$sample": {"size": int(sample)}}]))
             _verify_source_batch(head, ns, [(id_key_from_document(d.raw), bytes(d.raw)) for d in docs], counts)
     return counts
+
+
+def _verify_namespaces(head, client, in_head, counts):
+    at_source = {ns: _info_to_head(client, ns, info) for ns, info in list_namespaces(client)}
+    with head.write() as w:
+        for ns in sorted(set(in_head) - set(at_source)):
+            counts["removed"] += w.count(ns)
+            w.drop_namespace(ns)
+            counts["namespaces_fixed"] += 1
+        for ns, meta in sorted(at_source.items()):
+            have = in_head.get(ns)
+            if have is None or have["options"] != meta["options"] or have["indexes"] != meta["indexes"]:
+                w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+                counts["namespaces_fixed"] += 1
 
 
 def parse_options_is_view(options_raw):
