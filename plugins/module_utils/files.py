@@ -26,9 +26,38 @@ PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 
 
+def _inherit_owner(fd_or_path, folder):
+    """As root, give a new file or folder the owner of the folder it is created in.
+
+    The backup_daemon role makes the daemon's user own config_dir and data_dir; modules
+    usually run as root. Inheriting the folder's owner keeps every file readable by the
+    daemon without widening any mode.
+    """
+    if os.geteuid() != 0:
+        return
+    st = os.stat(folder)
+    if isinstance(fd_or_path, int):
+        os.fchown(fd_or_path, st.st_uid, st.st_gid)
+    else:
+        os.chown(fd_or_path, st.st_uid, st.st_gid)
+
+
 def ensure_private_dir(path):
-    """Create path (and parents) as 0700; tighten it if it exists with other modes."""
-    os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
+    """Create path (and parents) as 0700; tighten it if it exists with other modes.
+
+    Folders created here take the owner of their parent (see _inherit_owner).
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if not os.path.exists(parent):
+            ensure_private_dir(parent)
+        try:
+            os.mkdir(path, PRIVATE_DIR)
+        except FileExistsError:
+            pass
+        else:
+            _inherit_owner(path, parent)
     if os.stat(path).st_mode & 0o777 != PRIVATE_DIR:
         os.chmod(path, PRIVATE_DIR)
     return path
@@ -43,11 +72,14 @@ def fsync_dir(path):
 
 
 def atomic_write(path, data, mode=PRIVATE_FILE):
-    """Write bytes to path atomically with the given mode; the folder must exist."""
+    """Write bytes to path atomically with the given mode; the folder must exist.
+
+    As root, the file takes the owner of its folder (see _inherit_owner)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         os.fchmod(fd, mode)
+        _inherit_owner(fd, folder)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
