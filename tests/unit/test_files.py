@@ -21,8 +21,6 @@ def test_atomic_write_private_modes(tmp_path):
 def test_failed_write_leaves_old_content(tmp_path):
     target = str(tmp_path / "f")
     files.atomic_write(target, b"old")
-
-
     with pytest.raises(TypeError):
         files.atomic_write(target, object())
     assert files.read_bytes(target) == b"old"
