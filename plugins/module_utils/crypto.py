@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import threading
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError
 
@@ -38,6 +39,7 @@ _NULL_SUM = 32
 ZSTD_LEVEL = 3
 # The null cipher's key for keyed hashes: an unencrypted job's ids and boundaries are not secret.
 NULL_ID_KEY = b"kmipbackup unencrypted job id key"
+_local = threading.local()
 
 
 def _require_cryptography():
@@ -117,14 +119,24 @@ def boundary_threshold_fn(id_key, target_bytes):
     return is_boundary
 
 
-def compress(data):
+def _zstd(kind, level=None):
+    """This thread's zstd compressor (per level) or decompressor: contexts are reused, never shared between threads."""
     _require_zstd()
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    cache = getattr(_local, "zstd", None)
+    if cache is None:
+        cache = _local.zstd = {}
+    z = cache.get((kind, level))
+    if z is None:
+        z = cache[(kind, level)] = zstandard.ZstdCompressor(level=level) if kind == "c" else zstandard.ZstdDecompressor()
+    return z
+
+
+def compress(data, level=None):
+    return _zstd("c", ZSTD_LEVEL if level is None else level).compress(data)
 
 
 def decompress(data, kind="chunk", object_id=None):
-    _require_zstd()
     try:
-        return zstandard.ZstdDecompressor().decompress(data)
+        return _zstd("d").decompress(data)
     except zstandard.ZstdError:
         raise integrity_error(kind, object_id, "does not decompress") from None

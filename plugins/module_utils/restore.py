@@ -4,7 +4,11 @@
 """Restoring a snapshot (no Ansible imports). PRIVATE to the collection.
 
 Targets: MongoTarget (a MongoDB deployment through pymongo), DirectoryTarget (mongodump
-layout) and ArchiveTarget (mongodump --archive file). Chunks are streamed one at a time.
+layout) and ArchiveTarget (mongodump --archive file). Chunks are streamed in order while a few
+worker threads read, authenticate and decompress the next ones (AES-GCM, zstd and hashing
+release the GIL); a chunk's plaintext is already mongodump's .bson format, so it goes to the
+file as it is. Every chunk is checked against its manifest entry (size, SHA-256), so the
+manifest's document counts and namespace hashes hold for what is written.
 Directory and archive restores are built in a temporary sibling and renamed into place at
 the end, so a failure leaves the target untouched. A MongoDB restore first authenticates
 every chunk it needs, then inserts; its progress is recorded in the marker collection
@@ -12,6 +16,8 @@ kmipbackup_restore.restoreInfo (state incomplete until the restore is verified).
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import fnmatch
 import hashlib
 import os
@@ -44,20 +50,13 @@ RESTORE_INFO = "restoreInfo.txt"
 MARKER_DB = "kmipbackup_restore"
 MARKER_COLL = "restoreInfo"
 INSERT_BATCH_BYTES = 8 << 20
+READ_THREADS = 2
+READ_AHEAD = 4
 
 
 def _require_pymongo():
     if pymongo is None:
         raise RestoreError("The Python package pymongo is missing (%s): install the collection's requirements." % PYMONGO_IMPORT_ERROR)
-
-
-def count_docs(plain):
-    n, pos, size = 0, 0, len(plain)
-    from_bytes = int.from_bytes
-    while pos < size:
-        pos += from_bytes(plain[pos:pos + 4], "little")
-        n += 1
-    return n
 
 
 def restore_info_text(entry, job, kmip_servers=None):
@@ -102,7 +101,8 @@ def select_namespaces(manifest, include=None, exclude=None, rename=None):
 
 
 class _Verifier:
-    """Per namespace: documents and content hash of what was streamed, compared with the manifest."""
+    """Per namespace: documents and content hash of the chunks streamed (each checked against its
+    manifest entry when read), compared with the manifest's namespace entry."""
 
     def __init__(self, n):
         self.n = n
@@ -110,8 +110,8 @@ class _Verifier:
         self.hashes = []
 
     def add(self, chunk_entry, plain):
-        self.count += count_docs(plain)
-        self.hashes.append({"sha256": hashlib.sha256(plain).digest()})
+        self.count += chunk_entry["count"]
+        self.hashes.append({"sha256": chunk_entry["sha256"]})
 
     def check(self, label, target_count=None):
         if self.count != self.n["count"] or namespace_hash(self.hashes) != self.n["hash"]:
@@ -192,8 +192,23 @@ def already_restored(job_store, snapshot, target):
 
 
 def _chunks(job_store, keys, n):
-    for c in n["chunks"]:
-        yield c, job_store.read_chunk(c, keys)
+    """(chunk entry, plaintext) of n's chunks in order, READ_AHEAD of them read by worker threads."""
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kmipbackup-restore") as pool:
+        pending = collections.deque()
+        for c in n["chunks"]:
+            pending.append((c, pool.submit(job_store.read_chunk, c, keys)))
+            if len(pending) > READ_AHEAD:
+                c0, f = pending.popleft()
+                yield c0, f.result()
+        while pending:
+            c0, f = pending.popleft()
+            yield c0, f.result()
+
+
+def _unwrap_keys(keys, selected):
+    """Unwrap every data key the selected chunks need, once, before worker threads read them."""
+    for key_id in sorted({c["key"] for n, _db, _coll in selected for c in n["chunks"] if c.get("key")}):
+        keys.key(key_id)
 
 
 def _tmp_sibling(path):
@@ -232,18 +247,15 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
             meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
             atomic_write(base + ".metadata.json", meta.encode("utf-8"))
             v = _Verifier(n)
-            whole = hashlib.sha256()
             fd = os.open(base + ".bson", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb", buffering=0) as f:
                 for c, plain in _chunks(job_store, keys, n):
                     v.add(c, plain)
-                    whole.update(plain)
                     f.write(plain)
-                f.flush()
                 os.fsync(f.fileno())
             if verify:
                 v.check(entry["snapshot_id"])
-                _check_file_hash(base + ".bson", whole.hexdigest())
+                _check_file(base + ".bson", n["chunks"])
         atomic_write(os.path.join(tmp, RESTORE_INFO), info_text.encode("utf-8"))
         _replace(tmp, target.path)
     except BaseException:
@@ -251,13 +263,14 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
         raise
 
 
-def _check_file_hash(path, expect):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != expect:
-        raise RestoreError("Verification failed: %s does not read back as written (disk error?); restore again." % path)
+def _check_file(path, chunks):
+    """Read the written file back: each chunk-sized piece must hash as its manifest entry says."""
+    with open(path, "rb", buffering=0) as f:
+        for c in chunks:
+            if hashlib.sha256(f.read(c["bytes"])).digest() != bytes(c["sha256"]):
+                raise RestoreError("Verification failed: %s does not read back as written (disk error?); restore again." % path)
+        if f.read(1):
+            raise RestoreError("Verification failed: %s is longer than written (another writer?); restore again." % path)
 
 
 def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text):
@@ -374,6 +387,7 @@ def restore(job_store, snapshot, keys, target, include=None, exclude=None, renam
     selected = select_namespaces(manifest, include, exclude, rename)
     info_text = restore_info_text(entry, job_store.job, kmip_servers)
     run = {"directory": _restore_directory, "archive": _restore_archive, "mongodb": _restore_mongodb}[target.kind]
+    _unwrap_keys(keys, selected)
     try:
         run(job_store, keys, entry, selected, target, drop, verify, info_text)
     except IntegrityError:

@@ -6,16 +6,23 @@
 One head.read() transaction gives the image at the head's cluster time. Per namespace, the
 documents in id_key order are cut into chunks after documents whose keyed hash of id_key
 falls under size/target (so chunks average target bytes and a boundary depends only on its
-own document), with a hard maximum. Incremental: chunk i of the previous manifest covers the
-id_keys (last of chunk i-1, last of chunk i]; only the runs of chunks whose range holds a
-changed id_key are re-read and re-chunked, every other chunk is reused without reading it.
+own document), with a hard maximum. The head flags those boundary documents when it writes
+them (for its default target), so a snapshot reads the boundary keys through an index and then
+each chunk's documents with one query: no per-document Python work. Incremental: chunk i of
+the previous manifest covers the id_keys (last of chunk i-1, last of chunk i]; only the runs of
+chunks whose range holds a changed id_key are re-read and re-cut, every other chunk is reused
+without reading it. Compression, hashing, sealing and writing run on worker threads (zstd,
+hashlib, AES-GCM and file I/O release the GIL) while the caller's thread reads the head.
 """
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import datetime
 import hashlib
 import os
+import threading
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, StoreError
@@ -30,6 +37,7 @@ except ImportError as e:  # pragma: no cover
 
 TARGET_BYTES = 1 << 20
 MAX_BYTES = 4 << 20
+WRITER_THREADS = 2
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
 
@@ -43,43 +51,86 @@ def new_snapshot_id(now):
 
 
 class _Writer:
-    """Writes the chunks of one snapshot, deduplicating by content address."""
+    """Writes the chunks of one snapshot on worker threads, deduplicating by content address.
 
-    def __init__(self, job_store, key_id, key, id_key, target_bytes, max_bytes):
+    emit() returns a chunk entry whose id, key, stored size and hash a worker fills in; at most
+    2 * threads chunks are in flight, so memory stays bounded whatever the snapshot's size."""
+
+    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, threads=WRITER_THREADS):
         self.js, self.key_id, self.key, self.id_key = job_store, key_id, key, id_key
-        self.is_boundary = crypto.boundary_threshold_fn(id_key, target_bytes)
+        self.is_boundary = is_boundary
         self.max_bytes = max_bytes
         self.unsynced = []
         self.written_bytes = 0
         self.written_chunks = 0
-        self.touched = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-chunk")
+        self._inflight = collections.deque()
+        self._limit = 2 * threads
+        self._lock = threading.Lock()
+        self._mine = {}  # chunk id -> stored size (None while being written) of chunks this snapshot writes
+        self._late = []  # entries waiting for the stored size of a chunk another worker writes
 
-    def emit(self, docs, first, last, size):
-        plain = b"".join(docs)
+    def emit(self, docs, first, last, count=None):
+        """A chunk entry for docs (a list of raw documents or their concatenation), stored by a worker."""
+        entry = {"id": None, "key": None, "first": Binary(first), "last": Binary(last),
+                 "count": len(docs) if count is None else count}
+        while len(self._inflight) >= self._limit:
+            self._inflight.popleft().result()
+        self._inflight.append(self._pool.submit(self._store, entry, docs))
+        return entry
+
+    def _store(self, entry, docs):
+        plain = docs if isinstance(docs, bytes) else b"".join(docs)
         cid = crypto.chunk_id(self.id_key, plain)
+        entry.update(id=cid, bytes=len(plain), sha256=Binary(hashlib.sha256(plain).digest()))
         path = self.js.chunk_path(cid)
-        if self.js.storage.exists(path):
-            key_id = self.js.chunk_key_id(cid)
-            self.js.storage.touch(path)  # GC grace: a reused chunk is young again
-            stored = self.js.storage.size(path)
+        with self._lock:
+            mine = cid in self._mine
+            if not mine and not self.js.storage.exists(path):
+                self._mine[cid] = None
+                write = True
+            else:
+                write = False
+        if write:
+            stored = self.js.put_chunk(cid, plain, self.key_id, self.key, sync=False)
+            with self._lock:
+                self._mine[cid] = stored
+                self.unsynced.append(path)
+                self.written_bytes += stored
+                self.written_chunks += 1
+            entry.update(key=self.key_id, stored=stored)
+        elif mine:  # equal content twice in this snapshot
+            with self._lock:
+                entry.update(key=self.key_id, stored=self._mine[cid])
+                if entry["stored"] is None:
+                    self._late.append(entry)
         else:
-            key_id = self.key_id
-            stored = self.js.put_chunk(cid, plain, key_id, self.key, sync=False)
-            self.unsynced.append(path)
-            self.written_bytes += stored
-            self.written_chunks += 1
-        return {"id": cid, "key": key_id, "first": Binary(first), "last": Binary(last), "count": len(docs),
-                "bytes": size, "stored": stored, "sha256": Binary(hashlib.sha256(plain).digest())}
+            entry["key"] = self.js.chunk_key_id(cid)
+            self.js.storage.touch(path)  # GC grace: a reused chunk is young again
+            entry["stored"] = self.js.storage.size(path)
+
+    def finish(self):
+        """Wait for every chunk; raises what a worker raised."""
+        try:
+            while self._inflight:
+                self._inflight.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for entry in self._late:
+            entry["stored"] = self._mine[entry["id"]]
+
+    def abort(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def chunk(self, rows):
-        """Chunk entries for (id_key, raw) rows in order."""
+        """Chunk entries for (id_key, raw) rows in order, cut where is_boundary says and at max_bytes."""
         out, docs, size, first = [], [], 0, None
         is_boundary, max_bytes = self.is_boundary, self.max_bytes
         last = None
         for key, raw in rows:
             n = len(raw)
             if docs and size + n > max_bytes:
-                out.append(self.emit(docs, first, last, size))
+                out.append(self.emit(docs, first, last))
                 docs, size = [], 0
             if not docs:
                 first = key
@@ -87,10 +138,26 @@ class _Writer:
             size += n
             last = key
             if is_boundary(key, n):
-                out.append(self.emit(docs, first, last, size))
+                out.append(self.emit(docs, first, last))
                 docs, size = [], 0
         if docs:
-            out.append(self.emit(docs, first, last, size))
+            out.append(self.emit(docs, first, last))
+        return out
+
+    def cut(self, reader, ns, start, end):
+        """Chunk entries for the documents of ns in [start, end): the head's boundary flags give the
+        chunks' ends, each chunk is one range read; a range over max_bytes is re-read and split."""
+        out = []
+        lo = start
+        for b in reader.boundaries(ns, start, end) + [None]:
+            hi = end if b is None else b + b"\x00"
+            first, last, docs = reader.read_range(ns, lo, hi)
+            if docs:
+                if sum(map(len, docs)) > self.max_bytes:
+                    out.extend(self.chunk(reader.scan(ns, lo, hi)))
+                else:
+                    out.append(self.emit(docs, first, last))
+            lo = hi
         return out
 
 
@@ -111,10 +178,16 @@ def _runs(indices):
     return runs
 
 
-def _namespace_chunks(reader, ns, prev, writer):
+def _cut(reader, ns, start, end, writer, flagged):
+    if flagged:
+        return writer.cut(reader, ns, start, end)
+    return writer.chunk(reader.scan(ns, start, end))
+
+
+def _namespace_chunks(reader, ns, prev, writer, flagged):
     """The chunk list of ns: a full cut, or the previous list with changed ranges re-cut."""
     if prev is None or not prev["chunks"]:
-        return writer.chunk(reader.scan(ns)), False
+        return _cut(reader, ns, None, None, writer, flagged), False
     chunks = prev["chunks"]
     lasts = [bytes(c["last"]) for c in chunks]
     n = len(chunks)
@@ -126,7 +199,7 @@ def _namespace_chunks(reader, ns, prev, writer):
         out.extend(chunks[i:a])
         start = lasts[a - 1] + b"\x00" if a > 0 else None
         end = lasts[b] + b"\x00" if b < n - 1 else None
-        out.extend(writer.chunk(reader.scan(ns, start, end)))
+        out.extend(_cut(reader, ns, start, end, writer, flagged))
         i = b + 1
     out.extend(chunks[i:])
     return out, True
@@ -166,35 +239,45 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
             prev_manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
         except (StoreError, KmipBackupError):
             prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
-    writer = _Writer(job_store, key_id, key, id_key, target_bytes, max_bytes)
-    with head.read() as r:
-        pos = r.position()
-        if not pos.get("consistent") or not pos.get("cluster_time"):
-            job_store.end(snapshot_id)
-            raise SnapshotError("The head of job %s is not consistent yet (initial sync or catch-up running): a snapshot "
-                                "can only be cut at a consistent cluster time; wait for status STARTED." % job_store.job)
-        change_seq = r.change_seq
-        prev = _prev_namespaces(prev_manifest, head.path)
-        if prev_manifest is not None and prev and prev_manifest.get("change_seq", 0) > change_seq:
-            prev = {}
-        namespaces, reused = [], 0
-        for info in r.namespaces():
-            ns = info["ns"]
-            p = prev.get(ns)
-            if p is not None and p.get("incarnation") != info["incarnation"]:
-                p = None
-            chunks, _incremental = _namespace_chunks(r, ns, p, writer)
-            if p is not None:
-                prev_ids = {id(c) for c in p["chunks"]}
-                reused += sum(1 for c in chunks if id(c) in prev_ids)
-            namespaces.append({
-                "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
-                "options": Binary(bytes(info["options"] or b"\x05\x00\x00\x00\x00")),
-                "indexes": [Binary(bytes(s)) for s in info["indexes"]], "incarnation": info["incarnation"],
-                "type": info.get("type") or "collection",
-                "count": sum(c["count"] for c in chunks), "bytes": sum(c["bytes"] for c in chunks),
-                "stored": sum(c["stored"] for c in chunks), "hash": namespace_hash(chunks), "chunks": chunks})
-        cluster_time = list(pos["cluster_time"])
+    boundary_fn = getattr(head, "boundary_fn", None)
+    flagged = boundary_fn is not None and target_bytes == getattr(head, "boundary_target", None)
+    is_boundary = boundary_fn(target_bytes) if boundary_fn is not None else crypto.boundary_threshold_fn(id_key, target_bytes)
+    writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes)
+    try:
+        with head.read() as r:
+            pos = r.position()
+            if not pos.get("consistent") or not pos.get("cluster_time"):
+                raise SnapshotError("The head of job %s is not consistent yet (initial sync or catch-up running): a snapshot "
+                                    "can only be cut at a consistent cluster time; wait for status STARTED." % job_store.job)
+            change_seq = r.change_seq
+            prev = _prev_namespaces(prev_manifest, head.path)
+            if prev_manifest is not None and prev and prev_manifest.get("change_seq", 0) > change_seq:
+                prev = {}
+            namespaces, reused = [], 0
+            for info in r.namespaces():
+                ns = info["ns"]
+                p = prev.get(ns)
+                if p is not None and p.get("incarnation") != info["incarnation"]:
+                    p = None
+                chunks, _incremental = _namespace_chunks(r, ns, p, writer, flagged)
+                if p is not None:
+                    prev_ids = {id(c) for c in p["chunks"]}
+                    reused += sum(1 for c in chunks if id(c) in prev_ids)
+                namespaces.append({
+                    "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
+                    "options": Binary(bytes(info["options"] or b"\x05\x00\x00\x00\x00")),
+                    "indexes": [Binary(bytes(s)) for s in info["indexes"]], "incarnation": info["incarnation"],
+                    "type": info.get("type") or "collection", "chunks": chunks})
+            cluster_time = list(pos["cluster_time"])
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        job_store.end(snapshot_id)
+        raise
+    for n in namespaces:
+        chunks = n.pop("chunks")
+        n.update(count=sum(c["count"] for c in chunks), bytes=sum(c["bytes"] for c in chunks),
+                 stored=sum(c["stored"] for c in chunks), hash=namespace_hash(chunks), chunks=chunks)
     job_store.storage.sync(writer.unsynced)
     missing = [c["id"] for n in namespaces for c in n["chunks"] if not job_store.has_chunk(c["id"])]
     if missing:

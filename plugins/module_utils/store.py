@@ -29,6 +29,7 @@ that a later GC removes; catalog entries are removed before the files only they 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -89,7 +90,8 @@ class FileStorage:
         return os.path.join(self.root, *path.split("/"))
 
     def put_atomic(self, path, data, sync=True):
-        """Write data at path atomically; sync=False leaves fsync to a later sync([path])."""
+        """Write data at path atomically and durably; sync=False leaves the folder's fsync to a later
+        sync([path]) (the file itself is fsynced before it gets its name, so a name never shows a torn file)."""
         full = self._p(path)
         folder = os.path.dirname(full)
         if not os.path.isdir(folder):
@@ -97,11 +99,12 @@ class FileStorage:
         if sync:
             atomic_write(full, data)
             return
-        tmp = "%s.tmp-%d" % (full, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = "%s.tmp-%d-%s" % (full, os.getpid(), os.urandom(4).hex())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb", buffering=0) as f:
                 f.write(data)
+                os.fsync(f.fileno())
             os.replace(tmp, full)
         except BaseException:
             if os.path.exists(tmp):
@@ -118,18 +121,15 @@ class FileStorage:
             ensure_private_dir(f)
 
     def sync(self, paths):
-        """Make earlier put_atomic(sync=False) writes durable: fsync each file, then each folder."""
-        folders = set()
-        for path in paths:
-            full = self._p(path)
-            fd = os.open(full, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            folders.add(os.path.dirname(full))
-        for folder in folders:
-            fsync_dir(folder)
+        """Make earlier put_atomic(sync=False) writes durable: fsync their folders (in parallel: the
+        filesystem commits concurrent fsyncs together)."""
+        folders = sorted({os.path.dirname(self._p(path)) for path in paths})
+        if len(folders) <= 1:
+            for folder in folders:
+                fsync_dir(folder)
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(8, len(folders))) as pool:
+            list(pool.map(fsync_dir, folders))
 
     def get(self, path):
         try:
@@ -277,20 +277,25 @@ class JobStore:
         self.storage.put_atomic(self.chunk_path(cid), blob, sync=sync)
         return len(blob)
 
-    def read_chunk_sealed(self, cid, keys):
-        """The compressed plaintext of a chunk, authenticated (IntegrityError naming the chunk)."""
+    def _open_chunk(self, cid, keys, expect_key=None):
+        """(key id, compressed plaintext) of a chunk, authenticated (IntegrityError naming the chunk)."""
         if not CHUNK_RE.match(cid):
             raise crypto.integrity_error("chunk", cid, "has an invalid id")
         blob = self.storage.get(self.chunk_path(cid))
         key_id, sealed = _unblob(b"KBC1", blob, "chunk", cid)
+        if expect_key is not None and key_id != expect_key:
+            raise crypto.integrity_error("chunk", cid, "names another key than its manifest")
         return crypto.open_sealed(keys.key(key_id), sealed, self._chunk_aad(cid, key_id), "chunk", cid)
 
+    def read_chunk_sealed(self, cid, keys):
+        """The compressed plaintext of a chunk, authenticated (IntegrityError naming the chunk)."""
+        return self._open_chunk(cid, keys)
+
     def read_chunk(self, entry, keys):
-        """The plaintext of a manifest's chunk entry, checked against the entry's key, size and hash."""
+        """The plaintext of a manifest's chunk entry, checked against the entry's key, size and hash
+        (one read of the chunk; safe to call from several threads once the keys it needs are unwrapped)."""
         cid = entry["id"]
-        if entry.get("key") is not None and self.chunk_key_id(cid) != entry["key"]:
-            raise crypto.integrity_error("chunk", cid, "names another key than its manifest")
-        plain = crypto.decompress(self.read_chunk_sealed(cid, keys), "chunk", cid)
+        plain = crypto.decompress(self._open_chunk(cid, keys, entry.get("key")), "chunk", cid)
         if len(plain) != entry["bytes"] or hashlib.sha256(plain).digest() != bytes(entry["sha256"]):
             raise crypto.integrity_error("chunk", cid, "does not match its manifest")
         return plain
