@@ -224,7 +224,9 @@ def test_drop_false_refuses_non_empty_target(ansible, lab_job, tmp_path, mongo_s
     os.makedirs(d)
     with open(os.path.join(d, "other.txt"), "w") as f:
         f.write("keep")
-    base = dict(target_uri=mongo_server["uri"], rename_databases={lab_job["db"]: busy_db})
+    # a snapshot of its own: no earlier restore of it into this MongoDB (see test_second_database_restore)
+    sid = make_snapshot(lab_job["head"], lab_job["js"], lab_job["keys"], lab_job["uid"], m, m[lab_job["db"]])["snapshot_id"]
+    base = dict(target_uri=mongo_server["uri"], rename_databases={lab_job["db"]: busy_db}, snapshot=sid)
     label = "#%d" % (sorted(lab_job["source"]).index("%s.orders_%s" % (lab_job["db"], CANARY)) + 1)  # manifest order
     r = ansible.run([sr(lab_job, **base), sr(lab_job, target_dir=d)])
     no_canary(r)
@@ -240,6 +242,19 @@ def test_drop_false_refuses_non_empty_target(ansible, lab_job, tmp_path, mongo_s
     assert r[1]["changed"] is True and not r[1].get("failed"), r.output
     assert r[1]["busy_namespaces"] == [label]
     assert_db_equal(m, lab_job, busy_db)
+
+
+@pytest.mark.xfail(strict=True, reason="core: restore.already_restored and the MongoDB marker are keyed by job/snapshot only, "
+                                       "so a restore of the same snapshot into other databases (rename/include/exclude) is skipped")
+def test_second_database_restore_is_not_skipped(ansible, lab_job, mongo_server):
+    m = lab_job["mongo"]
+    sid = make_snapshot(lab_job["head"], lab_job["js"], lab_job["keys"], lab_job["uid"], m, m[lab_job["db"]])["snapshot_id"]
+    dbs = ["second_a_%d" % os.getpid(), "second_b_%d" % os.getpid()]
+    r = ansible.run([sr(lab_job, target_uri=mongo_server["uri"], snapshot=sid, rename_databases={lab_job["db"]: db},
+                        restore_info_file=os.path.join(os.path.dirname(lab_job["store"]), db + ".txt")) for db in dbs])
+    assert r[0]["changed"] is True and not r[0].get("failed"), r.output
+    assert r[1]["changed"] is True and not r[1].get("failed"), r.output
+    assert_db_equal(m, lab_job, dbs[1])
 
 
 def test_certificates(ansible, lab_job, tmp_path, pki, kmip_server):
@@ -334,6 +349,10 @@ def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
               config_dir=str(tmp_path / "fresh-host"), kmip_servers=["127.0.0.1:%d" % kmip_server["port"]], kmip_ca_file=pki["ca"],
               client_cert_file=pki["encrypted"]["pem"], client_cert_password=pki["encrypted"]["password"])
     pb = os.path.join(ROOT, "playbooks", "restore.yml")
+    p = ansible.run_playbook(pb, "--check", extra_vars=ev)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "would be restored (check mode)" in out, out[-4000:]
+    assert not os.path.exists(d)
     p = ansible.run_playbook(pb, extra_vars=ev)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
@@ -341,6 +360,10 @@ def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
     assert "Verified: 2 namespace(s)" in out
     assert CANARY not in out and "lab-password" not in out
     assert read_dir(d, lab_job["db"]) == lab_job["source"]
+    p = ansible.run_playbook(pb, extra_vars=ev)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "already held this restore, nothing done" in out, out[-4000:]
+    assert CANARY not in out and "lab-password" not in out
     p = ansible.run_playbook(pb, extra_vars=dict(ev, client_cert_file=pki["clients"]["group2"]["pem"], client_cert_password=None,
                                                  target_dir=str(tmp_path / "denied")))
     out = p.stdout + p.stderr
