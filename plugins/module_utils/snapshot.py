@@ -81,8 +81,9 @@ class _Writer:
 
     def _store(self, entry, docs):
         plain = docs if isinstance(docs, bytes) else b"".join(docs)
-        cid = crypto.chunk_id(self.id_key, plain)
-        entry.update(id=cid, bytes=len(plain), sha256=Binary(hashlib.sha256(plain).digest()))
+        digest = hashlib.sha256(plain).digest()
+        cid = crypto.chunk_id(self.id_key, plain, digest)
+        entry.update(id=cid, bytes=len(plain), sha256=Binary(digest))
         path = self.js.chunk_path(cid)
         with self._lock:
             mine = cid in self._mine

@@ -1,0 +1,498 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Speed and memory benchmarks of kmipbackup.mongodb (issues 3 and 4), with restic and borg as peers.
+
+Everything runs on the same data in the same run, and the table prints ratios (higher is better
+for us unless a column says otherwise). Run it with benchmarks/run (it sets up the environment):
+
+  benchmarks/run                         # ~200 MB job, ~40 MB sync source: a few minutes
+  benchmarks/run --size-mb 2048 --sync-mb 1024   # the issues' sizes (2 GB job, 1 GB source)
+  benchmarks/run --only snapshot         # snapshot/restore part only (also: sync, events)
+
+It installs nothing: restic, borg and the PyKMIP/SecantusDB servers must be present (missing
+ones are reported and their rows skipped). Work files go under --work (default a fresh folder
+under /var/tmp), removed at the end unless --keep.
+
+Snapshot and restore run in child processes so their peak RSS is their own (os.wait4 rusage).
+KMIP calls are counted by the real KmipClient against a real PyKMIP server over mutual TLS.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(ROOT, "tools"), os.path.join(ROOT, ".build", "collections")]
+
+JOB = "bench"
+HEAD_KEY = bytes(range(32))  # a fixed head key: the benchmark's head is throwaway
+PASSWORD = "bench-password-not-secret"
+
+
+# --------------------------------------------------------------------------------------------
+# child processes: one measured operation each, results as JSON on stdout
+# --------------------------------------------------------------------------------------------
+
+def _kmip_client(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, kmip
+    kc = config.KmipConfig(servers=["127.0.0.1:%d" % args["kmip_port"]], ca_file=args["ca"])
+    return kmip.KmipClient(kc, config.GroupConfig("bench", args["pem"]))
+
+
+def child_snapshot(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, snapshot, store
+    h = head.Head(args["head"], HEAD_KEY)
+    js = store.JobStore(args["store"], JOB)
+    with _kmip_client(args) as c:
+        t0 = time.perf_counter()
+        e = snapshot.take_snapshot(h, js, store.Keys(js, c), JOB, args["master_uid"], True)
+        seconds = time.perf_counter() - t0
+        calls = c.calls
+    h.mark_snapshotted(e["change_seq"])
+    h.close()
+    return {"seconds": seconds, "kmip_calls": calls, "data_bytes": e["data_bytes"], "written_bytes": e["written_bytes"],
+            "stored_bytes": e["stored_bytes"], "docs": e["doc_count"], "written_chunks": e["written_chunks"],
+            "reused_chunks": e["reused_chunks"]}
+
+
+def child_restore(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, store
+    js = store.JobStore(args["store"], JOB)
+    target = restore.DirectoryTarget(args["out"]) if args["kind"] == "directory" else restore.ArchiveTarget(args["out"])
+    with _kmip_client(args) as c:
+        t0 = time.perf_counter()
+        r = restore.restore(js, "latest", store.Keys(js, c), target)
+        seconds = time.perf_counter() - t0
+        calls = c.calls
+    return {"seconds": seconds, "kmip_calls": calls, "bytes": r["bytes"], "docs": r["documents"]}
+
+
+def child_sync(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+    h = head.Head(args["head"], HEAD_KEY)
+    client = source.connect({"uri": args["uri"], "connect_timeout": 10})
+    t0 = time.perf_counter()
+    r = source.initial_sync(h, client)
+    seconds = time.perf_counter() - t0
+    client.close()
+    h.close()
+    return {"seconds": seconds, "docs": r["docs"], "bytes": r["bytes"]}
+
+
+CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_sync}
+
+
+def run_child(kind, args):
+    """Run one measured operation in a child process; its result plus its peak RSS (MB)."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError("child %s failed (%s):\n%s" % (kind, proc.returncode, err.decode(errors="replace")[-4000:]))
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["rss_mb"] = usage.ru_maxrss / 1024.0
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+def build_head(path, gen, total_docs):
+    """An encrypted head holding total_docs generated documents in 4 collections, consistent."""
+    import bson
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    from data import namespaces
+    h = head.Head(path, HEAD_KEY)
+    id_spec = bson.encode({"v": 2, "key": {"_id": 1}, "name": "_id_"})
+    for ns, start, count in namespaces(total_docs):
+        with h.write() as w:
+            w.create_namespace(ns, bson.encode({}), uuid=os.urandom(16), indexes=[id_spec])
+        for s in range(start, start + count, 20000):
+            docs = gen.raws(s, min(20000, start + count - s))
+            with h.write() as w:
+                w.upsert_many(ns, [(head.id_key_from_document(d), d) for d in docs], track=False)
+    with h.write() as w:
+        w.set_position(b"bench-token", [1760000000, 1], True)
+    h.checkpoint()
+    h.close()
+
+
+def write_dump_dir(head_path, out):
+    """The head's image as a mongodump directory (what restic and borg back up)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, mongodump
+    h = head.Head(head_path, HEAD_KEY)
+    with h.read() as r:
+        for n in r.namespaces():
+            db, coll = n["ns"].split(".", 1)
+            os.makedirs(os.path.join(out, db), exist_ok=True)
+            base = os.path.join(out, db, coll)
+            with open(base + ".metadata.json", "w") as f:
+                f.write(mongodump.metadata_json(n["options"], n["indexes"], n["uuid"], coll))
+            with open(base + ".bson", "wb") as f:
+                for _first, _last, docs in _ranges(r, n["ns"]):
+                    f.write(b"".join(docs))
+    h.close()
+
+
+def _ranges(r, ns):
+    lo = None
+    for b in r.boundaries(ns) + [None]:
+        hi = None if b is None else b + b"\x00"
+        yield r.read_range(ns, lo, hi)
+        lo = hi
+
+
+def change_one_percent(head_path, gen, total_docs):
+    """1% of the documents change: 0.5% updates (every 4th document among the newest 2%), 0.5% inserts of new ids.
+    Returns the number of changed documents."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    from data import namespaces
+    h = head.Head(head_path, HEAD_KEY)
+    changed = 0
+    with h.write() as w:
+        for ns, start, count in namespaces(total_docs):
+            n = max(2, count // 100)
+            updates, inserts = n // 2, n - n // 2
+            recent = start + count - 4 * updates  # updates: every 4th of the newest 2% of the documents
+            for i in range(recent, start + count, 4):
+                raw = gen.raw(i, version=1)
+                w.upsert(ns, head.id_key_from_document(raw), raw)
+                changed += 1
+            for i in range(inserts):
+                raw = gen.raw(10_000_000 * (1 + namespaces(total_docs).index((ns, start, count))) + i)
+                w.upsert(ns, head.id_key_from_document(raw), raw)
+                changed += 1
+        w.set_position(b"bench-token-2", [1760000100, 1], True)
+    h.close()
+    return changed
+
+
+def du(path):
+    total = 0
+    for folder, _dirs, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(folder, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def timed(cmd, env=None, cwd=None):
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed: %s" % (" ".join(cmd), proc.stderr.decode(errors="replace")[-2000:]))
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, section, what, value, unit="", ratio=None, want=None):
+        self.rows.append((section, what, value, unit, ratio, want))
+        print("  %-8s %-58s %12s %-6s %s" % (section, what, _fmt(value), unit,
+                                             "" if ratio is None else "ratio %.2f (want %s)" % (ratio, want)), flush=True)
+
+    def render(self):
+        lines = ["| part | measure | value | unit | ratio (want) |", "|---|---|---:|---|---|"]
+        for section, what, value, unit, ratio, want in self.rows:
+            r = "" if ratio is None else "%.2f (%s)%s" % (ratio, want, "" if _meets(ratio, want) else " MISSED")
+            lines.append("| %s | %s | %s | %s | %s |" % (section, what, _fmt(value), unit, r))
+        return "\n".join(lines)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "%.2f" % v if v < 100 else "%.0f" % v
+    return str(v)
+
+
+def _meets(ratio, want):
+    limit = float(want[2:].split()[0])
+    return ratio >= limit if want.startswith(">=") else ratio <= limit
+
+
+def tools():
+    found = {name: shutil.which(name) for name in ("restic", "borg", "pykmip-server", "secantusd-py")}
+    for name in ("pykmip-server", "secantusd-py"):
+        cand = os.path.join(os.path.dirname(sys.executable), name)
+        if os.path.exists(cand):
+            found[name] = cand
+    return found
+
+
+def section_snapshot(opts, work, table, found):
+    import kmipbackup_lab as lab
+    from data import Generator
+    mb = 1e6
+    total_docs = int(opts.size_mb * 1e6 / 600)
+    print("snapshot/restore: %d documents (~%d MB of BSON), seed %d" % (total_docs, opts.size_mb, opts.seed), flush=True)
+    gen = Generator(opts.seed)
+    head_path = os.path.join(work, "head", "head.db")
+    t0 = time.perf_counter()
+    build_head(head_path, gen, total_docs)
+    dump = os.path.join(work, "dump")
+    write_dump_dir(head_path, dump)
+    data_bytes = sum(os.path.getsize(os.path.join(dump, "bench", f)) for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
+    print("  data ready in %.0f s: %.1f MB of BSON" % (time.perf_counter() - t0, data_bytes / mb), flush=True)
+
+    pki = lab.make_pki(os.path.join(work, "pki"), ("bench",))
+    kmip = lab.start_kmip_server(os.path.join(work, "kmip"), pki)
+    try:
+        args = {"kmip_port": kmip["port"], "ca": pki["ca"], "pem": pki["clients"]["bench"]["pem"],
+                "head": head_path, "store": os.path.join(work, "store")}
+        with _kmip_client(args) as c:
+            args["master_uid"] = c.create_master_key("bench-master")
+        full = run_child("snapshot", args)
+        full_rate = full["data_bytes"] / full["seconds"] / mb
+        table.add("snapshot", "full snapshot from the head (%d docs)" % full["docs"], full_rate, "MB/s")
+        table.add("snapshot", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
+        table.add("snapshot", "full snapshot: KMIP calls", full["kmip_calls"], "calls")
+        table.add("snapshot", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
+
+        env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, BORG_PASSPHRASE=PASSWORD, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                   BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", RESTIC_CACHE_DIR=os.path.join(work, "restic-cache"),
+                   BORG_BASE_DIR=os.path.join(work, "borg-base"))
+        restic_backup = restic_restore = None
+        if found["restic"]:
+            repo = os.path.join(work, "restic")
+            timed(["restic", "-q", "init", "--repo", repo], env)
+            restic_backup = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
+            rate = data_bytes / restic_backup / mb
+            table.add("snapshot", "restic backup of the same data as a mongodump directory", rate, "MB/s")
+            table.add("snapshot", "restic backup: repository bytes", du(repo) / mb, "MB")
+            table.add("snapshot", "snapshot vs restic backup (speed)", full_rate / rate, "x", full_rate / rate, ">=1.0")
+        else:
+            print("  restic is not installed (apt-get install restic): its rows are skipped")
+        if found["borg"]:
+            repo = os.path.join(work, "borg")
+            timed(["borg", "init", "-e", "repokey", repo], env)
+            borg_create = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
+            table.add("snapshot", "borg create (lz4, repokey) of the same directory", data_bytes / borg_create / mb, "MB/s")
+            table.add("snapshot", "snapshot vs borg create (speed)", full_rate / (data_bytes / borg_create / mb), "x")
+        else:
+            print("  borg is not installed (apt-get install borgbackup): its rows are skipped")
+
+        out = os.path.join(work, "restored")
+        rest = run_child("restore", dict(args, out=out, kind="directory"))
+        rest_rate = rest["bytes"] / rest["seconds"] / mb
+        table.add("restore", "restore to a mongodump directory", rest_rate, "MB/s")
+        table.add("restore", "restore: KMIP calls (one key epoch)", rest["kmip_calls"], "calls")
+        table.add("restore", "restore: peak RSS (child process)", rest["rss_mb"], "MB", rest["rss_mb"] / 300.0, "<=1.0 of 300 MB")
+        same = all(_same_file(os.path.join(dump, "bench", f), os.path.join(out, "bench", f))
+                   for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
+        table.add("restore", "restored .bson files byte-equal to the dump", "yes" if same else "NO")
+        shutil.rmtree(out)
+        arch = run_child("restore", dict(args, out=os.path.join(work, "dump.archive"), kind="archive"))
+        table.add("restore", "restore to a mongodump archive", arch["bytes"] / arch["seconds"] / mb, "MB/s")
+        os.unlink(os.path.join(work, "dump.archive"))
+        if found["restic"]:
+            restic_restore = timed(["restic", "-q", "restore", "--repo", os.path.join(work, "restic"), "latest",
+                                    "--target", os.path.join(work, "restic-out")], env)
+            rate = data_bytes / restic_restore / mb
+            table.add("restore", "restic restore of the same data", rate, "MB/s")
+            table.add("restore", "restore vs restic restore (speed)", rest_rate / rate, "x", rest_rate / rate, ">=1.0")
+            shutil.rmtree(os.path.join(work, "restic-out"))
+        if found["borg"]:
+            os.makedirs(os.path.join(work, "borg-out"))
+            borg_extract = timed(["borg", "extract", os.path.join(work, "borg") + "::a"], env, cwd=os.path.join(work, "borg-out"))
+            table.add("restore", "borg extract of the same data", data_bytes / borg_extract / mb, "MB/s")
+            shutil.rmtree(os.path.join(work, "borg-out"))
+
+        changed = change_one_percent(head_path, gen, total_docs)
+        inc = run_child("snapshot", args)
+        table.add("incr", "documents changed (updates of recent ids + inserts)", changed, "docs")
+        table.add("incr", "incremental snapshot time", inc["seconds"], "s")
+        table.add("incr", "incremental snapshot time / full snapshot time", inc["seconds"] / full["seconds"], "x",
+                  inc["seconds"] / full["seconds"], "<=0.10")
+        table.add("incr", "incremental snapshot bytes written / full", inc["written_bytes"] / full["written_bytes"], "x",
+                  inc["written_bytes"] / full["written_bytes"], "<=0.05")
+        table.add("incr", "incremental snapshot: KMIP calls", inc["kmip_calls"], "calls")
+        table.add("incr", "incremental snapshot: chunks written / reused", "%d / %d" % (inc["written_chunks"], inc["reused_chunks"]))
+    finally:
+        lab.stop(kmip["pid"])
+
+
+def _same_file(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def section_sync(opts, work, table, found):
+    import pymongo
+    from bson.raw_bson import RawBSONDocument
+    import kmipbackup_lab as lab
+    from data import Generator, namespaces
+    mb = 1e6
+    total_docs = int(opts.sync_mb * 1e6 / 600)
+    print("initial sync: %d documents (~%d MB) in SecantusDB" % (total_docs, opts.sync_mb), flush=True)
+    mongo = lab.start_mongo_server(os.path.join(work, "mongo"))
+    try:
+        client = pymongo.MongoClient(mongo["uri"], document_class=RawBSONDocument)
+        gen = Generator(opts.seed)
+        t0 = time.perf_counter()
+        for ns, start, count in namespaces(total_docs):
+            db, coll = ns.split(".", 1)
+            for s in range(start, start + count, 5000):
+                client[db][coll].insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, start + count - s))], ordered=False)
+        print("  source loaded in %.0f s" % (time.perf_counter() - t0), flush=True)
+        scan = []
+        for _ in range(2):  # the better of two scans: the server's cache is warm for the sync too
+            t0 = time.perf_counter()
+            nbytes = 0
+            for ns, _start, _count in namespaces(total_docs):
+                db, coll = ns.split(".", 1)
+                for batch in client[db][coll].find_raw_batches({}, batch_size=4096):
+                    nbytes += len(batch)
+            scan.append(time.perf_counter() - t0)
+        scan_rate = nbytes / min(scan) / mb
+        table.add("sync", "plain pymongo raw-BSON scan of the source", scan_rate, "MB/s")
+        sync = run_child("sync", {"head": os.path.join(work, "synchead", "head.db"), "uri": mongo["uri"]})
+        sync_rate = sync["bytes"] / sync["seconds"] / mb
+        table.add("sync", "initial sync into an encrypted head (%d docs)" % sync["docs"], sync_rate, "MB/s")
+        table.add("sync", "initial sync vs raw scan (speed)", sync_rate / scan_rate, "x", sync_rate / scan_rate, ">=0.9")
+        table.add("sync", "initial sync: peak RSS (child process)", sync["rss_mb"], "MB", sync["rss_mb"] / 250.0, "<=1.0 of 250 MB")
+        client.close()
+    finally:
+        lab.stop(mongo["pid"])
+
+
+def section_events(opts, work, table, found):
+    """Change application from a recorded batch of events: recorded from a real change stream, applied in memory."""
+    import pymongo
+    from bson.raw_bson import RawBSONDocument
+    import kmipbackup_lab as lab
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, head
+    from data import Generator
+    n = opts.events
+    print("change application: recording %d events from SecantusDB" % n, flush=True)
+    mongo = lab.start_mongo_server(os.path.join(work, "mongo-ev"))
+    try:
+        client = pymongo.MongoClient(mongo["uri"], document_class=RawBSONDocument)
+        coll = client["evbench"]["orders"]
+        stream = client.watch(show_expanded_events=True, max_await_time_ms=200)
+        gen = Generator(opts.seed)
+        inserts = n // 2
+        for s in range(0, inserts, 5000):
+            coll.insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, inserts - s))], ordered=False)
+        from data import object_id
+        from bson import ObjectId
+        ops = n - inserts
+        for i in range(ops):
+            oid = ObjectId(object_id(i * 7 % inserts))
+            if i % 10 == 9:
+                coll.delete_one({"_id": oid})
+            else:
+                coll.update_one({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}})
+        recorded = []
+        idle = 0
+        while len(recorded) < n and idle < 20:
+            ev = stream.try_next()
+            if ev is None:
+                idle += 1
+                continue
+            idle = 0
+            recorded.append(ev)
+        stream.close()
+        client.close()
+    finally:
+        lab.stop(mongo["pid"])
+    kinds = {}
+    for ev in recorded:
+        kinds[ev["operationType"]] = kinds.get(ev["operationType"], 0) + 1
+    h = head.Head(os.path.join(work, "evhead", "head.db"), HEAD_KEY)
+    applier = events.Applier(refresh=lambda ns: None)
+    t0 = time.perf_counter()
+    for i in range(0, len(recorded), 20000):
+        with h.write() as w:
+            for ev in recorded[i:i + 20000]:
+                applier.apply(w, ev)
+            w.set_position(bytes(ev["_id"].raw), [ev["clusterTime"].time, ev["clusterTime"].inc], True)
+    seconds = time.perf_counter() - t0
+    h.close()
+    table.add("events", "recorded events (%s)" % ", ".join("%s %d" % kv for kv in sorted(kinds.items())), len(recorded), "events")
+    rate = len(recorded) / seconds
+    table.add("events", "change application into an encrypted head", rate, "ev/s", rate / 20000.0, ">=1.0 of 20k/s")
+    if applier.recopy:
+        table.add("events", "events that needed a re-copy", len(applier.recopy), "events")
+
+
+SECTIONS = {"snapshot": section_snapshot, "sync": section_sync, "events": section_events}
+
+
+def machine():
+    import platform
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return "%s, %d cores, %.0f GiB RAM, %s, Python %s, load average %.1f at start" % (
+        cpu or platform.machine(), os.cpu_count(), mem, platform.platform(terse=True), platform.python_version(), os.getloadavg()[0])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=200, help="BSON size of the snapshot job (issue 4: 2048)")
+    ap.add_argument("--sync-mb", type=int, default=40, help="BSON size of the initial-sync source (issue 3: 1024)")
+    ap.add_argument("--events", type=int, default=60000, help="recorded change events to apply")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", default="snapshot,sync,events", help="comma-separated sections: snapshot, sync, events")
+    ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--markdown", help="also write the table as Markdown to this file")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+    if opts.child:
+        print(json.dumps(CHILDREN[opts.child[0]](json.loads(opts.child[1]))))
+        return 0
+    found = tools()
+    for name in ("pykmip-server", "secantusd-py"):
+        if not found[name]:
+            print("%s is missing: install the collection's test requirements (scripts/env.sh sets up .venv)." % name)
+            return 2
+    work = opts.work or tempfile.mkdtemp(prefix="kmipbackup-bench-", dir="/var/tmp")
+    os.makedirs(work, mode=0o700, exist_ok=True)
+    print("machine: %s\nwork folder: %s" % (machine(), work), flush=True)
+    table = Table()
+    try:
+        for name in opts.only.split(","):
+            SECTIONS[name.strip()](opts, work, table, found)
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = "machine: %s\ncommand: benchmarks/run %s\n\n%s\n" % (machine(), " ".join(argv if argv is not None else sys.argv[1:]), table.render())
+    print("\n" + text)
+    if opts.markdown:
+        with open(opts.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
