@@ -56,7 +56,7 @@ def recap(output):
 def test_ansible_doc_renders_role(role):
     rc, out = run([tool("ansible-doc"), "-t", "role", "kmipbackup.mongodb." + role])
     assert rc == 0, out
-    assert "ENTRY POINT: main" in out and "OPTIONS" in out, out
+    assert re.search(r"ENTRY POINT:\W*main", out) and "Options (= indicates it is required)" in out, out
 
 
 def test_encrypted_job_argument_spec_rejects_bad_inventory(tmp_path):
@@ -110,24 +110,60 @@ def _kill_lab(lab):
             os.killpg(pid, signal.SIGKILL)
 
 
-def test_quickstart_runs_twice(tmp_path):
-    lab = str(tmp_path / "lab")
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The quickstart playbook run twice on its own lab folder: {lab, first, second}."""
+    lab = str(tmp_path_factory.mktemp("quickstart") / "lab")
     cmd = [tool("ansible-playbook"), "-i", "playbooks/inventory/quickstart.yml", "kmipbackup.mongodb.quickstart",
            "-e", "quickstart_dir=%s" % lab, "-e", "quickstart_documents=800",
            "-e", "quickstart_daemon_install_dir=%s" % DAEMON_INSTALL_DIR]
-    launcher = os.path.join(DAEMON_INSTALL_DIR, "bin", "kmipbackup-daemon")
     try:
-        rc, first = run(cmd, timeout=1500)
-        assert rc == 0, first[-6000:]
-        assert "restored byte-for-byte; no plaintext in the daemon's folders" in first
-        assert "Stop the daemon:" in first
-        with open(os.path.join(lab, "restoreInfo-quickstart.txt")) as f:
-            assert "quickstart" in f.read()
-
-        rc, second = run(cmd, timeout=900)
-        assert rc == 0, second[-6000:]
-        # the second run keeps servers, data, daemon, job, snapshot and restore
-        assert recap(second)["changed"] == 0, second[-6000:]
+        out = {"lab": lab}
+        rc, out["first"] = run(cmd, timeout=1500)
+        assert rc == 0, out["first"][-6000:]
+        rc, out["second"] = run(cmd, timeout=900)
+        assert rc == 0, out["second"][-6000:]
+        yield out
     finally:
-        subprocess.run([launcher, "--stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        subprocess.run([os.path.join(DAEMON_INSTALL_DIR, "bin", "kmipbackup-daemon"), "--stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         _kill_lab(lab)
+
+
+def test_quickstart_restores_and_verifies(quickstart):
+    assert "restored byte-for-byte; no plaintext in the daemon's folders" in quickstart["first"]
+    assert "Stop the daemon:" in quickstart["first"]
+    with open(os.path.join(quickstart["lab"], "restoreInfo-quickstart.txt")) as f:
+        assert "quickstart" in f.read()
+
+
+def test_quickstart_second_run_unchanged(quickstart):
+    # servers, data, daemon, job, snapshot and restore are all kept
+    assert recap(quickstart["second"])["changed"] == 0, quickstart["second"][-6000:]
+    assert "restored byte-for-byte" in quickstart["second"]
+
+
+def test_rotate_master_key_playbook(quickstart, tmp_path):
+    with open(os.path.join(ROOT, "plugins", "modules", "backup_job_encryption.py")) as f:
+        if "rotate_master_key" not in f.read():
+            pytest.xfail("backup_job_encryption has no rotate_master_key option yet (issue 4): nothing to rotate with")
+    lab = quickstart["lab"]
+    with open(os.path.join(lab, "servers", "lab.json")) as f:
+        servers = json.load(f)
+    inventory = {"all": {"hosts": {"localhost": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "kmipbackup_config_dir": os.path.join(lab, "etc"), "kmipbackup_data_dir": os.path.join(lab, "data"),
+        "kmipbackup_python": os.path.join(DAEMON_INSTALL_DIR, "venv", "bin", "python"),
+        "kmipbackup_jobs": [{"name": "quickstart", "group": "group1", "source": {"uri": servers["mongo"]["uri"]},
+                             "encryption": "enabled"}]}}}}
+    inv = tmp_path / "inventory.json"
+    inv.write_text(json.dumps(inventory))
+    rc, out = run([tool("ansible-playbook"), "-i", str(inv), "kmipbackup.mongodb.rotate_master_key",
+                   "-e", "target=localhost", "-e", "job=quickstart"])
+    assert rc == 0, out[-6000:]
+    new = re.search(r"job quickstart: new master key UUID (\S+)", out)
+    keep = re.search(r"keep in the KMIP server \(retained snapshots need them\): ([^\"]+)", out)
+    assert new and keep, out[-6000:]
+    old = re.search(r'"master key UUID: ([^"]+)"', quickstart["first"]).group(1)
+    # the quickstart's snapshot was taken under the old key: it must still be listed
+    assert new.group(1) != old and old in [u.strip() for u in keep.group(1).split(",")], out[-6000:]
