@@ -239,12 +239,20 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
     if not os.path.isabs(store):
         raise ConfigError("store must be an absolute path, got %r." % store)
 
+    rotate = bool(params.get("rotate_master_key"))
+    old = existing or {}
+    if rotate:
+        if master_key.get("uid"):
+            raise ConfigError("rotate_master_key creates a new master key: do not give master_key.uid with it.")
+        if not encryption or not old.get("encryption") or not old.get("master_key_uid"):
+            raise ConfigError("rotate_master_key needs an existing job %s with encryption enabled: declare it (encryption: "
+                              "enabled) first; a new job gets its first master key without rotation." % job)
+
     factory = kmip_factory or (lambda: kmip_client(params["config_dir"], group))
     # unknown group / missing kmip.yml fail here, before anything else happens
     client = factory()
     source_check(source)
 
-    old = existing or {}
     previous = list(old.get("previous_master_key_uids") or [])
     uid = None
     created = False
@@ -253,14 +261,14 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
             if master_key.get("uid"):
                 uid = str(master_key["uid"])
                 _check_key(client, uid)
-            elif old.get("encryption") and old.get("master_key_uid") and old.get("group") == group:
+            elif old.get("encryption") and old.get("master_key_uid") and old.get("group") == group and not rotate:
                 uid = str(old["master_key_uid"])
                 _check_key(client, uid)
-            elif check_mode:
-                uid = "(created at apply)"
-                created = True
             else:
-                uid = client.create_master_key(master_key.get("name") or "kmipbackup-%s" % job)
+                if rotate:
+                    _check_rotatable(client, job, str(old["master_key_uid"]))
+                name = master_key.get("name") or (rotated_key_name(job) if rotate else "kmipbackup-%s" % job)
+                uid = "(created at apply)" if check_mode else client.create_master_key(name)
                 created = True
     if old.get("master_key_uid") and uid != old["master_key_uid"] and old["master_key_uid"] not in previous:
         # keep the old key listed: snapshots and the head taken under it may still need it
@@ -277,7 +285,123 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
         "store": store, "state": "stopped" if state == "stopped" else "present",
         "generation": generation, "schedule": schedule,
     }
-    return new, {"master_key_uid": new["master_key_uid"], "key_created": created, "resync_required": resync}
+    return new, {"master_key_uid": new["master_key_uid"], "key_created": created, "resync_required": resync,
+                 "rotated": rotate}
+
+
+def rotated_key_name(job, now=None):
+    """Name of a master key created by rotation: kmipbackup-<job>-<UTC time>, unique per rotation."""
+    return "kmipbackup-%s-%s" % (job, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
+
+
+# ---- master keys still needed, retirement ---------------------------------------------------
+
+class KeyInUseError(ConfigError):
+    """A master key that a retained snapshot or a head key still needs cannot be retired."""
+
+    kind = "key_in_use"
+
+    def __init__(self, message, needed):
+        super().__init__(message)
+        self.needed = needed
+
+
+def master_key_users(cfg, data_dir):
+    """{uid: [what needs it]} for the job's retained snapshots (catalog entries of its store: "snapshot <id>")
+    and its head keys (heads/<job>/<generation>/headkey.json: "head key of generation <n>")."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+    users = {}
+    for entry in store.JobStore(cfg["store"], cfg["job"]).catalog():
+        for uid in entry.get("master_key_uids") or []:
+            users.setdefault(str(uid), []).append("snapshot %s" % entry.get("snapshot_id"))
+    folder = heads_dir(data_dir, cfg["job"])
+    try:
+        generations = sorted((n for n in os.listdir(folder) if n.isdigit()), key=int)
+    except FileNotFoundError:
+        generations = []
+    for gen in generations:
+        try:
+            record = files.read_json(os.path.join(folder, gen, "headkey.json"))
+        except ValueError:
+            raise ConfigError("The head key record of job %s, generation %s, is not valid JSON: no master key can be retired "
+                              "until the daemon has rebuilt it (resync the job)." % (cfg["job"], gen)) from None
+        uid = ((record or {}).get("wrapped") or {}).get("master_key_uid")
+        if uid:
+            users.setdefault(str(uid), []).append("head key of generation %s" % gen)
+    return users
+
+
+def master_keys_needed(cfg):
+    """Master key UIDs the job's retained snapshots need (from the store's non-secret catalog)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+    return store.JobStore(cfg["store"], cfg["job"]).master_keys_needed()
+
+
+def plan_retire(cfg, uids, data_dir):
+    """(new configuration, UIDs removed from previous_master_key_uids, UIDs of this job's keys among uids).
+
+    The job's keys are its previous master keys and those its store's keyring names (a retired key stays
+    there). KeyInUseError, and nothing to write, when one of uids is the current key or a retained
+    snapshot or a head key still needs it. UIDs already retired are left alone (idempotent)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+    uids = [str(u) for u in dict.fromkeys(uids or [])]
+    current = cfg.get("master_key_uid")
+    if current and str(current) in uids:
+        raise KeyInUseError("Master key %s is the current master key of job %s and can never be retired: rotate the job to a "
+                            "new key first (rotate_master_key: true)." % (current, cfg["job"]), {str(current): ["current master key"]})
+    if not uids:
+        return dict(cfg), [], []
+    users = master_key_users(cfg, data_dir)
+    busy = {u: users[u] for u in uids if u in users}
+    if busy:
+        raise KeyInUseError(
+            "Cannot retire master key(s) of job %s still needed, nothing changed: %s. Keep them in the KMIP server; retire "
+            "them once those snapshots have expired or been deleted%s." % (
+                cfg["job"], "; ".join("%s by %s" % (u, _first(busy[u])) for u in sorted(busy)),
+                " and the daemon has rewrapped the head key under the current master key"
+                if any(w.startswith("head key") for ws in busy.values() for w in ws) else ""), busy)
+    previous = [str(u) for u in cfg.get("previous_master_key_uids") or []]
+    keyring = {str(r.get("master_key_uid")) for r in store.JobStore(cfg["store"], cfg["job"]).keyring_records()}
+    retiring = [u for u in uids if u in previous]
+    known = [u for u in uids if u in previous or u in keyring]
+    new = dict(cfg, previous_master_key_uids=[u for u in previous if u not in retiring])
+    return new, retiring, known
+
+
+def _first(items, n=5):
+    return ", ".join(items[:n]) + (" and %d more" % (len(items) - n) if len(items) > n else "")
+
+
+def revoke_keys(client, uids, check_mode=False):
+    """Revoke (reason superseded) those of uids that are ACTIVE in KMIP; returns them. In check mode only
+    reads their state. Keys already revoked or gone are skipped, so a second run does nothing."""
+    active = []
+    with client:
+        for uid in uids:
+            try:
+                state = client.key_info(uid)["state"]
+            except KmipError as e:
+                if e.kind == "not_found":
+                    continue
+                raise
+            if state == "ACTIVE":
+                if not check_mode:
+                    client.revoke_key(uid)
+                active.append(uid)
+    return active
+
+
+def _check_rotatable(client, job, uid):
+    """The daemon unwraps the head key with the current master key to rewrap it under the new one."""
+    try:
+        client.check_access(uid)
+    except KmipError as e:
+        if e.kind == "unreachable":
+            raise
+        raise KmipError("Cannot rotate job %s: the daemon must unwrap its head key with the current master key %s, which the "
+                        "group's certificate cannot use (%s: %s). Make that key usable again and rotate, or disable and re-enable "
+                        "encryption for the job (a new head by a new initial sync)." % (job, uid, e.kind, e),
+                        kind=e.kind, uid=uid, servers=e.servers)
 
 
 def _check_key(client, uid):
@@ -328,13 +452,14 @@ def status_name(data_dir, job, cfg=None):
 
 
 def is_ready(status, cfg):
-    """True when the daemon reports the job's current generation consistent and running."""
+    """True when the daemon reports the job's current generation and master key consistent and running."""
     if not status or not cfg:
         return False
     if cfg.get("state") == "stopped":
         return status.get("state") == "STOPPED"
+    # the master key too: after a rotation the daemon restarts the job and rewraps the head key first
     return (status.get("state") == "STARTED" and bool(status.get("consistent"))
-            and status.get("generation") == cfg.get("generation"))
+            and status.get("generation") == cfg.get("generation") and status.get("master_key_uid") == cfg.get("master_key_uid"))
 
 
 def wait_for(predicate, timeout, interval=0.5):

@@ -18,6 +18,8 @@ description:
     database (RV(resync_required)); the daemon destroys the old head only once the new one is consistent.
   - Everything is validated before anything is written (group, KMIP configuration, source reachability and
     credentials, access to a given master key).
+  - O(rotate_master_key=true) rotates the master key of an encrypted job; O(retire_master_keys) forgets rotated
+    keys (and O(revoke=true) revokes them in KMIP) once no retained snapshot needs them.
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
@@ -31,7 +33,12 @@ attributes:
     details:
       - The source password is redacted.
   idempotent:
-    support: full
+    support: partial
+    details:
+      - O(rotate_master_key=true) creates a new master key on every run, so it always reports a change; run it
+        once per rotation (for example with the playbook kmipbackup.mongodb.rotate_master_key), not in the
+        playbook that declares the job.
+      - Everything else is idempotent; retiring or revoking keys already retired or revoked changes nothing.
 options:
   job:
     description: Name of the backup job (letters, digits, C(_), C(.), C(-)).
@@ -97,6 +104,39 @@ options:
       uid:
         description: UID of an existing key the group's certificate can use, instead of creating one.
         type: str
+  rotate_master_key:
+    description:
+      - Rotate the master key of an existing encrypted job. A new AES-256 key is created in the KMIP server with
+        the group's certificate (named O(master_key.name), by default C(kmipbackup-<job>-<UTC time>)) and becomes
+        RV(master_key_uid); the old one is put first in C(previous_master_key_uids).
+      - The daemon then restarts the job without a new initial sync, rewraps the head key under the new master
+        key, and starts a new snapshot data-key epoch for the next snapshots. Older epochs stay wrapped by their
+        old master keys, so those keys must stay usable in the KMIP server while RV(master_key_uids_needed) lists
+        them.
+      - The group's certificate must still be able to use the current master key (the daemon unwraps the head key
+        with it to rewrap it).
+      - Not idempotent, see the C(idempotent) attribute. In check mode no key is created and RV(master_key_uid)
+        is a placeholder, not a UID.
+    type: bool
+    default: false
+  retire_master_keys:
+    description:
+      - UIDs of previous master keys to forget (remove from the job's C(previous_master_key_uids)), for example
+        after the snapshots that needed them expired.
+      - Refused, with nothing changed, when a UID is the current master key, or when a retained snapshot of the
+        store or the head key still needs it; the message names the UIDs and what needs them.
+      - UIDs already retired are ignored.
+    type: list
+    elements: str
+    default: []
+  revoke:
+    description:
+      - Also revoke the O(retire_master_keys) in the KMIP server (reason superseded), so they can no longer
+        encrypt or decrypt. Only keys of this job (listed in the job or in its store's keyring) and only
+        active ones are revoked.
+      - Revocation cannot be undone; a revoked key can no longer unwrap the data keys it wrapped.
+    type: bool
+    default: false
   store:
     description: Root of the snapshot store; defaults to C(store) in O(data_dir).
     type: path
@@ -151,8 +191,10 @@ options:
     type: path
     default: /var/lib/kmipbackup
 notes:
-  - The master key is never revoked or destroyed by this module; keys rotated away from stay listed in the job
-    as long as snapshots may need them.
+  - A master key is never destroyed by this module, and only revoked with O(revoke=true) for retired keys that no
+    retained snapshot needs. Keys rotated away from stay listed in the job until retired.
+  - Do not pin O(master_key.uid) in a declaration that runs after a rotation: a different UID than the current
+    one switches the job to that key.
 seealso:
   - module: kmipbackup.mongodb.backup_job_info
   - module: kmipbackup.mongodb.group_kmip
@@ -189,6 +231,28 @@ EXAMPLES = r'''
       uri: mongodb://db1.example.com:27017/?replicaSet=rs1
     state: stopped
 
+- name: Rotate the master key of the orders job (a new KMIP key; not idempotent)
+  kmipbackup.mongodb.backup_job_encryption:
+    job: orders
+    group: payments
+    source:
+      uri: mongodb://db1.example.com:27017,db2.example.com:27017/?replicaSet=rs0
+    rotate_master_key: true
+  register: rotated
+
+- name: Show the master keys the retained snapshots still need
+  ansible.builtin.debug:
+    msg: "New key {{ rotated.master_key_uid }}; keep {{ rotated.master_key_uids_needed | join(', ') }}"
+
+- name: Forget and revoke a previous master key once no retained snapshot needs it
+  kmipbackup.mongodb.backup_job_encryption:
+    job: orders
+    group: payments
+    source:
+      uri: mongodb://db1.example.com:27017,db2.example.com:27017/?replicaSet=rs0
+    retire_master_keys: ["41"]
+    revoke: true
+
 - name: Remove a job (its snapshots stay in the store)
   kmipbackup.mongodb.backup_job_encryption:
     job: inventory
@@ -201,6 +265,34 @@ master_key_uid:
   returned: when O(state) is not V(absent)
   type: str
   sample: "42"
+previous_master_key_uids:
+  description: Master keys the job used before, newest first (kept until retired with O(retire_master_keys)).
+  returned: when O(state) is not V(absent)
+  type: list
+  elements: str
+  sample: ["41"]
+master_key_uids_needed:
+  description:
+    - Master key UIDs the retained snapshots of the job's store need (from its catalog); keep these keys usable in
+      the KMIP server. The same list as M(kmipbackup.mongodb.snapshot_info) returns.
+  returned: when O(state) is not V(absent)
+  type: list
+  elements: str
+  sample: ["41", "42"]
+rotated:
+  description: True when this run rotated the master key (or would, in check mode).
+  returned: always
+  type: bool
+retired_master_key_uids:
+  description: UIDs this run removed from C(previous_master_key_uids) (or would, in check mode).
+  returned: always
+  type: list
+  elements: str
+revoked_master_key_uids:
+  description: UIDs this run revoked in the KMIP server (or would, in check mode).
+  returned: always
+  type: list
+  elements: str
 resync_required:
   description: True when this run toggled encryption on an existing job, so the daemon rebuilds its head by a new initial sync.
   returned: always
@@ -254,6 +346,9 @@ def argument_spec():
             name=dict(type="str"),
             uid=dict(type="str"),
         )),
+        rotate_master_key=dict(type="bool", default=False, no_log=False),
+        retire_master_keys=dict(type="list", elements="str", default=[], no_log=False),
+        revoke=dict(type="bool", default=False),
         store=dict(type="path"),
         schedule=dict(type="dict", options=dict(
             interval_hours=dict(type="int", choices=[6, 8, 12, 24], default=6),
@@ -274,9 +369,15 @@ def run(module):
     p = module.params
     job = jobs.check_name(p["job"])
     existing = jobs.load_job(p["config_dir"], job)
-    result = {"changed": False, "resync_required": False}
+    result = {"changed": False, "resync_required": False, "rotated": False, "retired_master_key_uids": [],
+              "revoked_master_key_uids": []}
+    retire = p["retire_master_keys"] or []
+    if p["revoke"] and not retire:
+        module.fail_json(msg="revoke applies to retire_master_keys: list the UIDs to retire and revoke.", **result)
 
     if p["state"] == "absent":
+        if p["rotate_master_key"] or retire:
+            module.fail_json(msg="rotate_master_key and retire_master_keys need state present or stopped.", **result)
         result["changed"] = existing is not None
         if module._diff:
             result["diff"] = {"before": jobs.redact(existing) or {}, "after": {}}
@@ -291,20 +392,32 @@ def run(module):
 
     for name in ("group", "source"):
         if not p[name]:
-            module.fail_json(msg="%s is required when state is %s." % (name, p["state"]))
+            module.fail_json(msg="%s is required when state is %s." % (name, p["state"]), **result)
+    if retire and existing is None:
+        module.fail_json(msg="retire_master_keys needs the existing job %s: it is not declared in %s." % (job, p["config_dir"]), **result)
+    # retirement is checked first: a refusal must leave everything as it was, KMIP included
+    retiring = known = []
+    if retire:
+        _cfg, retiring, known = jobs.plan_retire(existing, retire, p["data_dir"])
     master_key = dict(p["master_key"] or {})
     if master_key.get("uid"):
         master_key["create"] = False
     new, info = jobs.plan_job(dict(p, master_key=master_key), existing, check_mode=module.check_mode)
-    changed = new != existing
+    new["previous_master_key_uids"] = [u for u in new["previous_master_key_uids"] if u not in retiring]
+    revoked = []
+    if p["revoke"] and known:
+        revoked = jobs.revoke_keys(jobs.kmip_client(p["config_dir"], new["group"]), known, check_mode=module.check_mode)
+    changed = new != existing or bool(revoked)
     result.update(changed=changed, master_key_uid=info["master_key_uid"], resync_required=info["resync_required"],
-                  job=jobs.redact(new))
+                  rotated=info["rotated"], retired_master_key_uids=retiring, revoked_master_key_uids=revoked,
+                  previous_master_key_uids=new["previous_master_key_uids"], job=jobs.redact(new))
     if module._diff:
         result["diff"] = {"before": jobs.redact(existing) or {}, "after": jobs.redact(new)}
-    if changed and not module.check_mode:
+    if new != existing and not module.check_mode:
         jobs.write_job(p["config_dir"], new)
     if p["wait"] and not module.check_mode:
         jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
+    result["master_key_uids_needed"] = jobs.master_keys_needed(new)
     st = jobs.read_status(p["data_dir"], job)
     result["status"] = jobs.status_name(p["data_dir"], job, new)
     result["job_status"] = st or {}
@@ -319,7 +432,8 @@ def main():
     try:
         result = run(module)
     except KmipBackupError as e:
-        module.fail_json(msg=str(e), error_kind=getattr(e, "kind", None) or type(e).__name__)
+        extra = {"master_key_users": e.needed} if isinstance(e, jobs.KeyInUseError) else {}
+        module.fail_json(msg=str(e), error_kind=getattr(e, "kind", None) or type(e).__name__, **extra)
     module.exit_json(**result)
 
 
