@@ -193,8 +193,8 @@ options:
 notes:
   - A master key is never destroyed by this module, and only revoked with O(revoke=true) for retired keys that no
     retained snapshot needs. Keys rotated away from stay listed in the job until retired.
-  - Do not pin O(master_key.uid) in a declaration that runs after a rotation: a different UID than the current
-    one switches the job to that key.
+  - Do not pin O(master_key.uid) in a declaration that runs after a rotation; a UID other than the current one
+    switches the job to that key.
 seealso:
   - module: kmipbackup.mongodb.backup_job_info
   - module: kmipbackup.mongodb.group_kmip
