@@ -368,6 +368,23 @@ def plan_retire(cfg, uids, data_dir):
     return new, retiring, known
 
 
+def check_not_shared(config_dir, job, uids):
+    """KeyInUseError when another declared job uses one of uids as its current or a previous master key
+    (master_key.uid can point two jobs at one key): revoking it would break that job."""
+    shared = {}
+    for other in list_jobs(config_dir):
+        if other == job:
+            continue
+        cfg = config.load_job(config_dir, other)
+        for uid in [cfg.get("master_key_uid")] + list(cfg.get("previous_master_key_uids") or []):
+            if uid and str(uid) in uids:
+                shared.setdefault(str(uid), []).append("job %s" % other)
+    if shared:
+        raise KeyInUseError("Cannot revoke master key(s) another job also uses, nothing changed: %s. Retire them without "
+                            "revoke, or retire them from those jobs first." % "; ".join(
+                                "%s by %s" % (u, _first(shared[u])) for u in sorted(shared)), shared)
+
+
 def _first(items, n=5):
     return ", ".join(items[:n]) + (" and %d more" % (len(items) - n) if len(items) > n else "")
 

@@ -133,7 +133,7 @@ options:
     description:
       - Also revoke the O(retire_master_keys) in the KMIP server (reason superseded), so they can no longer
         encrypt or decrypt. Only keys of this job (listed in the job or in its store's keyring) and only
-        active ones are revoked.
+        active ones are revoked; refused, with nothing changed, when another declared job uses one of them.
       - Revocation cannot be undone; a revoked key can no longer unwrap the data keys it wrapped.
     type: bool
     default: false
@@ -399,6 +399,8 @@ def run(module):
     retiring = known = []
     if retire:
         _cfg, retiring, known = jobs.plan_retire(existing, retire, p["data_dir"])
+        if p["revoke"]:
+            jobs.check_not_shared(p["config_dir"], job, known)
     master_key = dict(p["master_key"] or {})
     if master_key.get("uid"):
         master_key["create"] = False

@@ -230,10 +230,26 @@ def test_rotate_refused_without_encryption_and_with_foreign_current_key(ansible,
     assert plain_rot.get("failed") and "encryption enabled" in plain_rot["msg"], plain_rot
     assert absent.get("failed") and "state present or stopped" in absent["msg"], absent
 
+    # job x rotated (no daemon, no snapshot: nothing needs its first key); job y declared on that same key:
+    # revoking it from x is refused, retiring it without revoke is not
+    x, y = job + "-x", job + "-y"
+    k1 = "{{ r1.master_key_uid }}"
+    r = ansible.run([task(cd, dd, job, uri), task(cd, dd, x, uri), task(cd, dd, x, uri, rotate_master_key=True),
+                     task(cd, dd, y, uri, master_key={"uid": k1}),
+                     task(cd, dd, x, uri, retire_master_keys=[k1], revoke=True),
+                     task(cd, dd, x, uri, retire_master_keys=[k1]),
+                     task(cd, dd, x, uri, retire_master_keys=[k1])])
+    enc, x1, x2, y1, shared, retired, again = r.results
+    assert enc["changed"] is True and enc["master_key_uid"], enc
+    k1 = x1["master_key_uid"]
+    assert x2["rotated"] is True and x2["previous_master_key_uids"] == [k1] and y1["master_key_uid"] == k1, (x2, y1)
+    assert shared.get("failed") and shared["error_kind"] == "key_in_use" and "job %s" % y in shared["msg"] and k1 in shared["msg"], shared
+    assert retired["changed"] is True and retired["retired_master_key_uids"] == [k1] and retired["revoked_master_key_uids"] == []
+    assert retired["previous_master_key_uids"] == [] and again["changed"] is False, (retired, again)
+    with jobs.kmip_client(cd, "group1") as c:
+        assert c.key_info(k1)["state"] == "ACTIVE"
+
     # an encrypted job whose current key the group's certificate cannot use: rotation refused before any key is made
-    enc = task(cd, dd, job, uri)
-    r = ansible.run([enc])
-    assert r[0]["changed"] is True and r[0]["master_key_uid"], r[0]
     cfg = jobs.load_job(cd, job)
     jobs.write_job(cd, dict(cfg, group="group2"))
     before = files.read_bytes(jobs.job_path(cd, job))
@@ -241,4 +257,5 @@ def test_rotate_refused_without_encryption_and_with_foreign_current_key(ansible,
     r = ansible.run([task(cd, dd, job, uri, group="group2", rotate_master_key=True)])
     p2 = probe_key(cd)
     assert r[0].get("failed") and r[0]["error_kind"] == "permission_denied" and cfg["master_key_uid"] in r[0]["msg"], r[0]
+    assert "Cannot rotate job %s" % job in r[0]["msg"]
     assert p2 == p1 + 1 and files.read_bytes(jobs.job_path(cd, job)) == before
