@@ -99,6 +99,7 @@ def run_child(kind, args):
         raise RuntimeError("child %s failed (%s):\n%s" % (kind, proc.returncode, err.decode(errors="replace")[-4000:]))
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["rss_mb"] = usage.ru_maxrss / 1024.0
+    result["cpu"] = usage.ru_utime + usage.ru_stime
     return result
 
 
@@ -188,12 +189,15 @@ def du(path):
 
 
 def timed(cmd, env=None, cwd=None):
+    """(wall seconds, CPU seconds user+sys) of a command."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError("%s failed: %s" % (" ".join(cmd), proc.stderr.decode(errors="replace")[-2000:]))
-    return seconds
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("%s failed: %s" % (" ".join(cmd), err.decode(errors="replace")[-2000:]))
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +266,7 @@ def section_snapshot(opts, work, table, found):
         full = run_child("snapshot", args)
         full_rate = full["data_bytes"] / full["seconds"] / mb
         table.add("snapshot", "full snapshot from the head (%d docs)" % full["docs"], full_rate, "MB/s")
+        table.add("snapshot", "full snapshot: CPU time (user+sys, child process)", full["cpu"], "s")
         table.add("snapshot", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
         table.add("snapshot", "full snapshot: KMIP calls", full["kmip_calls"], "calls")
         table.add("snapshot", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
@@ -273,9 +278,10 @@ def section_snapshot(opts, work, table, found):
         if found["restic"]:
             repo = os.path.join(work, "restic")
             timed(["restic", "-q", "init", "--repo", repo], env)
-            restic_backup = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
+            restic_backup, cpu = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
             rate = data_bytes / restic_backup / mb
             table.add("snapshot", "restic backup of the same data as a mongodump directory", rate, "MB/s")
+            table.add("snapshot", "restic backup: CPU time (user+sys)", cpu, "s")
             table.add("snapshot", "restic backup: repository bytes", du(repo) / mb, "MB")
             table.add("snapshot", "snapshot vs restic backup (speed)", full_rate / rate, "x", full_rate / rate, ">=1.0")
         else:
@@ -283,7 +289,7 @@ def section_snapshot(opts, work, table, found):
         if found["borg"]:
             repo = os.path.join(work, "borg")
             timed(["borg", "init", "-e", "repokey", repo], env)
-            borg_create = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
+            borg_create, _cpu = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
             table.add("snapshot", "borg create (lz4, repokey) of the same directory", data_bytes / borg_create / mb, "MB/s")
             table.add("snapshot", "snapshot vs borg create (speed)", full_rate / (data_bytes / borg_create / mb), "x")
         else:
@@ -293,6 +299,7 @@ def section_snapshot(opts, work, table, found):
         rest = run_child("restore", dict(args, out=out, kind="directory"))
         rest_rate = rest["bytes"] / rest["seconds"] / mb
         table.add("restore", "restore to a mongodump directory", rest_rate, "MB/s")
+        table.add("restore", "restore: CPU time (user+sys, child process)", rest["cpu"], "s")
         table.add("restore", "restore: KMIP calls (one key epoch)", rest["kmip_calls"], "calls")
         table.add("restore", "restore: peak RSS (child process)", rest["rss_mb"], "MB", rest["rss_mb"] / 300.0, "<=1.0 of 300 MB")
         same = all(_same_file(os.path.join(dump, "bench", f), os.path.join(out, "bench", f))
@@ -303,15 +310,16 @@ def section_snapshot(opts, work, table, found):
         table.add("restore", "restore to a mongodump archive", arch["bytes"] / arch["seconds"] / mb, "MB/s")
         os.unlink(os.path.join(work, "dump.archive"))
         if found["restic"]:
-            restic_restore = timed(["restic", "-q", "restore", "--repo", os.path.join(work, "restic"), "latest",
-                                    "--target", os.path.join(work, "restic-out")], env)
+            restic_restore, cpu = timed(["restic", "-q", "restore", "--repo", os.path.join(work, "restic"), "latest",
+                                         "--target", os.path.join(work, "restic-out")], env)
             rate = data_bytes / restic_restore / mb
             table.add("restore", "restic restore of the same data", rate, "MB/s")
+            table.add("restore", "restic restore: CPU time (user+sys)", cpu, "s")
             table.add("restore", "restore vs restic restore (speed)", rest_rate / rate, "x", rest_rate / rate, ">=1.0")
             shutil.rmtree(os.path.join(work, "restic-out"))
         if found["borg"]:
             os.makedirs(os.path.join(work, "borg-out"))
-            borg_extract = timed(["borg", "extract", os.path.join(work, "borg") + "::a"], env, cwd=os.path.join(work, "borg-out"))
+            borg_extract, _cpu = timed(["borg", "extract", os.path.join(work, "borg") + "::a"], env, cwd=os.path.join(work, "borg-out"))
             table.add("restore", "borg extract of the same data", data_bytes / borg_extract / mb, "MB/s")
             shutil.rmtree(os.path.join(work, "borg-out"))
 

@@ -64,6 +64,9 @@ INSERT OR IGNORE INTO meta VALUES ('schema', 1);
 """
 
 EMPTY_BSON = b"\x05\x00\x00\x00\x00"
+# SQLCipher settings of new encrypted heads: 16 KiB pages with HMAC-SHA256 (SHA-NI) read about twice as fast as
+# SQLCipher 4's defaults (4 KiB, HMAC-SHA512); heads written with the defaults still open with them.
+_CIPHER = ("PRAGMA cipher_page_size = 16384", "PRAGMA cipher_hmac_algorithm = HMAC_SHA256")
 # Documents after which a snapshot chunk ends (crypto.boundary_threshold_fn for this target) are flagged
 # (docs.bnd) when written, so a snapshot finds chunk ends through a small partial index.
 BOUNDARY_TARGET = 1 << 20
@@ -103,9 +106,17 @@ class Head:
         self._is_boundary = crypto.boundary_threshold_fn(self._boundary_key, BOUNDARY_TARGET)
         self.boundary_target = BOUNDARY_TARGET
         ensure_private_dir(os.path.dirname(self.path))
+        new = not os.path.exists(self.path) and not os.path.exists(self.path + "-wal")
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite gives -wal/-shm the same mode
-        self._conn = self._connect()
+        self._cipher = _CIPHER
+        try:
+            self._conn = self._connect()
+        except HeadError:
+            if new or key is None:
+                raise
+            self._cipher = ()  # a head written with SQLCipher 4's defaults (before _CIPHER)
+            self._conn = self._connect()
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.executescript(_SCHEMA)
@@ -139,6 +150,8 @@ class Head:
         if self._key_hex is not None:
             conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is reported by HeadError, not on stderr
             conn.execute("PRAGMA key = \"x'%s'\"" % self._key_hex)
+            for pragma in self._cipher:
+                conn.execute(pragma)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlcipher3.DatabaseError as e:

@@ -291,7 +291,8 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
                 "cluster_time": cluster_time, "change_seq": change_seq, "head_path": head.path,
                 "namespaces": namespaces}
     manifest_sha, manifest_size = job_store.put_manifest(snapshot_id, manifest, key_id, key)
-    entry = {"snapshot_id": snapshot_id, "seq": (int(base.get("seq") or 0) + 1) if base else 1, "job": job_store.job, "created": iso(now), "cluster_time": cluster_time,
+    entry = {"snapshot_id": snapshot_id, "seq": (int(base.get("seq") or 0) + 1) if base else 1, "job": job_store.job,
+             "created": iso(now), "cluster_time": cluster_time,
              "data_bytes": sum(n["bytes"] for n in namespaces),
              "stored_bytes": sum(n["stored"] for n in namespaces) + manifest_size,
              "written_bytes": writer.written_bytes + manifest_size,

@@ -43,26 +43,31 @@ def test_fast_path_cuts_like_the_row_path_and_restores(tmp_path):
     assert split_docs((tmp_path / "out" / "d" / "c.bson").read_bytes()) == expect
 
 
-def test_head_without_flags_gets_them_when_opened(tmp_path):
+def test_head_from_before_flags_and_cipher_settings_opens_with_flags(tmp_path):
+    """A head written with SQLCipher 4's default settings and no boundary column opens, gets its flags
+    (equal to the boundary function's verdicts) and takes writes."""
     path = str(tmp_path / "old" / "head.db")
     key = os.urandom(32)
-    h = make_head(path, {"d.c": docs(400)}, key=key)
-    with h.read() as r:
-        flagged = r.boundaries("d.c")
-    is_b = h.boundary_fn(headmod.BOUNDARY_TARGET)
-    with h.read() as r:
-        assert flagged == [k for k, raw in r.scan("d.c") if is_b(k, len(raw))] and flagged
-    h.close()
-    conn = sqlcipher3.connect(path, isolation_level=None)  # rewrite docs as a head from before the flags
+    os.makedirs(os.path.dirname(path), mode=0o700)
+    old_schema = headmod._SCHEMA.replace("    bnd INTEGER NOT NULL DEFAULT 0, PRIMARY KEY", "    PRIMARY KEY")
+    assert old_schema != headmod._SCHEMA
+    conn = sqlcipher3.connect(path, isolation_level=None)
     conn.execute("PRAGMA key = \"x'%s'\"" % key.hex())
-    conn.executescript("""BEGIN; DROP INDEX docs_boundaries;
-        CREATE TABLE old_docs (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL, doc BLOB NOT NULL, PRIMARY KEY (ns_id, id_key)) WITHOUT ROWID;
-        INSERT INTO old_docs SELECT ns_id, id_key, doc FROM docs; DROP TABLE docs; ALTER TABLE old_docs RENAME TO docs; COMMIT;""")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO namespaces VALUES (1, 'd.c', NULL, ?, ?, 1)", (bson.encode({}), b""))
+    raws = [bson.encode(d) for d in docs(400)]
+    conn.executemany("INSERT INTO docs VALUES (1, ?, ?)", [(headmod.id_key_from_document(r), r) for r in raws])
+    conn.execute("UPDATE position SET resume_token=?, ct_t=1, ct_i=1, consistent=1", (b"t",))
     conn.close()
     h = headmod.Head(path, key)
+    is_b = h.boundary_fn(headmod.BOUNDARY_TARGET)
     with h.read() as r:
-        assert r.boundaries("d.c") == flagged
+        assert r.boundaries("d.c") == [k for k, raw in r.scan("d.c") if is_b(k, len(raw))]
+        assert r.boundaries("d.c") and r.count("d.c") == 400
     with h.write() as w:
         raw = bson.encode({"_id": 10 ** 6, "pad": b"x" * 10})
         w.upsert("d.c", headmod.id_key_from_document(raw), raw)
     h.close()
+    with headmod.Head(path, key).read() as r:
+        assert r.count("d.c") == 401
