@@ -188,6 +188,16 @@ def verify_server(kmip_config, entry):
     host, port = parse_server(entry, kmip_config.port)
     result = {"server": entry, "host": host, "port": port, "ok": False, "reason": None}
     ctx = tls_context(kmip_config.ca_file)
+    # A server that wants a client certificate ends this handshake (we send none) after we
+    # have verified its certificate; an EOF or alert *before* its Certificate message proves
+    # nothing. So note whether the server's Certificate message arrived.
+    received = set()
+
+    def on_message(_conn, direction, _version, _content_type, msg_type, _data):
+        if direction == "read":
+            received.add(msg_type)
+
+    ctx._msg_callback = on_message  # pylint: disable=protected-access
     try:
         ssock = _connect(ctx, host, port, kmip_config.connect_timeout)
     except ssl.SSLCertVerificationError as e:
@@ -197,7 +207,8 @@ def verify_server(kmip_config, entry):
         return result
     except ssl.SSLError as e:
         reason = (e.reason or "").upper()
-        if any(s in reason for s in ("HANDSHAKE_FAILURE", "CERTIFICATE_REQUIRED", "CERTIFICATE", "UNEXPECTED_EOF")):
+        cert_seen = ssl._TLSMessageType.CERTIFICATE in received  # pylint: disable=protected-access
+        if cert_seen and any(s in reason for s in ("HANDSHAKE_FAILURE", "CERTIFICATE_REQUIRED", "CERTIFICATE", "UNEXPECTED_EOF")):
             result.update(ok=True, reason="server certificate and host name verified (the server requires a client certificate)")
         else:
             result.update(reason="TLS handshake with %s:%d failed: %s" % (host, port, _describe(e)), kind="protocol")

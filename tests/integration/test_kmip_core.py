@@ -224,3 +224,31 @@ def test_verify_server(pki, s1):
     assert r["ok"] is True and "verified" in r["reason"]
     r = kmip.verify_server(kcfg(pki, s1, ca_file=pki["other_ca"]), s1)
     assert r["ok"] is False and r["kind"] == "untrusted_server"
+
+
+def test_verify_server_needs_a_certificate_from_the_server(pki):
+    """A listener that accepts and closes (a wrong port, a non-TLS service) is not verified."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    def serve():
+        for _ in range(4):
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        entry = "127.0.0.1:%d" % port
+        r = kmip.verify_server(kcfg(pki, entry), entry)
+        assert r["ok"] is False and r["kind"] == "protocol", r
+    finally:
+        listener.close()
