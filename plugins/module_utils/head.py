@@ -359,8 +359,11 @@ class Writer(Reader):
         self._cache = head._ns_cache
         self._seq = conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0] + 1
         self._dirty = False
+        self.before_commit = []  # callables run just before COMMIT (writes buffered by their owner, e.g. events.Applier)
 
     def _finish(self):
+        for fn in self.before_commit:
+            fn()
         if self._dirty:
             self._c.execute("UPDATE meta SET value=? WHERE name='change_seq'", (self._seq,))
 
