@@ -15,9 +15,10 @@ import shutil
 import time
 import uuid
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, retention
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import source as source_mod
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, KmipBackupError, KmipError, SourceError)
+    ConfigError, KmipBackupError, KmipError)
 
 DEFAULT_CONFIG_DIR = config.DEFAULT_CONFIG_DIR
 DEFAULT_DATA_DIR = config.DEFAULT_DATA_DIR
@@ -32,9 +33,6 @@ SOURCE_DEFAULTS = {
 }
 SCHEDULE_DEFAULTS = {"interval_hours": 6, "recent_days": 2, "daily_days": 7, "weekly_weeks": 4,
                      "monthly_months": 13}
-# Ops Manager's snapshotSchedule ranges, used until retention.py provides its own check
-_SCHEDULE_RULES = {"interval_hours": (6, 8, 12, 24), "recent_days": range(2, 6), "daily_days": range(1, 366),
-                   "weekly_weeks": range(1, 53), "monthly_months": range(1, 37)}
 
 
 # ---- paths -------------------------------------------------------------------------------
@@ -115,6 +113,10 @@ def normalize_source(source):
     out.update({k: v for k, v in source.items() if v is not None})
     if not str(out["uri"]).startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError("source.uri must start with mongodb:// or mongodb+srv://.")
+    userinfo = str(out["uri"]).split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+    if ":" in userinfo:
+        raise ConfigError("source.uri holds a password: give the user in source.username and the password in "
+                          "source.password (kept out of logs and output), and leave both out of the URI.")
     for f in ("tls_ca_file", "tls_certificate_key_file"):
         if out[f] and not os.path.isfile(out[f]):
             raise ConfigError("source.%s %s does not exist: give the path of a readable PEM file." % (f, out[f]))
@@ -131,80 +133,12 @@ def normalize_schedule(schedule):
     unknown = set(out) - set(SCHEDULE_DEFAULTS)
     if unknown:
         raise ConfigError("Unknown schedule option(s): %s." % ", ".join(sorted(unknown)))
-    try:
-        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import retention
-    except ImportError:
-        retention = None
-    if retention is not None and hasattr(retention, "validate_schedule"):
-        return retention.validate_schedule(out)
-    for k, allowed in _SCHEDULE_RULES.items():
-        v = out[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v not in allowed:
-            raise ConfigError("schedule.%s=%r is out of range: allowed %s." % (
-                k, v, ", ".join(map(str, allowed)) if isinstance(allowed, tuple) else "%d-%d" % (allowed[0], allowed[-1])))
-    return out
+    return retention.validate_schedule(out)
 
 
 def source_check(source):
-    """Connect to the source and refuse what cannot be backed up (standalone, bad auth).
-
-    Uses source.py's connect when it provides one."""
-    try:
-        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import source as source_mod
-    except ImportError:
-        source_mod = None
-    if source_mod is not None and hasattr(source_mod, "check_source"):
-        return source_mod.check_source(source)
-    if source_mod is not None and hasattr(source_mod, "connect"):
-        client = source_mod.connect(source)
-        client.close()
-        return None
-    return _pymongo_check(source)
-
-
-def _pymongo_check(source):
-    try:
-        import pymongo
-        from pymongo import errors as perr
-    except ImportError as e:
-        raise SourceError("pymongo is not installed (%s): install the collection's requirements/runtime.txt." % e)
-    kw = {"serverSelectionTimeoutMS": source["connect_timeout"] * 1000, "connectTimeoutMS": source["connect_timeout"] * 1000}
-    if source.get("tls"):
-        kw["tls"] = True
-    if source.get("tls_ca_file"):
-        kw["tlsCAFile"] = source["tls_ca_file"]
-    if source.get("tls_certificate_key_file"):
-        kw["tlsCertificateKeyFile"] = source["tls_certificate_key_file"]
-    if source.get("username"):
-        kw["username"] = source["username"]
-        kw["password"] = source.get("password")
-    if source.get("auth_mechanism"):
-        kw["authMechanism"] = source["auth_mechanism"]
-    if source.get("auth_source"):
-        kw["authSource"] = source["auth_source"]
-    client = pymongo.MongoClient(source["uri"], **kw)
-    try:
-        hello = client.admin.command("hello")
-        if source.get("username") or source.get("auth_mechanism"):
-            client.admin.command("connectionStatus")
-    except perr.OperationFailure as e:
-        raise SourceError("The source refused the credentials (%s): check source.username, password, "
-                          "auth_mechanism and auth_source." % ((e.details or {}).get("errmsg") or e.code))
-    except perr.PyMongoError as e:
-        raise SourceError("Cannot reach the source %s (%s): check source.uri, TLS options and that the "
-                          "deployment is up." % (_uri_hosts(source["uri"]), type(e).__name__))
-    finally:
-        client.close()
-    if not hello.get("setName") and hello.get("msg") != "isdbgrid":
-        raise SourceError("The source %s is a standalone server: change streams need a replica set or a sharded "
-                          "cluster (mongos); convert it to a one-member replica set." % _uri_hosts(source["uri"]))
-    return hello
-
-
-def _uri_hosts(uri):
-    rest = uri.split("://", 1)[-1]
-    rest = rest.split("@", 1)[-1]
-    return rest.split("/", 1)[0].split("?", 1)[0]
+    """Connect to the source once and refuse what cannot be backed up (standalone, bad auth)."""
+    source_mod.connect(source).close()
 
 
 # ---- KMIP --------------------------------------------------------------------------------
@@ -265,6 +199,9 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
                 uid = str(old["master_key_uid"])
                 _check_key(client, uid)
             else:
+                if master_key.get("create") is False and not rotate:
+                    raise ConfigError("master_key.create is false and no master_key.uid is given: give the UID of an "
+                                      "existing KMIP key in master_key.uid, or let the module create one (create: true).")
                 if rotate:
                     _check_rotatable(client, job, str(old["master_key_uid"]))
                 name = master_key.get("name") or (rotated_key_name(job) if rotate else "kmipbackup-%s" % job)
