@@ -35,6 +35,13 @@ except ImportError as e:  # pragma: no cover
 APPLIED, SKIPPED, RECOPY, IGNORED = "applied", "skipped", "recopy", "ignored"
 DEFAULT_ID_INDEX = b".\x00\x00\x00\x10v\x00\x02\x00\x00\x00\x03key\x00\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00\x02name\x00\x05\x00\x00\x00_id_\x00\x00"  # {v: 2, key: {_id: 1}, name: "_id_"}
 
+# value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (head._skip)
+_FIXED_SIZE = [-3] * 256
+for _t, _n in {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x06: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0,
+               0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
+    _FIXED_SIZE[_t] = _n
+PENDING_MAX_BYTES = 64 << 20  # buffered document writes beyond this are written at once
+
 _i32 = struct.Struct("<i")
 
 
@@ -57,41 +64,132 @@ def parse_elements(raw):
 
 
 def build_document(elements):
-    """Raw BSON bytes from [[name, type, value], ...] (values: bytes or _Node)."""
-    parts = []
-    for name, t, v in elements:
-        if isinstance(v, _Node):
-            v = v.encode()
-        parts.append(b"%c%s\x00%s" % (t, name, v))
-    body = b"".join(parts)
+    """Raw BSON bytes from [[name, type, value bytes], ...]."""
+    body = b"".join(b"%c%s\x00%s" % (t, name, v) for name, t, v in elements)
     return _i32.pack(len(body) + 5) + body + b"\x00"
 
 
-class _Node:
-    """A document (is_array False) or array whose elements are parsed; children stay raw until touched."""
-    __slots__ = ("els", "is_array")
+def _find(buf, start, name=None, index=-1):
+    """The element named name (bytes) or at position index of the document or array at buf[start]:
+    (element start, type, value start, value end), or (None, element count, end position, None) when absent."""
+    unpack, fixed = _i32.unpack_from, _FIXED_SIZE
+    pos = start + 4
+    end = start + unpack(buf, start)[0] - 1
+    i = 0
+    while pos < end:
+        t = buf[pos]
+        ne = buf.index(0, pos + 1)
+        n = fixed[t]
+        if n >= 0:
+            vend = ne + 1 + n
+        elif n == -1:  # string-like: int32 length, then the bytes
+            vend = ne + 5 + unpack(buf, ne + 1)[0]
+        elif n == -2:  # document, array, code with scope: the int32 covers the whole value
+            vend = ne + 1 + unpack(buf, ne + 1)[0]
+        else:
+            vend = _skip(buf, t, ne + 1)
+        if i == index or (name is not None and buf[pos + 1:ne] == name):
+            return pos, t, ne + 1, vend
+        pos = vend
+        i += 1
+    return None, i, end, None
 
-    def __init__(self, raw, is_array):
-        self.els = parse_elements(raw)
-        self.is_array = is_array
 
-    def encode(self):
-        return build_document(self.els)
+def _names(buf, start):
+    pos, end, out = start + 4, start + _i32.unpack_from(buf, start)[0] - 1, []
+    while pos < end:
+        ne = buf.index(0, pos + 1)
+        out.append(bytes(buf[pos + 1:ne]))
+        pos = _skip(buf, buf[pos], ne + 1)
+    return out
 
-    def find(self, name):
-        for el in self.els:
-            if el[0] == name:
-                return el
-        return None
 
-    def child(self, el):
-        """The _Node of element el when it is a document or array, else None."""
-        if isinstance(el[2], _Node):
-            return el[2]
-        if el[1] in (0x03, 0x04):
-            el[2] = _Node(el[2], el[1] == 0x04)
-            return el[2]
-        return None
+def _key(buf, start, is_array, comp, exact, rest):
+    """(name, index) arguments of _find for one path component in the document or array at buf[start]."""
+    if is_array:
+        if isinstance(comp, int):
+            return None, comp
+        if not exact and comp.isdecimal():
+            return None, int(comp)
+        raise NotApplicable("a field name on an array")
+    if isinstance(comp, int):
+        raise NotApplicable("an array index on a document")
+    if not exact and rest:
+        # a literal "a.b" field may be what the path means: ambiguous without disambiguatedPaths
+        node = buf[start:start + _i32.unpack_from(buf, start)[0]]
+        candidates = [".".join([comp] + rest[:k]).encode() for k in range(1, len(rest) + 1)]
+        if any(c + b"\x00" in node for c in candidates) and set(candidates) & set(_names(buf, start)):
+            raise NotApplicable("a dotted field name without disambiguatedPaths")
+    return comp.encode(), -1
+
+
+def _descend(buf, comps, exact):
+    """Follow comps[:-1] from the root: ([starts of every enclosing document/array], parent start, parent is an array)."""
+    start, is_array, starts = 0, False, [0]
+    for i, comp in enumerate(comps[:-1]):
+        el = _find(buf, start, *_key(buf, start, is_array, comp, exact, comps[i + 1:]))
+        if el[0] is None:
+            raise NotApplicable("a missing parent on an update path")
+        if el[1] not in (0x03, 0x04):
+            raise NotApplicable("a parent on an update path is not a document or an array")
+        start, is_array = el[2], el[1] == 0x04
+        starts.append(start)
+    return starts, start, is_array
+
+
+def _resize(buf, starts, delta):
+    """Add delta to the length prefix of every enclosing document/array."""
+    for a in starts:
+        _i32.pack_into(buf, a, _i32.unpack_from(buf, a)[0] + delta)
+
+
+def _set(buf, comps, exact, t, value):
+    starts, start, is_array = _descend(buf, comps, exact)
+    name, index = _key(buf, start, is_array, comps[-1], exact, [])
+    el_start, et, vs, ve = _find(buf, start, name, index)
+    if el_start is not None:  # in place: the field keeps its position
+        buf[el_start] = t
+        buf[vs:ve] = value
+        _resize(buf, starts, len(value) - (ve - vs))
+        return
+    count, end = et, vs
+    if is_array:  # pad with null up to the index, as mongod's diff applier does
+        new = b"".join(b"\x0a%d\x00" % j for j in range(count, index)) + b"%c%d\x00" % (t, index) + value
+    else:
+        new = b"%c%s\x00" % (t, name) + value
+    buf[end:end] = new
+    _resize(buf, starts, len(new))
+
+
+def _remove(buf, comps, exact):
+    try:
+        starts, start, is_array = _descend(buf, comps, exact)
+    except NotApplicable:
+        return
+    if is_array:
+        raise NotApplicable("removedFields on an array element")
+    last = comps[-1]
+    if not isinstance(last, str):
+        return
+    name = last.encode()
+    while True:
+        el_start, _, _, ve = _find(buf, start, name)
+        if el_start is None:
+            return
+        del buf[el_start:ve]
+        _resize(buf, starts, el_start - ve)
+
+
+def _truncate(buf, comps, exact, size):
+    starts, start, is_array = _descend(buf, comps, exact)
+    el_start, t, vs, _ = _find(buf, start, *_key(buf, start, is_array, comps[-1], exact, []))
+    if el_start is None or t != 0x04:
+        raise NotApplicable("truncatedArrays on something that is not an array")
+    cut, _, _, _ = _find(buf, vs, None, size)
+    if cut is not None:
+        end = vs + _i32.unpack_from(buf, vs)[0] - 1
+        del buf[cut:end]
+        _resize(buf, starts + [vs], cut - end)
 
 
 def _components(path, disambiguated):
@@ -101,77 +199,11 @@ def _components(path, disambiguated):
     return path.split("."), False
 
 
-def _step(node, comp, exact, rest):
-    """The element of node for one path component (None when absent)."""
-    if node.is_array:
-        if isinstance(comp, int):
-            idx = comp
-        elif not exact and comp.isdigit():
-            idx = int(comp)
-        else:
-            raise NotApplicable("a field name on an array")
-        return node.els[idx] if idx < len(node.els) else None, idx
-    if isinstance(comp, int):
-        raise NotApplicable("an array index on a document")
-    name = comp.encode()
-    if not exact and rest:
-        dotted = [el[0] for el in node.els if b"." in el[0]]
-        if dotted:  # a literal "a.b" field may be what the path means: ambiguous without disambiguatedPaths
-            for k in range(1, len(rest) + 1):
-                if ".".join([comp] + [str(r) for r in rest[:k]]).encode() in dotted:
-                    raise NotApplicable("a dotted field name without disambiguatedPaths")
-    return node.find(name), name
-
-
-def _walk(root, comps, exact):
-    """The parent _Node of the last component and the last component's key (index or name)."""
-    node = root
-    for i, comp in enumerate(comps[:-1]):
-        el, _ = _step(node, comp, exact, comps[i + 1:])
-        if el is None:
-            raise NotApplicable("a missing parent on an update path")
-        child = node.child(el)
-        if child is None:
-            raise NotApplicable("a parent on an update path is not a document or an array")
-        node = child
-    return node, comps[-1]
-
-
-def _set(root, comps, exact, t, value):
-    parent, last = _walk(root, comps, exact)
-    el, key = _step(parent, last, exact, [])
-    if el is not None:
-        el[1], el[2] = t, value  # in place: the field keeps its position
-    elif parent.is_array:
-        while len(parent.els) < key:  # pad with null, as mongod's diff applier does
-            parent.els.append([str(len(parent.els)).encode(), 0x0A, b""])
-        parent.els.append([str(key).encode(), t, value])
-    else:
-        parent.els.append([key, t, value])
-
-
-def _remove(root, comps, exact):
-    try:
-        parent, last = _walk(root, comps, exact)
-    except NotApplicable:
-        return
-    if parent.is_array:
-        raise NotApplicable("removedFields on an array element")
-    name = last.encode() if isinstance(last, str) else None
-    parent.els = [el for el in parent.els if el[0] != name]
-
-
-def _truncate(root, comps, exact, size):
-    parent, last = _walk(root, comps, exact)
-    el, _ = _step(parent, last, exact, [])
-    arr = parent.child(el) if el is not None else None
-    if arr is None or not arr.is_array:
-        raise NotApplicable("truncatedArrays on something that is not an array")
-    del arr.els[size:]
-
-
 def apply_update_description(doc_raw, ud_raw):
-    """The stored document doc_raw with updateDescription ud_raw (raw BSON) applied; raises NotApplicable."""
+    """The stored document doc_raw with updateDescription ud_raw (raw BSON) applied; raises NotApplicable.
+
+    Works on the bytes: only the elements on the updated paths are located, values are spliced in
+    and the enclosing length prefixes adjusted, so everything else keeps its bytes and order."""
     updated = removed = truncated = disambiguated = None
     for name, t, v in parse_elements(ud_raw):
         if name == b"updatedFields":
@@ -180,24 +212,24 @@ def apply_update_description(doc_raw, ud_raw):
             removed = v
         elif name == b"truncatedArrays":
             truncated = v
-        elif name == b"disambiguatedPaths":
+        elif name == b"disambiguatedPaths" and len(v) > 5:
             disambiguated = bson_decode(v)
-    root = _Node(doc_raw, False)
+    buf = bytearray(doc_raw)
     if truncated and len(truncated) > 5:
         for item in bson_decode(truncated).values():
             comps, exact = _components(item["field"], disambiguated)
-            _truncate(root, comps, exact, int(item["newSize"]))
+            _truncate(buf, comps, exact, int(item["newSize"]))
     if removed and len(removed) > 5:
         for path in bson_decode(removed).values():
             comps, exact = _components(path, disambiguated)
-            _remove(root, comps, exact)
+            _remove(buf, comps, exact)
     if updated and len(updated) > 5:
         for name, t, v in parse_elements(updated):
             comps, exact = _components(name.decode("utf-8"), disambiguated)
             if comps and comps[0] == "_id":
                 raise NotApplicable("an update of _id")
-            _set(root, comps, exact, t, v)
-    return root.encode()
+            _set(buf, comps, exact, t, v)
+    return bytes(buf)
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -259,59 +291,107 @@ class Applier:
     "indexes": [raw], "uuid": bytes or None}: re-reads what DDL events may not carry in full
     (the stand-in drops unique/sparse/TTL/partial from index events; collMod details).
     After apply(), `recopy` holds (ns, documentKey raw) pairs the caller must re-read from
-    the source (upsert, or delete when gone) before committing.
+    the source (upsert, or delete when gone) before committing, after flush().
     """
 
     def __init__(self, refresh=None):
         self.refresh = refresh
         self.recopy = []
         self.counts = {}
+        self._ns_cache = {}
+        self._w = None
+        self._pending = {}  # (ns, id_key) -> raw document written in this transaction, not yet in the head
+        self._pending_bytes = 0
 
     def _count(self, outcome):
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         return outcome
 
+    def _ns(self, value):
+        """(db, "db.coll" or None) of an event's ns, cached by its raw bytes."""
+        key = value.raw if isinstance(value, RawBSONDocument) else None
+        hit = self._ns_cache.get(key) if key is not None else None
+        if hit is None:
+            hit = _ns(value)
+            if key is not None:
+                if len(self._ns_cache) > 10000:
+                    self._ns_cache.clear()
+                self._ns_cache[key] = hit
+        return hit
+
+    def _buffer(self, w):
+        """This transaction's buffer of document writes, flushed (one statement batch per namespace) before COMMIT."""
+        if self._w is not w:  # a new transaction: what a rolled-back one buffered is gone with it
+            self._w, self._pending, self._pending_bytes = w, {}, 0
+            w.before_commit.append(lambda: self._w is w and self.flush())
+        return self._pending
+
+    def flush(self):
+        """Write the buffered documents into the current transaction (before DDL, re-copies and COMMIT)."""
+        if not self._pending:
+            return
+        by_ns = {}
+        for (ns, ik), doc in self._pending.items():
+            by_ns.setdefault(ns, []).append((ik, doc))
+        self._pending, self._pending_bytes = {}, 0
+        for ns, pairs in by_ns.items():
+            pairs.sort()  # in key order: B-tree pages are written once each, not revisited at random
+            self._w.upsert_many(ns, pairs)
+
+    def _put(self, w, pending, ns, ik, doc):
+        pending[(ns, ik)] = doc
+        self._pending_bytes += len(doc)
+        if self._pending_bytes > PENDING_MAX_BYTES:
+            self.flush()
+
     def apply(self, w, ev, catch_up=False):
-        """Apply one event (RawBSONDocument or mapping) with writer w; returns applied|skipped|recopy|ignored."""
+        """Apply one event (RawBSONDocument or mapping) with writer w; returns applied|skipped|recopy|ignored.
+
+        Document writes are buffered and written, one statement batch per namespace, before the
+        transaction commits (Writer.before_commit), before a DDL event and by flush()."""
         op = ev["operationType"]
+        pending = self._buffer(w)
+        if op == "update":
+            return self._count(self._update(w, pending, ev, catch_up))
         if op in ("insert", "replace"):
-            db, ns = _ns(ev["ns"])
+            ns = self._ns(ev["ns"])[1]
             full = _raw(ev["fullDocument"])
             if not w.has_namespace(ns):
                 self._implicit_create(w, ns, _uuid(ev))
-            w.upsert(ns, id_key_from_document(full), full)
+            self._put(w, pending, ns, id_key_from_document(full), full)
             return self._count(APPLIED)
-        if op == "update":
-            return self._count(self._update(w, ev, catch_up))
         if op == "delete":
-            db, ns = _ns(ev["ns"])
-            w.delete(ns, id_key_from_document(_raw(ev["documentKey"])))
+            ns = self._ns(ev["ns"])[1]
+            ik = id_key_from_document(_raw(ev["documentKey"]))
+            pending.pop((ns, ik), None)
+            w.delete(ns, ik)
             return self._count(APPLIED)
         handler = getattr(self, "_ddl_" + op, None)
         if handler is None:
             if op == "invalidate":
                 raise HistoryLostError("The change stream was invalidated: a new initial sync is needed, the daemon starts one.")
             return self._count(IGNORED)  # shardCollection, refine/reshard...: nothing to keep in the head
+        self.flush()
         return self._count(handler(w, ev, catch_up))
 
-    def _update(self, w, ev, catch_up):
-        db, ns = _ns(ev["ns"])
+    def _update(self, w, pending, ev, catch_up):
+        ns = self._ns(ev["ns"])[1]
         dkey = _raw(ev["documentKey"])
         ik = id_key_from_document(dkey)
-        stored = w.get(ns, ik)
+        stored = pending.get((ns, ik))
         if stored is None:
-            if catch_up:
-                return SKIPPED
-            self.recopy.append((ns, dkey))
-            return RECOPY
+            stored = w.get(ns, ik)
         try:
+            if stored is None:
+                raise NotApplicable("a missing document")
             new = apply_update_description(stored, _raw(ev["updateDescription"]))
         except NotApplicable:
             if catch_up:
                 return SKIPPED
+            pending.pop((ns, ik), None)  # the caller re-reads it from the source
             self.recopy.append((ns, dkey))
             return RECOPY
-        w.upsert(ns, ik, new)
+        self._put(w, pending, ns, ik, new)
         return APPLIED
 
     def _refresh_into(self, w, ns, uuid=None):

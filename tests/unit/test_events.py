@@ -212,3 +212,35 @@ def test_apply_rate_from_recorded_batch(h):
     assert a.counts == {"applied": len(evs)}
     assert stored(h, ids[1]) == bson.encode({"_id": ids[1], "n": 2, "s": "x" * 200, "arr": [1, 2, 3, 4], "sub": {"a": 2, "b": "y"}})
     assert rate > 10000
+
+
+def test_buffered_writes_in_one_transaction_and_rollback(h):
+    """Writes are buffered per transaction: reads see them, DDL and COMMIT write them, a rollback drops them."""
+    a = events.Applier()
+    with h.write() as w:
+        out = [a.apply(w, e) for e in (ins({"_id": 1, "v": 1}), upd(1, {"v": 2}), ins({"_id": 2, "v": 1}),
+                                       ddl("delete", documentKey={"_id": 2}), ins({"_id": 2, "v": 3}), upd(2, {"w": 1}),
+                                       ins({"_id": 3}), ddl("delete", documentKey={"_id": 3}))]
+        assert w.get("d.c", head.id_key_from_value(1)) is None  # still buffered
+        a.apply(w, ddl("rename", to={"db": "d", "coll": "r"}))  # a DDL event writes the buffer first
+        a.apply(w, ins({"_id": 4}, ns={"db": "d", "coll": "r"}))
+    assert out == ["applied"] * 8
+    assert stored(h, 1, "d.r") == bson.encode({"_id": 1, "v": 2})
+    assert stored(h, 2, "d.r") == bson.encode({"_id": 2, "v": 3, "w": 1})
+    assert stored(h, 3, "d.r") is None and stored(h, 4, "d.r") == bson.encode({"_id": 4})
+    with h.read() as r:
+        assert len(r.changed("d.r")) == 3
+    with pytest.raises(RuntimeError):
+        with h.write() as w:
+            a.apply(w, ins({"_id": 5}, ns={"db": "d", "coll": "r"}))
+            raise RuntimeError("rolled back")
+    with h.write() as w:  # the next transaction starts with an empty buffer
+        a.apply(w, upd(4, {"x": 1}, ns={"db": "d", "coll": "r"}))
+    assert stored(h, 5, "d.r") is None and stored(h, 4, "d.r") == bson.encode({"_id": 4, "x": 1})
+
+
+def test_update_splices_nested_paths_and_keeps_every_other_byte(h):
+    before = {"_id": 1, "a": {"b": {"c": [1, {"d": "x"}]}, "k": "keep"}, "z": Int64(1), "t": [[1, 2], [3]]}
+    check(h, before, [upd(1, {"a.b.c.1.d": "longer value", "a.b.c.3": 1, "t.1.0": [9, 9], "a.n": None},
+                          removed=["a.k"], truncated=[{"field": "t.0", "newSize": 1}])],
+          {"_id": 1, "a": {"b": {"c": [1, {"d": "longer value"}, None, 1]}, "n": None}, "z": Int64(1), "t": [[1], [[9, 9]]]})
