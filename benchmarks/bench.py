@@ -404,15 +404,18 @@ def section_events(opts, work, table, found):
         inserts = n // 2
         for s in range(0, inserts, 5000):
             coll.insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, inserts - s))], ordered=False)
-        from data import object_id
         from bson import ObjectId
-        ops = n - inserts
-        for i in range(ops):
+        from data import object_id
+        from pymongo import DeleteOne, UpdateOne
+        ops = []
+        for i in range(n - inserts):  # every 10th a delete, the others updates of nested and top-level fields
             oid = ObjectId(object_id(i * 7 % inserts))
             if i % 10 == 9:
-                coll.delete_one({"_id": oid})
+                ops.append(DeleteOne({"_id": oid}))
             else:
-                coll.update_one({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}})
+                ops.append(UpdateOne({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}}))
+        for i in range(0, len(ops), 1000):
+            coll.bulk_write(ops[i:i + 1000], ordered=True)
         recorded = []
         idle = 0
         while len(recorded) < n and idle < 20:
@@ -468,7 +471,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=200, help="BSON size of the snapshot job (issue 4: 2048)")
     ap.add_argument("--sync-mb", type=int, default=40, help="BSON size of the initial-sync source (issue 3: 1024)")
-    ap.add_argument("--events", type=int, default=60000, help="recorded change events to apply")
+    ap.add_argument("--events", type=int, default=20000, help="recorded change events to apply")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="snapshot,sync,events", help="comma-separated sections: snapshot, sync, events")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
