@@ -94,7 +94,7 @@ def select_namespaces(manifest, include=None, exclude=None, rename=None):
             continue
         if exclude and any(fnmatch.fnmatchcase(ns, p) for p in exclude):
             continue
-        db, _, coll = ns.partition(".")
+        db, _dot, coll = ns.partition(".")
         out.append((n, (rename or {}).get(db, db), coll))
     return out
 

@@ -116,12 +116,12 @@ class _Writer:
             while self._inflight:
                 self._inflight.popleft().result()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True)
         for entry in self._late:
             entry["stored"] = self._mine[entry["id"]]
 
     def abort(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
 
     def chunk(self, rows):
         """Chunk entries for (id_key, raw) rows in order, cut where is_boundary says and at max_bytes."""
