@@ -94,10 +94,13 @@ def integrity_error(kind, object_id, why="failed authentication (it was modified
                           "and find out who changed the store." % (name, why), kind=kind, object_id=object_id)
 
 
-def chunk_id(id_key, data, sha256=None):
+def chunk_id(id_key, data, sha256=None, key_id=""):
     """A chunk's content address, hex: HMAC-SHA256 under the chunk-id key of the plaintext's SHA-256
-    (sha256: that digest when the caller has it already, so the plaintext is hashed once)."""
-    return hmac.new(id_key, sha256 if sha256 is not None else hashlib.sha256(data).digest(), hashlib.sha256).hexdigest()
+    (sha256: that digest when the caller has it already, so the plaintext is hashed once) and of the
+    data-key id that seals it, so equal content sealed under another key epoch gets another id and a
+    new epoch never reuses (and keeps needing) an old epoch's chunks."""
+    digest = sha256 if sha256 is not None else hashlib.sha256(data).digest()
+    return hmac.new(id_key, digest + key_id.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def mac(key, data):

@@ -82,7 +82,7 @@ class _Writer:
     def _store(self, entry, docs):
         plain = docs if isinstance(docs, bytes) else b"".join(docs)
         digest = hashlib.sha256(plain).digest()
-        cid = crypto.chunk_id(self.id_key, plain, digest)
+        cid = crypto.chunk_id(self.id_key, plain, digest, self.key_id)
         entry.update(id=cid, bytes=len(plain), sha256=Binary(digest))
         path = self.js.chunk_path(cid)
         with self._lock:
@@ -105,8 +105,8 @@ class _Writer:
                 entry.update(key=self.key_id, stored=self._mine[cid])
                 if entry["stored"] is None:
                     self._late.append(entry)
-        else:
-            entry["key"] = self.js.chunk_key_id(cid)
+        else:  # the id binds the key id: a stored chunk with this id is sealed under this snapshot's key
+            entry["key"] = self.key_id
             self.js.storage.touch(path)  # GC grace: a reused chunk is young again
             entry["stored"] = self.js.storage.size(path)
 
@@ -186,13 +186,15 @@ def _cut(reader, ns, start, end, writer, flagged):
 
 
 def _namespace_chunks(reader, ns, prev, writer, flagged):
-    """The chunk list of ns: a full cut, or the previous list with changed ranges re-cut."""
+    """The chunk list of ns: a full cut, or the previous list with changed ranges re-cut; chunks sealed
+    under another key epoch count as changed, so a snapshot never needs an older epoch's key."""
     if prev is None or not prev["chunks"]:
         return _cut(reader, ns, None, None, writer, flagged), False
     chunks = prev["chunks"]
     lasts = [bytes(c["last"]) for c in chunks]
     n = len(chunks)
     affected = {min(bisect.bisect_left(lasts, k), n - 1) for k in reader.changed(ns)}
+    affected.update(i for i, c in enumerate(chunks) if c.get("key") != writer.key_id)
     if not affected:
         return list(chunks), True
     out, i = [], 0

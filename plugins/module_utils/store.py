@@ -12,10 +12,14 @@ A job's area, <root>/<job>/:
                            (job, key_id, purpose, epoch, master key UID), so a swapped or
                            edited record fails
   chunks/<aa>/<chunk_id>   "KBC1" + key id + seal(zstd(concatenated raw BSON)), content-addressed
-                           by the keyed HMAC of the plaintext; aad binds job, chunk id, key id
+                           by the keyed HMAC of the plaintext and the key id (so each key epoch has
+                           chunks of its own); aad binds job, chunk id, key id
   manifests/<snapshot_id>  "KBM1" + key id + seal(zstd(BSON manifest)); aad binds job, snapshot id, key id
   catalog/<snapshot_id>.json   non-secret fields plus a MAC keyed by a subkey of the snapshot's
-                           data key; written last: a snapshot exists only once this file does
+                           data key (a plain SHA-256 checksum only for an unencrypted snapshot);
+                           written last: a snapshot exists only once this file does
+The key id "none" (the null cipher) is refused wherever an encrypted job's Keys read: a store
+writer without the data keys cannot pass a forged object off as an unencrypted one.
   pending/<snapshot_id>.json   a snapshot in progress (started, base snapshot)
 
 Garbage collection against a concurrent snapshot (pending markers plus a grace period): a
@@ -138,10 +142,6 @@ class FileStorage:
         except FileNotFoundError:
             raise StoreError("The store object %s is missing under %s: the store is incomplete; restore another snapshot "
                              "or a copy of the store." % (path, self.root)) from None
-
-    def get_head(self, path, n):
-        with open(self._p(path), "rb") as f:
-            return f.read(n)
 
     def exists(self, path):
         return os.path.exists(self._p(path))
@@ -266,26 +266,29 @@ class JobStore:
     def has_chunk(self, cid):
         return self.storage.exists(self.chunk_path(cid))
 
-    def chunk_key_id(self, cid):
-        """The key id a stored chunk names (authenticated when the chunk is read)."""
-        key_id, _ = _unblob(b"KBC1", self.storage.get_head(self.chunk_path(cid), 64), "chunk", cid)
-        return key_id
-
     def put_chunk(self, cid, plaintext, key_id, key, sync=True):
         """Store a chunk; returns its stored size."""
         blob = _blob(b"KBC1", key_id, crypto.seal(key, crypto.compress(plaintext), self._chunk_aad(cid, key_id)))
         self.storage.put_atomic(self.chunk_path(cid), blob, sync=sync)
         return len(blob)
 
+    @staticmethod
+    def _key(keys, key_id, kind, object_id):
+        """The data key an object names; IntegrityError naming the object when an encrypted job's object
+        names the null cipher."""
+        if keys.encryption and key_id in (None, "", "none"):
+            raise crypto.integrity_error(kind, object_id, "names no data key (unencrypted) in an encrypted job")
+        return keys.key(key_id)
+
     def _open_chunk(self, cid, keys, expect_key=None):
-        """(key id, compressed plaintext) of a chunk, authenticated (IntegrityError naming the chunk)."""
+        """The compressed plaintext of a chunk, authenticated (IntegrityError naming the chunk)."""
         if not CHUNK_RE.match(cid):
             raise crypto.integrity_error("chunk", cid, "has an invalid id")
         blob = self.storage.get(self.chunk_path(cid))
         key_id, sealed = _unblob(b"KBC1", blob, "chunk", cid)
         if expect_key is not None and key_id != expect_key:
             raise crypto.integrity_error("chunk", cid, "names another key than its manifest")
-        return crypto.open_sealed(keys.key(key_id), sealed, self._chunk_aad(cid, key_id), "chunk", cid)
+        return crypto.open_sealed(self._key(keys, key_id, "chunk", cid), sealed, self._chunk_aad(cid, key_id), "chunk", cid)
 
     def read_chunk_sealed(self, cid, keys):
         """The compressed plaintext of a chunk, authenticated (IntegrityError naming the chunk)."""
@@ -324,8 +327,9 @@ class JobStore:
         if expect_sha256 is not None and hashlib.sha256(blob).hexdigest() != expect_sha256:
             raise crypto.integrity_error("manifest", snapshot_id, "does not match its catalog entry")
         key_id, sealed = _unblob(b"KBM1", blob, "manifest", snapshot_id)
-        plain = crypto.decompress(crypto.open_sealed(keys.key(key_id), sealed, self._manifest_aad(snapshot_id, key_id),
-                                                     "manifest", snapshot_id), "manifest", snapshot_id)
+        key = self._key(keys, key_id, "manifest", snapshot_id)
+        plain = crypto.decompress(crypto.open_sealed(key, sealed, self._manifest_aad(snapshot_id, key_id), "manifest", snapshot_id),
+                                  "manifest", snapshot_id)
         try:
             manifest = bson.decode(plain)
         except Exception:
@@ -382,12 +386,18 @@ class JobStore:
             raise crypto.integrity_error("catalog entry", snapshot_id, "is not valid JSON") from None
 
     def verify_catalog(self, entry, keys):
+        """entry, once its MAC checks: an encrypted snapshot's entry must name a data key and carry a keyed MAC;
+        an unencrypted one (a plain checksum) is refused when keys are an encrypted job's."""
         sid = entry.get("snapshot_id")
-        if entry.get("job") != self.job or not isinstance(entry.get("mac"), str):
+        mac, encryption = entry.get("mac"), entry.get("encryption")
+        if entry.get("job") != self.job or not isinstance(mac, str) or not isinstance(encryption, bool):
             raise crypto.integrity_error("catalog entry", sid)
-        if entry.get("encryption") and not entry.get("key_id"):
-            raise crypto.integrity_error("catalog entry", sid)
-        if not crypto.hmac.compare_digest(entry["mac"], self._catalog_mac(entry, keys)):
+        if encryption:
+            if entry.get("key_id") in (None, "", "none") or not mac.startswith("hmac-sha256:"):
+                raise crypto.integrity_error("catalog entry", sid, "claims encryption without a data key and a keyed MAC")
+        elif keys.encryption:
+            raise crypto.integrity_error("catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted")
+        if not crypto.hmac.compare_digest(mac, self._catalog_mac(entry, keys)):
             raise crypto.integrity_error("catalog entry", sid)
         return entry
 
@@ -434,7 +444,10 @@ class JobStore:
             if not self.storage.exists(self._p("manifests", sid)):
                 continue
             entry = roots.get(sid)
-            manifest = self.read_manifest(sid, keys, entry.get("manifest_sha256") if entry else None)
+            k = keys
+            if entry is not None and bool(entry.get("encryption")) != keys.encryption:  # a job whose encryption was toggled
+                k = Keys(self, keys.provider, bool(entry.get("encryption")))
+            manifest = self.read_manifest(sid, k, entry.get("manifest_sha256") if entry else None)
             for ns in manifest["namespaces"]:
                 referenced.update(c["id"] for c in ns["chunks"])
         deleted = freed = 0
@@ -492,8 +505,10 @@ class Keys:
         return rec
 
     def key(self, key_id):
-        """The unwrapped data key key_id (None for the null cipher)."""
+        """The unwrapped data key key_id (None for the null cipher, which an encrypted job's Keys refuse)."""
         if key_id in (None, "none"):
+            if self.encryption:
+                raise crypto.integrity_error("keyring entry", "none", "is the null cipher, which an encrypted job never uses")
             return None
         key = self._cache.get(key_id)
         if key is None:
