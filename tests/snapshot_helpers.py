@@ -5,6 +5,7 @@ import re
 import uuid
 
 import bson
+import zstandard
 from bson import Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding, aes_key_wrap_with_padding
 
@@ -137,6 +138,32 @@ def files_under(root):
             yield os.path.join(folder, n)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def plaintext_views(data, limit=256 << 20):
+    """data itself plus every zstd frame in it, decompressed: the store's chunks and manifests are zstd then
+    sealed, so scanning raw bytes alone cannot see plaintext an unencrypted (null cipher) blob holds. Trying
+    every frame magic, wherever it is, covers any container format; in ciphertext a magic is random and does
+    not decompress."""
+    views = [data]
+    pos = data.find(ZSTD_MAGIC)
+    while pos >= 0:
+        try:
+            views.append(zstandard.ZstdDecompressor().decompressobj().decompress(data[pos:pos + limit]))
+        except zstandard.ZstdError:
+            pass
+        pos = data.find(ZSTD_MAGIC, pos + 1)
+    return views
+
+
 def canary_hits(root, canary):
+    """Files under root whose name, raw bytes or zstd-decompressed content holds canary (case-insensitive)."""
     pat = re.compile(re.escape(canary.encode()), re.I)
-    return [p for p in files_under(root) if pat.search(open(p, "rb").read()) or canary.lower() in p.lower()]
+    hits = []
+    for p in files_under(root):
+        with open(p, "rb") as f:
+            data = f.read()
+        if canary.lower() in p.lower() or any(pat.search(v) for v in plaintext_views(data)):
+            hits.append(p)
+    return hits

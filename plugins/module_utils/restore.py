@@ -12,18 +12,26 @@ manifest's document counts and namespace hashes hold for what is written.
 Directory and archive restores are built in a temporary sibling and renamed into place at
 the end, so a failure leaves the target untouched. A MongoDB restore first authenticates
 every chunk it needs, then inserts; its progress is recorded in the marker collection
-kmipbackup_restore.restoreInfo (state incomplete until the restore is verified).
+kmipbackup_restore.restoreInfo (state incomplete until the restore is verified), keyed by job,
+snapshot and a digest of the namespaces restored, so one snapshot can go to several databases.
+Namespace names come from the manifest: they must be MongoDB names that cannot leave the
+restore folder, and messages name them as #n (their position in the snapshot) for an
+encrypted snapshot; errors of pymongo and of the file system are reported by kind and code,
+never with their text (which can hold documents, _id values, namespaces and paths).
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import fnmatch
+import hashlib
+import json
 import os
+import re
 import shutil
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.snapshot import namespace_hash
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
@@ -51,6 +59,12 @@ MARKER_COLL = "restoreInfo"
 INSERT_BATCH_BYTES = 8 << 20
 READ_THREADS = 2
 READ_AHEAD = 4
+DB_NAME_FORBIDDEN = frozenset('/\\. "$\x00')
+
+
+def _require_bson():
+    if bson is None:
+        raise RestoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
 
 
 def _require_pymongo():
@@ -58,8 +72,9 @@ def _require_pymongo():
         raise RestoreError("The Python package pymongo is missing (%s): install the collection's requirements." % PYMONGO_IMPORT_ERROR)
 
 
-def restore_info_text(entry, job, kmip_servers=None):
-    """restoreInfo.txt as Ops Manager writes it: what was restored and which keys it needs."""
+def restore_info_text(entry, job, kmip_servers=None, selection=None):
+    """restoreInfo.txt as Ops Manager writes it: what was restored and which keys it needs (selection: the
+    selection_digest of the namespaces restored, so a later run knows what the target holds)."""
     ct = entry.get("cluster_time") or [0, 0]
     lines = ["Restore Information",
              "Backup Job: %s" % job,
@@ -71,6 +86,8 @@ def restore_info_text(entry, job, kmip_servers=None):
              "Documents: %d" % entry.get("doc_count", 0),
              "Data Bytes: %d" % entry.get("data_bytes", 0),
              "Encryption: %s" % ("enabled" if entry.get("encryption") else "disabled")]
+    if selection:
+        lines.append("Namespace Selection: %s" % selection)
     if entry.get("encryption"):
         lines.append("Master Key UUID: %s" % ", ".join(entry.get("master_key_uids") or []))
         if kmip_servers:
@@ -80,23 +97,57 @@ def restore_info_text(entry, job, kmip_servers=None):
     return "\n".join(lines) + "\n"
 
 
-def _info_matches(text, job, snapshot_id):
-    return ("Snapshot ID: %s\n" % snapshot_id) in text and ("Backup Job: %s\n" % job) in text
+def _info_matches(text, job, snapshot_id, selection=None):
+    return (("Snapshot ID: %s\n" % snapshot_id) in text and ("Backup Job: %s\n" % job) in text
+            and (selection is None or ("Namespace Selection: %s\n" % selection) in text))
+
+
+def label(encryption, index, name, show=False):
+    """How messages and results name a namespace: its name, or #index for an encrypted snapshot unless show."""
+    return name if show or not encryption else "#%d" % index
+
+
+def valid_database_name(name):
+    """A MongoDB database name, which is also a safe single folder name."""
+    return isinstance(name, str) and bool(name) and not DB_NAME_FORBIDDEN.intersection(name)
+
+
+def valid_collection_name(name):
+    """A collection name whose mongodump file name ('/' escaped as %2F) stays in its database's folder:
+    not empty, no NUL, no leading '.', '/' or '\\', no '.' or '..' component."""
+    if not isinstance(name, str) or not name or "\x00" in name or name[0] in "./\\":
+        return False
+    return not any(part in (".", "..") for part in re.split(r"[/\\]", name))
 
 
 def select_namespaces(manifest, include=None, exclude=None, rename=None):
-    """[(namespace entry, target db, target collection)] after include/exclude patterns
-    (fnmatch on "db.collection") and database rename ({source db: target db})."""
+    """[(index, namespace entry, target db, target collection)] after include/exclude patterns (fnmatch on
+    "db.collection") and database rename ({source db: target db}); index is the namespace's 1-based position
+    in the snapshot. RestoreError for an invalid rename target; IntegrityError for a manifest naming an
+    invalid namespace (it could write outside the target)."""
+    rename = rename or {}
+    for db in rename.values():
+        if not valid_database_name(db):
+            raise RestoreError("rename_databases maps a database to %r, which is not a valid database name (empty, or with "
+                               "one of / \\ . space \" $ NUL): give a plain database name." % (db,))
     out = []
-    for n in manifest["namespaces"]:
+    for i, n in enumerate(manifest["namespaces"], 1):
         ns = n["ns"]
         if include and not any(fnmatch.fnmatchcase(ns, p) for p in include):
             continue
         if exclude and any(fnmatch.fnmatchcase(ns, p) for p in exclude):
             continue
         db, _dot, coll = ns.partition(".")
-        out.append((n, (rename or {}).get(db, db), coll))
+        if not valid_database_name(db) or not valid_collection_name(coll):
+            raise crypto.integrity_error("manifest", manifest.get("snapshot_id"), "names an invalid namespace (#%d)" % i)
+        out.append((i, n, rename.get(db, db), coll))
     return out
+
+
+def selection_digest(selected):
+    """A digest of which namespaces are restored where: keys a restore's marker together with job and snapshot."""
+    pairs = sorted([n["ns"], "%s.%s" % (db, coll)] for _i, n, db, coll in selected)
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()[:32]
 
 
 class _Verifier:
@@ -112,12 +163,12 @@ class _Verifier:
         self.count += chunk_entry["count"]
         self.hashes.append({"sha256": chunk_entry["sha256"]})
 
-    def check(self, label, target_count=None):
+    def check(self, snapshot_id, name, target_count=None):
         if self.count != self.n["count"] or namespace_hash(self.hashes) != self.n["hash"]:
-            raise crypto.integrity_error("manifest", label, "does not match the restored documents of a namespace")
+            raise crypto.integrity_error("manifest", snapshot_id, "does not match the restored documents of namespace %s" % name)
         if target_count is not None and target_count != self.n["count"]:
-            raise RestoreError("Verification failed: the target holds %d documents where the snapshot has %d; "
-                               "restore again with drop." % (target_count, self.n["count"]))
+            raise RestoreError("Verification failed: namespace %s of the target holds %d documents where the snapshot has %d; "
+                               "restore again with drop." % (name, target_count, self.n["count"]))
 
 
 class DirectoryTarget:
@@ -176,18 +227,27 @@ def make_target(target):
     raise RestoreError("Unknown restore target %r: give a MongoDB URI, a DirectoryTarget or an ArchiveTarget." % (target,))
 
 
-def already_restored(job_store, snapshot, target):
-    """True when target already holds a complete restore of this snapshot (for changed=false)."""
+def _read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def already_restored(job_store, snapshot, target, selected=None):
+    """True when target already holds a complete restore of this snapshot with the same namespaces (selected,
+    as plan returns it); selected None: with any namespaces (for changed=false)."""
     target = make_target(target)
     sid = job_store.catalog_entry(snapshot)["snapshot_id"]
+    digest = None if selected is None else selection_digest(selected)
     if target.kind == "directory":
         info = os.path.join(target.path, RESTORE_INFO)
-        return os.path.exists(info) and _info_matches(open(info).read(), job_store.job, sid)
+        return os.path.exists(info) and _info_matches(_read_text(info), job_store.job, sid, digest)
     if target.kind == "archive":
         return (os.path.exists(target.path) and os.path.exists(target.info_path)
-                and _info_matches(open(target.info_path).read(), job_store.job, sid))
-    doc = target.client()[MARKER_DB][MARKER_COLL].find_one({"_id": "%s/%s" % (job_store.job, sid)})
-    return doc is not None and doc["state"] == "complete"
+                and _info_matches(_read_text(target.info_path), job_store.job, sid, digest))
+    query = {"job": job_store.job, "snapshot_id": sid, "state": "complete"}
+    if digest is not None:
+        query["selection"] = digest
+    return target.client()[MARKER_DB][MARKER_COLL].find_one(query, projection={"_id": 1}) is not None
 
 
 def _chunks(job_store, keys, n):
@@ -206,21 +266,52 @@ def _chunks(job_store, keys, n):
 
 def _unwrap_keys(keys, selected):
     """Unwrap every data key the selected chunks need, once, before worker threads read them."""
-    for key_id in sorted({c["key"] for n, _db, _coll in selected for c in n["chunks"] if c.get("key")}):
+    for key_id in sorted({c["key"] for _i, n, _db, _coll in selected for c in n["chunks"] if c.get("key")}):
         keys.key(key_id)
 
 
 def _tmp_sibling(path):
     parent = os.path.dirname(path)
-    ensure_private_dir(parent)
+    if not os.path.isdir(parent):  # a missing parent is created 0700; an existing one (/tmp ...) keeps its mode
+        ensure_private_dir(parent)
     return os.path.join(parent, ".%s.kmipbackup-tmp-%s" % (os.path.basename(path), os.urandom(4).hex()))
 
 
-def _check_file_target(path, drop):
+def check_file_target(path, drop):
+    """RestoreError unless the directory or archive path is absent or empty, or drop allows replacing it."""
     if os.path.isdir(path) and os.listdir(path) or os.path.isfile(path):
         if not drop:
             raise RestoreError("The restore target %s exists and is not empty: choose an empty or new location, or set "
                                "drop to replace it." % path)
+
+
+def busy_namespaces(target, selected):
+    """The selected namespaces that are not empty in a MongoDB target, as (index, db, coll)."""
+    client = target.client()
+    names, busy = {}, []
+    for i, _n, db, coll in selected:
+        if db not in names:
+            names[db] = set(client[db].list_collection_names())
+        if coll in names[db] and client[db][coll].find_one({}, projection={"_id": 1}) is not None:
+            busy.append((i, db, coll))
+    return busy
+
+
+def _os_error(e, what):
+    """A RestoreError for an OSError, without its text (its file names hold namespace names)."""
+    return RestoreError("%s failed: %s. Fix the target (space, permissions) and restore again." % (what, e.strerror or type(e).__name__))
+
+
+def _pymongo_summary(e):
+    """Kind, code and counts of a pymongo error: its text can hold documents, _id values and namespaces."""
+    parts = [type(e).__name__]
+    if getattr(e, "code", None) is not None:
+        parts.append("code %s" % e.code)
+    details = getattr(e, "details", None)
+    if isinstance(e, pymongo.errors.BulkWriteError) and isinstance(details, dict):
+        parts.append("%d write error(s), %d document(s) inserted" % (len(details.get("writeErrors") or []),
+                                                                    int(details.get("nInserted") or 0)))
+    return ", ".join(parts)
 
 
 def _replace(tmp, path):
@@ -235,28 +326,40 @@ def _replace(tmp, path):
         shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
 
 
-def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text):
-    _check_file_target(target.path, drop)
+def _inside(path, root):
+    """RestoreError unless path resolves inside root (names are checked already: this is the last line of defence)."""
+    if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        raise RestoreError("A restore file would be written outside the restore folder: the snapshot's manifest is corrupt; "
+                           "restore another snapshot.")
+    return path
+
+
+def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+    check_file_target(target.path, drop)
     tmp = _tmp_sibling(target.path)
     ensure_private_dir(tmp)
     try:
         # a finished file's fsync overlaps with writing the next one
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-fsync") as finisher:
             finishing = []
-            for n, db, coll in selected:
-                folder = ensure_private_dir(os.path.join(tmp, db))
-                base = os.path.join(folder, mongodump.escape_collection_name(coll))
-                meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
-                atomic_write(base + ".metadata.json", meta.encode("utf-8"))
-                v = _Verifier(n)
-                fd = os.open(base + ".bson", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-                    for c, plain in _chunks(job_store, keys, n):
-                        v.add(c, plain)
-                        f.write(plain)
+            for i, n, db, coll in selected:
+                label_i = name(i, db, coll)
+                try:
+                    folder = ensure_private_dir(_inside(os.path.join(tmp, db), tmp))
+                    base = os.path.join(folder, mongodump.escape_collection_name(coll))
+                    meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
+                    atomic_write(_inside(base + ".metadata.json", folder), meta.encode("utf-8"))
+                    v = _Verifier(n)
+                    fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                        for c, plain in _chunks(job_store, keys, n):
+                            v.add(c, plain)
+                            f.write(plain)
+                except OSError as e:
+                    raise _os_error(e, "Writing namespace %s into %s" % (label_i, target.describe())) from None
                 if verify:
-                    v.check(entry["snapshot_id"])
-                finishing.append(finisher.submit(_finish_file, base + ".bson", n["bytes"]))
+                    v.check(entry["snapshot_id"], label_i)
+                finishing.append(finisher.submit(_finish_file, base + ".bson", n["bytes"], label_i))
             for f in finishing:
                 f.result()
         atomic_write(os.path.join(tmp, RESTORE_INFO), info_text.encode("utf-8"))
@@ -266,35 +369,39 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
         raise
 
 
-def _finish_file(path, size):
+def _finish_file(path, size, name):
     """fsync a written file and check that it holds what was written (a page-cache read-back would prove no more)."""
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-        if os.fstat(fd).st_size != size:
-            raise RestoreError("Verification failed: %s holds %d bytes where %d were written (another writer, or a full "
-                               "disk?); restore again." % (path, os.fstat(fd).st_size, size))
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            got = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _os_error(e, "Writing namespace %s" % name) from None
+    if got != size:
+        raise RestoreError("Verification failed: the file of namespace %s holds %d bytes where %d were written (another "
+                           "writer, or a full disk?); restore again." % (name, got, size))
 
 
-def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text):
-    _check_file_target(target.path, drop)
+def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+    check_file_target(target.path, drop)
     tmp = _tmp_sibling(target.path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             w = mongodump.ArchiveWriter(f)
             w.prelude([(db, coll, mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll,
-                                                          n.get("type", "collection")), n["bytes"]) for n, db, coll in selected])
-            for n, db, coll in selected:
+                                                          n.get("type", "collection")), n["bytes"]) for _i, n, db, coll in selected])
+            for i, n, db, coll in selected:
                 v, crc = _Verifier(n), mongodump.Crc64()
                 for c, plain in _chunks(job_store, keys, n):
                     v.add(c, plain)
                     crc.update(plain)
                     w.segment(db, coll, plain)
                 if verify:
-                    v.check(entry["snapshot_id"])
+                    v.check(entry["snapshot_id"], name(i, db, coll))
                 w.eof(db, coll, crc.value())
             f.flush()
             os.fsync(f.fileno())
@@ -317,90 +424,113 @@ def _index_specs(n):
     return out
 
 
-def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text):
+def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text, name):
     client = target.client()
-    existing, busy = {}, []
-    for n, db, coll in selected:
-        names = existing.get(db)
-        if names is None:
-            names = existing[db] = set(client[db].list_collection_names())
-        if coll in names and client[db][coll].find_one({}, projection={"_id": 1}) is not None:
-            busy.append("%s.%s" % (db, coll))
+    busy = busy_namespaces(target, selected)
     if busy and not drop:
-        raise RestoreError("The target's namespace(s) %s are not empty: restore into other namespaces (rename), or set "
-                           "drop to replace them." % ", ".join(sorted(busy)))
+        raise RestoreError("The target's namespace(s) %s are not empty; nothing was written: restore into other databases "
+                           "(rename), or set drop to replace them." % ", ".join(name(i, db, coll) for i, db, coll in busy))
     # authenticate every needed chunk before the target is touched
-    for n, _db, _coll in selected:
+    for _i, n, _db, _coll in selected:
         for c in n["chunks"]:
             job_store.read_chunk_sealed(c["id"], keys)
     marker = client[MARKER_DB][MARKER_COLL]
-    marker_id = "%s/%s" % (job_store.job, entry["snapshot_id"])
-    marker.replace_one({"_id": marker_id}, {"_id": marker_id, "state": "incomplete", "started": iso(utcnow()),
+    selection = selection_digest(selected)
+    marker_id = "%s/%s/%s" % (job_store.job, entry["snapshot_id"], selection)
+    marker.replace_one({"_id": marker_id}, {"_id": marker_id, "job": job_store.job, "snapshot_id": entry["snapshot_id"],
+                                            "selection": selection, "state": "incomplete", "started": iso(utcnow()),
                                             "restoreInfo": info_text}, upsert=True)
-    try:
-        _insert_all(job_store, keys, entry, selected, client, existing, drop, verify)
-    except pymongo.errors.PyMongoError as e:
-        raise RestoreError("The restore into MongoDB stopped (%s): the target is incomplete, as recorded in %s.%s "
-                           "(_id %s, state incomplete); restore again with drop." % (e, MARKER_DB, MARKER_COLL, marker_id)) from None
+    codec = CodecOptions(document_class=RawBSONDocument)
+    existing = {}
+    for i, n, db, coll in selected:
+        try:
+            _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name(i, db, coll))
+        except pymongo.errors.PyMongoError as e:
+            raise RestoreError("The restore into MongoDB stopped at namespace %s (%s): the target is incomplete, as recorded in "
+                               "%s.%s (_id %s, state incomplete); restore again with drop."
+                               % (name(i, db, coll), _pymongo_summary(e), MARKER_DB, MARKER_COLL, marker_id)) from None
     marker.update_one({"_id": marker_id}, {"$set": {"state": "complete", "finished": iso(utcnow())}})
     if target.restore_info_path:
-        atomic_write(target.restore_info_path, info_text.encode("utf-8"))
+        try:
+            atomic_write(target.restore_info_path, info_text.encode("utf-8"))
+        except OSError as e:
+            raise _os_error(e, "Writing restoreInfo.txt to %s" % target.restore_info_path) from None
 
 
-def _insert_all(job_store, keys, entry, selected, client, existing, drop, verify):
-    codec = CodecOptions(document_class=RawBSONDocument)
-    for n, db, coll in selected:
-        if drop:
-            client[db].drop_collection(coll)
-        options = bson.decode(bytes(n["options"])) if n["options"] else {}
-        if drop or coll not in existing[db]:
-            client[db].create_collection(coll, **options)
-        if options.get("viewOn"):
-            continue
-        c_obj = client[db][coll]
-        v, batch, batch_bytes = _Verifier(n), [], 0
-        for c, plain in _chunks(job_store, keys, n):
-            v.add(c, plain)
-            batch.extend(bson.decode_all(plain, codec))
-            batch_bytes += len(plain)
-            if batch_bytes >= INSERT_BATCH_BYTES:
-                c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
-                batch, batch_bytes = [], 0
-        if batch:
+def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name):
+    if db not in existing:
+        existing[db] = set(client[db].list_collection_names())
+    if drop:
+        client[db].drop_collection(coll)
+    options = bson.decode(bytes(n["options"])) if n["options"] else {}
+    if drop or coll not in existing[db]:
+        client[db].create_collection(coll, **options)
+    if options.get("viewOn"):
+        return
+    c_obj = client[db][coll]
+    v, batch, batch_bytes = _Verifier(n), [], 0
+    for c, plain in _chunks(job_store, keys, n):
+        v.add(c, plain)
+        batch.extend(bson.decode_all(plain, codec))
+        batch_bytes += len(plain)
+        if batch_bytes >= INSERT_BATCH_BYTES:
             c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
-        specs = _index_specs(n)
-        if specs:
-            client[db].command("createIndexes", coll, indexes=specs)
-        if verify:
-            v.check(entry["snapshot_id"], c_obj.count_documents({}))
+            batch, batch_bytes = [], 0
+    if batch:
+        c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
+    specs = _index_specs(n)
+    if specs:
+        client[db].command("createIndexes", coll, indexes=specs)
+    if verify:
+        v.check(entry["snapshot_id"], name, c_obj.count_documents({}))
 
 
-def restore(job_store, snapshot, keys, target, include=None, exclude=None, rename=None, drop=False, verify=True,
-            kmip_servers=None, expect_encryption=None):
-    """Restore snapshot (an id or 'latest') of job_store to target; returns a summary dict.
-
-    IntegrityError names a tampered chunk, manifest, keyring entry or catalog entry."""
-    if bson is None:
-        raise RestoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
-    target = make_target(target)
+def plan(job_store, snapshot, keys, include=None, exclude=None, rename=None, expect_encryption=None):
+    """(catalog entry, selected) of snapshot (an id or 'latest'): the catalog entry and the manifest authenticated,
+    selected as select_namespaces returns it. expect_encryption: refuse a snapshot that says it is unencrypted
+    (IntegrityError: a store writer without the keys could otherwise pass off forged data as unencrypted)."""
+    _require_bson()
     entry = job_store.catalog_entry(snapshot)
     sid = entry["snapshot_id"]
     if expect_encryption and not entry.get("encryption"):
         raise crypto.integrity_error("catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted")
     job_store.verify_catalog(entry, keys)
     manifest = job_store.read_manifest(sid, keys, entry.get("manifest_sha256"))
-    selected = select_namespaces(manifest, include, exclude, rename)
-    info_text = restore_info_text(entry, job_store.job, kmip_servers)
+    return entry, select_namespaces(manifest, include, exclude, rename)
+
+
+def execute(job_store, keys, entry, selected, target, drop=False, verify=True, kmip_servers=None, show_namespaces=False):
+    """Restore what plan() returned to target; returns a summary dict. Messages name namespaces as #n for an
+    encrypted snapshot unless show_namespaces."""
+    _require_bson()
+    target = make_target(target)
+    info_text = restore_info_text(entry, job_store.job, kmip_servers, selection_digest(selected))
     run = {"directory": _restore_directory, "archive": _restore_archive, "mongodb": _restore_mongodb}[target.kind]
+    encryption = bool(entry.get("encryption"))
+
+    def name(i, db, coll):
+        return label(encryption, i, "%s.%s" % (db, coll), show_namespaces)
     _unwrap_keys(keys, selected)
     try:
-        run(job_store, keys, entry, selected, target, drop, verify, info_text)
-    except IntegrityError:
-        raise
+        run(job_store, keys, entry, selected, target, drop, verify, info_text, name)
     except OSError as e:
-        raise RestoreError("The restore to %s failed: %s. Fix the target and restore again." % (target.describe(), e)) from None
-    return {"snapshot_id": sid, "created": entry["created"], "cluster_time": entry["cluster_time"],
+        raise _os_error(e, "The restore to %s" % target.describe()) from None
+    except Exception as e:
+        if pymongo is not None and isinstance(e, pymongo.errors.PyMongoError):
+            raise RestoreError("The target MongoDB deployment failed (%s): check the target's URI, TLS and authentication "
+                               "options and that it is up; nothing was written." % _pymongo_summary(e)) from None
+        raise
+    return {"snapshot_id": entry["snapshot_id"], "created": entry["created"], "cluster_time": entry["cluster_time"],
             "encryption": entry.get("encryption"), "master_key_uids": entry.get("master_key_uids") or [],
             "target": target.kind, "namespaces": len(selected),
-            "documents": sum(n["count"] for n, _d, _c in selected), "bytes": sum(n["bytes"] for n, _d, _c in selected),
+            "documents": sum(n["count"] for _i, n, _d, _c in selected), "bytes": sum(n["bytes"] for _i, n, _d, _c in selected),
             "restore_info": info_text}
+
+
+def restore(job_store, snapshot, keys, target, include=None, exclude=None, rename=None, drop=False, verify=True,
+            kmip_servers=None, expect_encryption=None, show_namespaces=False):
+    """Restore snapshot (an id or 'latest') of job_store to target: plan() then execute(); returns a summary dict.
+
+    IntegrityError names a tampered chunk, manifest, keyring entry or catalog entry."""
+    entry, selected = plan(job_store, snapshot, keys, include, exclude, rename, expect_encryption)
+    return execute(job_store, keys, entry, selected, target, drop, verify, kmip_servers, show_namespaces)

@@ -29,6 +29,10 @@ description:
   - With encryption, namespace names are secret (they never reach the store, logs or Ansible output in plaintext);
     unless O(show_namespaces=true), the result and error messages name namespaces by their position in the
     snapshot (V(#1), V(#2), ...).
+  - An unencrypted snapshot is only checksummed, not authenticated, so anyone who can write to the store could forge
+    one. A snapshot marked unencrypted is therefore refused when the job is encrypted (its configuration in
+    O(config_dir) says so or, on a fresh host, its keyring in the store holds wrapped keys), unless
+    O(allow_unencrypted=true).
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
@@ -43,8 +47,9 @@ attributes:
   idempotent:
     support: full
     details:
-      - When the target already holds a complete restore of the same snapshot, nothing is done (C(changed=false))
-        unless O(force=true).
+      - When the target already holds a complete restore of the same snapshot with the same namespaces (after
+        O(include), O(exclude) and O(rename_databases)), nothing is done (C(changed=false)) unless O(force=true).
+        The same snapshot restored into other databases is another restore.
 options:
   job:
     description: Name of the backup job whose snapshot is restored.
@@ -172,6 +177,12 @@ options:
     description: Compare every restored namespace's document count and content hash with the manifest.
     type: bool
     default: true
+  allow_unencrypted:
+    description:
+      - Restore a snapshot marked unencrypted even though the job is encrypted, for a job whose snapshots were taken
+        before its encryption was enabled. Only with a store you trust: such a snapshot is not authenticated.
+    type: bool
+    default: false
   show_namespaces:
     description:
       - Name namespaces in the result and in messages for an encrypted snapshot. Namespace names of unencrypted
@@ -242,7 +253,8 @@ target:
   returned: always
   type: str
 already_restored:
-  description: Whether the target already held a complete restore of this snapshot before this run.
+  description: Whether the target already held a complete restore of this snapshot, with the same namespaces restored to
+    the same places, before this run.
   returned: always
   type: bool
 planned_from:
@@ -320,7 +332,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, kmip, restore, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, KmipBackupError, KmipError, RestoreError)
+    ConfigError, IntegrityError, KmipBackupError, KmipError, RestoreError)
 
 try:
     from pymongo.errors import PyMongoError
@@ -402,16 +414,22 @@ def check_keys(client, uids):
                         kind=denied[0][1], uid=denied[0][0])
 
 
-def busy_namespaces(target, selected):
-    """Non-empty target namespaces of a MongoDB target, as (index, db, coll)."""
-    client = target.client()
-    names, busy = {}, []
-    for i, (_n, db, coll) in selected:
-        if db not in names:
-            names[db] = set(client[db].list_collection_names())
-        if coll in names[db] and client[db][coll].find_one({}, projection={"_id": 1}) is not None:
-            busy.append((i, db, coll))
-    return busy
+def check_encryption_expected(p, cfg, js, entry):
+    """Refuse a snapshot marked unencrypted of an encrypted job (a downgrade) unless allow_unencrypted; returns
+    whether the snapshot must be encrypted."""
+    if p["allow_unencrypted"]:
+        return False
+    if cfg is not None:
+        expected, why = bool(cfg.get("encryption")), "its configuration in %s enables encryption" % p["config_dir"]
+    else:
+        expected, why = bool(js.keyring_records()), "its keyring in the store holds wrapped data keys"
+    if expected and not entry.get("encryption"):
+        raise IntegrityError("Snapshot %s is marked unencrypted, but job %s is encrypted (%s): an unencrypted snapshot is "
+                             "not authenticated, so a forged one could pass as it. Restore an encrypted snapshot, or set "
+                             "allow_unencrypted=true if this job really took unencrypted snapshots before its encryption "
+                             "was enabled and you trust the store." % (entry["snapshot_id"], p["job"], why),
+                             kind="catalog entry", object_id=entry["snapshot_id"])
+    return expected
 
 
 class Restore:
@@ -421,7 +439,7 @@ class Restore:
         self.client = None
 
     def label(self, entry, i, name):
-        return name if self.p["show_namespaces"] or not entry.get("encryption") else "#%d" % i
+        return restore.label(entry.get("encryption"), i, name, self.p["show_namespaces"])
 
     def run(self):
         p = self.p
@@ -429,6 +447,7 @@ class Restore:
         js = store.JobStore(store_root(p, cfg), config.validate_name(p["job"], "job name"))
         entry = js.catalog_entry(p["snapshot"])
         sid = entry["snapshot_id"]
+        expect_encryption = check_encryption_expected(p, cfg, js, entry)
         settings = kmip_settings(p, cfg)
         target, info_path = make_target(p, sid)
         result = {"snapshot_id": sid, "created": entry.get("created"), "cluster_time": entry.get("cluster_time"),
@@ -437,7 +456,7 @@ class Restore:
         try:
             if settings is not None:
                 self.client = kmip.KmipClient(*settings)
-            return self._run(js, entry, target, settings, result)
+            return self._run(js, entry, target, settings, result, expect_encryption)
         finally:
             if self.client is not None:
                 result["kmip_calls"] = self.client.calls
@@ -445,7 +464,7 @@ class Restore:
             if target.kind == "mongodb":
                 target.close()
 
-    def _run(self, js, entry, target, settings, result):
+    def _run(self, js, entry, target, settings, result, expect_encryption):
         p, sid = self.p, entry["snapshot_id"]
         keys = store.Keys(js, provider=self.client, encryption=bool(entry.get("encryption")))
         if entry.get("encryption"):
@@ -458,42 +477,38 @@ class Restore:
             else:
                 check_keys(self.client, result["master_key_uids"])
                 result["kmip_server"] = self.client.server
-        already = restore.already_restored(js, sid, target)
-        result["already_restored"] = already
         if self.client is None and entry.get("encryption"):
-            result.update(planned_from="catalog", documents=entry.get("doc_count"), bytes=entry.get("data_bytes"))
+            already = restore.already_restored(js, sid, target)
+            result.update(already_restored=already, planned_from="catalog", documents=entry.get("doc_count"), bytes=entry.get("data_bytes"))
             result["changed"] = not already or p["force"]
             return result
-        js.verify_catalog(entry, keys)
-        manifest = js.read_manifest(sid, keys, entry.get("manifest_sha256"))
-        index = {n["ns"]: i for i, n in enumerate(manifest["namespaces"], 1)}
-        selected = [(index[n["ns"]], (n, db, coll))
-                    for n, db, coll in restore.select_namespaces(manifest, p["include"], p["exclude"], p["rename_databases"])]
-        result.update(planned_from="manifest",
+        entry, selected = restore.plan(js, sid, keys, p["include"], p["exclude"], p["rename_databases"], expect_encryption)
+        already = restore.already_restored(js, sid, target, selected)
+        result.update(already_restored=already, planned_from="manifest",
                       namespaces=[{"source": self.label(entry, i, n["ns"]), "target": self.label(entry, i, "%s.%s" % (db, coll)),
                                    "count": n["count"], "bytes": n["bytes"], "verified": False}
-                                  for i, (n, db, coll) in selected],
-                      documents=sum(n["count"] for _i, (n, _d, _c) in selected),
-                      bytes=sum(n["bytes"] for _i, (n, _d, _c) in selected))
+                                  for i, n, db, coll in selected],
+                      documents=sum(n["count"] for _i, n, _d, _c in selected),
+                      bytes=sum(n["bytes"] for _i, n, _d, _c in selected))
         if already and not p["force"]:
             result["changed"] = False
             return result
         drop = p["drop"] or already
         if target.kind == "mongodb":
-            busy = busy_namespaces(target, selected)
+            busy = restore.busy_namespaces(target, selected)
             result["busy_namespaces"] = [self.label(entry, i, "%s.%s" % (db, coll)) for i, db, coll in busy]
             if busy and not drop:
                 raise RestoreError("The target's namespace(s) %s are not empty; nothing was written: restore into other "
                                    "databases (rename_databases, include/exclude), or set drop=true to replace them."
                                    % ", ".join(result["busy_namespaces"]))
         else:
-            restore._check_file_target(target.path, drop)
+            restore.check_file_target(target.path, drop)
         if self.module.check_mode:
             result["changed"] = True
             return result
         servers = ["%s:%d" % a for a in settings[0].addresses()] if settings else None
-        summary = restore.restore(js, sid, keys, target, include=p["include"], exclude=p["exclude"], rename=p["rename_databases"],
-                                  drop=drop, verify=p["verify"], kmip_servers=servers)
+        summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
+                                  show_namespaces=p["show_namespaces"])
         for ns in result["namespaces"]:
             ns["verified"] = p["verify"]
         result.update(restore_info_text=summary["restore_info"],
@@ -534,6 +549,7 @@ def main():
         drop=dict(type="bool", default=False),
         force=dict(type="bool", default=False),
         verify=dict(type="bool", default=True),
+        allow_unencrypted=dict(type="bool", default=False),
         show_namespaces=dict(type="bool", default=False),
     )
     spec.update(ansible_module.config_dir_spec())

@@ -11,6 +11,7 @@ from bson import ObjectId
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs
 from daemon_helper import DaemonProcess, write_kmip_setup
+from snapshot_helpers import plaintext_views
 
 
 def _declare(config_dir, data_dir, job, source_uri, encryption=True, store=None, existing=None, **extra):
@@ -58,7 +59,8 @@ def _grep_tree(folder, needles):
                 data = files.read_bytes(p)
             except OSError:
                 continue
-            hits += ["%s in %s" % (needle, p) for needle in needles if needle.encode() in data or needle.encode() in n.encode()]
+            views = plaintext_views(data)  # raw and zstd-decompressed: store chunks and manifests are compressed
+            hits += ["%s in %s" % (needle, p) for needle in needles if needle.encode() in n.encode() or any(needle.encode() in v for v in views)]
     return hits
 
 

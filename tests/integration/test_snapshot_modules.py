@@ -244,8 +244,6 @@ def test_drop_false_refuses_non_empty_target(ansible, lab_job, tmp_path, mongo_s
     assert_db_equal(m, lab_job, busy_db)
 
 
-@pytest.mark.xfail(strict=True, reason="core: restore.already_restored and the MongoDB marker are keyed by job/snapshot only, "
-                                       "so a restore of the same snapshot into other databases (rename/include/exclude) is skipped")
 def test_second_database_restore_is_not_skipped(ansible, lab_job, mongo_server):
     m = lab_job["mongo"]
     sid = make_snapshot(lab_job["head"], lab_job["js"], lab_job["keys"], lab_job["uid"], m, m[lab_job["db"]])["snapshot_id"]
