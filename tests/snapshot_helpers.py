@@ -1,5 +1,6 @@
 """Helpers for the snapshot/store/restore tests: a local KeyProvider double and head builders."""
 import datetime
+import hashlib
 import os
 import re
 import uuid
@@ -167,3 +168,30 @@ def canary_hits(root, canary):
         if canary.lower() in p.lower() or any(pat.search(v) for v in plaintext_views(data)):
             hits.append(p)
     return hits
+
+
+def forge_null_snapshot(js, like, namespaces, encryption, new=False):
+    """Write a snapshot the way anyone who can write to the store can, without any data key: null-cipher
+    chunks and manifest (key id "none") and a catalog entry with a public checksum, claiming encryption
+    as given. namespaces {ns: [docs]}; like: a real catalog entry to copy fields from; new: a new snapshot
+    id (then the latest), else like's id is overwritten. Returns the snapshot id."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import snapshot, store
+    sid = snapshot.new_snapshot_id(store.utcnow()) if new else like["snapshot_id"]
+    out = []
+    for ns, docs in namespaces.items():
+        plain = b"".join(bson.encode(d) for d in docs)
+        digest = hashlib.sha256(plain).digest()
+        cid = hashlib.sha256(b"forged\x00" + ns.encode()).hexdigest()
+        js.put_chunk(cid, plain, "none", None)
+        chunks = [{"id": cid, "key": "none", "first": Binary(b"a"), "last": Binary(b"b"), "count": len(docs), "bytes": len(plain),
+                   "sha256": Binary(digest), "stored": 1}]
+        out.append({"ns": ns, "uuid": None, "options": Binary(bson.encode({})), "indexes": [], "incarnation": 1, "type": "collection",
+                    "count": len(docs), "bytes": len(plain), "stored": 1, "hash": snapshot.namespace_hash(chunks), "chunks": chunks})
+    manifest = {"format": like["format"], "job": js.job, "snapshot_id": sid, "created": like["created"],
+                "cluster_time": like["cluster_time"], "change_seq": 0, "head_path": "forged", "namespaces": out}
+    sha, _size = js.put_manifest(sid, manifest, "none", None)
+    entry = {k: like.get(k) for k in store.CATALOG_FIELDS}
+    entry.update(snapshot_id=sid, seq=int(like["seq"]) + (1 if new else 0), key_id="none", manifest_sha256=sha,
+                 encryption=encryption, master_key_uids=[], doc_count=sum(len(d) for d in namespaces.values()))
+    js.put_catalog(entry, store.Keys(js, None, False))
+    return sid
