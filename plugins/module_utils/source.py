@@ -45,6 +45,8 @@ except ImportError as e:  # pragma: no cover
 EXCLUDED_DBS = ("admin", "config", "local")
 HISTORY_LOST_CODES = (286, 280, 260)  # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken
 CLONE_COMMIT_BYTES = 32 << 20
+CLONE_BATCH_DOCS = 16384
+CATCH_UP_AWAIT_MS = 50  # an empty getMore proves the catch-up complete; no need to wait long for it
 _i32 = struct.Struct("<i")
 
 
@@ -210,14 +212,20 @@ def refresh_namespace(client, ns):
 
 
 def _split_batch(batch):
-    """(id_key, raw) pairs of a raw batch (concatenated BSON documents)."""
-    out, pos, n, mv = [], 0, len(batch), memoryview(batch)
-    unpack = _i32.unpack_from
+    """(id_key, raw) pairs of a raw batch (concatenated BSON documents), without decoding them."""
+    out, pos, n = [], 0, len(batch)
+    if type(batch) is not bytes:
+        batch = bytes(batch)
+    unpack, append, find = _i32.unpack_from, out.append, batch.find
     while pos < n:
         size = unpack(batch, pos)[0]
-        doc = bytes(mv[pos:pos + size])
-        out.append((id_key_from_document(doc), doc))
-        pos += size
+        end = pos + size
+        if find(b"\x07_id\x00", pos + 4, pos + 9) == pos + 4:  # an ObjectId _id first, as mongod stores it
+            append((b"\x35" + batch[pos + 9:pos + 21], batch[pos:end]))
+        else:
+            doc = batch[pos:end]
+            append((id_key_from_document(doc), doc))
+        pos = end
     return out
 
 
@@ -279,7 +287,7 @@ def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=
     with head.write() as w:
         w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
     status(phase="catch_up", docs=docs)
-    cap = Capture(head, client, on_status=on_status)
+    cap = Capture(head, client, on_status=on_status, max_await_ms=CATCH_UP_AWAIT_MS)
     cap.catch_up_until = end_time
     deadline = time.monotonic() + catch_up_timeout
     while not head.position()["consistent"]:
@@ -304,7 +312,7 @@ def _clone(head, client, names, stop_event=None):
         try:
             for ns in names:
                 db, coll = _split(ns)
-                for batch in client[db][coll].find_raw_batches({}, batch_size=4096):
+                for batch in client[db][coll].find_raw_batches({}, batch_size=CLONE_BATCH_DOCS):
                     q.put((ns, batch))
                     if stop_event is not None and stop_event.is_set():
                         return
@@ -358,8 +366,9 @@ class Capture:
     too large for one transaction (not consistent until the run ends).
     """
 
-    def __init__(self, head, client, on_status=None, max_batch_events=20000, max_batch_seconds=1.0):
+    def __init__(self, head, client, on_status=None, max_batch_events=20000, max_batch_seconds=1.0, max_await_ms=500):
         self.head = head
+        self.max_await_ms = max_await_ms
         self.client = client
         self.on_status = on_status
         self.max_batch_events = max_batch_events
@@ -384,8 +393,17 @@ class Capture:
             token = self.head.position()["resume_token"]
             if token is None:
                 raise SourceError("The head has no change-stream position: run an initial sync first.")
-            self.stream = _open_stream(self.client, token)
+            try:
+                self.stream = _open_stream(self.client, token, max_await_ms=self.max_await_ms)
+            except HistoryLostError:
+                self._history_lost()
+                raise
         return self.stream
+
+    def _history_lost(self):
+        """Record in the head that it needs a new initial sync (kept across restarts: needs_initial_sync says so)."""
+        with self.head.write() as w:
+            w.set_sync_state({"phase": "history_lost"})
 
     def run(self, stop_event, slice_seconds=1.0):
         while not stop_event.is_set():
@@ -402,9 +420,17 @@ class Capture:
                 applied += n
                 if not more or time.monotonic() >= deadline:
                     break
+        except HistoryLostError:
+            self.close()
+            self._history_lost()
+            raise
         except mongo_errors.OperationFailure as e:
             self.close()
-            _raise_history_lost(e)
+            try:
+                _raise_history_lost(e)
+            except HistoryLostError:
+                self._history_lost()
+                raise
             raise SourceError("The source's change stream failed (%s): the daemon retries." % _short(e)) from None
         except mongo_errors.PyMongoError as e:
             self.close()
