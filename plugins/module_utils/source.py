@@ -106,8 +106,7 @@ def connect(source):
                           % _redact(e, source)) from None
     try:
         hello = client.admin.command("hello")
-        if source.get("username") or source.get("auth_mechanism") == "MONGODB-X509":
-            client.admin.command("listDatabases", nameOnly=True)  # authentication happens on first use
+        client.admin.command("listDatabases", nameOnly=True)  # authentication (URI or settings) and authorization
     except mongo_errors.OperationFailure as e:
         client.close()
         if e.code in (18, 13, 11):
