@@ -14,6 +14,7 @@ from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, head, jobs, kmip, snapshot, store
 from daemon_helper import DaemonProcess, write_kmip_setup
+from snapshot_helpers import forge_null_snapshot
 
 SI = "kmipbackup.mongodb.snapshot_info"
 SR = "kmipbackup.mongodb.snapshot_restore"
@@ -253,6 +254,30 @@ def test_second_database_restore_is_not_skipped(ansible, lab_job, mongo_server):
     assert r[0]["changed"] is True and not r[0].get("failed"), r.output
     assert r[1]["changed"] is True and not r[1].get("failed"), r.output
     assert_db_equal(m, lab_job, dbs[1])
+    r = ansible.run([sr(lab_job, target_uri=mongo_server["uri"], snapshot=sid, rename_databases={lab_job["db"]: dbs[0]},
+                        restore_info_file=os.path.join(os.path.dirname(lab_job["store"]), dbs[0] + ".txt"))])
+    assert r[0]["changed"] is False and r[0]["already_restored"] is True, r.output
+
+
+def test_unencrypted_snapshot_of_encrypted_job_refused(ansible, lab_job, tmp_path, pki, kmip_server):
+    """A store writer without keys forges a newer snapshot marked unencrypted: refused on a daemon host (the job's
+    configuration) and on a fresh host (the job's keyring holds keys) unless allow_unencrypted."""
+    copy = str(tmp_path / "store")
+    shutil.copytree(lab_job["store"], copy)
+    js = store.JobStore(copy, "snapjob")
+    forged = {lab_job["db"] + ".forged": [{"_id": 1, "v": "forged"}]}
+    sid = forge_null_snapshot(js, js.catalog()[-1], forged, encryption=False, new=True)
+    fresh = dict(job="snapjob", config_dir=str(tmp_path / "no-config"), store=copy, kmip_servers=["127.0.0.1:%d" % kmip_server["port"]],
+                 kmip_ca_file=pki["ca"], client_cert_file=pki["clients"]["group1"]["pem"])
+    outs = [str(tmp_path / n) for n in ("daemon-host", "fresh", "allowed")]
+    r = ansible.run([sr(lab_job, store=copy, target_dir=outs[0]), {SR: dict(fresh, target_dir=outs[1])},
+                     {SR: dict(fresh, target_dir=outs[2], allow_unencrypted=True)}])
+    for res, why in ((r[0], "its configuration"), (r[1], "its keyring")):
+        assert res["failed"] and res["error_kind"] == "catalog entry" and sid in res["msg"] and why in res["msg"], r.output
+        assert "allow_unencrypted" in res["msg"]
+    assert not os.path.exists(outs[0]) and not os.path.exists(outs[1])
+    assert r[2]["changed"] is True and r[2]["snapshot_id"] == sid and r[2]["encryption"] is False, r.output
+    assert read_dir(outs[2], lab_job["db"]) == {ns: by_id(encode(d) for d in docs) for ns, docs in forged.items()}
 
 
 def test_certificates(ansible, lab_job, tmp_path, pki, kmip_server):
