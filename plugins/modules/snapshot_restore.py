@@ -180,7 +180,7 @@ options:
   allow_unencrypted:
     description:
       - Restore a snapshot marked unencrypted even though the job is encrypted, for a job whose snapshots were taken
-        before its encryption was enabled. Only with a store you trust: such a snapshot is not authenticated.
+        before its encryption was enabled. Only with a store you trust, as such a snapshot is not authenticated.
     type: bool
     default: false
   show_namespaces:

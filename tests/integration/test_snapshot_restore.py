@@ -8,7 +8,6 @@ import time
 
 import bson
 import pytest
-from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, kmip, restore, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipError, RestoreError
