@@ -139,35 +139,37 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         st = d.status(job)
         assert st["master_key_uid"] == new and st["initial_syncs"] == 1, st
 
-        # more data, in a new collection only: the second snapshot reuses the old epoch's chunks of a and c
+        # more data, in a new collection only: the first snapshot of the new epoch rewrites every chunk under the new key
         with mc.start_session() as s:
             mc[dbname]["b"].insert_many([{"_id": "b-%d" % i, "v": i} for i in range(100)], session=s)
             wait_applied(d, job, s)
         s2 = snapshot(dd, job)
         image2 = source_image(mc, dbname)
         assert set(image2) == set(image1) | {dbname + ".b"}
-        assert s2["master_key_uids"] == sorted([old, new])
+        assert s2["master_key_uids"] == [new]
         epochs = {(rec["epoch"], rec["purpose"]): rec["master_key_uid"] for rec in js.keyring_records()}
         assert epochs == {(1, "chunk_id"): old, (1, "snapshot"): old, (2, "chunk_id"): new, (2, "snapshot"): new}
         catalog = {e["snapshot_id"]: e for e in js.catalog()}
-        assert catalog[s1["id"]]["master_key_uids"] == [old] and catalog[s2["id"]]["master_key_uids"] == sorted([old, new])
+        assert catalog[s1["id"]]["master_key_uids"] == [old] and catalog[s2["id"]]["master_key_uids"] == [new]
 
-        # both restore, byte-equal to the source at each snapshot, each with one unwrap per key epoch
+        # both restore, byte-equal to the source at each snapshot, each with one unwrap (one key epoch each)
         got1, calls1, sum1 = restore_dir(cd, root, job, s1["id"], str(tmp_path / "r1"), dbname)
         got2, calls2, sum2 = restore_dir(cd, root, job, s2["id"], str(tmp_path / "r2"), dbname)
         assert got1 == image1 and got2 == image2
-        assert sum1["master_key_uids"] == [old] and sum2["master_key_uids"] == sorted([old, new])
-        assert calls1 == 1 and calls2 == 2, (calls1, calls2)
+        assert sum1["master_key_uids"] == [old] and sum2["master_key_uids"] == [new]
+        assert calls1 == 1 and calls2 == 1, (calls1, calls2)
 
-        # retiring the old key is refused while snapshots need it: named, nothing changed, still active
+        # retiring the old key is refused while snapshots need it (only those taken before the rotation): named,
+        # nothing changed, still active
         before = files.read_bytes(job_file)
         r = ansible.run([task(cd, dd, job, uri, retire_master_keys=[old], revoke=True),
                          task(cd, dd, job, uri, retire_master_keys=[new]),
                          task(cd, dd, job, uri, revoke=True)])
         refused, current, lonely = r.results
         assert refused.get("failed") and refused["changed"] is False and refused["error_kind"] == "key_in_use", refused
-        for sid in s0 + [s1["id"], s2["id"]]:
+        for sid in s0 + [s1["id"]]:
             assert sid in refused["msg"], refused["msg"]
+        assert s2["id"] not in refused["msg"]
         assert old in refused["msg"] and sorted(refused["master_key_users"]) == [old]
         assert current.get("failed") and "current master key" in current["msg"] and new in current["msg"], current
         assert lonely.get("failed") and "retire_master_keys" in lonely["msg"]
@@ -175,25 +177,10 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         with jobs.kmip_client(cd, "group1") as c:
             assert c.key_info(old)["state"] == "ACTIVE"
 
-        # drop what the old epoch holds; the third snapshot needs only the new key
-        with mc.start_session() as s:
-            mc[dbname]["a"].drop(session=s)
-            mc[dbname]["c"].drop(session=s)
-            mc[dbname]["b"].insert_one({"_id": "b-last", "v": 0}, session=s)
-            wait_applied(d, job, s)
-        s3 = snapshot(dd, job)
-        image3 = source_image(mc, dbname)
-        assert s3["master_key_uids"] == [new] and set(image3) == {dbname + ".b"}
-
-        # the first snapshots deleted: still refused, now because of the second one only
+        # the snapshots taken before the rotation expire (deleted here): no retained snapshot needs the old key, while
+        # all the data is still there; check mode, then retire and revoke, then the same again (no change)
         for sid in s0 + [s1["id"]]:
             js.delete_snapshot(sid)
-        r = ansible.run([task(cd, dd, job, uri, retire_master_keys=[old], revoke=True)])
-        assert r[0].get("failed") and s2["id"] in r[0]["msg"] and s1["id"] not in r[0]["msg"], r[0]
-        assert files.read_bytes(job_file) == before
-
-        # no retained snapshot needs it: check mode, then retire and revoke, then the same again (no change)
-        js.delete_snapshot(s2["id"])
         retire = task(cd, dd, job, uri, retire_master_keys=[old], revoke=True)
         r = ansible.run([dict(retire, check_mode=True), retire, retire])
         chk, done, again = r.results
@@ -208,7 +195,16 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
             assert getattr(e.value, "kind", None) == "not_active", e.value
             assert c.key_info(new)["state"] == "ACTIVE"
 
-        # the retained snapshot still restores; the daemon keeps running under the new key
+        # with the old key revoked, the retained snapshot restores every collection (a and c included); the daemon
+        # keeps running under the new key and its next snapshot is incremental and restores
+        got2b, calls2b, _sum2b = restore_dir(cd, root, job, s2["id"], str(tmp_path / "r2b"), dbname)
+        assert got2b == image2 and calls2b == 1
+        with mc.start_session() as s:
+            mc[dbname]["b"].insert_one({"_id": "b-last", "v": 0}, session=s)
+            wait_applied(d, job, s)
+        s3 = snapshot(dd, job)
+        image3 = source_image(mc, dbname)
+        assert s3["master_key_uids"] == [new] and s3["written_bytes"] < s2["written_bytes"], (s2, s3)
         got3, calls3, _sum3 = restore_dir(cd, root, job, s3["id"], str(tmp_path / "r3"), dbname)
         assert got3 == image3 and calls3 == 1
         assert d.status(job)["state"] == "STARTED" and d.alive()
