@@ -131,14 +131,18 @@ def test_tampered_chunk_leaves_mongodb_target_untouched(job, pki, kmip_server, m
     root = tmp_path / "store"
     shutil.copytree(str(job["tmp"] / "store"), str(root))
     js = store.JobStore(str(root), "job-e2e")
-    chunk = sorted((root / "job-e2e" / "chunks").rglob("*"))[-1]
-    data = bytearray(chunk.read_bytes())
-    data[-5] ^= 1
-    chunk.write_bytes(bytes(data))
     target = restore.MongoTarget(mongo_server["uri"])
     with client_for(pki, kmip_server) as c:
+        keys = store.Keys(js, c)
+        latest = js.catalog_entry("latest")
+        manifest = js.read_manifest(latest["snapshot_id"], keys, latest["manifest_sha256"])
+        cid = sorted(ch["id"] for n in manifest["namespaces"] for ch in n["chunks"])[-1]  # a chunk the restore needs
+        chunk = root / "job-e2e" / "chunks" / cid[:2] / cid
+        data = bytearray(chunk.read_bytes())
+        data[-5] ^= 1
+        chunk.write_bytes(bytes(data))
         with pytest.raises(IntegrityError) as e:
-            restore.restore(js, "latest", store.Keys(js, c), target, rename={"shop_%s" % CANARY: "tampered_e2e"})
+            restore.restore(js, "latest", keys, target, rename={"shop_%s" % CANARY: "tampered_e2e"})
     assert e.value.kind == "chunk" and e.value.object_id == chunk.name
     assert "tampered_e2e" not in target.client().list_database_names()
     target.close()
