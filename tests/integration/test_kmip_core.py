@@ -141,7 +141,7 @@ def test_failover_when_first_server_is_down(pki, g1, dead_port, kmip_server2):
         uid = c.create_master_key("failover")
         assert c.server == second
         assert c.unwrap(c.wrap(uid, b"\x01" * 32)) == b"\x01" * 32
-    assert time.monotonic() - t < 2
+    assert time.monotonic() - t < 5  # the dead server is refused at once, not waited for
 
 
 def test_unreachable_lists_the_servers_tried(pki, g1, dead_port):
@@ -152,7 +152,7 @@ def test_unreachable_lists_the_servers_tried(pki, g1, dead_port):
     assert e.kind == "unreachable"
     assert "127.0.0.1:%d (connection refused)" % dead_port in str(e) and "localhost:%d" % dead_port in str(e)
     assert "2 attempt(s)" in str(e)
-    assert 0.2 <= elapsed < 2  # one backoff between the two rounds
+    assert 0.2 <= elapsed < 5  # one backoff between the two rounds
 
 
 def test_permanent_errors_are_not_retried(pki, g1, wrong_host_server, kmip_server2):
@@ -161,7 +161,8 @@ def test_permanent_errors_are_not_retried(pki, g1, wrong_host_server, kmip_serve
     e = error(lambda: kmip.KmipClient(kcfg(pki, "127.0.0.1:%d" % wrong_host_server["port"],
                                            "127.0.0.1:%d" % kmip_server2["port"], connect_retries=5), g1).ping())
     assert e.kind == "hostname_mismatch" and "not valid for the host name 127.0.0.1" in str(e)
-    assert time.monotonic() - t < 1
+    assert e.servers == ["127.0.0.1:%d" % wrong_host_server["port"]]  # the second server was never tried
+    assert time.monotonic() - t < 5  # five retries with backoff would take longer
 
 
 def test_server_certificate_for_another_host_is_rejected(pki, g1, wrong_host_server):
@@ -208,12 +209,9 @@ def test_one_connection_for_many_operations_and_reconnect(pki, s1, g1, master):
     with kmip.KmipClient(kcfg(pki, s1), g1) as c:
         rec = c.wrap(master, b"\x02" * 32)
         sock = c._proxy.socket
-        t = time.monotonic()
         for _ in range(50):
             assert c.unwrap(rec) == b"\x02" * 32
-        rate = 50 / (time.monotonic() - t)
         assert c._proxy.socket is sock  # no reconnects
-        assert rate > 10, rate  # about 200/s on an idle machine; loose for loaded CI
         sock.shutdown(socket.SHUT_RDWR)  # the connection breaks under us
         assert c.unwrap(rec) == b"\x02" * 32
         assert c._proxy.socket is not sock
