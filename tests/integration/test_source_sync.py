@@ -3,7 +3,6 @@ real SecantusDB server of the session (mongo_server fixture). Every test uses it
 database names and compares only those (the head captures the whole cluster)."""
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -277,38 +276,3 @@ def test_connect_errors_are_clear(dead_port, mongo_server):
     c = source.connect({"uri": mongo_server["uri"]})
     assert source.kind(c) == "replica_set"
     c.close()
-
-
-def _count(batch):
-    n = pos = 0
-    while pos < len(batch):
-        pos += struct.unpack_from("<i", batch, pos)[0]
-        n += 1
-    return n
-
-
-def test_initial_sync_rate_vs_raw_scan(tmp_path, plain, src):
-    dbname = unique("rate")
-    db = plain[dbname]
-    docs = [{"i": i, "s": "x" * 400, "n": {"a": i, "b": [1, 2, 3]}} for i in range(20000)]
-    db.c.insert_many(docs)
-    t0 = time.perf_counter()
-    scanned = 0
-    for name in plain.list_database_names():
-        if name in source.EXCLUDED_DBS:
-            continue
-        for info in source._list_collections(src, name):
-            if source._wanted(name, info["name"]) and info.get("type", "collection") == "collection":
-                for batch in src[name][info["name"]].find_raw_batches({}, batch_size=4096):
-                    scanned += _count(batch)
-    scan_rate = scanned / (time.perf_counter() - t0)
-    h = new_head(tmp_path)
-    t1 = time.perf_counter()
-    result = source.initial_sync(h, src)
-    sync_rate = result["docs"] / (time.perf_counter() - t1)
-    clone_rate = result["docs"] / result["clone_seconds"]
-    print("\ninitial sync %.0f docs/s (clone phase %.0f docs/s) vs raw scan %.0f docs/s: ratio %.2f (clone %.2f), %d docs"
-          % (sync_rate, clone_rate, scan_rate, sync_rate / scan_rate, clone_rate / scan_rate, result["docs"]))
-    assert result["docs"] >= 20000
-    assert sync_rate / scan_rate > 0.5
-    h.close()

@@ -1,7 +1,6 @@
 """Unit tests of the change-event applier with hand-built events (shapes from the change-events reference)."""
 import datetime
 import os
-import time
 
 import bson
 import pytest
@@ -192,8 +191,9 @@ def test_merge_fragments():
                                                                  "fullDocument": {"_id": 1}}
 
 
-def test_apply_rate_from_recorded_batch(h):
-    """Applied events/s from a recorded batch (no server): inserts, updates, deletes of a mixed stream."""
+def test_recorded_batch_applies(h):
+    """A recorded batch of a mixed stream (inserts, updates, deletes) applies completely.
+    Its speed is measured by benchmarks/run, not here."""
     evs = []
     ids = [ObjectId() for _ in range(10000)]
     for i, _id in enumerate(ids):
@@ -203,15 +203,13 @@ def test_apply_rate_from_recorded_batch(h):
     for _id in ids[::2]:
         evs.append(ddl("delete", documentKey={"_id": _id}))
     a = events.Applier()
-    t0 = time.perf_counter()
     with h.write() as w:
         for e in evs:
             a.apply(w, e)
-    rate = len(evs) / (time.perf_counter() - t0)
-    print("\napplied events/s (recorded batch, %d events): %.0f" % (len(evs), rate))
     assert a.counts == {"applied": len(evs)}
     assert stored(h, ids[1]) == bson.encode({"_id": ids[1], "n": 2, "s": "x" * 200, "arr": [1, 2, 3, 4], "sub": {"a": 2, "b": "y"}})
-    assert rate > 10000
+    with h.read() as r:
+        assert r.count("d.c") == len(ids) // 2
 
 
 def test_buffered_writes_in_one_transaction_and_rollback(h):
