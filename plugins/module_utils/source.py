@@ -139,7 +139,18 @@ def _hosts(source):
 
 def _short(e):
     text = str(e)
-    return text.split(", Timeout:")[0][:300]
+    return text.split(", Timeout:", 1)[0][:300]
+
+
+def _safe(e):
+    """What went wrong, without the server's error text: that text can name namespaces and echo
+    _id filters, and these messages reach the status file, the log and Ansible output.
+    Connection failures keep their text (host, port and reason only)."""
+    if isinstance(e, mongo_errors.ConnectionFailure):
+        return _short(e)
+    code = getattr(e, "code", None)
+    name = (getattr(e, "details", None) or {}).get("codeName") if isinstance(getattr(e, "details", None), dict) else None
+    return "%s%s" % (type(e).__name__, " code %s%s" % (code, " %s" % name if name else "") if code is not None else "")
 
 
 def kind(client):
@@ -350,7 +361,7 @@ def _clone(head, client, names, stop_event=None):
     if failure:
         e = failure[0]
         if isinstance(e, mongo_errors.PyMongoError):
-            raise SourceError("Cloning from the source failed (%s): the daemon restarts the initial sync." % _short(e)) from None
+            raise SourceError("Cloning from the source failed (%s): the daemon restarts the initial sync." % _safe(e)) from None
         raise e
     return docs, nbytes
 
@@ -430,11 +441,11 @@ class Capture:
             except HistoryLostError:
                 self._history_lost()
                 raise
-            raise SourceError("The source's change stream failed (%s): the daemon retries." % _short(e)) from None
+            raise SourceError("The source's change stream failed (%s): the daemon retries." % _safe(e)) from None
         except mongo_errors.PyMongoError as e:
             self.close()
             raise SourceError("The source cannot be reached for change capture (%s): the daemon retries with backoff."
-                              % _short(e)) from None
+                              % _safe(e)) from None
         return applied
 
     def _next(self, stream):
