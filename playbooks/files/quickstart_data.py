@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: kmipbackup developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Sample data for the quickstart, and the byte-for-byte comparison of a restored database.

@@ -33,7 +33,9 @@ except ImportError as e:  # pragma: no cover
     BSON_IMPORT_ERROR = e
 
 APPLIED, SKIPPED, RECOPY, IGNORED = "applied", "skipped", "recopy", "ignored"
-DEFAULT_ID_INDEX = b".\x00\x00\x00\x10v\x00\x02\x00\x00\x00\x03key\x00\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00\x02name\x00\x05\x00\x00\x00_id_\x00\x00"  # {v: 2, key: {_id: 1}, name: "_id_"}
+# {v: 2, key: {_id: 1}, name: "_id_"}
+DEFAULT_ID_INDEX = (b".\x00\x00\x00\x10v\x00\x02\x00\x00\x00\x03key\x00\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00"
+                    b"\x02name\x00\x05\x00\x00\x00_id_\x00\x00")
 
 # value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (head._skip)
 _FIXED_SIZE = [-3] * 256
@@ -173,7 +175,7 @@ def _remove(buf, comps, exact):
         return
     name = last.encode()
     while True:
-        el_start, _, _, ve = _find(buf, start, name)
+        el_start, _t, _vs, ve = _find(buf, start, name)
         if el_start is None:
             return
         del buf[el_start:ve]
@@ -182,10 +184,10 @@ def _remove(buf, comps, exact):
 
 def _truncate(buf, comps, exact, size):
     starts, start, is_array = _descend(buf, comps, exact)
-    el_start, t, vs, _ = _find(buf, start, *_key(buf, start, is_array, comps[-1], exact, []))
+    el_start, t, vs, _ve = _find(buf, start, *_key(buf, start, is_array, comps[-1], exact, []))
     if el_start is None or t != 0x04:
         raise NotApplicable("truncatedArrays on something that is not an array")
-    cut, _, _, _ = _find(buf, vs, None, size)
+    cut, _t, _vs, _ve = _find(buf, vs, None, size)
     if cut is not None:
         end = vs + _i32.unpack_from(buf, vs)[0] - 1
         del buf[cut:end]
@@ -238,7 +240,7 @@ def _raw(value):
     """Raw bytes of a sub-document of an event (RawBSONDocument, bytes or mapping)."""
     if isinstance(value, RawBSONDocument):
         raw = value.raw
-        return raw if type(raw) is bytes else bytes(raw)
+        return raw if type(raw) is bytes else bytes(raw)  # pylint: disable=unidiomatic-typecheck
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     return bson_encode(value)

@@ -460,7 +460,7 @@ class Writer(Reader):
         self._c.executemany("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
                             [(ns_id, k, v, 1 if isb(k, len(v)) else 0) for k, v in pairs])
         if track:
-            self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _ in pairs])
+            self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _doc in pairs])
             self._dirty = True
 
     def delete(self, ns, id_key):
@@ -558,7 +558,7 @@ def _num_decimal(d):
 
 def _num_double(raw8):
     x = _dbl.unpack(raw8)[0]
-    if x != x:
+    if x != x:  # NaN  # pylint: disable=comparison-with-itself
         body = bytes((_N_NAN,))
     elif x.is_integer():
         body = _num_int(int(x))
@@ -671,7 +671,7 @@ def id_key(raw_value, bson_type):
 
 def id_key_from_document(raw):
     """The id_key of the _id of a raw BSON document (bytes), read without decoding the document."""
-    if type(raw) is not bytes:
+    if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
         raw = bytes(raw)
     if raw[4] == 0x07 and raw[5:9] == b"_id\x00":  # fast path: ObjectId _id first, as mongod stores it
         return b"\x35" + bytes(raw[9:21])

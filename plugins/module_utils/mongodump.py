@@ -22,10 +22,9 @@ try:
     import bson
     from bson.int64 import Int64
     from bson.json_util import CANONICAL_JSON_OPTIONS, dumps as json_dumps
-    from bson.raw_bson import RawBSONDocument
     BSON_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover
-    bson = Int64 = CANONICAL_JSON_OPTIONS = json_dumps = RawBSONDocument = None
+    bson = Int64 = CANONICAL_JSON_OPTIONS = json_dumps = None
     BSON_IMPORT_ERROR = e
 
 try:

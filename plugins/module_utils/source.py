@@ -31,7 +31,6 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import id_
 
 try:
     import pymongo
-    from bson import decode as bson_decode
     from bson import encode as bson_encode
     from bson.codec_options import CodecOptions
     from bson.raw_bson import RawBSONDocument
@@ -39,7 +38,7 @@ try:
     PYMONGO_IMPORT_ERROR = None
     RAW = CodecOptions(document_class=RawBSONDocument)
 except ImportError as e:  # pragma: no cover
-    pymongo = mongo_errors = RawBSONDocument = bson_decode = bson_encode = RAW = None
+    pymongo = mongo_errors = RawBSONDocument = bson_encode = RAW = None
     PYMONGO_IMPORT_ERROR = e
 
 EXCLUDED_DBS = ("admin", "config", "local")
@@ -191,7 +190,7 @@ def _list_collections(client, db, query=None):
 
 
 def _split(ns):
-    db, _, coll = ns.partition(".")
+    db, _dot, coll = ns.partition(".")
     return db, coll
 
 
@@ -224,7 +223,7 @@ def refresh_namespace(client, ns):
 def _split_batch(batch):
     """(id_key, raw) pairs of a raw batch (concatenated BSON documents), without decoding them."""
     out, pos, n = [], 0, len(batch)
-    if type(batch) is not bytes:
+    if type(batch) is not bytes:  # pylint: disable=unidiomatic-typecheck
         batch = bytes(batch)
     unpack, append, find = _i32.unpack_from, out.append, batch.find
     while pos < n:
@@ -573,7 +572,7 @@ def verify(head, client, sample=100, full=False):
         db, coll = _split(ns)
         if full:
             with head.read() as r:
-                head_keys = (k for k, _ in r.scan(ns))
+                head_keys = (k for k, _doc in r.scan(ns))
                 _verify_keys(head, client, ns, _chunks(head_keys, 500), counts)
             for batch in client[db][coll].find_raw_batches({}, batch_size=2000):
                 _verify_source_batch(head, ns, _split_batch(batch), counts)
@@ -601,7 +600,7 @@ def _verify_namespaces(head, client, in_head, counts):
 
 
 def parse_options_is_view(options_raw):
-    return any(name == b"viewOn" for name, _, _ in parse_elements(options_raw))
+    return any(name == b"viewOn" for name, _type, _value in parse_elements(options_raw))
 
 
 def _chunks(it, n):
@@ -617,12 +616,12 @@ def _chunks(it, n):
 
 def _head_probes(r, ns, n):
     keys = []
-    first = next((k for k, _ in r.scan(ns)), None)
+    first = next((k for k, _doc in r.scan(ns)), None)
     if first is None:
         return keys
-    for _ in range(int(n)):
+    for _i in range(int(n)):
         probe = first[:1] + os.urandom(12)
-        row = next((k for k, _ in r.scan(ns, start=probe)), None) or next((k for k, _ in r.scan(ns, start=first)), None)
+        row = next((k for k, _doc in r.scan(ns, start=probe)), None) or next((k for k, _doc in r.scan(ns, start=first)), None)
         if row is not None and row not in keys:
             keys.append(row)
     return keys
@@ -635,7 +634,7 @@ def _verify_keys(head, client, ns, key_chunks, counts):
         with head.read() as r:
             docs = [(k, r.get(ns, k)) for k in keys]
         docs = [(k, d) for k, d in docs if d is not None]
-        ids = [_id_value_raw(d) for _, d in docs]
+        ids = [_id_value_raw(d) for _key, d in docs]
         query = _in_filter(ids)
         src = {}
         for batch in client[db][coll].find_raw_batches(query):
