@@ -47,10 +47,9 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import at
 
 try:
     import bson
-    from bson.binary import Binary
     BSON_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover
-    bson = Binary = None
+    bson = None
     BSON_IMPORT_ERROR = e
 
 JOB_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
