@@ -118,11 +118,15 @@ class Head:
             self._cipher = ()  # a head written with SQLCipher 4's defaults (before _CIPHER)
             self._conn = self._connect()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.executescript(_SCHEMA)
-            # incarnations unique across head files too, so a new head never reuses an old snapshot's numbers
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)", (time.time_ns() // 1000,))
-            self._add_boundary_flags()
+            # Only a head missing part of its schema is written to here: opening a head the daemon is
+            # writing (a second reader) then needs no write lock at all.
+            have = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master")}
+            if not {"docs", "namespaces", "changes", "position", "meta", "docs_boundaries"} <= have:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.executescript(_SCHEMA)
+                # incarnations unique across head files too, so a new head never reuses an old snapshot's numbers
+                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)", (time.time_ns() // 1000,))
+                self._add_boundary_flags()
         self._ns_cache = {}
 
     def _add_boundary_flags(self):
