@@ -24,6 +24,23 @@ class AnsibleResult:
     def output(self):
         return self.stdout + self.stderr
 
+    def results_json(self, invocation=False):
+        """The registered results as JSON text, for canary scans of return values. Without `invocation` (Ansible's echo of
+        the module arguments the test itself chose) unless asked: secrets must be redacted there too, so scan it for them."""
+        return json.dumps(self.results if invocation else _without_invocation(self.results), sort_keys=True)
+
+    def everything(self, invocation=True):
+        """stdout, stderr and the results JSON: all the text a run showed or returned."""
+        return self.output + "\n" + self.results_json(invocation)
+
+
+def _without_invocation(value):
+    if isinstance(value, dict):
+        return {k: _without_invocation(v) for k, v in value.items() if k != "invocation"}
+    if isinstance(value, list):
+        return [_without_invocation(v) for v in value]
+    return value
+
 
 class AnsibleRunner:
     def __init__(self, workdir):
@@ -54,16 +71,17 @@ class AnsibleRunner:
                     % sys.executable)
         return path
 
-    def run_playbook(self, path, *args, extra_vars=None, timeout=900):
+    def run_playbook(self, path, *args, extra_vars=None, timeout=900, verbosity=0):
+        """verbosity: 3 adds -vvv (every task's full result, invocation included, in stdout)."""
         cmd = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
-               "-i", self.inventory(), path] + list(args)
+               "-i", self.inventory(), path] + list(args) + (["-" + "v" * verbosity] if verbosity else [])
         if extra_vars:
             cmd += ["-e", json.dumps(extra_vars)]
         p = subprocess.run(cmd, env=self.env(), capture_output=True, text=True,
                            timeout=timeout, cwd=self.workdir)
         return p
 
-    def run(self, tasks, check=False, diff=False, extra_vars=None, timeout=900):
+    def run(self, tasks, check=False, diff=False, extra_vars=None, timeout=900, verbosity=0):
         """Run a list of task dicts on localhost; every task registers its result and
         ignores errors, so a test can assert on failures. Returns AnsibleResult."""
         self.count += 1
@@ -91,7 +109,7 @@ class AnsibleRunner:
             args.append("--check")
         if diff:
             args.append("--diff")
-        p = self.run_playbook(pb, *args, extra_vars=extra_vars, timeout=timeout)
+        p = self.run_playbook(pb, *args, extra_vars=extra_vars, timeout=timeout, verbosity=verbosity)
         if not os.path.exists(out):
             raise AssertionError("ansible-playbook failed (rc=%s):\n%s\n%s"
                                  % (p.returncode, p.stdout[-5000:], p.stderr[-5000:]))
