@@ -139,10 +139,16 @@ def sr(lab, **kw):
     return {SR: args}
 
 
+SECRET = "lab-password"  # pki["encrypted"]'s key password
+
+
 def no_canary(*results):
+    """Neither the canary (namespace names, _ids, values) in stdout/stderr or any returned value, nor the key password
+    anywhere, the module arguments Ansible echoes in `invocation` included (no_log must redact it there)."""
     for r in results:
-        assert CANARY not in r.output, r.output[-3000:]
-        assert "lab-password" not in r.output
+        text = r.output + r.results_json()
+        assert CANARY not in text, text[max(0, text.find(CANARY) - 1500):][:3000]
+        assert SECRET not in r.everything(invocation=True)
 
 
 def test_snapshot_info_lists_catalog_without_kmip(ansible, lab_job, tmp_path):
@@ -278,6 +284,10 @@ def test_unencrypted_snapshot_of_encrypted_job_refused(ansible, lab_job, tmp_pat
     assert not os.path.exists(outs[0]) and not os.path.exists(outs[1])
     assert r[2]["changed"] is True and r[2]["snapshot_id"] == sid and r[2]["encryption"] is False, r.output
     assert read_dir(outs[2], lab_job["db"]) == {ns: by_id(encode(d) for d in docs) for ns, docs in forged.items()}
+    # positive control for no_canary's results scan: an unencrypted snapshot's namespaces are returned in plaintext,
+    # and the default verbosity prints none of it (scanning stdout alone would have missed them)
+    assert r[2]["namespaces"][0]["source"] == lab_job["db"] + ".forged"
+    assert CANARY in r.results_json() and CANARY not in r.output
 
 
 def test_certificates(ansible, lab_job, tmp_path, pki, kmip_server):
@@ -323,6 +333,39 @@ def test_tampered_chunk_fails_naming_it(ansible, lab_job, tmp_path):
     no_canary(r)
     assert r[0]["failed"] and "chunk %s" % cid in r[0]["msg"] and "failed authentication" in r[0]["msg"], r.output
     assert not os.path.exists(d) and not [n for n in os.listdir(str(tmp_path)) if "kmipbackup-tmp" in n]
+
+
+def test_verbose_run_shows_no_canary(ansible, lab_job, tmp_path, pki, kmip_server, mongo_server):
+    """At -vvv Ansible prints every task's whole result, invocation included: successes, check mode and error paths of
+    snapshot_info and snapshot_restore name no namespace, _id or value and print no password. Control: the same run
+    restoring an unencrypted snapshot does show its names."""
+    wrong = "zqWrongPw-4410"
+    fresh = dict(job="snapjob", config_dir=str(tmp_path / "no-config"), store=lab_job["store"], kmip_servers=["127.0.0.1:%d" % kmip_server["port"]],
+                 kmip_ca_file=pki["ca"], client_cert_file=pki["encrypted"]["pem"], client_cert_password=SECRET)
+    d, a = str(tmp_path / "dir"), str(tmp_path / "snap.archive")
+    r = ansible.run([{SI: dict(job="snapjob", config_dir=lab_job["config_dir"])},
+                     dict(sr(lab_job, target_dir=d), check_mode=True),
+                     sr(lab_job, target_dir=d),
+                     {SR: dict(fresh, target_archive=a)},
+                     sr(lab_job, target_uri=mongo_server["uri"]),  # into the source database itself: not empty, refused
+                     sr(lab_job, target_dir=str(tmp_path / "denied"), group="group2"),
+                     {SR: dict(fresh, target_dir=str(tmp_path / "badpw"), client_cert_password=wrong)}], verbosity=3)
+    assert [bool(x.get("failed")) for x in r.results] == [False] * 4 + [True] * 3, r.output[-4000:]
+    assert "not empty" in r[4]["msg"] and r[5]["error_kind"] == "permission_denied" and "password" in r[6]["msg"]
+    assert read_dir(d, lab_job["db"]) == lab_job["source"]
+    # the verbose output really holds the results: return values and the echoed (redacted) arguments
+    for needle in ('"namespaces_verified"', '"restore_info_text"', '"error_kind"', '"module_args"', "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"):
+        assert needle in r.output, needle
+    no_canary(r)
+    assert wrong not in r.everything(invocation=True)
+
+    copy = str(tmp_path / "plain-store")
+    shutil.copytree(lab_job["store"], copy)
+    js = store.JobStore(copy, "snapjob")
+    forge_null_snapshot(js, js.catalog()[-1], {lab_job["db"] + ".plain": [{"_id": 1}]}, encryption=False, new=True)
+    r = ansible.run([{SR: dict(fresh, store=copy, target_dir=str(tmp_path / "plain"), allow_unencrypted=True)}], verbosity=3)
+    assert r[0]["changed"] and r[0]["encryption"] is False, r.output[-4000:]
+    assert "%s.plain" % lab_job["db"] in r.output
 
 
 def test_backup_snapshot_through_daemon_then_restore(ansible, tmp_path, pki, kmip_server, mongo_server):
@@ -376,19 +419,34 @@ def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "would be restored (check mode)" in out, out[-4000:]
     assert not os.path.exists(d)
-    p = ansible.run_playbook(pb, extra_vars=ev)
+    p = ansible.run_playbook(pb, extra_vars=ev, verbosity=3)  # -vvv: every task's whole result is printed
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "snapshot %s" % lab_job["entry"]["snapshot_id"] in out and "370 document(s)" in out
     assert "Verified: 2 namespace(s)" in out
-    assert CANARY not in out and "lab-password" not in out
+    assert '"restore_info_text"' in out and '"namespaces_verified"' in out  # the results are in the output scanned
+    assert CANARY not in out and SECRET not in out
     assert read_dir(d, lab_job["db"]) == lab_job["source"]
     p = ansible.run_playbook(pb, extra_vars=ev)
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "already held this restore, nothing done" in out, out[-4000:]
-    assert CANARY not in out and "lab-password" not in out
+    assert CANARY not in out and SECRET not in out
     p = ansible.run_playbook(pb, extra_vars=dict(ev, client_cert_file=pki["clients"]["group2"]["pem"], client_cert_password=None,
                                                  target_dir=str(tmp_path / "denied")))
     out = p.stdout + p.stderr
     assert p.returncode != 0 and lab_job["uid"] in out and "Pre-flight" in out, out[-4000:]
     assert not os.path.exists(str(tmp_path / "denied"))
+
+    # allow_unencrypted passes through, default false: a forged unencrypted snapshot is refused, then allowed
+    copy = str(tmp_path / "forged-store")
+    shutil.copytree(lab_job["store"], copy)
+    js = store.JobStore(copy, "snapjob")
+    forge_null_snapshot(js, js.catalog()[-1], {"forged.c": [{"_id": 1}]}, encryption=False, new=True)
+    forged = dict(ev, store=copy, snapshot="latest", target_dir=str(tmp_path / "forged"))
+    p = ansible.run_playbook(pb, extra_vars=forged)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "allow_unencrypted" in out and not os.path.exists(forged["target_dir"]), out[-4000:]
+    p = ansible.run_playbook(pb, extra_vars=dict(forged, allow_unencrypted=True))
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "Encryption: disabled" in out, out[-4000:]
+    assert os.path.exists(os.path.join(forged["target_dir"], "forged", "c.bson"))
