@@ -111,7 +111,7 @@ def test_group_kmip_bad_certificates_each_fail_with_their_own_error(ansible, con
     assert "is encrypted: set client_cert_password" in msgs[5]
     assert "does not belong to the certificate" in msgs[6]
     assert "invalid group name" in msgs[7]
-    assert "not-the-password" not in r.output
+    assert "not-the-password" not in r.everything(invocation=True)
     assert not os.path.exists(config.groups_dir(cd))
 
 
@@ -132,7 +132,7 @@ def test_group_kmip_check_mode_idempotence_diff_and_expiry_warning(ansible, conf
     assert r[3]["changed"] and r[3]["identity"] == "group1"
     assert r[4]["changed"] and r[4]["days_left"] < 30 and "expires in" in r[4]["cert_warnings"][0]
     assert "expires in" in r.output  # shown as an Ansible warning too
-    assert enc["password"] not in r.output
+    assert enc["password"] not in r.everything(invocation=True)
     path = config.group_path(cd, "g1")
     assert mode(path) == 0o600 and mode(config.groups_dir(cd)) == 0o700
     assert config.load_group(cd, "g1").client_cert_password == enc["password"]
@@ -142,7 +142,7 @@ def test_group_kmip_check_mode_idempotence_diff_and_expiry_warning(ansible, conf
     r = ansible.run([gk(cd, "g2", c1["pem"], client_cert_password="Canary-pw-7f3a"), dict(absent, check_mode=True), absent, absent],
                     diff=True)
     assert r[0]["changed"] and r[0]["diff"]["after"]["client_cert_password"] == "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
-    assert "Canary-pw-7f3a" not in r.output
+    assert "Canary-pw-7f3a" not in r.everything(invocation=True)
     assert [x["changed"] for x in r.results[1:]] == [True, True, False]
     assert config.list_groups(cd) == ["g1", "g2"]
 
@@ -154,14 +154,12 @@ def write_job(cd, job, group, uid, previous=()):
                         "previous_master_key_uids": list(previous)}, f)
 
 
-def test_group_kmip_verify_names_unreachable_keys_and_canary(ansible, configured, pki):
+def test_group_kmip_verify_names_unreachable_keys(ansible, configured, pki):
     cd = configured
     enc = pki["encrypted"]
     kcfg = config.load_kmip_config(cd)
-    data_key = os.urandom(32)
     with kmip.KmipClient(kcfg, config.GroupConfig("g1", enc["pem"], None, enc["password"])) as c:
         current, previous = c.create_master_key("modules-current"), c.create_master_key("modules-previous")
-        wrapped = c.wrap(current, data_key)
     write_job(cd, "orders", "g1", current, [previous])
     write_job(cd, "audit", "g1", current)
     write_job(cd, "other", "gX", "424242")
@@ -180,17 +178,72 @@ def test_group_kmip_verify_names_unreachable_keys_and_canary(ansible, configured
     r = ansible.run([ok])
     assert r[0]["failed"] and "999999 (jobs gone)" in r[0]["msg"] and "no key with UID 999999" in r[0]["msg"]
 
-    # canary: neither the data key nor the password reaches Ansible's output or any file under config_dir
-    with kmip.KmipClient(kcfg, config.load_group(cd, "g1")) as c:
-        assert c.unwrap(wrapped) == data_key
-    secrets = [data_key.hex(), data_key.hex().upper(), base64.b64encode(data_key).decode(), enc["password"]]
-    blobs = [r.output]
+
+def pem_body_lines(pem_bytes):
+    """The base64 lines of every PRIVATE KEY block in a PEM: the key material as it would be copied."""
+    lines, inside = [], False
+    for line in pem_bytes.decode().splitlines():
+        if line.startswith("-----BEGIN") and "PRIVATE KEY" in line:
+            inside = True
+        elif line.startswith("-----END"):
+            inside = False
+        elif inside and len(line) >= 40:
+            lines.append(line)
+    return lines
+
+
+def key_material(path, password=None):
+    """Needles for a client key: its PEM body as stored, and the decrypted key as PKCS#8 PEM body and DER hex."""
+    from cryptography.hazmat.primitives import serialization
+    data = open(path, "rb").read()
+    key = serialization.load_pem_private_key(data, password.encode() if password else None)
+    plain_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return pem_body_lines(data) + pem_body_lines(plain_pem) + [der.hex(), base64.b64encode(der).decode()]
+
+
+def leaks(text, needles):
+    return [n[:24] for n in needles if n in text]
+
+
+def test_group_kmip_keeps_key_material_and_password_out_of_output_and_config(ansible, configured, pki):
+    """group_kmip reads the client key (decrypting it with the password) to check and use it. What is honest to
+    promise: no key material (the PEM body, or the decrypted key) reaches Ansible's output at any verbosity, the
+    results, or any file under config_dir (groups/*.yml reference the key by path); the password reaches no output
+    (no_log, the echoed arguments included) and exactly one file: groups/<group>.yml, 0600, as the value of
+    client_cert_password, where the daemon needs it (like Ops Manager's kmipClientCertPassword)."""
+    cd = configured
+    enc, c1 = pki["encrypted"], pki["clients"]["group1"]
+    pw = enc["password"]
+    wrong = "zqWrongKeyPw-9137"
+    secrets = key_material(enc["pem"], pw) + key_material(c1["key"])
+    assert len(secrets) >= 12  # EC P-256 keys: a few PEM lines each
+    tasks = [dict(gk(cd, "g1", enc["pem"], client_cert_password=pw, verify=True), check_mode=True),
+             gk(cd, "g1", enc["pem"], client_cert_password=pw, verify=True),
+             gk(cd, "g1", enc["pem"], client_cert_password=pw, verify=True),
+             gk(cd, "g1", enc["pem"], client_cert_password=wrong),
+             gk(cd, "g2", c1["cert"], client_key_file=c1["key"], verify=True),
+             gk(cd, "g3", c1["cert"], client_key_file=pki["clients"]["group2"]["key"])]
+    r = ansible.run(tasks, diff=True, verbosity=3)
+    assert [x["changed"] for x in r.results[:3]] == [True, True, False] and r[4]["changed"], r.output[-4000:]
+    assert r[3]["failed"] and "client_cert_password is wrong" in r[3]["msg"]
+    assert r[5]["failed"] and "does not belong to the certificate" in r[5]["msg"]
+    # control: -vvv printed every result and the echoed arguments, redacted
+    assert '"keys_checked"' in r.output and '"module_args"' in r.output and "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER" in r.output
+    text = r.everything(invocation=True)
+    assert leaks(text, secrets + [pw, wrong]) == []
+
+    found = {}
     for root, _, names in os.walk(cd):
         for n in names:
-            with open(os.path.join(root, n), "rb") as f:
-                blob = f.read()
-            assert data_key not in blob
-            if not n.startswith("g1"):
-                blobs.append(blob.decode("utf-8", "replace"))
-    for s in secrets:
-        assert all(s not in b for b in blobs)
+            p = os.path.join(root, n)
+            with open(p) as f:
+                found[os.path.relpath(p, cd)] = f.read()
+            assert mode(p) == 0o600, p
+    assert sorted(found) == ["groups/g1.yml", "groups/g2.yml", "kmip.yml"]
+    for name, body in found.items():
+        assert leaks(body, secrets + [wrong]) == [], name
+        assert pw not in body.replace("client_cert_password: %s\n" % pw, ""), name
+    assert found["groups/g1.yml"].count(pw) == 1 and yaml.safe_load(found["groups/g1.yml"])["client_cert_password"] == pw
+    # control: the needles are the key material as stored in the lab's key files
+    assert leaks(open(enc["pem"]).read(), secrets) and leaks(open(c1["key"]).read(), secrets)
