@@ -35,6 +35,7 @@ class DaemonProcess:
         self.config_dir, self.data_dir = config_dir, data_dir
         self.poll_interval, self.supervise, self.extra_args = poll_interval, supervise, list(extra_args)
         self.proc = None
+        self.out_files = []  # the daemon's stdout/stderr, one file per start
 
     @property
     def log_file(self):
@@ -51,7 +52,8 @@ class DaemonProcess:
                "--poll-interval", str(self.poll_interval), "--log-level", "DEBUG"] + self.extra_args
         if self.supervise:
             cmd.append("--supervise")
-        out = open(os.path.join(os.path.dirname(self.data_dir.rstrip("/")) or ".", "daemon-%d.out" % time.time_ns()), "ab")
+        self.out_files.append(os.path.join(os.path.dirname(self.data_dir.rstrip("/")) or ".", "daemon-%d.out" % time.time_ns()))
+        out = open(self.out_files[-1], "ab")
         self.proc = subprocess.Popen(cmd, env=self.env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                      start_new_session=True)
         out.close()

@@ -1,13 +1,18 @@
 """The Backup Daemon against real SecantusDB and PyKMIP servers: provisioning, capture,
 restart without resync, requests, snapshots, KMIP and source outages, encryption toggled,
 stop and removal, and no plaintext canary anywhere under the daemon's folder."""
+import json
 import os
 import stat
+import subprocess
 import uuid
 
 import pymongo
 import pytest
+import zstandard
 from bson import ObjectId
+
+import kmipbackup_lab as lab
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs
 from daemon_helper import DaemonProcess, write_kmip_setup
@@ -50,18 +55,25 @@ def _started(generation=1):
     return lambda st: st["state"] == "STARTED" and st["consistent"] and st["generation"] == generation
 
 
+def _grep_file(path, needles):
+    """needles in the file's name, raw bytes or any zstd frame decompressed (store chunks and manifests are compressed)."""
+    try:
+        views = plaintext_views(files.read_bytes(path))
+    except OSError:  # removed meanwhile
+        return []
+    return ["%s in %s" % (n, path) for n in needles if n in os.path.basename(path) or any(n.encode() in v for v in views)]
+
+
 def _grep_tree(folder, needles):
     hits = []
-    for root, _dirs, names in os.walk(folder):
-        for n in names:
-            p = os.path.join(root, n)
-            try:
-                data = files.read_bytes(p)
-            except OSError:
-                continue
-            views = plaintext_views(data)  # raw and zstd-decompressed: store chunks and manifests are compressed
-            hits += ["%s in %s" % (needle, p) for needle in needles if needle.encode() in n.encode() or any(needle.encode() in v for v in views)]
+    for root, dnames, names in os.walk(folder):
+        hits += ["%s in folder name %s" % (n, os.path.join(root, d)) for d in dnames for n in needles if n in d]
+        hits += [hit for name in names for hit in _grep_file(os.path.join(root, name), needles)]
     return hits
+
+
+def _grep_files(paths, needles):
+    return [hit for p in paths for hit in _grep_file(p, needles)]
 
 
 @pytest.fixture
@@ -126,7 +138,8 @@ def test_encrypted_job_lifecycle(dirs, tmp_path, pki, kmip_server, mongo_server)
     finally:
         d.stop()
 
-    hits = _grep_tree(data_dir, [canary_db, canary_coll, canary_value, "kbcanaryid" + tag])
+    needles = [canary_db, canary_coll, canary_value, "kbcanaryid" + tag]
+    hits = _grep_tree(data_dir, needles) + _grep_tree(config_dir, needles) + _grep_files(d.out_files, needles)
     assert hits == [], hits
     for root, dnames, fnames in os.walk(data_dir):
         for n in dnames:
@@ -217,3 +230,85 @@ def test_bad_requests_are_answered_with_errors(dirs, pki, kmip_server, mongo_ser
     with pytest.raises(Exception) as e:
         jobs.submit_request(data_dir, "x", "explode")
     assert "Unknown request" in str(e.value)
+
+
+def _start_source(folder, port=None, auth=False):
+    """A private SecantusDB (this test stops and restarts it): {pid, port, uri}."""
+    if not auth:
+        return lab.start_mongo_server(folder, port=port)
+    log = os.path.join(folder, "server.log")
+    with open(os.devnull, "rb") as null, open(log, "ab") as out:
+        proc = subprocess.Popen([lab._bin("secantusd-py"), "--config", os.path.join(folder, "secantusd.toml"), "--host", "127.0.0.1",
+                                 "--port", str(port), "--storage-path", os.path.join(folder, "data"), "--log-level", "WARNING",
+                                 "--noop-heartbeat-seconds", "1", "--auth"],
+                                cwd=folder, stdin=null, stdout=out, stderr=out, start_new_session=True)
+    lab._wait_port(port, proc, 30, log)
+    return {"pid": proc.pid, "port": port, "uri": "mongodb://127.0.0.1:%d/?replicaSet=secantus" % port}
+
+
+def test_error_paths_name_no_namespace_or_id(dirs, tmp_path, pki, kmip_server, ansible):
+    """Canary names in a database, a collection, _ids and values of an encrypted job, driven through error paths: a
+    source user not allowed to read the canary database (the server's error text names it), then the source killed
+    during capture and a verify request while it is down. Neither the status file, the requests' answers, the log,
+    the daemon's stdout/stderr, config_dir nor backup_job_info's output (at -vvv) names any of them."""
+    config_dir, data_dir = dirs
+    write_kmip_setup(config_dir, pki, kmip_server["port"])
+    tag = uuid.uuid4().hex[:10]
+    cdb, ccoll, cval, cid = ("kbcanary%s%s" % (part, tag) for part in ("db", "coll", "value", "id"))
+    needles = [cdb, ccoll, cval, cid]
+    folder = str(tmp_path / "source")
+    src = _start_source(folder)
+    try:
+        mc = pymongo.MongoClient(src["uri"], serverSelectionTimeoutMS=10000)
+        mc.admin.command("createUser", "kbroot", pwd="root-pw-%s" % tag, roles=["root"])
+        mc.admin.command("createUser", "kblimited", pwd="limited-pw", roles=[
+            {"role": "read", "db": "admin"}, {"role": "read", "db": "local"}, {"role": "read", "db": "kbother"},
+            {"role": "clusterMonitor", "db": "admin"}])
+        mc[cdb][ccoll].insert_many([{"_id": "%s-%d" % (cid, i), "v": cval, "i": i} for i in range(100)])
+        mc["kbother"]["x"].insert_one({"_id": 1})
+        mc.close()
+        lab.stop(src["pid"])
+        src = _start_source(folder, port=src["port"], auth=True)
+        # control: this user's clone fails with a server error text that names the canary database
+        with pymongo.MongoClient(src["uri"], username="kblimited", password="limited-pw", serverSelectionTimeoutMS=10000) as limited:
+            with pytest.raises(pymongo.errors.OperationFailure) as e:
+                limited[cdb].list_collection_names()
+            assert cdb in str(e.value)
+
+        job = "errpath-%s" % tag
+        cfg, _ = _declare(config_dir, data_dir, job, src["uri"], source={"uri": src["uri"], "connect_timeout": 3, "username": "kblimited",
+                                                                          "password": "limited-pw"})
+        d = DaemonProcess(config_dir, data_dir).start()
+        statuses, errors = [], []
+        try:
+            statuses.append(d.wait_status(job, lambda st: st.get("last_error"), timeout=60))
+            # the server's refusal (its text names the database), not a connection problem
+            assert statuses[-1]["state"] in ("INACTIVE", "PROVISIONING"), statuses[-1]
+            assert any(w in statuses[-1]["last_error"] for w in ("OperationFailure", "Unauthorized")), statuses[-1]
+            jobs.write_job(config_dir, dict(cfg, source=dict(cfg["source"], username="kbroot", password="root-pw-%s" % tag)))
+            statuses.append(d.wait_status(job, _started(), timeout=90))
+            lab.stop(src["pid"])  # the source goes away during capture
+            statuses.append(d.wait_status(job, lambda st: st.get("last_error"), timeout=60))
+            rid = jobs.submit_request(data_dir, job, "verify")
+            try:
+                errors.append(repr(jobs.wait_answer(data_dir, job, rid, timeout=3)))
+            except Exception as exc:  # an error answer is the expected outcome; its text is scanned below
+                errors.append(str(exc))
+            r = ansible.run([{"kmipbackup.mongodb.backup_job_info": dict(job=[job], config_dir=config_dir, data_dir=data_dir)}], verbosity=3)
+            assert '"last_error"' in r.output and not r[0].get("failed"), r.output[-3000:]
+            statuses.append(d.status(job))
+        finally:
+            d.stop()
+    finally:
+        lab.stop(src["pid"], timeout=5)
+
+    assert all(st["last_error"] for st in statuses[:1] + statuses[2:3]), statuses
+    text = json.dumps(statuses) + "\n".join(errors) + r.everything(invocation=True)
+    assert [n for n in needles if n in text] == [], text[-3000:]
+    hits = _grep_tree(data_dir, needles) + _grep_tree(config_dir, needles) + _grep_files(d.out_files, needles)
+    assert hits == [], hits
+    assert os.path.getsize(d.log_file) > 0 and all(os.path.exists(p) for p in d.out_files)
+    # control: the same scan finds a canary planted in the log folder, plain and inside a zstd frame
+    planted = os.path.join(os.path.dirname(d.log_file), "planted.zst")
+    files.atomic_write(planted, b"header" + zstandard.ZstdCompressor().compress(("x" * 500 + cdb).encode()))
+    assert _grep_tree(data_dir, needles) == ["%s in %s" % (cdb, planted)]
