@@ -309,8 +309,8 @@ def _pymongo_summary(e):
         parts.append("code %s" % e.code)
     details = getattr(e, "details", None)
     if isinstance(e, pymongo.errors.BulkWriteError) and isinstance(details, dict):
-        parts.append("%d write error(s), %d document(s) inserted" % (len(details.get("writeErrors") or []),
-                                                                    int(details.get("nInserted") or 0)))
+        errors = len(details.get("writeErrors") or [])
+        parts.append("%d write error(s), %d document(s) inserted" % (errors, int(details.get("nInserted") or 0)))
     return ", ".join(parts)
 
 
