@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, files, head, jobs, retention, snapshot, source, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, HistoryLostError, KmipBackupError, KmipError, SourceError)
 
@@ -161,7 +162,7 @@ class JobRunner(threading.Thread):
         backoff = 1.0
         key = self._head_key()
         files.ensure_private_dir(self.head_path)
-        self.head = _import("head").Head(os.path.join(self.head_path, "head.db"), key)
+        self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
         while True:
             self.check_stop()
             try:
@@ -234,7 +235,6 @@ class JobRunner(threading.Thread):
     # ---- sync and capture ------------------------------------------------------------
 
     def _sync(self):
-        source = _import("source")
         client = source.connect(self.cfg["source"])
         try:
             if source.needs_initial_sync(self.head):
@@ -308,15 +308,13 @@ class JobRunner(threading.Thread):
         return counts
 
     def _job_store(self):
-        store = _import("store")
         root = self.cfg.get("store") or os.path.join(self.d.data_dir, "store")
         files.ensure_private_dir(root)
         js = store.JobStore(root, self.job)
         return js, store.Keys(js, provider=self.kmip, encryption=bool(self.cfg.get("encryption")))
 
     def _scheduled_snapshot(self):
-        retention = _import("retention")
-        now = _import("store").utcnow()
+        now = store.utcnow()
         if self._next_check and now < self._next_check:
             return
         self._next_check = now + datetime.timedelta(seconds=30)
@@ -332,14 +330,13 @@ class JobRunner(threading.Thread):
     def take_snapshot(self, on_demand):
         if not (self.head.position() or {}).get("consistent"):
             raise KmipBackupError("job %s has no consistent head yet: wait for status STARTED and try again" % self.job)
-        snapshot, retention = _import("snapshot"), _import("retention")
         schedule = self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS
         kind = "on-demand" if on_demand else "scheduled"
         started = time.monotonic()
         if self.cfg.get("encryption") and self.kmip is None:
             self.kmip = jobs.kmip_client(self.d.config_dir, self.cfg["group"])
         js, keys = self._job_store()
-        now = _import("store").utcnow()
+        now = store.utcnow()
         info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
                                       encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
                                       expires=retention.expires(now, kind, schedule))
@@ -359,15 +356,16 @@ class _Resync(Exception):
     pass
 
 
-def _import(name):
-    import importlib
-    return importlib.import_module("ansible_collections.kmipbackup.mongodb.plugins.module_utils." + name)
-
-
 def _safe(err, cfg):
-    """An error's message for status and logs (KmipBackupError messages carry no secrets)."""
+    """An error's message for status and logs (KmipBackupError messages carry no secrets; a
+    source error keeps its class and code, never the server's text)."""
     if isinstance(err, KmipBackupError):
         return str(err)
+    if source.mongo_errors is not None and isinstance(err, source.mongo_errors.PyMongoError):
+        hint = ""
+        if getattr(err, "code", None) in (13, 18):  # Unauthorized, AuthenticationFailed
+            hint = ": grant the source user the backup role (read on every database, listDatabases, changeStream)"
+        return "source error %s%s" % (source._safe(err), hint)  # pylint: disable=protected-access
     return type(err).__name__
 
 
