@@ -402,6 +402,21 @@ class KmipClient:
                             % (uid, info["state"]), kind="not_active", uid=str(uid))
         return info
 
+    def check_keys(self, uids):
+        """[(uid, KmipError or None)] for each uid, in order: None when this identity can use the key, the error when
+        check_access refused it (permission_denied, not_found or not_active); any other KmipError is raised."""
+        out = []
+        for uid in uids:
+            try:
+                self.check_access(uid)
+            except KmipError as e:
+                if e.kind not in ("permission_denied", "not_found", "not_active"):
+                    raise
+                out.append((uid, e))
+            else:
+                out.append((uid, None))
+        return out
+
     def revoke_key(self, uid, reason="superseded"):
         """Revoke (deactivate) a key; it stays readable for unwrapping where the server allows."""
         uid = str(uid)

@@ -149,7 +149,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, certs, config, kmip
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
 
 
 def check_keys(kcfg, grp, config_dir):
@@ -158,14 +158,10 @@ def check_keys(kcfg, grp, config_dir):
     out = []
     with kmip.KmipClient(kcfg, grp) as client:
         client.ping()  # TLS and identity are accepted, even for a group without keys yet
-        for uid, jobs in sorted(uids.items()):
-            item = {"uid": uid, "jobs": jobs, "ok": True, "kind": None, "reason": None}
-            try:
-                client.check_access(uid)
-            except KmipError as e:
-                if e.kind not in ("permission_denied", "not_found", "not_active"):
-                    raise
-                item.update(ok=False, kind=e.kind, reason=str(e))
+        for uid, err in client.check_keys(sorted(uids)):
+            item = {"uid": uid, "jobs": uids[uid], "ok": True, "kind": None, "reason": None}
+            if err is not None:
+                item.update(ok=False, kind=err.kind, reason=str(err))
             out.append(item)
     return out
 

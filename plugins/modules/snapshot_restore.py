@@ -398,14 +398,7 @@ def make_target(p, sid):
 
 def check_keys(client, uids):
     """Raise one KmipError naming every master key this certificate cannot use."""
-    denied = []
-    for uid in uids:
-        try:
-            client.check_access(uid)
-        except KmipError as e:
-            if e.kind not in ("permission_denied", "not_found", "not_active"):
-                raise
-            denied.append((uid, e.kind))
+    denied = [(uid, e.kind) for uid, e in client.check_keys(uids) if e is not None]
     if denied:
         raise KmipError("The KMIP client certificate (identity %s) cannot use the master key(s) %s that snapshot needs "
                         "(%s): use a certificate provisioned for these keys (the job's group certificate or a reissued "
