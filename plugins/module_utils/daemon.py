@@ -308,7 +308,7 @@ class JobRunner(threading.Thread):
         return counts
 
     def _job_store(self):
-        root = self.cfg.get("store") or os.path.join(self.d.data_dir, "store")
+        root = jobs.store_root(self.cfg, self.d.data_dir)
         files.ensure_private_dir(root)
         js = store.JobStore(root, self.job)
         return js, store.Keys(js, provider=self.kmip, encryption=bool(self.cfg.get("encryption")))

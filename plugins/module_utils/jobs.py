@@ -64,6 +64,11 @@ def head_dir(data_dir, job, generation):
 
 # ---- job files ---------------------------------------------------------------------------
 
+def store_root(cfg, data_dir):
+    """The job's snapshot store folder: cfg's store, else <data_dir>/store."""
+    return cfg.get("store") or os.path.join(data_dir, "store")
+
+
 def load_job(config_dir, job):
     """The job's configuration (dict) or None when it is not declared."""
     if not os.path.exists(job_path(config_dir, job)):
@@ -169,7 +174,7 @@ def plan_job(params, existing, check_mode=False, kmip_factory=None):
     if master_key.get("uid") and master_key.get("create"):
         raise ConfigError("master_key: give either uid (an existing KMIP key) or create: true, not both.")
     state = params.get("state") or "present"
-    store = params.get("store") or os.path.join(params.get("data_dir") or DEFAULT_DATA_DIR, "store")
+    store = store_root(params, params.get("data_dir") or DEFAULT_DATA_DIR)
     if not os.path.isabs(store):
         raise ConfigError("store must be an absolute path, got %r." % store)
 

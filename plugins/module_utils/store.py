@@ -77,6 +77,19 @@ def parse_iso(text):
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
 
 
+# catalog fields shown to users (snapshot_info, backup_snapshot)
+PUBLIC_FIELDS = ("created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count", "namespaces",
+                 "encryption", "master_key_uids", "expires")
+
+
+def public_entry(entry):
+    """The non-secret, user-facing fields of a catalog entry."""
+    out = {"id": entry.get("snapshot_id")}
+    out.update((k, entry.get(k)) for k in PUBLIC_FIELDS)
+    out["kind"] = entry.get("type")
+    return out
+
+
 def canonical(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 

@@ -127,16 +127,11 @@ snapshot:
       type: str
 '''
 
-import os
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
-
-PUBLIC_FIELDS = ("created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count", "namespaces",
-                 "encryption", "master_key_uids", "expires")
-
 
 def load(params):
     cfg = jobs.load_job(params["config_dir"], params["job"])
@@ -151,12 +146,8 @@ def load(params):
 def snapshot_result(cfg, params, answer):
     """The public fields of the catalog entry of the snapshot the daemon answered with."""
     sid = (answer or {}).get("id") or (answer or {}).get("snapshot_id")
-    root = cfg.get("store") or os.path.join(params["data_dir"], "store")
-    entry = store.JobStore(root, params["job"]).catalog_entry(sid)
-    out = {"id": entry.get("snapshot_id")}
-    out.update((k, entry.get(k)) for k in PUBLIC_FIELDS)
-    out["kind"] = entry.get("type")
-    return out
+    root = jobs.store_root(cfg, params["data_dir"])
+    return store.public_entry(store.JobStore(root, params["job"]).catalog_entry(sid))
 
 
 def main():

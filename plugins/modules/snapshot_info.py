@@ -132,18 +132,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, StoreError
 
-PUBLIC_FIELDS = ("created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count", "namespaces",
-                 "encryption", "master_key_uids", "expires")
-
-
-def public(entry):
-    """The non-secret, user-facing fields of a catalog entry."""
-    out = {"id": entry.get("snapshot_id")}
-    out.update((k, entry.get(k)) for k in PUBLIC_FIELDS)
-    out["kind"] = entry.get("type")
-    return out
-
-
 def store_root(params):
     if params["store"]:
         return params["store"]
@@ -151,7 +139,7 @@ def store_root(params):
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store (the snapshot store folder) instead."
                           % (params["job"], config.jobs_dir(params["config_dir"])))
-    return cfg.get("store") or os.path.join(config.DEFAULT_DATA_DIR, "store")
+    return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
 
 
 def info(params):
@@ -163,7 +151,7 @@ def info(params):
         entries = [js.catalog_entry(params["snapshot"])]
     else:
         entries = js.catalog()
-    return {"store": root, "snapshots": [public(e) for e in entries], "master_key_uids_needed": js.master_keys_needed()}
+    return {"store": root, "snapshots": [store.public_entry(e) for e in entries], "master_key_uids_needed": js.master_keys_needed()}
 
 
 def main():

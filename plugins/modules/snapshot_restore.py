@@ -341,19 +341,12 @@ except ImportError:  # the core reports the missing package when a MongoDB targe
         pass
 
 
-def job_config(p):
-    """The job's configuration from config_dir, or None (fresh host)."""
-    if not os.path.exists(config.job_path(p["config_dir"], p["job"])):
-        return None
-    return jobs.load_job(p["config_dir"], p["job"])
-
-
 def store_root(p, cfg):
     if p["store"]:
         return p["store"]
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder." % (p["job"], p["config_dir"]))
-    return cfg.get("store") or os.path.join(config.DEFAULT_DATA_DIR, "store")
+    return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
 
 
 def kmip_settings(p, cfg):
@@ -436,7 +429,7 @@ class Restore:
 
     def run(self):
         p = self.p
-        cfg = job_config(p)
+        cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
         js = store.JobStore(store_root(p, cfg), config.validate_name(p["job"], "job name"))
         entry = js.catalog_entry(p["snapshot"])
         sid = entry["snapshot_id"]
