@@ -38,10 +38,6 @@ VERIFY_EVERY = 600.0     # seconds between sampled head verifications
 VERIFY_SAMPLE = 100      # documents per collection and side
 
 
-def utcnow():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class Stopped(Exception):
     """The runner was asked to stop."""
 
@@ -85,7 +81,7 @@ class JobRunner(threading.Thread):
         if not force and now - self._status_written < STATUS_EVERY:
             return
         self._status_written = now
-        self.status["updated"] = utcnow()
+        self.status["updated"] = store.iso(store.utcnow())
         self.status["pid"] = os.getpid()
         self.status["head_bytes"] = self.head.size() if self.head is not None else _folder_bytes(self.head_path)
         jobs.write_status(self.d.data_dir, self.job, self.status)
@@ -205,7 +201,7 @@ class JobRunner(threading.Thread):
                 record = files.read_json(path)
                 if record is None:
                     key = secrets.token_bytes(32)
-                    record = {"job": self.job, "generation": self.generation, "created": utcnow(),
+                    record = {"job": self.job, "generation": self.generation, "created": store.iso(store.utcnow()),
                               "wrapped": self.kmip.wrap(uid, key)}
                     files.ensure_private_dir(self.head_path)
                     files.write_json(path, record)
@@ -214,7 +210,7 @@ class JobRunner(threading.Thread):
                     key = self.kmip.unwrap(record["wrapped"])
                     if str(record["wrapped"].get("master_key_uid")) != str(uid):
                         # the master key was rotated: rewrap under the current one
-                        record = dict(record, wrapped=self.kmip.wrap(uid, key), rewrapped=utcnow())
+                        record = dict(record, wrapped=self.kmip.wrap(uid, key), rewrapped=store.iso(store.utcnow()))
                         files.write_json(path, record)
                         LOG.info("job %s: head key rewrapped under the current master key", self.job)
                 return key
@@ -301,7 +297,7 @@ class JobRunner(threading.Thread):
         v = self.status["verification"]
         for k in ("checked", "mismatched", "recopied", "removed"):
             v[k] = v.get(k, 0) + int(counts.get(k, 0))
-        v["last"] = utcnow()
+        v["last"] = store.iso(store.utcnow())
         if counts.get("mismatched"):
             LOG.warning("job %s: verification found %d mismatched documents and re-copied them", self.job, counts["mismatched"])
         self.set_status()
@@ -475,7 +471,7 @@ class Daemon:
         runner = self.runners.pop(job, None)
         self.mtimes.pop(job, None)
         status = jobs.read_status(self.data_dir, job) or {"job": job}
-        status.update(state="TERMINATING", updated=utcnow(), pid=os.getpid(), consistent=False)
+        status.update(state="TERMINATING", updated=store.iso(store.utcnow()), pid=os.getpid(), consistent=False)
         jobs.write_status(self.data_dir, job, status)
         if runner is not None:
             runner.stop()

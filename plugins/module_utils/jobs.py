@@ -460,7 +460,8 @@ def submit_request(data_dir, job, action, **args):
     rid = "%d-%s" % (time.time() * 1000, uuid.uuid4().hex[:12])
     body = dict(args)
     body["action"] = action
-    body["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+    body["created"] = store.iso(store.utcnow())
     files.write_json(os.path.join(folder, rid + ".json"), body)
     return rid
 
@@ -489,10 +490,11 @@ def pending_requests(data_dir, job):
 
 
 def answer_request(data_dir, job, rid, result=None, error=None):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
     folder = requests_dir(data_dir, job)
     files.write_json(os.path.join(folder, rid + ".done.json"),
                      {"ok": error is None, "result": result, "error": error,
-                      "answered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                      "answered": store.iso(store.utcnow())})
     try:
         os.unlink(os.path.join(folder, rid + ".json"))
     except FileNotFoundError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
 
 INTERVALS = (6, 8, 12, 24)
@@ -56,7 +57,7 @@ def validate_schedule(schedule):
 
 
 def _created(entry):
-    return datetime.datetime.strptime(entry["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return store.parse_iso(entry["created"])
 
 
 def add_months(dt, months):
