@@ -243,12 +243,15 @@ def load_job(config_dir, job):
     return data
 
 
-def group_master_key_uids(config_dir, group):
-    """{uid: [job, ...]} of the current and previous master keys of the group's jobs."""
+def master_key_uids(config_dir, group=None, exclude_job=None):
+    """{uid: [job, ...]} of the current and previous master keys of the declared jobs (only the group's jobs when
+    group is given; without exclude_job)."""
     uids = {}
     for job in list_jobs(config_dir):
+        if job == exclude_job:
+            continue
         data = load_job(config_dir, job)
-        if data.get("group") != group:
+        if group is not None and data.get("group") != group:
             continue
         for uid in [data.get("master_key_uid")] + list(data.get("previous_master_key_uids") or []):
             if uid:

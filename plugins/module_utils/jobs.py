@@ -313,14 +313,8 @@ def plan_retire(cfg, uids, data_dir):
 def check_not_shared(config_dir, job, uids):
     """KeyInUseError when another declared job uses one of uids as its current or a previous master key
     (master_key.uid can point two jobs at one key): revoking it would break that job."""
-    shared = {}
-    for other in list_jobs(config_dir):
-        if other == job:
-            continue
-        cfg = config.load_job(config_dir, other)
-        for uid in [cfg.get("master_key_uid")] + list(cfg.get("previous_master_key_uids") or []):
-            if uid and str(uid) in uids:
-                shared.setdefault(str(uid), []).append("job %s" % other)
+    shared = {uid: ["job %s" % other for other in others]
+              for uid, others in config.master_key_uids(config_dir, exclude_job=job).items() if uid in uids}
     if shared:
         raise KeyInUseError("Cannot revoke master key(s) another job also uses, nothing changed: %s. Retire them without "
                             "revoke, or retire them from those jobs first." % "; ".join(

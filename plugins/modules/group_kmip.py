@@ -154,7 +154,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import C
 
 def check_keys(kcfg, grp, config_dir):
     """[{uid, jobs, ok, kind, reason}] for every master key of the group's jobs."""
-    uids = config.group_master_key_uids(config_dir, grp.group)
+    uids = config.master_key_uids(config_dir, group=grp.group)
     out = []
     with kmip.KmipClient(kcfg, grp) as client:
         client.ping()  # TLS and identity are accepted, even for a group without keys yet

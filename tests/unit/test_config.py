@@ -90,6 +90,6 @@ def test_jobs_are_read_and_keys_collected(tmp_path):
             yaml.safe_dump({"job": job, "group": group, "master_key_uid": uid, "previous_master_key_uids": prev}, f)
     assert config.list_jobs(d) == ["a", "b", "c", "d"]
     assert config.load_job(d, "c")["group"] == "g2"
-    assert config.group_master_key_uids(d, "g1") == {"1": ["a"], "0": ["a"], "2": ["b"]}
+    assert config.master_key_uids(d, group="g1") == {"1": ["a"], "0": ["a"], "2": ["b"]}
     with pytest.raises(ConfigError, match="backup_job_encryption"):
         config.load_job(d, "zzz")
