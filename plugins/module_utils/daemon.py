@@ -241,11 +241,11 @@ class JobRunner(threading.Thread):
                 self.status["initial_syncs"] = self.status.get("initial_syncs", 0) + 1
                 LOG.info("job %s: initial sync done: %d namespaces, %d documents, %d bytes, %d events, %.1fs",
                          self.job, stats["namespaces"], stats["docs"], stats["bytes"], stats["events"], stats["seconds"])
-            self._capture(source, client)
+            self._capture(client)
         finally:
             client.close()
 
-    def _capture(self, source, client):
+    def _capture(self, client):
         cap = source.Capture(self.head, client)
         next_verify = time.monotonic() + VERIFY_EVERY
         try:
@@ -263,10 +263,10 @@ class JobRunner(threading.Thread):
                 self.set_status(force=False, consistent=consistent, cluster_time=ct, events=cap.stats["events"],
                                 lag_seconds=round(lag, 3) if lag is not None else None,
                                 last_error=None if self.status["state"] == "STARTED" else self.status.get("last_error"))
-                self._serve_requests(source, client)
+                self._serve_requests(client)
                 if consistent and time.monotonic() >= next_verify:
                     next_verify = time.monotonic() + VERIFY_EVERY
-                    self._verify(source, client, full=False)
+                    self._verify(client, full=False)
                 if consistent:
                     self._scheduled_snapshot()
         finally:
@@ -274,14 +274,14 @@ class JobRunner(threading.Thread):
 
     # ---- requests and snapshots ------------------------------------------------------
 
-    def _serve_requests(self, source, client):
+    def _serve_requests(self, client):
         for rid, req in jobs.pending_requests(self.d.data_dir, self.job):
             action = req.get("action")
             try:
                 if action == "snapshot":
                     result = self.take_snapshot(on_demand=True)
                 elif action == "verify":
-                    result = self._verify(source, client, full=True)
+                    result = self._verify(client, full=True)
                 elif action == "resync":
                     jobs.answer_request(self.d.data_dir, self.job, rid, result={"resync": "started"})
                     LOG.info("job %s: resync requested", self.job)
@@ -292,7 +292,7 @@ class JobRunner(threading.Thread):
             except KmipBackupError as e:
                 jobs.answer_request(self.d.data_dir, self.job, rid, error=_safe(e, self.cfg))
 
-    def _verify(self, source, client, full):
+    def _verify(self, client, full):
         counts = source.verify(self.head, client, sample=VERIFY_SAMPLE, full=full)
         v = self.status["verification"]
         for k in ("checked", "mismatched", "recopied", "removed"):
@@ -387,7 +387,6 @@ class Daemon:
         self.runners = {}
         self.mtimes = {}
         self.stop_event = threading.Event()
-        self.lock = threading.Lock()
         for sub in ("", "status", "heads", "requests"):
             files.ensure_private_dir(os.path.join(data_dir, sub))
 
@@ -437,7 +436,6 @@ class Daemon:
             runner = self.runners.get(job)
             if runner is not None and not runner.is_alive() and not runner.stop_event.is_set():
                 runner = None  # crashed: restart below
-                time.sleep(0)
             if runner is None:
                 self._start(cfg)
             elif self.mtimes.get(job, (None,))[0] != mtime:
@@ -522,7 +520,7 @@ def run_worker(config_dir, data_dir, poll_interval=1.0):
     return 0
 
 
-def supervise(argv_worker, data_dir):
+def supervise(argv_worker):
     """Run the worker as a child process; restart it with backoff when it dies."""
     stop = threading.Event()
     child = {"p": None}
@@ -647,7 +645,7 @@ def main(argv=None):
         if a.supervise:
             worker = ["--config-dir", config_dir, "--data-dir", data_dir, "--poll-interval", str(a.poll_interval),
                       "--log-level", a.log_level, "--log-file", log_file]
-            return supervise(worker, data_dir)
+            return supervise(worker)
         return run_worker(config_dir, data_dir, a.poll_interval)
     finally:
         if a.pidfile and read_pid(a.pidfile) == os.getpid():

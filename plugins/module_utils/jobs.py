@@ -20,9 +20,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import source a
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, KmipBackupError, KmipError)
 
-DEFAULT_CONFIG_DIR = config.DEFAULT_CONFIG_DIR
 DEFAULT_DATA_DIR = config.DEFAULT_DATA_DIR
-STATUS_NAMES = ("INACTIVE", "PROVISIONING", "STARTED", "STOPPED", "TERMINATING")
 ACTIONS = ("snapshot", "verify", "resync")
 REDACTED = "********"
 

@@ -32,7 +32,6 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import C
 # modules that only check TLS or certificates should not pay.
 kmip_attributes = enums = objects = kmip_exceptions = AttributeFactory = payloads = None
 KMIPProtocol = RequestLengthMismatch = _Proxy = None
-PYKMIP_IMPORT_ERROR = None
 
 
 try:
@@ -53,7 +52,7 @@ _BACKOFF_MAX = 5.0
 def _require():
     """Import PyKMIP once; KmipError when it is missing."""
     global kmip_attributes, enums, objects, kmip_exceptions, AttributeFactory, payloads, KMIPProtocol, RequestLengthMismatch
-    global _Proxy, PYKMIP_IMPORT_ERROR
+    global _Proxy
     if _Proxy is not None:
         return
     try:
@@ -65,8 +64,7 @@ def _require():
         from kmip.services.kmip_client import KMIPProxy
         from kmip.services.kmip_protocol import KMIPProtocol, RequestLengthMismatch
     except ImportError as e:
-        PYKMIP_IMPORT_ERROR = e
-        raise KmipError("the Python package pykmip is required on this host: install it (pip install pykmip)", kind="protocol")
+        raise KmipError("the Python package pykmip is required on this host: install it (pip install pykmip)", kind="protocol") from e
 
     class Proxy(KMIPProxy):
         """KMIPProxy over a socket we connected and verified; never reads a PyKMIP config file."""

@@ -159,7 +159,7 @@ class _Verifier:
         self.count = 0
         self.hashes = []
 
-    def add(self, chunk_entry, plain):
+    def add(self, chunk_entry):
         self.count += chunk_entry["count"]
         self.hashes.append({"sha256": chunk_entry["sha256"]})
 
@@ -353,7 +353,7 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
                     fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                     with os.fdopen(fd, "wb", buffering=1 << 20) as f:
                         for c, plain in _chunks(job_store, keys, n):
-                            v.add(c, plain)
+                            v.add(c)
                             f.write(plain)
                 except OSError as e:
                     raise _os_error(e, "Writing namespace %s into %s" % (label_i, target.describe())) from None
@@ -397,7 +397,7 @@ def _restore_archive(job_store, keys, entry, selected, target, drop, verify, inf
             for i, n, db, coll in selected:
                 v, crc = _Verifier(n), mongodump.Crc64()
                 for c, plain in _chunks(job_store, keys, n):
-                    v.add(c, plain)
+                    v.add(c)
                     crc.update(plain)
                     w.segment(db, coll, plain)
                 if verify:
@@ -433,7 +433,7 @@ def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, inf
     # authenticate every needed chunk before the target is touched
     for _i, n, _db, _coll in selected:
         for c in n["chunks"]:
-            job_store.read_chunk_sealed(c["id"], keys)
+            job_store._open_chunk(c["id"], keys, c.get("key"))  # pylint: disable=protected-access
     marker = client[MARKER_DB][MARKER_COLL]
     selection = selection_digest(selected)
     marker_id = "%s/%s/%s" % (job_store.job, entry["snapshot_id"], selection)
@@ -470,7 +470,7 @@ def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, dro
     c_obj = client[db][coll]
     v, batch, batch_bytes = _Verifier(n), [], 0
     for c, plain in _chunks(job_store, keys, n):
-        v.add(c, plain)
+        v.add(c)
         batch.extend(bson.decode_all(plain, codec))
         batch_bytes += len(plain)
         if batch_bytes >= INSERT_BATCH_BYTES:

@@ -302,10 +302,6 @@ class JobStore:
             raise crypto.integrity_error("chunk", cid, "names another key than its manifest")
         return crypto.open_sealed(self._key(keys, key_id, "chunk", cid), sealed, self._chunk_aad(cid, key_id), "chunk", cid)
 
-    def read_chunk_sealed(self, cid, keys):
-        """The compressed plaintext of a chunk, authenticated (IntegrityError naming the chunk)."""
-        return self._open_chunk(cid, keys)
-
     def read_chunk(self, entry, keys):
         """The plaintext of a manifest's chunk entry, checked against the entry's key, size and hash
         (one read of the chunk; safe to call from several threads once the keys it needs are unwrapped)."""
