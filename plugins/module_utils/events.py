@@ -21,7 +21,7 @@ import struct
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import (
-    _skip, id_key_from_document, EMPTY_BSON)
+    _FIXED, _skip, id_key_from_document, EMPTY_BSON)
 
 try:
     from bson import decode as bson_decode
@@ -39,8 +39,7 @@ DEFAULT_ID_INDEX = (b".\x00\x00\x00\x10v\x00\x02\x00\x00\x00\x03key\x00\x0e\x00\
 
 # value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (head._skip)
 _FIXED_SIZE = [-3] * 256
-for _t, _n in {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x06: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0,
-               0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
+for _t, _n in {**_FIXED, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
     _FIXED_SIZE[_t] = _n
 PENDING_MAX_BYTES = 64 << 20  # buffered document writes beyond this are written at once
 
@@ -340,7 +339,7 @@ class Applier:
             pairs.sort()  # in key order: B-tree pages are written once each, not revisited at random
             self._w.upsert_many(ns, pairs)
 
-    def _put(self, w, pending, ns, ik, doc):
+    def _put(self, pending, ns, ik, doc):
         pending[(ns, ik)] = doc
         self._pending_bytes += len(doc)
         if self._pending_bytes > PENDING_MAX_BYTES:
@@ -360,7 +359,7 @@ class Applier:
             full = _raw(ev["fullDocument"])
             if not w.has_namespace(ns):
                 self._implicit_create(w, ns, _uuid(ev))
-            self._put(w, pending, ns, id_key_from_document(full), full)
+            self._put(pending, ns, id_key_from_document(full), full)
             return self._count(APPLIED)
         if op == "delete":
             ns = self._ns(ev["ns"])[1]
@@ -393,7 +392,7 @@ class Applier:
             pending.pop((ns, ik), None)  # the caller re-reads it from the source
             self.recopy.append((ns, dkey))
             return RECOPY
-        self._put(w, pending, ns, ik, new)
+        self._put(pending, ns, ik, new)
         return APPLIED
 
     def _refresh_into(self, w, ns, uuid=None):

@@ -249,13 +249,16 @@ def _position(conn):
             "consistent": bool(row[3]), "sync": json.loads(row[4]) if row[4] else None}
 
 
+_NAMESPACE_COLUMNS = "SELECT ns, uuid, options, indexes, incarnation FROM namespaces"
+
+
+def _namespace_entry(row):
+    ns, uuid, options, indexes, incarnation = row
+    return {"ns": ns, "uuid": uuid, "options": options, "indexes": split_bson_docs(indexes), "incarnation": incarnation}
+
+
 def _namespaces(conn):
-    out = []
-    for ns, uuid, options, indexes, incarnation in conn.execute(
-            "SELECT ns, uuid, options, indexes, incarnation FROM namespaces ORDER BY ns"):
-        out.append({"ns": ns, "uuid": uuid, "options": options, "indexes": split_bson_docs(indexes),
-                    "incarnation": incarnation})
-    return out
+    return [_namespace_entry(row) for row in conn.execute(_NAMESPACE_COLUMNS + " ORDER BY ns")]
 
 
 class Reader:
@@ -278,23 +281,15 @@ class Reader:
 
     def namespace(self, ns):
         """One entry of namespaces(), or None."""
-        for ns_, uuid, options, indexes, incarnation in self._c.execute(
-                "SELECT ns, uuid, options, indexes, incarnation FROM namespaces WHERE ns=?", (ns,)):
-            return {"ns": ns_, "uuid": uuid, "options": options, "indexes": split_bson_docs(indexes), "incarnation": incarnation}
-        return None
+        row = self._c.execute(_NAMESPACE_COLUMNS + " WHERE ns=?", (ns,)).fetchone()
+        return _namespace_entry(row) if row else None
 
     def scan(self, ns, start=None, end=None):
         """(id_key, raw) pairs of ns in id_key order, start inclusive, end exclusive."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return
-        sql, args = "SELECT id_key, doc FROM docs WHERE ns_id=?", [ns_id]
-        if start is not None:
-            sql += " AND id_key >= ?"
-            args.append(bytes(start))
-        if end is not None:
-            sql += " AND id_key < ?"
-            args.append(bytes(end))
+        sql, args = self._range("SELECT id_key, doc FROM docs WHERE ns_id=?", ns_id, start, end)
         cur = self._c.execute(sql + " ORDER BY id_key", args)
         while True:
             rows = cur.fetchmany(1000)
@@ -311,6 +306,15 @@ class Reader:
             sql += " AND id_key < ?"
             args.append(bytes(end))
         return sql, args
+
+    def first_key(self, ns, start=None):
+        """The smallest id_key of ns at or after start, or None."""
+        ns_id = self._ns_id(ns)
+        if ns_id is None:
+            return None
+        sql, args = self._range("SELECT id_key FROM docs WHERE ns_id=?", ns_id, start, None)
+        row = self._c.execute(sql + " ORDER BY id_key LIMIT 1", args).fetchone()
+        return row[0] if row else None
 
     def boundaries(self, ns, start=None, end=None):
         """Sorted id_keys in [start, end) of the documents flagged as chunk ends (for BOUNDARY_TARGET)."""

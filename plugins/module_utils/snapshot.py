@@ -26,6 +26,7 @@ import threading
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import EMPTY_BSON
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
 
 try:
@@ -189,14 +190,14 @@ def _namespace_chunks(reader, ns, prev, writer, flagged):
     """The chunk list of ns: a full cut, or the previous list with changed ranges re-cut; chunks sealed
     under another key epoch count as changed, so a snapshot never needs an older epoch's key."""
     if prev is None or not prev["chunks"]:
-        return _cut(reader, ns, None, None, writer, flagged), False
+        return _cut(reader, ns, None, None, writer, flagged)
     chunks = prev["chunks"]
     lasts = [bytes(c["last"]) for c in chunks]
     n = len(chunks)
     affected = {min(bisect.bisect_left(lasts, k), n - 1) for k in reader.changed(ns)}
     affected.update(i for i, c in enumerate(chunks) if c.get("key") != writer.key_id)
     if not affected:
-        return list(chunks), True
+        return list(chunks)
     out, i = [], 0
     for a, b in _runs(affected):
         out.extend(chunks[i:a])
@@ -205,7 +206,7 @@ def _namespace_chunks(reader, ns, prev, writer, flagged):
         out.extend(_cut(reader, ns, start, end, writer, flagged))
         i = b + 1
     out.extend(chunks[i:])
-    return out, True
+    return out
 
 
 def namespace_hash(chunks):
@@ -242,9 +243,8 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
             prev_manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
         except (StoreError, KmipBackupError):
             prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
-    boundary_fn = getattr(head, "boundary_fn", None)
-    flagged = boundary_fn is not None and target_bytes == getattr(head, "boundary_target", None)
-    is_boundary = boundary_fn(target_bytes) if boundary_fn is not None else crypto.boundary_threshold_fn(id_key, target_bytes)
+    flagged = target_bytes == head.boundary_target
+    is_boundary = head.boundary_fn(target_bytes)
     writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes)
     try:
         with head.read() as r:
@@ -262,13 +262,13 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
                 p = prev.get(ns)
                 if p is not None and p.get("incarnation") != info["incarnation"]:
                     p = None
-                chunks, _incremental = _namespace_chunks(r, ns, p, writer, flagged)
+                chunks = _namespace_chunks(r, ns, p, writer, flagged)
                 if p is not None:
                     prev_ids = {id(c) for c in p["chunks"]}
                     reused += sum(1 for c in chunks if id(c) in prev_ids)
                 namespaces.append({
                     "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
-                    "options": Binary(bytes(info["options"] or b"\x05\x00\x00\x00\x00")),
+                    "options": Binary(bytes(info["options"] or EMPTY_BSON)),
                     "indexes": [Binary(bytes(s)) for s in info["indexes"]], "incarnation": info["incarnation"],
                     "type": info.get("type") or "collection", "chunks": chunks})
             cluster_time = list(pos["cluster_time"])

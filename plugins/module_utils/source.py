@@ -6,7 +6,7 @@
 connect() opens a source (replica set or sharded cluster through mongos; a standalone is
 refused), initial_sync() fills a head (cluster-wide change stream opened first, clone as
 raw BSON, catch-up until consistent), Capture applies the change stream continuously and
-verify() compares per-document hashes of the head and the source and heals what differs.
+verify() compares the head's and the source's documents byte for byte and heals what differs.
 
 Every head transaction stores the resume token and cluster time of the changes it holds,
 so a restart (even after kill -9) resumes by token without a gap or a duplicate. A head
@@ -18,7 +18,6 @@ except system.* collections, but system.js (stored functions, which mongodump ke
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import queue
 import struct
@@ -58,7 +57,7 @@ def _require():
 def _redact(text, source):
     """text without the source's passwords (pymongo messages may carry the URI)."""
     text = str(text)
-    secrets = [source.get("password"), source.get("tls_certificate_key_file_password")]
+    secrets = [source.get("password")]
     netloc = (source.get("uri") or "").split("://", 1)[-1].split("/", 1)[0]
     if "@" in netloc and ":" in netloc.rsplit("@", 1)[0]:
         secrets.append(netloc.rsplit("@", 1)[0].split(":", 1)[1])
@@ -79,8 +78,6 @@ def client_options(source):
             kw["tlsCAFile"] = source["tls_ca_file"]
         if source.get("tls_certificate_key_file"):
             kw["tlsCertificateKeyFile"] = source["tls_certificate_key_file"]
-        if source.get("tls_certificate_key_file_password"):
-            kw["tlsCertificateKeyFilePassword"] = source["tls_certificate_key_file_password"]
     if source.get("username"):
         kw["username"] = source["username"]
     if source.get("password") is not None and source.get("username"):
@@ -150,11 +147,6 @@ def _safe(e):
     code = getattr(e, "code", None)
     name = (getattr(e, "details", None) or {}).get("codeName") if isinstance(getattr(e, "details", None), dict) else None
     return "%s%s" % (type(e).__name__, " code %s%s" % (code, " %s" % name if name else "") if code is not None else "")
-
-
-def kind(client):
-    """"sharded" (mongos) or "replica_set"."""
-    return "sharded" if client.admin.command("hello").get("msg") == "isdbgrid" else "replica_set"
 
 
 def _cluster_time(client):
@@ -264,12 +256,11 @@ def needs_initial_sync(head):
     return pos["resume_token"] is None or pos["sync"] is not None
 
 
-def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=None):
+def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
     """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
 
     Returns {"docs", "bytes", "namespaces", "seconds", "clone_seconds", "events"}."""
     t0 = time.monotonic()
-    status = on_status or (lambda **kw: None)
     with head.write() as w:
         w.clear()
         w.set_sync_state({"phase": "clone"})
@@ -282,7 +273,6 @@ def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=
     with head.write() as w:
         w.set_position(start_raw, None, False)
         w.set_sync_state({"phase": "clone"})
-    status(phase="clone")
     namespaces = list_namespaces(client)
     with head.write() as w:
         for ns, info in namespaces:
@@ -295,8 +285,7 @@ def initial_sync(head, client, on_status=None, catch_up_timeout=300, stop_event=
     end_time = _cluster_time(client)
     with head.write() as w:
         w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
-    status(phase="catch_up", docs=docs)
-    cap = Capture(head, client, on_status=on_status, max_await_ms=CATCH_UP_AWAIT_MS)
+    cap = Capture(head, client, max_await_ms=CATCH_UP_AWAIT_MS)
     cap.catch_up_until = end_time
     deadline = time.monotonic() + catch_up_timeout
     while not head.position()["consistent"]:
@@ -375,11 +364,10 @@ class Capture:
     too large for one transaction (not consistent until the run ends).
     """
 
-    def __init__(self, head, client, on_status=None, max_batch_events=20000, max_batch_seconds=1.0, max_await_ms=500):
+    def __init__(self, head, client, max_batch_events=20000, max_batch_seconds=1.0, max_await_ms=500):
         self.head = head
         self.max_await_ms = max_await_ms
         self.client = client
-        self.on_status = on_status
         self.max_batch_events = max_batch_events
         self.max_batch_seconds = max_batch_seconds
         self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
@@ -413,10 +401,6 @@ class Capture:
         """Record in the head that it needs a new initial sync (kept across restarts: needs_initial_sync says so)."""
         with self.head.write() as w:
             w.set_sync_state({"phase": "history_lost"})
-
-    def run(self, stop_event, slice_seconds=1.0):
-        while not stop_event.is_set():
-            self.run_once(max_time=slice_seconds)
 
     def run_once(self, max_time=1.0):
         """Apply events for up to max_time seconds; returns the number of events applied."""
@@ -509,8 +493,6 @@ class Capture:
         if count:
             self.stats["events"] += count
             self.stats["transactions"] += 1
-        if self.on_status is not None:
-            self.on_status(phase="capture", events=self.stats["events"], lag_seconds=self.lag_seconds)
         return count, more
 
     def _catch_up(self, ct):
@@ -531,11 +513,9 @@ def _raw_token(token):
 
 def _id_filter(doc_raw):
     """A raw {_id: <value>} filter from a raw document whose _id is anywhere."""
-    for name, t, v in parse_elements(doc_raw):
-        if name == b"_id":
-            body = b"%c_id\x00%s" % (t, v)
-            return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
-    raise SourceError("A document key without _id cannot be re-read from the source.")
+    t, v = _id_value_raw(doc_raw, "A document key without _id cannot be re-read from the source.")
+    body = b"%c_id\x00%s" % (t, v)
+    return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
 
 
 def recopy_document(w, client, ns, doc_key_raw):
@@ -550,7 +530,7 @@ def recopy_document(w, client, ns, doc_key_raw):
 
 
 def verify(head, client, sample=100, full=False):
-    """Compare sha256 of head and source documents; re-copy what differs, delete what the source lacks.
+    """Compare head and source documents byte for byte; re-copy what differs, delete what the source lacks.
 
     full=True: every document of every collection (both sides), and the namespaces themselves
     (options and index specs re-read, namespaces missing on either side created or dropped).
@@ -616,12 +596,12 @@ def _chunks(it, n):
 
 def _head_probes(r, ns, n):
     keys = []
-    first = next((k for k, _doc in r.scan(ns)), None)
+    first = r.first_key(ns)
     if first is None:
         return keys
     for _i in range(int(n)):
         probe = first[:1] + os.urandom(12)
-        row = next((k for k, _doc in r.scan(ns, start=probe)), None) or next((k for k, _doc in r.scan(ns, start=first)), None)
+        row = r.first_key(ns, start=probe) or first
         if row is not None and row not in keys:
             keys.append(row)
     return keys
@@ -644,7 +624,7 @@ def _verify_keys(head, client, ns, key_chunks, counts):
         for k, d in docs:
             counts["checked"] += 1
             s = src.get(k)
-            if s is None or hashlib.sha256(s).digest() != hashlib.sha256(d).digest():
+            if s is None or s != d:
                 counts["mismatched"] += 1
                 fixes.append((k, s))
         if fixes:
@@ -664,7 +644,7 @@ def _verify_source_batch(head, ns, pairs, counts):
         fixes = []
         for k, s in pairs:
             d = r.get(ns, k)
-            if d is None or hashlib.sha256(s).digest() != hashlib.sha256(d).digest():
+            if d is None or s != d:
                 fixes.append((k, s))
     counts["checked"] += len(pairs)
     if fixes:
@@ -675,11 +655,12 @@ def _verify_source_batch(head, ns, pairs, counts):
                 w.upsert(ns, k, s)
 
 
-def _id_value_raw(doc):
+def _id_value_raw(doc, missing="A head document has no _id."):
+    """(type, value bytes) of a raw document's _id; SourceError(missing) without one."""
     for name, t, v in parse_elements(doc):
         if name == b"_id":
             return t, v
-    raise SourceError("A head document has no _id.")
+    raise SourceError(missing)
 
 
 def _in_filter(ids):

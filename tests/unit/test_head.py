@@ -111,6 +111,9 @@ def test_write_read_scan_and_namespaces(enc_head):
         assert [bson.decode(s)["name"] for s in ns["db.a"]["indexes"]] == ["_id_", "x_1"]
         assert r.position()["cluster_time"] == [10, 2] and r.position()["consistent"]
         assert r.get("db.a", key(3)) == doc(3) and r.get("db.a", key(4)) is None and r.count("db.a") == 3
+        assert r.namespace("db.a") == ns["db.a"] and r.namespace("db.none") is None
+        assert r.first_key("db.a") == key(1) and r.first_key("db.a", start=key(2)) == key(3)
+        assert r.first_key("db.a", start=key(6)) is None and r.first_key("db.none") is None
     assert enc_head.position()["resume_token"] == b"token"
 
 
