@@ -340,7 +340,7 @@ class JobRunner(threading.Thread):
         expired = retention.apply_retention(js, schedule, now)
         gc = js.gc(keys)
         last = {"id": info["snapshot_id"], "created": info["created"], "cluster_time": info["cluster_time"], "type": kind}
-        self.set_status(last_snapshot=last, snapshots=len(js.catalog()))
+        self.set_status(last_snapshot=last, snapshots=gc["catalog_entries"])
         LOG.info("job %s: %s snapshot in %.1fs: %d chunks written, %d reused; %d expired; %d chunks collected",
                  self.job, kind, time.monotonic() - started, info.get("written_chunks", 0), info.get("reused_chunks", 0),
                  len(expired), gc.get("chunks_deleted", 0))

@@ -22,6 +22,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
 
 DEFAULT_DATA_DIR = config.DEFAULT_DATA_DIR
 ACTIONS = ("snapshot", "verify", "resync")
+_UNREAD = object()
 REDACTED = "********"
 
 SOURCE_DEFAULTS = {
@@ -392,9 +393,10 @@ def remove_status(data_dir, job):
         pass
 
 
-def status_name(data_dir, job, cfg=None):
-    """Ops Manager's statusName for the job as seen by a module."""
-    st = read_status(data_dir, job)
+def status_name(data_dir, job, cfg=None, status=_UNREAD):
+    """Ops Manager's statusName for the job as seen by a module; status: the job's status (read_status) when the caller
+    has read it already."""
+    st = read_status(data_dir, job) if status is _UNREAD else status
     if st and (cfg is None or st.get("generation") == cfg.get("generation") or st.get("state") == "TERMINATING"):
         return st.get("state", "INACTIVE")
     if cfg and cfg.get("state") == "stopped":

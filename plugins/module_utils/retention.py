@@ -119,9 +119,11 @@ def select_retained(entries, schedule, now):
 
 def apply_retention(job_store, schedule, now):
     """Delete the catalog entries retention expires (never the newest); returns their ids."""
-    _keep, expire = select_retained(job_store.catalog(), schedule, now)
+    entries = job_store.catalog()
+    _keep, expire = select_retained(entries, schedule, now)
     gone = []
     for e in expire:
-        job_store.delete_snapshot(e["snapshot_id"])
+        job_store.delete_snapshot(e["snapshot_id"], entries=entries)
+        entries = [x for x in entries if x["snapshot_id"] != e["snapshot_id"]]
         gone.append(e["snapshot_id"])
     return gone

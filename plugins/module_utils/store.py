@@ -409,9 +409,10 @@ class JobStore:
             raise crypto.integrity_error("catalog entry", sid)
         return entry
 
-    def delete_snapshot(self, snapshot_id):
-        """Remove a snapshot from the catalog (its manifest and chunks go at the next GC); never the last one."""
-        ids = [e["snapshot_id"] for e in self.catalog()]
+    def delete_snapshot(self, snapshot_id, entries=None):
+        """Remove a snapshot from the catalog (its manifest and chunks go at the next GC); never the last one.
+        entries: the current catalog when the caller has just read it (else it is read here)."""
+        ids = [e["snapshot_id"] for e in (self.catalog() if entries is None else entries)]
         if snapshot_id in ids and len(ids) <= 1:
             raise StoreError("Snapshot %s is the last restorable snapshot of job %s: it is kept." % (snapshot_id, self.job))
         self.storage.delete(self._p("catalog", snapshot_id + ".json"))
@@ -439,7 +440,8 @@ class JobStore:
 
     # garbage collection ------------------------------------------------------------------------------
     def gc(self, keys, now=None, grace_seconds=3600, stale_seconds=86400):
-        """Delete chunks and manifests no catalog entry or live snapshot needs; returns counts and bytes."""
+        """Delete chunks and manifests no catalog entry or live snapshot needs; returns counts and bytes, and the number of
+        catalog entries it saw (catalog_entries)."""
         now = now or utcnow()
         markers = self.pending(now, stale_seconds)
         cutoff = now.timestamp() - grace_seconds
@@ -480,12 +482,13 @@ class JobStore:
                 manifests += 1
         if hasattr(self.storage, "clean_temporary"):
             self.storage.clean_temporary(self.job, cutoff)
-        return {"chunks_deleted": deleted, "bytes_freed": freed, "manifests_deleted": manifests, "chunks_referenced": len(referenced)}
+        return {"chunks_deleted": deleted, "bytes_freed": freed, "manifests_deleted": manifests, "chunks_referenced": len(referenced),
+                "catalog_entries": len(roots)}
 
-    def master_keys_needed(self):
-        """Master key UIDs the catalog's snapshots need (from the non-secret catalog entries)."""
+    def master_keys_needed(self, entries=None):
+        """Master key UIDs the catalog's snapshots need (from the non-secret catalog entries, read here unless given)."""
         out = set()
-        for e in self.catalog():
+        for e in (self.catalog() if entries is None else entries):
             out.update(e.get("master_key_uids") or [])
         return sorted(out)
 

@@ -421,7 +421,7 @@ def run(module):
         jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
     result["master_key_uids_needed"] = jobs.master_keys_needed(new)
     st = jobs.read_status(p["data_dir"], job)
-    result["status"] = jobs.status_name(p["data_dir"], job, new)
+    result["status"] = jobs.status_name(p["data_dir"], job, new, status=st)
     result["job_status"] = st or {}
     return result
 

@@ -102,7 +102,7 @@ def main():
                                      % (name, p["config_dir"]))
                 continue
             out.append({"job": name, "config": jobs.redact(cfg), "status": st or {},
-                        "status_name": jobs.status_name(p["data_dir"], name, cfg) if cfg else (st or {}).get("state", "TERMINATING")})
+                        "status_name": jobs.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")})
     except KmipBackupError as e:
         module.fail_json(msg=str(e))
     module.exit_json(changed=False, jobs=out)

@@ -149,9 +149,11 @@ def info(params):
     js = store.JobStore(root, config.validate_name(params["job"], "job name"))
     if params["snapshot"]:
         entries = [js.catalog_entry(params["snapshot"])]
+        catalog = js.catalog()
     else:
-        entries = js.catalog()
-    return {"store": root, "snapshots": [store.public_entry(e) for e in entries], "master_key_uids_needed": js.master_keys_needed()}
+        entries = catalog = js.catalog()
+    return {"store": root, "snapshots": [store.public_entry(e) for e in entries],
+            "master_key_uids_needed": js.master_keys_needed(catalog)}
 
 
 def main():
