@@ -316,6 +316,8 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config
+
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
@@ -360,8 +362,8 @@ def argument_spec():
         state=dict(type="str", choices=["present", "absent", "stopped"], default="present"),
         wait=dict(type="bool", default=False),
         wait_timeout=dict(type="int", default=600),
-        config_dir=dict(type="path", default="/etc/kmipbackup"),
-        data_dir=dict(type="path", default="/var/lib/kmipbackup"),
+        **ansible_module.config_dir_spec(),
+        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
     )
 
 

@@ -71,6 +71,8 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config
+
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
@@ -83,8 +85,8 @@ except ImportError as e:
 def main():
     module = AnsibleModule(argument_spec=dict(
         job=dict(type="list", elements="str"),
-        config_dir=dict(type="path", default="/etc/kmipbackup"),
-        data_dir=dict(type="path", default="/var/lib/kmipbackup"),
+        **ansible_module.config_dir_spec(),
+        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
     ), supports_check_mode=True)
     if IMPORT_ERROR is not None:
         module.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."

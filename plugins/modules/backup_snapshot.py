@@ -127,11 +127,11 @@ snapshot:
       type: str
 '''
 
-
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
+
 
 def load(params):
     cfg = jobs.load_job(params["config_dir"], params["job"])

@@ -132,6 +132,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, StoreError
 
+
 def store_root(params):
     if params["store"]:
         return params["store"]
