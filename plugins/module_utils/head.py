@@ -515,6 +515,8 @@ class Writer(Reader):
 
 C_MINKEY, C_UNDEFINED, C_NULL, C_NUMBER, C_STRING, C_OBJECT, C_ARRAY, C_BINARY = 0x01, 0x02, 0x05, 0x10, 0x15, 0x20, 0x25, 0x30
 C_OID, C_BOOL, C_DATE, C_TIMESTAMP, C_REGEX, C_DBPOINTER, C_CODE, C_CODEWS, C_MAXKEY = 0x35, 0x40, 0x45, 0x47, 0x50, 0x55, 0x60, 0x65, 0x7F
+# BSON types with no value bytes (null, undefined, MinKey, MaxKey) -> their class
+_VALUELESS = {0x0A: C_NULL, 0x06: C_UNDEFINED, 0xFF: C_MINKEY, 0x7F: C_MAXKEY}
 
 _N_NAN, _N_NEGINF, _N_NEG, _N_ZERO, _N_POS, _N_POSINF = 1, 2, 3, 4, 5, 6
 _T_INT32, _T_INT64, _T_DOUBLE, _T_DECIMAL = 1, 2, 3, 4
@@ -636,17 +638,8 @@ def _encode(buf, t, pos, out):
     if t == 0x13:
         out += bytes((C_NUMBER,)) + _num_decimal(_decimal128(bytes(buf[pos:pos + 16]))) + bytes((_T_DECIMAL,)) + buf[pos:pos + 16]
         return pos + 16
-    if t == 0x0A:
-        out.append(C_NULL)
-        return pos
-    if t == 0x06:
-        out.append(C_UNDEFINED)
-        return pos
-    if t == 0xFF:
-        out.append(C_MINKEY)
-        return pos
-    if t == 0x7F:
-        out.append(C_MAXKEY)
+    if t in _VALUELESS:  # null, undefined, MinKey, MaxKey: the class alone is the key
+        out.append(_VALUELESS[t])
         return pos
     if t == 0x0B:
         e1 = _cstring_end(buf, pos)
