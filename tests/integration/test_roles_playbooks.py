@@ -39,9 +39,9 @@ def env():
     return e
 
 
-def run(argv, timeout=900):
-    p = subprocess.run(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=timeout)
+def run(argv, timeout=900, extra_env=None):
+    p = subprocess.run(argv, cwd=ROOT, env=dict(env(), **(extra_env or {})), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
     return p.returncode, p.stdout
 
 
@@ -91,8 +91,11 @@ def test_playbook_syntax(playbook):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_molecule_scenario(scenario):
-    rc, out = run([tool("molecule"), "test", "-s", scenario], timeout=1500)
+def test_molecule_scenario(scenario, tmp_path):
+    # molecule keeps its state ("prepared", ...) under ~/.ansible/tmp, keyed by the checkout
+    # folder's name only: a fresh folder per run keeps a stale state from skipping prepare
+    rc, out = run([tool("molecule"), "test", "-s", scenario], timeout=1500,
+                  extra_env={"MOLECULE_EPHEMERAL_DIRECTORY": str(tmp_path / "molecule")})
     assert rc == 0, out[-6000:]
     for step in ("converge", "idempotence", "verify"):
         assert re.search(r"%s\W+%s: Executed: Successful" % (scenario, step), out), out[-6000:]
