@@ -249,6 +249,47 @@ def test_gc_and_retention_keep_last(env):
     assert len(restored_docs(tmp, js, provider)["d.c"]) == 3000 - len(range(0, 3000, 7))
 
 
+@pytest.mark.parametrize("marker", [True, False], ids=["pending-marker", "control-without-marker"])
+def test_gc_running_during_a_snapshot(env, monkeypatch, marker):
+    """GC runs (grace 0, the previous snapshot expired meanwhile) after a snapshot wrote its chunks and before its
+    manifest and catalog entry exist. Its pending marker must keep both what it wrote and what it reuses from its
+    base; the control drops the marker first and must lose chunks, which proves the GC really ran in the window."""
+    tmp, provider, js = env
+    docs = source_docs(3000)
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": docs}, key=os.urandom(32))
+    e0 = snap(h, js, provider, target_bytes=32 << 10)
+    with h.write() as w:
+        upsert_docs(w, "d.c", [dict(d, v=-1) for d in docs[:100]])
+    e1 = snap(h, js, provider, target_bytes=32 << 10)
+    with h.write() as w:
+        upsert_docs(w, "d.c", [dict(d, v=-2) for d in docs[1500:1600]])
+    keys = store.Keys(js, provider)
+    runs = []
+    put_manifest = js.put_manifest
+
+    def racing_put_manifest(snapshot_id, *args, **kwargs):
+        js.delete_snapshot(e1["snapshot_id"])  # retention, from another process
+        if not marker:
+            js.end(snapshot_id)
+        runs.append(js.gc(keys, now=store.utcnow() + datetime.timedelta(hours=2), grace_seconds=0))
+        return put_manifest(snapshot_id, *args, **kwargs)
+
+    monkeypatch.setattr(js, "put_manifest", racing_put_manifest)
+    e2 = snap(h, js, provider, target_bytes=32 << 10)
+    monkeypatch.undo()
+    assert e2["reused_chunks"] > 0 and e2["written_chunks"] > 0, e2
+    assert len(runs) == 1 and runs[0]["catalog_entries"] == 1, runs
+    expected = sorted(bson.encode(dict(d, v=-1 if i < 100 else -2 if 1500 <= i < 1600 else d["v"])) for i, d in enumerate(docs))
+    if marker:
+        assert runs[0]["chunks_deleted"] == 0, runs
+        assert sorted(restored_docs(tmp, js, provider, e2["snapshot_id"], "r2")["d.c"]) == expected
+        assert len(restored_docs(tmp, js, provider, e0["snapshot_id"], "r0")["d.c"]) == 3000
+    else:
+        assert runs[0]["chunks_deleted"] > 0, runs
+        with pytest.raises(StoreError, match="is missing"):
+            restored_docs(tmp, js, provider, e2["snapshot_id"], "r2")
+
+
 def store_key(i):
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
     return head.id_key_from_document(bson.encode({"_id": i}))
