@@ -36,6 +36,8 @@ class DaemonProcess:
         self.poll_interval, self.supervise, self.extra_args = poll_interval, supervise, list(extra_args)
         self.proc = None
         self.out_files = []  # the daemon's stdout/stderr, one file per start
+        # the daemon's TMPDIR, its own so canary scans cover any temporary file it (or SQLite) makes
+        self.tmp_dir = os.path.join(os.path.dirname(data_dir.rstrip("/")) or ".", "daemon-tmp")
 
     @property
     def log_file(self):
@@ -45,6 +47,8 @@ class DaemonProcess:
         env = dict(os.environ)
         path = os.path.join(ROOT, ".build", "collections")
         env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        env["TMPDIR"] = self.tmp_dir
         return env
 
     def start(self):

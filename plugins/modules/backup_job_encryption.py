@@ -275,7 +275,9 @@ master_key_uids_needed:
   description:
     - Master key UIDs the retained snapshots of the job's store need (from its catalog); keep these keys usable in
       the KMIP server. The same list as M(kmipbackup.mongodb.snapshot_info) returns.
-  returned: when O(state) is not V(absent)
+    - With O(state=absent) the store keeps the job's snapshots, so the list (and a warning) says which keys they
+      still need after the job is removed.
+  returned: always
   type: list
   elements: str
   sample: ["41", "42"]
@@ -381,6 +383,11 @@ def run(module):
         if p["rotate_master_key"] or retire:
             module.fail_json(msg="rotate_master_key and retire_master_keys need state present or stopped.", **result)
         result["changed"] = existing is not None
+        result["master_key_uids_needed"] = needed = jobs.master_keys_needed(existing) if existing else []
+        if needed:
+            module.warn("The store %s keeps the snapshots of job %s; they need master key(s) %s: keep those keys and a "
+                        "certificate that can use them to restore them (kmipbackup.mongodb.snapshot_restore with store=%s)."
+                        % (existing["store"], job, ", ".join(needed), existing["store"]))
         if module._diff:
             result["diff"] = {"before": jobs.redact(existing) or {}, "after": {}}
         if existing is not None and not module.check_mode:

@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r'''
 ---
 module: backup_snapshot
-short_description: Take an on-demand snapshot of a backup job
+short_description: Take an on-demand snapshot of a backup job (or verify or resync its head)
 version_added: 0.1.0
 description:
   - Asks the Backup Daemon for an on-demand snapshot of O(job) (Ops Manager's C(onDemandSnapshot)) through a request
@@ -15,6 +15,8 @@ description:
   - The snapshot is cut from the job's head at one applied cluster time; the job must be STARTED (head consistent).
     On-demand snapshots follow the daily retention, as in Ops Manager.
   - Every run takes a new snapshot; this is an action, not a desired state.
+  - With O(action=verify) it asks instead for a full head verification, and with O(action=resync) for a new initial
+    sync (Ops Manager's resync).
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
@@ -42,9 +44,19 @@ options:
     description: The daemon's data folder, where requests are dropped and answered.
     type: path
     default: /var/lib/kmipbackup
+  action:
+    description:
+      - V(snapshot) takes an on-demand snapshot.
+      - V(verify) compares every document of the head with the source by hash (the daemon samples continuously; this
+        checks all of them now) and re-copies what differs; the counts are added to the job's status.
+      - V(resync) discards the head and starts a new initial sync; the job is PROVISIONING until the new head is
+        consistent, and snapshots already in the store are kept.
+    type: str
+    choices: [snapshot, verify, resync]
+    default: snapshot
   wait:
     description:
-      - Wait for the daemon to take the snapshot and return it.
+      - Wait for the daemon to answer and return its answer (the snapshot, the verification counts, or that the resync started).
       - With V(false), returns the request id at once; the daemon takes the snapshot when it next serves requests.
     type: bool
     default: true
@@ -73,6 +85,17 @@ EXAMPLES = r'''
   kmipbackup.mongodb.backup_snapshot:
     job: orders
     wait: false
+
+- name: Check every head document against the source now
+  kmipbackup.mongodb.backup_snapshot:
+    job: orders
+    action: verify
+  register: verified
+
+- name: Start a new initial sync of job orders
+  kmipbackup.mongodb.backup_snapshot:
+    job: orders
+    action: resync
 '''
 
 RETURN = r'''
@@ -83,7 +106,7 @@ request_id:
   sample: 1764266400000-0123456789ab
 snapshot:
   description: The new snapshot (fields as M(kmipbackup.mongodb.snapshot_info) returns them).
-  returned: when O(wait=true), not in check mode
+  returned: when O(action=snapshot) and O(wait=true), not in check mode
   type: dict
   contains:
     id:
@@ -125,6 +148,27 @@ snapshot:
     kind:
       description: V(on-demand).
       type: str
+verification:
+  description: What the full verification found; the same counts are added to the job's status.
+  returned: when O(action=verify) and O(wait=true), not in check mode
+  type: dict
+  contains:
+    checked:
+      description: Documents compared.
+      type: int
+    mismatched:
+      description: Documents whose head copy differed from the source (or was missing on one side).
+      type: int
+    recopied:
+      description: Documents re-copied from the source into the head.
+      type: int
+    removed:
+      description: Documents removed from the head because the source no longer has them.
+      type: int
+resync:
+  description: V(started) once the daemon has discarded the head and begun the new initial sync.
+  returned: when O(action=resync) and O(wait=true), not in check mode
+  type: str
 '''
 
 from ansible.module_utils.basic import AnsibleModule
@@ -154,6 +198,7 @@ def main():
     spec = dict(
         job=dict(type="str", required=True),
         data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
+        action=dict(type="str", choices=["snapshot", "verify", "resync"], default="snapshot"),
         wait=dict(type="bool", default=True),
         timeout=dict(type="int", default=600),
     )
@@ -163,13 +208,18 @@ def main():
     cfg = ansible_module.call(module, load, p)
     if module.check_mode:
         module.exit_json(changed=True)
-    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], "snapshot")
+    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], p["action"])
     result = dict(changed=True, request_id=rid)
     if not p["wait"]:
         module.exit_json(**result)
     try:
         answer = jobs.wait_answer(p["data_dir"], p["job"], rid, p["timeout"])
-        result["snapshot"] = snapshot_result(cfg, p, answer)
+        if p["action"] == "snapshot":
+            result["snapshot"] = snapshot_result(cfg, p, answer)
+        elif p["action"] == "verify":
+            result["verification"] = {k: int((answer or {}).get(k, 0)) for k in ("checked", "mismatched", "recopied", "removed")}
+        else:
+            result["resync"] = (answer or {}).get("resync", "started")
     except KmipBackupError as e:
         ansible_module.fail(module, e, **result)
     module.exit_json(**result)

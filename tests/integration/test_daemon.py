@@ -1,6 +1,6 @@
 """The Backup Daemon against real SecantusDB and PyKMIP servers: provisioning, capture,
 restart without resync, requests, snapshots, KMIP and source outages, encryption toggled,
-stop and removal, and no plaintext canary anywhere under the daemon's folder."""
+stop and removal, and no plaintext canary anywhere under the daemon's folders, its output or its TMPDIR."""
 import json
 import os
 import stat
@@ -139,7 +139,8 @@ def test_encrypted_job_lifecycle(dirs, tmp_path, pki, kmip_server, mongo_server)
         d.stop()
 
     needles = [canary_db, canary_coll, canary_value, "kbcanaryid" + tag]
-    hits = _grep_tree(data_dir, needles) + _grep_tree(config_dir, needles) + _grep_files(d.out_files, needles)
+    hits = (_grep_tree(data_dir, needles) + _grep_tree(config_dir, needles) + _grep_tree(d.tmp_dir, needles)
+            + _grep_files(d.out_files, needles))
     assert hits == [], hits
     for root, dnames, fnames in os.walk(data_dir):
         for n in dnames:
@@ -305,7 +306,8 @@ def test_error_paths_name_no_namespace_or_id(dirs, tmp_path, pki, kmip_server, a
     assert all(st["last_error"] for st in statuses[:1] + statuses[2:3]), statuses
     text = json.dumps(statuses) + "\n".join(errors) + r.everything(invocation=True)
     assert [n for n in needles if n in text] == [], text[-3000:]
-    hits = _grep_tree(data_dir, needles) + _grep_tree(config_dir, needles) + _grep_files(d.out_files, needles)
+    hits = (_grep_tree(data_dir, needles) + _grep_tree(config_dir, needles) + _grep_tree(d.tmp_dir, needles)
+            + _grep_files(d.out_files, needles))
     assert hits == [], hits
     assert os.path.getsize(d.log_file) > 0 and all(os.path.exists(p) for p in d.out_files)
     # control: the same scan finds a canary planted in the log folder, plain and inside a zstd frame

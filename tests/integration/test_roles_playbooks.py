@@ -147,9 +147,6 @@ def test_quickstart_second_run_unchanged(quickstart):
 
 
 def test_rotate_master_key_playbook(quickstart, tmp_path):
-    with open(os.path.join(ROOT, "plugins", "modules", "backup_job_encryption.py")) as f:
-        if "rotate_master_key" not in f.read():
-            pytest.xfail("backup_job_encryption has no rotate_master_key option yet (issue 4): nothing to rotate with")
     lab = quickstart["lab"]
     with open(os.path.join(lab, "servers", "lab.json")) as f:
         servers = json.load(f)
@@ -170,3 +167,13 @@ def test_rotate_master_key_playbook(quickstart, tmp_path):
     old = re.search(r'"master key UUID: ([^"]+)"', quickstart["first"]).group(1)
     # the quickstart's snapshot was taken under the old key: it must still be listed
     assert new.group(1) != old and old in [u.strip() for u in keep.group(1).split(",")], out[-6000:]
+
+    # by group: every job of group1 (the quickstart job) gets another new key; the first key is still needed
+    # (the quickstart's snapshot was taken under it)
+    rc, out = run([tool("ansible-playbook"), "-i", str(inv), "kmipbackup.mongodb.rotate_master_key",
+                   "-e", "target=localhost", "-e", "group=group1"])
+    assert rc == 0, out[-6000:]
+    newer = re.search(r"job quickstart: new master key UUID (\S+)", out)
+    keep = re.search(r"keep in the KMIP server \(retained snapshots need them\): ([^\"]+)", out)
+    assert newer and keep and newer.group(1) not in (old, new.group(1)), out[-6000:]
+    assert old in [u.strip() for u in keep.group(1).split(",")], out[-6000:]

@@ -208,6 +208,12 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         got3, calls3, _sum3 = restore_dir(cd, root, job, s3["id"], str(tmp_path / "r3"), dbname)
         assert got3 == image3 and calls3 == 1
         assert d.status(job)["state"] == "STARTED" and d.alive()
+
+        # removing the job keeps its snapshots in the store: the result and a warning name the key they still need
+        gone = ansible.run([task(cd, dd, job, uri, state="absent")])[0]
+        assert gone["changed"] is True and gone["master_key_uids_needed"] == [new], gone
+        assert [w for w in gone.get("warnings", []) if new in w and root in w], gone
+        assert jobs.load_job(cd, job) is None and {e["snapshot_id"] for e in js.catalog()} >= {s2["id"], s3["id"]}
     print("rotation test: %.1fs; restore KMIP calls %d (1 epoch), %d (2 epochs)" % (time.monotonic() - started, calls1, calls2))
 
 

@@ -392,8 +392,21 @@ def test_backup_snapshot_through_daemon_then_restore(ansible, tmp_path, pki, kmi
                          {SI: dict(job="bsjob", config_dir=cd)},
                          {SR: dict(job="bsjob", config_dir=cd, snapshot="{{ r0.snapshot.id }}", target_dir=out,
                                    include=[db.name + ".*"])}])
+        # a full verification (every head document against the source), then a resync: a second initial sync
+        # after which the job is STARTED again
+        rv = ansible.run([{BS: dict(task[BS], action="verify")}, {BS: dict(task[BS], action="resync")}])
+        verified, resync = rv.results
+        d.wait_status("bsjob", lambda st: st.get("initial_syncs") == 2 and st["state"] == "STARTED" and st["consistent"],
+                      timeout=120)
+        status = d.status("bsjob")
     finally:
         d.stop()
+    no_canary(rv)
+    ndocs = sum(len(v) for v in source.values())
+    v = verified["verification"]
+    assert verified["changed"] is True and v["checked"] >= ndocs and v["mismatched"] == v["recopied"] == 0, rv.output
+    assert "snapshot" not in verified and resync["resync"] == "started", rv.output
+    assert status["verification"]["checked"] >= ndocs, status
     no_canary(r)
     assert r[0]["changed"] is True and not r[0].get("failed"), r.output
     s = r[0]["snapshot"]

@@ -1,5 +1,5 @@
 """Source cases beyond the session's plain replica set, each against a real SecantusDB started here
-(module scope, shared by this file's tests): SCRAM authentication, TLS (with a client certificate),
+(module scope, shared by this file's tests): SCRAM authentication, TLS (with a client certificate), MONGODB-X509,
 a lost resume point (small oplog, forced prune) and a standalone server."""
 import os
 import subprocess
@@ -51,6 +51,28 @@ def tls_server(tmp_path_factory, pki):
     info = _start(str(tmp_path_factory.mktemp("mongo-tls")), "--tls-cert-file", pki["server"]["cert"],
                   "--tls-key-file", pki["server"]["key"], "--tls-ca-file", pki["ca"])
     yield info
+    lab.stop(info["pid"])
+
+
+@pytest.fixture(scope="module")
+def x509_server(tmp_path_factory, pki):
+    """A SecantusDB over mutual TLS with --auth, where group1's client certificate is a MONGODB-X509 user
+    (created before auth is switched on, as with the SCRAM user)."""
+    from cryptography import x509
+    folder = str(tmp_path_factory.mktemp("mongo-x509"))
+    tls = ("--tls-cert-file", pki["server"]["cert"], "--tls-key-file", pki["server"]["key"], "--tls-ca-file", pki["ca"],
+           "--tls-require-client-cert")
+    info = _start(folder, *tls)
+    with open(pki["clients"]["group1"]["cert"], "rb") as f:
+        subject = x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
+    c = pymongo.MongoClient(info["uri"], tls=True, tlsCAFile=pki["ca"], tlsCertificateKeyFile=pki["clients"]["group1"]["pem"],
+                            serverSelectionTimeoutMS=10000)
+    # mechanisms: the stand-in asks for it on $external (mongod infers it); the product never creates users
+    c["$external"].command("createUser", subject, roles=[{"role": "root", "db": "admin"}], mechanisms=["MONGODB-X509"])
+    c.close()
+    lab.stop(info["pid"])
+    info = _start(folder, *tls, "--auth", port=info["port"])
+    yield dict(info, subject=subject)
     lab.stop(info["pid"])
 
 
@@ -123,6 +145,24 @@ def test_tls_source_with_ca_and_client_certificate(tls_server, pki, tmp_path):
         h.close()
         client.close()
     plain.close()
+
+
+def test_x509_source_syncs_and_an_unknown_certificate_is_refused(x509_server, pki, tmp_path):
+    settings = {"uri": x509_server["uri"], "tls": True, "tls_ca_file": pki["ca"], "auth_mechanism": "MONGODB-X509",
+                "auth_source": "$external", "connect_timeout": 5}
+    admin = pymongo.MongoClient(x509_server["uri"], tls=True, tlsCAFile=pki["ca"], authMechanism="MONGODB-X509",
+                                tlsCertificateKeyFile=pki["clients"]["group1"]["pem"])
+    admin.x509db.c.insert_many([{"_id": i, "n": i} for i in range(100)])
+    client = source.connect(dict(settings, tls_certificate_key_file=pki["clients"]["group1"]["pem"]))
+    h = head.Head(str(tmp_path / "h" / "head.db"), os.urandom(32))
+    assert _sync_and_compare(h, client, admin.x509db)["docs"] >= 100
+    h.close()
+    client.close()
+    # group2's certificate is trusted for TLS but is no user of the server
+    with pytest.raises(SourceError) as e:
+        source.connect(dict(settings, tls_certificate_key_file=pki["clients"]["group2"]["pem"]))
+    assert "credentials" in str(e.value) or "authentication" in str(e.value).lower(), str(e.value)
+    admin.close()
 
 
 def test_tls_source_with_the_wrong_ca_fails_clearly(tls_server, pki):
