@@ -90,6 +90,7 @@ CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_
 
 def run_child(kind, args):
     """Run one measured operation in a child process; its result plus its peak RSS (MB)."""
+    os.sync()  # as in timed()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.stdout.read(), proc.stderr.read()
@@ -190,6 +191,7 @@ def du(path):
 
 def timed(cmd, env=None, cwd=None):
     """(wall seconds, CPU seconds user+sys) of a command."""
+    os.sync()  # no operation pays for the write-back of the one before it
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = proc.stderr.read()

@@ -57,7 +57,8 @@ RESTORE_INFO = "restoreInfo.txt"
 MARKER_DB = "kmipbackup_restore"
 MARKER_COLL = "restoreInfo"
 INSERT_BATCH_BYTES = 8 << 20
-READ_THREADS = 2
+READ_THREADS = 3  # reading, decrypting and decompressing release the GIL; the main thread writes
+SYNC_EVERY = 64 << 20
 READ_AHEAD = 4
 DB_NAME_FORBIDDEN = frozenset('/\\. "$\x00')
 
@@ -352,9 +353,17 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
                     v = _Verifier(n)
                     fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                     with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                        syncing, unsynced = [], 0
                         for c, plain in _chunks(job_store, keys, n):
                             v.add(c)
                             f.write(plain)
+                            unsynced += len(plain)
+                            if unsynced >= SYNC_EVERY:  # flush to disk as we go: the final fsync then has little left
+                                f.flush()
+                                syncing.append(finisher.submit(os.fdatasync, fd))
+                                unsynced = 0
+                        for s in syncing:  # before the descriptor closes
+                            s.result()
                 except OSError as e:
                     raise _os_error(e, "Writing namespace %s into %s" % (label_i, target.describe())) from None
                 if verify:
