@@ -62,7 +62,7 @@ def test_directory_restore_syncing_as_it_writes(env, monkeypatch):
     namespace takes many): every flush is waited for before its file closes, and the files are byte-equal."""
     tmp, provider, js = env
     h = make_head(str(tmp / "h" / "head.db"), {"d.a": source_docs(3000), "d.b": source_docs(500)}, key=os.urandom(32))
-    snap(h, js, provider, target_bytes=16 << 10)
+    e = snap(h, js, provider, target_bytes=16 << 10)
     synced = []
     fdatasync = os.fdatasync
 
@@ -76,7 +76,15 @@ def test_directory_restore_syncing_as_it_writes(env, monkeypatch):
     monkeypatch.undo()
     with h.read() as r:
         assert got == {ns: [raw for _k, raw in r.scan(ns)] for ns in ("d.a", "d.b")}
-    assert len(synced) > 50, len(synced)
+    # one flush each time 8 kB or more were written since the last (chunk sizes follow the random head key)
+    expected = 0
+    for n in js.read_manifest(e["snapshot_id"], store.Keys(js, provider))["namespaces"]:
+        unsynced = 0
+        for c in n["chunks"]:
+            unsynced += c["bytes"]
+            if unsynced >= 8 << 10:
+                expected, unsynced = expected + 1, 0
+    assert len(synced) == expected and expected > 20, (len(synced), expected)
 
 
 def test_unencrypted_job_null_cipher(env):
