@@ -354,15 +354,18 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
                     fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                     with os.fdopen(fd, "wb", buffering=1 << 20) as f:
                         syncing, unsynced = [], 0
-                        for c, plain in _chunks(job_store, keys, n):
-                            v.add(c)
-                            f.write(plain)
-                            unsynced += len(plain)
-                            if unsynced >= SYNC_EVERY:  # flush to disk as we go: the final fsync then has little left
-                                f.flush()
-                                syncing.append(finisher.submit(os.fdatasync, fd))
-                                unsynced = 0
-                        for s in syncing:  # before the descriptor closes
+                        try:
+                            for c, plain in _chunks(job_store, keys, n):
+                                v.add(c)
+                                f.write(plain)
+                                unsynced += len(plain)
+                                if unsynced >= SYNC_EVERY:  # flush to disk as we go: the final fsync then has little left
+                                    f.flush()
+                                    syncing.append(finisher.submit(os.fdatasync, fd))
+                                    unsynced = 0
+                        finally:
+                            concurrent.futures.wait(syncing)  # the descriptor stays open until its flushes are done
+                        for s in syncing:
                             s.result()
                 except OSError as e:
                     raise _os_error(e, "Writing namespace %s into %s" % (label_i, target.describe())) from None
