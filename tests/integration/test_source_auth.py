@@ -36,10 +36,12 @@ def auth_server(tmp_path_factory):
     """A SecantusDB with --auth and a user (created without auth first, then restarted with --auth)."""
     folder = str(tmp_path_factory.mktemp("mongo-auth"))
     info = _start(folder)
-    c = pymongo.MongoClient(info["uri"], serverSelectionTimeoutMS=10000)
-    c.admin.command("createUser", USER, pwd=PASSWORD, roles=["root"])
-    c.close()
-    lab.stop(info["pid"])
+    try:
+        c = pymongo.MongoClient(info["uri"], serverSelectionTimeoutMS=10000)
+        c.admin.command("createUser", USER, pwd=PASSWORD, roles=["root"])
+        c.close()
+    finally:  # a failed set-up must not leave the server running
+        lab.stop(info["pid"])
     info = _start(folder, "--auth", port=info["port"])
     yield info
     lab.stop(info["pid"])
@@ -63,14 +65,16 @@ def x509_server(tmp_path_factory, pki):
     tls = ("--tls-cert-file", pki["server"]["cert"], "--tls-key-file", pki["server"]["key"], "--tls-ca-file", pki["ca"],
            "--tls-require-client-cert")
     info = _start(folder, *tls)
-    with open(pki["clients"]["group1"]["cert"], "rb") as f:
-        subject = x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
-    c = pymongo.MongoClient(info["uri"], tls=True, tlsCAFile=pki["ca"], tlsCertificateKeyFile=pki["clients"]["group1"]["pem"],
-                            serverSelectionTimeoutMS=10000)
-    # mechanisms: the stand-in asks for it on $external (mongod infers it); the product never creates users
-    c["$external"].command("createUser", subject, roles=[{"role": "root", "db": "admin"}], mechanisms=["MONGODB-X509"])
-    c.close()
-    lab.stop(info["pid"])
+    try:
+        with open(pki["clients"]["group1"]["cert"], "rb") as f:
+            subject = x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
+        c = pymongo.MongoClient(info["uri"], tls=True, tlsCAFile=pki["ca"], tlsCertificateKeyFile=pki["clients"]["group1"]["pem"],
+                                serverSelectionTimeoutMS=10000)
+        # mechanisms: the stand-in asks for it on $external (mongod infers it); the product never creates users
+        c["$external"].command("createUser", subject, roles=[{"role": "root", "db": "admin"}], mechanisms=["MONGODB-X509"])
+        c.close()
+    finally:  # a failed set-up must not leave the server running
+        lab.stop(info["pid"])
     info = _start(folder, *tls, "--auth", port=info["port"])
     yield dict(info, subject=subject)
     lab.stop(info["pid"])
