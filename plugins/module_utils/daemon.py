@@ -295,7 +295,7 @@ class JobRunner(threading.Thread):
     def _verify(self, client, full):
         counts = source.verify(self.head, client, sample=VERIFY_SAMPLE, full=full)
         v = self.status["verification"]
-        for k in ("checked", "mismatched", "recopied", "removed"):
+        for k in source.VERIFY_COUNTS:
             v[k] = v.get(k, 0) + int(counts.get(k, 0))
         v["last"] = store.iso(store.utcnow())
         if counts.get("mismatched"):

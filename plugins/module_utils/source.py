@@ -44,6 +44,7 @@ EXCLUDED_DBS = ("admin", "config", "local")
 HISTORY_LOST_CODES = (286, 280, 260)  # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken
 CLONE_COMMIT_BYTES = 32 << 20
 CLONE_BATCH_DOCS = 16384
+VERIFY_COUNTS = ("checked", "mismatched", "recopied", "removed")  # verify()'s document counts, added up in status
 CATCH_UP_AWAIT_MS = 50  # an empty getMore proves the catch-up complete; no need to wait long for it
 _i32 = struct.Struct("<i")
 
@@ -539,7 +540,7 @@ def verify(head, client, sample=100, full=False):
     "namespaces_fixed"}. Run it while capture is paused (between run_once calls): a document
     changed after the head's position counts as a mismatch and is re-copied, and the stream
     then brings it on as usual."""
-    counts = {"checked": 0, "mismatched": 0, "recopied": 0, "removed": 0, "namespaces_fixed": 0}
+    counts = dict.fromkeys(VERIFY_COUNTS + ("namespaces_fixed",), 0)
     with head.read() as r:
         in_head = {n["ns"]: n for n in r.namespaces()}
     if full:

@@ -173,7 +173,7 @@ resync:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, source, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
 
 
@@ -217,7 +217,7 @@ def main():
         if p["action"] == "snapshot":
             result["snapshot"] = snapshot_result(cfg, p, answer)
         elif p["action"] == "verify":
-            result["verification"] = {k: int((answer or {}).get(k, 0)) for k in ("checked", "mismatched", "recopied", "removed")}
+            result["verification"] = {k: int((answer or {}).get(k, 0)) for k in source.VERIFY_COUNTS}
         else:
             result["resync"] = (answer or {}).get("resync", "started")
     except KmipBackupError as e:
