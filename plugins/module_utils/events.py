@@ -12,8 +12,11 @@ symbols, undefined, DBPointer) and untouched fields keep their order.
 
 An update that cannot be replayed exactly (a document missing outside the initial-sync
 catch-up window, a path that does not fit the stored document, a field name containing a
-dot without disambiguatedPaths) is not guessed: the document key goes to `recopy`, and
-the capture layer re-reads that document from the source in the same transaction.
+dot without disambiguatedPaths) is not guessed, and an update that adds several new fields
+to one document is not trusted (their order is the server's choice, not in the event): the
+document key goes to `recopy`, and the capture layer re-reads that document from the source,
+as of the event's cluster time, in the same transaction. No head transaction commits a
+document the daemon knows may differ from the source.
 """
 from __future__ import annotations
 
@@ -48,6 +51,12 @@ _i32 = struct.Struct("<i")
 
 class NotApplicable(Exception):
     """The update does not fit the stored document: re-copy it instead of guessing."""
+
+
+class UncertainOrder(Exception):
+    """The update added several new fields to one document: their order is the server's choice (mongod 5.0+
+    sorts them by name, other servers keep the update's order) and the event does not carry it. The result
+    is right but for that order, so the document is re-copied instead of trusted."""
 
 
 # --- raw BSON element trees -------------------------------------------------------------------
@@ -145,6 +154,7 @@ def _resize(buf, starts, delta):
 
 
 def _set(buf, comps, exact, t, value):
+    """Set one path; True when it added a new field to a document (appended at its end)."""
     starts, start, is_array = _descend(buf, comps, exact)
     name, index = _key(buf, start, is_array, comps[-1], exact, [])
     el_start, et, vs, ve = _find(buf, start, name, index)
@@ -152,7 +162,7 @@ def _set(buf, comps, exact, t, value):
         buf[el_start] = t
         buf[vs:ve] = value
         _resize(buf, starts, len(value) - (ve - vs))
-        return
+        return False
     count, end = et, vs
     if is_array:  # pad with null up to the index, as mongod's diff applier does
         new = b"".join(b"\x0a%d\x00" % j for j in range(count, index)) + b"%c%d\x00" % (t, index) + value
@@ -160,6 +170,7 @@ def _set(buf, comps, exact, t, value):
         new = b"%c%s\x00" % (t, name) + value
     buf[end:end] = new
     _resize(buf, starts, len(new))
+    return not is_array
 
 
 def _remove(buf, comps, exact):
@@ -225,11 +236,18 @@ def apply_update_description(doc_raw, ud_raw):
             comps, exact = _components(path, disambiguated)
             _remove(buf, comps, exact)
     if updated and len(updated) > 5:
+        grown = set()  # parents (paths) that got a new field
+        uncertain = False
         for name, t, v in parse_elements(updated):
             comps, exact = _components(name.decode("utf-8"), disambiguated)
             if comps and comps[0] == "_id":
                 raise NotApplicable("an update of _id")
-            _set(buf, comps, exact, t, v)
+            if _set(buf, comps, exact, t, v):
+                parent = tuple(comps[:-1])
+                uncertain = uncertain or parent in grown
+                grown.add(parent)
+        if uncertain:
+            raise UncertainOrder()
     return bytes(buf)
 
 
@@ -285,14 +303,54 @@ def _index_name(spec_raw):
     return None
 
 
+class CloneRepair:
+    """What an initial sync's clone may have copied wrong, learnt from the DDL events its catch-up applies.
+
+    The clone copies by name, after the stream's start: a namespace renamed away and another created
+    under its name before the clone reached it leaves the head with the wrong incarnation's documents
+    under that name, and replaying the rename moves them (or nothing) to the target. Documents of a
+    namespace created, or emptied by a drop, after the stream's start all come through the stream, so
+    such a namespace is exact from that event on; a rename moves exactness with the documents. A rename
+    from a namespace that is not exact leaves its target to be re-cloned (`reclone`).
+    scope: the namespaces whose head content may be ahead of the stream (None: all, the first round).
+    """
+
+    def __init__(self, scope=None, reclone=()):
+        self.scope = scope
+        self.exact = set()
+        self.reclone = set(reclone)
+
+    def is_exact(self, ns):
+        return ns in self.exact or (self.scope is not None and ns not in self.scope)
+
+    def _mark(self, ns, exact):
+        (self.exact.add if exact else self.exact.discard)(ns)
+        (self.reclone.discard if exact else self.reclone.add)(ns)
+
+    def ddl(self, w, op, ev):
+        """Before a DDL event is applied."""
+        db, ns = _ns(ev["ns"])
+        if op == "rename":
+            to = _ns(ev.get("to") or (ev.get("operationDescription") or {}).get("to"))[1]
+            self._mark(to, self.is_exact(ns))
+            self._mark(ns, True)
+        elif op in ("create", "drop"):
+            self._mark(ns, True)
+        elif op == "dropDatabase":
+            for n in w.namespaces():
+                if n["ns"].startswith(db + "."):
+                    self._mark(n["ns"], True)
+
+
 class Applier:
     """Applies change events inside a head write transaction.
 
     refresh(ns) -> None when ns no longer exists at the source, else {"options": raw,
     "indexes": [raw], "uuid": bytes or None}: re-reads what DDL events may not carry in full
     (the stand-in drops unique/sparse/TTL/partial from index events; collMod details).
-    After apply(), `recopy` holds (ns, documentKey raw) pairs the caller must re-read from
-    the source (upsert, or delete when gone) before committing, after flush().
+    After apply(), `recopy` holds (ns, documentKey raw, cluster time) triples the caller must
+    re-read from the source as of that cluster time (upsert, or delete when gone) before
+    committing, after flush().
     """
 
     def __init__(self, refresh=None):
@@ -303,6 +361,7 @@ class Applier:
         self._w = None
         self._pending = {}  # (ns, id_key) -> raw document written in this transaction, not yet in the head
         self._pending_bytes = 0
+        self.repair = None  # a CloneRepair while an initial sync catches up
 
     def _count(self, outcome):
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -373,6 +432,8 @@ class Applier:
                 raise HistoryLostError("The change stream was invalidated: a new initial sync is needed, the daemon starts one.")
             return self._count(IGNORED)  # shardCollection, refine/reshard...: nothing to keep in the head
         self.flush()
+        if self.repair is not None:
+            self.repair.ddl(w, op, ev)
         return self._count(handler(w, ev, catch_up))
 
     def _update(self, w, pending, ev, catch_up):
@@ -386,11 +447,11 @@ class Applier:
             if stored is None:
                 raise NotApplicable("a missing document")
             new = apply_update_description(stored, _raw(ev["updateDescription"]))
-        except NotApplicable:
-            if catch_up:
-                return SKIPPED
+        except (NotApplicable, UncertainOrder) as e:
+            if catch_up and isinstance(e, NotApplicable):
+                return SKIPPED  # the clone read a later version; later events bring it on
             pending.pop((ns, ik), None)  # the caller re-reads it from the source
-            self.recopy.append((ns, dkey))
+            self.recopy.append((ns, dkey, ev.get("clusterTime")))
             return RECOPY
         self._put(pending, ns, ik, new)
         return APPLIED
@@ -412,6 +473,8 @@ class Applier:
         db, ns = _ns(ev["ns"])
         desc = _raw(ev.get("operationDescription") or {})
         id_index = [v for name, t, v in parse_elements(desc) if name == b"idIndex"]
+        if catch_up:  # created after the stream's start: what the clone copied under this name is a later incarnation's
+            w.drop_namespace(ns)
         w.create_namespace(ns, options_from_create(desc), uuid=_uuid(ev), indexes=id_index if w.namespace(ns) is None else None)
         self._refresh_into(w, ns, _uuid(ev))
         return APPLIED

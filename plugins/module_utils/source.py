@@ -25,7 +25,8 @@ import threading
 import time
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier, merge_fragments, parse_elements
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
+    Applier, CloneRepair, merge_fragments, parse_elements)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import id_key_from_document
 
 try:
@@ -46,6 +47,11 @@ CLONE_COMMIT_BYTES = 32 << 20
 CLONE_BATCH_DOCS = 16384
 VERIFY_COUNTS = ("checked", "mismatched", "recopied", "removed")  # verify()'s document counts, added up in status
 CATCH_UP_AWAIT_MS = 50  # an empty getMore proves the catch-up complete; no need to wait long for it
+# a clone cursor ended by DDL: NamespaceNotFound, CursorNotFound, QueryPlanKilled, CursorKilled
+DDL_INTERRUPTED_CODES = (26, 43, 175, 237)
+# a snapshot read at a cluster time the server cannot serve: SnapshotTooOld, SnapshotUnavailable, InvalidOptions,
+# IllegalOperation, NotImplemented (older servers, mongos without snapshot reads)
+SNAPSHOT_READ_UNAVAILABLE_CODES = (239, 246, 72, 20, 238)
 _i32 = struct.Struct("<i")
 
 
@@ -260,7 +266,14 @@ def needs_initial_sync(head):
 def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
     """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
 
-    Returns {"docs", "bytes", "namespaces", "seconds", "clone_seconds", "events"}."""
+    DDL that races the clone (a rename, drop and re-create, dropDatabase, create after the listing)
+    can leave a namespace cloned as another incarnation, under its old name, or not at all. The
+    catch-up learns from the DDL events which namespaces that may have happened to (CloneRepair:
+    renamed from a namespace the clone may have got wrong, or a clone a DDL interrupted),
+    re-clones those once it has passed the clone's end, and catches up again (idempotently, for
+    those namespaces only) until a round leaves nothing to re-clone.
+
+    Returns {"docs", "bytes", "namespaces", "seconds", "clone_seconds", "events", "recloned"}."""
     t0 = time.monotonic()
     with head.write() as w:
         w.clear()
@@ -280,41 +293,72 @@ def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
             meta = _info_to_head(client, ns, info)
             w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
     t_clone = time.monotonic()
-    docs, nbytes = _clone(head, client, [ns for ns, info in namespaces if info.get("type", "collection") == "collection"],
-                          stop_event)
+    docs, nbytes, interrupted = _clone(head, client, [ns for ns, info in namespaces
+                                                      if info.get("type", "collection") == "collection"], stop_event)
     clone_seconds = time.monotonic() - t_clone
     end_time = _cluster_time(client)
     with head.write() as w:
         w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
     cap = Capture(head, client, max_await_ms=CATCH_UP_AWAIT_MS)
     cap.catch_up_until = end_time
+    cap.applier.repair = CloneRepair(reclone=interrupted)
     deadline = time.monotonic() + catch_up_timeout
-    while not head.position()["consistent"]:
-        if stop_event is not None and stop_event.is_set():
-            break
-        if time.monotonic() > deadline:
-            raise SourceError("The initial sync could not catch up with the source's changes within %d s: the source "
-                              "writes faster than the head applies; the daemon retries." % catch_up_timeout)
-        cap.run_once(max_time=2.0)
-    cap.close()
+    recloned = 0
+    try:
+        while not head.position()["consistent"]:
+            if stop_event is not None and stop_event.is_set():
+                break
+            if time.monotonic() > deadline:
+                raise SourceError("The initial sync could not catch up with the source's changes within %d s: the "
+                                  "source writes faster than the head applies, or renames and drops collections "
+                                  "without pause; the daemon retries." % catch_up_timeout)
+            if cap.reclone_due:
+                names, cap.reclone_due = cap.applier.repair.reclone, False
+                d, b, interrupted = _reclone(head, client, names, stop_event)
+                docs, nbytes, recloned = docs + d, nbytes + b, recloned + len(names)
+                cap.applier.repair = CloneRepair(scope=names, reclone=interrupted)
+                cap.catch_up_until = _cluster_time(client)
+                continue
+            cap.run_once(max_time=2.0)
+    finally:
+        cap.close()
     return {"docs": docs, "bytes": nbytes, "namespaces": len(namespaces), "seconds": time.monotonic() - t0,
-            "clone_seconds": clone_seconds,
-            "events": cap.stats["events"]}
+            "clone_seconds": clone_seconds, "events": cap.stats["events"], "recloned": recloned}
+
+
+def _reclone(head, client, names, stop_event=None):
+    """Replace names in the head with the source's current namespaces (options, indexes, documents), or drop
+    them where the source no longer has them. Returns _clone's (docs, bytes, interrupted)."""
+    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*_split(ns))}
+    with head.write() as w:
+        for ns, meta in metas.items():
+            w.drop_namespace(ns)
+            if meta is not None:
+                w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+    return _clone(head, client, [ns for ns, meta in metas.items() if meta is not None and meta["type"] == "collection"],
+                  stop_event)
 
 
 def _clone(head, client, names, stop_event=None):
-    """Copy every document of names into head: a reader thread fetches raw batches while this thread writes."""
+    """Copy every document of names into head: a reader thread fetches raw batches while this thread writes.
+
+    Returns (docs, bytes, [namespaces whose clone a DDL interrupted])."""
     q = queue.Queue(maxsize=8)
-    failure = []
+    failure, interrupted = [], []
 
     def reader():
         try:
             for ns in names:
                 db, coll = _split(ns)
-                for batch in client[db][coll].find_raw_batches({}, batch_size=CLONE_BATCH_DOCS):
-                    q.put((ns, batch))
-                    if stop_event is not None and stop_event.is_set():
-                        return
+                try:
+                    for batch in client[db][coll].find_raw_batches({}, batch_size=CLONE_BATCH_DOCS):
+                        q.put((ns, batch))
+                        if stop_event is not None and stop_event.is_set():
+                            return
+                except mongo_errors.OperationFailure as e:
+                    if e.code not in DDL_INTERRUPTED_CODES:
+                        raise
+                    interrupted.append(ns)  # dropped or renamed under the cursor: re-cloned after the catch-up
         except BaseException as e:  # handed to the writer thread
             failure.append(e)
         finally:
@@ -352,7 +396,7 @@ def _clone(head, client, names, stop_event=None):
         if isinstance(e, mongo_errors.PyMongoError):
             raise SourceError("Cloning from the source failed (%s): the daemon restarts the initial sync." % _safe(e)) from None
         raise e
-    return docs, nbytes
+    return docs, nbytes, interrupted
 
 
 class Capture:
@@ -372,6 +416,7 @@ class Capture:
         self.max_batch_events = max_batch_events
         self.max_batch_seconds = max_batch_seconds
         self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
+        self.reclone_due = False    # the catch-up passed its end, but namespaces must be re-cloned first
         self.applier = Applier(refresh=lambda ns: refresh_namespace(client, ns))
         self.stream = None
         self.stats = {"events": 0, "transactions": 0, "recopied": 0}
@@ -472,7 +517,7 @@ class Capture:
                     self._carry = ev  # a later cluster time proves last_ct complete: commit a consistent image
                     consistent, proof = True, ct
                     break
-                self.applier.apply(w, ev, catch_up=self._catch_up(ct))
+                self.applier.apply(w, ev, catch_up=self._catch_up(ct, ev))
                 self._recopy(w)
                 count += 1
                 token, last_ct = bytes(ev["_id"].raw), ct
@@ -483,10 +528,13 @@ class Capture:
                     break  # inside a huge run of one cluster time: commit, not consistent yet
             if self.catch_up_until is not None:
                 if consistent and (proof == "idle" or proof > tuple(self.catch_up_until)):
-                    w.set_sync_state(None)  # past the clone's end: the head is consistent from here on
                     last_ct = max(last_ct or (0, 0), tuple(self.catch_up_until))
                     token = token if token is not None else pos["resume_token"]
-                    self.catch_up_until = None
+                    if self.applier.repair is not None and self.applier.repair.reclone:
+                        self.reclone_due, consistent, more = True, False, False  # initial_sync re-clones them
+                    else:
+                        w.set_sync_state(None)  # past the clone's end: the head is consistent from here on
+                        self.catch_up_until = self.applier.repair = None
                 else:
                     consistent = False
             if token is not None or consistent != pos["consistent"]:
@@ -496,14 +544,17 @@ class Capture:
             self.stats["transactions"] += 1
         return count, more
 
-    def _catch_up(self, ct):
-        return self.catch_up_until is not None and ct <= tuple(self.catch_up_until)
+    def _catch_up(self, ct, ev):
+        if self.catch_up_until is None or ct > tuple(self.catch_up_until):
+            return False
+        scope = self.applier.repair.scope if self.applier.repair is not None else None
+        return scope is None or self.applier._ns(ev.get("ns"))[1] in scope  # pylint: disable=protected-access
 
     def _recopy(self, w):
         if not self.applier.recopy:
             return
-        for ns, dkey in self.applier.recopy:
-            recopy_document(w, self.client, ns, dkey)
+        for ns, dkey, at in self.applier.recopy:
+            recopy_document(w, self.client, ns, dkey, at=at)
             self.stats["recopied"] += 1
         self.applier.recopy = []
 
@@ -519,15 +570,38 @@ def _id_filter(doc_raw):
     return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
 
 
-def recopy_document(w, client, ns, doc_key_raw):
-    """Re-read one document from the source into the head (delete it when the source lacks it)."""
+def recopy_document(w, client, ns, doc_key_raw, at=None):
+    """Re-read one document from the source into the head (delete it when the source lacks it).
+
+    at (a bson Timestamp, the cluster time the head is being brought to): read the document as of
+    that time (a snapshot read, MongoDB 5.0+), so the head holds what the source held then and the
+    stream's later events apply on top. Where the server cannot read at that time (history gone,
+    an older server) the current document is read: later events then re-apply idempotently, as
+    in an initial sync's catch-up, and head verification heals what they cannot."""
     db, coll = _split(ns)
-    doc = client[db][coll].find_one(_id_filter(doc_key_raw))
+    doc = None
+    if at is not None:
+        try:
+            doc = _find_one_at(client, db, coll, _id_filter(doc_key_raw), at)
+        except mongo_errors.OperationFailure as e:
+            if e.code not in SNAPSHOT_READ_UNAVAILABLE_CODES:
+                raise
+            at = None
+    if at is None:
+        doc = client[db][coll].find_one(_id_filter(doc_key_raw))
     ik = id_key_from_document(doc_key_raw)
     if doc is None:
         w.delete(ns, ik)
     else:
         w.upsert(ns, ik, bytes(doc.raw))
+
+
+def _find_one_at(client, db, coll, query, at):
+    """The document matching query as of cluster time at (readConcern snapshot), raw; None when absent."""
+    reply = client[db].command({"find": coll, "filter": query, "limit": 1, "singleBatch": True,
+                                "readConcern": {"level": "snapshot", "atClusterTime": at}}, codec_options=RAW)
+    batch = reply["cursor"]["firstBatch"]
+    return batch[0] if batch else None
 
 
 def verify(head, client, sample=100, full=False):
