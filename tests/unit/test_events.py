@@ -259,3 +259,28 @@ def test_update_splices_nested_paths_and_keeps_every_other_byte(h):
     check(h, before, [upd(1, {"a.b.c.1.d": "longer value", "a.b.c.3": 1, "t.1.0": [9, 9], "a.n": None},
                           removed=["a.k"], truncated=[{"field": "t.0", "newSize": 1}])],
           {"_id": 1, "a": {"b": {"c": [1, {"d": "longer value"}, None, 1]}, "n": None}, "z": Int64(1), "t": [[1], [[9, 9]]]})
+
+
+def test_clone_repair_marks_rename_targets_of_namespaces_the_clone_may_have_got_wrong(h):
+    """CloneRepair's rules: a rename from a namespace the clone copied (not proven exact) leaves its target to
+    re-clone; a drop, a create (which, in catch-up, empties what the clone copied under that name) and
+    dropDatabase make a namespace exact; a rename moves exactness with the documents."""
+    def ns(db, coll):
+        return {"db": db, "coll": coll}
+
+    run(h, [ins({"_id": 1}, ns=ns("d", "a")), ins({"_id": 2}, ns=ns("d", "late")), ins({"_id": 3}, ns=ns("e", "x"))])
+    a = events.Applier()
+    a.repair = events.CloneRepair()
+    evs = [ddl("rename", ns=ns("d", "a"), to=ns("d", "b")),      # cloned a -> b: b to re-clone
+           ddl("create", ns=ns("d", "late"), operationDescription={}),  # created after the start: exact from here
+           ddl("rename", ns=ns("d", "late"), to=ns("d", "c")),   # exact -> c exact
+           ddl("rename", ns=ns("d", "b"), to=ns("d", "late")),   # b (to re-clone) -> late: late to re-clone, b gone
+           ddl("dropDatabase", ns={"db": "e"})]
+    run(h, evs, catch_up=True, applier=a)
+    assert a.repair.reclone == {"d.late"}
+    assert {"d.a", "d.b", "d.c", "e.x"} <= a.repair.exact
+    with h.read() as r:
+        assert r.count("d.c") == 0  # the create emptied what was there under "late" before it was renamed to c
+    # a later round: only the re-cloned namespaces are in doubt
+    r2 = events.CloneRepair(scope={"d.late"})
+    assert r2.is_exact("d.other") and not r2.is_exact("d.late")
