@@ -545,7 +545,9 @@ class Keys:
 
     def epoch_for(self, master_key_uid, now=None):
         """(snapshot key id, chunk-id key id) of the epoch of master_key_uid, starting a new epoch
-        when the job's master key changed (rotation): a new snapshot key, the chunk-id key rewrapped."""
+        when the job's master key changed (rotation): a new snapshot key and a new chunk-id key, so
+        whoever holds an older master key cannot confirm guessed content by chunk id in new epochs
+        (chunks are never shared across epochs: their ids bind the snapshot key's id)."""
         if not self.encryption:
             return "none", "none"
         if not master_key_uid:
@@ -561,12 +563,10 @@ class Keys:
                 for r in cur.values():
                     self._records[r["key_id"]] = r
                 return cur["snapshot"]["key_id"], cur["chunk_id"]["key_id"]
-            old_chunk = cur.get("chunk_id")
-            id_key = self.key(old_chunk["key_id"]) if old_chunk else crypto.new_key()
             epoch = last + 1
         else:
-            id_key, epoch = crypto.new_key(), 1
-        skey = crypto.new_key()
+            epoch = 1
+        id_key, skey = crypto.new_key(), crypto.new_key()
         sid, cid = "snapshot-%d" % epoch, "chunk_id-%d" % epoch
         # chunk-id record first: an epoch is usable only once its snapshot key exists
         for key_id, purpose, key in ((cid, "chunk_id", id_key), (sid, "snapshot", skey)):

@@ -1,11 +1,12 @@
 import datetime
+import hashlib
 import json
 import os
 
 import bson
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, restore, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
 from snapshot_helpers import LocalKeyProvider, all_types_docs, canary_hits, make_head, read_archive, split_docs, upsert_docs
 
@@ -240,6 +241,15 @@ def test_rotation_new_epoch_both_restore_and_o1_calls(env):
     new_manifest = js.read_manifest(e2["snapshot_id"], store.Keys(js, provider))
     assert not old_chunks & {c["id"] for n in new_manifest["namespaces"] for c in n["chunks"]}
     assert {c["key"] for n in new_manifest["namespaces"] for c in n["chunks"]} == {"snapshot-2"}
+    # a new chunk-id key with the epoch: the old master key's chunk-id key cannot confirm guessed content in epoch 2
+    k = store.Keys(js, provider)
+    id1, id2 = k.key("chunk_id-1"), k.key("chunk_id-2")
+    assert not crypto.hmac.compare_digest(id1, id2) and len(id2) == 32  # (no key bytes in a failure message)
+    chunk = new_manifest["namespaces"][0]["chunks"][0]
+    plain = js.read_chunk(chunk, k)
+    digest = hashlib.sha256(plain).digest()
+    assert crypto.chunk_id(id2, plain, digest, "snapshot-2") == chunk["id"]
+    assert crypto.chunk_id(id1, plain, digest, "snapshot-2") != chunk["id"]
     assert len(restored_docs(tmp, js, provider, e1["snapshot_id"], "o1")["d.c"]) == 3000
     before = provider.calls
     assert len(restored_docs(tmp, js, provider, e2["snapshot_id"], "o2")["d.c"]) == 3004
