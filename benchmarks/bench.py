@@ -8,7 +8,7 @@ for us unless a column says otherwise). Run it with benchmarks/run (it sets up t
 
   benchmarks/run                         # ~200 MB job, ~40 MB sync source: a few minutes
   benchmarks/run --size-mb 2048 --sync-mb 1024   # the issues' sizes (2 GB job, 1 GB source)
-  benchmarks/run --only snapshot         # snapshot/restore part only (also: sync, events)
+  benchmarks/run --only snapshot         # snapshot/restore part only (also: sync, events, rekey)
 
 It installs nothing: restic, borg and the PyKMIP/SecantusDB servers must be present (missing
 ones are reported and their rows skipped). Work files go under --work (default a fresh folder
@@ -451,7 +451,35 @@ def section_events(opts, work, table, found):
         table.add("events", "events that needed a re-copy", len(applier.recopy), "events")
 
 
-SECTIONS = {"snapshot": section_snapshot, "sync": section_sync, "events": section_events}
+def section_rekey(opts, work, table, found):
+    """The head's re-encryption after a key rotation (Head.export_rekeyed), against copying the same file."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    from data import Generator
+    gb = 1e9
+    head_path = os.path.join(work, "rekey-head", "head.db")
+    total_docs = int(opts.size_mb * 1e6 / 600)
+    build_head(head_path, Generator(opts.seed), total_docs)
+    size = os.path.getsize(head_path)
+    print("rekey: a %.0f MB head" % (size / 1e6), flush=True)
+    os.sync()
+    t = time.perf_counter()
+    shutil.copyfile(head_path, head_path + ".copy")
+    with open(head_path + ".copy", "rb+") as f:
+        os.fsync(f.fileno())
+    copy_seconds = time.perf_counter() - t
+    os.unlink(head_path + ".copy")
+    h = head.Head(head_path, HEAD_KEY)
+    os.sync()
+    t = time.perf_counter()
+    h.export_rekeyed(head_path + ".rekeyed", os.urandom(32))
+    seconds = time.perf_counter() - t
+    h.close()
+    table.add("rekey", "head re-encryption under a new key (%.0f MB head)" % (size / 1e6), seconds / (size / gb), "s/GB")
+    table.add("rekey", "copying the same file (shutil.copyfile + fsync), for reference", copy_seconds / (size / gb), "s/GB")
+    table.add("rekey", "re-encryption vs copy (time)", seconds / copy_seconds, "x")
+
+
+SECTIONS = {"snapshot": section_snapshot, "sync": section_sync, "events": section_events, "rekey": section_rekey}
 
 
 def machine():
@@ -475,7 +503,8 @@ def main(argv=None):
     ap.add_argument("--sync-mb", type=int, default=40, help="BSON size of the initial-sync source (issue 3: 1024)")
     ap.add_argument("--events", type=int, default=20000, help="recorded change events to apply")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--only", default="snapshot,sync,events", help="comma-separated sections: snapshot, sync, events")
+    ap.add_argument("--only", default="snapshot,sync,events,rekey",
+                    help="comma-separated sections: snapshot, sync, events, rekey")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")

@@ -156,9 +156,11 @@ class JobRunner(threading.Thread):
 
     def _run(self):
         backoff = 1.0
-        key = self._head_key()
+        key, rotated = self._head_key()
         files.ensure_private_dir(self.head_path)
         self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
+        if rotated:
+            self._rekey_head()
         while True:
             self.check_stop()
             try:
@@ -184,11 +186,10 @@ class JobRunner(threading.Thread):
     # ---- keys ------------------------------------------------------------------------
 
     def _head_key(self):
-        """The head key (bytes), unwrapped through KMIP; None for an unencrypted job.
-
-        Waits with backoff while KMIP is unreachable; nothing is written meanwhile."""
+        """(head key bytes, whether the master key was rotated since the head key was wrapped); (None, False)
+        for an unencrypted job. Waits with backoff while KMIP is unreachable; nothing is written meanwhile."""
         if not self.cfg.get("encryption"):
-            return None
+            return None, False
         uid = self.cfg.get("master_key_uid")
         if not uid:
             raise ConfigError("job %s has encryption on but no master_key_uid" % self.job)
@@ -198,6 +199,7 @@ class JobRunner(threading.Thread):
             self.check_stop()
             try:
                 self.kmip = self.kmip or jobs.kmip_client(self.d.config_dir, self.cfg["group"])
+                _finish_rekey(self.head_path)
                 record = files.read_json(path)
                 if record is None:
                     key = secrets.token_bytes(32)
@@ -206,19 +208,47 @@ class JobRunner(threading.Thread):
                     files.ensure_private_dir(self.head_path)
                     files.write_json(path, record)
                     LOG.info("job %s: head key created for generation %d", self.job, self.generation)
-                else:
-                    key = self.kmip.unwrap(record["wrapped"])
-                    if str(record["wrapped"].get("master_key_uid")) != str(uid):
-                        # the master key was rotated: rewrap under the current one
-                        record = dict(record, wrapped=self.kmip.wrap(uid, key), rewrapped=store.iso(store.utcnow()))
-                        files.write_json(path, record)
-                        LOG.info("job %s: head key rewrapped under the current master key", self.job)
-                return key
+                    return key, False
+                key = self.kmip.unwrap(record["wrapped"])
+                return key, str(record["wrapped"].get("master_key_uid")) != str(uid)
             except (KmipError, ConfigError) as e:
                 self._drop_kmip()
                 self.error("INACTIVE", "waiting for KMIP (retry in %ds): %s" % (backoff, e))
                 self.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _rekey_head(self):
+        """The master key was rotated: re-encrypt the head under a new head key wrapped by the new master key,
+        so an old master key no longer opens the head (rewrapping the old head key would not do that).
+
+        Capture pauses meanwhile (the stream resumes from the head's token); status shows the progress.
+        Crash-safe: the new head and its key record are written into heads/<job>/<gen>/rekey/; the head file
+        is moved into place first, then the key record, and _finish_rekey completes a move a crash cut short."""
+        uid = self.cfg["master_key_uid"]
+        folder = os.path.join(self.head_path, REKEY_DIR)
+        jobs.remove_tree(folder)  # an earlier rekey cut short before its head file was moved: start over
+        files.ensure_private_dir(folder)
+        key = secrets.token_bytes(32)
+        old = files.read_json(os.path.join(self.head_path, "headkey.json"))
+        record = {"job": self.job, "generation": self.generation, "created": store.iso(store.utcnow()),
+                  "wrapped": self.kmip.wrap(uid, key), "rekeyed_from": old["wrapped"].get("master_key_uid")}
+        started = time.monotonic()
+        LOG.info("job %s: master key rotated; re-encrypting the head under a new head key", self.job)
+
+        def progress(done, total):
+            self.set_status(force=False, state="PROVISIONING", consistent=False, last_error=None,
+                            rekey={"bytes_written": done, "head_bytes": total, "seconds": round(time.monotonic() - started, 1)})
+        self.set_status(state="PROVISIONING", consistent=False, last_error=None, rekey={"bytes_written": 0})
+        self.head.export_rekeyed(os.path.join(folder, "head.db"), key, progress)
+        files.write_json(os.path.join(folder, "headkey.json"), record)
+        self.head.close()
+        self.head = None
+        _finish_rekey(self.head_path)
+        self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
+        seconds = time.monotonic() - started
+        self.set_status(rekey=None, last_rekey={"finished": store.iso(store.utcnow()), "seconds": round(seconds, 1),
+                                                 "head_bytes": self.head.size()})
+        LOG.info("job %s: head re-encrypted under the new master key in %.1fs", self.job, seconds)
 
     def _drop_kmip(self):
         if self.kmip is not None:
@@ -350,6 +380,30 @@ class JobRunner(threading.Thread):
 
 class _Resync(Exception):
     pass
+
+
+REKEY_DIR = "rekey"
+
+
+def _finish_rekey(head_path):
+    """Complete or discard a head rekey (JobRunner._rekey_head) that a crash cut short: once the new key
+    record exists, the new head file is complete and its move is finished; before that, the new files
+    are discarded and the old head (still whole, checkpointed) stays."""
+    folder = os.path.join(head_path, REKEY_DIR)
+    if not os.path.isdir(folder):
+        return
+    new_db, new_key = os.path.join(folder, "head.db"), os.path.join(folder, "headkey.json")
+    if os.path.exists(new_key):
+        if os.path.exists(new_db):
+            for suffix in ("-wal", "-shm"):  # the old head's, empty after its checkpoint and close
+                try:
+                    os.unlink(os.path.join(head_path, "head.db" + suffix))
+                except FileNotFoundError:
+                    pass
+            os.replace(new_db, os.path.join(head_path, "head.db"))
+        os.replace(new_key, os.path.join(head_path, "headkey.json"))
+        files.fsync_dir(head_path)
+    jobs.remove_tree(folder)
 
 
 def _safe(err, cfg):

@@ -242,6 +242,39 @@ class Head:
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def export_rekeyed(self, dest, key, progress=None):
+        """Copy the whole head into a new database file dest encrypted under key (SQLCipher's
+        sqlcipher_export, page by page in C), durably. progress(bytes written, bytes of the head) is
+        called about every second. Writes to this head must wait meanwhile (the caller pauses them)."""
+        if os.path.exists(dest):
+            os.unlink(dest)
+        os.close(os.open(dest, os.O_CREAT | os.O_WRONLY, 0o600))
+        total = self.size()
+        state = {"next": time.monotonic() + 1.0}
+
+        def tick():
+            if progress is not None and time.monotonic() >= state["next"]:
+                state["next"] = time.monotonic() + 1.0
+                progress(os.path.getsize(dest), total)
+            return 0
+        with self._lock:
+            conn = self._conn
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("ATTACH DATABASE ? AS rekeyed KEY ?", (dest, "x'%s'" % bytes(key).hex()))
+            try:
+                for pragma in _CIPHER:
+                    conn.execute(pragma.replace("PRAGMA ", "PRAGMA rekeyed."))
+                conn.set_progress_handler(tick, 10000)
+                conn.execute("SELECT sqlcipher_export('rekeyed')")
+                conn.execute("PRAGMA rekeyed.journal_mode = WAL")
+            finally:
+                conn.set_progress_handler(None, 0)
+                conn.execute("DETACH DATABASE rekeyed")
+        with open(dest, "rb+") as f:
+            os.fsync(f.fileno())
+        if progress is not None:
+            progress(os.path.getsize(dest), total)
+
 
 def _position(conn):
     row = conn.execute("SELECT resume_token, ct_t, ct_i, consistent, sync FROM position WHERE one=1").fetchone()

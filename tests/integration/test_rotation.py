@@ -121,6 +121,7 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         assert files.read_bytes(job_file) == before
 
         # rotate for real; wait: the daemon restarts the job under the new key (no new initial sync)
+        old_head_record = files.read_json(os.path.join(jobs.head_dir(dd, job, 1), "headkey.json"))
         r = ansible.run([task(cd, dd, job, uri, rotate_master_key=True, wait=True, wait_timeout=60)])
         rot = r[0]
         assert rot["changed"] is True and rot["rotated"] is True and rot["status"] == "STARTED", rot.get("msg") or d.log_tail()
@@ -135,9 +136,19 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
             assert c.key_info(old)["state"] == "ACTIVE"
         headkey = os.path.join(jobs.head_dir(dd, job, 1), "headkey.json")
         assert jobs.wait_for(lambda: files.read_json(headkey)["wrapped"]["master_key_uid"] == new, 30), d.log_tail()
-        assert "rewrapped" in files.read_json(headkey)
+        assert files.read_json(headkey)["rekeyed_from"] == old
         st = d.status(job)
         assert st["master_key_uid"] == new and st["initial_syncs"] == 1, st
+        assert st["last_rekey"]["head_bytes"] > 0 and not st.get("rekey"), st
+        # the head was re-encrypted under a new head key: the old master key's head key no longer opens it
+        head_db = os.path.join(jobs.head_dir(dd, job, 1), "head.db")
+        with jobs.kmip_client(cd, "group1") as c:
+            old_head_key = c.unwrap(old_head_record["wrapped"])
+            new_head_key = c.unwrap(files.read_json(headkey)["wrapped"])
+        with pytest.raises(head.HeadError, match="cannot be read with this job's key"):
+            head.Head(head_db, old_head_key)
+        with head.Head(head_db, new_head_key) as h, h.read() as r:
+            assert r.count(dbname + ".a") == 300
 
         # more data, in a new collection only: the first snapshot of the new epoch rewrites every chunk under the new key
         with mc.start_session() as s:

@@ -261,3 +261,39 @@ def test_encrypted_head_has_no_plaintext_canary(tmp_path):
         with open(f, "rb") as fh:
             assert CANARY.encode() not in fh.read()
     assert all(oct(os.stat(f).st_mode & 0o777) == "0o600" for f in glob.glob(str(folder / "*")))
+
+
+@pytest.mark.parametrize("crash", ["before_key_record", "after_key_record", "after_head_moved", "none"])
+def test_rekey_export_and_crash_recovery(tmp_path, crash):
+    """The rekey of a head (daemon._rekey_head): the export under a new key holds every row; a crash at any
+    step leaves a head that opens with exactly one key, the one its key record names (daemon._finish_rekey)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, files
+    old_key, new_key = os.urandom(32), os.urandom(32)
+    folder = tmp_path / "heads" / "job" / "1"
+    h = head.Head(str(folder / "head.db"), old_key)
+    docs = [(head.id_key_from_value(i), bson.encode({"_id": i, "pad": "x" * 200})) for i in range(5000)]
+    with h.write() as w:
+        w.upsert_many("d.c", docs)
+        w.set_position(b"\x05\x00\x00\x00\x00", (1760000000, 7), True)
+    files.write_json(str(folder / "headkey.json"), {"which": "old"})
+    rk = folder / daemon.REKEY_DIR
+    rk.mkdir(mode=0o700)
+    seen = []
+    h.export_rekeyed(str(rk / "head.db"), new_key, lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] > 0 and seen[-1][1] > 0
+    if crash != "before_key_record":
+        files.write_json(str(rk / "headkey.json"), {"which": "new"})
+    h.close()
+    if crash == "after_head_moved":
+        os.replace(str(rk / "head.db"), str(folder / "head.db"))
+    daemon._finish_rekey(str(folder))  # pylint: disable=protected-access
+    assert not rk.exists()
+    which = files.read_json(str(folder / "headkey.json"))["which"]
+    assert which == ("old" if crash == "before_key_record" else "new")
+    good, bad = (old_key, new_key) if which == "old" else (new_key, old_key)
+    with pytest.raises(head.HeadError):
+        head.Head(str(folder / "head.db"), bad)
+    with head.Head(str(folder / "head.db"), good) as h2, h2.read() as r:
+        assert list(r.scan("d.c")) == sorted(docs)
+        assert r.position()["cluster_time"] == [1760000000, 7] and r.position()["consistent"]
+    assert oct(os.stat(folder / "head.db").st_mode & 0o777) == "0o600"
