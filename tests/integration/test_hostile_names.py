@@ -18,7 +18,7 @@ from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, head, kmip, restore, snapshot, source, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
-from snapshot_helpers import read_archive, split_docs
+from snapshot_helpers import canary_hits, read_archive, split_docs
 
 RAW = CodecOptions(document_class=RawBSONDocument)
 TAG = uuid.uuid4().hex[:8]
@@ -145,6 +145,10 @@ def test_initial_sync_verify_and_capture_keep_every_name(world, plain):
         assert head_docs(h, ns) == source_docs(plain, ns), ns
     run(plain[DB], {"drop": "x..new"})
     run(plain[DB], {"delete": "/abs", "deletes": [{"q": {"_id": 99}, "limit": 1}]})
+
+
+def test_encrypted_store_holds_no_name(world):
+    assert canary_hits(str(world["tmp"] / "store"), TAG) == []  # every database name of the corpus holds TAG
 
 
 def _restore(world, pki, kmip_server, target, include=(DB + ".*", DB2 + ".*"), **kw):
