@@ -13,8 +13,11 @@ documents} followed by 0xffffffff.
 """
 from __future__ import annotations
 
+import base64
 import collections
+import hashlib
 import struct
+from urllib.parse import quote
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 
@@ -41,9 +44,23 @@ TOOL_VERSION = "kmipbackup.mongodb"
 _ORDERED = CANONICAL_JSON_OPTIONS.with_options(document_class=collections.OrderedDict) if CANONICAL_JSON_OPTIONS else None
 
 
+PATH_SAFE = "$&+:=@"  # kept by Go's url.PathEscape besides letters, digits and -._~
+FILE_NAME_MAX = 238  # an escaped name plus the longest suffix (.metadata.json.gz) fits 255 bytes
+FILE_NAME_CUT = 208
+
+
 def escape_collection_name(name):
-    """A collection name as a file name, as mongodump escapes it (% and / percent-encoded)."""
-    return name.replace("%", "%25").replace("/", "%2F")
+    """A collection's file name (without .bson / .metadata.json) as mongodump writes it (mongo-tools:
+    util.EscapeCollectionName is Go's url.PathEscape; mongodump/prepare.go outputPath): percent-encoded
+    ('/' %2F, '%' %25, space %20, other bytes outside letters, digits and -._~$&+:=@ as %XX of their UTF-8),
+    so it is one plain ASCII file name; one longer than 238 bytes is cut to its first 208 bytes, then '%24'
+    ($) and the unpadded URL-safe base64 of the SHA-1 of the name. Both steps are one-to-one ('%24' appears
+    in no other escaped name), so two collections never share a file."""
+    escaped = quote(name, safe=PATH_SAFE)
+    if len(escaped) > FILE_NAME_MAX:
+        digest = base64.urlsafe_b64encode(hashlib.sha1(name.encode("utf-8")).digest()).rstrip(b"=").decode("ascii")
+        escaped = escaped[:FILE_NAME_CUT] + "%24" + digest
+    return escaped
 
 
 def _decode(raw):

@@ -14,10 +14,14 @@ the end, so a failure leaves the target untouched. A MongoDB restore first authe
 every chunk it needs, then inserts; its progress is recorded in the marker collection
 kmipbackup_restore.restoreInfo (state incomplete until the restore is verified), keyed by job,
 snapshot and a digest of the namespaces restored, so one snapshot can go to several databases.
-Namespace names come from the manifest: they must be MongoDB names that cannot leave the
-restore folder, and messages name them as #n (their position in the snapshot) for an
-encrypted snapshot; errors of pymongo and of the file system are reported by kind and code,
-never with their text (which can hold documents, _id values, namespaces and paths).
+Namespace names come from the manifest and are restored as the source had them: a directory
+restore names files the way mongodump does (percent-encoded, long names cut and hashed), so no
+name leaves the restore folder, and a MongoDB restore writes through raw commands (pymongo's
+Collection refuses names servers accept, such as "a..b"). A name a target cannot hold is refused
+before anything is written, naming the namespace by its position (#n) and suggesting exclude.
+Messages name namespaces as #n (their position in the snapshot) for an encrypted snapshot;
+errors of pymongo and of the file system are reported by kind and code, never with their text
+(which can hold documents, _id values, namespaces and paths).
 """
 from __future__ import annotations
 
@@ -27,10 +31,9 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump, source
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.snapshot import namespace_hash
@@ -61,6 +64,9 @@ READ_THREADS = 3  # reading, decrypting and decompressing release the GIL; the m
 SYNC_EVERY = 64 << 20
 READ_AHEAD = 4
 DB_NAME_FORBIDDEN = frozenset('/\\. "$\x00')
+DB_NAME_MAX_BYTES = 63  # MongoDB's limit (and a database's folder name in a directory restore)
+NS_MAX_BYTES = 255  # MongoDB's limit of a fully qualified namespace, db.collection (4.4 and later)
+INSERT_BATCH_DOCS = 100000  # MongoDB's maxWriteBatchSize
 
 
 def _require_bson():
@@ -110,27 +116,52 @@ def label(encryption, index, name, show=False):
 
 def valid_database_name(name):
     """A MongoDB database name, which is also a safe single folder name."""
-    return isinstance(name, str) and bool(name) and not DB_NAME_FORBIDDEN.intersection(name)
+    return (isinstance(name, str) and bool(name) and not DB_NAME_FORBIDDEN.intersection(name)
+            and len(name.encode("utf-8")) <= DB_NAME_MAX_BYTES)
 
 
-def valid_collection_name(name):
-    """A collection name whose mongodump file name ('/' escaped as %2F) stays in its database's folder:
-    not empty, no NUL, no leading '.', '/' or '\\', no '.' or '..' component."""
-    if not isinstance(name, str) or not name or "\x00" in name or name[0] in "./\\":
-        return False
-    return not any(part in (".", "..") for part in re.split(r"[/\\]", name))
+def name_problem(db, coll):
+    """Why no target can hold namespace db.coll (a MongoDB rule it breaks), or None. Collection names are
+    free otherwise: a directory restore escapes them (mongodump.escape_collection_name)."""
+    if not valid_database_name(db):
+        return ("its database name is not one MongoDB allows (empty, longer than %d bytes, or with one of "
+                "/ \\ . space \" $ NUL)" % DB_NAME_MAX_BYTES)
+    if not isinstance(coll, str) or not coll or "\x00" in coll:
+        return "its collection name is empty or holds a NUL character"
+    return None
+
+
+def mongodb_name_problem(db, coll):
+    """Why a MongoDB target cannot hold db.coll (MongoDB's documented naming rules), or None."""
+    if coll.startswith("."):
+        return "MongoDB refuses collection names that start with '.'"
+    if "$" in coll:
+        return "MongoDB refuses collection names with '$'"
+    if coll.startswith("system.") and coll != "system.js":
+        return "MongoDB reserves collection names that start with 'system.'"
+    if len(db.encode("utf-8")) + 1 + len(coll.encode("utf-8")) > NS_MAX_BYTES:
+        return "with its target database name it is longer than MongoDB's %d bytes per namespace" % NS_MAX_BYTES
+    return None
+
+
+def _name_error(what, label_i, reason):
+    """The RestoreError of a name a target cannot hold: which namespace (#n, the name too where shown) and what to do."""
+    return RestoreError("Namespace %s cannot be restored to %s: %s; nothing was written. Leave it out with exclude (its "
+                        "name, or a pattern), or restore its database under another name with rename_databases."
+                        % (label_i, what, reason))
 
 
 def select_namespaces(manifest, include=None, exclude=None, rename=None):
     """[(index, namespace entry, target db, target collection)] after include/exclude patterns (fnmatch on
     "db.collection") and database rename ({source db: target db}); index is the namespace's 1-based position
-    in the snapshot. RestoreError for an invalid rename target; IntegrityError for a manifest naming an
-    invalid namespace (it could write outside the target)."""
+    in the snapshot. RestoreError for an invalid rename target, and for a namespace whose name no target can
+    hold (name_problem; named by position only, as plan cannot tell whether the snapshot is encrypted)."""
     rename = rename or {}
     for db in rename.values():
         if not valid_database_name(db):
-            raise RestoreError("rename_databases maps a database to %r, which is not a valid database name (empty, or with "
-                               "one of / \\ . space \" $ NUL): give a plain database name." % (db,))
+            raise RestoreError("rename_databases maps a database to %r, which is not a valid database name (empty, longer "
+                               "than %d bytes, or with one of / \\ . space \" $ NUL): give a plain database name."
+                               % (db, DB_NAME_MAX_BYTES))
     out = []
     for i, n in enumerate(manifest["namespaces"], 1):
         ns = n["ns"]
@@ -139,8 +170,9 @@ def select_namespaces(manifest, include=None, exclude=None, rename=None):
         if exclude and any(fnmatch.fnmatchcase(ns, p) for p in exclude):
             continue
         db, _dot, coll = ns.partition(".")
-        if not valid_database_name(db) or not valid_collection_name(coll):
-            raise crypto.integrity_error("manifest", manifest.get("snapshot_id"), "names an invalid namespace (#%d)" % i)
+        problem = name_problem(rename.get(db, db), coll)  # a renamed database needs only its new name to be valid
+        if problem:
+            raise _name_error("any target", "#%d" % i, problem)
         out.append((i, n, rename.get(db, db), coll))
     return out
 
@@ -291,9 +323,11 @@ def busy_namespaces(target, selected):
     client = target.client()
     names, busy = {}, []
     for i, _n, db, coll in selected:
+        if mongodb_name_problem(db, coll):
+            continue  # the target cannot hold it: the restore refuses it by name before writing anything
         if db not in names:
             names[db] = set(client[db].list_collection_names())
-        if coll in names[db] and client[db][coll].find_one({}, projection={"_id": 1}) is not None:
+        if coll in names[db] and source.find_one_raw(client, "%s.%s" % (db, coll), {}, {"_id": 1}) is not None:
             busy.append((i, db, coll))
     return busy
 
@@ -437,6 +471,11 @@ def _index_specs(n):
 
 
 def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+    for i, _n, db, coll in selected:  # before anything is read from or written to the target
+        problem = mongodb_name_problem(db, coll)
+        if problem:
+            label_i = name(i, db, coll)  # "#i" for an encrypted snapshot: a "db.coll" name always holds a dot
+            raise _name_error("MongoDB", label_i if label_i == "#%d" % i else "#%d (%s)" % (i, label_i), problem)
     client = target.client()
     busy = busy_namespaces(target, selected)
     if busy and not drop:
@@ -469,32 +508,61 @@ def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, inf
             raise _os_error(e, "Writing restoreInfo.txt to %s" % target.restore_info_path) from None
 
 
+def _write_command(database, cmd):
+    """Run a write command with the client's write concern (what pymongo's Collection methods would send)."""
+    wc = database.write_concern
+    if not wc.is_server_default:
+        cmd["writeConcern"] = wc.document
+    return database.command(cmd)
+
+
+def _insert(database, coll, docs, inserted):
+    """Insert raw documents with one insert command; a BulkWriteError (as insert_many raises) on write errors."""
+    reply = _write_command(database, bson.SON([("insert", coll), ("documents", docs), ("ordered", False),
+                                               ("bypassDocumentValidation", True)]))
+    if reply.get("writeErrors") or reply.get("writeConcernError"):
+        raise pymongo.errors.BulkWriteError({
+            "writeErrors": reply.get("writeErrors") or [], "nInserted": inserted + int(reply.get("n") or 0),
+            "writeConcernErrors": [reply["writeConcernError"]] if reply.get("writeConcernError") else []})
+    return int(reply.get("n") or 0)
+
+
+def _count(database, coll):
+    """The number of documents in coll (what count_documents({}) runs), through a raw aggregate command."""
+    docs = source.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
+                                [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
+    return int(docs[0]["n"]) if docs else 0
+
+
 def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name):
+    # raw commands throughout: pymongo's Collection refuses names the server accepts ("a..b", "x.")
+    database = client[db]
     if db not in existing:
-        existing[db] = set(client[db].list_collection_names())
+        existing[db] = set(database.list_collection_names())
     if drop:
-        client[db].drop_collection(coll)
+        database.drop_collection(coll)  # by name: not validated by pymongo
     options = bson.decode(bytes(n["options"])) if n["options"] else {}
     if drop or coll not in existing[db]:
-        client[db].create_collection(coll, **options)
+        _write_command(database, bson.SON([("create", coll)] + list(options.items())))
     if options.get("viewOn"):
         return
-    c_obj = client[db][coll]
-    v, batch, batch_bytes = _Verifier(n), [], 0
+    v, batch, batch_bytes, inserted = _Verifier(n), [], 0, 0
     for c, plain in _chunks(job_store, keys, n):
         v.add(c)
-        batch.extend(bson.decode_all(plain, codec))
-        batch_bytes += len(plain)
-        if batch_bytes >= INSERT_BATCH_BYTES:
-            c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
-            batch, batch_bytes = [], 0
+        for doc in bson.decode_all(plain, codec):
+            size = len(doc.raw)
+            if batch and (batch_bytes + size > INSERT_BATCH_BYTES or len(batch) >= INSERT_BATCH_DOCS):
+                inserted += _insert(database, coll, batch, inserted)  # a command stays under 16 MB + one document
+                batch, batch_bytes = [], 0
+            batch.append(doc)
+            batch_bytes += size
     if batch:
-        c_obj.insert_many(batch, ordered=False, bypass_document_validation=True)
+        inserted += _insert(database, coll, batch, inserted)
     specs = _index_specs(n)
     if specs:
-        client[db].command("createIndexes", coll, indexes=specs)
+        database.command("createIndexes", coll, indexes=specs)
     if verify:
-        v.check(entry["snapshot_id"], name, c_obj.count_documents({}))
+        v.check(entry["snapshot_id"], name, _count(database, coll))
 
 
 def plan(job_store, snapshot, keys, include=None, exclude=None, rename=None, expect_encryption=None):

@@ -61,6 +61,46 @@ def _require():
                           "daemon's virtualenv." % PYMONGO_IMPORT_ERROR)
 
 
+def find_raw_batches(client, ns, query=None, batch_size=None):
+    """Raw batches (concatenated BSON documents) of a find on namespace ns, as pymongo's
+    Collection.find_raw_batches yields them, run as raw find/getMore commands: pymongo's Collection
+    refuses names the server accepts ("a..b", "x."). The cursor is closed (killCursors) when the
+    generator is."""
+    db, coll = _split(ns)
+    cmd = {"find": coll, "filter": query if query is not None else {}}
+    if batch_size:
+        cmd["batchSize"] = int(batch_size)
+    group = int(batch_size or 1000)
+    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
+        buf = []
+        for doc in cursor:
+            buf.append(doc.raw)
+            if len(buf) >= group:
+                yield b"".join(buf)
+                buf = []
+        if buf:
+            yield b"".join(buf)
+
+
+def find_one_raw(client, ns, query, projection=None):
+    """The first document (RawBSONDocument) matching query in namespace ns, or None; a raw find command."""
+    db, coll = _split(ns)
+    cmd = {"find": coll, "filter": query, "limit": 1, "singleBatch": True}
+    if projection is not None:
+        cmd["projection"] = projection
+    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
+        for doc in cursor:
+            return doc
+    return None
+
+
+def aggregate_raw(client, ns, pipeline):
+    """The RawBSONDocuments an aggregation pipeline on namespace ns returns; a raw aggregate command."""
+    db, coll = _split(ns)
+    with client[db].cursor_command({"aggregate": coll, "pipeline": pipeline, "cursor": {}}, codec_options=RAW) as cursor:
+        return list(cursor)
+
+
 def _redact(text, source):
     """text without the source's passwords (pymongo messages may carry the URI)."""
     text = str(text)
@@ -349,9 +389,8 @@ def _clone(head, client, names, stop_event=None):
     def reader():
         try:
             for ns in names:
-                db, coll = _split(ns)
                 try:
-                    for batch in client[db][coll].find_raw_batches({}, batch_size=CLONE_BATCH_DOCS):
+                    for batch in find_raw_batches(client, ns, {}, batch_size=CLONE_BATCH_DOCS):
                         q.put((ns, batch))
                         if stop_event is not None and stop_event.is_set():
                             return
@@ -578,17 +617,16 @@ def recopy_document(w, client, ns, doc_key_raw, at=None):
     stream's later events apply on top. Where the server cannot read at that time (history gone,
     an older server) the current document is read: later events then re-apply idempotently, as
     in an initial sync's catch-up, and head verification heals what they cannot."""
-    db, coll = _split(ns)
     doc = None
     if at is not None:
         try:
-            doc = _find_one_at(client, db, coll, _id_filter(doc_key_raw), at)
+            doc = _find_one_at(client, ns, _id_filter(doc_key_raw), at)
         except mongo_errors.OperationFailure as e:
             if e.code not in SNAPSHOT_READ_UNAVAILABLE_CODES:
                 raise
             at = None
     if at is None:
-        doc = client[db][coll].find_one(_id_filter(doc_key_raw))
+        doc = find_one_raw(client, ns, _id_filter(doc_key_raw))
     ik = id_key_from_document(doc_key_raw)
     if doc is None:
         w.delete(ns, ik)
@@ -596,8 +634,9 @@ def recopy_document(w, client, ns, doc_key_raw, at=None):
         w.upsert(ns, ik, bytes(doc.raw))
 
 
-def _find_one_at(client, db, coll, query, at):
+def _find_one_at(client, ns, query, at):
     """The document matching query as of cluster time at (readConcern snapshot), raw; None when absent."""
+    db, coll = _split(ns)
     reply = client[db].command({"find": coll, "filter": query, "limit": 1, "singleBatch": True,
                                 "readConcern": {"level": "snapshot", "atClusterTime": at}}, codec_options=RAW)
     batch = reply["cursor"]["firstBatch"]
@@ -624,18 +663,17 @@ def verify(head, client, sample=100, full=False):
     for ns in sorted(in_head):
         if parse_options_is_view(in_head[ns]["options"]):
             continue
-        db, coll = _split(ns)
         if full:
             with head.read() as r:
                 head_keys = (k for k, _doc in r.scan(ns))
                 _verify_keys(head, client, ns, _chunks(head_keys, 500), counts)
-            for batch in client[db][coll].find_raw_batches({}, batch_size=2000):
+            for batch in find_raw_batches(client, ns, {}, batch_size=2000):
                 _verify_source_batch(head, ns, _split_batch(batch), counts)
         else:
             with head.read() as r:
                 probes = _head_probes(r, ns, sample)
             _verify_keys(head, client, ns, [probes], counts)
-            docs = list(client[db][coll].aggregate([{"$sample": {"size": int(sample)}}]))
+            docs = aggregate_raw(client, ns, [{"$sample": {"size": int(sample)}}])
             _verify_source_batch(head, ns, [(id_key_from_document(d.raw), bytes(d.raw)) for d in docs], counts)
     return counts
 
@@ -684,7 +722,6 @@ def _head_probes(r, ns, n):
 
 def _verify_keys(head, client, ns, key_chunks, counts):
     """Check head documents (by id_key) against the source."""
-    db, coll = _split(ns)
     for keys in key_chunks:
         with head.read() as r:
             docs = [(k, r.get(ns, k)) for k in keys]
@@ -692,7 +729,7 @@ def _verify_keys(head, client, ns, key_chunks, counts):
         ids = [_id_value_raw(d) for _key, d in docs]
         query = _in_filter(ids)
         src = {}
-        for batch in client[db][coll].find_raw_batches(query):
+        for batch in find_raw_batches(client, ns, query):
             for k, d in _split_batch(batch):
                 src[k] = d
         fixes = []

@@ -4,6 +4,8 @@ an existing parent folder, and the canary scanner's own positive control. Keys c
 double (nothing here claims KMIP behaviour); the MongoDB target is the real SecantusDB server."""
 import datetime
 import os
+import resource
+import signal
 import stat
 
 import bson
@@ -85,20 +87,42 @@ def test_gc_of_a_job_whose_encryption_was_enabled(tmp_path):
     restore.restore(js, enc["snapshot_id"], store.Keys(js, provider, True), restore.DirectoryTarget(str(tmp_path / "e")))
 
 
-@pytest.mark.parametrize("ns", ["{escaped}.pwn", "d.../up", "d..hidden", "d.a/../../up", "d./abs", "a\\b.c", ".c", "d.", "d.x\x00y",
-                                "d.\\abs", "d$x.c"])
-def test_forged_namespace_names_cannot_leave_the_target(tmp_path, ns):
-    """An unencrypted job's store can be rewritten by anyone who can write to it: the manifest's names are checked."""
+@pytest.mark.parametrize("ns", ["{escaped}.pwn", "a\\b.c", ".c", "d.", "d.x\x00y", "d$x.c", "..c", "d" * 64 + ".c"])
+def test_forged_namespace_names_no_target_can_hold(tmp_path, ns):
+    """An unencrypted job's store can be rewritten by anyone who can write to it: a manifest name no MongoDB
+    allows (a database name with / \\ $ or 64+ bytes, an empty name, NUL) is refused before anything is
+    written, by position and with what to do."""
     ns = ns.format(escaped=str(tmp_path / "escaped"))
     _provider, js, e = job(tmp_path, {"d.c": docs()}, encryption=False)
     sid = forge_null_snapshot(js, e, {"d.ok": docs(2), ns: docs(3)}, encryption=False, new=True)
     keys = store.Keys(js, None, False)
     for target in (restore.DirectoryTarget(str(tmp_path / "out")), restore.ArchiveTarget(str(tmp_path / "a" / "x.archive"))):
-        with pytest.raises(IntegrityError) as err:
+        with pytest.raises(RestoreError) as err:
             restore.restore(js, sid, keys, target)
-        assert err.value.kind == "manifest" and "invalid namespace (#2)" in str(err.value)
+        msg = str(err.value)
+        assert msg.startswith("Namespace #2 cannot be restored to any target:") and "exclude" in msg, msg
+        assert "nothing was written" in msg
     assert sorted(os.listdir(tmp_path)) == ["h", "store"]
     restore.restore(js, sid, keys, restore.DirectoryTarget(str(tmp_path / "out")), exclude=[ns])  # the others restore
+    assert sorted(os.listdir(tmp_path / "out")) == ["d", "restoreInfo.txt"]
+
+
+@pytest.mark.parametrize("ns, file", [("d.../up", "..%2Fup"), ("d..hidden", ".hidden"), ("d.a/../../up", "a%2F..%2F..%2Fup"),
+                                      ("d./abs", "%2Fabs"), ("d.\\abs", "%5Cabs"), ("d.%2F..", "%252F.."),
+                                      ("d." + "/" * 100, "%2F" * 69 + "%" + "%24" + "I_ypOCbo-0Mvl48CFLlZb_hZqfM")])
+def test_forged_collection_names_stay_inside_the_target(tmp_path, ns, file):
+    """Collection names that look like paths are restored into files inside their database's folder, named as
+    mongodump names them (url.PathEscape; over 238 bytes: 208 bytes, %24, base64url of the name's SHA-1)."""
+    _provider, js, e = job(tmp_path, {"d.c": docs()}, encryption=False)
+    sid = forge_null_snapshot(js, e, {"d.ok": docs(2), ns: docs(3)}, encryption=False, new=True)
+    keys = store.Keys(js, None, False)
+    restore.restore(js, sid, keys, restore.DirectoryTarget(str(tmp_path / "out")))
+    assert sorted(os.listdir(tmp_path)) == ["h", "out", "store"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["d", "restoreInfo.txt"]
+    assert sorted(os.listdir(tmp_path / "out" / "d")) == sorted([file + ".bson", file + ".metadata.json", "ok.bson", "ok.metadata.json"])
+    assert split_docs((tmp_path / "out" / "d" / (file + ".bson")).read_bytes()) == [bson.encode(d) for d in docs(3)]
+    restore.restore(js, sid, keys, restore.ArchiveTarget(str(tmp_path / "a" / "x.archive")))
+    assert sorted(os.listdir(tmp_path / "a")) == ["x.archive", "x.archive.restoreInfo.txt"]
 
 
 def test_rename_targets_validated_and_slash_in_collection_stays_inside(tmp_path):
@@ -134,12 +158,21 @@ def test_mongodb_errors_name_no_document_id_or_namespace(tmp_path, mongo_server)
 
 
 def test_os_errors_name_no_file_path(tmp_path):
-    long_coll = "c" * 300  # a valid collection name whose file name is too long for the file system
-    provider, js, _e = job(tmp_path, {"d." + long_coll: docs(2)})
-    with pytest.raises(RestoreError) as err:
-        restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
+    """A file-system error while writing (here EFBIG: a file-size limit, which binds root too) is reported by its
+    kind, without the file's path (it holds the namespace's names)."""
+    ns = "db_%s.coll_%s" % (CANARY, CANARY)
+    provider, js, _e = job(tmp_path, {ns: docs(3000)})
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, old_limit[1]))
+    try:
+        with pytest.raises(RestoreError) as err:
+            restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
     msg = str(err.value)
-    assert "Writing namespace #1 into" in msg and "File name too long" in msg and "c" * 20 not in msg, msg
+    assert "Writing namespace #1 into" in msg and "File too large" in msg and CANARY not in msg, msg
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 

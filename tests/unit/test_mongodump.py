@@ -1,3 +1,5 @@
+import base64
+import hashlib
 import json
 import os
 
@@ -34,6 +36,29 @@ def test_metadata_json_canonical_and_ordered():
 
 def test_escape():
     assert mongodump.escape_collection_name("a/b%c") == "a%2Fb%25c"
+
+
+@pytest.mark.parametrize("name, file", [
+    ("plain-name_1.x~", "plain-name_1.x~"), ("a b", "a%20b"), ("a+b", "a+b"), ("$&+:=@", "$&+:=@"),
+    ("?;,#[]*!'()\"<>\\^`{|}", "%3F%3B%2C%23%5B%5D%2A%21%27%28%29%22%3C%3E%5C%5E%60%7B%7C%7D"),
+    ("\u00e9t\u00e9", "%C3%A9t%C3%A9"), ("\U0001F600", "%F0%9F%98%80"), ("tab\tnl\n", "tab%09nl%0A"),
+    ("/abs", "%2Fabs"), ("..", ".."), ("a%2Fb", "a%252Fb"), ("%24", "%2524")])
+def test_escape_is_go_path_escape(name, file):
+    """mongo-tools' util.EscapeCollectionName is Go's url.PathEscape: letters, digits, -._~ and $&+:=@ stay,
+    every other byte of the UTF-8 name becomes %XX (upper-case hex)."""
+    assert mongodump.escape_collection_name(name) == file
+
+
+def test_escape_long_names_cut_and_hashed_as_mongodump():
+    """mongodump/prepare.go outputPath: an escaped name over 238 bytes becomes its first 208 bytes, %24 and the
+    unpadded base64url of the SHA-1 of the unescaped name (27 characters): 238 bytes."""
+    assert mongodump.escape_collection_name("c" * 238) == "c" * 238
+    long = "c" * 239
+    digest = hashlib.sha1(long.encode()).digest()
+    assert mongodump.escape_collection_name(long) == "c" * 208 + "%24" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    assert len(mongodump.escape_collection_name("\u00e9" * 80)) == 238  # 160 bytes, 480 once escaped
+    names = ["c" * 239, "c" * 240, "c" * 208 + "%24", "\u00e9" * 80, "\u00e9" * 79 + "e", "/" * 80, "%2F" * 80]
+    assert len({mongodump.escape_collection_name(n) for n in names}) == len(names)
 
 
 def test_archive_round_trip(tmp_path):
