@@ -17,6 +17,7 @@ from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs, kmip, restore, store
 from daemon_helper import DaemonProcess, write_kmip_setup
+from snapshot_helpers import canary_hits
 import kmipbackup_lab as lab
 
 BJ = "kmipbackup.mongodb.backup_job_encryption"
@@ -90,6 +91,8 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
     mc = pymongo.MongoClient(uri)
     mc[dbname]["a"].insert_many([{"_id": ObjectId(), "n": i, "pad": "a" * 64} for i in range(300)])
     mc[dbname]["c"].insert_many([{"_id": i, "v": -i} for i in range(50)])
+    canary = "ROTCANARY%s" % tag
+    mc[dbname]["c"].insert_one({"_id": canary, "v": canary})
     js = store.JobStore(root, job)
     job_file = jobs.job_path(cd, job)
 
@@ -149,6 +152,9 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
             head.Head(head_db, old_head_key)
         with head.Head(head_db, new_head_key) as h, h.read() as r:
             assert r.count(dbname + ".a") == 300
+            assert r.get(dbname + ".c", head.id_key_from_value(canary)) is not None
+        # the rekey wrote no plaintext anywhere in the data folder (the re-encrypted head, its temporary folder)
+        assert canary_hits(dd, canary) == []
 
         # more data, in a new collection only: the first snapshot of the new epoch rewrites every chunk under the new key
         with mc.start_session() as s:
