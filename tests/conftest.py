@@ -58,6 +58,14 @@ def mongo_server(lab_dir):
 
 
 @pytest.fixture(scope="session")
+def s3_server(lab_dir):
+    """A SeaweedFS server (a real S3 server) on loopback: {pid, port, endpoint, access_key, secret_key, dir, log}."""
+    info = lab.start_s3_server(os.path.join(lab_dir, "s3"))
+    yield info
+    lab.stop(info["pid"])
+
+
+@pytest.fixture(scope="session")
 def dead_port():
     """A loopback port nothing listens on."""
     return lab.free_port()

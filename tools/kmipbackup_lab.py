@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -215,6 +216,72 @@ def start_mongo_server(folder, port=None, oplog_max_entries=2_000_000):
     _wait_port(port, proc, 30, log)
     return {"pid": proc.pid, "port": port, "dir": folder, "log": log,
             "uri": "mongodb://127.0.0.1:%d/?replicaSet=secantus" % port}
+
+
+def _free_ports(n):
+    """n free loopback ports p whose p + 10000 (SeaweedFS's gRPC twin of every HTTP port) is free too."""
+    out = []
+    while len(out) < n:
+        p = free_port()
+        if p + 10000 > 65535 or p in out or p + 10000 in out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        out.append(p)
+    return out
+
+
+def start_s3_server(folder, port=None, access_key="kmipbackup-lab", secret_key=None):
+    """Start SeaweedFS (`weed mini`: a real S3 server) on loopback. Returns {pid, port, endpoint, access_key,
+    secret_key, dir, log}; the secret is written to folder/s3.json (0600), the server's credentials file."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    conf = os.path.join(folder, "s3.json")
+    if secret_key is None and os.path.exists(conf):
+        with open(conf) as f:
+            secret_key = json.load(f)["identities"][0]["credentials"][0]["secretKey"]
+    secret_key = secret_key or secrets.token_urlsafe(24)
+    _write_private(conf, json.dumps({"identities": [{
+        "name": "kmipbackup", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}).encode())
+    s3, master, filer, volume, webdav = ([port] if port else []) + _free_ports(5 if not port else 4)
+    log = os.path.join(folder, "server.log")
+    with open(os.devnull, "rb") as null, open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [_bin("weed"), "mini", "-dir=" + os.path.join(folder, "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-s3.port=%d" % s3, "-master.port=%d" % master, "-filer.port=%d" % filer, "-volume.port=%d" % volume,
+             "-webdav.port=%d" % webdav, "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             "-s3.config=" + conf],
+            cwd=folder, stdin=null, stdout=out, stderr=out, start_new_session=True)
+    os.makedirs(os.path.join(folder, "data"), mode=0o700, exist_ok=True)
+    _wait_port(s3, proc, 60, log)
+    info = {"pid": proc.pid, "port": s3, "endpoint": "http://127.0.0.1:%d" % s3, "access_key": access_key,
+            "secret_key": secret_key, "dir": folder, "log": log}
+    _wait_s3(info, proc, 60)
+    return info
+
+
+def _wait_s3(info, proc, timeout):
+    """Until one S3 call (list buckets) answers: the port opens before the filer behind it is ready."""
+    import boto3
+    from botocore.config import Config
+    client = boto3.client("s3", endpoint_url=info["endpoint"], aws_access_key_id=info["access_key"],
+                          aws_secret_access_key=info["secret_key"], region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                                        connect_timeout=2, read_timeout=5))
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("the S3 server exited with %s; see %s" % (proc.returncode, info["log"]))
+        try:
+            client.list_buckets()
+            return
+        except Exception:  # not ready yet
+            if time.monotonic() > deadline:
+                raise RuntimeError("the S3 server did not answer within %ss; see %s" % (timeout, info["log"])) from None
+            time.sleep(0.2)
 
 
 def stop(pid, timeout=30):

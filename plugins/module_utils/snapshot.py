@@ -27,7 +27,7 @@ import threading
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import EMPTY_BSON
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format, iso, utcnow
 
 try:
     from bson.binary import Binary
@@ -230,6 +230,7 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
     if bool(encryption) != keys.encryption:
         raise SnapshotError("The job's encryption setting and its keys disagree: reload the job configuration.")
     now = now or utcnow()
+    check_format(job_store.storage, create=True)  # before the first write: a root holding something else is refused
     key_id, id_key_id = keys.epoch_for(master_key_uid if encryption else None, now)
     key = keys.key(key_id)
     id_key = keys.key(id_key_id) if encryption else crypto.NULL_ID_KEY

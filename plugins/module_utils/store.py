@@ -214,8 +214,48 @@ def _unblob(magic, blob, kind, object_id):
     return key_id, blob[5 + n:]
 
 
+# The store-level format record at the root of every store (folder or bucket + prefix): readers refuse a
+# record of another format or a newer version; the first snapshot writes it (a store of 0.1.0 has none).
+FORMAT_FILE = "kmipbackup-store.json"
+STORE_FORMAT, STORE_FORMAT_VERSION = "kmipbackup-store", 1
+_JOB_AREA = ("keyring", "chunks", "manifests", "catalog", "pending")
+
+
+def check_format(storage, create=False):
+    """Check the store's format record; with create, write it where it is missing (refusing a root that holds
+    something else than job areas). StoreError saying what the root holds and what to do."""
+    where = getattr(storage, "root", "")
+    if storage.exists(FORMAT_FILE):
+        try:
+            record = json.loads(storage.get(FORMAT_FILE))
+        except ValueError:
+            record = {}
+        if not isinstance(record, dict) or record.get("format") != STORE_FORMAT:
+            raise StoreError("%s holds something else than a kmipbackup snapshot store (its %s is not ours): point "
+                             "the job at an empty folder or bucket prefix of its own." % (where, FORMAT_FILE))
+        if not isinstance(record.get("version"), int) or record["version"] > STORE_FORMAT_VERSION:
+            raise StoreError("The snapshot store %s has format version %r, newer than this collection reads (%d): "
+                             "upgrade the collection." % (where, record.get("version"), STORE_FORMAT_VERSION))
+        return record
+    if not create:
+        return None
+    for name in storage.list(""):
+        if name == FORMAT_FILE or ".tmp" in name:
+            continue
+        if not JOB_RE.match(name) or not set(storage.list(name)) & set(_JOB_AREA):
+            raise StoreError("%s already holds objects that are not a kmipbackup snapshot store (%r): point the job "
+                             "at an empty folder or bucket prefix of its own." % (where, name))
+    record = canonical({"format": STORE_FORMAT, "version": STORE_FORMAT_VERSION})
+    put_new = getattr(storage, "put_new", None)
+    if put_new is None:
+        storage.put_atomic(FORMAT_FILE, record)
+    elif not put_new(FORMAT_FILE, record):
+        return check_format(storage)  # another writer created it meanwhile: check theirs
+    return json.loads(record)
+
+
 class JobStore:
-    """One job's area of a store."""
+    """One job's area of a store (a folder path, a FileStorage or an objectstore.S3Storage)."""
 
     def __init__(self, storage, job):
         if not JOB_RE.match(job or ""):
@@ -224,6 +264,7 @@ class JobStore:
             storage = FileStorage(storage)
         self.storage = storage
         self.job = job
+        check_format(storage)
 
     def _p(self, *parts):
         return "/".join((self.job,) + parts)

@@ -1,0 +1,228 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A snapshot store in an S3-compatible bucket (no Ansible imports). PRIVATE to the collection.
+
+S3Storage offers the narrow interface of store.FileStorage (put_atomic, get, exists, list,
+delete, mtime, size, touch, sync, clean_temporary) over "/"-separated paths below a bucket and
+prefix, so JobStore keeps one object layout and one format on both backends:
+- an S3 PUT is atomic and durable once acknowledged: put_atomic is one PUT (multipart above
+  MULTIPART_BYTES, assembled by the server only when complete), sync has nothing to do;
+- put_new is a conditional PUT (If-None-Match: *), so of two writers of one name only one wins;
+- list pages through ListObjectsV2 with a delimiter (objects and "folders" under a prefix);
+- mtime is LastModified; touch copies an object onto itself (a new LastModified), which is what
+  the store's garbage collection grace period needs;
+- throttling and 5xx answers are retried with backoff by botocore (standard retry mode), every
+  call has connect and read timeouts, and the client's connection pool is bounded.
+Errors name the endpoint and bucket and say what to do; credentials never appear in them.
+"""
+from __future__ import annotations
+
+import io
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import StoreError
+
+try:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore import exceptions as botocore_errors
+    from botocore.config import Config
+    BOTO3_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    boto3 = TransferConfig = botocore_errors = Config = None
+    BOTO3_IMPORT_ERROR = e
+
+MULTIPART_BYTES = 64 << 20  # objects larger than this go up in parts, in parallel
+PART_BYTES = 16 << 20
+MAX_CONNECTIONS = 16        # a bounded pool: the store's writers and readers use a few threads each
+LIST_PAGE = 1000            # keys per ListObjectsV2 page (S3's maximum)
+
+_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId")
+_REGION = ("AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException", "301")
+
+
+class S3Storage:
+    """Storage in bucket under prefix at an S3-compatible endpoint.
+
+    Credentials: access_key and secret_key when given, else the standard AWS chain (environment, shared
+    credentials file, instance role). addressing_style: "path" (most self-hosted servers) or "virtual"."""
+
+    def __init__(self, bucket, prefix="", endpoint_url=None, region=None, addressing_style="path", ca_bundle=None,
+                 access_key=None, secret_key=None, session_token=None, connect_timeout=10, read_timeout=60,
+                 max_attempts=5, max_connections=MAX_CONNECTIONS):
+        if boto3 is None:
+            raise StoreError("The Python package boto3 is missing (%s): install the collection's requirements to use "
+                             "an object store." % BOTO3_IMPORT_ERROR)
+        if not bucket:
+            raise StoreError("The object store has no bucket: set store.bucket.")
+        if addressing_style not in ("path", "virtual", "auto"):
+            raise StoreError("store.addressing_style is %r: use path, virtual or auto." % (addressing_style,))
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.list_page = LIST_PAGE
+        config = Config(s3={"addressing_style": addressing_style}, signature_version="s3v4",
+                        retries={"max_attempts": int(max_attempts), "mode": "standard"},
+                        connect_timeout=connect_timeout, read_timeout=read_timeout,
+                        max_pool_connections=int(max_connections))
+        session = boto3.session.Session(aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
+                                        aws_session_token=session_token or None, region_name=region or "us-east-1")
+        try:
+            self.client = session.client("s3", endpoint_url=endpoint_url or None, verify=ca_bundle or True, config=config)
+        except ValueError as e:  # an endpoint URL botocore cannot use
+            raise StoreError("The object store endpoint %r is not a valid URL (%s): give it as https://host[:port]."
+                             % (endpoint_url, e)) from None
+        self._transfer = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=PART_BYTES,
+                                        max_concurrency=4, use_threads=True)
+
+    @property
+    def root(self):
+        """Where the store is, for messages (no credentials)."""
+        return "s3://%s/%s" % (self.bucket, self.prefix) if self.prefix else "s3://%s" % self.bucket
+
+    def _where(self):
+        return "bucket %s at %s" % (self.bucket, self.endpoint_url or "AWS S3")
+
+    def _key(self, path):
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            raise StoreError("Invalid store path %r." % path)
+        return "%s/%s" % (self.prefix, path) if self.prefix else path
+
+    def _error(self, e, what):
+        """A StoreError for a failed call: what went wrong at which endpoint and bucket, and what to do."""
+        if isinstance(e, botocore_errors.ClientError):
+            code = str(e.response.get("Error", {}).get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            if code == "NoSuchBucket":
+                return StoreError("The %s does not exist (%s): create the bucket, or fix store.bucket and store.endpoint_url."
+                                  % (self._where(), what))
+            if code in _CREDENTIALS:
+                return StoreError("The %s refused the credentials (%s, %s): check the access key and secret (or the "
+                                  "AWS credential chain: environment, shared file, instance role)." % (self._where(), code, what))
+            if code in ("AccessDenied", "403"):
+                return StoreError("The %s denied access (%s): grant the credentials read, write, list and delete on "
+                                  "the bucket and prefix %r." % (self._where(), what, self.prefix))
+            if code in _REGION:
+                return StoreError("The %s is in another region than store.region (%s, %s): set store.region to the "
+                                  "bucket's region." % (self._where(), code, what))
+            return StoreError("The %s failed %s (%s): check the object store's health and try again." % (self._where(), what, code))
+        if isinstance(e, (botocore_errors.EndpointConnectionError, botocore_errors.ConnectTimeoutError,
+                          botocore_errors.ReadTimeoutError, botocore_errors.ConnectionClosedError)):
+            return StoreError("The object store endpoint %s cannot be reached for the bucket %s (%s, %s): check that it "
+                              "runs, the URL and port, the firewall, and store.ca_bundle for TLS."
+                              % (self.endpoint_url or "AWS S3", self.bucket, type(e).__name__, what))
+        if isinstance(e, botocore_errors.NoCredentialsError):
+            return StoreError("No credentials for the %s: set store.access_key and store.secret_key, or provide them "
+                              "through the AWS credential chain (environment, shared file, instance role)." % self._where())
+        if isinstance(e, botocore_errors.SSLError):
+            return StoreError("TLS to the object store endpoint %s failed (%s): set store.ca_bundle to the CA that "
+                              "signed its certificate." % (self.endpoint_url, what))
+        return StoreError("The %s failed %s (%s)." % (self._where(), what, type(e).__name__))
+
+    def _call(self, what, fn, **kw):
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except botocore_errors.BotoCoreError as e:
+            raise self._error(e, what) from None
+        except botocore_errors.ClientError as e:
+            raise self._error(e, what) from None
+
+    @staticmethod
+    def _missing(e):
+        return isinstance(e, botocore_errors.ClientError) and str(
+            e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound")
+
+    # the FileStorage interface -------------------------------------------------------------------------
+    def put_atomic(self, path, data, sync=True):
+        """One PUT (multipart above MULTIPART_BYTES): visible only once whole. sync is accepted for FileStorage's
+        interface; an acknowledged PUT is durable."""
+        key = self._key(path)
+        if len(data) <= MULTIPART_BYTES:
+            self._call("writing %s" % path, self.client.put_object, Key=key, Body=bytes(data))
+            return
+        try:
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, key, Config=self._transfer)
+        except (botocore_errors.BotoCoreError, botocore_errors.ClientError, boto3.exceptions.S3UploadFailedError) as e:
+            raise self._error(getattr(e, "__cause__", None) or e, "writing %s" % path) from None
+
+    def put_new(self, path, data):
+        """Create path with data only if nothing has that name (a conditional PUT); False when it existed."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=bytes(data), IfNoneMatch="*")
+            return True
+        except botocore_errors.ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise self._error(e, "creating %s" % path) from None
+        except botocore_errors.BotoCoreError as e:
+            raise self._error(e, "creating %s" % path) from None
+
+    def sync(self, paths):
+        """Nothing to do: every acknowledged PUT is durable."""
+
+    def get(self, path):
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
+        except botocore_errors.ClientError as e:
+            if self._missing(e):
+                raise StoreError("The store object %s is missing under %s: the store is incomplete; restore another "
+                                 "snapshot or a copy of the store." % (path, self.root)) from None
+            raise self._error(e, "reading %s" % path) from None
+        except botocore_errors.BotoCoreError as e:
+            raise self._error(e, "reading %s" % path) from None
+
+    def _head(self, path):
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(path))
+        except botocore_errors.ClientError as e:
+            if self._missing(e):
+                return None
+            raise self._error(e, "checking %s" % path) from None
+        except botocore_errors.BotoCoreError as e:
+            raise self._error(e, "checking %s" % path) from None
+
+    def exists(self, path):
+        return self._head(path) is not None
+
+    def _stat(self, path):
+        head = self._head(path)
+        if head is None:
+            raise FileNotFoundError(path)  # as os.stat: the store's GC skips objects deleted meanwhile
+        return head
+
+    def mtime(self, path):
+        return self._stat(path)["LastModified"].timestamp()
+
+    def size(self, path):
+        return int(self._stat(path)["ContentLength"])
+
+    def touch(self, path):
+        """A new LastModified: the object copied onto itself."""
+        key = self._key(path)
+        self._call("touching %s" % path, self.client.copy_object, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                   MetadataDirective="REPLACE")
+
+    def list(self, prefix):
+        """Names (not paths) directly under the folder prefix: objects and sub-folders, sorted."""
+        base = (self._key(prefix) + "/") if prefix else (self.prefix + "/" if self.prefix else "")
+        names, token = set(), None
+        while True:
+            kw = {"Prefix": base, "Delimiter": "/", "MaxKeys": self.list_page}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call("listing %s" % prefix, self.client.list_objects_v2, **kw)
+            names.update(o["Key"][len(base):] for o in page.get("Contents", []))
+            names.update(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(n for n in names if n)
+
+    def delete(self, path):
+        self._call("deleting %s" % path, self.client.delete_object, Key=self._key(path))
+
+    def clean_temporary(self, prefix, older_than):
+        """Nothing to clean: an object store has no temporary names (an unfinished multipart upload is not an object)."""
+
+    def check_bucket(self):
+        """The bucket answers to these credentials: StoreError naming what is wrong otherwise. (A listing, not a
+        HEAD: an answer to HEAD has no body, so a bad secret and a missing permission would look alike.)"""
+        self._call("opening the bucket", self.client.list_objects_v2, Prefix=self.prefix, MaxKeys=1)
