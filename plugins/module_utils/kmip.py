@@ -14,6 +14,9 @@ Wrap modes (the record's "mode" says which one made it, so either always unwraps
   associated data binds the master key UID.
 - rfc5649 (protocol: legacy, KMIP 1.0/1.1 servers): KMIP Get, then AES key wrap with
   padding locally; the master key is held in memory for that call only.
+unwrap() accepts an rfc5649 record only when the configuration allows it (protocol legacy, or
+allow_legacy_unwrap): the mode comes from the store, and a planted record must not make a
+kmip_1_2 client pull a master key out of the server.
 """
 from __future__ import annotations
 
@@ -465,6 +468,12 @@ class KmipClient:
         uid = str(record["master_key_uid"])
         mode = record.get("mode")
         if mode == MODE_RFC5649:
+            if self.config.protocol != "legacy" and not self.config.allow_legacy_unwrap:
+                raise IntegrityError("its wrapped key under master key %s uses the legacy mode rfc5649 (the master key is fetched "
+                                     "with KMIP Get), which this KMIP configuration (protocol kmip_1_2) does not allow: if the "
+                                     "job's keys were wrapped while its protocol was legacy, set allow_legacy_unwrap: true "
+                                     "(kmip_config; kmip_allow_legacy_unwrap for snapshot_restore)" % uid,
+                                     kind="wrapped_key", object_id=uid)
             wrapped = _unb64(record, "wrapped")
             kek = self._get_key_bytes(uid)
             try:
