@@ -508,14 +508,15 @@ class JobStore:
                 "is older than the Backup Daemon's record of its last snapshot %s, which is missing from the store: the "
                 "store was rolled back (removed or replayed objects)" % last_known)
 
-    def resolve(self, snapshot, keys, expect_encryption=None, last_known=None):
+    def resolve(self, snapshot, keys, expect_encryption=None, last_known=None, keyed_head=None):
         """The authenticated catalog entry of snapshot (an id or 'latest'), checked against the catalog head: the entry
         must be bound to its id, authenticate, and be live in the head (or newer than the head and authenticate: a
         snapshot committed just before a crash that kept the head from being updated). expect_encryption (default
         keys.encryption): the job is encrypted, so an unencrypted entry or head is refused. last_known: the daemon's
-        own record of its last snapshot, when available. IntegrityError names what is missing or does not match."""
+        own record of its last snapshot, when available. keyed_head (default: as expect_encryption): refuse a catalog
+        head with a plain checksum. IntegrityError names what is missing or does not match."""
         enc = keys.encryption if expect_encryption is None else bool(expect_encryption)
-        head = self.catalog_head(keys, keyed=enc)
+        head = self.catalog_head(keys, keyed=enc if keyed_head is None else keyed_head)
         if head is None:
             if not self.catalog():
                 raise self._no_snapshot()
