@@ -418,6 +418,17 @@ class KmipClient:
                 out.append((uid, None))
         return out
 
+    def require_keys(self, uids, what="that snapshot needs"):
+        """One KmipError naming every master key of uids this certificate cannot use; returns uids."""
+        denied = [(uid, e.kind) for uid, e in self.check_keys(uids) if e is not None]
+        if denied:
+            raise KmipError("The KMIP client certificate (identity %s) cannot use the master key(s) %s %s (%s): use a "
+                            "certificate provisioned for these keys (the job's group certificate or a reissued one of the "
+                            "same identity)." % (self.identity, ", ".join(u for u, _kind in denied), what,
+                                                 ", ".join("%s: %s" % d for d in denied)),
+                            kind=denied[0][1], uid=denied[0][0])
+        return list(uids)
+
     def revoke_key(self, uid, reason="superseded"):
         """Revoke (deactivate) a key; it stays readable for unwrapping where the server allows."""
         uid = str(uid)

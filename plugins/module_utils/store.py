@@ -47,7 +47,7 @@ import re
 import socket
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
 
 try:
@@ -561,6 +561,21 @@ class JobStore:
                 e = self.catalog_entry(sid if SNAPSHOT_RE.match(str(sid)) else "invalid")
                 out.append(self.verify_catalog(e, self._entry_keys(e, keys)))
         return out
+
+    def auth_master_key_uids(self, keys, snapshot=None):
+        """Master key UIDs that authenticating snapshot (an id, 'latest', or None: the listing) will unwrap with, from the
+        unverified catalog head and entry, so access can be checked first; what cannot be read is left to resolve()."""
+        uids = []
+        try:
+            head = self.read_head() or {}
+            if head.get("key_id") not in (None, "", "none"):
+                uids.append(keys.master_key_uid(head["key_id"]))
+            sid = head.get("snapshot_id") if snapshot == "latest" else snapshot
+            if sid:
+                uids.extend(self.catalog_entry(sid).get("master_key_uids") or [])
+        except KmipBackupError:
+            pass
+        return sorted({str(u) for u in uids if u})
 
     def live_catalog(self, keys, expect_encryption=None, last_known=None):
         """(entries, head): the authenticated live entries, oldest first, checked against the catalog head (None when

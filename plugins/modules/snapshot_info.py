@@ -191,9 +191,12 @@ def info(params):
     last_known = jobs.daemon_last_snapshot(params["data_dir"], params["job"])
     with kmip.KmipClient(*settings) as client:
         keys = store.Keys(js, provider=client, encryption=encrypted)
+        client.require_keys(js.auth_master_key_uids(keys, params["snapshot"]), "that checking the catalog needs")
         live, _head = js.live_catalog(keys, expect_encryption=encrypted, last_known=last_known)
         if params["snapshot"]:
-            listed = [dict(store.public_entry(js.resolve(params["snapshot"], keys, last_known=last_known)), authenticated=True)]
+            # an unencrypted entry of an encrypted job is listed as it is (encryption false); snapshot_restore refuses it
+            entry = js.resolve(params["snapshot"], keys, expect_encryption=False, keyed_head=encrypted, last_known=last_known)
+            listed = [dict(store.public_entry(entry), authenticated=True)]
         else:
             ok = {e["snapshot_id"]: e for e in live}
             listed = [dict(store.public_entry(ok[sid]), authenticated=True) if sid in ok else dict(_listed(js, sid), authenticated=False)

@@ -308,7 +308,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, kmip, restore, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, IntegrityError, KmipBackupError, KmipError, RestoreError)
+    ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
 try:
     from pymongo.errors import PyMongoError
@@ -341,17 +341,6 @@ def make_target(p, sid):
     if p["target_tls"]:
         opts["tls"] = True
     return restore.MongoTarget(p["target_uri"], restore_info_path=os.path.abspath(info), **opts), os.path.abspath(info)
-
-
-def check_keys(client, uids):
-    """Raise one KmipError naming every master key this certificate cannot use."""
-    denied = [(uid, e.kind) for uid, e in client.check_keys(uids) if e is not None]
-    if denied:
-        raise KmipError("The KMIP client certificate (identity %s) cannot use the master key(s) %s that snapshot needs "
-                        "(%s): use a certificate provisioned for these keys (the job's group certificate or a reissued "
-                        "one of the same identity)." % (client.identity, ", ".join(u for u, _kind in denied),
-                                                        ", ".join("%s: %s" % d for d in denied)),
-                        kind=denied[0][1], uid=denied[0][0])
 
 
 def job_encrypted(p, cfg, js):
@@ -420,20 +409,8 @@ class Restore:
             return js.catalog_entry(self.p["snapshot"]), None
         encrypted, _why = job_encrypted(self.p, cfg, js)
         keys = store.Keys(js, provider=self.client, encryption=encrypted)
-        # first the master keys that authenticating will use (the head's, the requested entry's), from the unverified
-        # records: a certificate that cannot use one is named with its UUIDs, not with an unwrap failure
-        uids = []
-        try:
-            head = js.read_head() or {}
-            if head.get("key_id") not in (None, "", "none"):
-                uids.append(keys.master_key_uid(head["key_id"]))
-            sid = head.get("snapshot_id") if self.p["snapshot"] == "latest" else self.p["snapshot"]
-            uids.extend(js.catalog_entry(sid).get("master_key_uids") or [] if sid else [])
-        except KmipBackupError:
-            pass  # resolve() reports it
-        uids = sorted({str(u) for u in uids if u})
-        check_keys(self.client, uids)
-        self.checked.update(uids)
+        # first the master keys that authenticating will use: a certificate that cannot use one is named with its UUIDs
+        self.checked.update(self.client.require_keys(js.auth_master_key_uids(keys, self.p["snapshot"])))
         # an unencrypted entry of an encrypted job is refused by check_encryption_expected, which knows allow_unencrypted
         return js.resolve(self.p["snapshot"], keys, expect_encryption=False, keyed_head=encrypted,
                           last_known=self.last_known), keys
@@ -451,7 +428,7 @@ class Restore:
                                       % (sid, ", ".join(result["master_key_uids"])))
                 self.module.warn("No KMIP access configured: the plan comes from the unauthenticated catalog.")
             else:
-                check_keys(self.client, [u for u in result["master_key_uids"] if str(u) not in self.checked])
+                self.client.require_keys([u for u in result["master_key_uids"] if str(u) not in self.checked])
                 result["kmip_server"] = self.client.server
         if self.client is None and entry.get("encryption"):
             already = restore.already_restored(js, sid, target)
