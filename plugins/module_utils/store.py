@@ -552,30 +552,24 @@ class JobStore:
         return self.verify_catalog(entry, self._entry_keys(entry, keys))
 
     def _beyond_head(self, head, keys):
-        """Entries newer than the head (seq above its last committed one), each authenticated, oldest first: normally
-        none; one after a crash between a catalog entry and its head update. One that fails is an IntegrityError."""
-        out = []
-        for e in self.catalog():
-            if int(e.get("seq") or 0) > head["seq"]:
-                sid = e.get("snapshot_id")
-                e = self.catalog_entry(sid if SNAPSHOT_RE.match(str(sid)) else "invalid")
-                out.append(self.verify_catalog(e, self._entry_keys(e, keys)))
-        return out
+        """Entries newer than the head (seq above its last committed one) that authenticate, oldest first: normally
+        none; one after a crash between a catalog entry and its head update (only the daemon, holding the keys, can
+        write one that authenticates). One that does not was planted: it is left out, so it decides nothing
+        (snapshot_info lists it as unauthenticated; asking for it by id is an IntegrityError)."""
+        return [e for e in self.catalog() if isinstance(e.get("seq"), int) and e["seq"] > head["seq"]
+                and self._authenticates(e, keys)]
 
-    def auth_master_key_uids(self, keys, snapshot=None):
-        """Master key UIDs that authenticating snapshot (an id, 'latest', or None: the listing) will unwrap with, from the
-        unverified catalog head and entry, so access can be checked first; what cannot be read is left to resolve()."""
-        uids = []
+    def auth_master_key_uids(self, keys):
+        """The master key UID the catalog head's MAC key is wrapped under (from the unverified head and keyring record),
+        so access to it can be checked before authenticating; [] when unknown (resolve() then reports why). Never a UID
+        from an unauthenticated catalog entry."""
         try:
             head = self.read_head() or {}
             if head.get("key_id") not in (None, "", "none"):
-                uids.append(keys.master_key_uid(head["key_id"]))
-            sid = head.get("snapshot_id") if snapshot == "latest" else snapshot
-            if sid:
-                uids.extend(self.catalog_entry(sid).get("master_key_uids") or [])
+                return [str(keys.master_key_uid(head["key_id"]))]
         except KmipBackupError:
             pass
-        return sorted({str(u) for u in uids if u})
+        return []
 
     def live_catalog(self, keys, expect_encryption=None, last_known=None):
         """(entries, head): the authenticated live entries, oldest first, checked against the catalog head (None when
@@ -600,11 +594,13 @@ class JobStore:
         return out + self._beyond_head(head, keys), head
 
     def _authenticates(self, entry, keys):
+        """Whether entry is bound to its file name and its MAC checks (a key it names that does not exist: no)."""
         try:
-            self.catalog_entry(entry.get("snapshot_id"))
+            if self.catalog_entry(str(entry.get("snapshot_id"))) != entry:
+                return False
             self.verify_catalog(entry, self._entry_keys(entry, keys))
             return True
-        except IntegrityError:
+        except (IntegrityError, StoreError):
             return False
 
     def delete_snapshot(self, snapshot_id, entries=None):

@@ -191,7 +191,7 @@ def info(params):
     last_known = jobs.daemon_last_snapshot(params["data_dir"], params["job"])
     with kmip.KmipClient(*settings) as client:
         keys = store.Keys(js, provider=client, encryption=encrypted)
-        client.require_keys(js.auth_master_key_uids(keys, params["snapshot"]), "that checking the catalog needs")
+        client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs")
         live, _head = js.live_catalog(keys, expect_encryption=encrypted, last_known=last_known)
         if params["snapshot"]:
             # an unencrypted entry of an encrypted job is listed as it is (encryption false); snapshot_restore refuses it

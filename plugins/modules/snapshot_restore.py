@@ -410,7 +410,7 @@ class Restore:
         encrypted, _why = job_encrypted(self.p, cfg, js)
         keys = store.Keys(js, provider=self.client, encryption=encrypted)
         # first the master keys that authenticating will use: a certificate that cannot use one is named with its UUIDs
-        self.checked.update(self.client.require_keys(js.auth_master_key_uids(keys, self.p["snapshot"])))
+        self.checked.update(self.client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs"))
         # an unencrypted entry of an encrypted job is refused by check_encryption_expected, which knows allow_unencrypted
         return js.resolve(self.p["snapshot"], keys, expect_encryption=False, keyed_head=encrypted,
                           last_known=self.last_known), keys

@@ -231,3 +231,106 @@ def test_tampered_wrapped_key_names_the_keyring_entry(three, pki, kmip_server, m
         with pytest.raises(IntegrityError, match="names master key %s but its wrapped key names 999999" % master_uid):
             store.Keys(js, c).key("chunk_id-1")
         assert c.calls == 0
+
+
+# ---- through the modules and the restore playbook (real ansible-playbook runs) ----------------------------------------
+
+SI = "kmipbackup.mongodb.snapshot_info"
+SR = "kmipbackup.mongodb.snapshot_restore"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def daemon_host(tmp_path, pki, kmip_server):
+    """A daemon host's configuration (kmip.yml, group1, job 'mjob', encrypted) and a store with S1 (v=1), S2 (v=2)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+    from daemon_helper import write_kmip_setup
+    cd, dd = str(tmp_path / "etc"), str(tmp_path / "var")
+    write_kmip_setup(cd, pki, kmip_server["port"])
+    root = os.path.join(dd, "store")
+    client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
+    uid = client.create_master_key("mjob")
+    jobs.write_job(cd, {"job": "mjob", "group": "group1", "source": dict(jobs.SOURCE_DEFAULTS, uri="mongodb://unused"),
+                        "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
+                        "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)})
+    js = store.JobStore(root, "mjob")
+    h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs_v(1)}, key=os.urandom(32))
+    out = []
+    for i in (1, 2):
+        if i > 1:
+            with h.write() as w:
+                upsert_docs(w, "d.c", docs_v(i))
+        out.append(snapshot.take_snapshot(h, js, store.Keys(js, client), "mjob", uid, True, now=T0 + datetime.timedelta(hours=6 * i)))
+    h.close()
+    client.close()
+    yield {"config_dir": cd, "data_dir": dd, "root": root, "js": js, "uid": uid, "entries": out, "tmp": tmp_path}
+
+
+def plant(js, like, sid, seq, uids):
+    """An entry written by someone without keys: any fields, a MAC that cannot check."""
+    entry = dict(like, snapshot_id=sid, seq=seq, master_key_uids=uids, mac="hmac-sha256:" + "0" * 64)
+    js.storage.put_atomic(js._p("catalog", sid + ".json"), json.dumps(entry).encode())
+
+
+def test_modules_replayed_entry_refused(ansible, daemon_host):
+    """Items 2 and 4 through snapshot_restore: S1's entry copied over S2's restored S1's data as S2, changed=true."""
+    s1, s2 = (e["snapshot_id"] for e in daemon_host["entries"])
+    cat = os.path.join(daemon_host["root"], "mjob", "catalog")
+    shutil.copyfile(os.path.join(cat, s1 + ".json"), os.path.join(cat, s2 + ".json"))
+    out = str(daemon_host["tmp"] / "out")
+    r = ansible.run([{SR: dict(job="mjob", snapshot=s2, config_dir=daemon_host["config_dir"], target_dir=out)}])
+    assert r[0].get("failed") and r[0]["error_kind"] == "catalog entry", r.output[-3000:]
+    assert "catalog entry %s holds the entry of another snapshot (%s)" % (s2, s1) in r[0]["msg"]
+    assert not os.path.exists(out)
+
+
+def test_snapshot_info_marks_planted_entry_unauthenticated(ansible, daemon_host):
+    """Item 5: a planted entry was listed like any other, its attacker-chosen master key UID among the keys needed."""
+    js, uid = daemon_host["js"], daemon_host["uid"]
+    s1, s2 = (e["snapshot_id"] for e in daemon_host["entries"])
+    planted = "20270101T000000Z-0badc0de"
+    plant(js, daemon_host["entries"][1], planted, 99, ["attacker-777"])
+    args = dict(job="mjob", config_dir=daemon_host["config_dir"])
+    r = ansible.run([{SI: args}, {SI: dict(args, snapshot="latest")}, {SI: dict(args, snapshot=planted)},
+                     {SI: dict(job="mjob", store=daemon_host["root"], config_dir=str(daemon_host["tmp"] / "none"))}])
+    assert r[0]["authenticated"] is True, r.output[-3000:]
+    assert [(s["id"], s["authenticated"]) for s in r[0]["snapshots"]] == [(s1, True), (s2, True), (planted, False)]
+    assert r[0]["master_key_uids_needed"] == [uid]
+    assert any(planted in w and "not authenticated" in w for w in r[0]["warnings"]), r[0]
+    assert r[1]["snapshots"][0]["id"] == s2 and r[1]["snapshots"][0]["authenticated"] is True
+    assert r[2].get("failed") and r[2]["error_kind"] == "catalog entry" and "is not live according to the catalog head" in r[2]["msg"]
+    # without KMIP access nothing is checked, and it says so
+    assert r[3]["authenticated"] is False and {s["authenticated"] for s in r[3]["snapshots"]} == {False}
+    assert any("No KMIP access configured" in w for w in r[3]["warnings"])
+
+
+def test_restore_playbook_reports_resolved_latest_and_restores_it(ansible, daemon_host):
+    """Item 4: the playbook names the snapshot 'latest' resolved to (through the catalog head, not the planted newest
+    entry) before the restore task, restores exactly that one and checks it."""
+    s2 = daemon_host["entries"][1]["snapshot_id"]
+    plant(daemon_host["js"], daemon_host["entries"][1], "20270101T000000Z-0badc0de", 99, ["attacker-777"])
+    d = str(daemon_host["tmp"] / "incident")
+    p = ansible.run_playbook(os.path.join(ROOT, "playbooks", "restore.yml"),
+                             extra_vars=dict(job="mjob", config_dir=daemon_host["config_dir"], target_dir=d))
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    said = out.find("Restoring snapshot %s of job mjob (requested: latest)" % s2)
+    assert 0 <= said < out.find("TASK [Restore the snapshot]"), out[-4000:]
+    assert split_docs(open(os.path.join(d, "d", "c.bson"), "rb").read()) == [bson.encode(x) for x in docs_v(2)]
+
+
+def test_snapshot_restore_compares_with_the_daemons_record(ansible, daemon_host):
+    """Item 3 on a daemon host: the daemon's status names a last snapshot newer than anything the store holds (the
+    store was rolled back wholesale): the restore fails naming it, and writes nothing."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+    newer = "20261102T000000Z-0123abcd"
+    jobs.write_status(daemon_host["data_dir"], "mjob", {"job": "mjob", "last_snapshot": {"id": newer}})
+    out = str(daemon_host["tmp"] / "out")
+    args = dict(job="mjob", config_dir=daemon_host["config_dir"], target_dir=out)
+    r = ansible.run([{SR: dict(args, data_dir=daemon_host["data_dir"])}, {SI: dict(job="mjob", config_dir=daemon_host["config_dir"],
+                                                                               data_dir=daemon_host["data_dir"])},
+                     {SR: dict(args, data_dir=str(daemon_host["tmp"] / "fresh"))}])
+    for res in r.results[:2]:
+        assert res.get("failed") and res["error_kind"] == "catalog head", r.output[-3000:]
+        assert "record of its last snapshot %s, which is missing from the store" % newer in res["msg"]
+    assert r[2]["changed"] is True and r[2]["snapshot_id"] == daemon_host["entries"][1]["snapshot_id"]  # no record: no check
