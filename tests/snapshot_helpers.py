@@ -195,3 +195,11 @@ def forge_null_snapshot(js, like, namespaces, encryption, new=False):
                  encryption=encryption, master_key_uids=[], doc_count=sum(len(d) for d in namespaces.values()))
     js.put_catalog(entry, store.Keys(js, None, False))
     return sid
+
+
+def commit_to_head(js, keys):
+    """List every catalog entry in the job's catalog head, as only a writer holding the job's keys (the daemon) can:
+    makes a forged entry live, for tests of what a live snapshot of that kind does (a store writer without the keys
+    cannot do this: its entries stay outside the head and are refused)."""
+    head = js.catalog_head(keys, keyed=False)
+    return js.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in js.catalog()], head["key_id"], prev=head)

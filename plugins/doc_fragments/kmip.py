@@ -16,3 +16,63 @@ options:
     type: path
     default: /etc/kmipbackup
 '''
+
+    # KMIP access of the modules that read a job's store (snapshot_restore, snapshot_info): a daemon host's
+    # configuration, or everything given as options on a fresh host.
+    ACCESS = r'''
+options:
+  group:
+    description:
+      - The group whose configured certificate (C(groups/<group>.yml) in O(config_dir)) is used.
+      - Defaults to the job's group when the job is declared in O(config_dir). Ignored when O(client_cert_file) is set.
+    type: str
+  kmip_servers:
+    description:
+      - KMIP servers (host or host:port), tried in order. Give them to work without O(config_dir)'s C(kmip.yml).
+      - Requires O(kmip_ca_file) and O(client_cert_file).
+    type: list
+    elements: str
+  kmip_port:
+    description: Port of the O(kmip_servers) without an explicit port.
+    type: int
+    default: 5696
+  kmip_ca_file:
+    description: PEM file of the CA that signs the KMIP servers' certificates (with O(kmip_servers)).
+    type: path
+  kmip_protocol:
+    description: V(kmip_1_2) (KMIP Encrypt/Decrypt wrapping) or V(legacy) (KMIP 1.0/1.1 servers), with O(kmip_servers).
+    type: str
+    choices: [kmip_1_2, legacy]
+    default: kmip_1_2
+  kmip_allow_legacy_unwrap:
+    description:
+      - With O(kmip_servers) and O(kmip_protocol=kmip_1_2), also unwrap keyring records wrapped in the legacy mode
+        (RFC 5649), which fetches the master key from the KMIP server. Only for a job whose keys were wrapped while its
+        protocol was V(legacy); otherwise such a record is refused as an integrity error (it is not what this
+        configuration writes, so it may be planted to pull the master key out of the server).
+      - On a daemon host, C(allow_legacy_unwrap) in C(kmip.yml) (M(kmipbackup.mongodb.kmip_config)) is used instead.
+    type: bool
+    default: false
+  kmip_connect_timeout:
+    description: Seconds to wait for a KMIP connection, with O(kmip_servers).
+    type: float
+    default: 5
+  client_cert_file:
+    description:
+      - PEM file of a KMIP client certificate provisioned for the snapshot's master keys (the group's, a reissued one
+        of the same identity, or another one the KMIP server grants), with its key unless O(client_key_file) is set.
+    type: path
+  client_key_file:
+    description: PEM file of the client certificate's private key, when it is not in O(client_cert_file).
+    type: path
+  client_cert_password:
+    description: Password of an encrypted client key.
+    type: str
+  data_dir:
+    description:
+      - The daemon host's data folder, read (never written) for the Backup Daemon's own record of the job's last
+        snapshot (C(status/<job>.json)); a store whose catalog is older than that record was rolled back, which fails
+        as an integrity error. Absent on a fresh host, where only the store's own catalog head is checked.
+    type: path
+    default: /var/lib/kmipbackup
+'''

@@ -89,6 +89,8 @@ class KmipConfig:
     connect_timeout: float = 5.0
     connect_retries: int = 2
     protocol: str = "kmip_1_2"
+    # unwrap legacy (rfc5649) records under protocol kmip_1_2: such a record makes the client fetch the master key
+    allow_legacy_unwrap: bool = False
 
     def __post_init__(self):
         if not isinstance(self.servers, list) or not self.servers:
@@ -108,6 +110,8 @@ class KmipConfig:
             raise ConfigError("connect_retries must be 0 or more")
         if self.protocol not in PROTOCOLS:
             raise ConfigError("invalid KMIP protocol %r: use one of %s" % (self.protocol, ", ".join(PROTOCOLS)))
+        if not isinstance(self.allow_legacy_unwrap, bool):
+            raise ConfigError("allow_legacy_unwrap must be true or false (got %r)" % (self.allow_legacy_unwrap,))
         if not self.ca_file or not isinstance(self.ca_file, str):
             raise ConfigError("ca_file is required: the PEM file of the CA that signs the KMIP servers' certificates")
         for s in self.servers:
@@ -118,7 +122,10 @@ class KmipConfig:
         return [parse_server(s, self.port) for s in self.servers]
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["allow_legacy_unwrap"]:
+            del out["allow_legacy_unwrap"]  # files written before the option existed stay unchanged
+        return out
 
 
 @dataclasses.dataclass

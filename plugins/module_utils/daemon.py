@@ -365,9 +365,10 @@ class JobRunner(threading.Thread):
         now = store.utcnow()
         info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
                                       encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
-                                      expires=retention.expires(now, kind, schedule))
+                                      expires=retention.expires(now, kind, schedule),
+                                      last_known=(self.status.get("last_snapshot") or {}).get("id"))
         self.head.mark_snapshotted(info["change_seq"])
-        expired = retention.apply_retention(js, schedule, now)
+        expired = retention.apply_retention(js, schedule, now, keys)
         gc = js.gc(keys)
         last = {"id": info["snapshot_id"], "created": info["created"], "cluster_time": info["cluster_time"], "type": kind}
         self.set_status(last_snapshot=last, snapshots=gc["catalog_entries"])

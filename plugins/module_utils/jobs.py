@@ -380,6 +380,18 @@ def read_status(data_dir, job):
     return files.read_json(status_path(data_dir, job))
 
 
+def daemon_last_snapshot(data_dir, job):
+    """The Backup Daemon's own record of the job's last snapshot id (its status file), or None where there is none
+    (a fresh host, or the daemon has not snapshotted the job yet); a store older than it was rolled back."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+    try:
+        last = (read_status(data_dir, job) or {}).get("last_snapshot") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    sid = last.get("id") if isinstance(last, dict) else None
+    return sid if isinstance(sid, str) and store.SNAPSHOT_RE.match(sid) else None
+
+
 def write_status(data_dir, job, status):
     folder = files.ensure_private_dir(os.path.join(data_dir, "status"))
     del folder

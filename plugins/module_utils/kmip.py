@@ -14,6 +14,9 @@ Wrap modes (the record's "mode" says which one made it, so either always unwraps
   associated data binds the master key UID.
 - rfc5649 (protocol: legacy, KMIP 1.0/1.1 servers): KMIP Get, then AES key wrap with
   padding locally; the master key is held in memory for that call only.
+unwrap() accepts an rfc5649 record only when the configuration allows it (protocol legacy, or
+allow_legacy_unwrap): the mode comes from the store, and a planted record must not make a
+kmip_1_2 client pull a master key out of the server.
 """
 from __future__ import annotations
 
@@ -415,6 +418,17 @@ class KmipClient:
                 out.append((uid, None))
         return out
 
+    def require_keys(self, uids, what="that snapshot needs"):
+        """One KmipError naming every master key of uids this certificate cannot use; returns uids."""
+        denied = [(uid, e.kind) for uid, e in self.check_keys(uids) if e is not None]
+        if denied:
+            raise KmipError("The KMIP client certificate (identity %s) cannot use the master key(s) %s %s (%s): use a "
+                            "certificate provisioned for these keys (the job's group certificate or a reissued one of the "
+                            "same identity)." % (self.identity, ", ".join(u for u, _kind in denied), what,
+                                                 ", ".join("%s: %s" % d for d in denied)),
+                            kind=denied[0][1], uid=denied[0][0])
+        return list(uids)
+
     def revoke_key(self, uid, reason="superseded"):
         """Revoke (deactivate) a key; it stays readable for unwrapping where the server allows."""
         uid = str(uid)
@@ -465,6 +479,12 @@ class KmipClient:
         uid = str(record["master_key_uid"])
         mode = record.get("mode")
         if mode == MODE_RFC5649:
+            if self.config.protocol != "legacy" and not self.config.allow_legacy_unwrap:
+                raise IntegrityError("its wrapped key under master key %s uses the legacy mode rfc5649 (the master key is fetched "
+                                     "with KMIP Get), which this KMIP configuration (protocol kmip_1_2) does not allow: if the "
+                                     "job's keys were wrapped while its protocol was legacy, set allow_legacy_unwrap: true "
+                                     "(kmip_config; kmip_allow_legacy_unwrap for snapshot_restore)" % uid,
+                                     kind="wrapped_key", object_id=uid)
             wrapped = _unb64(record, "wrapped")
             kek = self._get_key_bytes(uid)
             try:

@@ -565,16 +565,17 @@ def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, dro
         v.check(entry["snapshot_id"], name, _count(database, coll))
 
 
-def plan(job_store, snapshot, keys, include=None, exclude=None, rename=None, expect_encryption=None):
-    """(catalog entry, selected) of snapshot (an id or 'latest'): the catalog entry and the manifest authenticated,
-    selected as select_namespaces returns it. expect_encryption: refuse a snapshot that says it is unencrypted
-    (IntegrityError: a store writer without the keys could otherwise pass off forged data as unencrypted)."""
+def plan(job_store, snapshot, keys, include=None, exclude=None, rename=None, expect_encryption=None, last_known=None):
+    """(catalog entry, selected) of snapshot (an id or 'latest'): the catalog entry (bound to its id, authenticated
+    and live according to the catalog head: JobStore.resolve) and the manifest authenticated, selected as
+    select_namespaces returns it. expect_encryption (default keys.encryption): refuse a snapshot that says it is
+    unencrypted (IntegrityError: a store writer without the keys could otherwise pass off forged data as unencrypted).
+    last_known: the daemon's own record of its last snapshot id, when available (rollback check)."""
     _require_bson()
-    entry = job_store.catalog_entry(snapshot)
+    entry = job_store.resolve(snapshot, keys, expect_encryption, last_known)
     sid = entry["snapshot_id"]
-    if expect_encryption and not entry.get("encryption"):
-        raise crypto.integrity_error("catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted")
-    job_store.verify_catalog(entry, keys)
+    if snapshot != "latest" and sid != snapshot:  # resolve binds entries to their ids; never restore another one
+        raise crypto.integrity_error("catalog entry", snapshot, "resolved to another snapshot (%s)" % sid)
     manifest = job_store.read_manifest(sid, keys, entry.get("manifest_sha256"))
     return entry, select_namespaces(manifest, include, exclude, rename)
 

@@ -218,9 +218,13 @@ def namespace_hash(chunks):
 
 
 def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encryption=True, kind="scheduled", now=None,
-                  expires=None, target_bytes=TARGET_BYTES, max_bytes=MAX_BYTES):
+                  expires=None, target_bytes=TARGET_BYTES, max_bytes=MAX_BYTES, last_known=None):
     """Cut a snapshot of head into job_store; returns its catalog entry plus "change_seq" (to pass to
-    head.mark_snapshotted once this returns) and "reused_chunks"/"written_chunks"."""
+    head.mark_snapshotted once this returns) and "reused_chunks"/"written_chunks".
+
+    The catalog is checked against its authenticated head first (and against last_known, the daemon's own record
+    of its last snapshot id): a snapshot is never built on a rolled-back catalog. The new entry is written once all
+    it references is durable, then the head (sequence number, live entries) is rewritten to include it."""
     if Binary is None:
         raise StoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
     if job is not None and job != job_store.job:
@@ -231,11 +235,14 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
         raise SnapshotError("The job's encryption setting and its keys disagree: reload the job configuration.")
     now = now or utcnow()
     check_format(job_store.storage, create=True)  # before the first write: a root holding something else is refused
+    # an encrypted job's head is keyed once its keyring exists (before that: its unencrypted past, or nothing)
+    keyed = bool(encryption) and bool(job_store.keyring_records())
     key_id, id_key_id = keys.epoch_for(master_key_uid if encryption else None, now)
     key = keys.key(key_id)
     id_key = keys.key(id_key_id) if encryption else crypto.NULL_ID_KEY
-    entries = job_store.catalog()
+    entries, chead = job_store.live_catalog(keys, expect_encryption=keyed, last_known=last_known)
     base = entries[-1] if entries else None
+    last_seq = max([0] + [int(e.get("seq") or 0) for e in entries] + ([chead["seq"]] if chead else []))
     snapshot_id = new_snapshot_id(now)
     job_store.begin(snapshot_id, base["snapshot_id"] if base else None, now)
     prev_manifest = None
@@ -294,7 +301,7 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
                 "cluster_time": cluster_time, "change_seq": change_seq, "head_path": head.path,
                 "namespaces": namespaces}
     manifest_sha, manifest_size = job_store.put_manifest(snapshot_id, manifest, key_id, key)
-    entry = {"snapshot_id": snapshot_id, "seq": (int(base.get("seq") or 0) + 1) if base else 1, "job": job_store.job,
+    entry = {"snapshot_id": snapshot_id, "seq": last_seq + 1, "job": job_store.job,
              "created": iso(now), "cluster_time": cluster_time,
              "data_bytes": sum(n["bytes"] for n in namespaces),
              "stored_bytes": sum(n["stored"] for n in namespaces) + manifest_size,
@@ -304,6 +311,8 @@ def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encrypti
              "manifest_sha256": manifest_sha, "expires": iso(expires) if isinstance(expires, datetime.datetime) else expires,
              "type": kind, "format": FORMAT}
     entry = job_store.put_catalog(entry, keys)
+    job_store.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in entries] + [(entry["seq"], snapshot_id)], key_id,
+                       prev=chead, now=now)
     job_store.end(snapshot_id)
     result = dict(entry)
     result.update(change_seq=change_seq, written_chunks=writer.written_chunks, reused_chunks=reused)

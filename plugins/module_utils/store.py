@@ -21,6 +21,11 @@ A job's area, <root>/<job>/:
 The key id "none" (the null cipher) is refused wherever an encrypted job's Keys read: a store
 writer without the data keys cannot pass a forged object off as an unencrypted one.
   pending/<snapshot_id>.json   a snapshot in progress (started, base snapshot)
+  catalog-head.json        the catalog head: the last committed sequence number and snapshot id and the
+                           live (sequence number, snapshot id) pairs, MAC'ed with a subkey of the snapshot key
+                           named in it (key_id). Rewritten atomically by the daemon only: after a snapshot's
+                           catalog entry (take_snapshot) and before retention deletes entries, so removing,
+                           replaying or swapping catalog entries is detected (resolve, live_catalog)
 
 Garbage collection against a concurrent snapshot (pending markers plus a grace period): a
 snapshot writes its pending marker (naming its base snapshot) before anything else, touches
@@ -42,7 +47,7 @@ import re
 import socket
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
 
 try:
@@ -58,6 +63,8 @@ CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
 CATALOG_FIELDS = ("snapshot_id", "seq", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
                   "namespaces", "encryption", "master_key_uids", "key_id", "manifest_sha256", "expires", "type", "format")
 PURPOSES = ("head", "snapshot", "chunk_id")
+HEAD_FIELDS = ("format", "job", "seq", "snapshot_id", "live", "key_id", "updated")
+HEAD_FORMAT = 1
 
 
 def _require_bson():
@@ -280,8 +287,11 @@ class JobStore:
                     raise crypto.integrity_error("keyring entry", name[:-5], "is not valid JSON") from None
         return sorted(out, key=lambda r: (r.get("epoch", 0), r.get("purpose", "")))
 
+    def keyring_path(self, key_id):
+        return self._p("keyring", key_id + ".json")
+
     def keyring_record(self, key_id):
-        path = self._p("keyring", key_id + ".json")
+        path = self.keyring_path(key_id)
         if not self.storage.exists(path):
             raise StoreError("The keyring of job %s has no key %s: the store is incomplete; restore the keyring from a copy "
                              "of the store." % (self.job, key_id))
@@ -416,13 +426,29 @@ class JobStore:
                     continue
         return sorted(out, key=lambda e: (int(e.get("seq") or 0), str(e.get("created")), str(e.get("snapshot_id"))))
 
+    def _no_snapshot(self):
+        return StoreError("Job %s has no snapshot in the store %s: take a snapshot first, or check the job name and "
+                          "store location." % (self.job, getattr(self.storage, "root", "")))
+
+    def catalog_files(self):
+        """(snapshot id, seq or None) of every catalog entry file, by file name (unverified)."""
+        out = []
+        for name in self.storage.list(self._p("catalog")):
+            if name.endswith(".json") and SNAPSHOT_RE.match(name[:-5]):
+                try:
+                    seq = json.loads(self.storage.get(self._p("catalog", name))).get("seq")
+                except (ValueError, AttributeError, StoreError):
+                    seq = None
+                out.append((name[:-5], seq if isinstance(seq, int) else None))
+        return out
+
     def catalog_entry(self, snapshot_id):
-        """The catalog entry of snapshot_id or 'latest' (unverified)."""
+        """The catalog entry of snapshot_id or 'latest' (unverified: resolve() authenticates), bound to its name: an
+        entry whose content names another snapshot (a copy of another entry) is an IntegrityError."""
         if snapshot_id == "latest":
             entries = self.catalog()
             if not entries:
-                raise StoreError("Job %s has no snapshot in the store %s: take a snapshot first, or check the job name and "
-                                 "store location." % (self.job, getattr(self.storage, "root", "")))
+                raise self._no_snapshot()
             return entries[-1]
         if not SNAPSHOT_RE.match(snapshot_id or ""):
             raise StoreError("Invalid snapshot id %r: use an id from snapshot_info or 'latest'." % (snapshot_id,))
@@ -430,9 +456,13 @@ class JobStore:
         if not self.storage.exists(path):
             raise StoreError("Job %s has no snapshot %s in the store: list the snapshots with snapshot_info." % (self.job, snapshot_id))
         try:
-            return json.loads(self.storage.get(path))
+            entry = json.loads(self.storage.get(path))
         except ValueError:
             raise crypto.integrity_error("catalog entry", snapshot_id, "is not valid JSON") from None
+        if not isinstance(entry, dict) or entry.get("snapshot_id") != snapshot_id:
+            raise crypto.integrity_error("catalog entry", snapshot_id, "holds the entry of another snapshot (%s): it was copied or "
+                                         "swapped" % (entry.get("snapshot_id") if isinstance(entry, dict) else None))
+        return entry
 
     def verify_catalog(self, entry, keys):
         """entry, once its MAC checks: an encrypted snapshot's entry must name a data key and carry a keyed MAC;
@@ -449,6 +479,170 @@ class JobStore:
         if not crypto.hmac.compare_digest(mac, self._catalog_mac(entry, keys)):
             raise crypto.integrity_error("catalog entry", sid)
         return entry
+
+    # catalog head ------------------------------------------------------------------------------------
+    def _head_mac(self, head, keys):
+        fields = canonical({k: head.get(k) for k in HEAD_FIELDS})
+        if head.get("key_id") in (None, "", "none"):
+            return "sha256:" + hashlib.sha256(fields).hexdigest()
+        return "hmac-sha256:" + crypto.mac(crypto.derive(keys.key(head["key_id"]), "catalog head"), fields)
+
+    def read_head(self):
+        """The catalog head as stored (unverified), or None when the store has none."""
+        path = self._p("catalog-head.json")
+        if not self.storage.exists(path):
+            return None
+        try:
+            head = json.loads(self.storage.get(path))
+        except ValueError:
+            head = None
+        if not isinstance(head, dict):
+            raise crypto.integrity_error("catalog head", self.job, "is not valid JSON")
+        return head
+
+    def catalog_head(self, keys, keyed=None):
+        """The authenticated catalog head, or None when the store has none. keyed (default keys.encryption): refuse a
+        head with a plain checksum (an encrypted job's head is always MAC'ed with one of its data keys)."""
+        head = self.read_head()
+        if head is None:
+            return None
+        keyed = keys.encryption if keyed is None else keyed
+        live = head.get("live")
+        if (head.get("job") != self.job or head.get("format") != HEAD_FORMAT or not isinstance(head.get("mac"), str)
+                or not isinstance(head.get("seq"), int) or not isinstance(live, list)
+                or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int) and SNAPSHOT_RE.match(str(x[1]))
+                           for x in live)):
+            raise crypto.integrity_error("catalog head", self.job, "has an unknown format")
+        if keyed and (head.get("key_id") in (None, "", "none") or not head["mac"].startswith("hmac-sha256:")):
+            raise crypto.integrity_error("catalog head", self.job, "has only a checksum (an unencrypted job's head) but the job is encrypted")
+        if not crypto.hmac.compare_digest(head["mac"], self._head_mac(head, keys)):
+            raise crypto.integrity_error("catalog head", self.job)
+        return head
+
+    def put_head(self, keys, live, key_id, prev=None, now=None):
+        """Write the catalog head: live [(seq, snapshot id)] (the newest last), MAC'ed under the data key key_id.
+        The sequence number never goes back, so a replayed older entry can always be told from a new one."""
+        live = sorted([int(seq), sid] for seq, sid in live)
+        if not live:
+            raise StoreError("A catalog head needs at least one live snapshot.")
+        head = {"format": HEAD_FORMAT, "job": self.job, "seq": max([live[-1][0]] + ([int(prev["seq"])] if prev else [])),
+                "snapshot_id": live[-1][1], "live": live, "key_id": key_id or "none", "updated": iso(now or utcnow())}
+        head["mac"] = self._head_mac(head, keys)
+        self.storage.put_atomic(self._p("catalog-head.json"), canonical(head))
+        return head
+
+    def _entry_keys(self, entry, keys):
+        """keys, or a Keys of the entry's own encryption sharing their provider (snapshots taken before a job's
+        encryption was enabled stay verifiable)."""
+        enc = bool(entry.get("encryption"))
+        return keys if enc == keys.encryption else Keys(self, keys.provider, enc)
+
+    @staticmethod
+    def check_daemon_record(head, last_known):
+        """IntegrityError when the daemon's own record of its last snapshot (last_known, a snapshot id) is newer than
+        what the catalog head says: the whole catalog (head included) was rolled back to an older state."""
+        if not last_known or head is None or any(sid == last_known for _seq, sid in head["live"]):
+            return
+        if last_known[:16] >= head["snapshot_id"][:16]:  # ids start with their creation time
+            raise crypto.integrity_error(
+                "catalog head", head["snapshot_id"],
+                "is older than the Backup Daemon's record of its last snapshot %s, which is missing from the store: the "
+                "store was rolled back (removed or replayed objects)" % last_known)
+
+    def resolve(self, snapshot, keys, expect_encryption=None, last_known=None, keyed_head=None):
+        """The authenticated catalog entry of snapshot (an id or 'latest'), checked against the catalog head: the entry
+        must be bound to its id, authenticate, and be live in the head (or newer than the head and authenticate: a
+        snapshot committed just before a crash that kept the head from being updated). expect_encryption (default
+        keys.encryption): the job is encrypted, so an unencrypted entry or head is refused. last_known: the daemon's
+        own record of its last snapshot, when available. keyed_head (default: as expect_encryption): refuse a catalog
+        head with a plain checksum. IntegrityError names what is missing or does not match."""
+        enc = keys.encryption if expect_encryption is None else bool(expect_encryption)
+        head = self.catalog_head(keys, keyed=enc if keyed_head is None else keyed_head)
+        if head is None:
+            if not self.catalog():
+                raise self._no_snapshot()
+            raise crypto.integrity_error(
+                "catalog head", self.job, "is missing while the catalog holds entries (it was removed, or the store was "
+                "written before catalog heads existed; the Backup Daemon's next snapshot writes it)")
+        self.check_daemon_record(head, last_known)
+        live = {sid: seq for seq, sid in head["live"]}
+        beyond = self._beyond_head(head, keys)
+        if snapshot == "latest":
+            sid = beyond[-1]["snapshot_id"] if beyond else head["snapshot_id"]
+        else:
+            if not SNAPSHOT_RE.match(snapshot or ""):
+                raise StoreError("Invalid snapshot id %r: use an id from snapshot_info or 'latest'." % (snapshot,))
+            sid = snapshot
+        exists = self.storage.exists(self._p("catalog", sid + ".json"))
+        if sid in live and not exists:
+            raise crypto.integrity_error(
+                "catalog entry", sid, "is missing, but the catalog head lists it as live (sequence number %d): it was "
+                "removed from the store (rollback)" % live[sid])
+        entry = self.catalog_entry(sid)
+        if sid not in live and not any(e["snapshot_id"] == sid for e in beyond):
+            raise crypto.integrity_error(
+                "catalog entry", sid, "is not live according to the catalog head (last sequence number %d): it expired or "
+                "was never committed, and an old entry put back into the store is refused" % head["seq"])
+        if sid in live and entry.get("seq") != live[sid]:
+            raise crypto.integrity_error("catalog entry", sid, "has another sequence number than the catalog head records")
+        if enc and not entry.get("encryption"):
+            raise crypto.integrity_error(
+                "catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted (snapshot_restore: set "
+                "allow_unencrypted=true only if the job took unencrypted snapshots before its encryption was enabled and "
+                "you trust the store)")
+        return self.verify_catalog(entry, self._entry_keys(entry, keys))
+
+    def _beyond_head(self, head, keys):
+        """Entries newer than the head (seq above its last committed one) that authenticate, oldest first: normally
+        none; one after a crash between a catalog entry and its head update (only the daemon, holding the keys, can
+        write one that authenticates). One that does not was planted: it is left out, so it decides nothing
+        (snapshot_info lists it as unauthenticated; asking for it by id is an IntegrityError)."""
+        return [e for e in self.catalog() if isinstance(e.get("seq"), int) and e["seq"] > head["seq"]
+                and self._authenticates(e, keys)]
+
+    def auth_master_key_uids(self, keys):
+        """The master key UID the catalog head's MAC key is wrapped under (from the unverified head and keyring record),
+        so access to it can be checked before authenticating; [] when unknown (resolve() then reports why). Never a UID
+        from an unauthenticated catalog entry."""
+        try:
+            head = self.read_head() or {}
+            if head.get("key_id") not in (None, "", "none"):
+                return [str(keys.master_key_uid(head["key_id"]))]
+        except KmipBackupError:
+            pass
+        return []
+
+    def live_catalog(self, keys, expect_encryption=None, last_known=None):
+        """(entries, head): the authenticated live entries, oldest first, checked against the catalog head (None when
+        the store has none yet: then every entry that authenticates). IntegrityError names an entry the head lists
+        that is missing or does not authenticate."""
+        enc = keys.encryption if expect_encryption is None else bool(expect_encryption)
+        head = self.catalog_head(keys, keyed=enc)
+        if head is None:
+            return [self.verify_catalog(e, self._entry_keys(e, keys)) for e in self.catalog()
+                    if (e.get("encryption") or not enc) and self._authenticates(e, keys)], None
+        self.check_daemon_record(head, last_known)
+        out = []
+        for seq, sid in head["live"]:
+            if not self.storage.exists(self._p("catalog", sid + ".json")):
+                raise crypto.integrity_error(
+                    "catalog entry", sid, "is missing, but the catalog head lists it as live (sequence number %d): it was "
+                    "removed from the store (rollback)" % seq)
+            e = self.catalog_entry(sid)
+            if e.get("seq") != seq:
+                raise crypto.integrity_error("catalog entry", sid, "has another sequence number than the catalog head records")
+            out.append(self.verify_catalog(e, self._entry_keys(e, keys)))
+        return out + self._beyond_head(head, keys), head
+
+    def _authenticates(self, entry, keys):
+        """Whether entry is bound to its file name and its MAC checks (a key it names that does not exist: no)."""
+        try:
+            if self.catalog_entry(str(entry.get("snapshot_id"))) != entry:
+                return False
+            self.verify_catalog(entry, self._entry_keys(entry, keys))
+            return True
+        except (IntegrityError, StoreError):
+            return False
 
     def delete_snapshot(self, snapshot_id, entries=None):
         """Remove a snapshot from the catalog (its manifest and chunks go at the next GC); never the last one.
@@ -571,7 +765,21 @@ class Keys:
             wrapped = rec.get("wrapped")
             if not isinstance(wrapped, dict):
                 raise crypto.integrity_error("keyring entry", key_id, "has no wrapped key")
-            key = self.provider.unwrap(wrapped)
+            if str(wrapped.get("master_key_uid")) != str(rec.get("master_key_uid")):
+                # checked before any KMIP call: the record's MAC can only be checked once it is unwrapped
+                raise crypto.integrity_error("keyring entry", key_id, "names master key %s but its wrapped key names %s"
+                                             % (rec.get("master_key_uid"), wrapped.get("master_key_uid")))
+            try:
+                key = self.provider.unwrap(wrapped)
+            except IntegrityError as e:
+                if e.kind != "wrapped_key":
+                    raise
+                # the KMIP layer only knows the master key; name the store object that holds the bad record
+                raise IntegrityError(
+                    "The snapshot store's keyring entry %s (%s) cannot be used: %s. If it was modified or damaged, restore "
+                    "the keyring from a copy of the store and find out who changed the store."
+                    % (key_id, self.job_store.keyring_path(key_id), str(e).rstrip(".")),
+                    kind="keyring entry", object_id=key_id) from None
             if not isinstance(key, (bytes, bytearray)) or len(key) != crypto.KEY_BYTES:
                 raise crypto.integrity_error("keyring entry", key_id, "does not unwrap to a data key")
             self.job_store.verify_key_record(rec, bytes(key))

@@ -59,10 +59,19 @@ options:
         the authenticated-encryption fields need a server that accepts KMIP 1.4 messages for Encrypt and Decrypt).
       - V(legacy) is for KMIP 1.0/1.1 servers; it fetches the master key with KMIP Get and wraps locally with AES key wrap
         with padding (RFC 5649), holding the master key in memory only.
-      - Keys wrapped in either mode always unwrap.
+      - Keys wrapped in the V(legacy) mode (RFC 5649) unwrap under V(kmip_1_2) only with O(allow_legacy_unwrap=true).
     type: str
     choices: [kmip_1_2, legacy]
     default: kmip_1_2
+  allow_legacy_unwrap:
+    description:
+      - With O(protocol=kmip_1_2), also unwrap keys wrapped in the V(legacy) mode (RFC 5649), which fetches the master
+        key from the KMIP server with KMIP Get. Set it only while a job still has keys wrapped when its protocol was
+        V(legacy) (a rotation rewraps the head key; older snapshots keep their keys).
+      - With V(false), such a record in the snapshot store is refused as an integrity error naming the keyring entry, so
+        a record planted in the store cannot make the daemon or a restore pull a master key out of the server.
+    type: bool
+    default: false
   state:
     description: V(present) writes the configuration; V(absent) removes C(kmip.yml).
     type: str
@@ -158,7 +167,8 @@ def present(module, config_dir, path, before):
     ca_file = os.path.abspath(p["ca_file"])
     certs.load_ca_certs(ca_file)
     cfg = config.KmipConfig(servers=p["servers"], ca_file=ca_file, port=p["port"], connect_timeout=p["connect_timeout"],
-                            connect_retries=p["connect_retries"], protocol=p["protocol"])
+                            connect_retries=p["connect_retries"], protocol=p["protocol"],
+                            allow_legacy_unwrap=p["allow_legacy_unwrap"])
     servers = [{"server": s, "host": h, "port": port, "ok": None, "reason": "not verified (verify=false)"}
                for s, (h, port) in zip(cfg.servers, cfg.addresses())]
     if p["verify"]:
@@ -182,6 +192,7 @@ def main():
         connect_timeout=dict(type="float", default=5.0),
         connect_retries=dict(type="int", default=2),
         protocol=dict(type="str", default="kmip_1_2", choices=list(config.PROTOCOLS)),
+        allow_legacy_unwrap=dict(type="bool", default=False),
         state=dict(type="str", default="present", choices=["present", "absent"]),
         verify=dict(type="bool", default=False),
     )

@@ -13,14 +13,20 @@ description:
   - Lists a backup job's snapshots from the store's catalog, oldest first, with their non-secret fields only
     (id, created, cluster time, sizes, encryption, master key UUIDs, expiry, kind), and the master key UUIDs the
     retained snapshots still need, which must stay in the KMIP server.
-  - Needs neither the Backup Daemon nor KMIP access, so it works on a fresh host that has only the store.
-    The catalog is plaintext and authenticated with a MAC keyed by the snapshot's data key; this module cannot
-    check that MAC without KMIP access, so what it shows is unverified. M(kmipbackup.mongodb.snapshot_restore)
-    checks it (and every other store object) before it writes anything.
+  - The catalog is plaintext, each entry authenticated with a MAC keyed by its snapshot's data key, and the store's
+    catalog head (MAC'ed as well) records which entries are live. With KMIP access (a daemon host's O(config_dir),
+    or O(kmip_servers) and a certificate) every entry is checked against the head and RV(snapshots[].authenticated)
+    says whether it passed; an entry that did not (planted, replayed, or a copy of another one) is listed with
+    V(false) and a warning, and takes no part in RV(master_key_uids_needed). A live entry that is missing (a rolled
+    back store) fails the module with an integrity error naming it.
+  - Without KMIP access it still works on a fresh host that has only the store, but nothing can be checked; every
+    entry is listed with RV(snapshots[].authenticated=false), V(latest) is the newest unverified entry, and a warning
+    says so. M(kmipbackup.mongodb.snapshot_restore) authenticates everything before it writes anything.
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.attributes.INFO_MODULE
+  - kmipbackup.mongodb.kmip.ACCESS
 options:
   job:
     description: Name of the backup job.
@@ -38,7 +44,8 @@ options:
     type: path
   config_dir:
     description:
-      - The daemon host's configuration folder; only read to find the job's store when O(store) is not given.
+      - The daemon host's configuration folder; read (never written) to find the job's store when O(store) is not
+        given, and for KMIP access (C(kmip.yml), the job's group) when O(kmip_servers) is not given.
     type: path
     default: /etc/kmipbackup
 seealso:
@@ -117,8 +124,19 @@ snapshots:
     kind:
       description: V(scheduled) or V(on-demand).
       type: str
+    authenticated:
+      description:
+        - Whether the entry's MAC was checked and the catalog head lists it as live (V(false) for every entry without
+          KMIP access). Do not act on an entry that is not authenticated.
+      type: bool
+authenticated:
+  description: Whether the listing was checked against the store's authenticated catalog head (KMIP access was given).
+  returned: always
+  type: bool
 master_key_uids_needed:
-  description: Master key UUIDs that the job's retained snapshots still need; they must stay in the KMIP server.
+  description:
+    - Master key UUIDs that the job's retained snapshots still need; they must stay in the KMIP server.
+    - From the authenticated entries only when RV(authenticated=true).
   returned: always
   type: list
   elements: str
@@ -129,32 +147,69 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, store
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, kmip, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError, StoreError
 
 
-def store_root(params):
+def store_root(params, cfg):
     if params["store"]:
         return params["store"]
-    cfg = jobs.load_job(params["config_dir"], params["job"])
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store (the snapshot store folder) instead."
                           % (params["job"], config.jobs_dir(params["config_dir"])))
     return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
 
 
+def _listed(js, name):
+    """A catalog file's public entry, unauthenticated (its file name as id when its content names another snapshot)."""
+    try:
+        return store.public_entry(js.catalog_entry(name))
+    except KmipBackupError:
+        return {"id": name}
+
+
 def info(params):
-    root = store_root(params)
+    cfg = jobs.load_job(params["config_dir"], params["job"])  # None on a fresh host
+    root = store_root(params, cfg)
     if not os.path.isdir(root):
         raise StoreError("The snapshot store %s does not exist: check the store path (or mount it)." % root)
     js = store.JobStore(root, config.validate_name(params["job"], "job name"))
-    if params["snapshot"]:
-        entries = [js.catalog_entry(params["snapshot"])]
-        catalog = js.catalog()
-    else:
-        entries = catalog = js.catalog()
-    return {"store": root, "snapshots": [store.public_entry(e) for e in entries],
-            "master_key_uids_needed": js.master_keys_needed(catalog)}
+    settings = ansible_module.kmip_settings(params, cfg)
+    warnings = []
+    if settings is None:
+        warnings.append("No KMIP access configured: the catalog is listed unauthenticated (every snapshot shows "
+                        "authenticated=false); give kmip_servers, kmip_ca_file and client_cert_file, or config_dir, to check it.")
+        if params["snapshot"]:
+            entries = [js.catalog_entry(params["snapshot"])]
+            catalog = js.catalog()
+        else:
+            entries = catalog = js.catalog()
+        return {"store": root, "authenticated": False, "warnings": warnings,
+                "snapshots": [dict(store.public_entry(e), authenticated=False) for e in entries],
+                "master_key_uids_needed": js.master_keys_needed(catalog)}
+    encrypted = bool(cfg.get("encryption")) if cfg is not None else bool(js.keyring_records())
+    last_known = jobs.daemon_last_snapshot(params["data_dir"], params["job"])
+    with kmip.KmipClient(*settings) as client:
+        keys = store.Keys(js, provider=client, encryption=encrypted)
+        client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs")
+        live, _head = js.live_catalog(keys, expect_encryption=encrypted, last_known=last_known)
+        if params["snapshot"]:
+            # an unencrypted entry of an encrypted job is listed as it is (encryption false); snapshot_restore refuses it
+            entry = js.resolve(params["snapshot"], keys, expect_encryption=False, keyed_head=encrypted, last_known=last_known)
+            listed = [dict(store.public_entry(entry), authenticated=True)]
+        else:
+            ok = {e["snapshot_id"]: e for e in live}
+            listed = [dict(store.public_entry(ok[sid]), authenticated=True) if sid in ok else dict(_listed(js, sid), authenticated=False)
+                      for sid, _seq in js.catalog_files()]
+            # authenticated entries oldest first (as the head orders them), then the others
+            listed.sort(key=lambda e: (not e["authenticated"], str(e.get("created")), e["id"]))
+    for e in listed:
+        if not e["authenticated"]:
+            warnings.append("Catalog entry %s is not authenticated (not live in the store's catalog head, or its MAC or id does "
+                            "not match): it is ignored; it may have been planted or put back, find out who changed the store."
+                            % e["id"])
+    return {"store": root, "authenticated": True, "warnings": warnings, "snapshots": listed,
+            "master_key_uids_needed": js.master_keys_needed(live)}
 
 
 def main():
@@ -164,8 +219,11 @@ def main():
         store=dict(type="path"),
     )
     spec.update(ansible_module.config_dir_spec())
+    spec.update(ansible_module.kmip_access_spec())
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     result = ansible_module.call(module, info, module.params)
+    for w in result.pop("warnings"):
+        module.warn(w)
     module.exit_json(changed=False, **result)
 
 

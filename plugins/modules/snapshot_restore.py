@@ -16,10 +16,16 @@ description:
   - Needs no Backup Daemon and no configuration files; on a fresh host give the store, the KMIP server
     (O(kmip_servers), O(kmip_ca_file)) and a client certificate provisioned for the snapshot's master keys
     (O(client_cert_file)). On a daemon host, O(config_dir) and the job's group are used instead.
-  - Before writing anything, checks that the certificate can use every master key the snapshot needs (naming the
-    UUIDs it cannot use), authenticates the catalog entry, the keyring entries and the manifest, and refuses to
-    write into non-empty target namespaces unless O(drop=true). Every chunk is authenticated as it is read; a
-    tampered store object fails the restore with an integrity error naming the object.
+  - Before writing anything, resolves O(snapshot) through the store's authenticated catalog head (V(latest) is the
+    newest snapshot the head records, never whatever entry an unauthenticated listing shows last), checks that the
+    catalog entry is bound to that id and live, compares the head with the Backup Daemon's own record of its last
+    snapshot where O(data_dir) has one (a rolled-back store fails naming what is missing), checks that the
+    certificate can use every master key the snapshot needs (naming the UUIDs it cannot use), authenticates the
+    keyring entries and the manifest, and refuses to write into non-empty target namespaces unless O(drop=true).
+    Every chunk is authenticated as it is read; a tampered store object fails the restore with an integrity error
+    naming the object.
+  - The result's RV(snapshot_id) is the resolved id (RV(snapshot_requested) what was asked for); the restore fails if
+    the snapshot restored is not the one resolved.
   - A directory or archive target is built next to its final place and renamed into place at the end, so a failure
     leaves it untouched. A MongoDB target records the restore in C(kmipbackup_restore.restoreInfo) (state
     C(incomplete) until the restore is verified), so an interrupted restore is clearly marked.
@@ -36,6 +42,7 @@ description:
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
+  - kmipbackup.mongodb.kmip.ACCESS
 attributes:
   check_mode:
     support: full
@@ -69,44 +76,6 @@ options:
         configuration when O(kmip_servers) is not given. Not needed on a fresh host.
     type: path
     default: /etc/kmipbackup
-  group:
-    description:
-      - The group whose configured certificate (C(groups/<group>.yml) in O(config_dir)) is used.
-      - Defaults to the job's group when the job is declared in O(config_dir). Ignored when O(client_cert_file) is set.
-    type: str
-  kmip_servers:
-    description:
-      - KMIP servers (host or host:port), tried in order. Give them to restore without O(config_dir)'s C(kmip.yml).
-      - Requires O(kmip_ca_file) and O(client_cert_file).
-    type: list
-    elements: str
-  kmip_port:
-    description: Port of the O(kmip_servers) without an explicit port.
-    type: int
-    default: 5696
-  kmip_ca_file:
-    description: PEM file of the CA that signs the KMIP servers' certificates (with O(kmip_servers)).
-    type: path
-  kmip_protocol:
-    description: V(kmip_1_2) (KMIP Encrypt/Decrypt wrapping) or V(legacy) (KMIP 1.0/1.1 servers), with O(kmip_servers).
-    type: str
-    choices: [kmip_1_2, legacy]
-    default: kmip_1_2
-  kmip_connect_timeout:
-    description: Seconds to wait for a KMIP connection, with O(kmip_servers).
-    type: float
-    default: 5
-  client_cert_file:
-    description:
-      - PEM file of a KMIP client certificate provisioned for the snapshot's master keys (the group's, a reissued one
-        of the same identity, or another one the KMIP server grants), with its key unless O(client_key_file) is set.
-    type: path
-  client_key_file:
-    description: PEM file of the client certificate's private key, when it is not in O(client_cert_file).
-    type: path
-  client_cert_password:
-    description: Password of an encrypted client key.
-    type: str
   target_uri:
     description:
       - MongoDB URI of the target deployment. Treated as a secret (it may carry credentials).
@@ -226,10 +195,17 @@ EXAMPLES = r'''
 
 RETURN = r'''
 snapshot_id:
-  description: The restored snapshot's id.
+  description:
+    - The restored snapshot's id, resolved from O(snapshot) (V(latest)) through the store's catalog head.
+    - Without KMIP access (check mode only) it comes from the unauthenticated catalog; see RV(planned_from).
   returned: always
   type: str
   sample: 20261127T180000Z-1a2b3c4d
+snapshot_requested:
+  description: The O(snapshot) asked for (an id or V(latest)).
+  returned: always
+  type: str
+  sample: latest
 created:
   description: When the snapshot was taken (ISO 8601, UTC).
   returned: always
@@ -332,7 +308,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, kmip, restore, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, IntegrityError, KmipBackupError, KmipError, RestoreError)
+    ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
 try:
     from pymongo.errors import PyMongoError
@@ -347,28 +323,6 @@ def store_root(p, cfg):
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder." % (p["job"], p["config_dir"]))
     return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
-
-
-def kmip_settings(p, cfg):
-    """(KmipConfig, GroupConfig), or None when no KMIP access is configured."""
-    if p["kmip_servers"]:
-        if not p["kmip_ca_file"] or not p["client_cert_file"]:
-            raise ConfigError("kmip_servers needs kmip_ca_file and client_cert_file: give the KMIP CA and a client certificate.")
-        kcfg = config.KmipConfig(servers=p["kmip_servers"], ca_file=p["kmip_ca_file"], port=p["kmip_port"],
-                                 connect_timeout=p["kmip_connect_timeout"], protocol=p["kmip_protocol"])
-    elif os.path.exists(config.kmip_path(p["config_dir"])):
-        kcfg = config.load_kmip_config(p["config_dir"])
-    else:
-        return None
-    group = p["group"] or (cfg or {}).get("group") or "restore"
-    if p["client_cert_file"]:
-        grp = config.GroupConfig(group=group, client_cert_file=p["client_cert_file"], client_key_file=p["client_key_file"],
-                                 client_cert_password=p["client_cert_password"] or None)
-    elif p["group"] or (cfg or {}).get("group"):
-        grp = config.load_group(p["config_dir"], group)
-    else:
-        raise ConfigError("No KMIP client certificate: give client_cert_file, or group (configured with kmipbackup.mongodb.group_kmip).")
-    return kcfg, grp
 
 
 def make_target(p, sid):
@@ -389,15 +343,11 @@ def make_target(p, sid):
     return restore.MongoTarget(p["target_uri"], restore_info_path=os.path.abspath(info), **opts), os.path.abspath(info)
 
 
-def check_keys(client, uids):
-    """Raise one KmipError naming every master key this certificate cannot use."""
-    denied = [(uid, e.kind) for uid, e in client.check_keys(uids) if e is not None]
-    if denied:
-        raise KmipError("The KMIP client certificate (identity %s) cannot use the master key(s) %s that snapshot needs "
-                        "(%s): use a certificate provisioned for these keys (the job's group certificate or a reissued "
-                        "one of the same identity)." % (client.identity, ", ".join(u for u, _kind in denied),
-                                                        ", ".join("%s: %s" % d for d in denied)),
-                        kind=denied[0][1], uid=denied[0][0])
+def job_encrypted(p, cfg, js):
+    """(whether the job is encrypted, why we know): its configuration, or on a fresh host its keyring."""
+    if cfg is not None:
+        return bool(cfg.get("encryption")), "its configuration in %s enables encryption" % p["config_dir"]
+    return bool(js.keyring_records()), "its keyring in the store holds wrapped data keys"
 
 
 def check_encryption_expected(p, cfg, js, entry):
@@ -405,10 +355,7 @@ def check_encryption_expected(p, cfg, js, entry):
     whether the snapshot must be encrypted."""
     if p["allow_unencrypted"]:
         return False
-    if cfg is not None:
-        expected, why = bool(cfg.get("encryption")), "its configuration in %s enables encryption" % p["config_dir"]
-    else:
-        expected, why = bool(js.keyring_records()), "its keyring in the store holds wrapped data keys"
+    expected, why = job_encrypted(p, cfg, js)
     if expected and not entry.get("encryption"):
         raise IntegrityError("Snapshot %s is marked unencrypted, but job %s is encrypted (%s): an unencrypted snapshot is "
                              "not authenticated, so a forged one could pass as it. Restore an encrypted snapshot, or set "
@@ -423,6 +370,8 @@ class Restore:
         self.module = module
         self.p = module.params
         self.client = None
+        self.keys = self.last_known = None
+        self.checked = set()  # master key UIDs whose access was checked
 
     def label(self, entry, i, name):
         return restore.label(entry.get("encryption"), i, name, self.p["show_namespaces"])
@@ -431,28 +380,46 @@ class Restore:
         p = self.p
         cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
         js = store.JobStore(store_root(p, cfg), config.validate_name(p["job"], "job name"))
-        entry = js.catalog_entry(p["snapshot"])
-        sid = entry["snapshot_id"]
-        expect_encryption = check_encryption_expected(p, cfg, js, entry)
-        settings = kmip_settings(p, cfg)
-        target, info_path = make_target(p, sid)
-        result = {"snapshot_id": sid, "created": entry.get("created"), "cluster_time": entry.get("cluster_time"),
-                  "encryption": bool(entry.get("encryption")), "master_key_uids": entry.get("master_key_uids") or [],
-                  "target": target.kind, "restore_info": info_path, "kmip_calls": 0, "kmip_server": None}
+        settings = ansible_module.kmip_settings(p, cfg)
+        target = None
+        result = {"snapshot_requested": p["snapshot"], "kmip_calls": 0, "kmip_server": None}
         try:
             if settings is not None:
                 self.client = kmip.KmipClient(*settings)
+            self.last_known = jobs.daemon_last_snapshot(p["data_dir"], p["job"])
+            entry, self.keys = self._resolve(js, cfg)
+            sid = entry["snapshot_id"]
+            expect_encryption = check_encryption_expected(p, cfg, js, entry)
+            target, info_path = make_target(p, sid)
+            result.update(snapshot_id=sid, created=entry.get("created"), cluster_time=entry.get("cluster_time"),
+                          encryption=bool(entry.get("encryption")), master_key_uids=entry.get("master_key_uids") or [],
+                          target=target.kind, restore_info=info_path)
             return self._run(js, entry, target, settings, result, expect_encryption)
         finally:
             if self.client is not None:
                 result["kmip_calls"] = self.client.calls
                 self.client.close()
-            if target.kind == "mongodb":
+            if target is not None and target.kind == "mongodb":
                 target.close()
+
+    def _resolve(self, js, cfg):
+        """(catalog entry, Keys of the job's encryption or None): through the authenticated catalog head (and the daemon's
+        record) when KMIP access is configured, else the unauthenticated entry (check mode then plans from the catalog)."""
+        if self.client is None:
+            return js.catalog_entry(self.p["snapshot"]), None
+        encrypted, _why = job_encrypted(self.p, cfg, js)
+        keys = store.Keys(js, provider=self.client, encryption=encrypted)
+        # first the master keys that authenticating will use: a certificate that cannot use one is named with its UUIDs
+        self.checked.update(self.client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs"))
+        # an unencrypted entry of an encrypted job is refused by check_encryption_expected, which knows allow_unencrypted
+        return js.resolve(self.p["snapshot"], keys, expect_encryption=False, keyed_head=encrypted,
+                          last_known=self.last_known), keys
 
     def _run(self, js, entry, target, settings, result, expect_encryption):
         p, sid = self.p, entry["snapshot_id"]
-        keys = store.Keys(js, provider=self.client, encryption=bool(entry.get("encryption")))
+        keys = self.keys
+        if keys is None or keys.encryption != bool(entry.get("encryption")):
+            keys = store.Keys(js, provider=self.client, encryption=bool(entry.get("encryption")))
         if entry.get("encryption"):
             if self.client is None:
                 if not self.module.check_mode:
@@ -461,14 +428,15 @@ class Restore:
                                       % (sid, ", ".join(result["master_key_uids"])))
                 self.module.warn("No KMIP access configured: the plan comes from the unauthenticated catalog.")
             else:
-                check_keys(self.client, result["master_key_uids"])
+                self.client.require_keys([u for u in result["master_key_uids"] if str(u) not in self.checked])
                 result["kmip_server"] = self.client.server
         if self.client is None and entry.get("encryption"):
             already = restore.already_restored(js, sid, target)
             result.update(already_restored=already, planned_from="catalog", documents=entry.get("doc_count"), bytes=entry.get("data_bytes"))
             result["changed"] = not already or p["force"]
             return result
-        entry, selected = restore.plan(js, sid, keys, p["include"], p["exclude"], p["rename_databases"], expect_encryption)
+        entry, selected = restore.plan(js, sid, keys, p["include"], p["exclude"], p["rename_databases"], expect_encryption,
+                                       last_known=self.last_known)
         already = restore.already_restored(js, sid, target, selected)
         result.update(already_restored=already, planned_from="manifest",
                       namespaces=[{"source": self.label(entry, i, n["ns"]), "target": self.label(entry, i, "%s.%s" % (db, coll)),
@@ -495,6 +463,10 @@ class Restore:
         servers = ["%s:%d" % a for a in settings[0].addresses()] if settings else None
         summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
                                   show_namespaces=p["show_namespaces"])
+        if summary["snapshot_id"] != sid:
+            raise IntegrityError("Snapshot %s was resolved for %s, but %s was restored: the store changed during the restore; "
+                                 "restore again and find out who changed the store." % (sid, p["snapshot"], summary["snapshot_id"]),
+                                 kind="catalog entry", object_id=sid)
         for ns in result["namespaces"]:
             ns["verified"] = p["verify"]
         result.update(restore_info_text=summary["restore_info"],
@@ -508,15 +480,6 @@ def main():
         job=dict(type="str", required=True),
         snapshot=dict(type="str", default="latest"),
         store=dict(type="path"),
-        group=dict(type="str"),
-        kmip_servers=dict(type="list", elements="str"),
-        kmip_port=dict(type="int", default=config.DEFAULT_PORT),
-        kmip_ca_file=dict(type="path"),
-        kmip_protocol=dict(type="str", default="kmip_1_2", choices=list(config.PROTOCOLS)),
-        kmip_connect_timeout=dict(type="float", default=5.0),
-        client_cert_file=dict(type="path"),
-        client_key_file=dict(type="path", no_log=False),
-        client_cert_password=dict(type="str", no_log=True),
         target_uri=dict(type="str", no_log=True),
         target_tls=dict(type="bool", default=False),
         target_tls_ca_file=dict(type="path"),
@@ -539,6 +502,7 @@ def main():
         show_namespaces=dict(type="bool", default=False),
     )
     spec.update(ansible_module.config_dir_spec())
+    spec.update(ansible_module.kmip_access_spec())
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
                            mutually_exclusive=[("target_uri", "target_dir", "target_archive")],
                            required_one_of=[("target_uri", "target_dir", "target_archive")])

@@ -76,10 +76,17 @@ def test_wrap_unwrap_round_trip(pki, s1, g1, master, protocol, mode):
         before = c.calls
         assert c.unwrap(rec) == data_key
         assert c.calls == before + 1  # O(1): one Decrypt or one Get
-    # records of either mode unwrap whatever the configured protocol
+    # gcm records unwrap whatever the configured protocol; rfc5649 records (which fetch the master key) under kmip_1_2
+    # only with allow_legacy_unwrap
     other = "legacy" if protocol == "kmip_1_2" else "kmip_1_2"
-    with kmip.KmipClient(kcfg(pki, s1, protocol=other), g1) as c:
+    with kmip.KmipClient(kcfg(pki, s1, protocol=other, allow_legacy_unwrap=True), g1) as c:
         assert c.unwrap(rec) == data_key
+    with kmip.KmipClient(kcfg(pki, s1, protocol=other), g1) as c:
+        if mode == "rfc5649":
+            with pytest.raises(IntegrityError, match="does not allow"):
+                c.unwrap(rec)
+        else:
+            assert c.unwrap(rec) == data_key
 
 
 @pytest.mark.parametrize("field", ["ct", "tag", "iv"])

@@ -14,7 +14,7 @@ from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, head, jobs, kmip, snapshot, store
 from daemon_helper import DaemonProcess, write_kmip_setup
-from snapshot_helpers import forge_null_snapshot
+from snapshot_helpers import commit_to_head, forge_null_snapshot
 
 SI = "kmipbackup.mongodb.snapshot_info"
 SR = "kmipbackup.mongodb.snapshot_restore"
@@ -165,9 +165,14 @@ def test_snapshot_info_lists_catalog_without_kmip(ansible, lab_job, tmp_path):
     assert s["encryption"] is True and s["master_key_uids"] == [lab_job["uid"]]
     assert s["doc_count"] == 370 and s["namespaces"] == 2 and s["data_bytes"] > 0 and s["stored_bytes"] > 0
     assert set(s) == {"id", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
-                      "namespaces", "encryption", "master_key_uids", "expires", "kind"}
+                      "namespaces", "encryption", "master_key_uids", "expires", "kind", "authenticated"}
+    # the daemon host's configuration gives KMIP access: checked against the catalog head
+    assert r[0]["authenticated"] is True and s["authenticated"] is True and not r[0].get("warnings"), r.output
     assert lab_job["uid"] in r[0]["master_key_uids_needed"]
     assert r[1]["snapshots"][0]["id"] == r[0]["snapshots"][-1]["id"]
+    # a fresh host without KMIP access: listed, but said to be unauthenticated
+    assert r[1]["authenticated"] is False and r[1]["snapshots"][0]["authenticated"] is False
+    assert any("No KMIP access configured" in w for w in r[1]["warnings"]), r[1]
     assert r[2]["failed"] and "has no snapshot 20200101T000000Z-00000000" in r[2]["msg"]
     assert r[3]["failed"] and "not declared" in r[3]["msg"]
     no_canary(r)
@@ -273,6 +278,7 @@ def test_unencrypted_snapshot_of_encrypted_job_refused(ansible, lab_job, tmp_pat
     js = store.JobStore(copy, "snapjob")
     forged = {lab_job["db"] + ".forged": [{"_id": 1, "v": "forged"}]}
     sid = forge_null_snapshot(js, js.catalog()[-1], forged, encryption=False, new=True)
+    commit_to_head(js, store.Keys(js, lab_job["client"]))  # as if the job had really taken it, before its encryption
     fresh = dict(job="snapjob", config_dir=str(tmp_path / "no-config"), store=copy, kmip_servers=["127.0.0.1:%d" % kmip_server["port"]],
                  kmip_ca_file=pki["ca"], client_cert_file=pki["clients"]["group1"]["pem"])
     outs = [str(tmp_path / n) for n in ("daemon-host", "fresh", "allowed")]
@@ -363,6 +369,7 @@ def test_verbose_run_shows_no_canary(ansible, lab_job, tmp_path, pki, kmip_serve
     shutil.copytree(lab_job["store"], copy)
     js = store.JobStore(copy, "snapjob")
     forge_null_snapshot(js, js.catalog()[-1], {lab_job["db"] + ".plain": [{"_id": 1}]}, encryption=False, new=True)
+    commit_to_head(js, store.Keys(js, lab_job["client"]))  # as if the job had really taken it, before its encryption
     r = ansible.run([{SR: dict(fresh, store=copy, target_dir=str(tmp_path / "plain"), allow_unencrypted=True)}], verbosity=3)
     assert r[0]["changed"] and r[0]["encryption"] is False, r.output[-4000:]
     assert "%s.plain" % lab_job["db"] in r.output
@@ -447,7 +454,8 @@ def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
     p = ansible.run_playbook(pb, extra_vars=dict(ev, client_cert_file=pki["clients"]["group2"]["pem"], client_cert_password=None,
                                                  target_dir=str(tmp_path / "denied")))
     out = p.stdout + p.stderr
-    assert p.returncode != 0 and lab_job["uid"] in out and "Pre-flight" in out, out[-4000:]
+    # refused at the first task that reads the store with KMIP (finding the snapshot, authenticated), naming the key
+    assert p.returncode != 0 and "cannot use the master key(s) %s" % lab_job["uid"] in out and "Find the snapshot" in out, out[-4000:]
     assert not os.path.exists(str(tmp_path / "denied"))
 
     # allow_unencrypted passes through, default false: a forged unencrypted snapshot is refused, then allowed
@@ -455,6 +463,7 @@ def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
     shutil.copytree(lab_job["store"], copy)
     js = store.JobStore(copy, "snapjob")
     forge_null_snapshot(js, js.catalog()[-1], {"forged.c": [{"_id": 1}]}, encryption=False, new=True)
+    commit_to_head(js, store.Keys(js, lab_job["client"]))  # as if the job had really taken it, before its encryption
     forged = dict(ev, store=copy, snapshot="latest", target_dir=str(tmp_path / "forged"))
     p = ansible.run_playbook(pb, extra_vars=forged)
     out = p.stdout + p.stderr

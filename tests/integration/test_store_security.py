@@ -57,22 +57,26 @@ def test_null_cipher_downgrade_of_encrypted_job_fails(tmp_path):
     assert err.value.kind == "chunk" and err.value.object_id == forged["id"]
     with pytest.raises(IntegrityError):
         keys.key("none")
-    assert provider.calls == 2  # the snapshot's two wraps: nothing was unwrapped for the forgery
+    # the snapshot's two wraps, and per restore one unwrap of its snapshot key (the catalog head's MAC key): nothing for
+    # the forgery
+    assert provider.calls == 4
 
 
 def test_catalog_entry_claiming_unencrypted_refused_for_encrypted_job(tmp_path):
     provider, js, e = job(tmp_path, {"d.c": docs()})
     sid = forge_null_snapshot(js, e, {"d.c": [{"_id": 1, "v": "EVIL"}]}, encryption=False, new=True)
-    assert js.catalog()[-1]["snapshot_id"] == sid
-    with pytest.raises(IntegrityError, match="unencrypted but the job is encrypted") as err:
-        restore.restore(js, "latest", store.Keys(js, provider, True), restore.DirectoryTarget(str(tmp_path / "o1")))
-    assert err.value.kind == "catalog entry" and err.value.object_id == sid
-    with pytest.raises(IntegrityError, match="unencrypted but the job is encrypted"):
-        restore.plan(js, "latest", store.Keys(js, None, False), expect_encryption=True)
-    assert not (tmp_path / "o1").exists()
-    # the real snapshot still restores
-    restore.restore(js, e["snapshot_id"], store.Keys(js, provider, True), restore.DirectoryTarget(str(tmp_path / "o2")))
+    assert js.catalog()[-1]["snapshot_id"] == sid  # the unverified listing shows it as the newest
+    for keys, expect in ((store.Keys(js, provider, True), None), (store.Keys(js, provider, False), True)):
+        with pytest.raises(IntegrityError, match="unencrypted but the job is encrypted") as err:
+            restore.restore(js, sid, keys, restore.DirectoryTarget(str(tmp_path / "o1")), expect_encryption=expect)
+        assert err.value.kind == "catalog entry" and err.value.object_id == sid
+    # 'latest' follows the catalog head, not the planted entry: the real snapshot restores
+    restore.restore(js, "latest", store.Keys(js, provider, True), restore.DirectoryTarget(str(tmp_path / "o2")))
     assert split_docs((tmp_path / "o2" / "d" / "c.bson").read_bytes()) == [bson.encode(d) for d in docs()]
+    with pytest.raises(IntegrityError, match="has only a checksum"):  # the whole catalog head forged as well
+        js.put_head(store.Keys(js, None, False), [(e["seq"], e["snapshot_id"]), (e["seq"] + 1, sid)], "none")
+        restore.plan(js, "latest", store.Keys(js, provider, True))
+    assert not (tmp_path / "o1").exists()
 
 
 def test_gc_of_a_job_whose_encryption_was_enabled(tmp_path):
@@ -83,7 +87,8 @@ def test_gc_of_a_job_whose_encryption_was_enabled(tmp_path):
     h.close()
     gc = js.gc(store.Keys(js, provider, True), now=store.utcnow() + datetime.timedelta(hours=2))
     assert gc["chunks_deleted"] == 0 and gc["manifests_deleted"] == 0
-    restore.restore(js, plain["snapshot_id"], store.Keys(js, None, False), restore.DirectoryTarget(str(tmp_path / "p")))
+    # the catalog head (MAC'ed with the encrypted snapshot's key) is checked first: it needs the job's KMIP access
+    restore.restore(js, plain["snapshot_id"], store.Keys(js, provider, False), restore.DirectoryTarget(str(tmp_path / "p")))
     restore.restore(js, enc["snapshot_id"], store.Keys(js, provider, True), restore.DirectoryTarget(str(tmp_path / "e")))
 
 
