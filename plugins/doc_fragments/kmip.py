@@ -16,3 +16,18 @@ options:
     type: path
     default: /etc/kmipbackup
 '''
+
+    # Who may own the folders the writing modules write into.
+    DAEMON_USER = r'''
+options:
+  daemon_user:
+    description:
+      - The Backup Daemon's user (the C(backup_daemon) role's C(backup_daemon_user)), by name or uid.
+      - The configuration folder and the data folder this module writes into must be owned by root, by the user the
+        module runs as, or by this user, and must not be writable by their group or others; otherwise the module fails
+        and changes nothing (it does not tighten them).
+      - Inside them, files and folders are opened without following symbolic links; a link where a file or folder is
+        expected is refused. New files and folders take the owner of the folder they are created in.
+    type: str
+    default: kmipbackup
+'''

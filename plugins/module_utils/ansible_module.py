@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import DEFAULT_CONFIG_DIR
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import (
+    DEFAULT_CONFIG_DIR, DEFAULT_DAEMON_USER, userinfo_secrets)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 
 REDACTED = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
@@ -19,6 +20,20 @@ SECRET_KEYS = frozenset(("client_cert_password", "password"))
 def config_dir_spec():
     """Argument spec piece for config_dir (see the kmipbackup.mongodb.kmip doc fragment)."""
     return dict(config_dir=dict(type="path", default=DEFAULT_CONFIG_DIR))
+
+
+def daemon_user_spec():
+    """Argument spec piece for daemon_user (see the kmipbackup.mongodb.kmip.DAEMON_USER doc fragment)."""
+    return dict(daemon_user=dict(type="str", default=DEFAULT_DAEMON_USER))
+
+
+def hide_userinfo(module, *values):
+    """Add the passwords of any user:password@ in values (strings or lists of them) to the module's no_log values,
+    so they are masked in invocation.module_args, messages and results. Call before any exit_json/fail_json."""
+    for value in values:
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, str):
+                module.no_log_values.update(userinfo_secrets(v))
 
 
 def call(module, fn, *args, **kwargs):

@@ -63,6 +63,12 @@ options:
     description:
       - The snapshot store root. When omitted, the store recorded for O(job) in O(config_dir) is used.
     type: path
+  data_dir:
+    description:
+      - The daemon host's data folder, for the default store (C(store) in it) when the job's configuration names
+        none. No directory or archive target may be, be inside or contain it.
+    type: path
+    default: /var/lib/kmipbackup
   config_dir:
     description:
       - The daemon host's configuration folder; read (never written) for the job's store and group, and for the KMIP
@@ -138,10 +144,15 @@ options:
     type: int
     default: 10
   target_dir:
-    description: Folder to restore to in mongodump's directory layout; must be absent or empty unless O(drop=true).
+    description:
+      - Folder to restore to in mongodump's directory layout; must be absent or empty unless O(drop=true).
+      - It may not be, be inside, or contain the snapshot store, O(data_dir) or O(config_dir) (refused, even with
+        O(force=true)).
     type: path
   target_archive:
-    description: File to restore to in mongodump's C(--archive) format; must be absent unless O(drop=true).
+    description:
+      - File to restore to in mongodump's C(--archive) format; must be absent unless O(drop=true).
+      - It may not be, be inside, or contain the snapshot store, O(data_dir) or O(config_dir).
     type: path
   restore_info_file:
     description:
@@ -165,12 +176,18 @@ options:
     description:
       - Replace non-empty target namespaces (and an existing directory or archive).
       - With V(false), a restore into non-empty namespaces fails naming them, and nothing is written.
+      - An existing O(target_dir) is replaced only when it holds a previous restore or a mongodump layout
+        (C(<db>/<coll>.bson), C(.metadata.json), C(restoreInfo.txt)), and an existing O(target_archive) only when it
+        is a mongodump archive or a previous restore; anything else is refused unless O(force=true).
     type: bool
     default: false
   force:
     description:
       - Restore even when the target already holds a complete restore of this snapshot; that earlier restore is
         replaced (as with O(drop=true)).
+      - With O(drop=true), also replace an existing O(target_dir) or O(target_archive) that is not a previous restore
+        or a mongodump layout. Never a target that is, is inside or contains the snapshot store, O(data_dir) or
+        O(config_dir).
     type: bool
     default: false
   verify:
@@ -346,7 +363,7 @@ def store_root(p, cfg):
         return p["store"]
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder." % (p["job"], p["config_dir"]))
-    return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
+    return jobs.store_root(cfg, p["data_dir"])
 
 
 def kmip_settings(p, cfg):
@@ -371,11 +388,21 @@ def kmip_settings(p, cfg):
     return kcfg, grp
 
 
-def make_target(p, sid):
+def protected_folders(p, root):
+    """The folders no directory or archive target may be, be inside or contain."""
+    return {"snapshot store": root, "data_dir": p["data_dir"], "config_dir": p["config_dir"]}
+
+
+def make_target(p, sid, protected):
+    """(target, restore info path); a directory or archive target at a protected folder is refused here, before
+    anything is read or written."""
     if p["target_dir"]:
-        return restore.DirectoryTarget(p["target_dir"]), os.path.join(os.path.abspath(p["target_dir"]), restore.RESTORE_INFO)
+        restore.check_target_location(p["target_dir"], protected)
+        t = restore.DirectoryTarget(p["target_dir"], protected, p["force"])
+        return t, os.path.join(t.path, restore.RESTORE_INFO)
     if p["target_archive"]:
-        t = restore.ArchiveTarget(p["target_archive"])
+        restore.check_target_location(p["target_archive"], protected)
+        t = restore.ArchiveTarget(p["target_archive"], protected, p["force"])
         return t, t.info_path
     info = p["restore_info_file"] or os.path.join(pwd.getpwuid(os.getuid()).pw_dir, "restoreInfo-%s-%s.txt" % (p["job"], sid))
     opts = {"serverSelectionTimeoutMS": p["target_connect_timeout"] * 1000, "connectTimeoutMS": p["target_connect_timeout"] * 1000}
@@ -430,12 +457,13 @@ class Restore:
     def run(self):
         p = self.p
         cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
-        js = store.JobStore(store_root(p, cfg), config.validate_name(p["job"], "job name"))
+        root = store_root(p, cfg)
+        js = store.JobStore(root, config.validate_name(p["job"], "job name"))
         entry = js.catalog_entry(p["snapshot"])
         sid = entry["snapshot_id"]
+        target, info_path = make_target(p, sid, protected_folders(p, root))
         expect_encryption = check_encryption_expected(p, cfg, js, entry)
         settings = kmip_settings(p, cfg)
-        target, info_path = make_target(p, sid)
         result = {"snapshot_id": sid, "created": entry.get("created"), "cluster_time": entry.get("cluster_time"),
                   "encryption": bool(entry.get("encryption")), "master_key_uids": entry.get("master_key_uids") or [],
                   "target": target.kind, "restore_info": info_path, "kmip_calls": 0, "kmip_server": None}
@@ -488,7 +516,7 @@ class Restore:
                                    "databases (rename_databases, include/exclude), or set drop=true to replace them."
                                    % ", ".join(result["busy_namespaces"]))
         else:
-            restore.check_file_target(target.path, drop)
+            restore.check_file_target(target.path, drop, p["force"], target.protected, target.kind)
         if self.module.check_mode:
             result["changed"] = True
             return result
@@ -537,6 +565,7 @@ def main():
         verify=dict(type="bool", default=True),
         allow_unencrypted=dict(type="bool", default=False),
         show_namespaces=dict(type="bool", default=False),
+        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
     )
     spec.update(ansible_module.config_dir_spec())
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
