@@ -290,7 +290,7 @@ def check_target_location(path, protected):
     """RestoreError when path is, is inside, or contains one of the protected folders ({what: folder}: the store,
     data_dir, config_dir): drop would delete it and a restore would write into it. Links are resolved first."""
     real = os.path.realpath(path)
-    for what, folder in sorted((protected or {}).items()):
+    for what, folder in (protected or {}).items():  # in the caller's order: the most specific first
         if not folder:
             continue
         other = os.path.realpath(folder)
