@@ -354,8 +354,10 @@ def check_file_target(path, drop, force=False, protected=None, kind=None):
         if not drop:
             raise RestoreError("The restore target %s exists and is not empty: choose an empty or new location, or set "
                                "drop to replace it." % path)
-        replaceable = _is_archive(path) if kind == "archive" else (not os.path.islink(path) and os.path.isdir(path)
-                                                                    and _is_dump_layout(path))
+        if kind == "archive":
+            replaceable = _is_archive(path)
+        else:
+            replaceable = not os.path.islink(path) and os.path.isdir(path) and _is_dump_layout(path)
         if not force and not replaceable:
             raise RestoreError("The restore target %s holds something other than a previous restore or a mongodump %s: "
                                "drop replaces only those. Choose another location, or set force=true as well to replace "
