@@ -637,7 +637,11 @@ def main(argv=None):
         return 3
     if a.user and os.geteuid() == 0:
         _switch_user(a.user)
-    jobs.open_data_dir(data_dir).close()  # refused, not tightened, when writable by others or foreign-owned
+    try:  # refused, not tightened, when a link, writable by others or foreign-owned
+        jobs.open_data_dir(data_dir, a.user or config.DEFAULT_DAEMON_USER).close()
+    except KmipBackupError as e:
+        sys.stderr.write("%s\n" % e)
+        return 2
     log_file = os.path.abspath(a.log_file or os.path.join(data_dir, "log", "daemon.log"))
     setup_logging(log_file, a.log_level)
     if a.detach:

@@ -142,6 +142,28 @@ def test_backup_job_encryption_refuses_unsafe_config_dir_before_creating_a_key(a
     assert "master_key_uid" not in r[0] and tree_state(cd) == before
 
 
+def test_daemon_refuses_writable_or_linked_data_dir(tmp_path):
+    """The Backup Daemon does not tighten a group-writable data_dir (before: chmod 0700 and run) nor follow a link."""
+    from daemon_helper import DaemonProcess
+    cd = private(str(tmp_path / "etc"))
+    dd = str(tmp_path / "data")
+    os.mkdir(dd)
+    os.chmod(dd, 0o770)
+    link = str(tmp_path / "data-link")
+    os.symlink(dd, link)
+    for data_dir, words in ((dd, "is writable by its group or by others (mode 0770)"),
+                            (link, "is a symbolic link or not a folder")):
+        d = DaemonProcess(cd, data_dir).start()
+        try:
+            rc = d.proc.wait(30)
+        finally:
+            d.stop()
+        with open(d.out_files[-1]) as f:
+            out = f.read()
+        assert rc == 2 and ("data_dir %s %s" % (data_dir, words)) in out, out
+        assert stat.S_IMODE(os.stat(dd).st_mode) == 0o770 and os.listdir(dd) == []
+
+
 # ---- 8. restore targets ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
