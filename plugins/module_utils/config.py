@@ -193,6 +193,8 @@ def _from_dict(cls, data, path):
 def read_raw(path):
     try:
         return files.read_yaml(path)
+    except ConfigError:  # a link planted at path (files.UnsafePathError): its own message
+        raise
     except OSError as e:
         raise ConfigError("cannot read %s: %s" % (path, e.strerror or e))
     except Exception as e:  # yaml.YAMLError, without importing yaml here

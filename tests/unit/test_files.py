@@ -160,3 +160,11 @@ def test_folder_api_inherits_owner_by_descriptor(tmp_path):
         st = os.stat(os.path.join(root, p))
         assert (st.st_uid, st.st_gid) == (65534, 65534), p
     assert stat.S_IMODE(os.stat(os.path.join(root, "requests", "job1")).st_mode) == 0o700
+
+
+def test_planted_config_file_link_is_named(tmp_path):
+    """kmip.yml -> a file elsewhere: refused as a link (not reported as invalid YAML, not read)."""
+    cd, victim = _private_root(tmp_path, "etc"), _victim(tmp_path)
+    os.symlink(os.path.join(victim, "keep"), os.path.join(cd, "kmip.yml"))
+    with pytest.raises(UnsafePathError, match="kmip.yml is a symbolic link or not a file"):
+        config.load_kmip_config(cd)
