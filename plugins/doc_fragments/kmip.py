@@ -73,6 +73,23 @@ options:
       - The daemon host's data folder, read (never written) for the Backup Daemon's own record of the job's last
         snapshot (C(status/<job>.json)); a store whose catalog is older than that record was rolled back, which fails
         as an integrity error. Absent on a fresh host, where only the store's own catalog head is checked.
+      - Also where the default store is (C(store) in it) when the job's configuration names none. No directory or
+        archive target of M(kmipbackup.mongodb.snapshot_restore) may be, be inside or contain it.
     type: path
     default: /var/lib/kmipbackup
+'''
+
+    # Who may own the folders the writing modules write into.
+    DAEMON_USER = r'''
+options:
+  daemon_user:
+    description:
+      - The Backup Daemon's user (the C(backup_daemon) role's C(backup_daemon_user)), by name or uid.
+      - The configuration folder and the data folder this module writes into must be owned by root, by the user the
+        module runs as, or by this user, and must not be writable by their group or others; otherwise the module fails
+        and changes nothing (it does not tighten them).
+      - Inside them, files and folders are opened without following symbolic links; a link where a file or folder is
+        expected is refused. New files and folders take the owner of the folder they are created in.
+    type: str
+    default: kmipbackup
 '''

@@ -12,7 +12,8 @@ import copy
 import os
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import DEFAULT_CONFIG_DIR
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import (
+    DEFAULT_CONFIG_DIR, DEFAULT_DAEMON_USER, userinfo_secrets)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
 
 REDACTED = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
@@ -63,6 +64,20 @@ def kmip_settings(p, cfg):
     else:
         raise ConfigError("No KMIP client certificate: give client_cert_file, or group (configured with kmipbackup.mongodb.group_kmip).")
     return kcfg, grp
+
+
+def daemon_user_spec():
+    """Argument spec piece for daemon_user (see the kmipbackup.mongodb.kmip.DAEMON_USER doc fragment)."""
+    return dict(daemon_user=dict(type="str", default=DEFAULT_DAEMON_USER))
+
+
+def hide_userinfo(module, *values):
+    """Add the passwords of any user:password@ in values (strings or lists of them) to the module's no_log values,
+    so they are masked in invocation.module_args, messages and results. Call before any exit_json/fail_json."""
+    for value in values:
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, str):
+                module.no_log_values.update(userinfo_secrets(v))
 
 
 def call(module, fn, *args, **kwargs):

@@ -19,10 +19,29 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import C
 
 DEFAULT_CONFIG_DIR = "/etc/kmipbackup"
 DEFAULT_DATA_DIR = "/var/lib/kmipbackup"
+# the backup_daemon role's default user: besides root, the only owner config_dir and data_dir may have
+DEFAULT_DAEMON_USER = "kmipbackup"
 DEFAULT_PORT = 5696
 PROTOCOLS = ("kmip_1_2", "legacy")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:-]+$")
+# user:password@ in a URI or a host entry (the password stops at '/', '@' or a space)
+_USERINFO = re.compile(r"([^\s/@:\[\]]+):([^\s/@]+)@")
+MASK = "********"
+
+
+def userinfo_secrets(text):
+    """The passwords of every user:password@ in text, as written and percent-decoded."""
+    from urllib.parse import unquote
+    out = set()
+    for m in _USERINFO.finditer(str(text or "")):
+        out.update(v for v in (m.group(2), unquote(m.group(2))) if v)
+    return out
+
+
+def mask_userinfo(text):
+    """text with the password of every user:password@ replaced by ********."""
+    return _USERINFO.sub(lambda m: "%s:%s@" % (m.group(1), MASK), str(text))
 
 
 def validate_name(name, what="name"):
@@ -30,6 +49,20 @@ def validate_name(name, what="name"):
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
         raise ConfigError("invalid %s %r: use letters, digits, '_', '.' and '-' only" % (what, name))
     return name
+
+
+def open_config_dir(config_dir, daemon_user=DEFAULT_DAEMON_USER, create=True):
+    """config_dir as a files.Folder for writing: refused when it is a link, writable by others or owned by a user
+    other than root, the running user or daemon_user (see files.open_root); None when missing and not create."""
+    return files.open_root(config_dir, "config_dir", files.trusted_owners(daemon_user), create)
+
+
+def check_config_dir(config_dir, daemon_user=DEFAULT_DAEMON_USER):
+    """Refuse (UnsafePathError) an existing config_dir that open_config_dir would refuse, before anything (a KMIP key,
+    a file) is created; a missing one is fine (it is created 0700)."""
+    folder = open_config_dir(config_dir, daemon_user, create=False)
+    if folder is not None:
+        folder.close()
 
 
 def kmip_path(config_dir=DEFAULT_CONFIG_DIR):
@@ -57,6 +90,10 @@ def parse_server(entry, default_port=DEFAULT_PORT):
     if not isinstance(entry, str) or not entry.strip():
         raise ConfigError("invalid KMIP server entry %r: give a host name or address, optionally with ':port'" % (entry,))
     entry = entry.strip()
+    if "@" in entry:  # never echo a password given as user:password@host
+        raise ConfigError("invalid KMIP server entry %r: KMIP servers take no user or password (the client certificate "
+                          "is the identity); give only the host name or address, optionally with ':port'"
+                          % mask_userinfo(entry))
     host, port = entry, default_port
     if entry.startswith("["):
         end = entry.find("]")
@@ -163,6 +200,8 @@ def _from_dict(cls, data, path):
 def read_raw(path):
     try:
         return files.read_yaml(path)
+    except ConfigError:  # a link planted at path (files.UnsafePathError): its own message
+        raise
     except OSError as e:
         raise ConfigError("cannot read %s: %s" % (path, e.strerror or e))
     except Exception as e:  # yaml.YAMLError, without importing yaml here
@@ -177,16 +216,15 @@ def load_kmip_config(config_dir=DEFAULT_CONFIG_DIR):
     return _from_dict(KmipConfig, data, path)
 
 
-def save_kmip_config(config_dir, cfg):
-    files.ensure_private_dir(config_dir)
-    path = kmip_path(config_dir)
-    files.write_yaml(path, cfg.to_dict())
-    return path
+def save_kmip_config(config_dir, cfg, daemon_user=DEFAULT_DAEMON_USER):
+    with open_config_dir(config_dir, daemon_user) as root:
+        root.write("kmip.yml", files.dump_yaml(cfg.to_dict()))
+    return kmip_path(config_dir)
 
 
-def delete_kmip_config(config_dir):
+def delete_kmip_config(config_dir, daemon_user=DEFAULT_DAEMON_USER):
     """Remove kmip.yml; True when it existed."""
-    return _remove(kmip_path(config_dir))
+    return remove_file(config_dir, (), "kmip.yml", daemon_user)
 
 
 def load_group(config_dir, group):
@@ -201,26 +239,29 @@ def load_group(config_dir, group):
     return grp
 
 
-def save_group(config_dir, grp):
-    files.ensure_private_dir(config_dir)
-    files.ensure_private_dir(groups_dir(config_dir))
+def save_group(config_dir, grp, daemon_user=DEFAULT_DAEMON_USER):
     path = group_path(config_dir, grp.group)
-    files.write_yaml(path, grp.to_dict())
+    with open_config_dir(config_dir, daemon_user) as root, root.sub("groups") as folder:
+        folder.write(os.path.basename(path), files.dump_yaml(grp.to_dict()))
     return path
 
 
-def delete_group(config_dir, group):
+def delete_group(config_dir, group, daemon_user=DEFAULT_DAEMON_USER):
     """Remove groups/<group>.yml; True when it existed."""
-    return _remove(group_path(config_dir, group))
+    return remove_file(config_dir, ("groups",), os.path.basename(group_path(config_dir, group)), daemon_user)
 
 
-def _remove(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
+def remove_file(config_dir, folders, name, daemon_user=DEFAULT_DAEMON_USER):
+    """Remove config_dir/<folders...>/name without following links; True when it existed."""
+    root = open_config_dir(config_dir, daemon_user, create=False)
+    if root is None:
         return False
-    files.fsync_dir(os.path.dirname(path))
-    return True
+    with root:
+        folder = root.walk(*folders, create=False)
+        if folder is None:
+            return False
+        with folder:
+            return folder.unlink(name)
 
 
 def _names(folder):

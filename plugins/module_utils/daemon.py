@@ -442,8 +442,9 @@ class Daemon:
         self.runners = {}
         self.mtimes = {}
         self.stop_event = threading.Event()
-        for sub in ("", "status", "heads", "requests"):
-            files.ensure_private_dir(os.path.join(data_dir, sub))
+        with jobs.open_data_dir(data_dir) as root:  # refused when a link, writable by others or foreign-owned
+            for sub in ("status", "heads", "requests"):
+                root.sub(sub).close()
 
     def stop(self):
         self.stop_event.set()
@@ -551,9 +552,11 @@ class Daemon:
 
 def setup_logging(path, level="INFO"):
     files.ensure_private_dir(os.path.dirname(path))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, files.PRIVATE_FILE)
-    os.close(fd)
-    os.chmod(path, files.PRIVATE_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, files.PRIVATE_FILE)
+    try:
+        os.fchmod(fd, files.PRIVATE_FILE)  # the log file itself, never a link's target
+    finally:
+        os.close(fd)
     from logging.handlers import WatchedFileHandler
     handler = WatchedFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(message)s"))
@@ -689,7 +692,11 @@ def main(argv=None):
         return 3
     if a.user and os.geteuid() == 0:
         _switch_user(a.user)
-    files.ensure_private_dir(data_dir)
+    try:  # refused, not tightened, when a link, writable by others or foreign-owned
+        jobs.open_data_dir(data_dir, a.user or config.DEFAULT_DAEMON_USER).close()
+    except KmipBackupError as e:
+        sys.stderr.write("%s\n" % e)
+        return 2
     log_file = os.path.abspath(a.log_file or os.path.join(data_dir, "log", "daemon.log"))
     setup_logging(log_file, a.log_level)
     if a.detach:

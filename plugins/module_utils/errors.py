@@ -60,3 +60,8 @@ class StoreError(KmipBackupError):
 
 class RestoreError(KmipBackupError):
     """A restore that cannot proceed (target not empty, unreachable, ...)."""
+
+
+class UnsafePathError(ConfigError):
+    """A folder or file the system would write through is a symbolic link, writable by others, or owned by an
+    untrusted user (config_dir, data_dir, the store)."""

@@ -7,12 +7,24 @@ PRIVATE to the collection: it can change at any time.
 Every file the system writes goes through here: 0600 files in 0700 folders, written to a
 temporary file in the same folder, fsynced, renamed over the target, and the folder fsynced,
 so a crash leaves either the old content or the new one.
+
+Privilege boundaries: modules run as root write into folders the daemon's user owns, so
+inside a trusted root (config_dir, data_dir, the store) nothing is done by path. A Folder
+is an open descriptor (O_DIRECTORY|O_NOFOLLOW); sub-folders are opened relative to it, files
+are created, renamed, read and removed relative to it, and owner and mode are set with
+fchown/fchmod on the new object's descriptor. A symbolic link planted where a folder or file
+is expected is refused, never followed. New files and folders take the owner of the folder
+they are created in (as root), so the daemon can read what a root-run module wrote.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import pwd
+import stat
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import UnsafePathError
 
 try:
     import yaml
@@ -24,42 +36,235 @@ else:
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _inherit_owner(fd_or_path, folder):
-    """As root, give a new file or folder the owner of the folder it is created in.
+def trusted_owners(daemon_user=None):
+    """The uids that may own a trusted root: root, the user running this code, and daemon_user (a name or a uid)
+    when it exists on this host."""
+    owners = {0, os.geteuid()}
+    if daemon_user is not None and daemon_user != "":
+        if isinstance(daemon_user, int) or str(daemon_user).isdigit():
+            owners.add(int(daemon_user))
+        else:
+            try:
+                owners.add(pwd.getpwnam(daemon_user).pw_uid)
+            except KeyError:
+                pass
+    return owners
 
-    The backup_daemon role makes the daemon's user own config_dir and data_dir; modules
-    usually run as root. Inheriting the folder's owner keeps every file readable by the
-    daemon without widening any mode.
-    """
-    if os.geteuid() != 0:
-        return
-    st = os.stat(folder)
-    if isinstance(fd_or_path, int):
-        os.fchown(fd_or_path, st.st_uid, st.st_gid)
-    else:
-        os.chown(fd_or_path, st.st_uid, st.st_gid)
+
+def _user(uid):
+    try:
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except KeyError:
+        return "uid %d" % uid
 
 
-def ensure_private_dir(path):
-    """Create path (and parents) as 0700; tighten it if it exists with other modes.
+def _check_name(name):
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise ValueError("not a single file name: %r" % (name,))
+    return name
 
-    Folders created here take the owner of their parent (see _inherit_owner).
-    """
+
+def _refuse_link(path, what):
+    return UnsafePathError("%s %s is a symbolic link or not a %s: kmipbackup never follows links inside its folders; "
+                           "remove it (or replace it with a real %s) and run again." % (what, path, what, what))
+
+
+class Folder:
+    """An open folder: every operation is relative to its descriptor, and no name given to it is followed as a
+    symbolic link. Use as a context manager (or close()). owners: the uids trusted to own folders below it."""
+
+    def __init__(self, fd, path, owners):
+        self.fd, self.path = fd, path
+        st = os.fstat(fd)
+        self.uid, self.gid = st.st_uid, st.st_gid
+        self.owners = set(owners) | {self.uid}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _inherit(self, fd):
+        """As root, give a new file or folder (by its descriptor) this folder's owner."""
+        if os.geteuid() == 0:
+            os.fchown(fd, self.uid, self.gid)
+
+    def sub(self, name, create=True):
+        """The sub-folder name as a Folder (created 0700 with this folder's owner when missing and create); None when
+        missing and not create. A symbolic link, a file, or a folder owned by an untrusted user is refused."""
+        path = os.path.join(self.path, _check_name(name))
+        created = False
+        if create:
+            try:
+                os.mkdir(name, PRIVATE_DIR, dir_fd=self.fd)
+                created = True
+            except FileExistsError:
+                pass
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _refuse_link(path, "folder") from None
+            raise
+        try:
+            if created:
+                self._inherit(fd)
+            st = os.fstat(fd)
+            if st.st_uid not in self.owners:
+                raise UnsafePathError("Folder %s is owned by %s, not by root or the owner of %s: another user may have "
+                                      "planted it; remove it and run again." % (path, _user(st.st_uid), self.path))
+            if stat.S_IMODE(st.st_mode) != PRIVATE_DIR:
+                os.fchmod(fd, PRIVATE_DIR)  # on the descriptor: this folder, never a link's target
+            return Folder(fd, path, self.owners)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def walk(self, *names, create=True):
+        """The folder at names below this one (each opened as sub() does); None when missing and not create."""
+        current = Folder(os.dup(self.fd), self.path, self.owners)
+        for name in names:
+            with current:
+                current = current.sub(name, create)
+            if current is None:
+                return None
+        return current
+
+    def write(self, name, data, mode=PRIVATE_FILE):
+        """Replace file name with data atomically (temp file, fsync, rename, folder fsync), mode set on the temp
+        file's descriptor; a symbolic link at name is replaced, never followed."""
+        _check_name(name)
+        tmp = ".tmp-%s-%s" % (name, os.urandom(6).hex())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE,
+                     dir_fd=self.fd)
+        try:
+            os.fchmod(fd, mode)
+            self._inherit(fd)
+            with os.fdopen(fd, "wb") as f:
+                fd = None
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            try:
+                os.unlink(tmp, dir_fd=self.fd)
+            except FileNotFoundError:
+                pass
+            raise
+        os.fsync(self.fd)
+
+    def read(self, name):
+        """The bytes of file name, None when it does not exist; a symbolic link is refused."""
+        try:
+            fd = os.open(_check_name(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _refuse_link(os.path.join(self.path, name), "file") from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def exists(self, name):
+        try:
+            os.stat(_check_name(name), dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def unlink(self, name):
+        """Remove file name (a link itself, not its target); True when it existed."""
+        try:
+            os.unlink(_check_name(name), dir_fd=self.fd)
+        except FileNotFoundError:
+            return False
+        os.fsync(self.fd)
+        return True
+
+    def listdir(self):
+        return os.listdir(self.fd)
+
+
+def open_root(path, what="folder", owners=None, create=True):
+    """The trusted root folder path (config_dir, data_dir, a store) as a Folder, created 0700 when missing and create.
+
+    Refused (UnsafePathError, nothing changed): a symbolic link or a file at path, a folder writable by its group
+    or by others, or one owned by a user outside owners (default: trusted_owners()). Folders above path are the
+    administrator's and are followed as they are. None when missing and not create."""
     path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    owners = trusted_owners() if owners is None else set(owners)
+    if create and not os.path.lexists(path):
         parent = os.path.dirname(path)
-        if not os.path.exists(parent):
-            ensure_private_dir(parent)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, PRIVATE_DIR, exist_ok=True)
         try:
             os.mkdir(path, PRIVATE_DIR)
         except FileExistsError:
             pass
-        else:
-            _inherit_owner(path, parent)
-    if os.stat(path).st_mode & 0o777 != PRIVATE_DIR:
-        os.chmod(path, PRIVATE_DIR)
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePathError("%s %s is a symbolic link or not a folder: give the real folder's path." % (what, path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o022:
+            raise UnsafePathError("%s %s is writable by its group or by others (mode %04o): other users could plant links "
+                                  "in it. Make it private (chmod 0700 %s) and owned by root or the daemon's user, then run "
+                                  "again; nothing was changed." % (what, path, stat.S_IMODE(st.st_mode), path))
+        if st.st_uid not in owners:
+            raise UnsafePathError("%s %s is owned by %s, not by root or the daemon's user (%s): give it to one of them "
+                                  "(chown) or set daemon_user, then run again; nothing was changed."
+                                  % (what, path, _user(st.st_uid), ", ".join(_user(u) for u in sorted(owners))))
+        if stat.S_IMODE(st.st_mode) != PRIVATE_DIR:
+            os.fchmod(fd, PRIVATE_DIR)  # not writable by others (checked above): only read bits go
+        return Folder(fd, path, owners)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_parent(folder):
+    """folder (the parent of something a path-based caller writes) as a Folder; folder itself is followed."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return Folder(fd, folder, {0, os.geteuid()})
+
+
+def ensure_private_dir(path):
+    """Create path (and parents) as 0700; tighten it (through its descriptor) if it exists with other modes.
+
+    Folders created here take the owner of their parent (as root). The last component is never followed: a symbolic
+    link there is refused (UnsafePathError). Inside a trusted root prefer open_root(...).walk(...)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if not name:
+        return path
+    if not os.path.isdir(parent):
+        ensure_private_dir(parent)
+    with _open_parent(parent) as f:
+        f.sub(name).close()
     return path
 
 
@@ -74,24 +279,10 @@ def fsync_dir(path):
 def atomic_write(path, data, mode=PRIVATE_FILE):
     """Write bytes to path atomically with the given mode; the folder must exist.
 
-    As root, the file takes the owner of its folder (see _inherit_owner)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        os.fchmod(fd, mode)
-        _inherit_owner(fd, folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
+    As root, the file takes the owner of its folder; a symbolic link at path is replaced, not followed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    with _open_parent(folder) as f:
+        f.write(name, data, mode)
 
 
 def read_bytes(path):
@@ -99,17 +290,39 @@ def read_bytes(path):
         return f.read()
 
 
+def _read_nofollow(path):
+    """The bytes at path, None when it does not exist; a symbolic link at path is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _refuse_link(path, "file") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def dump_yaml(obj):
     return yaml.safe_dump(obj, default_flow_style=False, sort_keys=True).encode("utf-8")
 
 
+def load_yaml(data, default=None):
+    return default if data is None else yaml.safe_load(data)
+
+
+def load_json(data, default=None):
+    return default if data is None else json.loads(data)
+
+
+def dump_json(obj):
+    return json.dumps(obj, sort_keys=True, indent=1).encode("utf-8")
+
+
 def read_yaml(path, default=None):
-    """The parsed YAML file at path, or default when it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        return default
+    """The parsed YAML file at path, or default when it does not exist (a symbolic link is refused)."""
+    return load_yaml(_read_nofollow(path), default)
 
 
 def write_yaml(path, obj, mode=PRIVATE_FILE):
@@ -117,12 +330,8 @@ def write_yaml(path, obj, mode=PRIVATE_FILE):
 
 
 def write_json(path, obj, mode=PRIVATE_FILE):
-    atomic_write(path, json.dumps(obj, sort_keys=True, indent=1).encode("utf-8"), mode)
+    atomic_write(path, dump_json(obj), mode)
 
 
 def read_json(path, default=None):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return default
+    return load_json(_read_nofollow(path), default)

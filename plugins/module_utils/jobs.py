@@ -79,19 +79,19 @@ def load_job(config_dir, job):
     return data
 
 
-def write_job(config_dir, cfg):
-    files.ensure_private_dir(config_dir)
-    files.ensure_private_dir(jobs_dir(config_dir))
-    files.write_yaml(job_path(config_dir, cfg["job"]), cfg)
+def write_job(config_dir, cfg, daemon_user=config.DEFAULT_DAEMON_USER):
+    name = os.path.basename(job_path(config_dir, cfg["job"]))
+    with config.open_config_dir(config_dir, daemon_user) as root, root.sub("jobs") as folder:
+        folder.write(name, files.dump_yaml(cfg))
 
 
-def remove_job(config_dir, job):
-    try:
-        os.unlink(job_path(config_dir, job))
-    except FileNotFoundError:
-        return False
-    files.fsync_dir(jobs_dir(config_dir))
-    return True
+def remove_job(config_dir, job, daemon_user=config.DEFAULT_DAEMON_USER):
+    return config.remove_file(config_dir, ("jobs",), os.path.basename(job_path(config_dir, job)), daemon_user)
+
+
+def open_data_dir(data_dir, daemon_user=config.DEFAULT_DAEMON_USER):
+    """data_dir as a files.Folder for writing (checked as config.open_config_dir checks config_dir)."""
+    return files.open_root(data_dir, "data_dir", files.trusted_owners(daemon_user))
 
 
 def redact(cfg):
@@ -102,6 +102,8 @@ def redact(cfg):
     src = out.get("source") or {}
     if src.get("password"):
         src["password"] = REDACTED
+    if src.get("uri"):
+        src["uri"] = config.mask_userinfo(src["uri"])
     return out
 
 
@@ -393,9 +395,9 @@ def daemon_last_snapshot(data_dir, job):
 
 
 def write_status(data_dir, job, status):
-    folder = files.ensure_private_dir(os.path.join(data_dir, "status"))
-    del folder
-    files.write_json(status_path(data_dir, job), status)
+    name = os.path.basename(status_path(data_dir, job))
+    with open_data_dir(data_dir) as root, root.sub("status") as folder:
+        folder.write(name, files.dump_json(status))
 
 
 def remove_status(data_dir, job):
@@ -456,19 +458,18 @@ def wait_removed(data_dir, job, timeout):
         raise wait_timeout_error(job, read_status(data_dir, job), "removal")
 
 
-def submit_request(data_dir, job, action, **args):
+def submit_request(data_dir, job, action, daemon_user=config.DEFAULT_DAEMON_USER, **args):
     """Drop a request for the daemon; returns its id."""
     if action not in ACTIONS:
         raise ConfigError("Unknown request %r: use one of %s." % (action, ", ".join(ACTIONS)))
-    folder = requests_dir(data_dir, job)
-    files.ensure_private_dir(os.path.join(data_dir, "requests"))
-    files.ensure_private_dir(folder)
+    check_name(job)
     rid = "%d-%s" % (time.time() * 1000, uuid.uuid4().hex[:12])
     body = dict(args)
     body["action"] = action
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
     body["created"] = store.iso(store.utcnow())
-    files.write_json(os.path.join(folder, rid + ".json"), body)
+    with open_data_dir(data_dir, daemon_user) as root, root.walk("requests", job) as folder:
+        folder.write(rid + ".json", files.dump_json(body))
     return rid
 
 
@@ -497,14 +498,10 @@ def pending_requests(data_dir, job):
 
 def answer_request(data_dir, job, rid, result=None, error=None):
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
-    folder = requests_dir(data_dir, job)
-    files.write_json(os.path.join(folder, rid + ".done.json"),
-                     {"ok": error is None, "result": result, "error": error,
-                      "answered": store.iso(store.utcnow())})
-    try:
-        os.unlink(os.path.join(folder, rid + ".json"))
-    except FileNotFoundError:
-        pass
+    with open_data_dir(data_dir) as root, root.walk("requests", check_name(job)) as folder:
+        folder.write(rid + ".done.json", files.dump_json({"ok": error is None, "result": result, "error": error,
+                                                          "answered": store.iso(store.utcnow())}))
+        folder.unlink(rid + ".json")
 
 
 def read_answer(data_dir, job, rid):

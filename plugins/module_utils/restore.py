@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump, source
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
@@ -205,20 +206,27 @@ class _Verifier:
 
 
 class DirectoryTarget:
+    """protected: {what: folder} the target may not be, be inside or contain (see check_target_location); force: drop
+    may replace a folder that is not a previous restore or a mongodump layout."""
     kind = "directory"
 
-    def __init__(self, path):
+    def __init__(self, path, protected=None, force=False):
         self.path = os.path.abspath(path)
+        self.protected = dict(protected or {})
+        self.force = force
 
     def describe(self):
         return self.path
 
 
 class ArchiveTarget:
+    """protected and force as DirectoryTarget's."""
     kind = "archive"
 
-    def __init__(self, path):
+    def __init__(self, path, protected=None, force=False):
         self.path = os.path.abspath(path)
+        self.protected = dict(protected or {})
+        self.force = force
 
     def describe(self):
         return self.path
@@ -310,12 +318,83 @@ def _tmp_sibling(path):
     return os.path.join(parent, ".%s.kmipbackup-tmp-%s" % (os.path.basename(path), os.urandom(4).hex()))
 
 
-def check_file_target(path, drop):
-    """RestoreError unless the directory or archive path is absent or empty, or drop allows replacing it."""
-    if os.path.isdir(path) and os.listdir(path) or os.path.isfile(path):
+def check_target_location(path, protected):
+    """RestoreError when path is, is inside, or contains one of the protected folders ({what: folder}: the store,
+    data_dir, config_dir): drop would delete it and a restore would write into it. Links are resolved first."""
+    real = os.path.realpath(path)
+    for what, folder in (protected or {}).items():  # in the caller's order: the most specific first
+        if not folder:
+            continue
+        other = os.path.realpath(folder)
+        if real == other:
+            how = "the same folder as"
+        elif real.startswith(other.rstrip(os.sep) + os.sep):
+            how = "inside"
+        elif other.startswith(real.rstrip(os.sep) + os.sep):
+            how = "a folder that contains"
+        else:
+            continue
+        raise RestoreError("The restore target %s is %s the %s (%s): a restore there could replace or delete it. Choose "
+                           "a target outside the snapshot store, data_dir and config_dir; nothing was written."
+                           % (path, how, what, folder))
+
+
+_DUMP_TOP_FILES = (RESTORE_INFO, "prelude.json", "oplog.bson")
+_DUMP_SUFFIXES = (".bson", ".metadata.json", ".bson.gz", ".metadata.json.gz")
+
+
+def _is_dump_layout(path):
+    """True when folder path holds only a mongodump layout (<db>/<coll>.bson, .metadata.json) and restoreInfo.txt:
+    what a previous restore or mongodump leaves. Nothing is followed: a link anywhere makes it False."""
+    try:
+        with os.scandir(path) as top:
+            for e in top:
+                if e.is_file(follow_symlinks=False) and e.name in _DUMP_TOP_FILES:
+                    continue
+                if not e.is_dir(follow_symlinks=False):
+                    return False
+                with os.scandir(e.path) as db:
+                    for f in db:
+                        if not (f.is_file(follow_symlinks=False) and f.name.endswith(_DUMP_SUFFIXES)):
+                            return False
+    except OSError:
+        return False
+    return True
+
+
+def _is_archive(path):
+    """True when path is a regular file that starts as a mongodump archive, or one a previous restore wrote."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return False
+        return f.read(len(mongodump.ARCHIVE_MAGIC)) == mongodump.ARCHIVE_MAGIC or os.path.isfile(path + "." + RESTORE_INFO)
+
+
+def check_file_target(path, drop, force=False, protected=None, kind=None):
+    """RestoreError unless the directory or archive path is absent or empty, or drop allows replacing it: drop
+    replaces only a previous restore or a mongodump layout (a mongodump archive for kind "archive") unless force.
+    A target that is, is inside or contains a protected folder is always refused (check_target_location)."""
+    check_target_location(path, protected)
+    if kind == "archive" and os.path.isdir(path):
+        raise RestoreError("The archive target %s is a folder: give the path of a file to write the archive to; nothing "
+                           "was written." % path)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)):
         if not drop:
             raise RestoreError("The restore target %s exists and is not empty: choose an empty or new location, or set "
                                "drop to replace it." % path)
+        if kind == "archive":
+            replaceable = _is_archive(path)
+        else:
+            replaceable = not os.path.islink(path) and os.path.isdir(path) and _is_dump_layout(path)
+        if not force and not replaceable:
+            raise RestoreError("The restore target %s holds something other than a previous restore or a mongodump %s: "
+                               "drop replaces only those. Choose another location, or set force=true as well to replace "
+                               "it anyway; nothing was written."
+                               % (path, "archive" if kind == "archive" else "layout"))
 
 
 def busy_namespaces(target, selected):
@@ -357,8 +436,8 @@ def _replace(tmp, path):
         os.rename(path, old)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
-    if old is not None:
-        shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
+    if old is not None:  # a link (force) goes itself, never what it points to
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.unlink(old)
 
 
 def _inside(path, root):
@@ -370,7 +449,7 @@ def _inside(path, root):
 
 
 def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text, name):
-    check_file_target(target.path, drop)
+    check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     ensure_private_dir(tmp)
     try:
@@ -432,7 +511,7 @@ def _finish_file(path, size, name):
 
 
 def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text, name):
-    check_file_target(target.path, drop)
+    check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -23,6 +23,7 @@ description:
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
+  - kmipbackup.mongodb.kmip.DAEMON_USER
 attributes:
   check_mode:
     support: full
@@ -365,6 +366,7 @@ def argument_spec():
         wait=dict(type="bool", default=False),
         wait_timeout=dict(type="int", default=600),
         **ansible_module.config_dir_spec(),
+        **ansible_module.daemon_user_spec(),
         data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
     )
 
@@ -372,6 +374,8 @@ def argument_spec():
 def run(module):
     p = module.params
     job = jobs.check_name(p["job"])
+    # refuse an unsafe config_dir before anything (a KMIP key included) is created
+    config.check_config_dir(p["config_dir"], p["daemon_user"])
     existing = jobs.load_job(p["config_dir"], job)
     result = {"changed": False, "resync_required": False, "rotated": False, "retired_master_key_uids": [],
               "revoked_master_key_uids": []}
@@ -391,7 +395,7 @@ def run(module):
         if module._diff:
             result["diff"] = {"before": jobs.redact(existing) or {}, "after": {}}
         if existing is not None and not module.check_mode:
-            jobs.remove_job(p["config_dir"], job)
+            jobs.remove_job(p["config_dir"], job, p["daemon_user"])
             if p["wait"]:
                 jobs.wait_removed(p["data_dir"], job, p["wait_timeout"])
         st = jobs.read_status(p["data_dir"], job)
@@ -425,7 +429,7 @@ def run(module):
     if module._diff:
         result["diff"] = {"before": jobs.redact(existing) or {}, "after": jobs.redact(new)}
     if new != existing and not module.check_mode:
-        jobs.write_job(p["config_dir"], new)
+        jobs.write_job(p["config_dir"], new, p["daemon_user"])
     if p["wait"] and not module.check_mode:
         jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
     result["master_key_uids_needed"] = jobs.master_keys_needed(new)
@@ -437,6 +441,8 @@ def run(module):
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    # a source.uri with user:password@ is refused: keep that password out of invocation.module_args and messages
+    ansible_module.hide_userinfo(module, (module.params.get("source") or {}).get("uri"))
     if IMPORT_ERROR is not None:
         module.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
                          % IMPORT_ERROR, exception=IMPORT_TRACE)

@@ -20,6 +20,7 @@ description:
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
+  - kmipbackup.mongodb.kmip.DAEMON_USER
 attributes:
   check_mode:
     support: full
@@ -203,12 +204,13 @@ def main():
         timeout=dict(type="int", default=600),
     )
     spec.update(ansible_module.config_dir_spec())
+    spec.update(ansible_module.daemon_user_spec())
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     p = module.params
     cfg = ansible_module.call(module, load, p)
     if module.check_mode:
         module.exit_json(changed=True)
-    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], p["action"])
+    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"])
     result = dict(changed=True, request_id=rid)
     if not p["wait"]:
         module.exit_json(**result)

@@ -22,6 +22,7 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip
+  - kmipbackup.mongodb.kmip.DAEMON_USER
 attributes:
   check_mode:
     support: full
@@ -201,10 +202,12 @@ def main():
         verify=dict(type="bool", default=False),
     )
     spec.update(ansible_module.config_dir_spec())
+    spec.update(ansible_module.daemon_user_spec())
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
                            required_if=[("state", "present", ("client_cert_file",))])
     p = module.params
     config_dir = p["config_dir"]
+    ansible_module.call(module, config.check_config_dir, config_dir, p["daemon_user"])
     path = ansible_module.call(module, config.group_path, config_dir, p["group"])
     before = ansible_module.call(module, config.read_raw, path)
     if before is not None and not isinstance(before, dict):
@@ -215,7 +218,7 @@ def main():
         after = grp.to_dict()
         changed = before != after
         if changed and not module.check_mode:
-            ansible_module.call(module, config.save_group, config_dir, grp)
+            ansible_module.call(module, config.save_group, config_dir, grp, p["daemon_user"])
         for w in info["cert_warnings"]:
             module.warn(w)
         result.update(info)
@@ -223,7 +226,7 @@ def main():
         after = None
         changed = before is not None
         if changed and not module.check_mode:
-            config.delete_group(config_dir, p["group"])
+            ansible_module.call(module, config.delete_group, config_dir, p["group"], p["daemon_user"])
     if module._diff:
         result["diff"] = ansible_module.diff(before, after)
     module.exit_json(changed=changed, **result)

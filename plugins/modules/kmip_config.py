@@ -18,6 +18,7 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip
+  - kmipbackup.mongodb.kmip.DAEMON_USER
 attributes:
   check_mode:
     support: full
@@ -180,7 +181,7 @@ def present(module, config_dir, path, before):
     after = cfg.to_dict()
     changed = before != after
     if changed and not module.check_mode:
-        config.save_kmip_config(config_dir, cfg)
+        config.save_kmip_config(config_dir, cfg, p["daemon_user"])
     return changed, after, servers
 
 
@@ -197,9 +198,12 @@ def main():
         verify=dict(type="bool", default=False),
     )
     spec.update(ansible_module.config_dir_spec())
+    spec.update(ansible_module.daemon_user_spec())
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
                            required_if=[("state", "present", ("servers", "ca_file"))])
+    ansible_module.hide_userinfo(module, module.params["servers"])  # a user:password@host entry is refused, never echoed
     config_dir = module.params["config_dir"]
+    ansible_module.call(module, config.check_config_dir, config_dir, module.params["daemon_user"])
     path = config.kmip_path(config_dir)
     before = ansible_module.call(module, config.read_raw, path)
     if before is not None and not isinstance(before, dict):
@@ -211,7 +215,7 @@ def main():
     else:
         changed, after = before is not None, None
         if changed and not module.check_mode:
-            config.delete_kmip_config(config_dir)
+            ansible_module.call(module, config.delete_kmip_config, config_dir, module.params["daemon_user"])
         result.update(config={})
     if module._diff:
         result["diff"] = ansible_module.diff(before, after)

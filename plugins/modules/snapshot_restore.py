@@ -107,10 +107,15 @@ options:
     type: int
     default: 10
   target_dir:
-    description: Folder to restore to in mongodump's directory layout; must be absent or empty unless O(drop=true).
+    description:
+      - Folder to restore to in mongodump's directory layout; must be absent or empty unless O(drop=true).
+      - It may not be, be inside, or contain the snapshot store, O(data_dir) or O(config_dir) (refused, even with
+        O(force=true)).
     type: path
   target_archive:
-    description: File to restore to in mongodump's C(--archive) format; must be absent unless O(drop=true).
+    description:
+      - File to restore to in mongodump's C(--archive) format; must be absent unless O(drop=true).
+      - It may not be, be inside, or contain the snapshot store, O(data_dir) or O(config_dir).
     type: path
   restore_info_file:
     description:
@@ -134,12 +139,18 @@ options:
     description:
       - Replace non-empty target namespaces (and an existing directory or archive).
       - With V(false), a restore into non-empty namespaces fails naming them, and nothing is written.
+      - An existing O(target_dir) is replaced only when it holds a previous restore or a mongodump layout
+        (C(<db>/<coll>.bson), C(.metadata.json), C(restoreInfo.txt)), and an existing O(target_archive) only when it
+        is a mongodump archive or a previous restore; anything else is refused unless O(force=true).
     type: bool
     default: false
   force:
     description:
       - Restore even when the target already holds a complete restore of this snapshot; that earlier restore is
         replaced (as with O(drop=true)).
+      - With O(drop=true), also replace an existing O(target_dir) or O(target_archive) that is not a previous restore
+        or a mongodump layout. Never a target that is, is inside or contains the snapshot store, O(data_dir) or
+        O(config_dir).
     type: bool
     default: false
   verify:
@@ -322,14 +333,24 @@ def store_root(p, cfg):
         return p["store"]
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder." % (p["job"], p["config_dir"]))
-    return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
+    return jobs.store_root(cfg, p["data_dir"])
 
 
-def make_target(p, sid):
+def protected_folders(p, root):
+    """The folders no directory or archive target may be, be inside or contain."""
+    return {"snapshot store": root, "data_dir": p["data_dir"], "config_dir": p["config_dir"]}
+
+
+def make_target(p, sid, protected):
+    """(target, restore info path); a directory or archive target at a protected folder is refused here, before
+    anything is written."""
     if p["target_dir"]:
-        return restore.DirectoryTarget(p["target_dir"]), os.path.join(os.path.abspath(p["target_dir"]), restore.RESTORE_INFO)
+        restore.check_target_location(p["target_dir"], protected)
+        t = restore.DirectoryTarget(p["target_dir"], protected, p["force"])
+        return t, os.path.join(t.path, restore.RESTORE_INFO)
     if p["target_archive"]:
-        t = restore.ArchiveTarget(p["target_archive"])
+        restore.check_target_location(p["target_archive"], protected)
+        t = restore.ArchiveTarget(p["target_archive"], protected, p["force"])
         return t, t.info_path
     info = p["restore_info_file"] or os.path.join(pwd.getpwuid(os.getuid()).pw_dir, "restoreInfo-%s-%s.txt" % (p["job"], sid))
     opts = {"serverSelectionTimeoutMS": p["target_connect_timeout"] * 1000, "connectTimeoutMS": p["target_connect_timeout"] * 1000}
@@ -379,7 +400,8 @@ class Restore:
     def run(self):
         p = self.p
         cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
-        js = store.JobStore(store_root(p, cfg), config.validate_name(p["job"], "job name"))
+        root = store_root(p, cfg)
+        js = store.JobStore(root, config.validate_name(p["job"], "job name"))
         settings = ansible_module.kmip_settings(p, cfg)
         target = None
         result = {"snapshot_requested": p["snapshot"], "kmip_calls": 0, "kmip_server": None}
@@ -390,7 +412,7 @@ class Restore:
             entry, self.keys = self._resolve(js, cfg)
             sid = entry["snapshot_id"]
             expect_encryption = check_encryption_expected(p, cfg, js, entry)
-            target, info_path = make_target(p, sid)
+            target, info_path = make_target(p, sid, protected_folders(p, root))
             result.update(snapshot_id=sid, created=entry.get("created"), cluster_time=entry.get("cluster_time"),
                           encryption=bool(entry.get("encryption")), master_key_uids=entry.get("master_key_uids") or [],
                           target=target.kind, restore_info=info_path)
@@ -456,7 +478,7 @@ class Restore:
                                    "databases (rename_databases, include/exclude), or set drop=true to replace them."
                                    % ", ".join(result["busy_namespaces"]))
         else:
-            restore.check_file_target(target.path, drop)
+            restore.check_file_target(target.path, drop, p["force"], target.protected, target.kind)
         if self.module.check_mode:
             result["changed"] = True
             return result

@@ -93,3 +93,23 @@ def test_jobs_are_read_and_keys_collected(tmp_path):
     assert config.master_key_uids(d, group="g1") == {"1": ["a"], "0": ["a"], "2": ["b"]}
     with pytest.raises(ConfigError, match="backup_job_encryption"):
         config.load_job(d, "zzz")
+
+
+@pytest.mark.parametrize("entry", ["admin:s3cr%40tPw@kmip.example.com", "admin:s3cr%40tPw@kmip.example.com:5696",
+                                   "kmips://admin:s3cr%40tPw@kmip.example.com"])
+def test_server_entry_with_password_is_refused_masked(entry):
+    """A user:password@host entry: the error says KMIP takes no password and never echoes it."""
+    with pytest.raises(ConfigError) as e:
+        config.parse_server(entry)
+    assert "take no user or password" in str(e.value) and "admin:********@kmip.example.com" in str(e.value)
+    assert "s3cr" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config.KmipConfig(servers=["kmip1.example.com", entry], ca_file="/ca.pem")
+    assert "s3cr" not in str(e.value)
+
+
+def test_userinfo_secrets_and_mask():
+    uri = "mongodb://bob:p%40ss:w0rd@db1.example.com,db2/?replicaSet=rs0"
+    assert config.userinfo_secrets(uri) == {"p%40ss:w0rd", "p@ss:w0rd"}
+    assert config.mask_userinfo(uri) == "mongodb://bob:********@db1.example.com,db2/?replicaSet=rs0"
+    assert config.userinfo_secrets("mongodb://bob@db1/") == set() and config.mask_userinfo("[::1]:5696") == "[::1]:5696"
