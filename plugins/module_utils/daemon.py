@@ -532,7 +532,11 @@ class DataDirLock:
 
     def try_acquire(self, wait=0.0):
         """True once held; False when another process holds it after `wait` seconds."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, files.PRIVATE_FILE)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, files.PRIVATE_FILE)
+        except PermissionError:
+            raise ConfigError("The daemon's lock file %s cannot be opened for writing by this user (uid %d): give it "
+                              "to the daemon's user (chown) or run the daemon as its owner." % (self.path, os.geteuid())) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -589,6 +593,9 @@ def lock_holder(path, settle=2.0):
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False, None
+    except PermissionError:
+        raise ConfigError("The daemon's lock file %s cannot be read by this user (uid %d): run this as the daemon's "
+                          "user or root." % (path, os.geteuid())) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -780,7 +787,11 @@ def main(argv=None):
         sys.stdout.write("stopped\n" if stopped else "not running\n")
         return 0
     if a.status:
-        held, pid = lock_holder(lock_path)
+        try:
+            held, pid = lock_holder(lock_path)
+        except KmipBackupError as e:
+            sys.stderr.write("%s\n" % e)
+            return 4  # LSB: status unknown
         if held:
             sys.stdout.write("running (pid %s)\n" % (pid or "unknown"))
             return 0
@@ -798,7 +809,12 @@ def main(argv=None):
         setup_logging(log_file, a.log_level)
         return run_worker(config_dir, data_dir, a.poll_interval, supervisor_pid=a.supervisor_pid)
     lock = DataDirLock(lock_path)
-    if not lock.try_acquire(wait=1.0):
+    try:
+        acquired = lock.try_acquire(wait=1.0)
+    except KmipBackupError as e:
+        sys.stderr.write("%s\n" % e)
+        return 1
+    if not acquired:
         pid = lock_holder(lock_path)[1]
         sys.stderr.write("A Backup Daemon already runs on data folder %s (pid %s holds %s): nothing was started. "
                          "Stop it first (--stop), or give this one another --data-dir.\n"

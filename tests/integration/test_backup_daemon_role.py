@@ -90,6 +90,28 @@ def test_role_installs_and_runs_the_daemon(ansible, tmp_path):
             time.sleep(0.3)
         assert now and now != worker, "the supervisor did not restart the worker"
 
+        # kill -9 of the whole daemon (supervisor and worker; the host's init may leave them zombies): re-running
+        # the role starts it again
+        os.killpg(os.getpgid(pid), 9)
+        deadline = time.monotonic() + 10
+        while subprocess.run([str(launcher), "--status"]).returncode != 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert subprocess.run([str(launcher), "--status"]).returncode == 3, "a killed daemon still counts as running"
+        again = ansible.run_playbook(str(pb), extra_vars=v, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:]
+        assert _recap(again.stdout)["changed"] == 1, again.stdout[-3000:]
+        status = subprocess.run([str(launcher), "--status"], capture_output=True, text=True)
+        restarted = int(pidfile.read_text())
+        assert status.returncode == 0 and status.stdout.strip() == "running (pid %d)" % restarted and restarted != pid
+        deadline = time.monotonic() + 20
+        while log.read_text().count("daemon started") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.read_text().count("daemon started") == 3, "the restarted daemon runs no worker"
+        # a second daemon on the same data folder is refused, and the running one is kept
+        second = subprocess.run([str(launcher), "--supervise", "--detach"], capture_output=True, text=True)
+        assert second.returncode == 1 and "already runs" in second.stderr, second.stderr
+        assert int(pidfile.read_text()) == restarted
+
         stopped = ansible.run_playbook(str(pb), extra_vars=dict(v, backup_daemon_state="stopped"))
         assert stopped.returncode == 0, stopped.stdout[-3000:]
         assert subprocess.run([str(launcher), "--status"]).returncode == 3
