@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files, jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, files, jobs
 from daemon_helper import DaemonProcess, alive, launcher, lock_pid, proc_state
 
 
@@ -178,3 +178,21 @@ def test_bad_pidfile_folder_starts_nothing(dirs, tmp_path):
     r = launcher(config_dir, data_dir, "--supervise", "--detach", pidfile=str(tmp_path / "missing" / "d.pid"))
     assert r.returncode == 2 and "The folder of --pidfile" in r.stderr and "does not exist" in r.stderr
     assert not os.path.exists(os.path.join(data_dir, "daemon.lock"))
+
+
+def test_stop_ends_an_orphaned_worker_escalating_to_sigkill(dirs, cleanup):
+    config_dir, data_dir, pidfile = dirs
+    cleanup[0].append((config_dir, data_dir))
+    assert launcher(config_dir, data_dir, "--supervise", "--detach", pidfile=pidfile).returncode == 0
+    _wait(lambda: lock_pid(data_dir, "worker.lock") and len(_started_pids(data_dir)) == 1, what="worker", data_dir=data_dir)
+    supervisor, worker = lock_pid(data_dir), lock_pid(data_dir, "worker.lock")
+    os.kill(worker, signal.SIGSTOP)  # frozen: it can neither notice its supervisor is gone nor handle SIGTERM
+    os.kill(supervisor, signal.SIGKILL)
+    _wait(lambda: not alive(supervisor), what="supervisor gone")
+    assert daemon.lock_holder(os.path.join(data_dir, "worker.lock")) == (True, worker)
+    started = time.monotonic()
+    assert daemon.stop_daemon(data_dir, timeout=2) is True
+    assert 2 <= time.monotonic() - started < 12  # SIGTERM could not act within the timeout: SIGKILL ended it
+    assert not alive(worker) and daemon.lock_holder(os.path.join(data_dir, "worker.lock")) == (False, None)
+    assert "[%d] daemon stopped" % worker not in _log(data_dir), "the frozen worker cannot have stopped by itself"
+    assert daemon.stop_daemon(data_dir, timeout=2) is False
