@@ -110,3 +110,34 @@ class DaemonProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def launcher(config_dir, data_dir, *args, pidfile=None, timeout=120):
+    """Run the daemon's command line the way the backup_daemon role's launcher does (e.g. "--supervise", "--detach",
+    or "--status", or "--stop"); returns the CompletedProcess (text stdout/stderr)."""
+    cmd = [sys.executable, "-m", MODULE, "--config-dir", config_dir, "--data-dir", data_dir, "--poll-interval", "0.3",
+           "--log-level", "DEBUG"] + (["--pidfile", pidfile] if pidfile else []) + list(args)
+    env = DaemonProcess(config_dir, data_dir).env()
+    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def lock_pid(data_dir, name="daemon.lock"):
+    """The pid recorded in one of the data folder's lock files (None when absent or empty)."""
+    try:
+        with open(os.path.join(data_dir, name)) as f:
+            return int(f.read().strip() or 0) or None
+    except FileNotFoundError:
+        return None
+
+
+def proc_state(pid):
+    """The process's state letter from /proc (R, S, Z, T, ...), None when there is no such process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def alive(pid):
+    return proc_state(pid) not in (None, "Z", "X")

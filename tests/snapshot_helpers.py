@@ -55,6 +55,27 @@ def all_types_docs(canary="CANARY"):
     ]
 
 
+def source_image(mc, dbname):
+    """{ns: {id_key: raw}} of every collection of dbname, as the source holds it now."""
+    from bson.codec_options import CodecOptions
+    from bson.raw_bson import RawBSONDocument
+    db = mc.get_database(dbname, codec_options=CodecOptions(document_class=RawBSONDocument))
+    return {"%s.%s" % (dbname, c): {headmod.id_key_from_document(r.raw): r.raw for r in db[c].find()}
+            for c in db.list_collection_names()}
+
+
+def restored_image(folder, dbname):
+    """{ns: {id_key: raw}} of a mongodump directory restore of dbname under folder."""
+    out = {}
+    d = os.path.join(folder, dbname)
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if name.endswith(".bson"):
+            with open(os.path.join(d, name), "rb") as f:
+                out["%s.%s" % (dbname, name[:-5])] = {headmod.id_key_from_document(r): bytes(r)
+                                                      for r in headmod.split_bson_docs(f.read())}
+    return out
+
+
 def upsert_docs(w, ns, docs):
     for d in docs:
         raw = d if isinstance(d, bytes) else bson.encode(d)

@@ -9,12 +9,15 @@ polling mtimes, writes status/<job>.json atomically, serves request files and ta
 scheduled snapshots. Unwrapped keys stay in memory. Run it as
 
     python -m ansible_collections.kmipbackup.mongodb.plugins.module_utils.daemon \\
-        --config-dir /etc/kmipbackup --data-dir /var/lib/kmipbackup [--supervise] [--detach --pidfile F]
+        --config-dir /etc/kmipbackup --data-dir /var/lib/kmipbackup [--supervise] [--detach] [--pidfile F]
+
+and --status / --stop with the same --data-dir: both go by the lock DATA_DIR/daemon.lock, never by a pid alone.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import logging
 import os
 import secrets
@@ -567,15 +570,195 @@ def setup_logging(path, level="INFO"):
     return path
 
 
-def run_worker(config_dir, data_dir, poll_interval=1.0):
-    d = Daemon(config_dir, data_dir, poll_interval)
+# ---- the data folder's locks ----------------------------------------------------------------
+# Whether a daemon runs is decided by flock, never by a pid: the kernel drops a lock when its holder dies
+# (kill -9 included; a zombie holds none), whereas a pid can name a zombie or an unrelated process that
+# reuses it. daemon.lock is held by the process the launcher starts (the supervisor, or the worker when
+# unsupervised); worker.lock by the process that runs the jobs, so an orphaned worker of a killed supervisor
+# still keeps a second worker off the folder. Each holds its own pid inside. The files are never removed
+# or replaced: a new inode would let two processes each lock their own file.
+LOCK_FILE = "daemon.lock"
+WORKER_LOCK_FILE = "worker.lock"
+
+
+class DataDirLock:
+    """An exclusive flock on a file of the data folder, held for the holder's lifetime."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def try_acquire(self, wait=0.0):
+        """True once held; False when another process holds it after `wait` seconds."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, files.PRIVATE_FILE)
+        except PermissionError:
+            raise ConfigError("The daemon's lock file %s cannot be opened for writing by this user (uid %d): give it "
+                              "to the daemon's user (chown) or run the daemon as its owner." % (self.path, os.geteuid())) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.1)
+        try:
+            os.fchmod(fd, files.PRIVATE_FILE)
+        except PermissionError:  # created by another user (e.g. root before --user): the lock still works
+            pass
+        os.ftruncate(fd, 0)  # no pid until record(): a reader never sees a former holder's pid as ours
+        self.fd = fd
+        return True
+
+    def record(self, pid):
+        """Write the holder's pid (after --detach's forks, the final process's)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % pid, 0)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the lock
+            self.fd = None
+
+
+def _opens(pid, path):
+    """Whether process pid has path open: the recorded pid is trusted only if it does (Linux /proc);
+    None where /proc cannot tell."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        want = os.stat(path)
+        names = os.listdir("/proc/%d/fd" % pid)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    for n in names:
+        try:
+            st = os.stat("/proc/%d/fd/%s" % (pid, n))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    return False
+
+
+def lock_holder(path, settle=2.0):
+    """(held, pid): whether a process holds the lock at path, and its pid when confirmed (else None).
+    A pid is returned only if the lock is held and that process has the lock file open."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, None
+    except PermissionError:
+        raise ConfigError("The daemon's lock file %s cannot be read by this user (uid %d): run this as the daemon's "
+                          "user or root." % (path, os.geteuid())) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False, None
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + settle
+        while True:  # a holder that just took the lock writes its pid a moment later
+            try:
+                pid = int(os.pread(fd, 32, 0).decode().strip())
+            except ValueError:
+                pid = None
+            if pid and _opens(pid, path) is not False:
+                return True, pid
+            if time.monotonic() >= deadline:
+                return True, None
+            time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+def _stop_holder(path, what, timeout):
+    """SIGTERM the confirmed holder of the lock at path, SIGKILL it after timeout; True when one was stopped."""
+    held, pid = lock_holder(path)
+    if not held:
+        return False
+    if pid is None:
+        raise KmipBackupError("The %s lock %s is held by a process that cannot be identified (the pid in the file "
+                              "does not hold it): nothing was signalled. Find the process with `fuser %s` and stop it."
+                              % (what, path, path))
+    _signal(pid, signal.SIGTERM)
+    if _released(path, timeout):
+        return True
+    held, again = lock_holder(path)
+    if not held:
+        return True
+    if again == pid:  # still the same confirmed holder: never a pid read earlier
+        _signal(pid, signal.SIGKILL)
+        if _released(path, 10):
+            return True
+    raise KmipBackupError("The %s (pid %d) did not stop within %ds: its lock %s is still held." % (what, pid, timeout, path))
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # exited meanwhile
+        pass
+
+
+def _released(path, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not lock_holder(path, settle=0)[0]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def stop_daemon(data_dir, timeout=60):
+    """Stop the daemon that holds data_dir's lock, then any worker still holding the worker lock (orphaned by a
+    supervisor killed with -9). Only confirmed lock holders are signalled. True when something was stopped."""
+    stopped = _stop_holder(os.path.join(data_dir, LOCK_FILE), "Backup Daemon", timeout)
+    return _stop_holder(os.path.join(data_dir, WORKER_LOCK_FILE), "Backup Daemon worker", timeout) or stopped
+
+
+def run_worker(config_dir, data_dir, poll_interval=1.0, supervisor_pid=None):
+    stop = threading.Event()
+    d = {"daemon": None}
 
     def on_signal(signum, frame):
-        d.stop()
+        stop.set()
+        if d["daemon"] is not None:
+            d["daemon"].stop()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    d.run()
-    return 0
+    if supervisor_pid:
+        def watchdog():  # an orphan (supervisor killed with -9) stops: the next supervisor starts a new worker
+            while not stop.wait(0.5):
+                if os.getppid() != supervisor_pid:
+                    LOG.warning("worker: the supervisor (pid %d) is gone; stopping", supervisor_pid)
+                    on_signal(None, None)
+                    return
+        threading.Thread(target=watchdog, name="supervisor-watchdog", daemon=True).start()
+    lock = DataDirLock(os.path.join(data_dir, WORKER_LOCK_FILE))
+    waited = 0.0
+    while not lock.try_acquire(wait=1.0):  # a previous worker still stopping: never two on one folder
+        if stop.is_set():
+            return 0
+        waited += 1.0
+        if waited in (1.0, 10.0) or waited % 60 == 0:
+            LOG.warning("worker: waiting for the previous worker (pid %s) to exit",
+                        lock_holder(lock.path, settle=0)[1] or "unknown")
+    try:
+        lock.record(os.getpid())
+        if stop.is_set():
+            return 0
+        d["daemon"] = Daemon(config_dir, data_dir, poll_interval)
+        if stop.is_set():
+            return 0
+        d["daemon"].run()
+        return 0
+    finally:
+        lock.release()
 
 
 def supervise(argv_worker):
@@ -591,6 +774,7 @@ def supervise(argv_worker):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     backoff = 1.0
+    argv_worker = argv_worker + ["--supervisor-pid", str(os.getpid())]
     while not stop.is_set():
         started = time.monotonic()
         child["p"] = subprocess.Popen([sys.executable, "-m", _MODULE] + argv_worker)
@@ -607,37 +791,6 @@ def supervise(argv_worker):
 
 
 _MODULE = "ansible_collections.kmipbackup.mongodb.plugins.module_utils.daemon"
-
-
-def read_pid(pidfile):
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
-def stop_pidfile(pidfile, timeout=60):
-    pid = read_pid(pidfile)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and read_pid(pidfile) == pid:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    if read_pid(pidfile) == pid:
-        os.kill(pid, signal.SIGKILL)
-    try:
-        os.unlink(pidfile)
-    except FileNotFoundError:
-        pass
-    return True
 
 
 def _detach():
@@ -671,36 +824,69 @@ def main(argv=None):
     ap.add_argument("--log-file", help="default: DATA_DIR/log/daemon.log")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--supervise", action="store_true", help="run the worker as a child and restart it when it dies")
-    ap.add_argument("--detach", action="store_true", help="go to the background (with --pidfile)")
-    ap.add_argument("--pidfile", help="write the process id here; with --stop, stop that process")
-    ap.add_argument("--stop", action="store_true", help="stop the daemon named by --pidfile and exit")
-    ap.add_argument("--status", action="store_true", help="exit 0 when the daemon named by --pidfile runs, 3 otherwise")
+    ap.add_argument("--detach", action="store_true", help="go to the background")
+    ap.add_argument("--pidfile", help="write the daemon's process id here (informational: --status and --stop use "
+                                      "the lock DATA_DIR/daemon.lock)")
+    ap.add_argument("--stop", action="store_true", help="stop the daemon that holds DATA_DIR's lock and exit")
+    ap.add_argument("--status", action="store_true", help="exit 0 when a daemon holds DATA_DIR's lock, 3 otherwise")
     ap.add_argument("--user", help="when started as root, run as this user")
+    ap.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)  # set by supervise() for its worker
     a = ap.parse_args(argv)
     config_dir, data_dir = os.path.abspath(a.config_dir), os.path.abspath(a.data_dir)
     os.umask(0o077)
-    if (a.stop or a.status or a.detach) and not a.pidfile:
-        ap.error("--stop, --status and --detach need --pidfile")
+    lock_path = os.path.join(data_dir, LOCK_FILE)
     if a.stop:
-        stop_pidfile(a.pidfile)
-        return 0
-    if a.pidfile and read_pid(a.pidfile):
-        if not a.status:
-            sys.stderr.write("the daemon already runs (pid %d)\n" % read_pid(a.pidfile))
+        try:
+            stopped = stop_daemon(data_dir)
+        except KmipBackupError as e:
+            sys.stderr.write("%s\n" % e)
+            return 1
+        _remove_pidfile(a.pidfile)
+        sys.stdout.write("stopped\n" if stopped else "not running\n")
         return 0
     if a.status:
+        try:
+            held, pid = lock_holder(lock_path)
+        except KmipBackupError as e:
+            sys.stderr.write("%s\n" % e)
+            return 4  # LSB: status unknown
+        if held:
+            sys.stdout.write("running (pid %s)\n" % (pid or "unknown"))
+            return 0
+        sys.stdout.write("not running\n")
         return 3
     if a.user and os.geteuid() == 0:
         _switch_user(a.user)
+    if a.pidfile and not os.path.isdir(os.path.dirname(os.path.abspath(a.pidfile))):
+        sys.stderr.write("The folder of --pidfile %s does not exist: create it (the backup_daemon role's "
+                         "backup_daemon_run_dir) or pass another --pidfile.\n" % a.pidfile)
+        return 2
     try:  # refused, not tightened, when a link, writable by others or foreign-owned
         jobs.open_data_dir(data_dir, a.user or config.DEFAULT_DAEMON_USER).close()
     except KmipBackupError as e:
         sys.stderr.write("%s\n" % e)
         return 2
+    if a.supervisor_pid:  # the supervisor holds daemon.lock; run_worker takes the worker lock
+        log_file = os.path.abspath(a.log_file or os.path.join(data_dir, "log", "daemon.log"))
+        setup_logging(log_file, a.log_level)
+        return run_worker(config_dir, data_dir, a.poll_interval, supervisor_pid=a.supervisor_pid)
+    lock = DataDirLock(lock_path)
+    try:
+        acquired = lock.try_acquire(wait=1.0)
+    except KmipBackupError as e:
+        sys.stderr.write("%s\n" % e)
+        return 1
+    if not acquired:
+        pid = lock_holder(lock_path)[1]
+        sys.stderr.write("A Backup Daemon already runs on data folder %s (pid %s holds %s): nothing was started. "
+                         "Stop it first (--stop), or give this one another --data-dir.\n"
+                         % (data_dir, pid or "unknown", lock_path))
+        return 1
     log_file = os.path.abspath(a.log_file or os.path.join(data_dir, "log", "daemon.log"))
     setup_logging(log_file, a.log_level)
     if a.detach:
-        _detach()
+        _detach()  # the lock's open file goes with the process that stays
+    lock.record(os.getpid())
     if a.pidfile:
         files.atomic_write(os.path.abspath(a.pidfile), b"%d\n" % os.getpid())
     try:
@@ -710,8 +896,20 @@ def main(argv=None):
             return supervise(worker)
         return run_worker(config_dir, data_dir, a.poll_interval)
     finally:
-        if a.pidfile and read_pid(a.pidfile) == os.getpid():
-            os.unlink(a.pidfile)
+        _remove_pidfile(a.pidfile, os.getpid())
+        lock.release()
+
+
+def _remove_pidfile(pidfile, only_pid=None):
+    """Remove the informational pidfile (only if it names only_pid, when given)."""
+    if not pidfile:
+        return
+    try:
+        if only_pid is not None and files.read_bytes(pidfile).strip() != b"%d" % only_pid:
+            return
+        os.unlink(pidfile)
+    except (FileNotFoundError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -508,14 +508,45 @@ def read_answer(data_dir, job, rid):
     return files.read_json(os.path.join(requests_dir(data_dir, job), rid + ".done.json"))
 
 
-def wait_answer(data_dir, job, rid, timeout):
-    """The daemon's answer to a request; KmipBackupError when it failed or did not come in time."""
-    answer = wait_for(lambda: read_answer(data_dir, job, rid), timeout)
+def wait_answer(data_dir, job, rid, timeout, generation=None):
+    """The daemon's answer to a request; KmipBackupError when it failed or did not come in time. While the job is
+    INACTIVE with an error (e.g. waiting for KMIP or the source) its runner serves no request: fail at once with
+    that error and withdraw the request, instead of waiting the whole timeout. generation: the job's current one
+    (a status of another generation is not this job's state yet)."""
+    inactive = {}
+
+    def answered():
+        answer = read_answer(data_dir, job, rid)
+        if answer:
+            return answer
+        st = read_status(data_dir, job) or {}
+        if (st.get("state") == "INACTIVE" and st.get("last_error")
+                and (generation is None or st.get("generation") == generation)):
+            inactive.update(st)
+            return True
+        return None
+    answer = wait_for(answered, timeout)
+    if answer is True:
+        withdrawn = _withdraw_request(data_dir, job, rid)
+        answer = read_answer(data_dir, job, rid)  # served after all, between the two reads
+        if not answer:
+            raise KmipBackupError("Job %s is INACTIVE, so the Backup Daemon cannot serve request %s; the job's last error: "
+                                  "%s. Fix that (the daemon retries by itself) and ask again once the job is STARTED%s."
+                                  % (job, rid, inactive["last_error"],
+                                     "; the request was withdrawn" if withdrawn else ""))
     if not answer:
         raise wait_timeout_error(job, read_status(data_dir, job), "an answer to request %s" % rid)
     if not answer.get("ok"):
         raise KmipBackupError(answer.get("error") or "The daemon could not serve request %s." % rid)
     return answer.get("result")
+
+
+def _withdraw_request(data_dir, job, rid):
+    try:
+        os.unlink(os.path.join(requests_dir(data_dir, job), rid + ".json"))
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def remove_tree(path):

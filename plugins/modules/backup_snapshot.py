@@ -59,6 +59,8 @@ options:
     description:
       - Wait for the daemon to answer and return its answer (the snapshot, the verification counts, or that the resync started).
       - With V(false), returns the request id at once; the daemon takes the snapshot when it next serves requests.
+      - While the job is INACTIVE with an error (for example waiting for KMIP or for its source) the daemon serves no
+        request, so the wait fails at once with the job's last error and withdraws the request.
     type: bool
     default: true
   timeout:
@@ -215,7 +217,7 @@ def main():
     if not p["wait"]:
         module.exit_json(**result)
     try:
-        answer = jobs.wait_answer(p["data_dir"], p["job"], rid, p["timeout"])
+        answer = jobs.wait_answer(p["data_dir"], p["job"], rid, p["timeout"], generation=cfg.get("generation"))
         if p["action"] == "snapshot":
             result["snapshot"] = snapshot_result(cfg, p, answer)
         elif p["action"] == "verify":

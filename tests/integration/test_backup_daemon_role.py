@@ -1,6 +1,8 @@
 """The backup_daemon role on localhost, into a temporary prefix, as the current user:
 a virtualenv with the pinned requirements, 0700 folders, the supervised daemon running,
-and a second run that changes nothing."""
+and a second run that changes nothing; after kill -9 (the daemon left a zombie, as in a
+container without an init) a re-run starts it again."""
+import ctypes
 import getpass
 import grp
 import os
@@ -21,6 +23,27 @@ def _recap(output):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper(on):
+    """Make this process the reaper of its orphaned descendants (the detached daemon), and reap none of them:
+    a killed daemon then stays a zombie, as under a container's init that does not reap."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1 if on else 0, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+
+
+def _zombie_children():
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            out.append(int(name))
+    return out
 
 
 def test_role_installs_and_runs_the_daemon(ansible, tmp_path):
@@ -47,6 +70,7 @@ def test_role_installs_and_runs_the_daemon(ansible, tmp_path):
     pb.write_text(yaml.safe_dump([{"hosts": "localhost", "gather_facts": False,
                                    "roles": [{"role": "kmipbackup.mongodb.backup_daemon"}]}]))
     launcher = prefix / "opt/kmipbackup/bin/kmipbackup-daemon"
+    _subreaper(True)
     try:
         check = ansible.run_playbook(str(pb), "--check", extra_vars=v)
         assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
@@ -90,9 +114,37 @@ def test_role_installs_and_runs_the_daemon(ansible, tmp_path):
             time.sleep(0.3)
         assert now and now != worker, "the supervisor did not restart the worker"
 
+        # kill -9 of the whole daemon (supervisor and worker), left zombies: re-running the role starts it again
+        os.killpg(os.getpgid(pid), 9)
+        deadline = time.monotonic() + 10
+        while pid not in _zombie_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid in _zombie_children()
+        deadline = time.monotonic() + 10
+        while subprocess.run([str(launcher), "--status"]).returncode != 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert subprocess.run([str(launcher), "--status"]).returncode == 3, "a killed daemon still counts as running"
+        again = ansible.run_playbook(str(pb), extra_vars=v, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:]
+        assert _recap(again.stdout)["changed"] == 1, again.stdout[-3000:]
+        status = subprocess.run([str(launcher), "--status"], capture_output=True, text=True)
+        restarted = int(pidfile.read_text())
+        assert status.returncode == 0 and status.stdout.strip() == "running (pid %d)" % restarted and restarted != pid
+        deadline = time.monotonic() + 20
+        while log.read_text().count("daemon started") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.read_text().count("daemon started") == 3, "the restarted daemon runs no worker"
+        # a second daemon on the same data folder is refused, and the running one is kept
+        second = subprocess.run([str(launcher), "--supervise", "--detach"], capture_output=True, text=True)
+        assert second.returncode == 1 and "already runs" in second.stderr, second.stderr
+        assert int(pidfile.read_text()) == restarted
+
         stopped = ansible.run_playbook(str(pb), extra_vars=dict(v, backup_daemon_state="stopped"))
         assert stopped.returncode == 0, stopped.stdout[-3000:]
         assert subprocess.run([str(launcher), "--status"]).returncode == 3
     finally:
         if launcher.exists():
             subprocess.run([str(launcher), "--stop"])
+        _subreaper(False)
+        for z in _zombie_children():
+            os.waitpid(z, 0)

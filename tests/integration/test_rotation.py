@@ -11,17 +11,14 @@ import uuid
 
 import pymongo
 import pytest
-from bson.codec_options import CodecOptions
 from bson.objectid import ObjectId
-from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs, kmip, restore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, jobs, kmip, restore, store
 from daemon_helper import DaemonProcess, write_kmip_setup
-from snapshot_helpers import canary_hits
+from snapshot_helpers import canary_hits, restored_image, source_image
 import kmipbackup_lab as lab
 
 BJ = "kmipbackup.mongodb.backup_job_encryption"
-RAW = CodecOptions(document_class=RawBSONDocument)
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +32,6 @@ def task(cd, dd, job, uri, **kw):
     args = dict(job=job, group="group1", source={"uri": uri, "connect_timeout": 3}, config_dir=cd, data_dir=dd)
     args.update(kw)
     return {BJ: args}
-
-
-def source_image(mc, dbname):
-    """{ns: {id_key: raw}} of every collection of dbname, as the source holds it now."""
-    db = mc.get_database(dbname, codec_options=RAW)
-    return {"%s.%s" % (dbname, c): {head.id_key_from_document(r.raw): r.raw for r in db[c].find()}
-            for c in db.list_collection_names()}
-
-
-def restored_image(folder, dbname):
-    out = {}
-    d = os.path.join(folder, dbname)
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        if name.endswith(".bson"):
-            with open(os.path.join(d, name), "rb") as f:
-                out["%s.%s" % (dbname, name[:-5])] = {head.id_key_from_document(r): bytes(r) for r in head.split_bson_docs(f.read())}
-    return out
 
 
 def wait_applied(d, job, session, timeout=60):
