@@ -135,14 +135,15 @@ def test_snapshot_holds_every_write_acknowledged_before_the_request(dirs, tmp_pa
     finally:
         load.halt.set()
         d.stop()
-    assert tuple(answer["source_cluster_time"]) >= marker_time, answer
-    assert tuple(answer["cluster_time"]) >= marker_time, answer
     got = _snapshot_docs(config_dir, cfg, answer["id"], dbname, str(tmp_path / "restored"))
-    assert got["%s.marker" % dbname].get("last-%s" % tag) == marker_raw, "the last acknowledged write is not in the snapshot"
     loaded = got["%s.load" % dbname]
     missing = [i for i in range(before + 1) if i not in loaded]
+    assert got["%s.marker" % dbname].get("last-%s" % tag) == marker_raw, (
+        "the last acknowledged write is not in the snapshot (nor %d load documents acknowledged before it)" % len(missing))
     assert missing == [], "%d load documents acknowledged before the request are missing (first %s)" % (len(missing), missing[:5])
     assert loaded[0] == bytes(db.get_collection("load", codec_options=RAW).find_one({"_id": 0}).raw)
+    assert tuple(answer["cluster_time"]) >= marker_time, answer
+    assert tuple(answer["source_cluster_time"]) >= marker_time, answer
     mc.close()
 
 
