@@ -462,6 +462,9 @@ class JobRunner(threading.Thread):
         now = time.monotonic()
         w = self._waits.get(rid)
         if w is None:
+            if self.status.get("state") != "STARTED":  # an initial sync can take hours: say so now, as before
+                raise snapshot.SnapshotError("job %s has no consistent head yet: wait for status STARTED and try again"
+                                             % self.job)
             w = self._waits[rid] = {"picked": now, "deadline": now + _wait_budget(rid, req), "target": None}
             self.monitor.poke()
         if w["target"] is None:
@@ -485,11 +488,12 @@ class JobRunner(threading.Thread):
         behind = self.monitor.fields(self._complete)["lag_seconds"]
         raise snapshot.SnapshotError(
             "Job %s: the head did not catch up with the source's cluster time %s (read when the snapshot was requested) "
-            "within %.0f s: it is %s s of cluster time behind the source (the head holds every write up to %s); nothing "
-            "was written. Ask again with a longer timeout, or find why the daemon applies changes slower than the source "
-            "takes them (status lag_seconds, the daemon's log)." % (
-                self.job, list(w["target"]), waited, behind if behind is not None else "an unknown number of",
-                list(self._complete) if self._complete else "no known time"))
+            "within %.0f s: %s; nothing was written. Ask again with a longer timeout, or find why the daemon applies "
+            "changes slower than the source takes them (status lag_seconds, the daemon's log)." % (
+                self.job, list(w["target"]), waited,
+                "it is %s s of cluster time behind the source (the head holds every write up to %s)" % (
+                    behind, list(self._complete)) if behind is not None and self._complete
+                else "the head is not consistent (status consistent, last_error)"))
 
     def _covers(self, w):
         """True when the head holds every source write at or before the request's target cluster time."""

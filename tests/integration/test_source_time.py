@@ -170,10 +170,10 @@ def test_backup_snapshot_waits_for_the_head_or_fails_naming_the_lag(dirs, pki, k
         with head_stalled(config_dir, data_dir, cfg):
             catalog = [e["snapshot_id"] for e in js.catalog()]
             t = threading.Thread(target=lambda: runs.append(ansible.run([dict(task, **{
-                "kmipbackup.mongodb.backup_snapshot": dict(task["kmipbackup.mongodb.backup_snapshot"], timeout=12)})])))
+                "kmipbackup.mongodb.backup_snapshot": dict(task["kmipbackup.mongodb.backup_snapshot"], timeout=20)})])))
             t.start()
             assert jobs.wait_for(lambda: jobs.pending_requests(data_dir, job), 60, 0.05), "no request"
-            time.sleep(8)  # the request waits for the stalled head while the load goes on
+            time.sleep(14)  # the request waits for the stalled head while the load goes on: ~2 s of budget left
         t.join(120)
         r = runs[0]
         assert r[0].get("failed") and r[0]["request_id"], r.output[-3000:]
