@@ -39,10 +39,117 @@ BACKOFF_MAX = 30.0
 STATUS_EVERY = 1.0
 VERIFY_EVERY = 600.0     # seconds between sampled head verifications
 VERIFY_SAMPLE = 100      # documents per collection and side
+HEARTBEAT_EVERY = 0.5    # seconds between reads of the source's cluster time
+HEARTBEAT_TIMEOUT = 1.0  # a read not answered within this marks the source unreachable: outages show within 2 s
+SNAPSHOT_WAIT = 600.0    # how long an on-demand snapshot waits for the head when the request names no timeout
+OUTAGE_PREFIX = "source unreachable for"
 
 
 class Stopped(Exception):
     """The runner was asked to stop."""
+
+
+class SourceMonitor(threading.Thread):
+    """The job's heartbeat: a reader thread reads the source's cluster time every HEARTBEAT_EVERY seconds with a
+    short-timeout `hello` on its own client, whatever the capture thread does (a change-stream read blocks for
+    connect_timeout when the source goes away); this thread keeps the job's status current meanwhile (reachability,
+    lag in seconds of cluster time), after each read and every HEARTBEAT_EVERY seconds even while a read hangs."""
+
+    def __init__(self, runner):
+        super().__init__(name="heartbeat-%s" % runner.job, daemon=True)
+        self.runner = runner
+        self.wake = threading.Event()  # read now
+        self.beat = threading.Event()  # write status now
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.reachable = None      # None until the first read
+        self.cluster_time = None   # (t, i) of the last successful read
+        self.read_at = None        # (started, done) monotonic times of that read
+        self.checked = None        # its wall time (ISO)
+        self.down_since = None     # monotonic time of the first failed read of the current outage
+        self.error = None
+        self.recoveries = 0        # successful reads that ended an outage
+
+    def poke(self):
+        """Read the source now (an on-demand snapshot waits for a read that started after it was picked up)."""
+        self.wake.set()
+
+    def stop(self):
+        self.done.set()
+        self.wake.set()
+        self.beat.set()
+
+    def _stopped(self):
+        return self.done.is_set() or self.runner.stop_event.is_set()
+
+    def run(self):
+        reader = threading.Thread(target=self._read_loop, name="heartbeat-read-%s" % self.runner.job, daemon=True)
+        reader.start()
+        try:
+            while not self._stopped():
+                try:
+                    self.runner.heartbeat()
+                except Exception as e:  # a status write that failed: try again next beat
+                    LOG.error("job %s: status not written (%s)", self.runner.job, type(e).__name__)
+                self.beat.wait(HEARTBEAT_EVERY)
+                self.beat.clear()
+        finally:
+            reader.join(HEARTBEAT_TIMEOUT + HEARTBEAT_EVERY)
+
+    def _read_loop(self):
+        client = None
+        try:
+            while not self._stopped():
+                started = time.monotonic()
+                try:
+                    if client is None:
+                        client = source.monitor_client(self.runner.cfg["source"], HEARTBEAT_TIMEOUT)
+                    self._record(started, source.current_cluster_time(client, self.runner.cfg["source"]), None)
+                except Exception as e:  # any failure of the read is an unreachable source for the status
+                    self._record(started, None, _safe(e, self.runner.cfg))
+                self.beat.set()
+                self.wake.wait(max(0.0, HEARTBEAT_EVERY - (time.monotonic() - started)))
+                self.wake.clear()
+        finally:
+            if client is not None:
+                client.close()
+
+    def _record(self, started, cluster_time, error):
+        with self.lock:
+            if error is None and cluster_time is not None:
+                if self.reachable is False:
+                    self.recoveries += 1
+                    LOG.info("job %s: source reachable again", self.runner.job)
+                self.reachable, self.cluster_time, self.error, self.down_since = True, tuple(cluster_time), None, None
+                self.read_at, self.checked = (started, time.monotonic()), store.iso(store.utcnow())
+            else:
+                if self.reachable is not False:
+                    self.down_since = started
+                    LOG.warning("job %s: source unreachable: %s", self.runner.job, error)
+                self.reachable, self.error = False, error or "the source reported no cluster time"
+
+    def reading_after(self, t):
+        """(cluster_time, done) of a successful read that started after monotonic time t, or None."""
+        with self.lock:
+            if self.reachable and self.read_at is not None and self.read_at[0] > t:
+                return self.cluster_time, self.read_at[1]
+            return None
+
+    def fields(self, complete):
+        """Status fields: source {reachable, cluster_time, checked, unreachable_seconds, error} and lag_seconds, the
+        seconds of cluster time the head is behind the source (complete: the time the head holds every write up to)."""
+        with self.lock:
+            now = time.monotonic()
+            down = round(now - self.down_since, 1) if self.down_since is not None else None
+            src = {"reachable": self.reachable, "cluster_time": list(self.cluster_time) if self.cluster_time else None,
+                   "checked": self.checked, "unreachable_seconds": down, "error": self.error}
+            lag = None
+            if complete is not None and self.cluster_time is not None:
+                lag = max(0, self.cluster_time[0] - complete[0])
+                if not self.reachable:  # the source's clock went on while it could not be read: lag grows
+                    lag += now - self.read_at[0]
+                lag = round(lag, 1)
+            return {"source": src, "lag_seconds": lag}
 
 
 class JobRunner(threading.Thread):
@@ -59,7 +166,12 @@ class JobRunner(threading.Thread):
         self.head = None
         self.status = self._initial_status()
         self._status_written = 0.0
+        self._status_lock = threading.RLock()  # the runner and its heartbeat both write status
         self._next_check = None
+        self.monitor = SourceMonitor(self)
+        self._complete = None      # (t, i): the head holds every source write up to this cluster time
+        self._idle_read_at = None  # monotonic start of the last capture read that found the stream idle
+        self._waits = {}           # on-demand snapshot requests waiting for the head: {rid: {...}}
 
     # ---- status ----------------------------------------------------------------------
 
@@ -73,21 +185,48 @@ class JobRunner(threading.Thread):
             "initial_syncs": prev.get("initial_syncs", 0) if same else 0,
             "history_lost": prev.get("history_lost", 0) if same else 0,
             "verification": prev.get("verification") if same and prev.get("verification") else
-            {"checked": 0, "mismatched": 0, "recopied": 0},
+            {"checked": 0, "mismatched": 0, "recopied": 0}, "complete_cluster_time": None, "source": None,
             "last_snapshot": prev.get("last_snapshot"), "last_error": None,
             "updated": None, "pid": os.getpid(),
         }
 
     def set_status(self, force=True, **fields):
-        self.status.update(fields)
-        now = time.monotonic()
-        if not force and now - self._status_written < STATUS_EVERY:
-            return
-        self._status_written = now
-        self.status["updated"] = store.iso(store.utcnow())
-        self.status["pid"] = os.getpid()
-        self.status["head_bytes"] = self.head.size() if self.head is not None else _folder_bytes(self.head_path)
-        jobs.write_status(self.d.data_dir, self.job, self.status)
+        with self._status_lock:
+            self.status.update(fields)
+            now = time.monotonic()
+            if not force and now - self._status_written < STATUS_EVERY:
+                return
+            self._status_written = now
+            self.status["updated"] = store.iso(store.utcnow())
+            self.status["pid"] = os.getpid()
+            h = self.head
+            self.status["head_bytes"] = h.size() if h is not None else _folder_bytes(self.head_path)
+            jobs.write_status(self.d.data_dir, self.job, self.status)
+
+    def heartbeat(self):
+        """Called by the heartbeat after each read: an outage shows in status at once and, while it lasts, status is
+        rewritten every heartbeat with a growing lag; otherwise at least every STATUS_EVERY seconds."""
+        with self._status_lock:
+            was_down = (self.status.get("source") or {}).get("reachable") is False
+            fields = self._source_fields({})
+            down = fields["source"]["reachable"] is False
+            self.set_status(force=down or was_down, **fields)
+
+    def _source_fields(self, fields):
+        """fields plus the heartbeat's: source, lag_seconds and, while the source is unreachable, consistent=false and
+        last_error saying so (an error of the runner's own is kept). Call with _status_lock held."""
+        out = dict(fields, **self.monitor.fields(self._complete))
+        src = out["source"]
+        err = out["last_error"] if "last_error" in out else self.status.get("last_error")
+        ours = (err or "").startswith(OUTAGE_PREFIX)
+        if src["reachable"] is False:
+            out["consistent"] = False  # the head is consistent at its own time, no longer with the source
+            if ours or not err:
+                out["last_error"] = "%s %.1f s: %s Change capture resumes when it is back." % (
+                    OUTAGE_PREFIX, src["unreachable_seconds"] or 0.0, src["error"])
+        elif ours:
+            out["last_error"] = None  # capture sets consistent again once it reads the stream
+        return out
 
     def error(self, state, message):
         """Record a failure the runner will retry (message carries no secret or document content)."""
@@ -107,6 +246,7 @@ class JobRunner(threading.Thread):
 
     def stop(self):
         self.stop_event.set()
+        self.monitor.stop()
 
     def sleep(self, seconds):
         if self.stop_event.wait(seconds):
@@ -124,6 +264,7 @@ class JobRunner(threading.Thread):
                 LOG.info("job %s: stopped", self.job)
                 self.stop_event.wait()
                 return
+            self.monitor.start()
             while True:
                 try:
                     self._run()
@@ -144,7 +285,10 @@ class JobRunner(threading.Thread):
         except Stopped:
             pass
         finally:
+            self.monitor.stop()
             self._close()
+            if self.monitor.is_alive():
+                self.monitor.join(timeout=2 * HEARTBEAT_TIMEOUT + HEARTBEAT_EVERY)
 
     def _close(self):
         for obj in (self.head, self.kmip):
@@ -179,12 +323,20 @@ class JobRunner(threading.Thread):
             except SourceError as e:
                 self.error(self.status["state"] if self.status["state"] in ("PROVISIONING", "STARTED") else "INACTIVE",
                            "source unavailable, retrying in %ds: %s" % (backoff, _safe(e, self.cfg)))
-                self.sleep(backoff)
+                self._source_backoff(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _source_backoff(self, seconds):
+        """Wait seconds, or less when the heartbeat sees the source come back from an outage meanwhile."""
+        recoveries = self.monitor.recoveries
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.monitor.recoveries == recoveries:
+            self.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _reset_head(self):
         with self.head.write() as w:
             w.clear()
+        self._complete = None
 
     # ---- keys ------------------------------------------------------------------------
 
@@ -284,18 +436,23 @@ class JobRunner(threading.Thread):
         try:
             while True:
                 self.check_stop()
-                cap.run_once(max_time=0.5)
+                started = time.monotonic()
+                applied = cap.run_once(max_time=0.5)
                 pos = self.head.position()
                 consistent = bool(pos.get("consistent"))
                 ct = pos.get("cluster_time")
+                if consistent and not applied:
+                    self._idle_read_at = started  # a read that began at `started` found nothing more to apply
+                self._complete = _complete_time(pos) or self._complete
                 if consistent and self.status["state"] != "STARTED":
                     LOG.info("job %s: head consistent; capture running", self.job)
                     self.set_status(state="STARTED", consistent=True, cluster_time=ct, last_error=None)
                     self.d.generation_ready(self.job, self.generation)
-                lag = cap.lag_seconds
-                self.set_status(force=False, consistent=consistent, cluster_time=ct, events=cap.stats["events"],
-                                lag_seconds=round(lag, 3) if lag is not None else None,
-                                last_error=None if self.status["state"] == "STARTED" else self.status.get("last_error"))
+                with self._status_lock:
+                    self.set_status(force=False, **self._source_fields(dict(
+                        consistent=consistent, cluster_time=ct, events=cap.stats["events"],
+                        complete_cluster_time=list(self._complete) if self._complete else None,
+                        last_error=None if self.status["state"] == "STARTED" else self.status.get("last_error"))))
                 self._serve_requests(client)
                 if consistent and time.monotonic() >= next_verify:
                     next_verify = time.monotonic() + VERIFY_EVERY
@@ -308,11 +465,16 @@ class JobRunner(threading.Thread):
     # ---- requests and snapshots ------------------------------------------------------
 
     def _serve_requests(self, client):
-        for rid, req in jobs.pending_requests(self.d.data_dir, self.job):
+        pending = jobs.pending_requests(self.d.data_dir, self.job)
+        for rid in set(self._waits) - {rid for rid, _req in pending}:
+            del self._waits[rid]  # answered or removed meanwhile
+        for rid, req in pending:
             action = req.get("action")
             try:
                 if action == "snapshot":
-                    result = self.take_snapshot(on_demand=True)
+                    result = self._requested_snapshot(rid, req)
+                    if result is None:
+                        continue  # the head has not reached the source's cluster time yet: look again next round
                 elif action == "verify":
                     result = self._verify(client, full=True)
                 elif action == "resync":
@@ -324,6 +486,61 @@ class JobRunner(threading.Thread):
                 jobs.answer_request(self.d.data_dir, self.job, rid, result=result)
             except KmipBackupError as e:
                 jobs.answer_request(self.d.data_dir, self.job, rid, error=_safe(e, self.cfg))
+
+    def _requested_snapshot(self, rid, req):
+        """An on-demand snapshot holding every write the source acknowledged before the request was picked up; None
+        while the head has not reached that point yet. The source's cluster time is read (by the heartbeat) after the
+        pick-up; the cut waits until the head holds every write up to that time, at most until shortly before the
+        requester stops waiting, then fails naming the lag and writes nothing."""
+        now = time.monotonic()
+        w = self._waits.get(rid)
+        if w is None:
+            if self.status.get("state") != "STARTED":  # an initial sync can take hours: say so now, as before
+                raise snapshot.SnapshotError("job %s has no consistent head yet: wait for status STARTED and try again"
+                                             % self.job)
+            w = self._waits[rid] = {"picked": now, "deadline": now + _wait_budget(rid, req), "target": None}
+            self.monitor.poke()
+        if w["target"] is None:
+            reading = self.monitor.reading_after(w["picked"])
+            if reading is not None:
+                w["target"], w["read_done"] = reading
+        if w["target"] is not None and self._covers(w):
+            self._waits.pop(rid, None)
+            result = self.take_snapshot(on_demand=True)
+            result.update(source_cluster_time=list(w["target"]), waited_seconds=round(time.monotonic() - w["picked"], 3))
+            return result
+        if now < w["deadline"]:
+            return None
+        self._waits.pop(rid, None)
+        waited = now - w["picked"]
+        if w["target"] is None:
+            raise snapshot.SnapshotError(
+                "Job %s: the source's current cluster time could not be read within %.0f s (%s), so no snapshot can be "
+                "shown to hold every acknowledged write; nothing was written. Check that the source is reachable from the "
+                "daemon's host (status source.error) and ask again." % (self.job, waited, self.monitor.error or "no answer"))
+        behind = self.monitor.fields(self._complete)["lag_seconds"]
+        raise snapshot.SnapshotError(
+            "Job %s: the head did not catch up with the source's cluster time %s (read when the snapshot was requested) "
+            "within %.0f s: %s; nothing was written. Ask again with a longer timeout, or find why the daemon applies "
+            "changes slower than the source takes them (status lag_seconds, the daemon's log)." % (
+                self.job, list(w["target"]), waited,
+                "it is %s s of cluster time behind the source (the head holds every write up to %s)" % (
+                    behind, list(self._complete)) if behind is not None and self._complete
+                else "the head is not consistent (status consistent, last_error)"))
+
+    def _covers(self, w):
+        """True when the head holds every source write at or before the request's target cluster time."""
+        pos = self.head.position()
+        if not pos.get("consistent"):
+            return False
+        target = tuple(w["target"])
+        if pos.get("cluster_time") and tuple(pos["cluster_time"]) >= target:
+            return True  # consistent at a time at or past the target: nothing more is coming up to it
+        token = source.token_time(pos.get("resume_token"))
+        if token is not None:
+            return token > target  # an idle stream's post-batch token past the target: every event before it applied
+        # a resume token of unknown format: an idle read of the stream that began after the target was read
+        return self._idle_read_at is not None and self._idle_read_at > w["read_done"]
 
     def _verify(self, client, full):
         counts = source.verify(self.head, client, sample=VERIFY_SAMPLE, full=full)
@@ -384,6 +601,33 @@ class JobRunner(threading.Thread):
 
 class _Resync(Exception):
     pass
+
+
+def _complete_time(pos):
+    """The cluster time up to which a head position holds every source write, or None when it is not consistent: its
+    last applied cluster time, or the time of an idle stream's post-batch resume token when that is later."""
+    if not pos or not pos.get("consistent") or not pos.get("cluster_time"):
+        return None
+    ct = tuple(pos["cluster_time"])
+    token = source.token_time(pos.get("resume_token"))
+    return max(ct, tuple(token)) if token is not None else ct
+
+
+def _wait_budget(rid, req):
+    """Seconds an on-demand snapshot may wait for the head: the requester's timeout (request field "timeout") less the
+    time since the request was made (its id starts with that time in ms) and a margin for the cut itself, so the
+    requester gets the daemon's answer, not a timeout of its own."""
+    try:
+        timeout = float(req.get("timeout") or 0)
+    except (TypeError, ValueError):
+        timeout = 0.0
+    if timeout <= 0:
+        return SNAPSHOT_WAIT
+    try:
+        elapsed = max(0.0, time.time() - int(rid.split("-", 1)[0]) / 1000.0)
+    except ValueError:
+        elapsed = 0.0
+    return max(0.0, timeout - elapsed - min(30.0, max(1.0, 0.2 * timeout)))
 
 
 REKEY_DIR = "rekey"

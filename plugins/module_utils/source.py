@@ -203,6 +203,58 @@ def _cluster_time(client):
     return max((t.time, t.inc) for t in times) if times else None
 
 
+def current_cluster_time(client, source):
+    """The source's current cluster time (t, i): every write it acknowledged so far is at or before it.
+    SourceError when it cannot be read (naming the source's hosts and the cause, never server text)."""
+    try:
+        return _cluster_time(client)
+    except mongo_errors.PyMongoError as e:
+        raise SourceError("The source %s cannot be reached to read its cluster time (%s): check that it runs and is "
+                          "reachable from the daemon's host." % (_hosts(source), _safe(e))) from None
+
+
+def monitor_client(source, timeout):
+    """A MongoClient for heartbeats: every wait bounded by timeout seconds, so an outage shows at once
+    (the capture client waits connect_timeout, default 10 s, before it gives up)."""
+    _require()
+    ms = max(100, int(float(timeout) * 1000))
+    kw = client_options(source)
+    kw.update(appname="kmipbackup-heartbeat", connectTimeoutMS=ms, serverSelectionTimeoutMS=ms, socketTimeoutMS=ms,
+              heartbeatFrequencyMS=500)
+    try:
+        return pymongo.MongoClient(source["uri"], **kw)
+    except (mongo_errors.ConfigurationError, mongo_errors.InvalidURI, ValueError, TypeError) as e:
+        raise SourceError("The source settings are invalid (%s): fix source.uri and the TLS/authentication options."
+                          % _redact(e, source)) from None
+
+
+def token_time(token_raw):
+    """The cluster time (t, i) a resume token (raw BSON {_data: ...}) stands for, or None when its format is unknown.
+
+    mongod: _data is a hex KeyString whose first value is the event's timestamp (type byte 0x82, then 8 bytes
+    big-endian: seconds, increment). SecantusDB: _data is the hex of a BSON document whose "t" is that timestamp.
+    For an idle stream's post-batch token this is the time up to which the source has shown every event."""
+    if token_raw is None:
+        return None
+    try:
+        data = RawBSONDocument(bytes(token_raw)).get("_data")
+        if not isinstance(data, str):
+            return None
+        blob = bytes.fromhex(data)
+    except Exception:  # pylint: disable=broad-except  # an unknown format: the caller falls back
+        return None
+    if len(blob) >= 5 and _i32.unpack_from(blob)[0] == len(blob) and blob[-1:] == b"\x00":
+        try:
+            ts = RawBSONDocument(blob).get("t")
+        except Exception:  # pylint: disable=broad-except
+            ts = None
+        if ts is not None and hasattr(ts, "inc"):
+            return (ts.time, ts.inc)
+    if len(blob) >= 9 and blob[0] == 0x82:
+        return struct.unpack_from(">II", blob, 1)
+    return None
+
+
 def _wanted(db, coll):
     return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
 

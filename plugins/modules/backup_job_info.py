@@ -63,8 +63,58 @@ jobs:
       description: INACTIVE, PROVISIONING, STARTED, STOPPED or TERMINATING.
       type: str
     status:
-      description: The daemon's status record (empty when the daemon has not reported yet).
+      description:
+        - The daemon's status record (empty when the daemon has not reported yet). Besides the fields below it holds the
+          head's size, initial syncs, verification counts, the last snapshot, V(updated) (when the daemon last wrote it,
+          at least every second while it runs) and its pid.
       type: dict
+      contains:
+        state:
+          description: The statusName the daemon reports.
+          type: str
+        consistent:
+          description: Whether the head is consistent and the source reachable (false during an outage).
+          type: bool
+        cluster_time:
+          description: The source cluster time of the last change the head applied, C([seconds, increment]).
+          type: list
+          elements: int
+        complete_cluster_time:
+          description:
+            - The source cluster time up to which the head holds every write, C([seconds, increment]); later than
+              RV(jobs[].status.cluster_time) when an idle change stream has shown that nothing more came since.
+          type: list
+          elements: int
+        lag_seconds:
+          description:
+            - How far the head is behind the source, in seconds of cluster time, measured against the source by the
+              daemon's heartbeat (the source's current cluster time less RV(jobs[].status.complete_cluster_time)).
+            - While the source cannot be read it grows with the time since the last successful read.
+            - Null until the head is consistent and the source has been read once.
+          type: float
+        source:
+          description: What the daemon's heartbeat (a short-timeout C(hello) about every half second) last saw of the source.
+          type: dict
+          contains:
+            reachable:
+              description: Whether the last heartbeat reached the source (null before the first one).
+              type: bool
+            cluster_time:
+              description: The source's cluster time at the last successful heartbeat, C([seconds, increment]).
+              type: list
+              elements: int
+            checked:
+              description: When the last successful heartbeat was (ISO 8601, UTC).
+              type: str
+            unreachable_seconds:
+              description: How long the source has been unreachable, or null.
+              type: float
+            error:
+              description: Why the last heartbeat failed (host and cause, never server text), or null.
+              type: str
+        last_error:
+          description: The last failure the daemon retries, or null; names a source outage within about a second.
+          type: str
 '''
 
 import traceback

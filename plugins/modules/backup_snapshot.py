@@ -14,6 +14,10 @@ description:
     file under O(data_dir) and, with O(wait=true), waits for the daemon's answer and returns the new snapshot.
   - The snapshot is cut from the job's head at one applied cluster time; the job must be STARTED (head consistent).
     On-demand snapshots follow the daily retention, as in Ops Manager.
+  - The snapshot holds every write the source acknowledged before the request. When the daemon picks the request up it
+    reads the source's current cluster time and cuts only once the head has applied everything up to that time; when
+    the head lags behind the source, the snapshot waits for it (at most until shortly before O(timeout) ends, then the
+    module fails naming the lag and nothing is written).
   - Every run takes a new snapshot; this is an action, not a desired state.
   - With O(action=verify) it asks instead for a full head verification, and with O(action=resync) for a new initial
     sync (Ops Manager's resync).
@@ -64,7 +68,10 @@ options:
     type: bool
     default: true
   timeout:
-    description: Seconds to wait for the daemon's answer with O(wait=true).
+    description:
+      - Seconds to wait for the daemon's answer with O(wait=true).
+      - The daemon waits for a lagging head only within this time (less a margin for the cut itself) and answers with
+        an error naming the lag when the head does not catch up; with O(wait=false) it waits up to 600 seconds.
     type: int
     default: 600
 notes:
@@ -121,6 +128,12 @@ snapshot:
       type: str
     cluster_time:
       description: The source cluster time the snapshot is consistent at, C([seconds, increment]).
+      type: list
+      elements: int
+    source_cluster_time:
+      description:
+        - The source's cluster time the daemon read when it picked the request up, C([seconds, increment]). The
+          snapshot holds every write the source acknowledged up to it, so every write acknowledged before the request.
       type: list
       elements: int
     data_bytes:
@@ -191,10 +204,12 @@ def load(params):
 
 
 def snapshot_result(cfg, params, answer):
-    """The public fields of the catalog entry of the snapshot the daemon answered with."""
+    """The public fields of the catalog entry of the snapshot the daemon answered with, and the source time it covers."""
     sid = (answer or {}).get("id") or (answer or {}).get("snapshot_id")
     root = jobs.store_root(cfg, params["data_dir"])
-    return store.public_entry(store.JobStore(root, params["job"]).catalog_entry(sid))
+    out = store.public_entry(store.JobStore(root, params["job"]).catalog_entry(sid))
+    out["source_cluster_time"] = (answer or {}).get("source_cluster_time")
+    return out
 
 
 def main():
@@ -212,7 +227,9 @@ def main():
     cfg = ansible_module.call(module, load, p)
     if module.check_mode:
         module.exit_json(changed=True)
-    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"])
+    # the timeout bounds how long the daemon lets a snapshot wait for a lagging head, so its answer comes in time
+    extra = {"timeout": p["timeout"]} if p["wait"] else {}
+    rid = ansible_module.call(module, jobs.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"], **extra)
     result = dict(changed=True, request_id=rid)
     if not p["wait"]:
         module.exit_json(**result)
