@@ -1130,9 +1130,9 @@ def main(argv=None):
     setup_logging(log_file, a.log_level)
     if a.detach:
         _detach()  # the lock's open file goes with the process that stays
-    lock.record(os.getpid())
-    if a.pidfile:
+    if a.pidfile:  # before the lock names us: whoever --status shows running finds the pidfile current
         files.atomic_write(os.path.abspath(a.pidfile), b"%d\n" % os.getpid())
+    lock.record(os.getpid())
     try:
         if a.supervise:
             worker = ["--config-dir", config_dir, "--data-dir", data_dir, "--poll-interval", str(a.poll_interval),
