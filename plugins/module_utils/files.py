@@ -235,8 +235,9 @@ def open_root(path, what="folder", owners=None, create=True):
                                   "in it. Make it private (chmod 0700 %s) and owned by root or the daemon's user, then run "
                                   "again; nothing was changed." % (what, path, stat.S_IMODE(st.st_mode), path))
         if st.st_uid not in owners:
-            raise UnsafePathError("%s %s is owned by %s, not by root or the daemon's user (%s): give it to one of them "
-                                  "(chown) or set daemon_user, then run again; nothing was changed."
+            raise UnsafePathError("%s %s is owned by %s, not by root or the daemon's user: give it to one of them (chown), "
+                                  "or set daemon_user to its owner if that is the daemon's user, then run again; nothing "
+                                  "was changed (owners accepted here: %s)."
                                   % (what, path, _user(st.st_uid), ", ".join(_user(u) for u in sorted(owners))))
         if stat.S_IMODE(st.st_mode) != PRIVATE_DIR:
             os.fchmod(fd, PRIVATE_DIR)  # not writable by others (checked above): only read bits go

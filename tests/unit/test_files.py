@@ -115,7 +115,7 @@ def test_foreign_owned_root_is_refused_unless_daemon_user(tmp_path):
     os.chown(cd, 65534, 65534)  # nobody: not root and not the daemon's user
     cfg = config.KmipConfig(servers=["kmip.example.com"], ca_file="/ca.pem")
     with pytest.raises(UnsafePathError, match=r"config_dir %s is owned by nobody \(uid 65534\), not by root or the "
-                                              r"daemon's user .*set daemon_user" % cd):
+                                              r"daemon's user: .*set daemon_user" % cd):
         config.save_kmip_config(cd, cfg)
     assert os.listdir(cd) == []
     config.save_kmip_config(cd, cfg, daemon_user="nobody")  # nobody is the configured daemon user: accepted
