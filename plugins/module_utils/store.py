@@ -473,7 +473,8 @@ class JobStore:
                            for x in live)):
             raise crypto.integrity_error("catalog head", self.job, "has an unknown format")
         if keyed and (head.get("key_id") in (None, "", "none") or not head["mac"].startswith("hmac-sha256:")):
-            raise crypto.integrity_error("catalog head", self.job, "has only a checksum (an unencrypted job's head) but the job is encrypted")
+            raise crypto.integrity_error("catalog head", self.job,
+                                         "has only a checksum (an unencrypted job's head) but the job is encrypted")
         if not crypto.hmac.compare_digest(head["mac"], self._head_mac(head, keys)):
             raise crypto.integrity_error("catalog head", self.job)
         return head
@@ -538,17 +539,21 @@ class JobStore:
                 "catalog entry", sid, "is missing, but the catalog head lists it as live (sequence number %d): it was "
                 "removed from the store (rollback)" % live[sid])
         entry = self.catalog_entry(sid)
-        if sid not in live and not any(e["snapshot_id"] == sid for e in beyond):
-            raise crypto.integrity_error(
-                "catalog entry", sid, "is not live according to the catalog head (last sequence number %d): it expired or "
-                "was never committed, and an old entry put back into the store is refused" % head["seq"])
-        if sid in live and entry.get("seq") != live[sid]:
-            raise crypto.integrity_error("catalog entry", sid, "has another sequence number than the catalog head records")
         if enc and not entry.get("encryption"):
             raise crypto.integrity_error(
                 "catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted (snapshot_restore: set "
                 "allow_unencrypted=true only if the job took unencrypted snapshots before its encryption was enabled and "
                 "you trust the store)")
+        if sid not in live and not any(e["snapshot_id"] == sid for e in beyond):
+            if isinstance(entry.get("seq"), int) and entry["seq"] > head["seq"]:
+                raise crypto.integrity_error(
+                    "catalog entry", sid, "is newer than the catalog head (last sequence number %d) but does not "
+                    "authenticate with the job's keys: it was planted" % head["seq"])
+            raise crypto.integrity_error(
+                "catalog entry", sid, "is not live according to the catalog head (last sequence number %d): it expired or "
+                "was never committed, and an old entry put back into the store is refused" % head["seq"])
+        if sid in live and entry.get("seq") != live[sid]:
+            raise crypto.integrity_error("catalog entry", sid, "has another sequence number than the catalog head records")
         return self.verify_catalog(entry, self._entry_keys(entry, keys))
 
     def _beyond_head(self, head, keys):
@@ -556,8 +561,9 @@ class JobStore:
         none; one after a crash between a catalog entry and its head update (only the daemon, holding the keys, can
         write one that authenticates). One that does not was planted: it is left out, so it decides nothing
         (snapshot_info lists it as unauthenticated; asking for it by id is an IntegrityError)."""
+        keyed = head.get("key_id") not in (None, "", "none")  # then a checksum-only (unencrypted) entry proves nothing
         return [e for e in self.catalog() if isinstance(e.get("seq"), int) and e["seq"] > head["seq"]
-                and self._authenticates(e, keys)]
+                and (e.get("encryption") or not keyed) and self._authenticates(e, keys)]
 
     def auth_master_key_uids(self, keys):
         """The master key UID the catalog head's MAC key is wrapped under (from the unverified head and keyring record),

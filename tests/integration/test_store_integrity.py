@@ -298,7 +298,8 @@ def test_snapshot_info_marks_planted_entry_unauthenticated(ansible, daemon_host)
     assert r[0]["master_key_uids_needed"] == [uid]
     assert any(planted in w and "not authenticated" in w for w in r[0]["warnings"]), r[0]
     assert r[1]["snapshots"][0]["id"] == s2 and r[1]["snapshots"][0]["authenticated"] is True
-    assert r[2].get("failed") and r[2]["error_kind"] == "catalog entry" and "is not live according to the catalog head" in r[2]["msg"]
+    assert r[2].get("failed") and r[2]["error_kind"] == "catalog entry"
+    assert "is newer than the catalog head (last sequence number 2) but does not authenticate" in r[2]["msg"]
     # without KMIP access nothing is checked, and it says so
     assert r[3]["authenticated"] is False and {s["authenticated"] for s in r[3]["snapshots"]} == {False}
     assert any("No KMIP access configured" in w for w in r[3]["warnings"])
