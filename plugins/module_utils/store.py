@@ -759,7 +759,8 @@ class Keys:
 
     def epoch_for(self, master_key_uid, now=None):
         """(snapshot key id, chunk-id key id) of the epoch of master_key_uid, starting a new epoch
-        when the job's master key changed (rotation): a new snapshot key, the chunk-id key rewrapped."""
+        when the job's master key changed (rotation): a new snapshot key and a new chunk-id key, so someone holding
+        an old master key can neither read a new epoch's chunks nor confirm guessed content through their ids."""
         if not self.encryption:
             return "none", "none"
         if not master_key_uid:
@@ -775,11 +776,11 @@ class Keys:
                 for r in cur.values():
                     self._records[r["key_id"]] = r
                 return cur["snapshot"]["key_id"], cur["chunk_id"]["key_id"]
-            old_chunk = cur.get("chunk_id")
-            id_key = self.key(old_chunk["key_id"]) if old_chunk else crypto.new_key()
             epoch = last + 1
         else:
-            id_key, epoch = crypto.new_key(), 1
+            epoch = 1
+        # chunk ids bind their data-key id, so no chunk is shared across epochs: nothing to keep from the old id key
+        id_key = crypto.new_key()
         skey = crypto.new_key()
         sid, cid = "snapshot-%d" % epoch, "chunk_id-%d" % epoch
         # chunk-id record first: an epoch is usable only once its snapshot key exists
