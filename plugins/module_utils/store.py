@@ -507,7 +507,9 @@ class JobStore:
             raise crypto.integrity_error(
                 "catalog head", head["snapshot_id"],
                 "is older than the Backup Daemon's record of its last snapshot %s, which is missing from the store: the "
-                "store was rolled back (removed or replayed objects)" % last_known)
+                "store was rolled back (removed or replayed objects; if an older copy of the store was put back on "
+                "purpose, stop the daemon and remove the job's status file status/%s.json to accept it)"
+                % (last_known, self.job))
 
     def resolve(self, snapshot, keys, expect_encryption=None, last_known=None, keyed_head=None):
         """The authenticated catalog entry of snapshot (an id or 'latest'), checked against the catalog head: the entry
