@@ -497,8 +497,7 @@ class JobStore:
         enc = bool(entry.get("encryption"))
         return keys if enc == keys.encryption else Keys(self, keys.provider, enc)
 
-    @staticmethod
-    def check_daemon_record(head, last_known):
+    def check_daemon_record(self, head, last_known):
         """IntegrityError when the daemon's own record of its last snapshot (last_known, a snapshot id) is newer than
         what the catalog head says: the whole catalog (head included) was rolled back to an older state."""
         if not last_known or head is None or any(sid == last_known for _seq, sid in head["live"]):
