@@ -610,8 +610,28 @@ class JobStore:
         except (IntegrityError, StoreError):
             return False
 
+    def expire_snapshots(self, snapshot_ids, keys, now=None):
+        """Remove snapshots from the catalog the way retention does: the catalog head is rewritten without them first,
+        then their entries go, and so do entries the head does not list that are not newer than it (left over by a
+        crash, or put back). Never the last live snapshot. Returns the new head."""
+        entries, head = self.live_catalog(keys)
+        gone = set(snapshot_ids)
+        keep = [e for e in entries if e["snapshot_id"] not in gone]
+        if not keep:
+            raise StoreError("Snapshot %s is the last restorable snapshot of job %s: it is kept." % (entries[-1]["snapshot_id"]
+                             if entries else None, self.job))
+        if head is None or len(keep) != len(entries):
+            head = self.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in keep],
+                                 head["key_id"] if head else keep[-1].get("key_id"), prev=head, now=now)
+        live = {e["snapshot_id"] for e in keep}
+        for sid, seq in self.catalog_files():
+            if sid not in live and seq is not None and seq <= head["seq"]:
+                self.delete_snapshot(sid)
+        return head
+
     def delete_snapshot(self, snapshot_id, entries=None):
-        """Remove a snapshot from the catalog (its manifest and chunks go at the next GC); never the last one.
+        """Remove a snapshot's catalog entry file (its manifest and chunks go at the next GC); never the last one. Only
+        after the catalog head no longer lists it (expire_snapshots), else readers report a rollback.
         entries: the current catalog when the caller has just read it (else it is read here)."""
         ids = [e["snapshot_id"] for e in (self.catalog() if entries is None else entries)]
         if snapshot_id in ids and len(ids) <= 1:

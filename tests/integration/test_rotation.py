@@ -180,8 +180,8 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
 
         # the snapshots taken before the rotation expire (deleted here): no retained snapshot needs the old key, while
         # all the data is still there; check mode, then retire and revoke, then the same again (no change)
-        for sid in s0 + [s1["id"]]:
-            js.delete_snapshot(sid)
+        with jobs.kmip_client(cd, "group1") as c:
+            js.expire_snapshots(s0 + [s1["id"]], store.Keys(js, c))  # as retention does: the catalog head first
         retire = task(cd, dd, job, uri, retire_master_keys=[old], revoke=True)
         r = ansible.run([dict(retire, check_mode=True), retire, retire])
         chk, done, again = r.results
