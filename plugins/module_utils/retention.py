@@ -121,20 +121,13 @@ def apply_retention(job_store, schedule, now, keys):
     """Delete the catalog entries retention expires (never the newest); returns their ids.
 
     Only authenticated live entries (checked against the catalog head) take part, so a planted entry cannot make a
-    real one expire. The head is rewritten without the expired entries before their files go, so a crash in between
-    leaves entries the head no longer lists (refused if read, removed by the next run), never a head naming missing
-    ones; entries the head does not list and that are not newer than it (left over, or put back) are removed too."""
-    entries, head = job_store.live_catalog(keys)
+    real one expire. JobStore.expire_snapshots rewrites the head without the expired entries before their files go,
+    so a crash in between leaves entries the head no longer lists (refused if read, removed by the next run), never
+    a head naming missing ones."""
+    entries, _head = job_store.live_catalog(keys)
     if not entries:
         return []
     _keep, expire = select_retained(entries, schedule, now)
     gone = [e["snapshot_id"] for e in expire]
-    keep = [e for e in entries if e["snapshot_id"] not in gone]
-    if head is None or gone:
-        key_id = head["key_id"] if head else keep[-1].get("key_id")
-        head = job_store.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in keep], key_id, prev=head, now=now)
-    live = {e["snapshot_id"] for e in keep}
-    for sid, seq in job_store.catalog_files():
-        if sid not in live and seq is not None and seq <= head["seq"]:
-            job_store.delete_snapshot(sid)
+    job_store.expire_snapshots(gone, keys, now)
     return gone

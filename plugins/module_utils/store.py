@@ -514,7 +514,8 @@ class JobStore:
                            for x in live)):
             raise crypto.integrity_error("catalog head", self.job, "has an unknown format")
         if keyed and (head.get("key_id") in (None, "", "none") or not head["mac"].startswith("hmac-sha256:")):
-            raise crypto.integrity_error("catalog head", self.job, "has only a checksum (an unencrypted job's head) but the job is encrypted")
+            raise crypto.integrity_error("catalog head", self.job,
+                                         "has only a checksum (an unencrypted job's head) but the job is encrypted")
         if not crypto.hmac.compare_digest(head["mac"], self._head_mac(head, keys)):
             raise crypto.integrity_error("catalog head", self.job)
         return head
@@ -537,8 +538,7 @@ class JobStore:
         enc = bool(entry.get("encryption"))
         return keys if enc == keys.encryption else Keys(self, keys.provider, enc)
 
-    @staticmethod
-    def check_daemon_record(head, last_known):
+    def check_daemon_record(self, head, last_known):
         """IntegrityError when the daemon's own record of its last snapshot (last_known, a snapshot id) is newer than
         what the catalog head says: the whole catalog (head included) was rolled back to an older state."""
         if not last_known or head is None or any(sid == last_known for _seq, sid in head["live"]):
@@ -547,7 +547,9 @@ class JobStore:
             raise crypto.integrity_error(
                 "catalog head", head["snapshot_id"],
                 "is older than the Backup Daemon's record of its last snapshot %s, which is missing from the store: the "
-                "store was rolled back (removed or replayed objects)" % last_known)
+                "store was rolled back (removed or replayed objects; if an older copy of the store was put back on "
+                "purpose, stop the daemon and remove the job's status file status/%s.json to accept it)"
+                % (last_known, self.job))
 
     def resolve(self, snapshot, keys, expect_encryption=None, last_known=None, keyed_head=None):
         """The authenticated catalog entry of snapshot (an id or 'latest'), checked against the catalog head: the entry
@@ -579,17 +581,21 @@ class JobStore:
                 "catalog entry", sid, "is missing, but the catalog head lists it as live (sequence number %d): it was "
                 "removed from the store (rollback)" % live[sid])
         entry = self.catalog_entry(sid)
-        if sid not in live and not any(e["snapshot_id"] == sid for e in beyond):
-            raise crypto.integrity_error(
-                "catalog entry", sid, "is not live according to the catalog head (last sequence number %d): it expired or "
-                "was never committed, and an old entry put back into the store is refused" % head["seq"])
-        if sid in live and entry.get("seq") != live[sid]:
-            raise crypto.integrity_error("catalog entry", sid, "has another sequence number than the catalog head records")
         if enc and not entry.get("encryption"):
             raise crypto.integrity_error(
                 "catalog entry", sid, "says the snapshot is unencrypted but the job is encrypted (snapshot_restore: set "
                 "allow_unencrypted=true only if the job took unencrypted snapshots before its encryption was enabled and "
                 "you trust the store)")
+        if sid not in live and not any(e["snapshot_id"] == sid for e in beyond):
+            if isinstance(entry.get("seq"), int) and entry["seq"] > head["seq"]:
+                raise crypto.integrity_error(
+                    "catalog entry", sid, "is newer than the catalog head (last sequence number %d) but does not "
+                    "authenticate with the job's keys: it was planted" % head["seq"])
+            raise crypto.integrity_error(
+                "catalog entry", sid, "is not live according to the catalog head (last sequence number %d): it expired or "
+                "was never committed, and an old entry put back into the store is refused" % head["seq"])
+        if sid in live and entry.get("seq") != live[sid]:
+            raise crypto.integrity_error("catalog entry", sid, "has another sequence number than the catalog head records")
         return self.verify_catalog(entry, self._entry_keys(entry, keys))
 
     def _beyond_head(self, head, keys):
@@ -597,8 +603,9 @@ class JobStore:
         none; one after a crash between a catalog entry and its head update (only the daemon, holding the keys, can
         write one that authenticates). One that does not was planted: it is left out, so it decides nothing
         (snapshot_info lists it as unauthenticated; asking for it by id is an IntegrityError)."""
+        keyed = head.get("key_id") not in (None, "", "none")  # then a checksum-only (unencrypted) entry proves nothing
         return [e for e in self.catalog() if isinstance(e.get("seq"), int) and e["seq"] > head["seq"]
-                and self._authenticates(e, keys)]
+                and (e.get("encryption") or not keyed) and self._authenticates(e, keys)]
 
     def auth_master_key_uids(self, keys):
         """The master key UID the catalog head's MAC key is wrapped under (from the unverified head and keyring record),
@@ -644,8 +651,28 @@ class JobStore:
         except (IntegrityError, StoreError):
             return False
 
+    def expire_snapshots(self, snapshot_ids, keys, now=None):
+        """Remove snapshots from the catalog the way retention does: the catalog head is rewritten without them first,
+        then their entries go, and so do entries the head does not list that are not newer than it (left over by a
+        crash, or put back). Never the last live snapshot. Returns the new head."""
+        entries, head = self.live_catalog(keys)
+        gone = set(snapshot_ids)
+        keep = [e for e in entries if e["snapshot_id"] not in gone]
+        if not keep:
+            raise StoreError("Snapshot %s is the last restorable snapshot of job %s: it is kept." % (entries[-1]["snapshot_id"]
+                             if entries else None, self.job))
+        if head is None or len(keep) != len(entries):
+            head = self.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in keep],
+                                 head["key_id"] if head else keep[-1].get("key_id"), prev=head, now=now)
+        live = {e["snapshot_id"] for e in keep}
+        for sid, seq in self.catalog_files():
+            if sid not in live and seq is not None and seq <= head["seq"]:
+                self.delete_snapshot(sid)
+        return head
+
     def delete_snapshot(self, snapshot_id, entries=None):
-        """Remove a snapshot from the catalog (its manifest and chunks go at the next GC); never the last one.
+        """Remove a snapshot's catalog entry file (its manifest and chunks go at the next GC); never the last one. Only
+        after the catalog head no longer lists it (expire_snapshots), else readers report a rollback.
         entries: the current catalog when the caller has just read it (else it is read here)."""
         ids = [e["snapshot_id"] for e in (self.catalog() if entries is None else entries)]
         if snapshot_id in ids and len(ids) <= 1:

@@ -11,7 +11,7 @@ import shutil
 import bson
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, kmip, restore, retention, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, crypto, kmip, restore, retention, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError
 from snapshot_helpers import make_head, split_docs, upsert_docs
 
@@ -298,7 +298,8 @@ def test_snapshot_info_marks_planted_entry_unauthenticated(ansible, daemon_host)
     assert r[0]["master_key_uids_needed"] == [uid]
     assert any(planted in w and "not authenticated" in w for w in r[0]["warnings"]), r[0]
     assert r[1]["snapshots"][0]["id"] == s2 and r[1]["snapshots"][0]["authenticated"] is True
-    assert r[2].get("failed") and r[2]["error_kind"] == "catalog entry" and "is not live according to the catalog head" in r[2]["msg"]
+    assert r[2].get("failed") and r[2]["error_kind"] == "catalog entry"
+    assert "is newer than the catalog head (last sequence number 2) but does not authenticate" in r[2]["msg"]
     # without KMIP access nothing is checked, and it says so
     assert r[3]["authenticated"] is False and {s["authenticated"] for s in r[3]["snapshots"]} == {False}
     assert any("No KMIP access configured" in w for w in r[3]["warnings"])
@@ -334,3 +335,36 @@ def test_snapshot_restore_compares_with_the_daemons_record(ansible, daemon_host)
         assert res.get("failed") and res["error_kind"] == "catalog head", r.output[-3000:]
         assert "record of its last snapshot %s, which is missing from the store" % newer in res["msg"]
     assert r[2]["changed"] is True and r[2]["snapshot_id"] == daemon_host["entries"][1]["snapshot_id"]  # no record: no check
+
+
+def test_rotation_starts_a_new_chunk_id_key(tmp_path, pki, kmip_server, master_uid):
+    """Item 11: the chunk-id key was carried across epochs, so someone holding only the old master key could confirm a
+    guessed chunk of a new epoch by computing its id. The guess here is the real content of every new chunk."""
+    with client_for(pki, kmip_server) as c:
+        new_uid = c.create_master_key("store-integrity-rotated")
+        padded = [dict(d, pad="p" * 200) for d in docs_v(1, 3000)]  # about 40 chunks of 16 kB
+        h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": padded}, key=os.urandom(32))
+        js = store.JobStore(str(tmp_path / "store"), "rjob")
+        keys = store.Keys(js, c)
+        h.mark_snapshotted(snapshot.take_snapshot(h, js, keys, "rjob", master_uid, True, target_bytes=16 << 10)["change_seq"])
+        with h.write() as w:
+            upsert_docs(w, "d.c", docs_v(2, 10))
+        e2 = snapshot.take_snapshot(h, js, keys, "rjob", new_uid, True, target_bytes=16 << 10)
+        h.close()
+        assert e2["key_id"] == "snapshot-2" and e2["master_key_uids"] == [new_uid]
+        records = {r["key_id"]: r for r in js.keyring_records()}
+        assert records["chunk_id-2"]["master_key_uid"] == new_uid
+        # the holder of the old master key unwraps the old epoch's chunk-id key...
+        old_id_key = c.unwrap(records["chunk_id-1"]["wrapped"])
+        new_id_key = keys.key("chunk_id-2")
+        # ...and computes the ids the new epoch's chunks would have under it: none is in the store
+        chunks = [ch for n in js.read_manifest(e2["snapshot_id"], keys)["namespaces"] for ch in n["chunks"]]
+        assert len(chunks) > 20
+        stored = set(js.chunk_ids())
+        for ch in chunks:
+            plain = js.read_chunk(ch, keys)
+            assert crypto.chunk_id(new_id_key, plain, key_id="snapshot-2") == ch["id"]  # control: the real derivation
+            assert crypto.chunk_id(old_id_key, plain, key_id="snapshot-2") not in stored
+        restore.restore(js, "latest", keys, restore.DirectoryTarget(str(tmp_path / "out")))
+        expected = [bson.encode(d) for d in docs_v(2, 10) + padded[10:]]
+        assert split_docs((tmp_path / "out" / "d" / "c.bson").read_bytes()) == expected
