@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import fcntl
 import logging
 import os
@@ -30,7 +31,7 @@ import time
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     config, files, head, jobs, retention, snapshot, source, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, HistoryLostError, KmipBackupError, KmipError, SourceError)
+    ConfigError, HistoryLostError, KmipBackupError, KmipError, SourceError, UnsafePathError)
 
 LOG = logging.getLogger("kmipbackup.daemon")
 # changes to these keys restart a job's runner; others (schedule, store) are picked up live
@@ -834,11 +835,16 @@ class DataDirLock:
 
     def try_acquire(self, wait=0.0):
         """True once held; False when another process holds it after `wait` seconds."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, files.PRIVATE_FILE)
+        try:  # never through a link planted in the data folder (the lock file is truncated below)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, files.PRIVATE_FILE)
         except PermissionError:
             raise ConfigError("The daemon's lock file %s cannot be opened for writing by this user (uid %d): give it "
                               "to the daemon's user (chown) or run the daemon as its owner." % (self.path, os.geteuid())) from None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise UnsafePathError("The daemon's lock file %s is a symbolic link: kmipbackup never follows links inside "
+                                  "its folders; remove it and start the daemon again." % self.path) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -892,12 +898,16 @@ def lock_holder(path, settle=2.0):
     """(held, pid): whether a process holds the lock at path, and its pid when confirmed (else None).
     A pid is returned only if the lock is held and that process has the lock file open."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return False, None
     except PermissionError:
         raise ConfigError("The daemon's lock file %s cannot be read by this user (uid %d): run this as the daemon's "
                           "user or root." % (path, os.geteuid())) from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UnsafePathError("The daemon's lock file %s is a symbolic link: remove it." % path) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

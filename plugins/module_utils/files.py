@@ -147,7 +147,7 @@ class Folder:
         """Replace file name with data atomically (temp file, fsync, rename, folder fsync), mode set on the temp
         file's descriptor; a symbolic link at name is replaced, never followed."""
         _check_name(name)
-        tmp = ".tmp-%s-%s" % (name, os.urandom(6).hex())
+        tmp = ".tmp-%s" % os.urandom(8).hex()  # not the name itself: a long name plus a prefix would pass 255 bytes
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE,
                      dir_fd=self.fd)
         try:

@@ -196,3 +196,18 @@ def test_stop_ends_an_orphaned_worker_escalating_to_sigkill(dirs, cleanup):
     assert not alive(worker) and daemon.lock_holder(os.path.join(data_dir, "worker.lock")) == (False, None)
     assert "[%d] daemon stopped" % worker not in _log(data_dir), "the frozen worker cannot have stopped by itself"
     assert daemon.stop_daemon(data_dir, timeout=2) is False
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(dirs, tmp_path, cleanup):
+    """The lock file is opened for writing and truncated: a link planted in its place (by whoever owns the data
+    folder) is refused, never followed, so the file it points to keeps its bytes."""
+    config_dir, data_dir, _pidfile = dirs
+    cleanup[0].append((config_dir, data_dir))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.symlink(str(victim), os.path.join(data_dir, daemon.LOCK_FILE))
+    r = launcher(config_dir, data_dir, "--supervise", "--detach")
+    assert r.returncode != 0 and "is a symbolic link" in r.stderr, (r.returncode, r.stderr)
+    st = launcher(config_dir, data_dir, "--status")
+    assert st.returncode == 4 and "symbolic link" in st.stderr, (st.returncode, st.stderr)
+    assert victim.read_bytes() == b"precious\n"

@@ -13,7 +13,7 @@ import pymongo
 import pytest
 from bson.objectid import ObjectId
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, jobs, kmip, restore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs, kmip, restore, store
 from daemon_helper import DaemonProcess, write_kmip_setup
 from snapshot_helpers import canary_hits, restored_image, source_image
 import kmipbackup_lab as lab
