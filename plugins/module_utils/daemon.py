@@ -402,8 +402,8 @@ class JobRunner(threading.Thread):
         _finish_rekey(self.head_path)
         self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
         seconds = time.monotonic() - started
-        self.set_status(rekey=None, last_rekey={"finished": store.iso(store.utcnow()), "seconds": round(seconds, 1),
-                                                 "head_bytes": self.head.size()})
+        last = {"finished": store.iso(store.utcnow()), "seconds": round(seconds, 1), "head_bytes": self.head.size()}
+        self.set_status(rekey=None, last_rekey=last)
         LOG.info("job %s: head re-encrypted under the new master key in %.1fs", self.job, seconds)
 
     def _drop_kmip(self):
