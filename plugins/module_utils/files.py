@@ -109,16 +109,9 @@ class Folder:
                 created = True
             except FileExistsError:
                 pass
-        try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
-        except FileNotFoundError:
-            if create:
-                raise
+        fd = _open_dir(name, self.fd, create, lambda: _refuse_link(path, "folder"))
+        if fd is None:
             return None
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise _refuse_link(path, "folder") from None
-            raise
         try:
             if created:
                 self._inherit(fd)
@@ -202,6 +195,21 @@ class Folder:
         return os.listdir(self.fd)
 
 
+def _open_dir(name, dir_fd, create, refused):
+    """A descriptor of folder name (relative to dir_fd when given), never through a link: refused() is raised for a
+    link or a file there; None when it is missing and not create (FileNotFoundError with create)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise refused() from None
+        raise
+
+
 def open_root(path, what="folder", owners=None, create=True):
     """The trusted root folder path (config_dir, data_dir, a store) as a Folder, created 0700 when missing and create.
 
@@ -218,16 +226,10 @@ def open_root(path, what="folder", owners=None, create=True):
             os.mkdir(path, PRIVATE_DIR)
         except FileExistsError:
             pass
-    try:
-        fd = os.open(path, _DIR_FLAGS)
-    except FileNotFoundError:
-        if create:
-            raise
+    fd = _open_dir(path, None, create, lambda: UnsafePathError(
+        "%s %s is a symbolic link or not a folder: give the real folder's path." % (what, path)))
+    if fd is None:
         return None
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafePathError("%s %s is a symbolic link or not a folder: give the real folder's path." % (what, path)) from None
-        raise
     try:
         st = os.fstat(fd)
         if st.st_mode & 0o022:

@@ -17,7 +17,6 @@ except system.* collections, but system.js (stored functions, which mongodump ke
 """
 from __future__ import annotations
 
-import datetime
 import os
 import queue
 import struct
@@ -511,7 +510,6 @@ class Capture:
         self.applier = Applier(refresh=lambda ns: refresh_namespace(client, ns))
         self.stream = None
         self.stats = {"events": 0, "transactions": 0, "recopied": 0}
-        self.lag_seconds = None
         self._fragments = []
         self._carry = None
 
@@ -598,7 +596,6 @@ class Capture:
                     if stream.resume_token is not None and not self._fragments:
                         token = _raw_token(stream.resume_token)
                     consistent, more, proof = not self._fragments, False, "idle"
-                    self.lag_seconds = 0.0
                     break
                 ctv = ev["clusterTime"]
                 ct = (ctv.time, ctv.inc)
@@ -612,9 +609,6 @@ class Capture:
                 self._recopy(w)
                 count += 1
                 token, last_ct = bytes(ev["_id"].raw), ct
-                wall = ev.get("wallTime")
-                if wall is not None:
-                    self.lag_seconds = max(0.0, time.time() - wall.replace(tzinfo=datetime.timezone.utc).timestamp())
                 if count >= 4 * self.max_batch_events or now >= deadline + 5 * self.max_batch_seconds:
                     break  # inside a huge run of one cluster time: commit, not consistent yet
             if self.catch_up_until is not None:
