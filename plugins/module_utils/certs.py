@@ -65,9 +65,9 @@ def _read(path, what):
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise CertificateError("%s %s does not exist: give the path of a PEM file" % (what, path), kind="unreadable")
+        raise CertificateError("%s %s does not exist: give the path of a PEM file" % (what, path), kind="unreadable") from None
     except OSError as e:
-        raise CertificateError("cannot read %s %s: %s" % (what, path, e.strerror or e), kind="unreadable")
+        raise CertificateError("cannot read %s %s: %s" % (what, path, e.strerror or e), kind="unreadable") from e
 
 
 def _certs_in(data, path, what):
@@ -75,7 +75,7 @@ def _certs_in(data, path, what):
         return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CertificateError("%s %s holds no PEM certificate: give a PEM file with -----BEGIN CERTIFICATE----- blocks"
-                               % (what, path), kind="unreadable")
+                               % (what, path), kind="unreadable") from None
 
 
 def load_ca_certs(ca_file):
@@ -104,13 +104,13 @@ def _load_key(data, path, password):
         key = serialization.load_pem_private_key(block, password=pw)
     except TypeError:
         if pw is None:
-            raise CertificateError("the private key in %s is encrypted: set client_cert_password" % path, kind="password")
+            raise CertificateError("the private key in %s is encrypted: set client_cert_password" % path, kind="password") from None
         key = serialization.load_pem_private_key(block, password=None)
         warnings.append("client_cert_password is set but the private key in %s is not encrypted" % path)
     except ValueError:
         if pw is not None:
-            raise CertificateError("cannot decrypt the private key in %s: client_cert_password is wrong" % path, kind="password")
-        raise CertificateError("the private key in %s cannot be parsed: give a PEM private key" % path, kind="unreadable")
+            raise CertificateError("cannot decrypt the private key in %s: client_cert_password is wrong" % path, kind="password") from None
+        raise CertificateError("the private key in %s cannot be parsed: give a PEM private key" % path, kind="unreadable") from None
     return key, warnings
 
 

@@ -138,7 +138,7 @@ class KmipConfig:
             self.connect_timeout = float(self.connect_timeout)
             self.connect_retries = int(self.connect_retries)
         except (TypeError, ValueError) as e:
-            raise ConfigError("invalid KMIP setting (port, connect_timeout, connect_retries): %s" % e)
+            raise ConfigError("invalid KMIP setting (port, connect_timeout, connect_retries): %s" % e) from e
         if not 0 < self.port < 65536:
             raise ConfigError("invalid KMIP port %r: use 1-65535" % self.port)
         if self.connect_timeout <= 0:
@@ -192,9 +192,9 @@ def _from_dict(cls, data, path):
     try:
         return cls(**data)
     except TypeError as e:
-        raise ConfigError("%s is incomplete (%s): rewrite it with the module that owns it" % (path, e))
+        raise ConfigError("%s is incomplete (%s): rewrite it with the module that owns it" % (path, e)) from e
     except ConfigError as e:
-        raise ConfigError("%s: %s" % (path, e))
+        raise ConfigError("%s: %s" % (path, e)) from e
 
 
 def read_raw(path):
@@ -203,9 +203,9 @@ def read_raw(path):
     except ConfigError:  # a link planted at path (files.UnsafePathError): its own message
         raise
     except OSError as e:
-        raise ConfigError("cannot read %s: %s" % (path, e.strerror or e))
+        raise ConfigError("cannot read %s: %s" % (path, e.strerror or e)) from e
     except Exception as e:  # yaml.YAMLError, without importing yaml here
-        raise ConfigError("%s is not valid YAML (%s): rewrite it with the module that owns it" % (path, type(e).__name__))
+        raise ConfigError("%s is not valid YAML (%s): rewrite it with the module that owns it" % (path, type(e).__name__)) from e
 
 
 def load_kmip_config(config_dir=DEFAULT_CONFIG_DIR):

@@ -217,7 +217,7 @@ def apply_update_description(doc_raw, ud_raw):
     Works on the bytes: only the elements on the updated paths are located, values are spliced in
     and the enclosing length prefixes adjusted, so everything else keeps its bytes and order."""
     updated = removed = truncated = disambiguated = None
-    for name, t, v in parse_elements(ud_raw):
+    for name, _t, v in parse_elements(ud_raw):
         if name == b"updatedFields":
             updated = v
         elif name == b"removedFields":

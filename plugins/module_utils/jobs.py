@@ -355,7 +355,7 @@ def _check_rotatable(client, job, uid):
         raise KmipError("Cannot rotate job %s: the daemon must unwrap its head key with the current master key %s, which the "
                         "group's certificate cannot use (%s: %s). Make that key usable again and rotate, or disable and re-enable "
                         "encryption for the job (a new head by a new initial sync)." % (job, uid, e.kind, e),
-                        kind=e.kind, uid=uid, servers=e.servers)
+                        kind=e.kind, uid=uid, servers=e.servers) from e
 
 
 def _check_key(client, uid):
@@ -365,7 +365,7 @@ def _check_key(client, uid):
         if e.kind == "unreachable":
             raise
         raise KmipError("The group's certificate cannot use master key %s (%s): %s" % (uid, e.kind, e),
-                        kind=e.kind, uid=uid, servers=e.servers)
+                        kind=e.kind, uid=uid, servers=e.servers) from e
 
 
 def wait_timeout_error(job, status, want):

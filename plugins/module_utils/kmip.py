@@ -92,7 +92,7 @@ def _unb64(record, field):
         return base64.b64decode(record[field], validate=True)
     except (KeyError, TypeError, ValueError):
         raise IntegrityError("wrapped key record for master key %s has no valid %r field: the record is damaged"
-                             % (record.get("master_key_uid"), field), kind="wrapped_key")
+                             % (record.get("master_key_uid"), field), kind="wrapped_key") from None
 
 
 def _aad(uid):
@@ -109,7 +109,7 @@ def tls_context(ca_file, cert_file=None, key_file=None, password=None):
         ctx.load_verify_locations(cafile=ca_file)
     except (OSError, ssl.SSLError) as e:
         raise KmipError("cannot load the KMIP CA file %s (%s): give a PEM file of CA certificates in kmip_config's ca_file"
-                        % (ca_file, getattr(e, "strerror", None) or e), kind="unknown_ca")
+                        % (ca_file, getattr(e, "strerror", None) or e), kind="unknown_ca") from e
     if cert_file:
         # A callback, never a prompt on a terminal; the decrypted key stays inside OpenSSL's memory.
         pw = (password or "").encode("utf-8")
@@ -117,7 +117,7 @@ def tls_context(ca_file, cert_file=None, key_file=None, password=None):
             ctx.load_cert_chain(cert_file, key_file, password=lambda: pw)
         except (OSError, ssl.SSLError) as e:
             raise KmipError("cannot load the client certificate %s (%s): check it with kmipbackup.mongodb.group_kmip"
-                            % (cert_file, getattr(e, "strerror", None) or getattr(e, "reason", None) or e), kind="bad_client_cert")
+                            % (cert_file, getattr(e, "strerror", None) or getattr(e, "reason", None) or e), kind="bad_client_cert") from e
     return ctx
 
 
@@ -271,7 +271,7 @@ class KmipClient:
             try:
                 certs.load_credential(g.client_cert_file, g.client_key_file, g.client_cert_password)
             except CertificateError as e:
-                raise KmipError("group %s: %s" % (g.group, e), kind="bad_client_cert")
+                raise KmipError("group %s: %s" % (g.group, e), kind="bad_client_cert") from e
             self._ctx = tls_context(self.config.ca_file, g.client_cert_file, g.client_key_file, g.client_cert_password)
         return self._ctx
 
@@ -290,7 +290,7 @@ class KmipClient:
                 except Exception as e:  # noqa: BLE001 - classified below
                     err = _classify_connect_error(e, host, port, self.config.ca_file, self.group.client_cert_file)
                     if err is not None:
-                        raise err
+                        raise err from e
                     tried["%s:%d" % (host, port)] = _describe(e)
                     continue
                 sock.settimeout(self.op_timeout)
@@ -315,18 +315,18 @@ class KmipClient:
             try:
                 return self._proxy.send_request_payload(op, payload)
             except kmip_exceptions.OperationFailure as e:
-                raise self._operation_error(op, e, uid)
+                raise self._operation_error(op, e, uid) from e
             except (OSError, EOFError, RequestLengthMismatch) as e:
                 server = self.server
                 self.close()
                 if attempt:
                     raise KmipError("the connection to the KMIP server %s broke during %s (%s): check the server and retry"
-                                    % (server, op.name, _describe(e)), kind="unreachable", uid=uid, servers=[server])
+                                    % (server, op.name, _describe(e)), kind="unreachable", uid=uid, servers=[server]) from e
             except Exception as e:  # noqa: BLE001 - PyKMIP raises assorted errors on malformed replies
                 self.close()
                 raise KmipError("the KMIP server %s sent an unusable reply to %s (%s): check that it speaks KMIP %s"
                                 % (self.server, op.name, type(e).__name__, "1.0/1.1" if self.config.protocol == "legacy" else "1.2+"),
-                                kind="protocol", uid=uid)
+                                kind="protocol", uid=uid) from e
 
     def _operation_error(self, op, e, uid):
         reason, message = e.reason, str(e)
@@ -491,7 +491,7 @@ class KmipClient:
                 return aes_key_unwrap_with_padding(kek, wrapped)
             except InvalidUnwrap:
                 raise IntegrityError("the wrapped data key under master key %s failed its integrity check: the record is damaged "
-                                     "or was not wrapped by this key" % uid, kind="wrapped_key", object_id=uid)
+                                     "or was not wrapped by this key" % uid, kind="wrapped_key", object_id=uid) from None
         if mode == MODE_GCM:
             iv, ct, tag = _unb64(record, "iv"), _unb64(record, "ct"), _unb64(record, "tag")
             if len(tag) != GCM_TAG_BYTES or not iv:

@@ -171,7 +171,7 @@ def present(module, config_dir, path, before):
                             connect_retries=p["connect_retries"], protocol=p["protocol"],
                             allow_legacy_unwrap=p["allow_legacy_unwrap"])
     servers = [{"server": s, "host": h, "port": port, "ok": None, "reason": "not verified (verify=false)"}
-               for s, (h, port) in zip(cfg.servers, cfg.addresses())]
+               for s, (h, port) in zip(cfg.servers, cfg.addresses(), strict=True)]
     if p["verify"]:
         servers = [kmip.verify_server(cfg, s) for s in cfg.servers]
         bad = [r for r in servers if not r["ok"]]

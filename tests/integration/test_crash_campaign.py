@@ -138,13 +138,13 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
             kinds.append(kind)
             assert writer.is_alive(), "the workload stopped"
             if kind == "worker":
-                assert jobs.wait_for(lambda: _worker_pid(dd, supervisor, timeout=0) not in (None, worker), 20, 0.1), \
+                assert jobs.wait_for(lambda s=supervisor, w=worker: _worker_pid(dd, s, timeout=0) not in (None, w), 20, 0.1), \
                     "the supervisor did not restart its worker; log:\n" + _log_tail(dd)
             else:
                 assert jobs.wait_for(lambda: launcher(cd, dd, "--status").returncode == 3, 10, 0.1)
                 supervisor = _documented_start(cd, dd, pidfile)
                 if kind == "supervisor":
-                    assert jobs.wait_for(lambda: not alive(worker), 20, 0.2), "the orphaned worker kept running"
+                    assert jobs.wait_for(lambda w=worker: not alive(w), 20, 0.2), "the orphaned worker kept running"
         assert len(kinds) >= 10 and set(kinds) == {"daemon", "worker", "supervisor"}
 
         # writes stop; one last write marks the point the head must reach

@@ -2,7 +2,6 @@
 handler run): the data folder's flock, not a pid, says whether a daemon runs. A SIGKILLed daemon (even one left a
 zombie) restarts; a second daemon on one data folder is refused; a stale or reused pid is never signalled; an
 orphaned worker of a killed supervisor stops and never runs beside a new one."""
-import fcntl
 import os
 import signal
 import subprocess

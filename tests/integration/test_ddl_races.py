@@ -45,7 +45,7 @@ def test_every_ddl_between_the_listing_and_the_clone_ends_equal(tmp_path, plain,
     collection, drop + re-create, dropDatabase + re-create, create of a collection the list lacks,
     and writes to a collection just before it is renamed."""
     d1, d2, d3 = fresh("ddl1"), fresh("ddl2"), fresh("ddl3")
-    db1, db2, db3 = plain[d1], plain[d2], plain[d3]
+    db1, db3 = plain[d1], plain[d3]
     _seed(db1, ["ren_src", "xdb_src", "recreate", "onto_src", "onto_dst", "ins_ren", "stays"])
     _seed(db3, ["a", "b"], n=100)
     real_list = source.list_namespaces
@@ -106,7 +106,7 @@ def test_renames_at_random_moments_of_an_initial_sync_lose_nothing(tmp_path, pla
     def renamer():
         try:
             t0 = time.monotonic()
-            for name, delay in zip(names, delays):
+            for name, delay in zip(names, delays, strict=True):
                 time.sleep(max(0.0, t0 + delay - time.monotonic()))
                 db[name].insert_many(_docs("pre-rename-" + name, 1, start=9000))
                 db[name].rename("renamed_" + name)

@@ -200,7 +200,7 @@ def test_encrypted_key_with_and_without_the_right_password(pki, s1):
     with kmip.KmipClient(kcfg(pki, s1), group(enc["pem"], enc["password"])) as c:
         assert "1.4" in c.ping()
     for pw in ("wrong", None):
-        e = error(lambda: kmip.KmipClient(kcfg(pki, s1), group(enc["pem"], pw)).ping())
+        e = error(lambda pw=pw: kmip.KmipClient(kcfg(pki, s1), group(enc["pem"], pw)).ping())
         assert e.kind == "bad_client_cert" and "client_cert_password" in str(e)
 
 

@@ -4,7 +4,6 @@ another user, restores aimed at the store, data_dir or config_dir, and passwords
 import hashlib
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import uuid
@@ -212,7 +211,7 @@ def test_restore_refuses_store_data_dir_and_config_dir_targets(ansible, rjob, tm
         (dict(target_archive=dd, drop=True, force=True), "is a folder that contains the snapshot store"),
     ]
     r = ansible.run([sr(rjob, **kw) for kw, _ in cases])
-    for (kw, words), res in zip(cases, r.results):
+    for (kw, words), res in zip(cases, r.results, strict=True):
         assert res.get("failed") and res["changed"] is False, (kw, res)
         assert words in res["msg"] and "nothing was written" in res["msg"], (kw, res["msg"])
     assert {p: tree_state(p) for p in before} == before  # store, data_dir and config_dir byte-for-byte unchanged
@@ -229,7 +228,7 @@ def test_drop_replaces_only_restores_or_dumps_unless_force(ansible, rjob, tmp_pa
     archive.write_bytes(b"%PDF-1.7 not an archive")
     before = {"home": tree_state(str(home)), "archive": archive.read_bytes()}
     r = ansible.run([sr(rjob, target_dir=str(home), drop=True), sr(rjob, target_archive=str(archive), drop=True)])
-    for res, what in zip(r.results, ("layout", "archive")):
+    for res, what in zip(r.results, ("layout", "archive"), strict=True):
         assert res.get("failed") and res["changed"] is False, r.output
         assert ("holds something other than a previous restore or a mongodump %s: drop replaces only those. Choose another "
                 "location, or set force=true as well to replace it anyway; nothing was written." % what) in res["msg"]

@@ -164,7 +164,8 @@ while True:
     i += 1
     if mode == "snapshot":
         with h.write() as w:
-            upsert_docs(w, "k.c", [{"_id": 10 ** 6 + i, "x": os.urandom(3000)} for _ in range(1)] + [{"_id": j, "x": os.urandom(200)} for j in range(i * 50, i * 50 + 400)])
+            upsert_docs(w, "k.c", [{"_id": 10 ** 6 + i, "x": os.urandom(3000)}]
+                        + [{"_id": j, "x": os.urandom(200)} for j in range(i * 50, i * 50 + 400)])
         e = snapshot.take_snapshot(h, js, keys, "killjob", uid, True, target_bytes=32 << 10)
         h.mark_snapshotted(e["change_seq"])
     else:

@@ -97,7 +97,7 @@ def assert_same(h, client, dbname):
         gd, gi, go = got[ns]
         assert len(gd) == len(wd), ns
         assert [k for k, _ in gd] == [k for k, _ in wd], ns
-        diff = [k for (k, a), (_, b) in zip(gd, wd) if a != b]
+        diff = [k for (k, a), (_, b) in zip(gd, wd, strict=True) if a != b]
         assert not diff, (ns, len(diff))
         assert gi == wi, ns  # unique, sparse, TTL and partial options included
         assert go == wo, ns

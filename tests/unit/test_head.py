@@ -1,6 +1,7 @@
 """Unit tests of the head database and the order-preserving _id keys (real SQLCipher, no server)."""
 import datetime
 import glob
+import itertools
 import os
 import random
 import struct
@@ -44,7 +45,7 @@ ORDERED = [
 
 def test_id_key_order_follows_mongodb_comparison_order():
     keys = [key(v) for v in ORDERED]
-    for (a, va), (b, vb) in zip(zip(keys, ORDERED), zip(keys[1:], ORDERED[1:])):
+    for (a, va), (b, vb) in itertools.pairwise(zip(keys, ORDERED, strict=True)):
         assert a < b, (va, vb)
 
 
