@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import struct
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import (
-    _FIXED, _skip, id_key_from_document, EMPTY_BSON)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, NotApplicable, UncertainOrder
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import (
+    EMPTY_BSON, FIXED_SIZES, id_key_from_document, skip_value)
 
 try:
     from bson import decode as bson_decode
@@ -40,23 +40,13 @@ APPLIED, SKIPPED, RECOPY, IGNORED = "applied", "skipped", "recopy", "ignored"
 DEFAULT_ID_INDEX = (b".\x00\x00\x00\x10v\x00\x02\x00\x00\x00\x03key\x00\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00"
                     b"\x02name\x00\x05\x00\x00\x00_id_\x00\x00")
 
-# value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (head._skip)
+# value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (rawbson.skip_value)
 _FIXED_SIZE = [-3] * 256
-for _t, _n in {**_FIXED, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
+for _t, _n in {**FIXED_SIZES, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
     _FIXED_SIZE[_t] = _n
 PENDING_MAX_BYTES = 64 << 20  # buffered document writes beyond this are written at once
 
 _i32 = struct.Struct("<i")
-
-
-class NotApplicable(Exception):
-    """The update does not fit the stored document: re-copy it instead of guessing."""
-
-
-class UncertainOrder(Exception):
-    """The update added several new fields to one document: their order is the server's choice (mongod 5.0+
-    sorts them by name, other servers keep the update's order) and the event does not carry it. The result
-    is right but for that order, so the document is re-copied instead of trusted."""
 
 
 # --- raw BSON element trees -------------------------------------------------------------------
@@ -67,7 +57,7 @@ def parse_elements(raw):
     while pos < end:
         t = raw[pos]
         ne = raw.index(b"\x00", pos + 1)
-        vend = _skip(raw, t, ne + 1)
+        vend = skip_value(raw, t, ne + 1)
         els.append([raw[pos + 1:ne], t, raw[ne + 1:vend]])
         pos = vend
     return els
@@ -97,7 +87,7 @@ def _find(buf, start, name=None, index=-1):
         elif n == -2:  # document, array, code with scope: the int32 covers the whole value
             vend = ne + 1 + unpack(buf, ne + 1)[0]
         else:
-            vend = _skip(buf, t, ne + 1)
+            vend = skip_value(buf, t, ne + 1)
         if i == index or (name is not None and buf[pos + 1:ne] == name):
             return pos, t, ne + 1, vend
         pos = vend
@@ -110,7 +100,7 @@ def _names(buf, start):
     while pos < end:
         ne = buf.index(0, pos + 1)
         out.append(bytes(buf[pos + 1:ne]))
-        pos = _skip(buf, buf[pos], ne + 1)
+        pos = skip_value(buf, buf[pos], ne + 1)
     return out
 
 

@@ -30,6 +30,7 @@ import time
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import parse_server
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import CertificateError, IntegrityError, KmipError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import Backoff
 
 # PyKMIP is imported on first use: importing it pulls in SQLAlchemy (about a second), which
 # modules that only check TLS or certificates should not pay.
@@ -281,9 +282,10 @@ class KmipClient:
             return
         ctx = self._context()
         tried = {}
+        backoff = Backoff(_BACKOFF_BASE, _BACKOFF_MAX)
         for attempt in range(self.config.connect_retries + 1):
             if attempt:
-                time.sleep(min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1)))
+                time.sleep(backoff.next())
             for host, port in self.config.addresses():
                 try:
                     sock = _connect(ctx, host, port, self.config.connect_timeout)

@@ -34,11 +34,11 @@ import os
 import shutil
 import stat
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongo, mongodump
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.snapshot import namespace_hash
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
 
 try:
     import bson
@@ -237,21 +237,30 @@ class ArchiveTarget:
 
 
 class MongoTarget:
+    """A MongoDB deployment to restore into: a URI and pymongo.MongoClient keyword arguments, or
+    from_connection(conn) with the connection dict a job's source has (mongo.client_options)."""
+
     kind = "mongodb"
 
-    def __init__(self, uri, restore_info_path=None, **client_options):
+    def __init__(self, uri: str, restore_info_path: str | None = None, **client_options):
         self.uri = uri
         self.client_options = client_options
         self.restore_info_path = restore_info_path
         self._client = None
 
-    def describe(self):
+    @classmethod
+    def from_connection(cls, conn: dict, restore_info_path: str | None = None) -> MongoTarget:
+        return cls(conn["uri"], restore_info_path, **mongo.client_options(conn))
+
+    def describe(self) -> str:
         return "MongoDB"
 
     def client(self):
         _require_pymongo()
         if self._client is None:
-            self._client = pymongo.MongoClient(self.uri, document_class=RawBSONDocument, **self.client_options)
+            kw = {"document_class": RawBSONDocument}
+            kw.update(self.client_options)
+            self._client = pymongo.MongoClient(self.uri, **kw)
         return self._client
 
     def close(self):
@@ -406,7 +415,7 @@ def busy_namespaces(target, selected):
             continue  # the target cannot hold it: the restore refuses it by name before writing anything
         if db not in names:
             names[db] = set(client[db].list_collection_names())
-        if coll in names[db] and source.find_one_raw(client, "%s.%s" % (db, coll), {}, {"_id": 1}) is not None:
+        if coll in names[db] and mongo.find_one_raw(client, "%s.%s" % (db, coll), {}, {"_id": 1}) is not None:
             busy.append((i, db, coll))
     return busy
 
@@ -608,7 +617,7 @@ def _insert(database, coll, docs, inserted):
 
 def _count(database, coll):
     """The number of documents in coll (what count_documents({}) runs), through a raw aggregate command."""
-    docs = source.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
+    docs = mongo.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
                                 [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
     return int(docs[0]["n"]) if docs else 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import timeutil
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
 
 INTERVALS = (6, 8, 12, 24)
@@ -57,7 +57,7 @@ def validate_schedule(schedule):
 
 
 def _created(entry):
-    return store.parse_iso(entry["created"])
+    return timeutil.parse_iso(entry["created"])
 
 
 def add_months(dt, months):

@@ -21,13 +21,14 @@ import collections
 import concurrent.futures
 import datetime
 import hashlib
-import os
 import threading
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, StoreError
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import EMPTY_BSON
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format, iso, utcnow
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, SnapshotError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash, new_snapshot_id
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
 
 try:
     from bson.binary import Binary
@@ -41,14 +42,6 @@ MAX_BYTES = 4 << 20
 WRITER_THREADS = 2
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
-
-
-class SnapshotError(KmipBackupError):
-    """A snapshot cannot be taken now (head not consistent, ...)."""
-
-
-def new_snapshot_id(now):
-    return now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(4).hex()
 
 
 class _Writer:
@@ -207,14 +200,6 @@ def _namespace_chunks(reader, ns, prev, writer, flagged):
         i = b + 1
     out.extend(chunks[i:])
     return out
-
-
-def namespace_hash(chunks):
-    """The content hash of a namespace: SHA-256 over its chunks' plaintext SHA-256s, in order."""
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(bytes(c["sha256"]))
-    return h.hexdigest()
 
 
 def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encryption=True, kind="scheduled", now=None,

@@ -23,21 +23,22 @@ import struct
 import threading
 import time
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
     Applier, CloneRepair, merge_fragments, parse_elements)
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import id_key_from_document
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.mongo import (
+    RAW, aggregate_raw, client_options, find_one_raw, find_raw_batches, split_namespace)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document
 
 try:
     import pymongo
     from bson import encode as bson_encode
-    from bson.codec_options import CodecOptions
     from bson.raw_bson import RawBSONDocument
     from pymongo import errors as mongo_errors
     PYMONGO_IMPORT_ERROR = None
-    RAW = CodecOptions(document_class=RawBSONDocument)
 except ImportError as e:  # pragma: no cover
-    pymongo = mongo_errors = RawBSONDocument = bson_encode = RAW = None
+    pymongo = mongo_errors = RawBSONDocument = bson_encode = None
     PYMONGO_IMPORT_ERROR = e
 
 EXCLUDED_DBS = ("admin", "config", "local")
@@ -60,46 +61,6 @@ def _require():
                           "daemon's virtualenv." % PYMONGO_IMPORT_ERROR)
 
 
-def find_raw_batches(client, ns, query=None, batch_size=None):
-    """Raw batches (concatenated BSON documents) of a find on namespace ns, as pymongo's
-    Collection.find_raw_batches yields them, run as raw find/getMore commands: pymongo's Collection
-    refuses names the server accepts ("a..b", "x."). The cursor is closed (killCursors) when the
-    generator is."""
-    db, coll = _split(ns)
-    cmd = {"find": coll, "filter": query if query is not None else {}}
-    if batch_size:
-        cmd["batchSize"] = int(batch_size)
-    group = int(batch_size or 1000)
-    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
-        buf = []
-        for doc in cursor:
-            buf.append(doc.raw)
-            if len(buf) >= group:
-                yield b"".join(buf)
-                buf = []
-        if buf:
-            yield b"".join(buf)
-
-
-def find_one_raw(client, ns, query, projection=None):
-    """The first document (RawBSONDocument) matching query in namespace ns, or None; a raw find command."""
-    db, coll = _split(ns)
-    cmd = {"find": coll, "filter": query, "limit": 1, "singleBatch": True}
-    if projection is not None:
-        cmd["projection"] = projection
-    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
-        for doc in cursor:
-            return doc
-    return None
-
-
-def aggregate_raw(client, ns, pipeline):
-    """The RawBSONDocuments an aggregation pipeline on namespace ns returns; a raw aggregate command."""
-    db, coll = _split(ns)
-    with client[db].cursor_command({"aggregate": coll, "pipeline": pipeline, "cursor": {}}, codec_options=RAW) as cursor:
-        return list(cursor)
-
-
 def _redact(text, source):
     """text without the source's passwords (pymongo messages may carry the URI)."""
     text = str(text)
@@ -109,30 +70,8 @@ def _redact(text, source):
         secrets.append(netloc.rsplit("@", 1)[0].split(":", 1)[1])
     for secret in secrets:
         if secret:
-            text = text.replace(str(secret), "********")
+            text = text.replace(str(secret), config.MASK)
     return text
-
-
-def client_options(source):
-    """pymongo.MongoClient keyword arguments from a job's source settings."""
-    timeout_ms = int(float(source.get("connect_timeout") or 10) * 1000)
-    kw = {"document_class": RawBSONDocument, "appname": "kmipbackup", "connectTimeoutMS": timeout_ms,
-          "serverSelectionTimeoutMS": timeout_ms}
-    if source.get("tls"):
-        kw["tls"] = True
-        if source.get("tls_ca_file"):
-            kw["tlsCAFile"] = source["tls_ca_file"]
-        if source.get("tls_certificate_key_file"):
-            kw["tlsCertificateKeyFile"] = source["tls_certificate_key_file"]
-    if source.get("username"):
-        kw["username"] = source["username"]
-    if source.get("password") is not None and source.get("username"):
-        kw["password"] = source["password"]
-    if source.get("auth_mechanism"):
-        kw["authMechanism"] = source["auth_mechanism"]
-    if source.get("auth_source"):
-        kw["authSource"] = source["auth_source"]
-    return kw
 
 
 def connect(source):
@@ -171,6 +110,12 @@ def connect(source):
                           "(connect through mongos). Convert it to a one-member replica set (replication.replSetName, "
                           "then rs.initiate()) and try again." % _hosts(source))
     return client
+
+
+
+def check_source(source: dict) -> None:
+    """Connect to the source once and refuse what cannot be backed up (standalone, bad auth): SourceError."""
+    connect(source).close()
 
 
 def _hosts(source):
@@ -279,11 +224,6 @@ def _list_collections(client, db, query=None):
     return client[db].command(cmd, codec_options=RAW)["cursor"]["firstBatch"]
 
 
-def _split(ns):
-    db, _dot, coll = ns.partition(".")
-    return db, coll
-
-
 def _info_to_head(client, ns, info):
     """{"options", "indexes", "uuid", "type"} of a namespace from its listCollections entry."""
     options = info.get("options")
@@ -291,7 +231,7 @@ def _info_to_head(client, ns, info):
     ctype = info.get("type", "collection")
     indexes = []
     if ctype == "collection":
-        db, coll = _split(ns)
+        db, coll = split_namespace(ns)
         try:
             reply = client[db].command({"listIndexes": coll, "cursor": {"batchSize": 10000}}, codec_options=RAW)
             indexes = [bytes(spec.raw) for spec in reply["cursor"]["firstBatch"]]  # pymongo's list_indexes() decodes to SON
@@ -304,7 +244,7 @@ def _info_to_head(client, ns, info):
 
 def refresh_namespace(client, ns):
     """Current options and index specs of ns at the source, or None when it does not exist."""
-    db, coll = _split(ns)
+    db, coll = split_namespace(ns)
     for info in _list_collections(client, db, {"name": coll}):
         return _info_to_head(client, ns, info)
     return None
@@ -420,7 +360,7 @@ def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
 def _reclone(head, client, names, stop_event=None):
     """Replace names in the head with the source's current namespaces (options, indexes, documents), or drop
     them where the source no longer has them. Returns _clone's (docs, bytes, interrupted)."""
-    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*_split(ns))}
+    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*split_namespace(ns))}
     with head.write() as w:
         for ns, meta in metas.items():
             w.drop_namespace(ns)
@@ -682,7 +622,7 @@ def recopy_document(w, client, ns, doc_key_raw, at=None):
 
 def _find_one_at(client, ns, query, at):
     """The document matching query as of cluster time at (readConcern snapshot), raw; None when absent."""
-    db, coll = _split(ns)
+    db, coll = split_namespace(ns)
     reply = client[db].command({"find": coll, "filter": query, "limit": 1, "singleBatch": True,
                                 "readConcern": {"level": "snapshot", "atClusterTime": at}}, codec_options=RAW)
     batch = reply["cursor"]["firstBatch"]

@@ -39,16 +39,16 @@ that a later GC removes; catalog entries are removed before the files only they 
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import hashlib
 import json
 import os
-import re
 import socket
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import CHUNK_RE, JOB_RE, SNAPSHOT_RE
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
 
 try:
     import bson
@@ -57,9 +57,6 @@ except ImportError as e:  # pragma: no cover
     bson = None
     BSON_IMPORT_ERROR = e
 
-JOB_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-SNAPSHOT_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
-CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
 CATALOG_FIELDS = ("snapshot_id", "seq", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
                   "namespaces", "encryption", "master_key_uids", "key_id", "manifest_sha256", "expires", "type", "format")
 PURPOSES = ("head", "snapshot", "chunk_id")
@@ -70,18 +67,6 @@ HEAD_FORMAT = 1
 def _require_bson():
     if bson is None:
         raise StoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
-
-
-def utcnow():
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def iso(dt):
-    return dt.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text):
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
 
 
 # catalog fields shown to users (snapshot_info, backup_snapshot)
