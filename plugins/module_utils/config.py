@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from urllib.parse import unquote
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
@@ -27,12 +28,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:-]+$")
 # user:password@ in a URI or a host entry (the password stops at '/', '@' or a space)
 _USERINFO = re.compile(r"([^\s/@:\[\]]+):([^\s/@]+)@")
-MASK = "********"
+MASK = "********"  # a secret inside a text (a URI's user:password@, a message)
+# a whole secret value shown in output or a diff: the marker Ansible itself uses for no_log values
+REDACTED = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
 
 
 def userinfo_secrets(text):
     """The passwords of every user:password@ in text, as written and percent-decoded."""
-    from urllib.parse import unquote
     out = set()
     for m in _USERINFO.finditer(str(text or "")):
         out.update(v for v in (m.group(2), unquote(m.group(2))) if v)

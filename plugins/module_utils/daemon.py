@@ -21,12 +21,14 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+from logging.handlers import WatchedFileHandler
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     config, datadir, files, head, job_config, job_requests, job_status, master_keys, retention, snapshot, source,
@@ -800,7 +802,6 @@ def setup_logging(path, level="INFO"):
         os.fchmod(fd, files.PRIVATE_FILE)  # the log file itself, never a link's target
     finally:
         os.close(fd)
-    from logging.handlers import WatchedFileHandler
     handler = WatchedFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(message)s"))
     root = logging.getLogger("kmipbackup")
@@ -1055,7 +1056,6 @@ def _detach():
 
 
 def _switch_user(name):
-    import pwd
     pw = pwd.getpwnam(name)
     if pw.pw_uid == os.geteuid():
         return
