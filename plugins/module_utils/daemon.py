@@ -57,7 +57,7 @@ class SourceMonitor(threading.Thread):
     connect_timeout when the source goes away); this thread keeps the job's status current meanwhile (reachability,
     lag in seconds of cluster time), after each read and every HEARTBEAT_EVERY seconds even while a read hangs."""
 
-    def __init__(self, runner):
+    def __init__(self, runner: JobRunner) -> None:
         super().__init__(name="heartbeat-%s" % runner.job, daemon=True)
         self.runner = runner
         self.wake = threading.Event()  # read now
@@ -72,11 +72,11 @@ class SourceMonitor(threading.Thread):
         self.error = None
         self.recoveries = 0        # successful reads that ended an outage
 
-    def poke(self):
+    def poke(self) -> None:
         """Read the source now (an on-demand snapshot waits for a read that started after it was picked up)."""
         self.wake.set()
 
-    def stop(self):
+    def stop(self) -> None:
         self.done.set()
         self.wake.set()
         self.beat.set()
@@ -84,7 +84,7 @@ class SourceMonitor(threading.Thread):
     def _stopped(self):
         return self.done.is_set() or self.runner.stop_event.is_set()
 
-    def run(self):
+    def run(self) -> None:
         reader = threading.Thread(target=self._read_loop, name="heartbeat-read-%s" % self.runner.job, daemon=True)
         reader.start()
         try:
@@ -130,14 +130,14 @@ class SourceMonitor(threading.Thread):
                     LOG.warning("job %s: source unreachable: %s", self.runner.job, error)
                 self.reachable, self.error = False, error or "the source reported no cluster time"
 
-    def reading_after(self, t):
+    def reading_after(self, t: float) -> tuple | None:
         """(cluster_time, done) of a successful read that started after monotonic time t, or None."""
         with self.lock:
             if self.reachable and self.read_at is not None and self.read_at[0] > t:
                 return self.cluster_time, self.read_at[1]
             return None
 
-    def fields(self, complete):
+    def fields(self, complete: bool) -> dict:
         """Status fields: source {reachable, cluster_time, checked, unreachable_seconds, error} and lag_seconds, the
         seconds of cluster time the head is behind the source (complete: the time the head holds every write up to)."""
         with self.lock:
@@ -157,7 +157,7 @@ class SourceMonitor(threading.Thread):
 class JobRunner(threading.Thread):
     """Keeps one job's head current: head key, initial sync, capture, requests, snapshots."""
 
-    def __init__(self, daemon, cfg):
+    def __init__(self, daemon: Daemon, cfg: dict) -> None:
         super().__init__(name="job-%s" % cfg["job"], daemon=True)
         self.d = daemon
         self.cfg = cfg
@@ -192,7 +192,7 @@ class JobRunner(threading.Thread):
             "updated": None, "pid": os.getpid(),
         }
 
-    def set_status(self, force=True, **fields):
+    def set_status(self, force: bool = True, **fields) -> None:
         with self._status_lock:
             self.status.update(fields)
             now = time.monotonic()
@@ -205,7 +205,7 @@ class JobRunner(threading.Thread):
             self.status["head_bytes"] = h.size() if h is not None else _folder_bytes(self.head_path)
             job_status.write_status(self.d.data_dir, self.job, self.status)
 
-    def heartbeat(self):
+    def heartbeat(self) -> None:
         """Called by the heartbeat after each read: an outage shows in status at once and, while it lasts, status is
         rewritten every heartbeat with a growing lag; otherwise at least every STATUS_EVERY seconds."""
         with self._status_lock:
@@ -230,7 +230,7 @@ class JobRunner(threading.Thread):
             out["last_error"] = None  # capture sets consistent again once it reads the stream
         return out
 
-    def error(self, state, message):
+    def error(self, state: str, message: str) -> None:
         """Record a failure the runner will retry (message carries no secret or document content)."""
         if message != self.status.get("last_error") or state != self.status.get("state"):
             LOG.warning("job %s: %s", self.job, message)
@@ -239,26 +239,26 @@ class JobRunner(threading.Thread):
     # ---- control ---------------------------------------------------------------------
 
     @property
-    def head_path(self):
+    def head_path(self) -> str:
         return datadir.head_dir(self.d.data_dir, self.job, self.generation)
 
-    def update(self, cfg):
+    def update(self, cfg: dict) -> None:
         """Apply a change that does not need a restart (schedule, store)."""
         self.cfg = cfg
 
-    def stop(self):
+    def stop(self) -> None:
         self.stop_event.set()
         self.monitor.stop()
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> None:
         if self.stop_event.wait(seconds):
             raise Stopped()
 
-    def check_stop(self):
+    def check_stop(self) -> None:
         if self.stop_event.is_set():
             raise Stopped()
 
-    def run(self):
+    def run(self) -> None:
         backoff = timeutil.Backoff(cap=BACKOFF_MAX)
         try:
             if self.cfg.get("state") == "stopped":
@@ -575,7 +575,7 @@ class JobRunner(threading.Thread):
             self.set_status(last_error="scheduled snapshot failed: %s" % _safe(e, self.cfg))
             LOG.warning("job %s: scheduled snapshot failed", self.job)
 
-    def take_snapshot(self, on_demand):
+    def take_snapshot(self, on_demand: bool) -> dict:
         if not (self.head.position() or {}).get("consistent"):
             raise KmipBackupError("job %s has no consistent head yet: wait for status STARTED and try again" % self.job)
         schedule = self.cfg.get("schedule") or job_config.SCHEDULE_DEFAULTS
@@ -680,7 +680,7 @@ def _folder_bytes(path):
 class Daemon:
     """Runs every declared job; reconciles with config_dir every poll_interval seconds."""
 
-    def __init__(self, config_dir, data_dir, poll_interval=1.0):
+    def __init__(self, config_dir: str, data_dir: str, poll_interval: float = 1.0) -> None:
         self.config_dir = config_dir
         self.data_dir = data_dir
         self.poll_interval = poll_interval
@@ -691,10 +691,10 @@ class Daemon:
             for sub in ("status", "heads", "requests"):
                 root.sub(sub).close()
 
-    def stop(self):
+    def stop(self) -> None:
         self.stop_event.set()
 
-    def run(self):
+    def run(self) -> None:
         LOG.info("daemon started (pid %d)", os.getpid())
         try:
             while not self.stop_event.is_set():
@@ -731,7 +731,7 @@ class Daemon:
                 out[job] = (mtime, cfg)
         return out
 
-    def reconcile(self):
+    def reconcile(self) -> None:
         declared = self._read_jobs()
         for job, (mtime, cfg) in declared.items():
             runner = self.runners.get(job)
@@ -780,7 +780,7 @@ class Daemon:
         job_status.remove_status(self.data_dir, job)
         LOG.info("job %s: head removed (snapshots in the store are kept)", job)
 
-    def generation_ready(self, job, generation):
+    def generation_ready(self, job: str, generation: int) -> None:
         """The head of this generation is consistent: destroy older generations' heads."""
         folder = datadir.heads_dir(self.data_dir, job)
         try:
@@ -795,7 +795,7 @@ class Daemon:
 
 # ---- process: logging, signals, supervision ----------------------------------------------
 
-def setup_logging(path, level="INFO"):
+def setup_logging(path: str, level: str = "INFO") -> None:
     files.ensure_private_dir(os.path.dirname(path))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, files.PRIVATE_FILE)
     try:
@@ -825,11 +825,11 @@ WORKER_LOCK_FILE = "worker.lock"
 class DataDirLock:
     """An exclusive flock on a file of the data folder, held for the holder's lifetime."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.fd = None
 
-    def try_acquire(self, wait=0.0):
+    def try_acquire(self, wait: float = 0.0) -> bool:
         """True once held; False when another process holds it after `wait` seconds."""
         try:  # never through a link planted in the data folder (the lock file is truncated below)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, files.PRIVATE_FILE)
@@ -859,12 +859,12 @@ class DataDirLock:
         self.fd = fd
         return True
 
-    def record(self, pid):
+    def record(self, pid: int) -> None:
         """Write the holder's pid (after --detach's forks, the final process's)."""
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, b"%d\n" % pid, 0)
 
-    def release(self):
+    def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the lock
             self.fd = None
@@ -890,7 +890,7 @@ def _opens(pid, path):
     return False
 
 
-def lock_holder(path, settle=2.0):
+def lock_holder(path: str, settle: float = 2.0) -> tuple[bool, int | None]:
     """(held, pid): whether a process holds the lock at path, and its pid when confirmed (else None).
     A pid is returned only if the lock is held and that process has the lock file open."""
     try:
@@ -964,14 +964,14 @@ def _released(path, timeout):
     return False
 
 
-def stop_daemon(data_dir, timeout=60):
+def stop_daemon(data_dir: str, timeout: float = 60) -> bool:
     """Stop the daemon that holds data_dir's lock, then any worker still holding the worker lock (orphaned by a
     supervisor killed with -9). Only confirmed lock holders are signalled. True when something was stopped."""
     stopped = _stop_holder(os.path.join(data_dir, LOCK_FILE), "Backup Daemon", timeout)
     return _stop_holder(os.path.join(data_dir, WORKER_LOCK_FILE), "Backup Daemon worker", timeout) or stopped
 
 
-def run_worker(config_dir, data_dir, poll_interval=1.0, supervisor_pid=None):
+def run_worker(config_dir: str, data_dir: str, poll_interval: float = 1.0, supervisor_pid: int | None = None) -> int:
     stop = threading.Event()
     d = {"daemon": None}
 
@@ -1011,7 +1011,7 @@ def run_worker(config_dir, data_dir, poll_interval=1.0, supervisor_pid=None):
         lock.release()
 
 
-def supervise(argv_worker):
+def supervise(argv_worker: list) -> int:
     """Run the worker as a child process; restart it with backoff when it dies."""
     stop = threading.Event()
     child = {"p": None}
@@ -1065,7 +1065,7 @@ def _switch_user(name):
     os.environ["HOME"] = pw.pw_dir
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kmipbackup-daemon", description="The kmipbackup Backup Daemon.")
     ap.add_argument("--config-dir", default=config.DEFAULT_CONFIG_DIR)
     ap.add_argument("--data-dir", default=config.DEFAULT_DATA_DIR)

@@ -21,7 +21,7 @@ class ConfigError(KmipBackupError):
 class CertificateError(KmipBackupError):
     """A client certificate or key that cannot be used (kind says why)."""
 
-    def __init__(self, message, kind="invalid"):
+    def __init__(self, message: str, kind: str = "invalid") -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -31,7 +31,7 @@ class KmipError(KmipBackupError):
     no_client_auth, permission_denied, not_found, not_active, unreachable, hostname_mismatch,
     protocol."""
 
-    def __init__(self, message, kind="protocol", uid=None, servers=None):
+    def __init__(self, message: str, kind: str = "protocol", uid: str | None = None, servers: list | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.uid = uid
@@ -43,7 +43,7 @@ class KeyInUseError(ConfigError):
 
     kind = "key_in_use"
 
-    def __init__(self, message, needed):
+    def __init__(self, message: str, needed: dict) -> None:
         super().__init__(message)
         self.needed = needed
 
@@ -59,7 +59,7 @@ class HistoryLostError(SourceError):
 class IntegrityError(KmipBackupError):
     """A store object failed authentication or does not match what references it."""
 
-    def __init__(self, message, kind=None, object_id=None):
+    def __init__(self, message: str, kind: str | None = None, object_id: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.object_id = object_id

@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import time
+from typing import Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
@@ -69,7 +70,7 @@ def _join_specs(specs):
 class Head:
     """A job's head database at path; key: 32 bytes (encrypted) or None (unencrypted)."""
 
-    def __init__(self, path, key):
+    def __init__(self, path: str, key: bytes | None) -> None:
         _require()
         if key is not None and (not isinstance(key, (bytes, bytearray)) or len(key) != 32):
             raise HeadError("The head key must be 32 bytes; the job's wrapped head key is damaged: start a new initial sync.")
@@ -118,7 +119,7 @@ class Head:
                 raise
         conn.execute("CREATE INDEX IF NOT EXISTS docs_boundaries ON docs (ns_id, id_key) WHERE bnd = 1")
 
-    def boundary_fn(self, target_bytes):
+    def boundary_fn(self, target_bytes: int) -> Callable[[bytes, int], bool]:
         """crypto.boundary_threshold_fn under this head's boundary key: (id_key, size) -> bool; for
         BOUNDARY_TARGET it says exactly what the stored flags say."""
         return crypto.boundary_threshold_fn(self._boundary_key, target_bytes)
@@ -142,7 +143,7 @@ class Head:
         conn.execute("PRAGMA busy_timeout=60000")
         return conn
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -151,11 +152,11 @@ class Head:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
     @contextlib.contextmanager
-    def write(self):
+    def write(self) -> Iterator[Writer]:
         """One write transaction (BEGIN IMMEDIATE .. COMMIT), rolled back on error."""
         with self._lock:
             conn = self._conn
@@ -171,7 +172,7 @@ class Head:
                 raise
 
     @contextlib.contextmanager
-    def read(self):
+    def read(self) -> Iterator[Reader]:
         """One read transaction: a stable image of the head while writes go on."""
         conn = self._connect()
         try:
@@ -186,12 +187,12 @@ class Head:
             finally:
                 conn.close()
 
-    def position(self):
+    def position(self) -> dict:
         """{"resume_token", "cluster_time" [t, i] or None, "consistent", "sync"} as last committed."""
         with self._lock:
             return _position(self._conn)
 
-    def mark_snapshotted(self, change_seq):
+    def mark_snapshotted(self, change_seq: int) -> None:
         """Forget changes up to change_seq (after a snapshot covering them is durable)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -202,7 +203,7 @@ class Head:
                 self._conn.execute("ROLLBACK")
                 raise
 
-    def size(self):
+    def size(self) -> int:
         """Bytes on disk of the head (database, WAL and shared memory files)."""
         total = 0
         for suffix in ("", "-wal", "-shm"):
@@ -212,11 +213,11 @@ class Head:
                 pass
         return total
 
-    def checkpoint(self):
+    def checkpoint(self) -> None:
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def export_rekeyed(self, dest, key, progress=None):
+    def export_rekeyed(self, dest: str, key: bytes | None, progress: Callable | None = None) -> None:
         """Copy the whole head into a new database file dest encrypted under key (SQLCipher's
         sqlcipher_export, page by page in C), durably. progress(bytes written, bytes of the head) is
         called about every second. Writes to this head must wait meanwhile (the caller pauses them)."""
@@ -271,7 +272,7 @@ def _namespaces(conn):
 class Reader:
     """The read side of one transaction (also the base of Writer)."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: sqlcipher3.Connection) -> None:
         self._c = conn
         self.change_seq = None
 
@@ -279,19 +280,19 @@ class Reader:
         row = self._c.execute("SELECT ns_id FROM namespaces WHERE ns=?", (ns,)).fetchone()
         return row[0] if row else None
 
-    def position(self):
+    def position(self) -> dict:
         return _position(self._c)
 
-    def namespaces(self):
+    def namespaces(self) -> list:
         """[{"ns", "uuid", "options" (raw BSON), "indexes" [raw BSON], "incarnation"}] sorted by ns."""
         return _namespaces(self._c)
 
-    def namespace(self, ns):
+    def namespace(self, ns: str) -> dict | None:
         """One entry of namespaces(), or None."""
         row = self._c.execute(_NAMESPACE_COLUMNS + " WHERE ns=?", (ns,)).fetchone()
         return _namespace_entry(row) if row else None
 
-    def scan(self, ns, start=None, end=None):
+    def scan(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """(id_key, raw) pairs of ns in id_key order, start inclusive, end exclusive."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -314,7 +315,7 @@ class Reader:
             args.append(bytes(end))
         return sql, args
 
-    def first_key(self, ns, start=None):
+    def first_key(self, ns: str, start: bytes | None = None) -> bytes | None:
         """The smallest id_key of ns at or after start, or None."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -323,7 +324,7 @@ class Reader:
         row = self._c.execute(sql + " ORDER BY id_key LIMIT 1", args).fetchone()
         return row[0] if row else None
 
-    def boundaries(self, ns, start=None, end=None):
+    def boundaries(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> list:
         """Sorted id_keys in [start, end) of the documents flagged as chunk ends (for BOUNDARY_TARGET)."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -331,7 +332,7 @@ class Reader:
         sql, args = self._range("SELECT id_key FROM docs INDEXED BY docs_boundaries WHERE ns_id=? AND bnd = 1", ns_id, start, end)
         return [row[0] for row in self._c.execute(sql + " ORDER BY id_key", args)]
 
-    def read_range(self, ns, start=None, end=None):
+    def read_range(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> tuple:
         """(first id_key, last id_key, [raw documents in id_key order]) of ns in [start, end), in three queries."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -344,20 +345,20 @@ class Reader:
         last = self._c.execute("SELECT id_key " + sql + " ORDER BY id_key DESC LIMIT 1", args).fetchone()[0]
         return first, last, docs
 
-    def get(self, ns, id_key):
+    def get(self, ns: str, id_key: bytes) -> bytes | None:
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return None
         row = self._c.execute("SELECT doc FROM docs WHERE ns_id=? AND id_key=?", (ns_id, bytes(id_key))).fetchone()
         return row[0] if row else None
 
-    def count(self, ns):
+    def count(self, ns: str) -> int:
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return 0
         return self._c.execute("SELECT count(*) FROM docs WHERE ns_id=?", (ns_id,)).fetchone()[0]
 
-    def changed(self, ns):
+    def changed(self, ns: str) -> list:
         """Sorted id_keys of ns changed since the last mark_snapshotted (in this image)."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -368,7 +369,7 @@ class Reader:
 class Writer(Reader):
     """The write side of one transaction; every document change is recorded in the change log."""
 
-    def __init__(self, head, conn):
+    def __init__(self, head: Head, conn: sqlcipher3.Connection) -> None:
         super().__init__(conn)
         self._h = head
         self._cache = head._ns_cache
@@ -394,7 +395,7 @@ class Writer(Reader):
                 self._cache[ns] = ns_id
         return ns_id
 
-    def has_namespace(self, ns):
+    def has_namespace(self, ns: str) -> bool:
         return self._ns_id(ns) is not None
 
     def _ensure_ns(self, ns):
@@ -403,7 +404,7 @@ class Writer(Reader):
             ns_id = self.create_namespace(ns, EMPTY_BSON)
         return ns_id
 
-    def create_namespace(self, ns, options_raw, uuid=None, indexes=None):
+    def create_namespace(self, ns: str, options_raw: bytes, uuid: bytes | None = None, indexes: list | None = None) -> int:
         """Create ns (a no-op apart from options/uuid when it exists). Returns its ns_id."""
         ns_id = self._ns_id(ns)
         if ns_id is not None:
@@ -417,14 +418,14 @@ class Writer(Reader):
         self._cache[ns] = cur.lastrowid
         return cur.lastrowid
 
-    def set_options(self, ns, options_raw):
+    def set_options(self, ns: str, options_raw: bytes) -> None:
         self._c.execute("UPDATE namespaces SET options=? WHERE ns_id=?", (bytes(options_raw), self._ensure_ns(ns)))
 
-    def set_indexes(self, ns, specs):
+    def set_indexes(self, ns: str, specs: list) -> None:
         """Replace the index specs of ns with specs (raw BSON documents)."""
         self._c.execute("UPDATE namespaces SET indexes=? WHERE ns_id=?", (_join_specs(specs), self._ensure_ns(ns)))
 
-    def drop_namespace(self, ns):
+    def drop_namespace(self, ns: str) -> bool:
         """Drop ns and its documents; True when it existed."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -435,14 +436,14 @@ class Writer(Reader):
         self._dirty = True
         return True
 
-    def drop_database(self, db):
+    def drop_database(self, db: str) -> int:
         """Drop every namespace of db; returns how many."""
         names = [r[0] for r in self._c.execute("SELECT ns FROM namespaces WHERE substr(ns, 1, ?) = ?", (len(db) + 1, db + "."))]
         for ns in names:
             self.drop_namespace(ns)
         return len(names)
 
-    def rename(self, ns, to, drop_target=True):
+    def rename(self, ns: str, to: str, drop_target: bool = True) -> bool:
         """Rename ns to `to` (any database); an existing target is dropped. False when ns does not exist."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -457,7 +458,7 @@ class Writer(Reader):
         self._dirty = True
         return True
 
-    def upsert(self, ns, id_key, raw):
+    def upsert(self, ns: str, id_key: bytes, raw: bytes) -> None:
         """Store raw (BSON bytes) under (ns, id_key) and record the change."""
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
         self._c.execute("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
@@ -465,7 +466,7 @@ class Writer(Reader):
         self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
         self._dirty = True
 
-    def upsert_many(self, ns, pairs, track=True):
+    def upsert_many(self, ns: str, pairs: list, track: bool = True) -> None:
         """Store many (id_key, raw) pairs of ns in one statement batch. track=False (initial sync into a
         namespace created in this head generation, whose new incarnation makes a snapshot take it whole)
         skips the change log."""
@@ -478,7 +479,7 @@ class Writer(Reader):
             self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _doc in pairs])
             self._dirty = True
 
-    def delete(self, ns, id_key):
+    def delete(self, ns: str, id_key: bytes) -> bool:
         """Delete (ns, id_key); True when it existed."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -489,17 +490,17 @@ class Writer(Reader):
             self._dirty = True
         return cur.rowcount > 0
 
-    def set_position(self, resume_token_raw, cluster_time, consistent):
+    def set_position(self, resume_token_raw: bytes | None, cluster_time: list | tuple | None, consistent: bool) -> None:
         """Store the stream position these changes bring the head to (same transaction)."""
         t, i = (cluster_time or (None, None))
         self._c.execute("UPDATE position SET resume_token=?, ct_t=?, ct_i=?, consistent=? WHERE one=1",
                         (bytes(resume_token_raw) if resume_token_raw is not None else None, t, i, 1 if consistent else 0))
 
-    def set_sync_state(self, state):
+    def set_sync_state(self, state: dict | None) -> None:
         """Initial-sync progress (a JSON-safe dict, or None once consistent)."""
         self._c.execute("UPDATE position SET sync=? WHERE one=1", (json.dumps(state) if state is not None else None,))
 
-    def clear(self):
+    def clear(self) -> None:
         """Remove every namespace and document and reset the position (a fresh initial sync)."""
         for (ns,) in self._c.execute("SELECT ns FROM namespaces").fetchall():
             self.drop_namespace(ns)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from typing import Any
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, job_status, timeutil
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
@@ -55,7 +56,7 @@ def pending_requests(data_dir: str, job: str) -> list:
     return out
 
 
-def answer_request(data_dir: str, job: str, rid: str, result=None, error: str | None = None) -> None:
+def answer_request(data_dir: str, job: str, rid: str, result: Any = None, error: str | None = None) -> None:
     with datadir.open_data_dir(data_dir) as root, root.walk("requests", config.validate_name(job, "job name")) as folder:
         folder.write(rid + ".done.json", files.dump_json({"ok": error is None, "result": result, "error": error,
                                                           "answered": timeutil.iso(timeutil.utcnow())}))
@@ -66,7 +67,7 @@ def read_answer(data_dir: str, job: str, rid: str) -> dict | None:
     return files.read_json(os.path.join(datadir.requests_dir(data_dir, job), rid + ".done.json"))
 
 
-def wait_answer(data_dir: str, job: str, rid: str, timeout: float, generation: int | None = None):
+def wait_answer(data_dir: str, job: str, rid: str, timeout: float, generation: int | None = None) -> Any:
     """The daemon's answer to a request; KmipBackupError when it failed or did not come in time. While the job is
     INACTIVE with an error (e.g. waiting for KMIP or the source) its runner serves no request: fail at once with
     that error and withdraw the request, instead of waiting the whole timeout. generation: the job's current one

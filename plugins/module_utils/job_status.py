@@ -44,7 +44,7 @@ def daemon_last_snapshot(data_dir: str, job: str) -> str | None:
     return sid if isinstance(sid, str) and storenames.SNAPSHOT_RE.match(sid) else None
 
 
-def status_name(data_dir: str, job: str, cfg: dict | None = None, status=_UNREAD) -> str:
+def status_name(data_dir: str, job: str, cfg: dict | None = None, status: dict | None = _UNREAD) -> str:
     """Ops Manager's statusName for the job as seen by a module; status: the job's status (read_status) when the caller
     has read it already."""
     st = read_status(data_dir, job) if status is _UNREAD else status

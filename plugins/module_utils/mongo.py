@@ -10,6 +10,8 @@ raw BSON and run as commands, so names pymongo's Collection refuses ("a..b", "x.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 
 try:
@@ -62,7 +64,7 @@ def split_namespace(ns: str) -> tuple[str, str]:
     return db, coll
 
 
-def find_raw_batches(client, ns: str, query: dict | None = None, batch_size: int | None = None):
+def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = None, batch_size: int | None = None) -> Iterator[bytes]:
     """Raw batches (concatenated BSON documents) of a find on namespace ns, as pymongo's
     Collection.find_raw_batches yields them, run as raw find/getMore commands: pymongo's Collection
     refuses names the server accepts ("a..b", "x."). The cursor is closed (killCursors) when the
@@ -83,7 +85,7 @@ def find_raw_batches(client, ns: str, query: dict | None = None, batch_size: int
             yield b"".join(buf)
 
 
-def find_one_raw(client, ns: str, query: dict, projection: dict | None = None):
+def find_one_raw(client: pymongo.MongoClient, ns: str, query: dict, projection: dict | None = None) -> RawBSONDocument | None:
     """The first document (RawBSONDocument) matching query in namespace ns, or None; a raw find command."""
     db, coll = split_namespace(ns)
     cmd = {"find": coll, "filter": query, "limit": 1, "singleBatch": True}
@@ -95,7 +97,7 @@ def find_one_raw(client, ns: str, query: dict, projection: dict | None = None):
     return None
 
 
-def aggregate_raw(client, ns: str, pipeline: list) -> list:
+def aggregate_raw(client: pymongo.MongoClient, ns: str, pipeline: list) -> list:
     """The RawBSONDocuments an aggregation pipeline on namespace ns returns; a raw aggregate command."""
     db, coll = split_namespace(ns)
     with client[db].cursor_command({"aggregate": coll, "pipeline": pipeline, "cursor": {}}, codec_options=RAW) as cursor:

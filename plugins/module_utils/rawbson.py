@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import decimal
 import struct
+from typing import Any
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
 
@@ -201,14 +202,14 @@ def _decimal128(raw16):
     return Decimal128.from_bid(raw16).to_decimal()
 
 
-def id_key(raw_value, bson_type):
+def id_key(raw_value: bytes, bson_type: int) -> bytes:
     """The id_key of a BSON value given as its raw value bytes (no type byte, no name) and its type."""
     out = bytearray()
     _encode(bytes(raw_value), bson_type, 0, out)
     return bytes(out)
 
 
-def id_key_from_document(raw):
+def id_key_from_document(raw: bytes) -> bytes:
     """The id_key of the _id of a raw BSON document (bytes), read without decoding the document."""
     if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
         raw = bytes(raw)
@@ -226,7 +227,7 @@ def id_key_from_document(raw):
     raise HeadError("A document without _id cannot be stored in the head.")
 
 
-def id_key_from_value(value):
+def id_key_from_value(value: Any) -> bytes:
     """The id_key of an _id given as a Python value (or a documentKey RawBSONDocument / raw bytes)."""
     if isinstance(value, (bytes, bytearray)) and not isinstance(value, Binary):
         return id_key_from_document(value)
@@ -239,7 +240,7 @@ def id_key_from_value(value):
 FIXED_SIZES = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x06: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0}
 
 
-def skip_value(buf, t, pos):
+def skip_value(buf: bytes, t: int, pos: int) -> int:
     """The position after the value of type t starting at pos."""
     n = FIXED_SIZES.get(t)
     if n is not None:

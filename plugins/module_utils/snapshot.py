@@ -22,13 +22,17 @@ import concurrent.futures
 import datetime
 import hashlib
 import threading
+from typing import TYPE_CHECKING
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, SnapshotError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys, check_format
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash, new_snapshot_id
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
+
+if TYPE_CHECKING:  # annotations only: a snapshot reads the Head it is given
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 
 try:
     from bson.binary import Binary
@@ -202,8 +206,10 @@ def _namespace_chunks(reader, ns, prev, writer, flagged):
     return out
 
 
-def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encryption=True, kind="scheduled", now=None,
-                  expires=None, target_bytes=TARGET_BYTES, max_bytes=MAX_BYTES, last_known=None):
+def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None = None, master_key_uid: str | None = None,
+                  encryption: bool = True, kind: str = "scheduled", now: datetime.datetime | None = None,
+                  expires: datetime.datetime | None = None, target_bytes: int = TARGET_BYTES, max_bytes: int = MAX_BYTES,
+                  last_known: str | None = None) -> dict:
     """Cut a snapshot of head into job_store; returns its catalog entry plus "change_seq" (to pass to
     head.mark_snapshotted once this returns) and "reused_chunks"/"written_chunks".
 

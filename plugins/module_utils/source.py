@@ -22,6 +22,7 @@ import queue
 import struct
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
@@ -30,6 +31,11 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.mongo import (
     RAW, aggregate_raw, client_options, find_one_raw, find_raw_batches, split_namespace)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document
+
+if TYPE_CHECKING:  # annotations only: the source code fills the Head it is given
+    from bson.timestamp import Timestamp
+
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head, Writer
 
 try:
     import pymongo
@@ -74,7 +80,7 @@ def _redact(text, source):
     return text
 
 
-def connect(source):
+def connect(source: dict) -> pymongo.MongoClient:
     """A MongoClient (raw BSON documents) for a job's source settings, checked: reachable,
     authenticated, and a replica set or mongos. Raises SourceError with what to do."""
     _require()
@@ -147,7 +153,7 @@ def _cluster_time(client):
     return max((t.time, t.inc) for t in times) if times else None
 
 
-def current_cluster_time(client, source):
+def current_cluster_time(client: pymongo.MongoClient, source: dict) -> tuple[int, int] | None:
     """The source's current cluster time (t, i): every write it acknowledged so far is at or before it.
     SourceError when it cannot be read (naming the source's hosts and the cause, never server text)."""
     try:
@@ -157,7 +163,7 @@ def current_cluster_time(client, source):
                           "reachable from the daemon's host." % (_hosts(source), _safe(e))) from None
 
 
-def monitor_client(source, timeout):
+def monitor_client(source: dict, timeout: float) -> pymongo.MongoClient:
     """A MongoClient for heartbeats: every wait bounded by timeout seconds, so an outage shows at once
     (the capture client waits connect_timeout, default 10 s, before it gives up)."""
     _require()
@@ -172,7 +178,7 @@ def monitor_client(source, timeout):
                           % _redact(e, source)) from None
 
 
-def token_time(token_raw):
+def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
     """The cluster time (t, i) a resume token (raw BSON {_data: ...}) stands for, or None when its format is unknown.
 
     mongod: _data is a hex KeyString whose first value is the event's timestamp (type byte 0x82, then 8 bytes
@@ -203,7 +209,7 @@ def _wanted(db, coll):
     return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
 
 
-def list_namespaces(client):
+def list_namespaces(client: pymongo.MongoClient) -> list:
     """[(ns, info RawBSONDocument from listCollections)] of every namespace a backup keeps."""
     out = []
     for db in sorted(client.list_database_names()):
@@ -242,7 +248,7 @@ def _info_to_head(client, ns, info):
             "uuid": bytes(uuid) if uuid is not None else None, "type": ctype}
 
 
-def refresh_namespace(client, ns):
+def refresh_namespace(client: pymongo.MongoClient, ns: str) -> dict | None:
     """Current options and index specs of ns at the source, or None when it does not exist."""
     db, coll = split_namespace(ns)
     for info in _list_collections(client, db, {"name": coll}):
@@ -288,13 +294,14 @@ def _raise_history_lost(e):
                                % e.code) from None
 
 
-def needs_initial_sync(head):
+def needs_initial_sync(head: Head) -> bool:
     """True when the head has no stream position to resume from or its initial sync was interrupted."""
     pos = head.position()
     return pos["resume_token"] is None or pos["sync"] is not None
 
 
-def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
+def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: float = 300,
+                 stop_event: threading.Event | None = None) -> dict:
     """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
 
     DDL that races the clone (a rename, drop and re-create, dropDatabase, create after the listing)
@@ -439,7 +446,8 @@ class Capture:
     too large for one transaction (not consistent until the run ends).
     """
 
-    def __init__(self, head, client, max_batch_events=20000, max_batch_seconds=1.0, max_await_ms=500):
+    def __init__(self, head: Head, client: pymongo.MongoClient, max_batch_events: int = 20000, max_batch_seconds: float = 1.0,
+                 max_await_ms: int = 500) -> None:
         self.head = head
         self.max_await_ms = max_await_ms
         self.client = client
@@ -453,7 +461,7 @@ class Capture:
         self._fragments = []
         self._carry = None
 
-    def close(self):
+    def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -477,7 +485,7 @@ class Capture:
         with self.head.write() as w:
             w.set_sync_state({"phase": "history_lost"})
 
-    def run_once(self, max_time=1.0):
+    def run_once(self, max_time: float = 1.0) -> int:
         """Apply events for up to max_time seconds; returns the number of events applied."""
         deadline = time.monotonic() + max_time
         applied = 0
@@ -595,7 +603,7 @@ def _id_filter(doc_raw):
     return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
 
 
-def recopy_document(w, client, ns, doc_key_raw, at=None):
+def recopy_document(w: Writer, client: pymongo.MongoClient, ns: str, doc_key_raw: bytes, at: Timestamp | None = None) -> None:
     """Re-read one document from the source into the head (delete it when the source lacks it).
 
     at (a bson Timestamp, the cluster time the head is being brought to): read the document as of
@@ -629,7 +637,7 @@ def _find_one_at(client, ns, query, at):
     return batch[0] if batch else None
 
 
-def verify(head, client, sample=100, full=False):
+def verify(head: Head, client: pymongo.MongoClient, sample: int = 100, full: bool = False) -> dict:
     """Compare head and source documents byte for byte; re-copy what differs, delete what the source lacks.
 
     full=True: every document of every collection (both sides), and the namespaces themselves
@@ -678,7 +686,7 @@ def _verify_namespaces(head, client, in_head, counts):
                 counts["namespaces_fixed"] += 1
 
 
-def parse_options_is_view(options_raw):
+def parse_options_is_view(options_raw: bytes) -> bool:
     return any(name == b"viewOn" for name, _type, _value in parse_elements(options_raw))
 
 

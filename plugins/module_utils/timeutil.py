@@ -40,7 +40,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5
 class Backoff:
     """Exponential backoff: next() gives first, then twice the previous delay, at most cap; reset() starts over."""
 
-    def __init__(self, first: float = 1.0, cap: float = 30.0):
+    def __init__(self, first: float = 1.0, cap: float = 30.0) -> None:
         self.first = first
         self.cap = cap
         self.delay = first
