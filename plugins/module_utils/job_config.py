@@ -15,7 +15,6 @@ from typing import Callable
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, master_keys, retention
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
 
-DEFAULT_DATA_DIR = config.DEFAULT_DATA_DIR
 STATES = ("present", "absent", "stopped")
 ENCRYPTION = ("enabled", "disabled")
 INTERVALS = retention.INTERVALS  # the allowed schedule.interval_hours
@@ -126,7 +125,7 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
     if master_key.get("uid") and master_key.get("create"):
         raise ConfigError("master_key: give either uid (an existing KMIP key) or create: true, not both.")
     state = params.get("state") or "present"
-    store = datadir.store_root(params, params.get("data_dir") or DEFAULT_DATA_DIR)
+    store = datadir.store_root(params, params.get("data_dir") or datadir.DEFAULT_DATA_DIR)
     if not os.path.isabs(store):
         raise ConfigError("store must be an absolute path, got %r." % store)
 
