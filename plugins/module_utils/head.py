@@ -8,7 +8,7 @@ KDF), SQLCipher 4 defaults (AES-256 pages with HMAC). WAL mode, so a read transa
 a stable image (a snapshot) while capture goes on writing; temp_store=MEMORY so SQLite
 writes no plaintext temp files. An unencrypted job uses the same schema with no key.
 
-Rows are keyed by namespace and id_key(), an order-preserving, injective encoding of the
+Rows are keyed by namespace and rawbson.id_key(), an order-preserving, injective encoding of the
 document's _id in MongoDB's comparison order; values are the raw BSON bytes. The change
 log remembers which (namespace, id_key) changed since the last snapshot.
 """
