@@ -499,7 +499,7 @@ class JobRunner(threading.Thread):
         if w is None:
             if self.status.get("state") != "STARTED":  # an initial sync can take hours: say so now, as before
                 raise SnapshotError("job %s has no consistent head yet: wait for status STARTED and try again"
-                                             % self.job)
+                                    % self.job)
             w = self._waits[rid] = {"picked": now, "deadline": now + _wait_budget(rid, req), "target": None}
             self.monitor.poke()
         if w["target"] is None:

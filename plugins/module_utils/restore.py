@@ -623,7 +623,7 @@ def _insert(database, coll, docs, inserted):
 def _count(database, coll):
     """The number of documents in coll (what count_documents({}) runs), through a raw aggregate command."""
     docs = mongo.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
-                                [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
+                               [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
     return int(docs[0]["n"]) if docs else 0
 
 

@@ -118,7 +118,6 @@ def connect(source: dict) -> pymongo.MongoClient:
     return client
 
 
-
 def check_source(source: dict) -> None:
     """Connect to the source once and refuse what cannot be backed up (standalone, bad auth): SourceError."""
     connect(source).close()

@@ -19,8 +19,8 @@ def test_wait_fails_at_once_while_the_job_is_inactive(ansible, tmp_path, pki, km
     write_kmip_setup(cd, pki, kmip_server["port"])
     job = "inactive-%s" % uuid.uuid4().hex[:8]
     cfg, _ = job_config.plan_job({"job": job, "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
-                            "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
-                            "master_key": {"create": True}, "state": "present"}, None, source.check_source)
+                                  "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                  "master_key": {"create": True}, "state": "present"}, None, source.check_source)
     job_config.write_job(cd, cfg)
     write_kmip_setup(cd, pki, dead_port)  # the KMIP server goes away: the job waits for KMIP, INACTIVE
     with DaemonProcess(cd, dd) as d:

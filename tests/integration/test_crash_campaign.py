@@ -108,8 +108,8 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
     db = mc[dbname]
     workload.seed(db, 150)
     cfg, _ = job_config.plan_job({"job": job, "group": "group1", "source": {"uri": own_mongo["uri"], "connect_timeout": 3},
-                            "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
-                            "master_key": {"create": True}, "state": "present"}, None, source.check_source)
+                                  "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                  "master_key": {"create": True}, "state": "present"}, None, source.check_source)
     job_config.write_job(cd, cfg)
     root = datadir.store_root(cfg, dd)
     js = store.JobStore(root, job)
@@ -156,8 +156,8 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
             db["marker"].insert_one({"_id": "end", "ops": wl.ops}, session=s)
             t = s.operation_time
         assert timeutil.wait_for(lambda: (lambda st: st.get("state") == "STARTED" and st.get("consistent") and st.get("cluster_time")
-                                      and tuple(st["cluster_time"]) >= (t.time, t.inc))(job_status.read_status(dd, job) or {}),
-                             90, 0.2), "the head did not catch up; log:\n" + _log_tail(dd)
+                                          and tuple(st["cluster_time"]) >= (t.time, t.inc))(job_status.read_status(dd, job) or {}),
+                                 90, 0.2), "the head did not catch up; log:\n" + _log_tail(dd)
         rid = job_requests.submit_request(dd, job, "snapshot")
         final = job_requests.wait_answer(dd, job, rid, timeout=90, generation=cfg["generation"])["id"]
         st = job_status.read_status(dd, job)

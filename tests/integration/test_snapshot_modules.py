@@ -70,8 +70,8 @@ def lab_job(tmp_path_factory, pki, kmip_server, mongo_server):
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("snapjob")
     job_config.write_job(cd, {"job": "snapjob", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
-                        "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
-                        "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
+                              "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
+                              "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "snapjob")
     keys = store.Keys(js, provider=client, encryption=True)
     h = head.Head(os.path.join(dd, "heads", "snapjob", "1", "head.db"), os.urandom(32))
@@ -385,8 +385,8 @@ def test_backup_snapshot_through_daemon_then_restore(ansible, tmp_path, pki, kmi
     db = mc["bs_%d_%s" % (os.getpid(), CANARY)]
     source = fill_source(db)
     cfg, _info = job_config.plan_job({"job": "bsjob", "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
-                                "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
-                                "master_key": {"create": True}, "state": "present"}, None, check_source)
+                                      "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                      "master_key": {"create": True}, "state": "present"}, None, check_source)
     job_config.write_job(cd, cfg)
     task = {BS: dict(job="bsjob", config_dir=cd, data_dir=dd, timeout=60)}
     r = ansible.run([task], check=True)

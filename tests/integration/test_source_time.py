@@ -25,8 +25,8 @@ RAW = CodecOptions(document_class=RawBSONDocument)
 
 def _declare(config_dir, data_dir, job, uri, connect_timeout=3):
     cfg, _info = job_config.plan_job({"job": job, "group": "group1", "source": {"uri": uri, "connect_timeout": connect_timeout},
-                                "encryption": "enabled", "config_dir": config_dir, "data_dir": data_dir, "store": None,
-                                "master_key": {"create": True}, "state": "present"}, None, source.check_source)
+                                      "encryption": "enabled", "config_dir": config_dir, "data_dir": data_dir, "store": None,
+                                      "master_key": {"create": True}, "state": "present"}, None, source.check_source)
     job_config.write_job(config_dir, cfg)
     return cfg
 
@@ -124,7 +124,7 @@ def _acked_write(db, coll, doc):
 
 
 def test_snapshot_holds_every_write_acknowledged_before_the_request(dirs, tmp_path, pki, kmip_server, mongo_server,
-                                                                   scratch_db):
+                                                                    scratch_db):
     """Under a write load, with the head seconds behind the source when the snapshot is requested: the snapshot holds
     the last write acknowledged before the request and every load document acknowledged before it, byte for byte."""
     config_dir, data_dir = dirs

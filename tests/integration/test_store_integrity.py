@@ -251,8 +251,8 @@ def daemon_host(tmp_path, pki, kmip_server):
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("mjob")
     job_config.write_job(cd, {"job": "mjob", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri="mongodb://unused"),
-                        "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
-                        "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
+                              "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
+                              "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "mjob")
     h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs_v(1)}, key=os.urandom(32))
     out = []
@@ -328,7 +328,7 @@ def test_snapshot_restore_compares_with_the_daemons_record(ansible, daemon_host)
     out = str(daemon_host["tmp"] / "out")
     args = dict(job="mjob", config_dir=daemon_host["config_dir"], target_dir=out)
     r = ansible.run([{SR: dict(args, data_dir=daemon_host["data_dir"])}, {SI: dict(job="mjob", config_dir=daemon_host["config_dir"],
-                                                                               data_dir=daemon_host["data_dir"])},
+                                                                                   data_dir=daemon_host["data_dir"])},
                      {SR: dict(args, data_dir=str(daemon_host["tmp"] / "fresh"))}])
     for res in r.results[:2]:
         assert res.get("failed") and res["error_kind"] == "catalog head", r.output[-3000:]
