@@ -322,8 +322,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_status, master_keys, source
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KeyInUseError, KmipBackupError
     IMPORT_ERROR = IMPORT_TRACE = None
 except ImportError as e:  # a missing third-party package of the core
     IMPORT_ERROR = e
@@ -373,10 +373,10 @@ def argument_spec():
 
 def run(module):
     p = module.params
-    job = jobs.check_name(p["job"])
+    job = job_config.check_name(p["job"])
     # refuse an unsafe config_dir before anything (a KMIP key included) is created
     config.check_config_dir(p["config_dir"], p["daemon_user"])
-    existing = jobs.load_job(p["config_dir"], job)
+    existing = job_config.load_job(p["config_dir"], job)
     result = {"changed": False, "resync_required": False, "rotated": False, "retired_master_key_uids": [],
               "revoked_master_key_uids": []}
     retire = p["retire_master_keys"] or []
@@ -387,18 +387,18 @@ def run(module):
         if p["rotate_master_key"] or retire:
             module.fail_json(msg="rotate_master_key and retire_master_keys need state present or stopped.", **result)
         result["changed"] = existing is not None
-        result["master_key_uids_needed"] = needed = jobs.master_keys_needed(existing) if existing else []
+        result["master_key_uids_needed"] = needed = master_keys.master_keys_needed(existing) if existing else []
         if needed:
             module.warn("The store %s keeps the snapshots of job %s; they need master key(s) %s: keep those keys and a "
                         "certificate that can use them to restore them (kmipbackup.mongodb.snapshot_restore with store=%s)."
                         % (existing["store"], job, ", ".join(needed), existing["store"]))
         if module._diff:
-            result["diff"] = {"before": jobs.redact(existing) or {}, "after": {}}
+            result["diff"] = {"before": job_config.redact(existing) or {}, "after": {}}
         if existing is not None and not module.check_mode:
-            jobs.remove_job(p["config_dir"], job, p["daemon_user"])
+            job_config.remove_job(p["config_dir"], job, p["daemon_user"])
             if p["wait"]:
-                jobs.wait_removed(p["data_dir"], job, p["wait_timeout"])
-        st = jobs.read_status(p["data_dir"], job)
+                job_status.wait_removed(p["data_dir"], job, p["wait_timeout"])
+        st = job_status.read_status(p["data_dir"], job)
         result["status"] = st.get("state") if st else "INACTIVE"
         result["job_status"] = st or {}
         return result
@@ -411,30 +411,30 @@ def run(module):
     # retirement is checked first: a refusal must leave everything as it was, KMIP included
     retiring = known = []
     if retire:
-        _cfg, retiring, known = jobs.plan_retire(existing, retire, p["data_dir"])
+        _cfg, retiring, known = master_keys.plan_retire(existing, retire, p["data_dir"])
         if p["revoke"]:
-            jobs.check_not_shared(p["config_dir"], job, known)
+            master_keys.check_not_shared(p["config_dir"], job, known)
     master_key = dict(p["master_key"] or {})
     if master_key.get("uid"):
         master_key["create"] = False
-    new, info = jobs.plan_job(dict(p, master_key=master_key), existing, check_mode=module.check_mode)
+    new, info = job_config.plan_job(dict(p, master_key=master_key), existing, source.check_source, check_mode=module.check_mode)
     new["previous_master_key_uids"] = [u for u in new["previous_master_key_uids"] if u not in retiring]
     revoked = []
     if p["revoke"] and known:
-        revoked = jobs.revoke_keys(jobs.kmip_client(p["config_dir"], new["group"]), known, check_mode=module.check_mode)
+        revoked = master_keys.revoke_keys(master_keys.kmip_client(p["config_dir"], new["group"]), known, check_mode=module.check_mode)
     changed = new != existing or bool(revoked)
     result.update(changed=changed, master_key_uid=info["master_key_uid"], resync_required=info["resync_required"],
                   rotated=info["rotated"], retired_master_key_uids=retiring, revoked_master_key_uids=revoked,
-                  previous_master_key_uids=new["previous_master_key_uids"], job=jobs.redact(new))
+                  previous_master_key_uids=new["previous_master_key_uids"], job=job_config.redact(new))
     if module._diff:
-        result["diff"] = {"before": jobs.redact(existing) or {}, "after": jobs.redact(new)}
+        result["diff"] = {"before": job_config.redact(existing) or {}, "after": job_config.redact(new)}
     if new != existing and not module.check_mode:
-        jobs.write_job(p["config_dir"], new, p["daemon_user"])
+        job_config.write_job(p["config_dir"], new, p["daemon_user"])
     if p["wait"] and not module.check_mode:
-        jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
-    result["master_key_uids_needed"] = jobs.master_keys_needed(new)
-    st = jobs.read_status(p["data_dir"], job)
-    result["status"] = jobs.status_name(p["data_dir"], job, new, status=st)
+        job_status.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
+    result["master_key_uids_needed"] = master_keys.master_keys_needed(new)
+    st = job_status.read_status(p["data_dir"], job)
+    result["status"] = job_status.status_name(p["data_dir"], job, new, status=st)
     result["job_status"] = st or {}
     return result
 
@@ -449,7 +449,7 @@ def main():
     try:
         result = run(module)
     except KmipBackupError as e:
-        extra = {"master_key_users": e.needed} if isinstance(e, jobs.KeyInUseError) else {}
+        extra = {"master_key_users": e.needed} if isinstance(e, KeyInUseError) else {}
         module.fail_json(msg=str(e), error_kind=getattr(e, "kind", None) or type(e).__name__, **extra)
     module.exit_json(**result)
 

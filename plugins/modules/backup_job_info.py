@@ -124,7 +124,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_status
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
     IMPORT_ERROR = IMPORT_TRACE = None
 except ImportError as e:
@@ -143,18 +143,18 @@ def main():
                          % IMPORT_ERROR, exception=IMPORT_TRACE)
     p = module.params
     try:
-        names = p["job"] or jobs.list_jobs(p["config_dir"])
+        names = p["job"] or job_config.list_jobs(p["config_dir"])
         out = []
         for name in names:
-            cfg = jobs.load_job(p["config_dir"], name)
-            st = jobs.read_status(p["data_dir"], name)
+            cfg = job_config.load_job(p["config_dir"], name)
+            st = job_status.read_status(p["data_dir"], name)
             if cfg is None and st is None:
                 if p["job"]:
                     module.fail_json(msg="No backup job %s in %s: declare it with kmipbackup.mongodb.backup_job_encryption."
                                      % (name, p["config_dir"]))
                 continue
-            out.append({"job": name, "config": jobs.redact(cfg), "status": st or {},
-                        "status_name": jobs.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")})
+            out.append({"job": name, "config": job_config.redact(cfg), "status": st or {},
+                        "status_name": job_status.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")})
     except KmipBackupError as e:
         module.fail_json(msg=str(e))
     module.exit_json(changed=False, jobs=out)

@@ -147,7 +147,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, kmip, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    ansible_module, config, datadir, job_config, job_status, kmip, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError, StoreError
 
 
@@ -157,7 +158,7 @@ def store_root(params, cfg):
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store (the snapshot store folder) instead."
                           % (params["job"], config.jobs_dir(params["config_dir"])))
-    return jobs.store_root(cfg, config.DEFAULT_DATA_DIR)
+    return datadir.store_root(cfg, config.DEFAULT_DATA_DIR)
 
 
 def _listed(js, name):
@@ -169,7 +170,7 @@ def _listed(js, name):
 
 
 def info(params):
-    cfg = jobs.load_job(params["config_dir"], params["job"])  # None on a fresh host
+    cfg = job_config.load_job(params["config_dir"], params["job"])  # None on a fresh host
     root = store_root(params, cfg)
     if not os.path.isdir(root):
         raise StoreError("The snapshot store %s does not exist: check the store path (or mount it)." % root)
@@ -188,7 +189,7 @@ def info(params):
                 "snapshots": [dict(store.public_entry(e), authenticated=False) for e in entries],
                 "master_key_uids_needed": js.master_keys_needed(catalog)}
     encrypted = bool(cfg.get("encryption")) if cfg is not None else bool(js.keyring_records())
-    last_known = jobs.daemon_last_snapshot(params["data_dir"], params["job"])
+    last_known = job_status.daemon_last_snapshot(params["data_dir"], params["job"])
     with kmip.KmipClient(*settings) as client:
         keys = store.Keys(js, provider=client, encryption=encrypted)
         client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs")

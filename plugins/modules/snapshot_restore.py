@@ -317,7 +317,8 @@ import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config, jobs, kmip, restore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    ansible_module, config, datadir, job_config, job_status, kmip, restore, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
@@ -333,7 +334,7 @@ def store_root(p, cfg):
         return p["store"]
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder." % (p["job"], p["config_dir"]))
-    return jobs.store_root(cfg, p["data_dir"])
+    return datadir.store_root(cfg, p["data_dir"])
 
 
 def protected_folders(p, root):
@@ -399,7 +400,7 @@ class Restore:
 
     def run(self):
         p = self.p
-        cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
+        cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
         root = store_root(p, cfg)
         js = store.JobStore(root, config.validate_name(p["job"], "job name"))
         settings = ansible_module.kmip_settings(p, cfg)
@@ -408,7 +409,7 @@ class Restore:
         try:
             if settings is not None:
                 self.client = kmip.KmipClient(*settings)
-            self.last_known = jobs.daemon_last_snapshot(p["data_dir"], p["job"])
+            self.last_known = job_status.daemon_last_snapshot(p["data_dir"], p["job"])
             entry, self.keys = self._resolve(js, cfg)
             sid = entry["snapshot_id"]
             expect_encryption = check_encryption_expected(p, cfg, js, entry)
