@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Lab servers for tests and the quickstart: a generated PKI, a PyKMIP server and a
-SecantusDB (MongoDB wire) server, each a real subprocess stopped by PID.
+"""Lab servers for tests and the quickstart: a generated PKI, a PyKMIP server, a
+SecantusDB (MongoDB wire) server and, on request, a SeaweedFS S3 server with a bucket,
+each a real subprocess stopped by PID.
 
 For labs and tests only: the PKI's keys are unencrypted files under the lab folder and
 PyKMIP's server is not fit for production (see README, "Production KMIP servers").
 
-    python tools/kmipbackup_lab.py up   --dir DIR [--clients a,b]   # prints lab.json
+    python tools/kmipbackup_lab.py up   --dir DIR [--clients a,b] [--s3 [--bucket B]]   # prints lab.json
     python tools/kmipbackup_lab.py down --dir DIR
+
+lab.json never holds the S3 secret: it names the server's credentials file (s3.credentials_file,
+0600), which holds it.
 """
 import argparse
 import datetime
@@ -234,14 +238,19 @@ def _free_ports(n):
     return out
 
 
+def s3_secret(conf):
+    """The secret key in a SeaweedFS credentials file (s3.json) that start_s3_server wrote."""
+    with open(conf) as f:
+        return json.load(f)["identities"][0]["credentials"][0]["secretKey"]
+
+
 def start_s3_server(folder, port=None, access_key="kmipbackup-lab", secret_key=None):
     """Start SeaweedFS (`weed mini`: a real S3 server) on loopback. Returns {pid, port, endpoint, access_key,
     secret_key, dir, log}; the secret is written to folder/s3.json (0600), the server's credentials file."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     conf = os.path.join(folder, "s3.json")
     if secret_key is None and os.path.exists(conf):
-        with open(conf) as f:
-            secret_key = json.load(f)["identities"][0]["credentials"][0]["secretKey"]
+        secret_key = s3_secret(conf)
     secret_key = secret_key or secrets.token_urlsafe(24)
     _write_private(conf, json.dumps({"identities": [{
         "name": "kmipbackup", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
@@ -284,6 +293,17 @@ def _wait_s3(info, proc, timeout):
             time.sleep(0.2)
 
 
+def ensure_bucket(info, bucket):
+    """Create bucket on the lab S3 server unless it exists."""
+    import boto3
+    from botocore.config import Config
+    client = boto3.client("s3", endpoint_url=info["endpoint"], aws_access_key_id=info["access_key"],
+                          aws_secret_access_key=info["secret_key"], region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+    if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=bucket)
+
+
 def stop(pid, timeout=30):
     """SIGTERM the process group, then SIGKILL after timeout."""
     try:
@@ -322,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--dir", required=True)
     ap.add_argument("--clients", default="group1,group2")
     ap.add_argument("--no-mongo", action="store_true")
+    ap.add_argument("--s3", action="store_true", help="also run a SeaweedFS S3 server with a bucket")
+    ap.add_argument("--bucket", default="kmipbackup-lab", help="the bucket --s3 creates (default kmipbackup-lab)")
     a = ap.parse_args(argv)
     folder = os.path.abspath(a.dir)
     state_file = os.path.join(folder, "lab.json")
@@ -341,12 +363,20 @@ def main(argv=None):
         if not a.no_mongo and not (mongo and _alive(mongo["pid"])):
             state["mongo"] = start_mongo_server(os.path.join(folder, "mongo"),
                                                 port=(mongo or {}).get("port"))
+        s3 = state.get("s3")
+        if a.s3:
+            if not (s3 and _alive(s3["pid"])):  # a restart keeps its port and its secret (in s3.json)
+                s3 = start_s3_server(os.path.join(folder, "s3"), port=(s3 or {}).get("port"))
+            conf = os.path.join(s3["dir"], "s3.json")
+            ensure_bucket(dict(s3, secret_key=s3_secret(conf)), a.bucket)
+            state["s3"] = {k: v for k, v in s3.items() if k != "secret_key"}
+            state["s3"].update(bucket=a.bucket, credentials_file=conf)
         tmp = state_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, state_file)
     elif a.action == "down":
-        for name in ("mongo", "kmip"):
+        for name in ("s3", "mongo", "kmip"):
             if name in state:
                 stop(state[name]["pid"])
                 state[name]["pid"] = None
