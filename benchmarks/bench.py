@@ -92,18 +92,32 @@ def _job_store(args):
 
 
 def _measured(args, fn):
-    """fn() timed (and profiled with cProfile into args["profile"] when given): (seconds, result)."""
-    prof = None
+    """fn() timed: (seconds, result). With args["profile"], every thread is profiled (cProfile: the main thread and
+    the store's worker threads) and the merged stats written there."""
+    profiles = []
     if args.get("profile"):
         import cProfile
-        prof = cProfile.Profile()
-        prof.enable()
+        import threading
+
+        def start(*_a):  # the first event in a new thread: hand the thread to a profiler of its own
+            sys.setprofile(None)
+            p = cProfile.Profile()
+            profiles.append(p)
+            p.enable()
+        threading.setprofile(start)
+        start()
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
-    if prof is not None:
-        prof.disable()
-        prof.dump_stats(args["profile"])
+    if profiles:
+        import pstats
+        threading.setprofile(None)
+        profiles[0].disable()
+        stats = pstats.Stats(profiles[0])
+        for p in profiles[1:]:
+            p.create_stats()
+            stats.add(p)
+        stats.dump_stats(args["profile"])
     return seconds, result
 
 
@@ -509,7 +523,7 @@ def section_s3(opts, work, table, found):
         table.add("s3", "incremental snapshot: peak RSS (child process)", inc["rss_mb"], "MB", inc["rss_mb"] / 300.0, "<=1.0 of 300 MB")
         print("    storage calls (count, seconds summed over threads): %s" % _calls_text(inc), flush=True)
         if prof:
-            print("  cProfile of the children (main thread): %s" % (prof % "{snapshot,restore,incremental}"))
+            print("  cProfile of the children (all threads): %s" % (prof % "{snapshot,restore,incremental}"))
     finally:
         if s3:
             lab.stop(s3["pid"])
@@ -687,7 +701,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="snapshot,s3,sync,events,rekey",
                     help="comma-separated sections: snapshot, s3, sync, events, rekey")
-    ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (main thread) into this folder")
+    ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (all threads) into this folder")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
