@@ -426,11 +426,13 @@ def _requests_text(r):
     return "%d (%s)" % (sum(req.values()), ", ".join("%s %d" % kv for kv in sorted(req.items(), key=lambda kv: -kv[1])))
 
 
-def _bucket_bytes(client, bucket):
-    total = 0
+def _bucket_usage(client, bucket):
+    """(bytes, objects) in bucket."""
+    total = count = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         total += sum(o["Size"] for o in page.get("Contents", []))
-    return total
+        count += len(page.get("Contents", []))
+    return total, count
 
 
 def section_s3(opts, work, table, found):
@@ -470,7 +472,7 @@ def section_s3(opts, work, table, found):
         table.add("s3", "full snapshot: CPU time (user+sys, child process)", full["cpu"], "s")
         table.add("s3", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
         table.add("s3", "full snapshot: S3 requests (by operation)", _requests_text(full))
-        table.add("s3", "full snapshot: chunks written", full["written_chunks"], "chunks")
+        table.add("s3", "full snapshot: chunks written (one object each)", full["written_chunks"], "chunks")
         table.add("s3", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
         print("    storage calls (count, seconds summed over threads): %s" % _calls_text(full), flush=True)
 
@@ -484,7 +486,9 @@ def section_s3(opts, work, table, found):
             restic_rate = data_bytes / seconds / mb
             table.add("s3", "restic backup into a bucket of the same server", restic_rate, "MB/s")
             table.add("s3", "restic backup: CPU time (user+sys)", cpu, "s")
-            table.add("s3", "restic backup: bucket bytes", _bucket_bytes(client, "restic") / mb, "MB")
+            nbytes, objects = _bucket_usage(client, "restic")
+            table.add("s3", "restic backup: bucket bytes", nbytes / mb, "MB")
+            table.add("s3", "restic backup: objects in its bucket (pack files, index, keys, config, snapshot)", objects, "objects")
             table.add("s3", "snapshot vs restic backup, both into S3 (speed)", full_rate / restic_rate, "x",
                       full_rate / restic_rate, ">=1.0")
         else:
