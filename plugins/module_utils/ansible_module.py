@@ -76,19 +76,19 @@ def store_reader_spec():
                 **data_dir_spec())
 
 
-def mongodb_connection_spec(required=False):
-    """A MongoDB connection, one nested dict with the same suboptions everywhere (a job's source, a restore target);
-    the core builds its client from it (source.client_options)."""
-    return dict(type="dict", required=required, options=dict(
+def mongodb_connection_spec(defaults):
+    """A MongoDB connection, one nested dict with the same suboptions everywhere (a job's source, a restore target),
+    defaults from the core (defaults: its dict of them); the core builds its client from it (source.client_options)."""
+    return dict(type="dict", options=dict(
         uri=dict(type="str", required=True, no_log=False),
-        tls=dict(type="bool", default=False),
+        tls=dict(type="bool", default=defaults["tls"]),
         tls_ca_file=dict(type="path"),
         tls_certificate_key_file=dict(type="path", no_log=False),
         username=dict(type="str"),
         password=dict(type="str", no_log=True),
         auth_mechanism=dict(type="str"),
         auth_source=dict(type="str"),
-        connect_timeout=dict(type="int", default=10),
+        connect_timeout=dict(type="int", default=defaults["connect_timeout"]),
     ))
 
 

@@ -18,6 +18,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError, StoreError)
 
 NO_KMIP = "No KMIP access configured"
+CONNECTION_DEFAULTS = jobs.SOURCE_DEFAULTS  # target_mongodb has the options of a job's source
 
 
 def kmip_settings(p, cfg):

@@ -339,7 +339,7 @@ def argument_spec():
         job=dict(type="str", required=True),
         snapshot=dict(type="str", default="latest"),
         store=dict(type="path"),
-        target_mongodb=mongodb_connection_spec(),
+        target_mongodb=mongodb_connection_spec(restore_request.CONNECTION_DEFAULTS),
         target_dir=dict(type="path"),
         target_archive=dict(type="path"),
         restore_info_file=dict(type="path"),
