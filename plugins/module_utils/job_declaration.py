@@ -17,7 +17,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import C
 
 STATES = ("present", "absent", "stopped")
 ENCRYPTION = ("enabled", "disabled")
-DEFAULT_WAIT_TIMEOUT = 600
+DEFAULT_WAIT_TIMEOUT = 600  # seconds a module waits for the daemon by default (a job ready or gone, an answer)
 
 
 def declare(p, check_mode=False):
