@@ -115,7 +115,25 @@ options:
         module runs as, or by this user, and must not be writable by their group or others; otherwise the module fails
         and changes nothing (it does not tighten them).
       - Inside them, files and folders are opened without following symbolic links; a link where a file or folder is
-        expected is refused. New files and folders take the owner of the folder they are created in.
+        expected is refused. New files and folders take the owner of the folder they are created in, unless the
+        module sets an explicit owner (C(file_owner) and C(file_group), where it has them).
     type: str
     default: kmipbackup
+'''
+
+    # Explicit ownership of what the configuration-writing modules write (as openssl_privatekey's owner and group).
+    FILE_OWNER = r'''
+options:
+  file_owner:
+    description:
+      - User (name or uid) that owns O(config_dir) and the file this module writes there (and the folder it is in),
+        usually the Backup Daemon's user so that it can read its configuration; set (and reported as a change) when it
+        differs, also when the content is unchanged.
+      - Must be root, the user the module runs as, or O(daemon_user) (the owners O(config_dir) may have).
+      - When not set, new files and folders take the owner of the folder they are created in and nothing is changed
+        on existing ones.
+    type: str
+  file_group:
+    description: Group (name or gid) of O(config_dir) and the file this module writes there, as O(file_owner).
+    type: str
 '''

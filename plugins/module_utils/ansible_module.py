@@ -43,8 +43,8 @@ def daemon_user_spec():
 
 
 def file_owner_spec():
-    """Who owns the files and folders a module creates in config_dir (the kmipbackup.mongodb.kmip.DAEMON_USER fragment)."""
-    return dict(file_owner=dict(type="str"))
+    """Who owns config_dir and the files a module writes in it (the kmipbackup.mongodb.kmip.FILE_OWNER fragment)."""
+    return dict(file_owner=dict(type="str"), file_group=dict(type="str"))
 
 
 def kmip_connection_spec(retries=False):

@@ -25,6 +25,7 @@ def declare(p, check_mode=False):
     job = jobs.check_name(p["job"])
     # refuse an unsafe config_dir before anything (a KMIP key included) is created
     config.check_config_dir(p["config_dir"], p["daemon_user"])
+    owner = config.file_owner(p["file_owner"], p["file_group"], p["daemon_user"])
     existing = jobs.load_job(p["config_dir"], job)
     retire = p["retire_master_keys"] or []
     if p["revoke"] and not retire:
@@ -63,6 +64,8 @@ def declare(p, check_mode=False):
               "diff": {"before": jobs.redact(existing) or {}, "after": jobs.redact(new)}}
     if new != existing and not check_mode:
         jobs.write_job(p["config_dir"], new, p["daemon_user"])
+    if config.set_owner(p["config_dir"], ["jobs/%s.yml" % job], owner, p["daemon_user"], check_mode):
+        result["changed"] = True
     if p["wait"] and not check_mode:
         jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
     result["master_key_uids_needed"] = jobs.master_keys_needed(new)

@@ -24,6 +24,7 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.kmip.FILE_OWNER
   - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
@@ -364,7 +365,7 @@ def argument_spec():
 
 def main():
     # a source.uri with user:password@ is refused: keep that password out of invocation.module_args and messages
-    module = KmipBackupModule(argument_spec, shared=("config_dir", "data_dir", "daemon_user"), import_error=IMPORT_ERROR,
+    module = KmipBackupModule(argument_spec, shared=("config_dir", "data_dir", "daemon_user", "file_owner"), import_error=IMPORT_ERROR,
                               secret_values=[lambda p: (p["source"] or {}).get("uri")])
     module.run(job_declaration.declare, module.params, check_mode=module.check_mode)
 

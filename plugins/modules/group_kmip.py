@@ -25,6 +25,7 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.kmip
   - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.kmip.FILE_OWNER
   - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
@@ -188,6 +189,7 @@ def present(module, config_dir):
 def run(module):
     p = module.params
     config.check_config_dir(p["config_dir"], p["daemon_user"])
+    owner = config.file_owner(p["file_owner"], p["file_group"], p["daemon_user"])
     path = config.group_path(p["config_dir"], p["group"])
     before = config.read_raw(path)
     if before is not None and not isinstance(before, dict):
@@ -199,6 +201,8 @@ def run(module):
         changed = before != after
         if changed and not module.check_mode:
             config.save_group(p["config_dir"], grp, p["daemon_user"])
+        changed |= config.set_owner(p["config_dir"], ["groups/" + os.path.basename(path)], owner, p["daemon_user"],
+                                    module.check_mode)
         result.update(info, warnings=list(info["cert_warnings"]))
     else:
         after = None
@@ -216,7 +220,7 @@ def main():
         state=dict(type="str", default="present", choices=["present", "absent"]),
         verify=dict(type="bool", default=False),
     )
-    module = KmipBackupModule(spec, shared=("config_dir", "daemon_user"), required_if=[("state", "present", ("client_cert_file",))])
+    module = KmipBackupModule(spec, shared=("config_dir", "daemon_user", "file_owner"), required_if=[("state", "present", ("client_cert_file",))])
     module.run(run, module)
 
 

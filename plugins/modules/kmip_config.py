@@ -21,6 +21,7 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.kmip
   - kmipbackup.mongodb.kmip.CONNECTION
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.kmip.FILE_OWNER
   - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
@@ -153,6 +154,7 @@ def configure(module, config_dir, path, before):
 def run(module):
     p = module.params
     config.check_config_dir(p["config_dir"], p["daemon_user"])
+    owner = config.file_owner(p["file_owner"], p["file_group"], p["daemon_user"])
     path = config.kmip_path(p["config_dir"])
     before = config.read_raw(path)
     if before is not None and not isinstance(before, dict):
@@ -160,6 +162,7 @@ def run(module):
     result = dict(path=path)
     if p["state"] == "present":
         changed, after, servers = configure(module, p["config_dir"], path, before)
+        changed |= config.set_owner(p["config_dir"], ["kmip.yml"], owner, p["daemon_user"], module.check_mode)
         result.update(config=after, servers=servers)
     else:
         changed, after = before is not None, None
@@ -175,7 +178,7 @@ def main():
         state=dict(type="str", default="present", choices=["present", "absent"]),
         verify=dict(type="bool", default=False),
     )
-    module = KmipBackupModule(spec, shared=("config_dir", "daemon_user"), required_if=[("state", "present", ("kmip_servers", "kmip_ca_file"))],
+    module = KmipBackupModule(spec, shared=("config_dir", "daemon_user", "file_owner"), required_if=[("state", "present", ("kmip_servers", "kmip_ca_file"))],
                               secret_values=[lambda p: p["kmip_servers"]])  # a user:password@host entry is refused, never echoed
     module.run(run, module)
 
