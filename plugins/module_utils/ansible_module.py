@@ -104,11 +104,13 @@ class KmipBackupModule(AnsibleModule):
     def __init__(self, argument_spec, shared=(), import_error=None, secret_values=(), **kwargs):
         kwargs.setdefault("supports_check_mode", True)
         if import_error is not None:
-            # the argument spec may need the core: take what was given (hidden) only to report what is missing
-            given = {k: dict(type="raw", no_log=True) for k in basic._load_params() if not k.startswith("_ansible_")}
-            super().__init__(argument_spec=given, supports_check_mode=True)
+            # the argument spec may need the core: accept what was given only to report what is missing, and
+            # neither log nor echo it (it may hold secrets)
+            given = {k: dict(type="raw") for k in basic._load_params() if not k.startswith("_ansible_")}
+            super().__init__(argument_spec=given, supports_check_mode=True, no_log=True)
             self.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
-                           % import_error.strip().splitlines()[-1], exception=import_error, error_kind="missing_requirement")
+                           % import_error.strip().splitlines()[-1], exception=import_error, error_kind="missing_requirement",
+                           invocation={"module_args": "not shown: the module could not start"})
         spec = {}
         for name in shared:
             spec.update(SHARED_SPECS[name]())
