@@ -144,9 +144,16 @@ error_kind:
 '''
 
 import os
+import traceback
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, certs, config, kmip
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
+
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs, config, kmip
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
 def check_keys(kcfg, grp, config_dir):
@@ -212,15 +219,19 @@ def run(module):
     return dict(result, changed=changed, diff=ansible_module.diff(before, after))
 
 
-def main():
-    spec = dict(
+def argument_spec():
+    return dict(
         ansible_module.client_cert_spec(),
         group=dict(type="str", required=True),
         expiry_warning_days=dict(type="int", default=certs.DEFAULT_WARN_DAYS),
         state=dict(type="str", default="present", choices=["present", "absent"]),
         verify=dict(type="bool", default=False),
     )
-    module = KmipBackupModule(spec, shared=("config_dir", "daemon_user", "file_owner"), required_if=[("state", "present", ("client_cert_file",))])
+
+
+def main():
+    module = KmipBackupModule(argument_spec, shared=("config_dir", "daemon_user", "file_owner"), import_error=IMPORT_ERROR,
+                              required_if=[("state", "present", ("client_cert_file",))])
     module.run(run, module)
 
 

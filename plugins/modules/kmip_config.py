@@ -123,9 +123,16 @@ error_kind:
 '''
 
 import os
+import traceback
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, certs, config, kmip
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
+
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs, config, kmip
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
 def configure(module, config_dir, path, before):
@@ -172,14 +179,19 @@ def run(module):
     return dict(result, changed=changed, diff=ansible_module.diff(before, after))
 
 
-def main():
-    spec = dict(
+def argument_spec():
+    return dict(
         ansible_module.kmip_connection_spec(retries=True),
         state=dict(type="str", default="present", choices=["present", "absent"]),
         verify=dict(type="bool", default=False),
     )
-    module = KmipBackupModule(spec, shared=("config_dir", "daemon_user", "file_owner"), required_if=[("state", "present", ("kmip_servers", "kmip_ca_file"))],
-                              secret_values=[lambda p: p["kmip_servers"]])  # a user:password@host entry is refused, never echoed
+
+
+def main():
+    # a user:password@host entry in kmip_servers is refused, and its password never echoed
+    module = KmipBackupModule(argument_spec, shared=("config_dir", "daemon_user", "file_owner"), import_error=IMPORT_ERROR,
+                              required_if=[("state", "present", ("kmip_servers", "kmip_ca_file"))],
+                              secret_values=[lambda p: p["kmip_servers"]])
     module.run(run, module)
 
 
