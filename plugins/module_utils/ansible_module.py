@@ -96,6 +96,16 @@ SHARED_SPECS = {"config_dir": config_dir_spec, "data_dir": data_dir_spec, "daemo
                 "file_owner": file_owner_spec, "store_reader": store_reader_spec}
 
 
+def full_spec(argument_spec, shared=()):
+    """A module's whole argument spec: the shared pieces named in shared (keys of SHARED_SPECS), then its own
+    argument_spec (a dict, or a function returning one)."""
+    spec = {}
+    for name in shared:
+        spec.update(SHARED_SPECS[name]())
+    spec.update(argument_spec() if callable(argument_spec) else argument_spec)
+    return spec
+
+
 class KmipBackupModule(AnsibleModule):
     """AnsibleModule with the collection's shared options (shared: names of SHARED_SPECS), check mode, one report
     of a core that cannot be imported (import_error: the traceback of the module's guarded core import) and one way
@@ -111,11 +121,7 @@ class KmipBackupModule(AnsibleModule):
             self.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
                            % import_error.strip().splitlines()[-1], exception=import_error, error_kind="missing_requirement",
                            invocation={"module_args": "not shown: the module could not start"})
-        spec = {}
-        for name in shared:
-            spec.update(SHARED_SPECS[name]())
-        spec.update(argument_spec() if callable(argument_spec) else argument_spec)
-        super().__init__(argument_spec=spec, **kwargs)
+        super().__init__(argument_spec=full_spec(argument_spec, shared), **kwargs)
         for value in secret_values:  # a user:password@ in these parameters is masked wherever it shows
             self.hide_userinfo(value(self.params))
 

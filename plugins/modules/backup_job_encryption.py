@@ -363,9 +363,12 @@ def argument_spec():
     )
 
 
+SHARED = ("config_dir", "data_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
+
+
 def main():
     # a source.uri with user:password@ is refused: keep that password out of invocation.module_args and messages
-    module = KmipBackupModule(argument_spec, shared=("config_dir", "data_dir", "daemon_user", "file_owner"), import_error=IMPORT_ERROR,
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
                               secret_values=[lambda p: (p["source"] or {}).get("uri")])
     module.run(job_declaration.declare, module.params, check_mode=module.check_mode)
 

@@ -160,8 +160,11 @@ def info(p):
     return {"changed": False, "jobs": [j for j in out if j is not None]}
 
 
+SHARED = ("config_dir", "data_dir")  # the base's shared options this module takes
+
+
 def main():
-    module = KmipBackupModule(dict(job=dict(type="list", elements="str")), shared=("config_dir", "data_dir"),
+    module = KmipBackupModule(dict(job=dict(type="list", elements="str")), shared=SHARED,
                               import_error=IMPORT_ERROR)
     module.run(info, module.params)
 

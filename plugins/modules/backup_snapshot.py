@@ -233,8 +233,11 @@ def argument_spec():
     )
 
 
+SHARED = ("config_dir", "data_dir", "daemon_user")  # the base's shared options this module takes
+
+
 def main():
-    module = KmipBackupModule(argument_spec, shared=("config_dir", "data_dir", "daemon_user"), import_error=IMPORT_ERROR)
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR)
     p = module.params
     cfg = module.call(load, p)
     if module.check_mode:

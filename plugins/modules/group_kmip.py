@@ -229,8 +229,11 @@ def argument_spec():
     )
 
 
+SHARED = ("config_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
+
+
 def main():
-    module = KmipBackupModule(argument_spec, shared=("config_dir", "daemon_user", "file_owner"), import_error=IMPORT_ERROR,
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
                               required_if=[("state", "present", ("client_cert_file",))])
     module.run(run, module)
 

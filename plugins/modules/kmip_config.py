@@ -187,9 +187,12 @@ def argument_spec():
     )
 
 
+SHARED = ("config_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
+
+
 def main():
     # a user:password@host entry in kmip_servers is refused, and its password never echoed
-    module = KmipBackupModule(argument_spec, shared=("config_dir", "daemon_user", "file_owner"), import_error=IMPORT_ERROR,
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
                               required_if=[("state", "present", ("kmip_servers", "kmip_ca_file"))],
                               secret_values=[lambda p: p["kmip_servers"]])
     module.run(run, module)

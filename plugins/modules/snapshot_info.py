@@ -170,8 +170,11 @@ def argument_spec():
     )
 
 
+SHARED = ("store_reader",)  # the base's shared options this module takes
+
+
 def main():
-    module = KmipBackupModule(argument_spec, shared=("store_reader",), import_error=IMPORT_ERROR)
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR)
     module.run(restore_request.list_snapshots, module.params)
 
 

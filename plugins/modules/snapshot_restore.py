@@ -354,8 +354,11 @@ def argument_spec():
     )
 
 
+SHARED = ("store_reader",)  # the base's shared options this module takes
+
+
 def main():
-    module = KmipBackupModule(argument_spec, shared=("store_reader",), import_error=IMPORT_ERROR,
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
                               mutually_exclusive=[TARGETS], required_one_of=[TARGETS],
                               secret_values=[lambda p: (p["target_mongodb"] or {}).get("uri")])
     module.run(restore_request.run_restore, module.params, check_mode=module.check_mode)

@@ -17,22 +17,22 @@ from ansible_collections.kmipbackup.mongodb.plugins.modules import backup_job_en
 from daemon_helper import write_kmip_setup
 
 
-def defaults(spec):
-    return {name: opt.get("default") for name, opt in spec.items()}
+def request(module, **kw):
+    """A module's parameters: its whole argument spec's defaults (shared options included), then kw."""
+    spec = ansible_module.full_spec(module.argument_spec, module.SHARED)
+    return dict({name: opt.get("default") for name, opt in spec.items()}, **kw)
 
 
 def restore_params(**kw):
-    return dict(defaults(dict(ansible_module.store_reader_spec(), **snapshot_restore.argument_spec())), **kw)
+    return request(snapshot_restore, **kw)
 
 
 def info_params(**kw):
-    return dict(defaults(dict(ansible_module.store_reader_spec(), **snapshot_info.argument_spec())), **kw)
+    return request(snapshot_info, **kw)
 
 
 def declaration(cd, dd, **kw):
-    spec = dict(backup_job_encryption.argument_spec(), **ansible_module.config_dir_spec(), **ansible_module.data_dir_spec(),
-                **ansible_module.daemon_user_spec())
-    return dict(defaults(spec), config_dir=cd, data_dir=dd, daemon_user=str(os.geteuid()), **kw)
+    return request(backup_job_encryption, config_dir=cd, data_dir=dd, daemon_user=str(os.geteuid()), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,9 @@ def test_declare_checks_creates_is_idempotent_and_refuses_to_retire_the_current_
     assert jobs.load_job(cd, job)["master_key_uid"] == first["master_key_uid"]
     again = job_declaration.declare(p)
     assert again["changed"] is False and again["master_key_uid"] == first["master_key_uid"]
+    assert job_declaration.declare(dict(p, file_owner=str(os.geteuid()), file_group=str(os.getegid())))["changed"] is False
+    with pytest.raises(ConfigError, match="may not own config_dir"):
+        job_declaration.declare(dict(p, file_owner="4242"))
     with pytest.raises(jobs.KeyInUseError) as e:
         job_declaration.declare(dict(p, retire_master_keys=[first["master_key_uid"]]))
     assert e.value.details == {"master_key_users": {first["master_key_uid"]: ["current master key"]}}
