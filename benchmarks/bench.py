@@ -111,7 +111,7 @@ def run_child(kind, args):
 def build_head(path, gen, total_docs):
     """An encrypted head holding total_docs generated documents in 4 collections, consistent."""
     import bson
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson
     from data import namespaces
     h = head.Head(path, HEAD_KEY)
     id_spec = bson.encode({"v": 2, "key": {"_id": 1}, "name": "_id_"})
@@ -121,7 +121,7 @@ def build_head(path, gen, total_docs):
         for s in range(start, start + count, 20000):
             docs = gen.raws(s, min(20000, start + count - s))
             with h.write() as w:
-                w.upsert_many(ns, [(head.id_key_from_document(d), d) for d in docs], track=False)
+                w.upsert_many(ns, [(rawbson.id_key_from_document(d), d) for d in docs], track=False)
     with h.write() as w:
         w.set_position(b"bench-token", [1760000000, 1], True)
     h.checkpoint()
@@ -156,7 +156,7 @@ def _ranges(r, ns):
 def change_one_percent(head_path, gen, total_docs):
     """1% of the documents change: 0.5% updates (every 4th document among the newest 2%), 0.5% inserts of new ids.
     Returns the number of changed documents."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson
     from data import namespaces
     h = head.Head(head_path, HEAD_KEY)
     changed = 0
@@ -167,11 +167,11 @@ def change_one_percent(head_path, gen, total_docs):
             recent = start + count - 4 * updates  # updates: every 4th of the newest 2% of the documents
             for i in range(recent, start + count, 4):
                 raw = gen.raw(i, version=1)
-                w.upsert(ns, head.id_key_from_document(raw), raw)
+                w.upsert(ns, rawbson.id_key_from_document(raw), raw)
                 changed += 1
             for i in range(inserts):
                 raw = gen.raw(10_000_000 * (1 + namespaces(total_docs).index((ns, start, count))) + i)
-                w.upsert(ns, head.id_key_from_document(raw), raw)
+                w.upsert(ns, rawbson.id_key_from_document(raw), raw)
                 changed += 1
         w.set_position(b"bench-token-2", [1760000100, 1], True)
     h.close()

@@ -26,8 +26,8 @@ def write_kmip_setup(config_dir, pki, kmip_port, groups=("group1",), protocol="k
 
 
 def read_status(data_dir, job):
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
-    return jobs.read_status(data_dir, job)
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_status
+    return job_status.read_status(data_dir, job)
 
 
 class DaemonProcess:

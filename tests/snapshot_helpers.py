@@ -10,7 +10,7 @@ import zstandard
 from bson import Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding, aes_key_wrap_with_padding
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head as headmod
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head as headmod, rawbson, storenames, timeutil
 
 
 class LocalKeyProvider:
@@ -60,7 +60,7 @@ def source_image(mc, dbname):
     from bson.codec_options import CodecOptions
     from bson.raw_bson import RawBSONDocument
     db = mc.get_database(dbname, codec_options=CodecOptions(document_class=RawBSONDocument))
-    return {"%s.%s" % (dbname, c): {headmod.id_key_from_document(r.raw): r.raw for r in db[c].find()}
+    return {"%s.%s" % (dbname, c): {rawbson.id_key_from_document(r.raw): r.raw for r in db[c].find()}
             for c in db.list_collection_names()}
 
 
@@ -71,15 +71,15 @@ def restored_image(folder, dbname):
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
         if name.endswith(".bson"):
             with open(os.path.join(d, name), "rb") as f:
-                out["%s.%s" % (dbname, name[:-5])] = {headmod.id_key_from_document(r): bytes(r)
-                                                      for r in headmod.split_bson_docs(f.read())}
+                out["%s.%s" % (dbname, name[:-5])] = {rawbson.id_key_from_document(r): bytes(r)
+                                                      for r in rawbson.split_bson_docs(f.read())}
     return out
 
 
 def upsert_docs(w, ns, docs):
     for d in docs:
         raw = d if isinstance(d, bytes) else bson.encode(d)
-        w.upsert(ns, headmod.id_key_from_document(raw), raw)
+        w.upsert(ns, rawbson.id_key_from_document(raw), raw)
 
 
 def make_head(path, namespaces, key=None, cluster_time=(1760000000, 1), indexes=None):
@@ -96,7 +96,7 @@ def make_head(path, namespaces, key=None, cluster_time=(1760000000, 1), indexes=
 
 
 def split_docs(blob):
-    return headmod.split_bson_docs(blob)
+    return rawbson.split_bson_docs(blob)
 
 
 def read_archive(path):
@@ -196,8 +196,8 @@ def forge_null_snapshot(js, like, namespaces, encryption, new=False):
     chunks and manifest (key id "none") and a catalog entry with a public checksum, claiming encryption
     as given. namespaces {ns: [docs]}; like: a real catalog entry to copy fields from; new: a new snapshot
     id (then the latest), else like's id is overwritten. Returns the snapshot id."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import snapshot, store
-    sid = snapshot.new_snapshot_id(store.utcnow()) if new else like["snapshot_id"]
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+    sid = storenames.new_snapshot_id(timeutil.utcnow()) if new else like["snapshot_id"]
     out = []
     for ns, docs in namespaces.items():
         plain = b"".join(bson.encode(d) for d in docs)
@@ -207,7 +207,7 @@ def forge_null_snapshot(js, like, namespaces, encryption, new=False):
         chunks = [{"id": cid, "key": "none", "first": Binary(b"a"), "last": Binary(b"b"), "count": len(docs), "bytes": len(plain),
                    "sha256": Binary(digest), "stored": 1}]
         out.append({"ns": ns, "uuid": None, "options": Binary(bson.encode({})), "indexes": [], "incarnation": 1, "type": "collection",
-                    "count": len(docs), "bytes": len(plain), "stored": 1, "hash": snapshot.namespace_hash(chunks), "chunks": chunks})
+                    "count": len(docs), "bytes": len(plain), "stored": 1, "hash": storenames.namespace_hash(chunks), "chunks": chunks})
     manifest = {"format": like["format"], "job": js.job, "snapshot_id": sid, "created": like["created"],
                 "cluster_time": like["cluster_time"], "change_seq": 0, "head_path": "forged", "namespaces": out}
     sha, _size = js.put_manifest(sid, manifest, "none", None)

@@ -23,7 +23,7 @@ except ImportError:  # the core reports the missing package when MongoDB is used
     class PyMongoError(Exception):
         pass
 
-REDACTED = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
+REDACTED = config.REDACTED  # the core's one marker for a whole secret value
 KMIP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(config.KmipConfig) if f.default is not dataclasses.MISSING}
 SECRET_KEYS = frozenset(("client_cert_password", "password"))
 

@@ -48,7 +48,7 @@ class CertInfo:
     fingerprint_sha256: str
     warnings: list
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
@@ -78,7 +78,7 @@ def _certs_in(data, path, what):
                                % (what, path), kind="unreadable") from None
 
 
-def load_ca_certs(ca_file):
+def load_ca_certs(ca_file: str) -> list:
     """The certificates in a PEM CA file; each must be a CA certificate."""
     _require()
     certs = _certs_in(_read(ca_file, "CA file"), ca_file, "CA file")
@@ -118,7 +118,7 @@ def _public_bytes(pub):
     return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def load_credential(cert_file, key_file=None, password=None):
+def load_credential(cert_file: str, key_file: str | None = None, password: str | None = None) -> Credential:
     """Read a client credential; CertificateError(kind=unreadable|password|key_mismatch) when unusable."""
     _require()
     data = _read(cert_file, "client certificate file")
@@ -165,11 +165,12 @@ def _chains_to(leaf, intermediates, roots, now):
     return False
 
 
-def fingerprint(cert):
+def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
-def check_client_certificate(cert_file, key_file=None, password=None, ca_file=None, warn_days=DEFAULT_WARN_DAYS, now=None):
+def check_client_certificate(cert_file: str, key_file: str | None = None, password: str | None = None, ca_file: str | None = None,
+                             warn_days: int = DEFAULT_WARN_DAYS, now: datetime.datetime | None = None) -> CertInfo:
     """Validate a KMIP client credential and return its CertInfo; CertificateError with .kind
     (unreadable, password, key_mismatch, expired, not_yet_valid, no_client_auth, cn, untrusted)."""
     cred = load_credential(cert_file, key_file, password)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from urllib.parse import unquote
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
@@ -27,37 +28,38 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:-]+$")
 # user:password@ in a URI or a host entry (the password stops at '/', '@' or a space)
 _USERINFO = re.compile(r"([^\s/@:\[\]]+):([^\s/@]+)@")
-MASK = "********"
+MASK = "********"  # a secret inside a text (a URI's user:password@, a message)
+# a whole secret value shown in output or a diff: the marker Ansible itself uses for no_log values
+REDACTED = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
 
 
-def userinfo_secrets(text):
+def userinfo_secrets(text: str | None) -> set:
     """The passwords of every user:password@ in text, as written and percent-decoded."""
-    from urllib.parse import unquote
     out = set()
     for m in _USERINFO.finditer(str(text or "")):
         out.update(v for v in (m.group(2), unquote(m.group(2))) if v)
     return out
 
 
-def mask_userinfo(text):
+def mask_userinfo(text: str) -> str:
     """text with the password of every user:password@ replaced by ********."""
     return _USERINFO.sub(lambda m: "%s:%s@" % (m.group(1), MASK), str(text))
 
 
-def validate_name(name, what="name"):
+def validate_name(name: str, what: str = "name") -> str:
     """Return name when it is a safe file name ([A-Za-z0-9_.-]+), else raise ConfigError."""
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
         raise ConfigError("invalid %s %r: use letters, digits, '_', '.' and '-' only" % (what, name))
     return name
 
 
-def open_config_dir(config_dir, daemon_user=DEFAULT_DAEMON_USER, create=True):
+def open_config_dir(config_dir: str, daemon_user: str = DEFAULT_DAEMON_USER, create: bool = True) -> files.Folder | None:
     """config_dir as a files.Folder for writing: refused when it is a link, writable by others or owned by a user
     other than root, the running user or daemon_user (see files.open_root); None when missing and not create."""
     return files.open_root(config_dir, "config_dir", files.trusted_owners(daemon_user), create)
 
 
-def check_config_dir(config_dir, daemon_user=DEFAULT_DAEMON_USER):
+def check_config_dir(config_dir: str, daemon_user: str = DEFAULT_DAEMON_USER) -> None:
     """Refuse (UnsafePathError) an existing config_dir that open_config_dir would refuse, before anything (a KMIP key,
     a file) is created; a missing one is fine (it is created 0700)."""
     folder = open_config_dir(config_dir, daemon_user, create=False)
@@ -65,7 +67,7 @@ def check_config_dir(config_dir, daemon_user=DEFAULT_DAEMON_USER):
         folder.close()
 
 
-def file_owner(owner=None, group=None, daemon_user=DEFAULT_DAEMON_USER):
+def file_owner(owner: str | None = None, group: str | None = None, daemon_user: str = DEFAULT_DAEMON_USER) -> tuple[int, int]:
     """(uid, gid) of the owner and group (names or numbers; None: -1, left as it is) that config files get; checked
     before anything is written: the owner must be one config_dir may have (root, the running user or daemon_user)."""
     uid, gid = files.resolve_owner(owner, group)
@@ -75,7 +77,8 @@ def file_owner(owner=None, group=None, daemon_user=DEFAULT_DAEMON_USER):
     return uid, gid
 
 
-def set_owner(config_dir, paths, ids, daemon_user=DEFAULT_DAEMON_USER, check_mode=False):
+def set_owner(config_dir: str, paths: list, ids: tuple[int, int], daemon_user: str = DEFAULT_DAEMON_USER,
+              check_mode: bool = False) -> bool:
     """Give config_dir and paths in it (relative, "/"-separated; the folders on the way too) the (uid, gid) of
     file_owner (-1 leaves one as it is), never following a link; True when something changed (in check mode: would;
     a path not written yet counts as a change)."""
@@ -102,27 +105,27 @@ def set_owner(config_dir, paths, ids, daemon_user=DEFAULT_DAEMON_USER, check_mod
     return changed
 
 
-def kmip_path(config_dir=DEFAULT_CONFIG_DIR):
+def kmip_path(config_dir: str = DEFAULT_CONFIG_DIR) -> str:
     return os.path.join(config_dir, "kmip.yml")
 
 
-def groups_dir(config_dir=DEFAULT_CONFIG_DIR):
+def groups_dir(config_dir: str = DEFAULT_CONFIG_DIR) -> str:
     return os.path.join(config_dir, "groups")
 
 
-def group_path(config_dir, group):
+def group_path(config_dir: str, group: str) -> str:
     return os.path.join(groups_dir(config_dir), validate_name(group, "group name") + ".yml")
 
 
-def jobs_dir(config_dir=DEFAULT_CONFIG_DIR):
+def jobs_dir(config_dir: str = DEFAULT_CONFIG_DIR) -> str:
     return os.path.join(config_dir, "jobs")
 
 
-def job_path(config_dir, job):
+def job_path(config_dir: str, job: str) -> str:
     return os.path.join(jobs_dir(config_dir), validate_name(job, "job name") + ".yml")
 
 
-def parse_server(entry, default_port=DEFAULT_PORT):
+def parse_server(entry: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """(host, port) of a server entry: 'host', 'host:port', '[v6 address]' or '[v6 address]:port'."""
     if not isinstance(entry, str) or not entry.strip():
         raise ConfigError("invalid KMIP server entry %r: give a host name or address, optionally with ':port'" % (entry,))
@@ -191,11 +194,11 @@ class KmipConfig:
         for s in self.servers:
             parse_server(s, self.port)
 
-    def addresses(self):
+    def addresses(self) -> list:
         """[(host, port)] in failover order."""
         return [parse_server(s, self.port) for s in self.servers]
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         if not out["allow_legacy_unwrap"]:
             del out["allow_legacy_unwrap"]  # files written before the option existed stay unchanged
@@ -215,7 +218,7 @@ class GroupConfig:
         if not self.client_cert_file or not isinstance(self.client_cert_file, str):
             raise ConfigError("group %s: client_cert_file is required" % self.group)
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
@@ -234,7 +237,7 @@ def _from_dict(cls, data, path):
         raise ConfigError("%s: %s" % (path, e)) from e
 
 
-def read_raw(path):
+def read_raw(path: str) -> dict | list | None:
     try:
         return files.read_yaml(path)
     except ConfigError:  # a link planted at path (files.UnsafePathError): its own message
@@ -245,7 +248,7 @@ def read_raw(path):
         raise ConfigError("%s is not valid YAML (%s): rewrite it with the module that owns it" % (path, type(e).__name__)) from e
 
 
-def load_kmip_config(config_dir=DEFAULT_CONFIG_DIR):
+def load_kmip_config(config_dir: str = DEFAULT_CONFIG_DIR) -> KmipConfig:
     path = kmip_path(config_dir)
     data = read_raw(path)
     if data is None:
@@ -253,18 +256,18 @@ def load_kmip_config(config_dir=DEFAULT_CONFIG_DIR):
     return _from_dict(KmipConfig, data, path)
 
 
-def save_kmip_config(config_dir, cfg, daemon_user=DEFAULT_DAEMON_USER):
+def save_kmip_config(config_dir: str, cfg: KmipConfig, daemon_user: str = DEFAULT_DAEMON_USER) -> None:
     with open_config_dir(config_dir, daemon_user) as root:
         root.write("kmip.yml", files.dump_yaml(cfg.to_dict()))
     return kmip_path(config_dir)
 
 
-def delete_kmip_config(config_dir, daemon_user=DEFAULT_DAEMON_USER):
+def delete_kmip_config(config_dir: str, daemon_user: str = DEFAULT_DAEMON_USER) -> bool:
     """Remove kmip.yml; True when it existed."""
     return remove_file(config_dir, (), "kmip.yml", daemon_user)
 
 
-def load_group(config_dir, group):
+def load_group(config_dir: str, group: str) -> GroupConfig:
     path = group_path(config_dir, group)
     data = read_raw(path)
     if data is None:
@@ -276,19 +279,19 @@ def load_group(config_dir, group):
     return grp
 
 
-def save_group(config_dir, grp, daemon_user=DEFAULT_DAEMON_USER):
+def save_group(config_dir: str, grp: GroupConfig, daemon_user: str = DEFAULT_DAEMON_USER) -> None:
     path = group_path(config_dir, grp.group)
     with open_config_dir(config_dir, daemon_user) as root, root.sub("groups") as folder:
         folder.write(os.path.basename(path), files.dump_yaml(grp.to_dict()))
     return path
 
 
-def delete_group(config_dir, group, daemon_user=DEFAULT_DAEMON_USER):
+def delete_group(config_dir: str, group: str, daemon_user: str = DEFAULT_DAEMON_USER) -> bool:
     """Remove groups/<group>.yml; True when it existed."""
     return remove_file(config_dir, ("groups",), os.path.basename(group_path(config_dir, group)), daemon_user)
 
 
-def remove_file(config_dir, folders, name, daemon_user=DEFAULT_DAEMON_USER):
+def remove_file(config_dir: str, folders: tuple, name: str, daemon_user: str = DEFAULT_DAEMON_USER) -> bool:
     """Remove config_dir/<folders...>/name without following links; True when it existed."""
     root = open_config_dir(config_dir, daemon_user, create=False)
     if root is None:
@@ -309,15 +312,15 @@ def _names(folder):
     return sorted(e[:-4] for e in entries if e.endswith(".yml") and not e.startswith(".") and _NAME.match(e[:-4]))
 
 
-def list_groups(config_dir=DEFAULT_CONFIG_DIR):
+def list_groups(config_dir: str = DEFAULT_CONFIG_DIR) -> list:
     return _names(groups_dir(config_dir))
 
 
-def list_jobs(config_dir=DEFAULT_CONFIG_DIR):
+def list_jobs(config_dir: str = DEFAULT_CONFIG_DIR) -> list:
     return _names(jobs_dir(config_dir))
 
 
-def load_job(config_dir, job):
+def load_job(config_dir: str, job: str) -> dict:
     """The parsed jobs/<job>.yml (a dict; written by backup_job_encryption)."""
     path = job_path(config_dir, job)
     data = read_raw(path)
@@ -328,7 +331,7 @@ def load_job(config_dir, job):
     return data
 
 
-def master_key_uids(config_dir, group=None, exclude_job=None):
+def master_key_uids(config_dir: str, group: str | None = None, exclude_job: str | None = None) -> dict:
     """{uid: [job, ...]} of the current and previous master keys of the declared jobs (only the group's jobs when
     group is given; without exclude_job)."""
     uids = {}

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import os
 import threading
+from typing import Callable
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError
 
@@ -52,17 +53,17 @@ def _require_zstd():
         raise KmipBackupError("The Python package zstandard is missing (%s): install the collection's requirements." % ZSTD_IMPORT_ERROR)
 
 
-def new_key():
+def new_key() -> bytes:
     """A fresh 256-bit data key."""
     return os.urandom(KEY_BYTES)
 
 
-def derive(key, label):
+def derive(key: bytes, label: str) -> bytes:
     """A 32-byte subkey of key for one purpose (HMAC-SHA256 as a KDF over a fixed label)."""
     return hmac.new(key, b"kmipbackup derive " + label.encode("ascii"), hashlib.sha256).digest()
 
 
-def seal(key, plaintext, aad):
+def seal(key: bytes | None, plaintext: bytes, aad: bytes) -> bytes:
     """nonce || AES-256-GCM(key, plaintext, aad); key None: the null cipher (checksum || plaintext)."""
     if key is None:
         return hashlib.sha256(aad + b"\x00" + plaintext).digest() + plaintext
@@ -71,7 +72,7 @@ def seal(key, plaintext, aad):
     return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
-def open_sealed(key, blob, aad, kind="object", object_id=None):
+def open_sealed(key: bytes | None, blob: bytes, aad: bytes, kind: str = "object", object_id: str | None = None) -> bytes:
     """The plaintext of a sealed blob; IntegrityError naming kind/object_id when it fails authentication."""
     blob = bytes(blob)
     if key is None:
@@ -88,13 +89,13 @@ def open_sealed(key, blob, aad, kind="object", object_id=None):
         raise integrity_error(kind, object_id) from None
 
 
-def integrity_error(kind, object_id, why="failed authentication (it was modified, damaged or swapped)"):
+def integrity_error(kind: str, object_id: str | None, why: str = "failed authentication (it was modified, damaged or swapped)") -> IntegrityError:
     name = "%s %s" % (kind, object_id) if object_id is not None else kind
     return IntegrityError("The snapshot store's %s %s: restore from another snapshot or a copy of the store, "
                           "and find out who changed the store." % (name, why), kind=kind, object_id=object_id)
 
 
-def chunk_id(id_key, data, sha256=None, key_id=""):
+def chunk_id(id_key: bytes, data: bytes, sha256: bytes | None = None, key_id: str = "") -> str:
     """A chunk's content address, hex: HMAC-SHA256 under the chunk-id key of the plaintext's SHA-256
     (sha256: that digest when the caller has it already, so the plaintext is hashed once) and of the
     data-key id that seals it, so equal content sealed under another key epoch gets another id and a
@@ -103,11 +104,11 @@ def chunk_id(id_key, data, sha256=None, key_id=""):
     return hmac.new(id_key, digest + key_id.encode("ascii"), hashlib.sha256).hexdigest()
 
 
-def mac(key, data):
+def mac(key: bytes, data: bytes) -> str:
     return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
-def boundary_threshold_fn(id_key, target_bytes):
+def boundary_threshold_fn(id_key: bytes, target_bytes: int) -> Callable[[bytes, int], bool]:
     """A function (doc_id_key, doc_size) -> bool: True when a chunk ends after this document.
 
     The keyed hash (BLAKE2b, fast on short inputs) of the document's id_key, as a fraction of 2**64, is compared with
@@ -135,11 +136,11 @@ def _zstd(kind, level=None):
     return z
 
 
-def compress(data, level=None):
+def compress(data: bytes, level: int | None = None) -> bytes:
     return _zstd("c", ZSTD_LEVEL if level is None else level).compress(data)
 
 
-def decompress(data, kind="chunk", object_id=None):
+def decompress(data: bytes, kind: str = "chunk", object_id: str | None = None) -> bytes:
     try:
         return _zstd("d").decompress(data)
     except zstandard.ZstdError:

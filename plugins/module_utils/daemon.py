@@ -21,22 +21,27 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+from logging.handlers import WatchedFileHandler
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, files, head, jobs, retention, snapshot, source, store)
+    config, datadir, files, head, job_config, job_requests, job_status, master_keys, retention, snapshot, source,
+    store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, HistoryLostError, KmipBackupError, KmipError, SourceError, UnsafePathError)
+    ConfigError, HistoryLostError, KmipBackupError, KmipError, ResyncRequested, SnapshotError, SourceError, Stopped,
+    UnsafePathError)
 
 LOG = logging.getLogger("kmipbackup.daemon")
 # changes to these keys restart a job's runner; others (schedule, store) are picked up live
 RESTART_KEYS = ("group", "source", "encryption", "master_key_uid", "generation", "state")
 BACKOFF_MAX = 30.0
+SUPERVISOR_BACKOFF_MAX = 60.0  # a worker that keeps dying is restarted at most once a minute
 STATUS_EVERY = 1.0
 VERIFY_EVERY = 600.0     # seconds between sampled head verifications
 VERIFY_SAMPLE = 100      # documents per collection and side
@@ -46,17 +51,13 @@ SNAPSHOT_WAIT = 600.0    # how long an on-demand snapshot waits for the head whe
 OUTAGE_PREFIX = "source unreachable for"
 
 
-class Stopped(Exception):
-    """The runner was asked to stop."""
-
-
 class SourceMonitor(threading.Thread):
     """The job's heartbeat: a reader thread reads the source's cluster time every HEARTBEAT_EVERY seconds with a
     short-timeout `hello` on its own client, whatever the capture thread does (a change-stream read blocks for
     connect_timeout when the source goes away); this thread keeps the job's status current meanwhile (reachability,
     lag in seconds of cluster time), after each read and every HEARTBEAT_EVERY seconds even while a read hangs."""
 
-    def __init__(self, runner):
+    def __init__(self, runner: JobRunner) -> None:
         super().__init__(name="heartbeat-%s" % runner.job, daemon=True)
         self.runner = runner
         self.wake = threading.Event()  # read now
@@ -71,11 +72,11 @@ class SourceMonitor(threading.Thread):
         self.error = None
         self.recoveries = 0        # successful reads that ended an outage
 
-    def poke(self):
+    def poke(self) -> None:
         """Read the source now (an on-demand snapshot waits for a read that started after it was picked up)."""
         self.wake.set()
 
-    def stop(self):
+    def stop(self) -> None:
         self.done.set()
         self.wake.set()
         self.beat.set()
@@ -83,7 +84,7 @@ class SourceMonitor(threading.Thread):
     def _stopped(self):
         return self.done.is_set() or self.runner.stop_event.is_set()
 
-    def run(self):
+    def run(self) -> None:
         reader = threading.Thread(target=self._read_loop, name="heartbeat-read-%s" % self.runner.job, daemon=True)
         reader.start()
         try:
@@ -122,21 +123,21 @@ class SourceMonitor(threading.Thread):
                     self.recoveries += 1
                     LOG.info("job %s: source reachable again", self.runner.job)
                 self.reachable, self.cluster_time, self.error, self.down_since = True, tuple(cluster_time), None, None
-                self.read_at, self.checked = (started, time.monotonic()), store.iso(store.utcnow())
+                self.read_at, self.checked = (started, time.monotonic()), timeutil.iso(timeutil.utcnow())
             else:
                 if self.reachable is not False:
                     self.down_since = started
                     LOG.warning("job %s: source unreachable: %s", self.runner.job, error)
                 self.reachable, self.error = False, error or "the source reported no cluster time"
 
-    def reading_after(self, t):
+    def reading_after(self, t: float) -> tuple | None:
         """(cluster_time, done) of a successful read that started after monotonic time t, or None."""
         with self.lock:
             if self.reachable and self.read_at is not None and self.read_at[0] > t:
                 return self.cluster_time, self.read_at[1]
             return None
 
-    def fields(self, complete):
+    def fields(self, complete: bool) -> dict:
         """Status fields: source {reachable, cluster_time, checked, unreachable_seconds, error} and lag_seconds, the
         seconds of cluster time the head is behind the source (complete: the time the head holds every write up to)."""
         with self.lock:
@@ -156,7 +157,7 @@ class SourceMonitor(threading.Thread):
 class JobRunner(threading.Thread):
     """Keeps one job's head current: head key, initial sync, capture, requests, snapshots."""
 
-    def __init__(self, daemon, cfg):
+    def __init__(self, daemon: Daemon, cfg: dict) -> None:
         super().__init__(name="job-%s" % cfg["job"], daemon=True)
         self.d = daemon
         self.cfg = cfg
@@ -177,7 +178,7 @@ class JobRunner(threading.Thread):
     # ---- status ----------------------------------------------------------------------
 
     def _initial_status(self):
-        prev = jobs.read_status(self.d.data_dir, self.job) or {}
+        prev = job_status.read_status(self.d.data_dir, self.job) or {}
         same = prev.get("generation") == self.generation
         return {
             "job": self.job, "state": "INACTIVE", "generation": self.generation,
@@ -191,20 +192,20 @@ class JobRunner(threading.Thread):
             "updated": None, "pid": os.getpid(),
         }
 
-    def set_status(self, force=True, **fields):
+    def set_status(self, force: bool = True, **fields) -> None:
         with self._status_lock:
             self.status.update(fields)
             now = time.monotonic()
             if not force and now - self._status_written < STATUS_EVERY:
                 return
             self._status_written = now
-            self.status["updated"] = store.iso(store.utcnow())
+            self.status["updated"] = timeutil.iso(timeutil.utcnow())
             self.status["pid"] = os.getpid()
             h = self.head
             self.status["head_bytes"] = h.size() if h is not None else _folder_bytes(self.head_path)
-            jobs.write_status(self.d.data_dir, self.job, self.status)
+            job_status.write_status(self.d.data_dir, self.job, self.status)
 
-    def heartbeat(self):
+    def heartbeat(self) -> None:
         """Called by the heartbeat after each read: an outage shows in status at once and, while it lasts, status is
         rewritten every heartbeat with a growing lag; otherwise at least every STATUS_EVERY seconds."""
         with self._status_lock:
@@ -229,7 +230,7 @@ class JobRunner(threading.Thread):
             out["last_error"] = None  # capture sets consistent again once it reads the stream
         return out
 
-    def error(self, state, message):
+    def error(self, state: str, message: str) -> None:
         """Record a failure the runner will retry (message carries no secret or document content)."""
         if message != self.status.get("last_error") or state != self.status.get("state"):
             LOG.warning("job %s: %s", self.job, message)
@@ -238,27 +239,27 @@ class JobRunner(threading.Thread):
     # ---- control ---------------------------------------------------------------------
 
     @property
-    def head_path(self):
-        return jobs.head_dir(self.d.data_dir, self.job, self.generation)
+    def head_path(self) -> str:
+        return datadir.head_dir(self.d.data_dir, self.job, self.generation)
 
-    def update(self, cfg):
+    def update(self, cfg: dict) -> None:
         """Apply a change that does not need a restart (schedule, store)."""
         self.cfg = cfg
 
-    def stop(self):
+    def stop(self) -> None:
         self.stop_event.set()
         self.monitor.stop()
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> None:
         if self.stop_event.wait(seconds):
             raise Stopped()
 
-    def check_stop(self):
+    def check_stop(self) -> None:
         if self.stop_event.is_set():
             raise Stopped()
 
-    def run(self):
-        backoff = 1.0
+    def run(self) -> None:
+        backoff = timeutil.Backoff(cap=BACKOFF_MAX)
         try:
             if self.cfg.get("state") == "stopped":
                 self.set_status(state="STOPPED", consistent=False, lag_seconds=None, last_error=None)
@@ -280,9 +281,9 @@ class JobRunner(threading.Thread):
                     else:
                         LOG.exception("job %s: unexpected failure", self.job)
                     self._close()
-                    self.error("INACTIVE", "%s; retrying in %ds" % (_safe(e, self.cfg), backoff))
-                    self.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    delay = backoff.next()
+                    self.error("INACTIVE", "%s; retrying in %ds" % (_safe(e, self.cfg), delay))
+                    self.sleep(delay)
         except Stopped:
             pass
         finally:
@@ -303,7 +304,7 @@ class JobRunner(threading.Thread):
         self.kmip = None
 
     def _run(self):
-        backoff = 1.0
+        backoff = timeutil.Backoff(cap=BACKOFF_MAX)
         key, rotated = self._head_key()
         files.ensure_private_dir(self.head_path)
         self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
@@ -313,19 +314,19 @@ class JobRunner(threading.Thread):
             self.check_stop()
             try:
                 self._sync()
-                backoff = 1.0
+                backoff.reset()
             except HistoryLostError:
                 self.status["history_lost"] = self.status.get("history_lost", 0) + 1
                 LOG.warning("job %s: resume point lost; starting a new initial sync", self.job)
                 self.error("PROVISIONING", "the source's history no longer holds the resume point; a new initial sync runs")
                 self._reset_head()
-            except _Resync:
+            except ResyncRequested:
                 self._reset_head()
             except SourceError as e:
+                delay = backoff.next()
                 self.error(self.status["state"] if self.status["state"] in ("PROVISIONING", "STARTED") else "INACTIVE",
-                           "source unavailable, retrying in %ds: %s" % (backoff, _safe(e, self.cfg)))
-                self._source_backoff(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                           "source unavailable, retrying in %ds: %s" % (delay, _safe(e, self.cfg)))
+                self._source_backoff(delay)
 
     def _source_backoff(self, seconds):
         """Wait seconds, or less when the heartbeat sees the source come back from an outage meanwhile."""
@@ -350,16 +351,16 @@ class JobRunner(threading.Thread):
         if not uid:
             raise ConfigError("job %s has encryption on but no master_key_uid" % self.job)
         path = os.path.join(self.head_path, "headkey.json")
-        backoff = 1.0
+        backoff = timeutil.Backoff(cap=BACKOFF_MAX)
         while True:
             self.check_stop()
             try:
-                self.kmip = self.kmip or jobs.kmip_client(self.d.config_dir, self.cfg["group"])
+                self.kmip = self.kmip or master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
                 _finish_rekey(self.head_path)
                 record = files.read_json(path)
                 if record is None:
                     key = secrets.token_bytes(32)
-                    record = {"job": self.job, "generation": self.generation, "created": store.iso(store.utcnow()),
+                    record = {"job": self.job, "generation": self.generation, "created": timeutil.iso(timeutil.utcnow()),
                               "wrapped": self.kmip.wrap(uid, key)}
                     files.ensure_private_dir(self.head_path)
                     files.write_json(path, record)
@@ -369,9 +370,9 @@ class JobRunner(threading.Thread):
                 return key, str(record["wrapped"].get("master_key_uid")) != str(uid)
             except (KmipError, ConfigError) as e:
                 self._drop_kmip()
-                self.error("INACTIVE", "waiting for KMIP (retry in %ds): %s" % (backoff, e))
-                self.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                delay = backoff.next()
+                self.error("INACTIVE", "waiting for KMIP (retry in %ds): %s" % (delay, e))
+                self.sleep(delay)
 
     def _rekey_head(self):
         """The master key was rotated: re-encrypt the head under a new head key wrapped by the new master key,
@@ -382,11 +383,11 @@ class JobRunner(threading.Thread):
         is moved into place first, then the key record, and _finish_rekey completes a move a crash cut short."""
         uid = self.cfg["master_key_uid"]
         folder = os.path.join(self.head_path, REKEY_DIR)
-        jobs.remove_tree(folder)  # an earlier rekey cut short before its head file was moved: start over
+        datadir.remove_tree(folder)  # an earlier rekey cut short before its head file was moved: start over
         files.ensure_private_dir(folder)
         key = secrets.token_bytes(32)
         old = files.read_json(os.path.join(self.head_path, "headkey.json"))
-        record = {"job": self.job, "generation": self.generation, "created": store.iso(store.utcnow()),
+        record = {"job": self.job, "generation": self.generation, "created": timeutil.iso(timeutil.utcnow()),
                   "wrapped": self.kmip.wrap(uid, key), "rekeyed_from": old["wrapped"].get("master_key_uid")}
         started = time.monotonic()
         LOG.info("job %s: master key rotated; re-encrypting the head under a new head key", self.job)
@@ -402,7 +403,7 @@ class JobRunner(threading.Thread):
         _finish_rekey(self.head_path)
         self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
         seconds = time.monotonic() - started
-        last = {"finished": store.iso(store.utcnow()), "seconds": round(seconds, 1), "head_bytes": self.head.size()}
+        last = {"finished": timeutil.iso(timeutil.utcnow()), "seconds": round(seconds, 1), "head_bytes": self.head.size()}
         self.set_status(rekey=None, last_rekey=last)
         LOG.info("job %s: head re-encrypted under the new master key in %.1fs", self.job, seconds)
 
@@ -466,7 +467,7 @@ class JobRunner(threading.Thread):
     # ---- requests and snapshots ------------------------------------------------------
 
     def _serve_requests(self, client):
-        pending = jobs.pending_requests(self.d.data_dir, self.job)
+        pending = job_requests.pending_requests(self.d.data_dir, self.job)
         for rid in set(self._waits) - {rid for rid, _req in pending}:
             del self._waits[rid]  # answered or removed meanwhile
         for rid, req in pending:
@@ -479,14 +480,14 @@ class JobRunner(threading.Thread):
                 elif action == "verify":
                     result = self._verify(client, full=True)
                 elif action == "resync":
-                    jobs.answer_request(self.d.data_dir, self.job, rid, result={"resync": "started"})
+                    job_requests.answer_request(self.d.data_dir, self.job, rid, result={"resync": "started"})
                     LOG.info("job %s: resync requested", self.job)
-                    raise _Resync()
+                    raise ResyncRequested()
                 else:
                     raise ConfigError("unknown request action %r: use snapshot, verify or resync" % action)
-                jobs.answer_request(self.d.data_dir, self.job, rid, result=result)
+                job_requests.answer_request(self.d.data_dir, self.job, rid, result=result)
             except KmipBackupError as e:
-                jobs.answer_request(self.d.data_dir, self.job, rid, error=_safe(e, self.cfg))
+                job_requests.answer_request(self.d.data_dir, self.job, rid, error=_safe(e, self.cfg))
 
     def _requested_snapshot(self, rid, req):
         """An on-demand snapshot holding every write the source acknowledged before the request was picked up; None
@@ -497,8 +498,8 @@ class JobRunner(threading.Thread):
         w = self._waits.get(rid)
         if w is None:
             if self.status.get("state") != "STARTED":  # an initial sync can take hours: say so now, as before
-                raise snapshot.SnapshotError("job %s has no consistent head yet: wait for status STARTED and try again"
-                                             % self.job)
+                raise SnapshotError("job %s has no consistent head yet: wait for status STARTED and try again"
+                                    % self.job)
             w = self._waits[rid] = {"picked": now, "deadline": now + _wait_budget(rid, req), "target": None}
             self.monitor.poke()
         if w["target"] is None:
@@ -515,12 +516,12 @@ class JobRunner(threading.Thread):
         self._waits.pop(rid, None)
         waited = now - w["picked"]
         if w["target"] is None:
-            raise snapshot.SnapshotError(
+            raise SnapshotError(
                 "Job %s: the source's current cluster time could not be read within %.0f s (%s), so no snapshot can be "
                 "shown to hold every acknowledged write; nothing was written. Check that the source is reachable from the "
                 "daemon's host (status source.error) and ask again." % (self.job, waited, self.monitor.error or "no answer"))
         behind = self.monitor.fields(self._complete)["lag_seconds"]
-        raise snapshot.SnapshotError(
+        raise SnapshotError(
             "Job %s: the head did not catch up with the source's cluster time %s (read when the snapshot was requested) "
             "within %.0f s: %s; nothing was written. Ask again with a longer timeout, or find why the daemon applies "
             "changes slower than the source takes them (status lag_seconds, the daemon's log)." % (
@@ -548,42 +549,42 @@ class JobRunner(threading.Thread):
         v = self.status["verification"]
         for k in source.VERIFY_COUNTS:
             v[k] = v.get(k, 0) + int(counts.get(k, 0))
-        v["last"] = store.iso(store.utcnow())
+        v["last"] = timeutil.iso(timeutil.utcnow())
         if counts.get("mismatched"):
             LOG.warning("job %s: verification found %d mismatched documents and re-copied them", self.job, counts["mismatched"])
         self.set_status()
         return counts
 
     def _job_store(self):
-        root = jobs.store_root(self.cfg, self.d.data_dir)
+        root = datadir.store_root(self.cfg, self.d.data_dir)
         files.ensure_private_dir(root)
         js = store.JobStore(root, self.job)
         return js, store.Keys(js, provider=self.kmip, encryption=bool(self.cfg.get("encryption")))
 
     def _scheduled_snapshot(self):
-        now = store.utcnow()
+        now = timeutil.utcnow()
         if self._next_check and now < self._next_check:
             return
         self._next_check = now + datetime.timedelta(seconds=30)
         try:
             js, _keys = self._job_store()
             entries = [e for e in js.catalog() if e.get("type") != "on-demand"]
-            if retention.due(now, entries[-1] if entries else None, self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS):
+            if retention.due(now, entries[-1] if entries else None, self.cfg.get("schedule") or job_config.SCHEDULE_DEFAULTS):
                 self.take_snapshot(on_demand=False)
         except KmipBackupError as e:
             self.set_status(last_error="scheduled snapshot failed: %s" % _safe(e, self.cfg))
             LOG.warning("job %s: scheduled snapshot failed", self.job)
 
-    def take_snapshot(self, on_demand):
+    def take_snapshot(self, on_demand: bool) -> dict:
         if not (self.head.position() or {}).get("consistent"):
             raise KmipBackupError("job %s has no consistent head yet: wait for status STARTED and try again" % self.job)
-        schedule = self.cfg.get("schedule") or jobs.SCHEDULE_DEFAULTS
+        schedule = self.cfg.get("schedule") or job_config.SCHEDULE_DEFAULTS
         kind = "on-demand" if on_demand else "scheduled"
         started = time.monotonic()
         if self.cfg.get("encryption") and self.kmip is None:
-            self.kmip = jobs.kmip_client(self.d.config_dir, self.cfg["group"])
+            self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
         js, keys = self._job_store()
-        now = store.utcnow()
+        now = timeutil.utcnow()
         info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
                                       encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
                                       expires=retention.expires(now, kind, schedule),
@@ -598,10 +599,6 @@ class JobRunner(threading.Thread):
                  len(expired), gc.get("chunks_deleted", 0))
         return dict(last, data_bytes=info.get("data_bytes"), written_bytes=info.get("written_bytes"),
                     doc_count=info.get("doc_count"), master_key_uids=info.get("master_key_uids"))
-
-
-class _Resync(Exception):
-    pass
 
 
 def _complete_time(pos):
@@ -652,7 +649,7 @@ def _finish_rekey(head_path):
             os.replace(new_db, os.path.join(head_path, "head.db"))
         os.replace(new_key, os.path.join(head_path, "headkey.json"))
         files.fsync_dir(head_path)
-    jobs.remove_tree(folder)
+    datadir.remove_tree(folder)
 
 
 def _safe(err, cfg):
@@ -683,21 +680,21 @@ def _folder_bytes(path):
 class Daemon:
     """Runs every declared job; reconciles with config_dir every poll_interval seconds."""
 
-    def __init__(self, config_dir, data_dir, poll_interval=1.0):
+    def __init__(self, config_dir: str, data_dir: str, poll_interval: float = 1.0) -> None:
         self.config_dir = config_dir
         self.data_dir = data_dir
         self.poll_interval = poll_interval
         self.runners = {}
         self.mtimes = {}
         self.stop_event = threading.Event()
-        with jobs.open_data_dir(data_dir) as root:  # refused when a link, writable by others or foreign-owned
+        with datadir.open_data_dir(data_dir) as root:  # refused when a link, writable by others or foreign-owned
             for sub in ("status", "heads", "requests"):
                 root.sub(sub).close()
 
-    def stop(self):
+    def stop(self) -> None:
         self.stop_event.set()
 
-    def run(self):
+    def run(self) -> None:
         LOG.info("daemon started (pid %d)", os.getpid())
         try:
             while not self.stop_event.is_set():
@@ -726,7 +723,7 @@ class Daemon:
                 out[job] = self.mtimes[job]
                 continue
             try:
-                cfg = jobs.load_job(self.config_dir, job)
+                cfg = job_config.load_job(self.config_dir, job)
             except ConfigError as e:
                 LOG.error("job %s: %s", job, e)
                 continue
@@ -734,7 +731,7 @@ class Daemon:
                 out[job] = (mtime, cfg)
         return out
 
-    def reconcile(self):
+    def reconcile(self) -> None:
         declared = self._read_jobs()
         for job, (mtime, cfg) in declared.items():
             runner = self.runners.get(job)
@@ -772,40 +769,39 @@ class Daemon:
         LOG.info("job %s: removed; terminating", job)
         runner = self.runners.pop(job, None)
         self.mtimes.pop(job, None)
-        status = jobs.read_status(self.data_dir, job) or {"job": job}
-        status.update(state="TERMINATING", updated=store.iso(store.utcnow()), pid=os.getpid(), consistent=False)
-        jobs.write_status(self.data_dir, job, status)
+        status = job_status.read_status(self.data_dir, job) or {"job": job}
+        status.update(state="TERMINATING", updated=timeutil.iso(timeutil.utcnow()), pid=os.getpid(), consistent=False)
+        job_status.write_status(self.data_dir, job, status)
         if runner is not None:
             runner.stop()
             runner.join(timeout=60)
-        jobs.remove_tree(jobs.heads_dir(self.data_dir, job))
-        jobs.remove_tree(jobs.requests_dir(self.data_dir, job))
-        jobs.remove_status(self.data_dir, job)
+        datadir.remove_tree(datadir.heads_dir(self.data_dir, job))
+        datadir.remove_tree(datadir.requests_dir(self.data_dir, job))
+        job_status.remove_status(self.data_dir, job)
         LOG.info("job %s: head removed (snapshots in the store are kept)", job)
 
-    def generation_ready(self, job, generation):
+    def generation_ready(self, job: str, generation: int) -> None:
         """The head of this generation is consistent: destroy older generations' heads."""
-        folder = jobs.heads_dir(self.data_dir, job)
+        folder = datadir.heads_dir(self.data_dir, job)
         try:
             names = os.listdir(folder)
         except FileNotFoundError:
             return
         for n in names:
             if n.isdigit() and int(n) != generation:
-                jobs.remove_tree(os.path.join(folder, n))
+                datadir.remove_tree(os.path.join(folder, n))
                 LOG.info("job %s: head of generation %s removed (generation %d is consistent)", job, n, generation)
 
 
 # ---- process: logging, signals, supervision ----------------------------------------------
 
-def setup_logging(path, level="INFO"):
+def setup_logging(path: str, level: str = "INFO") -> None:
     files.ensure_private_dir(os.path.dirname(path))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, files.PRIVATE_FILE)
     try:
         os.fchmod(fd, files.PRIVATE_FILE)  # the log file itself, never a link's target
     finally:
         os.close(fd)
-    from logging.handlers import WatchedFileHandler
     handler = WatchedFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(message)s"))
     root = logging.getLogger("kmipbackup")
@@ -829,11 +825,11 @@ WORKER_LOCK_FILE = "worker.lock"
 class DataDirLock:
     """An exclusive flock on a file of the data folder, held for the holder's lifetime."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.fd = None
 
-    def try_acquire(self, wait=0.0):
+    def try_acquire(self, wait: float = 0.0) -> bool:
         """True once held; False when another process holds it after `wait` seconds."""
         try:  # never through a link planted in the data folder (the lock file is truncated below)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, files.PRIVATE_FILE)
@@ -863,12 +859,12 @@ class DataDirLock:
         self.fd = fd
         return True
 
-    def record(self, pid):
+    def record(self, pid: int) -> None:
         """Write the holder's pid (after --detach's forks, the final process's)."""
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, b"%d\n" % pid, 0)
 
-    def release(self):
+    def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the lock
             self.fd = None
@@ -894,7 +890,7 @@ def _opens(pid, path):
     return False
 
 
-def lock_holder(path, settle=2.0):
+def lock_holder(path: str, settle: float = 2.0) -> tuple[bool, int | None]:
     """(held, pid): whether a process holds the lock at path, and its pid when confirmed (else None).
     A pid is returned only if the lock is held and that process has the lock file open."""
     try:
@@ -968,14 +964,14 @@ def _released(path, timeout):
     return False
 
 
-def stop_daemon(data_dir, timeout=60):
+def stop_daemon(data_dir: str, timeout: float = 60) -> bool:
     """Stop the daemon that holds data_dir's lock, then any worker still holding the worker lock (orphaned by a
     supervisor killed with -9). Only confirmed lock holders are signalled. True when something was stopped."""
     stopped = _stop_holder(os.path.join(data_dir, LOCK_FILE), "Backup Daemon", timeout)
     return _stop_holder(os.path.join(data_dir, WORKER_LOCK_FILE), "Backup Daemon worker", timeout) or stopped
 
 
-def run_worker(config_dir, data_dir, poll_interval=1.0, supervisor_pid=None):
+def run_worker(config_dir: str, data_dir: str, poll_interval: float = 1.0, supervisor_pid: int | None = None) -> int:
     stop = threading.Event()
     d = {"daemon": None}
 
@@ -1015,7 +1011,7 @@ def run_worker(config_dir, data_dir, poll_interval=1.0, supervisor_pid=None):
         lock.release()
 
 
-def supervise(argv_worker):
+def supervise(argv_worker: list) -> int:
     """Run the worker as a child process; restart it with backoff when it dies."""
     stop = threading.Event()
     child = {"p": None}
@@ -1027,7 +1023,7 @@ def supervise(argv_worker):
             p.send_signal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    backoff = 1.0
+    backoff = timeutil.Backoff(cap=SUPERVISOR_BACKOFF_MAX)
     argv_worker = argv_worker + ["--supervisor-pid", str(os.getpid())]
     while not stop.is_set():
         started = time.monotonic()
@@ -1037,10 +1033,10 @@ def supervise(argv_worker):
         if stop.is_set():
             break
         if time.monotonic() - started > 60:
-            backoff = 1.0
-        LOG.warning("supervisor: worker exited with %s; restarting in %ds", rc, backoff)
-        stop.wait(backoff)
-        backoff = min(backoff * 2, 60.0)
+            backoff.reset()
+        delay = backoff.next()
+        LOG.warning("supervisor: worker exited with %s; restarting in %ds", rc, delay)
+        stop.wait(delay)
     return 0
 
 
@@ -1060,7 +1056,6 @@ def _detach():
 
 
 def _switch_user(name):
-    import pwd
     pw = pwd.getpwnam(name)
     if pw.pw_uid == os.geteuid():
         return
@@ -1070,7 +1065,7 @@ def _switch_user(name):
     os.environ["HOME"] = pw.pw_dir
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kmipbackup-daemon", description="The kmipbackup Backup Daemon.")
     ap.add_argument("--config-dir", default=config.DEFAULT_CONFIG_DIR)
     ap.add_argument("--data-dir", default=config.DEFAULT_DATA_DIR)
@@ -1116,7 +1111,7 @@ def main(argv=None):
                          "backup_daemon_run_dir) or pass another --pidfile.\n" % a.pidfile)
         return 2
     try:  # refused, not tightened, when a link, writable by others or foreign-owned
-        jobs.open_data_dir(data_dir, a.user or config.DEFAULT_DAEMON_USER).close()
+        datadir.open_data_dir(data_dir, a.user or config.DEFAULT_DAEMON_USER).close()
     except KmipBackupError as e:
         sys.stderr.write("%s\n" % e)
         return 2

@@ -21,10 +21,14 @@ document the daemon knows may differ from the source.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, Callable
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import (
-    _FIXED, _skip, id_key_from_document, EMPTY_BSON)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, NotApplicable, UncertainOrder
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import (
+    EMPTY_BSON, FIXED_SIZES, id_key_from_document, skip_value)
+
+if TYPE_CHECKING:  # annotations only: applying events needs no head code
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Writer
 
 try:
     from bson import decode as bson_decode
@@ -40,40 +44,30 @@ APPLIED, SKIPPED, RECOPY, IGNORED = "applied", "skipped", "recopy", "ignored"
 DEFAULT_ID_INDEX = (b".\x00\x00\x00\x10v\x00\x02\x00\x00\x00\x03key\x00\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00"
                     b"\x02name\x00\x05\x00\x00\x00_id_\x00\x00")
 
-# value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (head._skip)
+# value size by BSON type for _find: >= 0 fixed, -1 int32-prefixed string, -2 self-sized, -3 other (rawbson.skip_value)
 _FIXED_SIZE = [-3] * 256
-for _t, _n in {**_FIXED, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
+for _t, _n in {**FIXED_SIZES, 0x02: -1, 0x0D: -1, 0x0E: -1, 0x03: -2, 0x04: -2, 0x0F: -2}.items():
     _FIXED_SIZE[_t] = _n
 PENDING_MAX_BYTES = 64 << 20  # buffered document writes beyond this are written at once
 
 _i32 = struct.Struct("<i")
 
 
-class NotApplicable(Exception):
-    """The update does not fit the stored document: re-copy it instead of guessing."""
-
-
-class UncertainOrder(Exception):
-    """The update added several new fields to one document: their order is the server's choice (mongod 5.0+
-    sorts them by name, other servers keep the update's order) and the event does not carry it. The result
-    is right but for that order, so the document is re-copied instead of trusted."""
-
-
 # --- raw BSON element trees -------------------------------------------------------------------
 
-def parse_elements(raw):
+def parse_elements(raw: bytes) -> list:
     """[[name bytes, type, value bytes], ...] of a raw BSON document or array."""
     els, pos, end = [], 4, len(raw) - 1
     while pos < end:
         t = raw[pos]
         ne = raw.index(b"\x00", pos + 1)
-        vend = _skip(raw, t, ne + 1)
+        vend = skip_value(raw, t, ne + 1)
         els.append([raw[pos + 1:ne], t, raw[ne + 1:vend]])
         pos = vend
     return els
 
 
-def build_document(elements):
+def build_document(elements: list) -> bytes:
     """Raw BSON bytes from [[name, type, value bytes], ...]."""
     body = b"".join(b"%c%s\x00%s" % (t, name, v) for name, t, v in elements)
     return _i32.pack(len(body) + 5) + body + b"\x00"
@@ -97,7 +91,7 @@ def _find(buf, start, name=None, index=-1):
         elif n == -2:  # document, array, code with scope: the int32 covers the whole value
             vend = ne + 1 + unpack(buf, ne + 1)[0]
         else:
-            vend = _skip(buf, t, ne + 1)
+            vend = skip_value(buf, t, ne + 1)
         if i == index or (name is not None and buf[pos + 1:ne] == name):
             return pos, t, ne + 1, vend
         pos = vend
@@ -110,7 +104,7 @@ def _names(buf, start):
     while pos < end:
         ne = buf.index(0, pos + 1)
         out.append(bytes(buf[pos + 1:ne]))
-        pos = _skip(buf, buf[pos], ne + 1)
+        pos = skip_value(buf, buf[pos], ne + 1)
     return out
 
 
@@ -211,7 +205,7 @@ def _components(path, disambiguated):
     return path.split("."), False
 
 
-def apply_update_description(doc_raw, ud_raw):
+def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
     """The stored document doc_raw with updateDescription ud_raw (raw BSON) applied; raises NotApplicable.
 
     Works on the bytes: only the elements on the updated paths are located, values are spliced in
@@ -275,7 +269,7 @@ def _uuid(ev):
     return bytes(u) if u is not None else None
 
 
-def merge_fragments(fragments):
+def merge_fragments(fragments: list) -> bytes:
     """One event from the fragments of a split event ($changeStreamSplitLargeEvent), raw BSON bytes."""
     seen, out = set(), []
     for frag in fragments:
@@ -286,7 +280,7 @@ def merge_fragments(fragments):
     return RawBSONDocument(build_document(out))
 
 
-def options_from_create(op_desc_raw):
+def options_from_create(op_desc_raw: bytes) -> bytes:
     """Collection options (as listCollections shows them) from a create event's operationDescription."""
     out = []
     for name, t, v in parse_elements(op_desc_raw):
@@ -315,19 +309,19 @@ class CloneRepair:
     scope: the namespaces whose head content may be ahead of the stream (None: all, the first round).
     """
 
-    def __init__(self, scope=None, reclone=()):
+    def __init__(self, scope: set | None = None, reclone: tuple = ()) -> None:
         self.scope = scope
         self.exact = set()
         self.reclone = set(reclone)
 
-    def is_exact(self, ns):
+    def is_exact(self, ns: str) -> bool:
         return ns in self.exact or (self.scope is not None and ns not in self.scope)
 
     def _mark(self, ns, exact):
         (self.exact.add if exact else self.exact.discard)(ns)
         (self.reclone.discard if exact else self.reclone.add)(ns)
 
-    def ddl(self, w, op, ev):
+    def ddl(self, w: Writer, op: str, ev: RawBSONDocument | dict) -> None:
         """Before a DDL event is applied."""
         db, ns = _ns(ev["ns"])
         if op == "rename":
@@ -353,7 +347,7 @@ class Applier:
     committing, after flush().
     """
 
-    def __init__(self, refresh=None):
+    def __init__(self, refresh: Callable | None = None) -> None:
         self.refresh = refresh
         self.recopy = []
         self.counts = {}
@@ -386,7 +380,7 @@ class Applier:
             w.before_commit.append(lambda: self._w is w and self.flush())
         return self._pending
 
-    def flush(self):
+    def flush(self) -> None:
         """Write the buffered documents into the current transaction (before DDL, re-copies and COMMIT)."""
         if not self._pending:
             return
@@ -404,7 +398,7 @@ class Applier:
         if self._pending_bytes > PENDING_MAX_BYTES:
             self.flush()
 
-    def apply(self, w, ev, catch_up=False):
+    def apply(self, w: Writer, ev: RawBSONDocument | dict, catch_up: bool = False) -> str:
         """Apply one event (RawBSONDocument or mapping) with writer w; returns applied|skipped|recopy|ignored.
 
         Document writes are buffered and written, one statement batch per namespace, before the

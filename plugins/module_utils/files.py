@@ -25,6 +25,7 @@ import json
 import os
 import pwd
 import stat
+from typing import Any
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import UnsafePathError
 
@@ -41,7 +42,7 @@ PRIVATE_DIR = 0o700
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def trusted_owners(daemon_user=None):
+def trusted_owners(daemon_user: str | int | None = None) -> set:
     """The uids that may own a trusted root: root, the user running this code, and daemon_user (a name or a uid)
     when it exists on this host."""
     owners = {0, os.geteuid()}
@@ -56,7 +57,7 @@ def trusted_owners(daemon_user=None):
     return owners
 
 
-def resolve_owner(owner=None, group=None):
+def resolve_owner(owner: str | int | None = None, group: str | int | None = None) -> tuple[int, int]:
     """(uid, gid) of a user and a group given by name or number; -1 for one not given. UnsafePathError (nothing
     changed) for a name this host does not know."""
     def one(value, lookup, what):
@@ -93,7 +94,7 @@ class Folder:
     """An open folder: every operation is relative to its descriptor, and no name given to it is followed as a
     symbolic link. Use as a context manager (or close()). owners: the uids trusted to own folders below it."""
 
-    def __init__(self, fd, path, owners):
+    def __init__(self, fd: int, path: str, owners: set | None) -> None:
         self.fd, self.path = fd, path
         st = os.fstat(fd)
         self.uid, self.gid = st.st_uid, st.st_gid
@@ -102,10 +103,10 @@ class Folder:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -115,7 +116,7 @@ class Folder:
         if os.geteuid() == 0:
             os.fchown(fd, self.uid, self.gid)
 
-    def own(self, name, uid, gid, check_mode=False):
+    def own(self, name: str | None, uid: int, gid: int, check_mode: bool = False) -> bool:
         """Give file or folder name (None: this folder) owner uid and group gid (-1: leave it), through its descriptor,
         never through a link; True when that changes something (in check mode: would)."""
         fd = self.fd
@@ -137,7 +138,7 @@ class Folder:
             if fd != self.fd:
                 os.close(fd)
 
-    def sub(self, name, create=True):
+    def sub(self, name: str, create: bool = True) -> Folder | None:
         """The sub-folder name as a Folder (created 0700 with this folder's owner when missing and create); None when
         missing and not create. A symbolic link, a file, or a folder owned by an untrusted user is refused."""
         path = os.path.join(self.path, _check_name(name))
@@ -165,7 +166,7 @@ class Folder:
             os.close(fd)
             raise
 
-    def walk(self, *names, create=True):
+    def walk(self, *names: str, create: bool = True) -> Folder | None:
         """The folder at names below this one (each opened as sub() does); None when missing and not create."""
         current = Folder(os.dup(self.fd), self.path, self.owners)
         for name in names:
@@ -175,7 +176,7 @@ class Folder:
                 return None
         return current
 
-    def write(self, name, data, mode=PRIVATE_FILE):
+    def write(self, name: str, data: bytes, mode: int = PRIVATE_FILE) -> None:
         """Replace file name with data atomically (temp file, fsync, rename, folder fsync), mode set on the temp
         file's descriptor; a symbolic link at name is replaced, never followed."""
         _check_name(name)
@@ -201,7 +202,7 @@ class Folder:
             raise
         os.fsync(self.fd)
 
-    def read(self, name):
+    def read(self, name: str) -> bytes | None:
         """The bytes of file name, None when it does not exist; a symbolic link is refused."""
         try:
             fd = os.open(_check_name(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
@@ -214,14 +215,14 @@ class Folder:
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
-    def exists(self, name):
+    def exists(self, name: str) -> bool:
         try:
             os.stat(_check_name(name), dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         return True
 
-    def unlink(self, name):
+    def unlink(self, name: str) -> bool:
         """Remove file name (a link itself, not its target); True when it existed."""
         try:
             os.unlink(_check_name(name), dir_fd=self.fd)
@@ -230,7 +231,7 @@ class Folder:
         os.fsync(self.fd)
         return True
 
-    def listdir(self):
+    def listdir(self) -> list:
         return os.listdir(self.fd)
 
 
@@ -249,7 +250,7 @@ def _open_dir(name, dir_fd, create, refused):
         raise
 
 
-def open_root(path, what="folder", owners=None, create=True):
+def open_root(path: str, what: str = "folder", owners: set | None = None, create: bool = True) -> Folder | None:
     """The trusted root folder path (config_dir, data_dir, a store) as a Folder, created 0700 when missing and create.
 
     Refused (UnsafePathError, nothing changed): a symbolic link or a file at path, a folder writable by its group
@@ -294,7 +295,7 @@ def _open_parent(folder):
     return Folder(fd, folder, {0, os.geteuid()})
 
 
-def ensure_private_dir(path):
+def ensure_private_dir(path: str) -> str | None:
     """Create path (and parents) as 0700; tighten it (through its descriptor) if it exists with other modes.
 
     Folders created here take the owner of their parent (as root). The last component is never followed: a symbolic
@@ -310,7 +311,7 @@ def ensure_private_dir(path):
     return path
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -318,7 +319,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write(path, data, mode=PRIVATE_FILE):
+def atomic_write(path: str, data: bytes, mode: int = PRIVATE_FILE) -> None:
     """Write bytes to path atomically with the given mode; the folder must exist.
 
     As root, the file takes the owner of its folder; a symbolic link at path is replaced, not followed."""
@@ -327,7 +328,7 @@ def atomic_write(path, data, mode=PRIVATE_FILE):
         f.write(name, data, mode)
 
 
-def read_bytes(path):
+def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
@@ -346,34 +347,34 @@ def _read_nofollow(path):
         return f.read()
 
 
-def dump_yaml(obj):
+def dump_yaml(obj: Any) -> bytes:
     return yaml.safe_dump(obj, default_flow_style=False, sort_keys=True).encode("utf-8")
 
 
-def load_yaml(data, default=None):
+def load_yaml(data: bytes | str | None, default: Any = None) -> Any:
     return default if data is None else yaml.safe_load(data)
 
 
-def load_json(data, default=None):
+def load_json(data: bytes | str | None, default: Any = None) -> Any:
     return default if data is None else json.loads(data)
 
 
-def dump_json(obj):
+def dump_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=1).encode("utf-8")
 
 
-def read_yaml(path, default=None):
+def read_yaml(path: str, default: Any = None) -> Any:
     """The parsed YAML file at path, or default when it does not exist (a symbolic link is refused)."""
     return load_yaml(_read_nofollow(path), default)
 
 
-def write_yaml(path, obj, mode=PRIVATE_FILE):
+def write_yaml(path: str, obj: Any, mode: int = PRIVATE_FILE) -> None:
     atomic_write(path, dump_yaml(obj), mode)
 
 
-def write_json(path, obj, mode=PRIVATE_FILE):
+def write_json(path: str, obj: Any, mode: int = PRIVATE_FILE) -> None:
     atomic_write(path, dump_json(obj), mode)
 
 
-def read_json(path, default=None):
+def read_json(path: str, default: Any = None) -> Any:
     return load_json(_read_nofollow(path), default)

@@ -8,23 +8,23 @@ KDF), SQLCipher 4 defaults (AES-256 pages with HMAC). WAL mode, so a read transa
 a stable image (a snapshot) while capture goes on writing; temp_store=MEMORY so SQLite
 writes no plaintext temp files. An unencrypted job uses the same schema with no key.
 
-Rows are keyed by namespace and id_key(), an order-preserving, injective encoding of the
+Rows are keyed by namespace and rawbson.id_key(), an order-preserving, injective encoding of the
 document's _id in MongoDB's comparison order; values are the raw BSON bytes. The change
 log remembers which (namespace, id_key) changed since the last snapshot.
 """
 from __future__ import annotations
 
 import contextlib
-import decimal
 import json
 import os
-import struct
 import threading
 import time
+from typing import Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, split_bson_docs
 
 try:
     import sqlcipher3
@@ -32,20 +32,6 @@ try:
 except ImportError as e:  # pragma: no cover
     sqlcipher3 = None
     SQLCIPHER_IMPORT_ERROR = e
-
-try:
-    from bson import encode as bson_encode
-    from bson.binary import Binary
-    from bson.decimal128 import Decimal128
-    from bson.raw_bson import RawBSONDocument
-    BSON_IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover
-    bson_encode = Binary = Decimal128 = RawBSONDocument = None
-    BSON_IMPORT_ERROR = e
-
-
-class HeadError(KmipBackupError):
-    """The head database cannot be opened or used."""
 
 
 _SCHEMA = """
@@ -63,7 +49,6 @@ INSERT OR IGNORE INTO meta VALUES ('change_seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('schema', 1);
 """
 
-EMPTY_BSON = b"\x05\x00\x00\x00\x00"
 # SQLCipher settings of new encrypted heads: 16 KiB pages with HMAC-SHA256 (SHA-NI) read about twice as fast as
 # SQLCipher 4's defaults (4 KiB, HMAC-SHA512); heads written with the defaults still open with them.
 _CIPHER = ("PRAGMA cipher_page_size = 16384", "PRAGMA cipher_hmac_algorithm = HMAC_SHA256")
@@ -82,20 +67,10 @@ def _join_specs(specs):
     return b"".join(bytes(s) for s in specs)
 
 
-def split_bson_docs(blob):
-    """Split concatenated BSON documents into a list of bytes."""
-    out, pos, mv = [], 0, memoryview(blob)
-    while pos < len(blob):
-        n = struct.unpack_from("<i", blob, pos)[0]
-        out.append(bytes(mv[pos:pos + n]))
-        pos += n
-    return out
-
-
 class Head:
     """A job's head database at path; key: 32 bytes (encrypted) or None (unencrypted)."""
 
-    def __init__(self, path, key):
+    def __init__(self, path: str, key: bytes | None) -> None:
         _require()
         if key is not None and (not isinstance(key, (bytes, bytearray)) or len(key) != 32):
             raise HeadError("The head key must be 32 bytes; the job's wrapped head key is damaged: start a new initial sync.")
@@ -144,7 +119,7 @@ class Head:
                 raise
         conn.execute("CREATE INDEX IF NOT EXISTS docs_boundaries ON docs (ns_id, id_key) WHERE bnd = 1")
 
-    def boundary_fn(self, target_bytes):
+    def boundary_fn(self, target_bytes: int) -> Callable[[bytes, int], bool]:
         """crypto.boundary_threshold_fn under this head's boundary key: (id_key, size) -> bool; for
         BOUNDARY_TARGET it says exactly what the stored flags say."""
         return crypto.boundary_threshold_fn(self._boundary_key, target_bytes)
@@ -168,7 +143,7 @@ class Head:
         conn.execute("PRAGMA busy_timeout=60000")
         return conn
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -177,11 +152,11 @@ class Head:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
     @contextlib.contextmanager
-    def write(self):
+    def write(self) -> Iterator[Writer]:
         """One write transaction (BEGIN IMMEDIATE .. COMMIT), rolled back on error."""
         with self._lock:
             conn = self._conn
@@ -197,7 +172,7 @@ class Head:
                 raise
 
     @contextlib.contextmanager
-    def read(self):
+    def read(self) -> Iterator[Reader]:
         """One read transaction: a stable image of the head while writes go on."""
         conn = self._connect()
         try:
@@ -212,12 +187,12 @@ class Head:
             finally:
                 conn.close()
 
-    def position(self):
+    def position(self) -> dict:
         """{"resume_token", "cluster_time" [t, i] or None, "consistent", "sync"} as last committed."""
         with self._lock:
             return _position(self._conn)
 
-    def mark_snapshotted(self, change_seq):
+    def mark_snapshotted(self, change_seq: int) -> None:
         """Forget changes up to change_seq (after a snapshot covering them is durable)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -228,7 +203,7 @@ class Head:
                 self._conn.execute("ROLLBACK")
                 raise
 
-    def size(self):
+    def size(self) -> int:
         """Bytes on disk of the head (database, WAL and shared memory files)."""
         total = 0
         for suffix in ("", "-wal", "-shm"):
@@ -238,11 +213,11 @@ class Head:
                 pass
         return total
 
-    def checkpoint(self):
+    def checkpoint(self) -> None:
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def export_rekeyed(self, dest, key, progress=None):
+    def export_rekeyed(self, dest: str, key: bytes | None, progress: Callable | None = None) -> None:
         """Copy the whole head into a new database file dest encrypted under key (SQLCipher's
         sqlcipher_export, page by page in C), durably. progress(bytes written, bytes of the head) is
         called about every second. Writes to this head must wait meanwhile (the caller pauses them)."""
@@ -297,7 +272,7 @@ def _namespaces(conn):
 class Reader:
     """The read side of one transaction (also the base of Writer)."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: sqlcipher3.Connection) -> None:
         self._c = conn
         self.change_seq = None
 
@@ -305,19 +280,19 @@ class Reader:
         row = self._c.execute("SELECT ns_id FROM namespaces WHERE ns=?", (ns,)).fetchone()
         return row[0] if row else None
 
-    def position(self):
+    def position(self) -> dict:
         return _position(self._c)
 
-    def namespaces(self):
+    def namespaces(self) -> list:
         """[{"ns", "uuid", "options" (raw BSON), "indexes" [raw BSON], "incarnation"}] sorted by ns."""
         return _namespaces(self._c)
 
-    def namespace(self, ns):
+    def namespace(self, ns: str) -> dict | None:
         """One entry of namespaces(), or None."""
         row = self._c.execute(_NAMESPACE_COLUMNS + " WHERE ns=?", (ns,)).fetchone()
         return _namespace_entry(row) if row else None
 
-    def scan(self, ns, start=None, end=None):
+    def scan(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """(id_key, raw) pairs of ns in id_key order, start inclusive, end exclusive."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -340,7 +315,7 @@ class Reader:
             args.append(bytes(end))
         return sql, args
 
-    def first_key(self, ns, start=None):
+    def first_key(self, ns: str, start: bytes | None = None) -> bytes | None:
         """The smallest id_key of ns at or after start, or None."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -349,7 +324,7 @@ class Reader:
         row = self._c.execute(sql + " ORDER BY id_key LIMIT 1", args).fetchone()
         return row[0] if row else None
 
-    def boundaries(self, ns, start=None, end=None):
+    def boundaries(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> list:
         """Sorted id_keys in [start, end) of the documents flagged as chunk ends (for BOUNDARY_TARGET)."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -357,7 +332,7 @@ class Reader:
         sql, args = self._range("SELECT id_key FROM docs INDEXED BY docs_boundaries WHERE ns_id=? AND bnd = 1", ns_id, start, end)
         return [row[0] for row in self._c.execute(sql + " ORDER BY id_key", args)]
 
-    def read_range(self, ns, start=None, end=None):
+    def read_range(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> tuple:
         """(first id_key, last id_key, [raw documents in id_key order]) of ns in [start, end), in three queries."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -370,20 +345,20 @@ class Reader:
         last = self._c.execute("SELECT id_key " + sql + " ORDER BY id_key DESC LIMIT 1", args).fetchone()[0]
         return first, last, docs
 
-    def get(self, ns, id_key):
+    def get(self, ns: str, id_key: bytes) -> bytes | None:
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return None
         row = self._c.execute("SELECT doc FROM docs WHERE ns_id=? AND id_key=?", (ns_id, bytes(id_key))).fetchone()
         return row[0] if row else None
 
-    def count(self, ns):
+    def count(self, ns: str) -> int:
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return 0
         return self._c.execute("SELECT count(*) FROM docs WHERE ns_id=?", (ns_id,)).fetchone()[0]
 
-    def changed(self, ns):
+    def changed(self, ns: str) -> list:
         """Sorted id_keys of ns changed since the last mark_snapshotted (in this image)."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -394,7 +369,7 @@ class Reader:
 class Writer(Reader):
     """The write side of one transaction; every document change is recorded in the change log."""
 
-    def __init__(self, head, conn):
+    def __init__(self, head: Head, conn: sqlcipher3.Connection) -> None:
         super().__init__(conn)
         self._h = head
         self._cache = head._ns_cache
@@ -420,7 +395,7 @@ class Writer(Reader):
                 self._cache[ns] = ns_id
         return ns_id
 
-    def has_namespace(self, ns):
+    def has_namespace(self, ns: str) -> bool:
         return self._ns_id(ns) is not None
 
     def _ensure_ns(self, ns):
@@ -429,7 +404,7 @@ class Writer(Reader):
             ns_id = self.create_namespace(ns, EMPTY_BSON)
         return ns_id
 
-    def create_namespace(self, ns, options_raw, uuid=None, indexes=None):
+    def create_namespace(self, ns: str, options_raw: bytes, uuid: bytes | None = None, indexes: list | None = None) -> int:
         """Create ns (a no-op apart from options/uuid when it exists). Returns its ns_id."""
         ns_id = self._ns_id(ns)
         if ns_id is not None:
@@ -443,14 +418,14 @@ class Writer(Reader):
         self._cache[ns] = cur.lastrowid
         return cur.lastrowid
 
-    def set_options(self, ns, options_raw):
+    def set_options(self, ns: str, options_raw: bytes) -> None:
         self._c.execute("UPDATE namespaces SET options=? WHERE ns_id=?", (bytes(options_raw), self._ensure_ns(ns)))
 
-    def set_indexes(self, ns, specs):
+    def set_indexes(self, ns: str, specs: list) -> None:
         """Replace the index specs of ns with specs (raw BSON documents)."""
         self._c.execute("UPDATE namespaces SET indexes=? WHERE ns_id=?", (_join_specs(specs), self._ensure_ns(ns)))
 
-    def drop_namespace(self, ns):
+    def drop_namespace(self, ns: str) -> bool:
         """Drop ns and its documents; True when it existed."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -461,14 +436,14 @@ class Writer(Reader):
         self._dirty = True
         return True
 
-    def drop_database(self, db):
+    def drop_database(self, db: str) -> int:
         """Drop every namespace of db; returns how many."""
         names = [r[0] for r in self._c.execute("SELECT ns FROM namespaces WHERE substr(ns, 1, ?) = ?", (len(db) + 1, db + "."))]
         for ns in names:
             self.drop_namespace(ns)
         return len(names)
 
-    def rename(self, ns, to, drop_target=True):
+    def rename(self, ns: str, to: str, drop_target: bool = True) -> bool:
         """Rename ns to `to` (any database); an existing target is dropped. False when ns does not exist."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -483,7 +458,7 @@ class Writer(Reader):
         self._dirty = True
         return True
 
-    def upsert(self, ns, id_key, raw):
+    def upsert(self, ns: str, id_key: bytes, raw: bytes) -> None:
         """Store raw (BSON bytes) under (ns, id_key) and record the change."""
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
         self._c.execute("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
@@ -491,7 +466,7 @@ class Writer(Reader):
         self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
         self._dirty = True
 
-    def upsert_many(self, ns, pairs, track=True):
+    def upsert_many(self, ns: str, pairs: list, track: bool = True) -> None:
         """Store many (id_key, raw) pairs of ns in one statement batch. track=False (initial sync into a
         namespace created in this head generation, whose new incarnation makes a snapshot take it whole)
         skips the change log."""
@@ -504,7 +479,7 @@ class Writer(Reader):
             self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _doc in pairs])
             self._dirty = True
 
-    def delete(self, ns, id_key):
+    def delete(self, ns: str, id_key: bytes) -> bool:
         """Delete (ns, id_key); True when it existed."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
@@ -515,238 +490,18 @@ class Writer(Reader):
             self._dirty = True
         return cur.rowcount > 0
 
-    def set_position(self, resume_token_raw, cluster_time, consistent):
+    def set_position(self, resume_token_raw: bytes | None, cluster_time: list | tuple | None, consistent: bool) -> None:
         """Store the stream position these changes bring the head to (same transaction)."""
         t, i = (cluster_time or (None, None))
         self._c.execute("UPDATE position SET resume_token=?, ct_t=?, ct_i=?, consistent=? WHERE one=1",
                         (bytes(resume_token_raw) if resume_token_raw is not None else None, t, i, 1 if consistent else 0))
 
-    def set_sync_state(self, state):
+    def set_sync_state(self, state: dict | None) -> None:
         """Initial-sync progress (a JSON-safe dict, or None once consistent)."""
         self._c.execute("UPDATE position SET sync=? WHERE one=1", (json.dumps(state) if state is not None else None,))
 
-    def clear(self):
+    def clear(self) -> None:
         """Remove every namespace and document and reset the position (a fresh initial sync)."""
         for (ns,) in self._c.execute("SELECT ns FROM namespaces").fetchall():
             self.drop_namespace(ns)
         self._c.execute("UPDATE position SET resume_token=NULL, ct_t=NULL, ct_i=NULL, consistent=0, sync=NULL WHERE one=1")
-
-
-# ---------------------------------------------------------------------------------------------
-# id_key: order-preserving, injective encoding of a BSON _id value.
-#
-# Layout: a class byte in MongoDB's canonical comparison order, then a self-delimiting body,
-# so embedded documents encode element by element (class, name, body) as MongoDB compares them.
-# Numbers (int32, int64, double, decimal128) share one exact decimal space: NaN < -inf <
-# negatives < 0 < positives < +inf, then a type tag and, for double and decimal128, the raw
-# bytes: numerically equal values of different types or decimal128 cohorts (1.0 vs 1.00) get
-# distinct keys, ordered by (value, type, raw bytes). Doubles are encoded exactly (Decimal of
-# the binary value), so ints and doubles order correctly even beyond 2**53.
-# Strings compare by UTF-8 bytes (no collation), as MongoDB's default. BinData orders by
-# length, subtype, bytes, as MongoDB does.
-# ---------------------------------------------------------------------------------------------
-
-C_MINKEY, C_UNDEFINED, C_NULL, C_NUMBER, C_STRING, C_OBJECT, C_ARRAY, C_BINARY = 0x01, 0x02, 0x05, 0x10, 0x15, 0x20, 0x25, 0x30
-C_OID, C_BOOL, C_DATE, C_TIMESTAMP, C_REGEX, C_DBPOINTER, C_CODE, C_CODEWS, C_MAXKEY = 0x35, 0x40, 0x45, 0x47, 0x50, 0x55, 0x60, 0x65, 0x7F
-# BSON types with no value bytes (null, undefined, MinKey, MaxKey) -> their class
-_VALUELESS = {0x0A: C_NULL, 0x06: C_UNDEFINED, 0xFF: C_MINKEY, 0x7F: C_MAXKEY}
-
-_N_NAN, _N_NEGINF, _N_NEG, _N_ZERO, _N_POS, _N_POSINF = 1, 2, 3, 4, 5, 6
-_T_INT32, _T_INT64, _T_DOUBLE, _T_DECIMAL = 1, 2, 3, 4
-_EXP_BIAS = 0x8000
-
-_i32 = struct.Struct("<i")
-_i64 = struct.Struct("<q")
-_u64 = struct.Struct("<Q")
-_dbl = struct.Struct("<d")
-_be_u64 = struct.Struct(">Q")
-_be_u16 = struct.Struct(">H")
-_be_u32 = struct.Struct(">I")
-
-_POS_DIGITS = bytes.maketrans(b"0123456789", bytes(range(1, 11)))
-_NEG_DIGITS = bytes.maketrans(b"0123456789", bytes(range(10, 0, -1)))
-
-
-def _escape(b):
-    """Order-preserving, self-delimiting bytes: 0x00 -> 00 FF, terminated by 00 00."""
-    return b.replace(b"\x00", b"\x00\xff") + b"\x00\x00"
-
-
-def _num_digits(negative, digits, exp10):
-    """value = 0.digits * 10**exp10 with digits (ASCII, no leading/trailing zero) non-empty."""
-    if not negative:
-        return bytes((_N_POS,)) + _be_u16.pack(exp10 + _EXP_BIAS) + digits.translate(_POS_DIGITS) + b"\x00"
-    return bytes((_N_NEG,)) + _be_u16.pack(0xFFFF - (exp10 + _EXP_BIAS)) + digits.translate(_NEG_DIGITS) + b"\xff"
-
-
-def _num_int(n):
-    if n == 0:
-        return bytes((_N_ZERO,))
-    s = str(abs(n)).encode()
-    return _num_digits(n < 0, s.rstrip(b"0"), len(s))
-
-
-def _num_decimal(d):
-    if d.is_nan():
-        return bytes((_N_NAN,))
-    if d.is_infinite():
-        return bytes((_N_NEGINF if d < 0 else _N_POSINF,))
-    if not d:
-        return bytes((_N_ZERO,))
-    sign, digits, exponent = d.as_tuple()
-    s = "".join(map(str, digits)).lstrip("0")
-    stripped = s.rstrip("0")
-    return _num_digits(bool(sign), stripped.encode(), len(s) + exponent)
-
-
-def _num_double(raw8):
-    x = _dbl.unpack(raw8)[0]
-    if x != x:  # NaN  # pylint: disable=comparison-with-itself
-        body = bytes((_N_NAN,))
-    elif x.is_integer():
-        body = _num_int(int(x))
-    elif x in (float("inf"), float("-inf")):
-        body = bytes((_N_POSINF if x > 0 else _N_NEGINF,))
-    else:
-        body = _num_decimal(decimal.Decimal(x))
-    return body + bytes((_T_DOUBLE,)) + raw8
-
-
-def _cstring_end(buf, pos):
-    return buf.index(b"\x00", pos)
-
-
-def _encode(buf, t, pos, out):
-    """Append the encoding of the value of type t at buf[pos:] to out; return the end position."""
-    if t == 0x07:
-        out += bytes((C_OID,)) + buf[pos:pos + 12]
-        return pos + 12
-    if t == 0x10:
-        out += bytes((C_NUMBER,)) + _num_int(_i32.unpack_from(buf, pos)[0]) + bytes((_T_INT32,))
-        return pos + 4
-    if t == 0x12:
-        out += bytes((C_NUMBER,)) + _num_int(_i64.unpack_from(buf, pos)[0]) + bytes((_T_INT64,))
-        return pos + 8
-    if t in (0x02, 0x0E, 0x0D):  # string, symbol, code
-        n = _i32.unpack_from(buf, pos)[0]
-        s = bytes(buf[pos + 4:pos + 3 + n])
-        if t == 0x0D:
-            out += bytes((C_CODE,)) + _escape(s)
-        else:
-            out += bytes((C_STRING,)) + _escape(s) + (b"\x01" if t == 0x02 else b"\x02")
-        return pos + 4 + n
-    if t == 0x01:
-        out += bytes((C_NUMBER,)) + _num_double(bytes(buf[pos:pos + 8]))
-        return pos + 8
-    if t == 0x09:
-        out += bytes((C_DATE,)) + _be_u64.pack(_i64.unpack_from(buf, pos)[0] + (1 << 63))
-        return pos + 8
-    if t == 0x05:
-        n = _i32.unpack_from(buf, pos)[0]
-        out += bytes((C_BINARY,)) + _be_u32.pack(n) + buf[pos + 4:pos + 5] + buf[pos + 5:pos + 5 + n]
-        return pos + 5 + n
-    if t in (0x03, 0x04):
-        n = _i32.unpack_from(buf, pos)[0]
-        out.append(C_OBJECT if t == 0x03 else C_ARRAY)
-        p, end = pos + 4, pos + n - 1
-        while p < end:
-            et = buf[p]
-            ne = _cstring_end(buf, p + 1)
-            if t == 0x03:
-                sub, p0 = bytearray(), p
-                p = _encode(buf, et, ne + 1, sub)
-                out.append(sub[0])  # the element's class first, then its name, then its body (MongoDB's order)
-                out += buf[p0 + 1:ne] + b"\x00"
-                out += sub[1:]
-            else:
-                p = _encode(buf, et, ne + 1, out)
-        out.append(0)
-        return pos + n
-    if t == 0x08:
-        out += bytes((C_BOOL, 1 if buf[pos] else 0))
-        return pos + 1
-    if t == 0x11:
-        out += bytes((C_TIMESTAMP,)) + _be_u64.pack(_u64.unpack_from(buf, pos)[0])
-        return pos + 8
-    if t == 0x13:
-        out += bytes((C_NUMBER,)) + _num_decimal(_decimal128(bytes(buf[pos:pos + 16]))) + bytes((_T_DECIMAL,)) + buf[pos:pos + 16]
-        return pos + 16
-    if t in _VALUELESS:  # null, undefined, MinKey, MaxKey: the class alone is the key
-        out.append(_VALUELESS[t])
-        return pos
-    if t == 0x0B:
-        e1 = _cstring_end(buf, pos)
-        e2 = _cstring_end(buf, e1 + 1)
-        out += bytes((C_REGEX,)) + _escape(bytes(buf[pos:e1])) + _escape(bytes(buf[e1 + 1:e2]))
-        return e2 + 1
-    if t == 0x0C:
-        n = _i32.unpack_from(buf, pos)[0]
-        out += bytes((C_DBPOINTER,)) + _escape(bytes(buf[pos + 4:pos + 3 + n])) + buf[pos + 4 + n:pos + 16 + n]
-        return pos + 16 + n
-    if t == 0x0F:
-        n = _i32.unpack_from(buf, pos)[0]
-        sn = _i32.unpack_from(buf, pos + 4)[0]
-        out += bytes((C_CODEWS,)) + _escape(bytes(buf[pos + 8:pos + 7 + sn]))
-        _encode(buf, 0x03, pos + 8 + sn, out)
-        return pos + n
-    raise HeadError("Unsupported BSON type 0x%02x in an _id value: the source document cannot be keyed." % t)
-
-
-def _decimal128(raw16):
-    return Decimal128.from_bid(raw16).to_decimal()
-
-
-def id_key(raw_value, bson_type):
-    """The id_key of a BSON value given as its raw value bytes (no type byte, no name) and its type."""
-    out = bytearray()
-    _encode(bytes(raw_value), bson_type, 0, out)
-    return bytes(out)
-
-
-def id_key_from_document(raw):
-    """The id_key of the _id of a raw BSON document (bytes), read without decoding the document."""
-    if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
-        raw = bytes(raw)
-    if raw[4] == 0x07 and raw[5:9] == b"_id\x00":  # fast path: ObjectId _id first, as mongod stores it
-        return b"\x35" + bytes(raw[9:21])
-    pos, end = 4, len(raw) - 1
-    while pos < end:
-        t = raw[pos]
-        ne = raw.index(b"\x00", pos + 1)
-        if raw[pos + 1:ne] == b"_id":
-            out = bytearray()
-            _encode(raw, t, ne + 1, out)
-            return bytes(out)
-        pos = _skip(raw, t, ne + 1)
-    raise HeadError("A document without _id cannot be stored in the head.")
-
-
-def id_key_from_value(value):
-    """The id_key of an _id given as a Python value (or a documentKey RawBSONDocument / raw bytes)."""
-    if isinstance(value, (bytes, bytearray)) and not isinstance(value, Binary):
-        return id_key_from_document(value)
-    raw = getattr(value, "raw", None)
-    if raw is not None and isinstance(value, RawBSONDocument):
-        return id_key_from_document(raw)
-    return id_key_from_document(bson_encode({"_id": value}))
-
-
-_FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x06: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0}
-
-
-def _skip(buf, t, pos):
-    """The position after the value of type t starting at pos."""
-    n = _FIXED.get(t)
-    if n is not None:
-        return pos + n
-    if t in (0x02, 0x0D, 0x0E):
-        return pos + 4 + _i32.unpack_from(buf, pos)[0]
-    if t in (0x03, 0x04, 0x0F):
-        return pos + _i32.unpack_from(buf, pos)[0]
-    if t == 0x05:
-        return pos + 5 + _i32.unpack_from(buf, pos)[0]
-    if t == 0x0B:
-        return buf.index(b"\x00", buf.index(b"\x00", pos) + 1) + 1
-    if t == 0x0C:
-        return pos + 16 + _i32.unpack_from(buf, pos)[0]
-    raise HeadError("Unsupported BSON type 0x%02x in a document: it cannot be parsed." % t)

@@ -12,21 +12,19 @@ passed in, warnings and the diff come back in the result. No Ansible here.
 """
 from __future__ import annotations
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, jobs
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, job_config, job_status, master_keys, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KeyInUseError
 
-STATES = ("present", "absent", "stopped")
-ENCRYPTION = ("enabled", "disabled")
 DEFAULT_WAIT_TIMEOUT = 600  # seconds a module waits for the daemon by default (a job ready or gone, an answer)
 
 
 def declare(p, check_mode=False):
     """backup_job_encryption's result for the declaration p (with "diff", and "warnings" when there are some)."""
-    job = jobs.check_name(p["job"])
+    job = job_config.check_name(p["job"])
     # refuse an unsafe config_dir before anything (a KMIP key included) is created
     config.check_config_dir(p["config_dir"], p["daemon_user"])
     owner = config.file_owner(p["file_owner"], p["file_group"], p["daemon_user"])
-    existing = jobs.load_job(p["config_dir"], job)
+    existing = job_config.load_job(p["config_dir"], job)
     retire = p["retire_master_keys"] or []
     if p["revoke"] and not retire:
         raise ConfigError("revoke applies to retire_master_keys: list the UIDs to retire and revoke.")
@@ -43,50 +41,50 @@ def declare(p, check_mode=False):
     retiring = known = []
     if retire:
         try:
-            _cfg, retiring, known = jobs.plan_retire(existing, retire, p["data_dir"])
+            _cfg, retiring, known = master_keys.plan_retire(existing, retire, p["data_dir"])
             if p["revoke"]:
-                jobs.check_not_shared(p["config_dir"], job, known)
-        except jobs.KeyInUseError as e:
+                master_keys.check_not_shared(p["config_dir"], job, known)
+        except KeyInUseError as e:
             e.details = {"master_key_users": e.needed}
             raise
     master_key = dict(p["master_key"] or {})
     if master_key.get("uid"):
         master_key["create"] = False
-    new, info = jobs.plan_job(dict(p, master_key=master_key), existing, check_mode=check_mode)
+    new, info = job_config.plan_job(dict(p, master_key=master_key), existing, source.check_source, check_mode=check_mode)
     new["previous_master_key_uids"] = [u for u in new["previous_master_key_uids"] if u not in retiring]
     revoked = []
     if p["revoke"] and known:
-        revoked = jobs.revoke_keys(jobs.kmip_client(p["config_dir"], new["group"]), known, check_mode=check_mode)
+        revoked = master_keys.revoke_keys(master_keys.kmip_client(p["config_dir"], new["group"]), known, check_mode=check_mode)
     result = {"changed": new != existing or bool(revoked), "master_key_uid": info["master_key_uid"],
               "resync_required": info["resync_required"], "rotated": info["rotated"],
               "retired_master_key_uids": retiring, "revoked_master_key_uids": revoked,
-              "previous_master_key_uids": new["previous_master_key_uids"], "job": jobs.redact(new),
-              "diff": {"before": jobs.redact(existing) or {}, "after": jobs.redact(new)}}
+              "previous_master_key_uids": new["previous_master_key_uids"], "job": job_config.redact(new),
+              "diff": {"before": job_config.redact(existing) or {}, "after": job_config.redact(new)}}
     if new != existing and not check_mode:
-        jobs.write_job(p["config_dir"], new, p["daemon_user"])
+        job_config.write_job(p["config_dir"], new, p["daemon_user"])
     if config.set_owner(p["config_dir"], ["jobs/%s.yml" % job], owner, p["daemon_user"], check_mode):
         result["changed"] = True
     if p["wait"] and not check_mode:
-        jobs.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
-    result["master_key_uids_needed"] = jobs.master_keys_needed(new)
-    st = jobs.read_status(p["data_dir"], job)
-    result.update(status=jobs.status_name(p["data_dir"], job, new, status=st), job_status=st or {})
+        job_status.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
+    result["master_key_uids_needed"] = master_keys.master_keys_needed(new)
+    st = job_status.read_status(p["data_dir"], job)
+    result.update(status=job_status.status_name(p["data_dir"], job, new, status=st), job_status=st or {})
     return result
 
 
 def _remove(p, job, existing, check_mode):
     result = {"changed": existing is not None, "resync_required": False, "rotated": False, "retired_master_key_uids": [],
-              "revoked_master_key_uids": [], "diff": {"before": jobs.redact(existing) or {}, "after": {}}, "warnings": []}
-    result["master_key_uids_needed"] = needed = jobs.master_keys_needed(existing) if existing else []
+              "revoked_master_key_uids": [], "diff": {"before": job_config.redact(existing) or {}, "after": {}}, "warnings": []}
+    result["master_key_uids_needed"] = needed = master_keys.master_keys_needed(existing) if existing else []
     if needed:
         result["warnings"].append(
             "The store %s keeps the snapshots of job %s; they need master key(s) %s: keep those keys and a certificate that "
             "can use them to restore them (kmipbackup.mongodb.snapshot_restore with store=%s)."
             % (existing["store"], job, ", ".join(needed), existing["store"]))
     if existing is not None and not check_mode:
-        jobs.remove_job(p["config_dir"], job, p["daemon_user"])
+        job_config.remove_job(p["config_dir"], job, p["daemon_user"])
         if p["wait"]:
-            jobs.wait_removed(p["data_dir"], job, p["wait_timeout"])
-    st = jobs.read_status(p["data_dir"], job)
+            job_status.wait_removed(p["data_dir"], job, p["wait_timeout"])
+    st = job_status.read_status(p["data_dir"], job)
     result.update(status=st.get("state") if st else "INACTIVE", job_status=st or {})
     return result

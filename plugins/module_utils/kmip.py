@@ -28,8 +28,9 @@ import ssl
 import time
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import parse_server
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.config import GroupConfig, KmipConfig, parse_server
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import CertificateError, IntegrityError, KmipError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import Backoff
 
 # PyKMIP is imported on first use: importing it pulls in SQLAlchemy (about a second), which
 # modules that only check TLS or certificates should not pay.
@@ -53,7 +54,9 @@ _BACKOFF_MAX = 5.0
 
 
 def _require():
-    """Import PyKMIP once; KmipError when it is missing."""
+    """Import PyKMIP once; KmipError when it is missing. Lazy on purpose: PyKMIP (and the SQLAlchemy it pulls in)
+    takes about 0.4 s to import, which every module run and daemon start would pay even when it never talks
+    to KMIP (an unencrypted job, kmip_config's file checks, snapshot_info on an unencrypted store)."""
     global kmip_attributes, enums, objects, kmip_exceptions, AttributeFactory, payloads, KMIPProtocol, RequestLengthMismatch
     global _Proxy
     if _Proxy is not None:
@@ -99,7 +102,7 @@ def _aad(uid):
     return b"kmipbackup wrapped data key v1\x00" + str(uid).encode("utf-8")
 
 
-def tls_context(ca_file, cert_file=None, key_file=None, password=None):
+def tls_context(ca_file: str, cert_file: str | None = None, key_file: str | None = None, password: str | None = None) -> ssl.SSLContext:
     """Our client TLS context: TLS 1.2+, CERT_REQUIRED against ca_file, host-name check on."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -182,7 +185,7 @@ def _connect(ctx, host, port, connect_timeout):
         raise
 
 
-def verify_server(kmip_config, entry):
+def verify_server(kmip_config: KmipConfig, entry: str) -> dict:
     """One TLS handshake with a configured server entry, checking its certificate and host name
     against the CA file. Returns {"server", "host", "port", "ok", "reason"}; a server that asks for a
     client certificate (which we do not send here) has passed the checks on its certificate."""
@@ -230,7 +233,7 @@ class KmipClient:
     Connects on first use; reuses one connection for many operations (a long-lived daemon)
     and reconnects when it breaks. Every failure is a KmipError with a kind."""
 
-    def __init__(self, kmip_config, group_config, op_timeout=30.0):
+    def __init__(self, kmip_config: KmipConfig, group_config: GroupConfig, op_timeout: float = 30.0) -> None:
         _require()
         self.config = kmip_config
         self.group = group_config
@@ -245,17 +248,17 @@ class KmipClient:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         if self._proxy is not None:
             self._proxy.close()
             self._proxy = None
             self.server = None
 
     @property
-    def identity(self):
+    def identity(self) -> str:
         """The client certificate's CN (the KMIP identity), for messages."""
         if self._identity is None:
             try:
@@ -275,15 +278,16 @@ class KmipClient:
             self._ctx = tls_context(self.config.ca_file, g.client_cert_file, g.client_key_file, g.client_cert_password)
         return self._ctx
 
-    def connect(self):
+    def connect(self) -> None:
         """Open a connection: servers in order, transient failures retried with backoff."""
         if self._proxy is not None:
             return
         ctx = self._context()
         tried = {}
+        backoff = Backoff(_BACKOFF_BASE, _BACKOFF_MAX)
         for attempt in range(self.config.connect_retries + 1):
             if attempt:
-                time.sleep(min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1)))
+                time.sleep(backoff.next())
             for host, port in self.config.addresses():
                 try:
                     sock = _connect(ctx, host, port, self.config.connect_timeout)
@@ -360,13 +364,13 @@ class KmipClient:
         reason_name = getattr(reason, "name", reason)
         return KmipError("KMIP %s on key %s failed at %s: %s (%s)" % (op.name, uid, self.server, message, reason_name), kind="protocol", uid=uid)
 
-    def ping(self):
+    def ping(self) -> list:
         """One authenticated KMIP request (DiscoverVersions): proves the server accepts this identity."""
         resp = self._call(enums.Operation.DISCOVER_VERSIONS, payloads.DiscoverVersionsRequestPayload())
         return ["%d.%d" % (v.major, v.minor) for v in resp.protocol_versions or []]
 
     # --- keys -------------------------------------------------------------------------------
-    def create_master_key(self, name):
+    def create_master_key(self, name: str) -> str:
         """Create an AES-256 key usable for Encrypt/Decrypt/WrapKey/UnwrapKey, activate it, return its UID."""
         f = AttributeFactory()
         mask = [enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT,
@@ -382,7 +386,7 @@ class KmipClient:
         self._call(enums.Operation.ACTIVATE, payloads.ActivateRequestPayload(kmip_attributes.UniqueIdentifier(uid)), uid)
         return uid
 
-    def key_info(self, uid):
+    def key_info(self, uid: str) -> dict:
         """{"uid", "state", "name"} of a key (state like ACTIVE, DEACTIVATED)."""
         uid = str(uid)
         resp = self._call(enums.Operation.GET_ATTRIBUTES, payloads.GetAttributesRequestPayload(uid, ["State", "Name"]), uid)
@@ -395,7 +399,7 @@ class KmipClient:
                 info["name"] = a.attribute_value.name_value.value
         return info
 
-    def check_access(self, uid):
+    def check_access(self, uid: str) -> dict:
         """Raise KmipError(permission_denied|not_found|not_active) unless this identity can use key uid."""
         info = self.key_info(uid)
         if info["state"] != "ACTIVE":
@@ -403,7 +407,7 @@ class KmipClient:
                             % (uid, info["state"]), kind="not_active", uid=str(uid))
         return info
 
-    def check_keys(self, uids):
+    def check_keys(self, uids: list) -> list:
         """[(uid, KmipError or None)] for each uid, in order: None when this identity can use the key, the error when
         check_access refused it (permission_denied, not_found or not_active); any other KmipError is raised."""
         out = []
@@ -418,7 +422,7 @@ class KmipClient:
                 out.append((uid, None))
         return out
 
-    def require_keys(self, uids, what="that snapshot needs"):
+    def require_keys(self, uids: list, what: str = "that snapshot needs") -> list:
         """One KmipError naming every master key of uids this certificate cannot use; returns uids."""
         denied = [(uid, e.kind) for uid, e in self.check_keys(uids) if e is not None]
         if denied:
@@ -429,7 +433,7 @@ class KmipClient:
                             kind=denied[0][1], uid=denied[0][0])
         return list(uids)
 
-    def revoke_key(self, uid, reason="superseded"):
+    def revoke_key(self, uid: str, reason: str = "superseded") -> None:
         """Revoke (deactivate) a key; it stays readable for unwrapping where the server allows."""
         uid = str(uid)
         code = {"superseded": enums.RevocationReasonCode.SUPERSEDED,
@@ -454,7 +458,7 @@ class KmipClient:
             block_cipher_mode=enums.BlockCipherMode.GCM, cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
             tag_length=GCM_TAG_BYTES)
 
-    def wrap(self, uid, data_key):
+    def wrap(self, uid: str, data_key: bytes) -> dict:
         """Wrap data_key (bytes) under master key uid; returns a JSON-safe record for unwrap()."""
         uid = str(uid)
         if not isinstance(data_key, (bytes, bytearray)) or not 16 <= len(data_key) <= 64:
@@ -472,7 +476,7 @@ class KmipClient:
         return {"master_key_uid": uid, "mode": MODE_GCM, "iv": _b64(resp.iv_counter_nonce or iv), "ct": _b64(resp.data),
                 "tag": _b64(resp.auth_tag)}
 
-    def unwrap(self, record):
+    def unwrap(self, record: dict) -> bytes:
         """The data key (bytes) from a wrap() record, whichever mode made it."""
         if not isinstance(record, dict) or not record.get("master_key_uid"):
             raise IntegrityError("a wrapped key record must be a mapping naming its master_key_uid", kind="wrapped_key")

@@ -17,6 +17,7 @@ import base64
 import collections
 import hashlib
 import struct
+from typing import BinaryIO
 from urllib.parse import quote
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
@@ -49,7 +50,7 @@ FILE_NAME_MAX = 238  # an escaped name plus the longest suffix (.metadata.json.g
 FILE_NAME_CUT = 208
 
 
-def escape_collection_name(name):
+def escape_collection_name(name: str) -> str:
     """A collection's file name (without .bson / .metadata.json) as mongodump writes it (mongo-tools:
     util.EscapeCollectionName is Go's url.PathEscape; mongodump/prepare.go outputPath): percent-encoded
     ('/' %2F, '%' %25, space %20, other bytes outside letters, digits and -._~$&+:=@ as %XX of their UTF-8),
@@ -67,7 +68,7 @@ def _decode(raw):
     return bson.decode(bytes(raw), codec_options=_ORDERED) if raw else collections.OrderedDict()
 
 
-def metadata_json(options_raw, index_specs_raw, uuid_bytes, collection_name, kind="collection"):
+def metadata_json(options_raw: bytes, index_specs_raw: list, uuid_bytes: bytes | None, collection_name: str, kind: str = "collection") -> str:
     """The text of <coll>.metadata.json (and of an archive's collection metadata)."""
     meta = collections.OrderedDict()
     meta["options"] = _decode(options_raw)
@@ -83,27 +84,27 @@ class Crc64:
     """Streaming CRC-64-ECMA as Go's hash/crc64 with crc64.ECMA computes it (the CRC-64/XZ variant:
     reflected, init and final xor all ones), through fastcrc (several GB/s)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         if fastcrc is None:
             raise KmipBackupError("The Python package fastcrc is missing (%s): install the collection's requirements." % FASTCRC_IMPORT_ERROR)
         self._value = 0
 
-    def update(self, data):
+    def update(self, data: bytes) -> None:
         if data:
             self._value = fastcrc.crc64.xz(data, self._value)
 
-    def value(self):
+    def value(self) -> int:
         return self._value
 
 
-def signed64(v):
+def signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
 class ArchiveWriter:
     """Writes a mongodump --archive stream to a binary file object, one namespace after another."""
 
-    def __init__(self, f, server_version=""):
+    def __init__(self, f: BinaryIO, server_version: str = "") -> None:
         self.f = f
         self.server_version = server_version
         self.bytes = 0
@@ -112,7 +113,7 @@ class ArchiveWriter:
         self.f.write(data)
         self.bytes += len(data)
 
-    def prelude(self, collections_meta):
+    def prelude(self, collections_meta: list) -> None:
         """collections_meta: [(db, collection, metadata_json_text, size_bytes)]."""
         self._w(ARCHIVE_MAGIC)
         self._w(bson.encode(collections.OrderedDict([
@@ -126,13 +127,13 @@ class ArchiveWriter:
     def _header(self, db, coll, eof, crc):
         return bson.encode(collections.OrderedDict([("db", db), ("collection", coll), ("EOF", eof), ("CRC", Int64(crc))]))
 
-    def segment(self, db, coll, docs):
+    def segment(self, db: str, coll: str, docs: bytes) -> None:
         """One segment of concatenated raw documents (skipped when empty)."""
         if docs:
             self._w(self._header(db, coll, False, 0))
             self._w(docs)
             self._w(TERMINATOR)
 
-    def eof(self, db, coll, crc_value):
+    def eof(self, db: str, coll: str, crc_value: int) -> None:
         self._w(self._header(db, coll, True, signed64(crc_value)))
         self._w(TERMINATOR)

@@ -47,9 +47,10 @@ class S3Storage:
     Credentials: access_key and secret_key when given, else the standard AWS chain (environment, shared
     credentials file, instance role). addressing_style: "path" (most self-hosted servers) or "virtual"."""
 
-    def __init__(self, bucket, prefix="", endpoint_url=None, region=None, addressing_style="path", ca_bundle=None,
-                 access_key=None, secret_key=None, session_token=None, connect_timeout=10, read_timeout=60,
-                 max_attempts=5, max_connections=MAX_CONNECTIONS):
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 addressing_style: str = "path", ca_bundle: str | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, session_token: str | None = None, connect_timeout: float = 10,
+                 read_timeout: float = 60, max_attempts: int = 5, max_connections: int = MAX_CONNECTIONS) -> None:
         if boto3 is None:
             raise StoreError("The Python package boto3 is missing (%s): install the collection's requirements to use "
                              "an object store." % BOTO3_IMPORT_ERROR)
@@ -76,7 +77,7 @@ class S3Storage:
                                         max_concurrency=4, use_threads=True)
 
     @property
-    def root(self):
+    def root(self) -> str:
         """Where the store is, for messages (no credentials)."""
         return "s3://%s/%s" % (self.bucket, self.prefix) if self.prefix else "s3://%s" % self.bucket
 
@@ -132,7 +133,7 @@ class S3Storage:
             e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound")
 
     # the FileStorage interface -------------------------------------------------------------------------
-    def put_atomic(self, path, data, sync=True):
+    def put_atomic(self, path: str, data: bytes, sync: bool = True) -> None:
         """One PUT (multipart above MULTIPART_BYTES): visible only once whole. sync is accepted for FileStorage's
         interface; an acknowledged PUT is durable."""
         key = self._key(path)
@@ -144,7 +145,7 @@ class S3Storage:
         except (botocore_errors.BotoCoreError, botocore_errors.ClientError, boto3.exceptions.S3UploadFailedError) as e:
             raise self._error(getattr(e, "__cause__", None) or e, "writing %s" % path) from None
 
-    def put_new(self, path, data):
+    def put_new(self, path: str, data: bytes) -> bool:
         """Create path with data only if nothing has that name (a conditional PUT); False when it existed."""
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=bytes(data), IfNoneMatch="*")
@@ -156,10 +157,10 @@ class S3Storage:
         except botocore_errors.BotoCoreError as e:
             raise self._error(e, "creating %s" % path) from None
 
-    def sync(self, paths):
+    def sync(self, paths: list) -> None:
         """Nothing to do: every acknowledged PUT is durable."""
 
-    def get(self, path):
+    def get(self, path: str) -> bytes | None:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
         except botocore_errors.ClientError as e:
@@ -180,7 +181,7 @@ class S3Storage:
         except botocore_errors.BotoCoreError as e:
             raise self._error(e, "checking %s" % path) from None
 
-    def exists(self, path):
+    def exists(self, path: str) -> bool:
         return self._head(path) is not None
 
     def _stat(self, path):
@@ -189,19 +190,19 @@ class S3Storage:
             raise FileNotFoundError(path)  # as os.stat: the store's GC skips objects deleted meanwhile
         return head
 
-    def mtime(self, path):
+    def mtime(self, path: str) -> float:
         return self._stat(path)["LastModified"].timestamp()
 
-    def size(self, path):
+    def size(self, path: str) -> int:
         return int(self._stat(path)["ContentLength"])
 
-    def touch(self, path):
+    def touch(self, path: str) -> None:
         """A new LastModified: the object copied onto itself."""
         key = self._key(path)
         self._call("touching %s" % path, self.client.copy_object, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                    MetadataDirective="REPLACE")
 
-    def list(self, prefix):
+    def list(self, prefix: str) -> list:
         """Names (not paths) directly under the folder prefix: objects and sub-folders, sorted."""
         base = (self._key(prefix) + "/") if prefix else (self.prefix + "/" if self.prefix else "")
         names, token = set(), None
@@ -216,13 +217,13 @@ class S3Storage:
             if not page.get("IsTruncated") or not token:
                 return sorted(n for n in names if n)
 
-    def delete(self, path):
+    def delete(self, path: str) -> None:
         self._call("deleting %s" % path, self.client.delete_object, Key=self._key(path))
 
-    def clean_temporary(self, prefix, older_than):
+    def clean_temporary(self, prefix: str, older_than: float) -> None:
         """Nothing to clean: an object store has no temporary names (an unfinished multipart upload is not an object)."""
 
-    def check_bucket(self):
+    def check_bucket(self) -> None:
         """The bucket answers to these credentials: StoreError naming what is wrong otherwise. (A listing, not a
         HEAD: an answer to HEAD has no body, so a bad secret and a missing permission would look alike.)"""
         self._call("opening the bucket", self.client.list_objects_v2, Prefix=self.prefix, MaxKeys=1)

@@ -33,12 +33,16 @@ import json
 import os
 import shutil
 import stat
+from typing import TYPE_CHECKING
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongodump, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongo, mongodump
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.snapshot import namespace_hash
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import iso, utcnow
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
+
+if TYPE_CHECKING:  # annotations only: a restore reads the store through the JobStore and Keys it is given
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys
 
 try:
     import bson
@@ -80,7 +84,7 @@ def _require_pymongo():
         raise RestoreError("The Python package pymongo is missing (%s): install the collection's requirements." % PYMONGO_IMPORT_ERROR)
 
 
-def restore_info_text(entry, job, kmip_servers=None, selection=None):
+def restore_info_text(entry: dict, job: str, kmip_servers: list | None = None, selection: list | None = None) -> str:
     """restoreInfo.txt as Ops Manager writes it: what was restored and which keys it needs (selection: the
     selection_digest of the namespaces restored, so a later run knows what the target holds)."""
     ct = entry.get("cluster_time") or [0, 0]
@@ -110,18 +114,18 @@ def _info_matches(text, job, snapshot_id, selection=None):
             and (selection is None or ("Namespace Selection: %s\n" % selection) in text))
 
 
-def label(encryption, index, name, show=False):
+def label(encryption: bool, index: int, name: str, show: bool = False) -> str:
     """How messages and results name a namespace: its name, or #index for an encrypted snapshot unless show."""
     return name if show or not encryption else "#%d" % index
 
 
-def valid_database_name(name):
+def valid_database_name(name: str) -> bool:
     """A MongoDB database name, which is also a safe single folder name."""
     return (isinstance(name, str) and bool(name) and not DB_NAME_FORBIDDEN.intersection(name)
             and len(name.encode("utf-8")) <= DB_NAME_MAX_BYTES)
 
 
-def name_problem(db, coll):
+def name_problem(db: str, coll: str) -> str | None:
     """Why no target can hold namespace db.coll (a MongoDB rule it breaks), or None. Collection names are
     free otherwise: a directory restore escapes them (mongodump.escape_collection_name)."""
     if not valid_database_name(db):
@@ -132,7 +136,7 @@ def name_problem(db, coll):
     return None
 
 
-def mongodb_name_problem(db, coll):
+def mongodb_name_problem(db: str, coll: str) -> str | None:
     """Why a MongoDB target cannot hold db.coll (MongoDB's documented naming rules), or None."""
     if coll.startswith("."):
         return "MongoDB refuses collection names that start with '.'"
@@ -152,7 +156,7 @@ def _name_error(what, label_i, reason):
                         % (label_i, what, reason))
 
 
-def select_namespaces(manifest, include=None, exclude=None, rename=None):
+def select_namespaces(manifest: dict, include: list | None = None, exclude: list | None = None, rename: dict | None = None) -> list:
     """[(index, namespace entry, target db, target collection)] after include/exclude patterns (fnmatch on
     "db.collection") and database rename ({source db: target db}); index is the namespace's 1-based position
     in the snapshot. RestoreError for an invalid rename target, and for a namespace whose name no target can
@@ -178,7 +182,7 @@ def select_namespaces(manifest, include=None, exclude=None, rename=None):
     return out
 
 
-def selection_digest(selected):
+def selection_digest(selected: list) -> str:
     """A digest of which namespaces are restored where: keys a restore's marker together with job and snapshot."""
     pairs = sorted([n["ns"], "%s.%s" % (db, coll)] for _i, n, db, coll in selected)
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()[:32]
@@ -210,12 +214,12 @@ class DirectoryTarget:
     may replace a folder that is not a previous restore or a mongodump layout."""
     kind = "directory"
 
-    def __init__(self, path, protected=None, force=False):
+    def __init__(self, path: str, protected: dict | None = None, force: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.protected = dict(protected or {})
         self.force = force
 
-    def describe(self):
+    def describe(self) -> str:
         return self.path
 
 
@@ -223,44 +227,53 @@ class ArchiveTarget:
     """protected and force as DirectoryTarget's."""
     kind = "archive"
 
-    def __init__(self, path, protected=None, force=False):
+    def __init__(self, path: str, protected: dict | None = None, force: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.protected = dict(protected or {})
         self.force = force
 
-    def describe(self):
+    def describe(self) -> str:
         return self.path
 
     @property
-    def info_path(self):
+    def info_path(self) -> str:
         return self.path + "." + RESTORE_INFO
 
 
 class MongoTarget:
+    """A MongoDB deployment to restore into: a URI and pymongo.MongoClient keyword arguments, or
+    from_connection(conn) with the connection dict a job's source has (mongo.client_options)."""
+
     kind = "mongodb"
 
-    def __init__(self, uri, restore_info_path=None, **client_options):
+    def __init__(self, uri: str, restore_info_path: str | None = None, **client_options) -> None:
         self.uri = uri
         self.client_options = client_options
         self.restore_info_path = restore_info_path
         self._client = None
 
-    def describe(self):
+    @classmethod
+    def from_connection(cls, conn: dict, restore_info_path: str | None = None) -> MongoTarget:
+        return cls(conn["uri"], restore_info_path, **mongo.client_options(conn))
+
+    def describe(self) -> str:
         return "MongoDB"
 
-    def client(self):
+    def client(self) -> pymongo.MongoClient:
         _require_pymongo()
         if self._client is None:
-            self._client = pymongo.MongoClient(self.uri, document_class=RawBSONDocument, **self.client_options)
+            kw = {"document_class": RawBSONDocument}
+            kw.update(self.client_options)
+            self._client = pymongo.MongoClient(self.uri, **kw)
         return self._client
 
-    def close(self):
+    def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
 
 
-def make_target(target):
+def make_target(target: str | DirectoryTarget | ArchiveTarget | MongoTarget) -> DirectoryTarget | ArchiveTarget | MongoTarget:
     if isinstance(target, (DirectoryTarget, ArchiveTarget, MongoTarget)):
         return target
     if isinstance(target, str) and target.startswith(("mongodb://", "mongodb+srv://")):
@@ -273,7 +286,8 @@ def _read_text(path):
         return f.read()
 
 
-def already_restored(job_store, snapshot, target, selected=None):
+def already_restored(job_store: JobStore, snapshot: str, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
+                     selected: list | None = None) -> bool:
     """True when target already holds a complete restore of this snapshot with the same namespaces (selected,
     as plan returns it); selected None: with any namespaces (for changed=false)."""
     target = make_target(target)
@@ -318,7 +332,7 @@ def _tmp_sibling(path):
     return os.path.join(parent, ".%s.kmipbackup-tmp-%s" % (os.path.basename(path), os.urandom(4).hex()))
 
 
-def check_target_location(path, protected):
+def check_target_location(path: str, protected: dict | None) -> None:
     """RestoreError when path is, is inside, or contains one of the protected folders ({what: folder}: the store,
     data_dir, config_dir): drop would delete it and a restore would write into it. Links are resolved first."""
     real = os.path.realpath(path)
@@ -374,7 +388,7 @@ def _is_archive(path):
         return f.read(len(mongodump.ARCHIVE_MAGIC)) == mongodump.ARCHIVE_MAGIC or os.path.isfile(path + "." + RESTORE_INFO)
 
 
-def check_file_target(path, drop, force=False, protected=None, kind=None):
+def check_file_target(path: str, drop: bool, force: bool = False, protected: dict | None = None, kind: str | None = None) -> None:
     """RestoreError unless the directory or archive path is absent or empty, or drop allows replacing it: drop
     replaces only a previous restore or a mongodump layout (a mongodump archive for kind "archive") unless force.
     A target that is, is inside or contains a protected folder is always refused (check_target_location)."""
@@ -397,7 +411,7 @@ def check_file_target(path, drop, force=False, protected=None, kind=None):
                                % (path, "archive" if kind == "archive" else "layout"))
 
 
-def busy_namespaces(target, selected):
+def busy_namespaces(target: MongoTarget, selected: list) -> list:
     """The selected namespaces that are not empty in a MongoDB target, as (index, db, coll)."""
     client = target.client()
     names, busy = {}, []
@@ -406,7 +420,7 @@ def busy_namespaces(target, selected):
             continue  # the target cannot hold it: the restore refuses it by name before writing anything
         if db not in names:
             names[db] = set(client[db].list_collection_names())
-        if coll in names[db] and source.find_one_raw(client, "%s.%s" % (db, coll), {}, {"_id": 1}) is not None:
+        if coll in names[db] and mongo.find_one_raw(client, "%s.%s" % (db, coll), {}, {"_id": 1}) is not None:
             busy.append((i, db, coll))
     return busy
 
@@ -608,8 +622,8 @@ def _insert(database, coll, docs, inserted):
 
 def _count(database, coll):
     """The number of documents in coll (what count_documents({}) runs), through a raw aggregate command."""
-    docs = source.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
-                                [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
+    docs = mongo.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
+                               [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
     return int(docs[0]["n"]) if docs else 0
 
 
@@ -644,7 +658,8 @@ def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, dro
         v.check(entry["snapshot_id"], name, _count(database, coll))
 
 
-def plan(job_store, snapshot, keys, include=None, exclude=None, rename=None, expect_encryption=None, last_known=None):
+def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = None, exclude: list | None = None,
+         rename: dict | None = None, expect_encryption: bool | None = None, last_known: str | None = None) -> tuple[dict, list]:
     """(catalog entry, selected) of snapshot (an id or 'latest'): the catalog entry (bound to its id, authenticated
     and live according to the catalog head: JobStore.resolve) and the manifest authenticated, selected as
     select_namespaces returns it. expect_encryption (default keys.encryption): refuse a snapshot that says it is
@@ -659,7 +674,8 @@ def plan(job_store, snapshot, keys, include=None, exclude=None, rename=None, exp
     return entry, select_namespaces(manifest, include, exclude, rename)
 
 
-def execute(job_store, keys, entry, selected, target, drop=False, verify=True, kmip_servers=None, show_namespaces=False):
+def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
+            drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False) -> dict:
     """Restore what plan() returned to target; returns a summary dict. Messages name namespaces as #n for an
     encrypted snapshot unless show_namespaces."""
     _require_bson()
@@ -687,8 +703,10 @@ def execute(job_store, keys, entry, selected, target, drop=False, verify=True, k
             "restore_info": info_text}
 
 
-def restore(job_store, snapshot, keys, target, include=None, exclude=None, rename=None, drop=False, verify=True,
-            kmip_servers=None, expect_encryption=None, show_namespaces=False):
+def restore(job_store: JobStore, snapshot: str, keys: Keys, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
+            include: list | None = None, exclude: list | None = None, rename: dict | None = None, drop: bool = False,
+            verify: bool = True, kmip_servers: list | None = None, expect_encryption: bool | None = None,
+            show_namespaces: bool = False) -> dict:
     """Restore snapshot (an id or 'latest') of job_store to target: plan() then execute(); returns a summary dict.
 
     IntegrityError names a tampered chunk, manifest, keyring entry or catalog entry."""

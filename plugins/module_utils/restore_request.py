@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import pwd
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, jobs, kmip, restore, source, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, datadir, job_config, job_status, kmip, restore, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError, StoreError)
 
 NO_KMIP = "No KMIP access configured"
-CONNECTION_DEFAULTS = jobs.SOURCE_DEFAULTS  # target_mongodb has the options of a job's source
+CONNECTION_DEFAULTS = job_config.SOURCE_DEFAULTS  # target_mongodb has the options of a job's source
 
 
 def kmip_settings(p, cfg):
@@ -52,7 +53,7 @@ def store_root(p, cfg):
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder."
                           % (p["job"], config.jobs_dir(p["config_dir"])))
-    return jobs.store_root(cfg, p["data_dir"])
+    return datadir.store_root(cfg, p["data_dir"])
 
 
 def job_encrypted(p, cfg, js):
@@ -75,7 +76,7 @@ def _listed(js, name):
 def list_snapshots(p):
     """snapshot_info's result: the job's snapshots, authenticated against the catalog head when KMIP access is
     configured, and the master keys the retained ones need."""
-    cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
+    cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
     root = store_root(p, cfg)
     if not os.path.isdir(root):
         raise StoreError("The snapshot store %s does not exist: check the store path (or mount it)." % root)
@@ -94,7 +95,7 @@ def list_snapshots(p):
                 "snapshots": [dict(store.public_entry(e), authenticated=False) for e in entries],
                 "master_key_uids_needed": js.master_keys_needed(catalog)}
     encrypted, _why = job_encrypted(p, cfg, js)
-    last_known = jobs.daemon_last_snapshot(p["data_dir"], p["job"])
+    last_known = job_status.daemon_last_snapshot(p["data_dir"], p["job"])
     with kmip.KmipClient(*settings) as client:
         keys = store.Keys(js, provider=client, encryption=encrypted)
         client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs")
@@ -120,14 +121,6 @@ def list_snapshots(p):
 
 # ---- restore ------------------------------------------------------------------------------------------------
 
-def mongo_target(conn, info_path):
-    """A MongoTarget for a MongoDB connection dict (the same one a job's source is), its client built by the core's
-    one set of client options."""
-    opts = source.client_options(conn)
-    opts.pop("document_class", None)  # MongoTarget reads raw BSON itself
-    return restore.MongoTarget(conn["uri"], restore_info_path=info_path, **opts)
-
-
 def make_target(p, sid, protected):
     """(target, restore info path); a directory or archive target at a protected folder is refused here, before
     anything is written."""
@@ -143,7 +136,8 @@ def make_target(p, sid, protected):
         raise ConfigError("Give exactly one target: target_mongodb, target_dir or target_archive.")
     info = p["restore_info_file"] or os.path.join(pwd.getpwuid(os.getuid()).pw_dir, "restoreInfo-%s-%s.txt" % (p["job"], sid))
     info = os.path.abspath(info)
-    return mongo_target(p["target_mongodb"], info), info
+    # the same connection dict as a job's source, the client built by the same core code (mongo.client_options)
+    return restore.MongoTarget.from_connection(p["target_mongodb"], info), info
 
 
 def check_encryption_expected(p, cfg, js, entry):
@@ -179,7 +173,7 @@ class _Restore:
 
     def run(self):
         p = self.p
-        cfg = jobs.load_job(p["config_dir"], p["job"])  # None on a fresh host
+        cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
         root = store_root(p, cfg)
         js = store.JobStore(root, config.validate_name(p["job"], "job name"))
         settings = kmip_settings(p, cfg)
@@ -188,7 +182,7 @@ class _Restore:
         try:
             if settings is not None:
                 self.client = kmip.KmipClient(*settings)
-            self.last_known = jobs.daemon_last_snapshot(p["data_dir"], p["job"])
+            self.last_known = job_status.daemon_last_snapshot(p["data_dir"], p["job"])
             entry, self.keys = self._resolve(js, cfg)
             sid = entry["snapshot_id"]
             expect_encryption = check_encryption_expected(p, cfg, js, entry)

@@ -11,9 +11,13 @@ On-demand snapshots follow the daily retention. The newest snapshot is always ke
 from __future__ import annotations
 
 import datetime
+from typing import TYPE_CHECKING
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import timeutil
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: retention works on the JobStore and Keys it is given
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys
 
 INTERVALS = (6, 8, 12, 24)
 RANGES = {
@@ -25,7 +29,7 @@ RANGES = {
 DEFAULT_SCHEDULE = {"interval_hours": 6, "recent_days": 2, "daily_days": 7, "weekly_weeks": 4, "monthly_months": 13}
 
 
-def validate_schedule(schedule):
+def validate_schedule(schedule: dict | None) -> dict:
     """A complete, checked schedule dict (defaults filled in); ConfigError naming each bad field."""
     schedule = dict(schedule or {})
     unknown = sorted(set(schedule) - set(DEFAULT_SCHEDULE))
@@ -57,17 +61,17 @@ def validate_schedule(schedule):
 
 
 def _created(entry):
-    return store.parse_iso(entry["created"])
+    return timeutil.parse_iso(entry["created"])
 
 
-def add_months(dt, months):
+def add_months(dt: datetime.datetime, months: int) -> datetime.datetime:
     y, m = divmod(dt.month - 1 + months, 12)
     year, month = dt.year + y, m + 1
     days = [31, 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
     return dt.replace(year=year, month=month, day=min(dt.day, days[month - 1]))
 
 
-def due(now, last_snapshot, schedule):
+def due(now: datetime.datetime, last_snapshot: dict | datetime.datetime | None, schedule: dict) -> bool:
     """True when a scheduled snapshot is due: none yet, or interval_hours passed since the last one.
     last_snapshot: a catalog entry, a datetime or None."""
     if last_snapshot is None:
@@ -76,14 +80,14 @@ def due(now, last_snapshot, schedule):
     return now - last >= datetime.timedelta(hours=validate_schedule(schedule)["interval_hours"])
 
 
-def expires(created, kind, schedule):
+def expires(created: datetime.datetime, kind: str, schedule: dict) -> datetime.datetime | None:
     """When a new snapshot expires if no longer-lived tier keeps it (Ops Manager's "expires")."""
     s = validate_schedule(schedule)
     days = (s["daily_days"] or s["recent_days"]) if kind == "on-demand" else s["recent_days"]
     return created + datetime.timedelta(days=days)
 
 
-def select_retained(entries, schedule, now):
+def select_retained(entries: list, schedule: dict, now: datetime.datetime) -> tuple[list, list]:
     """(keep, expire): lists of catalog entries; the newest entry is always kept."""
     s = validate_schedule(schedule)
     entries = sorted(entries, key=lambda e: (e["created"], e["snapshot_id"]))
@@ -117,7 +121,7 @@ def select_retained(entries, schedule, now):
     return [e for e in entries if e["snapshot_id"] in keep], [e for e in entries if e["snapshot_id"] not in keep]
 
 
-def apply_retention(job_store, schedule, now, keys):
+def apply_retention(job_store: JobStore, schedule: dict, now: datetime.datetime, keys: Keys) -> list:
     """Delete the catalog entries retention expires (never the newest); returns their ids.
 
     Only authenticated live entries (checked against the catalog head) take part, so a planted entry cannot make a

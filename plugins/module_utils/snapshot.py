@@ -21,13 +21,18 @@ import collections
 import concurrent.futures
 import datetime
 import hashlib
-import os
 import threading
+from typing import TYPE_CHECKING
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, StoreError
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import EMPTY_BSON
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format, iso, utcnow
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, SnapshotError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys, check_format
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash, new_snapshot_id
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
+
+if TYPE_CHECKING:  # annotations only: a snapshot reads the Head it is given
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 
 try:
     from bson.binary import Binary
@@ -41,14 +46,6 @@ MAX_BYTES = 4 << 20
 WRITER_THREADS = 2
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
-
-
-class SnapshotError(KmipBackupError):
-    """A snapshot cannot be taken now (head not consistent, ...)."""
-
-
-def new_snapshot_id(now):
-    return now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(4).hex()
 
 
 class _Writer:
@@ -209,16 +206,10 @@ def _namespace_chunks(reader, ns, prev, writer, flagged):
     return out
 
 
-def namespace_hash(chunks):
-    """The content hash of a namespace: SHA-256 over its chunks' plaintext SHA-256s, in order."""
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(bytes(c["sha256"]))
-    return h.hexdigest()
-
-
-def take_snapshot(head, job_store, keys, job=None, master_key_uid=None, encryption=True, kind="scheduled", now=None,
-                  expires=None, target_bytes=TARGET_BYTES, max_bytes=MAX_BYTES, last_known=None):
+def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None = None, master_key_uid: str | None = None,
+                  encryption: bool = True, kind: str = "scheduled", now: datetime.datetime | None = None,
+                  expires: datetime.datetime | None = None, target_bytes: int = TARGET_BYTES, max_bytes: int = MAX_BYTES,
+                  last_known: str | None = None) -> dict:
     """Cut a snapshot of head into job_store; returns its catalog entry plus "change_seq" (to pass to
     head.mark_snapshotted once this returns) and "reused_chunks"/"written_chunks".
 

@@ -22,22 +22,29 @@ import queue
 import struct
 import threading
 import time
+from typing import TYPE_CHECKING
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
     Applier, CloneRepair, merge_fragments, parse_elements)
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import id_key_from_document
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.mongo import (
+    RAW, aggregate_raw, client_options, find_one_raw, find_raw_batches, split_namespace)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document
+
+if TYPE_CHECKING:  # annotations only: the source code fills the Head it is given
+    from bson.timestamp import Timestamp
+
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head, Writer
 
 try:
     import pymongo
     from bson import encode as bson_encode
-    from bson.codec_options import CodecOptions
     from bson.raw_bson import RawBSONDocument
     from pymongo import errors as mongo_errors
     PYMONGO_IMPORT_ERROR = None
-    RAW = CodecOptions(document_class=RawBSONDocument)
 except ImportError as e:  # pragma: no cover
-    pymongo = mongo_errors = RawBSONDocument = bson_encode = RAW = None
+    pymongo = mongo_errors = RawBSONDocument = bson_encode = None
     PYMONGO_IMPORT_ERROR = e
 
 EXCLUDED_DBS = ("admin", "config", "local")
@@ -60,46 +67,6 @@ def _require():
                           "daemon's virtualenv." % PYMONGO_IMPORT_ERROR)
 
 
-def find_raw_batches(client, ns, query=None, batch_size=None):
-    """Raw batches (concatenated BSON documents) of a find on namespace ns, as pymongo's
-    Collection.find_raw_batches yields them, run as raw find/getMore commands: pymongo's Collection
-    refuses names the server accepts ("a..b", "x."). The cursor is closed (killCursors) when the
-    generator is."""
-    db, coll = _split(ns)
-    cmd = {"find": coll, "filter": query if query is not None else {}}
-    if batch_size:
-        cmd["batchSize"] = int(batch_size)
-    group = int(batch_size or 1000)
-    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
-        buf = []
-        for doc in cursor:
-            buf.append(doc.raw)
-            if len(buf) >= group:
-                yield b"".join(buf)
-                buf = []
-        if buf:
-            yield b"".join(buf)
-
-
-def find_one_raw(client, ns, query, projection=None):
-    """The first document (RawBSONDocument) matching query in namespace ns, or None; a raw find command."""
-    db, coll = _split(ns)
-    cmd = {"find": coll, "filter": query, "limit": 1, "singleBatch": True}
-    if projection is not None:
-        cmd["projection"] = projection
-    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
-        for doc in cursor:
-            return doc
-    return None
-
-
-def aggregate_raw(client, ns, pipeline):
-    """The RawBSONDocuments an aggregation pipeline on namespace ns returns; a raw aggregate command."""
-    db, coll = _split(ns)
-    with client[db].cursor_command({"aggregate": coll, "pipeline": pipeline, "cursor": {}}, codec_options=RAW) as cursor:
-        return list(cursor)
-
-
 def _redact(text, source):
     """text without the source's passwords (pymongo messages may carry the URI)."""
     text = str(text)
@@ -109,33 +76,11 @@ def _redact(text, source):
         secrets.append(netloc.rsplit("@", 1)[0].split(":", 1)[1])
     for secret in secrets:
         if secret:
-            text = text.replace(str(secret), "********")
+            text = text.replace(str(secret), config.MASK)
     return text
 
 
-def client_options(source):
-    """pymongo.MongoClient keyword arguments from a job's source settings."""
-    timeout_ms = int(float(source.get("connect_timeout") or 10) * 1000)
-    kw = {"document_class": RawBSONDocument, "appname": "kmipbackup", "connectTimeoutMS": timeout_ms,
-          "serverSelectionTimeoutMS": timeout_ms}
-    if source.get("tls"):
-        kw["tls"] = True
-        if source.get("tls_ca_file"):
-            kw["tlsCAFile"] = source["tls_ca_file"]
-        if source.get("tls_certificate_key_file"):
-            kw["tlsCertificateKeyFile"] = source["tls_certificate_key_file"]
-    if source.get("username"):
-        kw["username"] = source["username"]
-    if source.get("password") is not None and source.get("username"):
-        kw["password"] = source["password"]
-    if source.get("auth_mechanism"):
-        kw["authMechanism"] = source["auth_mechanism"]
-    if source.get("auth_source"):
-        kw["authSource"] = source["auth_source"]
-    return kw
-
-
-def connect(source):
+def connect(source: dict) -> pymongo.MongoClient:
     """A MongoClient (raw BSON documents) for a job's source settings, checked: reachable,
     authenticated, and a replica set or mongos. Raises SourceError with what to do."""
     _require()
@@ -173,6 +118,11 @@ def connect(source):
     return client
 
 
+def check_source(source: dict) -> None:
+    """Connect to the source once and refuse what cannot be backed up (standalone, bad auth): SourceError."""
+    connect(source).close()
+
+
 def _hosts(source):
     uri = source.get("uri") or ""
     rest = uri.split("://", 1)[-1].split("/", 1)[0]
@@ -202,7 +152,7 @@ def _cluster_time(client):
     return max((t.time, t.inc) for t in times) if times else None
 
 
-def current_cluster_time(client, source):
+def current_cluster_time(client: pymongo.MongoClient, source: dict) -> tuple[int, int] | None:
     """The source's current cluster time (t, i): every write it acknowledged so far is at or before it.
     SourceError when it cannot be read (naming the source's hosts and the cause, never server text)."""
     try:
@@ -212,7 +162,7 @@ def current_cluster_time(client, source):
                           "reachable from the daemon's host." % (_hosts(source), _safe(e))) from None
 
 
-def monitor_client(source, timeout):
+def monitor_client(source: dict, timeout: float) -> pymongo.MongoClient:
     """A MongoClient for heartbeats: every wait bounded by timeout seconds, so an outage shows at once
     (the capture client waits connect_timeout, default 10 s, before it gives up)."""
     _require()
@@ -227,7 +177,7 @@ def monitor_client(source, timeout):
                           % _redact(e, source)) from None
 
 
-def token_time(token_raw):
+def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
     """The cluster time (t, i) a resume token (raw BSON {_data: ...}) stands for, or None when its format is unknown.
 
     mongod: _data is a hex KeyString whose first value is the event's timestamp (type byte 0x82, then 8 bytes
@@ -258,7 +208,7 @@ def _wanted(db, coll):
     return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
 
 
-def list_namespaces(client):
+def list_namespaces(client: pymongo.MongoClient) -> list:
     """[(ns, info RawBSONDocument from listCollections)] of every namespace a backup keeps."""
     out = []
     for db in sorted(client.list_database_names()):
@@ -279,11 +229,6 @@ def _list_collections(client, db, query=None):
     return client[db].command(cmd, codec_options=RAW)["cursor"]["firstBatch"]
 
 
-def _split(ns):
-    db, _dot, coll = ns.partition(".")
-    return db, coll
-
-
 def _info_to_head(client, ns, info):
     """{"options", "indexes", "uuid", "type"} of a namespace from its listCollections entry."""
     options = info.get("options")
@@ -291,7 +236,7 @@ def _info_to_head(client, ns, info):
     ctype = info.get("type", "collection")
     indexes = []
     if ctype == "collection":
-        db, coll = _split(ns)
+        db, coll = split_namespace(ns)
         try:
             reply = client[db].command({"listIndexes": coll, "cursor": {"batchSize": 10000}}, codec_options=RAW)
             indexes = [bytes(spec.raw) for spec in reply["cursor"]["firstBatch"]]  # pymongo's list_indexes() decodes to SON
@@ -302,9 +247,9 @@ def _info_to_head(client, ns, info):
             "uuid": bytes(uuid) if uuid is not None else None, "type": ctype}
 
 
-def refresh_namespace(client, ns):
+def refresh_namespace(client: pymongo.MongoClient, ns: str) -> dict | None:
     """Current options and index specs of ns at the source, or None when it does not exist."""
-    db, coll = _split(ns)
+    db, coll = split_namespace(ns)
     for info in _list_collections(client, db, {"name": coll}):
         return _info_to_head(client, ns, info)
     return None
@@ -348,13 +293,14 @@ def _raise_history_lost(e):
                                % e.code) from None
 
 
-def needs_initial_sync(head):
+def needs_initial_sync(head: Head) -> bool:
     """True when the head has no stream position to resume from or its initial sync was interrupted."""
     pos = head.position()
     return pos["resume_token"] is None or pos["sync"] is not None
 
 
-def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
+def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: float = 300,
+                 stop_event: threading.Event | None = None) -> dict:
     """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
 
     DDL that races the clone (a rename, drop and re-create, dropDatabase, create after the listing)
@@ -420,7 +366,7 @@ def initial_sync(head, client, catch_up_timeout=300, stop_event=None):
 def _reclone(head, client, names, stop_event=None):
     """Replace names in the head with the source's current namespaces (options, indexes, documents), or drop
     them where the source no longer has them. Returns _clone's (docs, bytes, interrupted)."""
-    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*_split(ns))}
+    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*split_namespace(ns))}
     with head.write() as w:
         for ns, meta in metas.items():
             w.drop_namespace(ns)
@@ -499,7 +445,8 @@ class Capture:
     too large for one transaction (not consistent until the run ends).
     """
 
-    def __init__(self, head, client, max_batch_events=20000, max_batch_seconds=1.0, max_await_ms=500):
+    def __init__(self, head: Head, client: pymongo.MongoClient, max_batch_events: int = 20000, max_batch_seconds: float = 1.0,
+                 max_await_ms: int = 500) -> None:
         self.head = head
         self.max_await_ms = max_await_ms
         self.client = client
@@ -513,7 +460,7 @@ class Capture:
         self._fragments = []
         self._carry = None
 
-    def close(self):
+    def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -537,7 +484,7 @@ class Capture:
         with self.head.write() as w:
             w.set_sync_state({"phase": "history_lost"})
 
-    def run_once(self, max_time=1.0):
+    def run_once(self, max_time: float = 1.0) -> int:
         """Apply events for up to max_time seconds; returns the number of events applied."""
         deadline = time.monotonic() + max_time
         applied = 0
@@ -655,7 +602,7 @@ def _id_filter(doc_raw):
     return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
 
 
-def recopy_document(w, client, ns, doc_key_raw, at=None):
+def recopy_document(w: Writer, client: pymongo.MongoClient, ns: str, doc_key_raw: bytes, at: Timestamp | None = None) -> None:
     """Re-read one document from the source into the head (delete it when the source lacks it).
 
     at (a bson Timestamp, the cluster time the head is being brought to): read the document as of
@@ -682,14 +629,14 @@ def recopy_document(w, client, ns, doc_key_raw, at=None):
 
 def _find_one_at(client, ns, query, at):
     """The document matching query as of cluster time at (readConcern snapshot), raw; None when absent."""
-    db, coll = _split(ns)
+    db, coll = split_namespace(ns)
     reply = client[db].command({"find": coll, "filter": query, "limit": 1, "singleBatch": True,
                                 "readConcern": {"level": "snapshot", "atClusterTime": at}}, codec_options=RAW)
     batch = reply["cursor"]["firstBatch"]
     return batch[0] if batch else None
 
 
-def verify(head, client, sample=100, full=False):
+def verify(head: Head, client: pymongo.MongoClient, sample: int = 100, full: bool = False) -> dict:
     """Compare head and source documents byte for byte; re-copy what differs, delete what the source lacks.
 
     full=True: every document of every collection (both sides), and the namespaces themselves
@@ -738,7 +685,7 @@ def _verify_namespaces(head, client, in_head, counts):
                 counts["namespaces_fixed"] += 1
 
 
-def parse_options_is_view(options_raw):
+def parse_options_is_view(options_raw: bytes) -> bool:
     return any(name == b"viewOn" for name, _type, _value in parse_elements(options_raw))
 
 

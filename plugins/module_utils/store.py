@@ -43,12 +43,18 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import socket
+from typing import TYPE_CHECKING, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, KmipBackupError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import CHUNK_RE, JOB_RE, SNAPSHOT_RE
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
+
+if TYPE_CHECKING:  # annotations only: the store takes any storage and key provider with these methods
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.kmip import KmipClient
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.objectstore import S3Storage
 
 try:
     import bson
@@ -57,9 +63,6 @@ except ImportError as e:  # pragma: no cover
     bson = None
     BSON_IMPORT_ERROR = e
 
-JOB_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-SNAPSHOT_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
-CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
 CATALOG_FIELDS = ("snapshot_id", "seq", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
                   "namespaces", "encryption", "master_key_uids", "key_id", "manifest_sha256", "expires", "type", "format")
 PURPOSES = ("head", "snapshot", "chunk_id")
@@ -72,24 +75,12 @@ def _require_bson():
         raise StoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
 
 
-def utcnow():
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def iso(dt):
-    return dt.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text):
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-
-
 # catalog fields shown to users (snapshot_info, backup_snapshot)
 PUBLIC_FIELDS = ("created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count", "namespaces",
                  "encryption", "master_key_uids", "expires")
 
 
-def public_entry(entry):
+def public_entry(entry: dict) -> dict:
     """The non-secret, user-facing fields of a catalog entry."""
     out = {"id": entry.get("snapshot_id")}
     out.update((k, entry.get(k)) for k in PUBLIC_FIELDS)
@@ -97,14 +88,14 @@ def public_entry(entry):
     return out
 
 
-def canonical(obj):
+def canonical(obj: dict | list) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 class FileStorage:
     """Storage on a local filesystem: files 0600, folders 0700, atomic replace."""
 
-    def __init__(self, root):
+    def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
     def _p(self, path):
@@ -112,7 +103,7 @@ class FileStorage:
             raise StoreError("Invalid store path %r." % path)
         return os.path.join(self.root, *path.split("/"))
 
-    def put_atomic(self, path, data, sync=True):
+    def put_atomic(self, path: str, data: bytes, sync: bool = True) -> None:
         """Write data at path atomically and durably; sync=False leaves the folder's fsync to a later
         sync([path]) (the file itself is fsynced before it gets its name, so a name never shows a torn file)."""
         full = self._p(path)
@@ -143,7 +134,7 @@ class FileStorage:
         for f in reversed(missing):
             ensure_private_dir(f)
 
-    def sync(self, paths):
+    def sync(self, paths: list) -> None:
         """Make earlier put_atomic(sync=False) writes durable: fsync their folders (in parallel: the
         filesystem commits concurrent fsyncs together)."""
         folders = sorted({os.path.dirname(self._p(path)) for path in paths})
@@ -154,7 +145,7 @@ class FileStorage:
         with concurrent.futures.ThreadPoolExecutor(min(8, len(folders))) as pool:
             list(pool.map(fsync_dir, folders))
 
-    def get(self, path):
+    def get(self, path: str) -> bytes | None:
         try:
             with open(self._p(path), "rb") as f:
                 return f.read()
@@ -162,36 +153,36 @@ class FileStorage:
             raise StoreError("The store object %s is missing under %s: the store is incomplete; restore another snapshot "
                              "or a copy of the store." % (path, self.root)) from None
 
-    def exists(self, path):
+    def exists(self, path: str) -> bool:
         return os.path.exists(self._p(path))
 
-    def list(self, prefix):
+    def list(self, prefix: str) -> list:
         """Names (not paths) directly under the folder prefix, sorted; temporary files left out."""
         try:
             return sorted(n for n in os.listdir(self._p(prefix)) if ".tmp" not in n)
         except FileNotFoundError:
             return []
 
-    def delete(self, path):
+    def delete(self, path: str) -> None:
         try:
             os.unlink(self._p(path))
         except FileNotFoundError:
             pass
 
-    def rename(self, src, dst):
+    def rename(self, src: str, dst: str) -> None:
         os.replace(self._p(src), self._p(dst))
         fsync_dir(os.path.dirname(self._p(dst)))
 
-    def mtime(self, path):
+    def mtime(self, path: str) -> float:
         return os.stat(self._p(path)).st_mtime
 
-    def size(self, path):
+    def size(self, path: str) -> int:
         return os.stat(self._p(path)).st_size
 
-    def touch(self, path):
+    def touch(self, path: str) -> None:
         os.utime(self._p(path))
 
-    def clean_temporary(self, prefix, older_than):
+    def clean_temporary(self, prefix: str, older_than: float) -> None:
         """Remove temporary files a killed writer left under prefix (recursively)."""
         base = self._p(prefix)
         for folder, _dirs, names in os.walk(base):
@@ -228,7 +219,7 @@ STORE_FORMAT, STORE_FORMAT_VERSION = "kmipbackup-store", 1
 _JOB_AREA = ("keyring", "chunks", "manifests", "catalog", "pending")
 
 
-def check_format(storage, create=False):
+def check_format(storage: FileStorage | S3Storage, create: bool = False) -> dict | None:
     """Check the store's format record; with create, write it where it is missing (refusing a root that holds
     something else than job areas). StoreError saying what the root holds and what to do."""
     where = getattr(storage, "root", "")
@@ -264,7 +255,7 @@ def check_format(storage, create=False):
 class JobStore:
     """One job's area of a store (a folder path, a FileStorage or an objectstore.S3Storage)."""
 
-    def __init__(self, storage, job):
+    def __init__(self, storage: str | FileStorage | S3Storage, job: str) -> None:
         if not JOB_RE.match(job or ""):
             raise StoreError("Invalid job name %r: use letters, digits, '_', '.' and '-'." % (job,))
         if isinstance(storage, str):
@@ -277,7 +268,7 @@ class JobStore:
         return "/".join((self.job,) + parts)
 
     # keyring -------------------------------------------------------------------------------------------
-    def keyring_records(self):
+    def keyring_records(self) -> list:
         out = []
         for name in self.storage.list(self._p("keyring")):
             if name.endswith(".json"):
@@ -287,10 +278,10 @@ class JobStore:
                     raise crypto.integrity_error("keyring entry", name[:-5], "is not valid JSON") from None
         return sorted(out, key=lambda r: (r.get("epoch", 0), r.get("purpose", "")))
 
-    def keyring_path(self, key_id):
+    def keyring_path(self, key_id: str) -> str:
         return self._p("keyring", key_id + ".json")
 
-    def keyring_record(self, key_id):
+    def keyring_record(self, key_id: str) -> dict | None:
         path = self.keyring_path(key_id)
         if not self.storage.exists(path):
             raise StoreError("The keyring of job %s has no key %s: the store is incomplete; restore the keyring from a copy "
@@ -305,7 +296,8 @@ class JobStore:
         fields["job"] = self.job
         return canonical(fields)
 
-    def put_key(self, key_id, purpose, epoch, master_key_uid, key, wrapped, now=None):
+    def put_key(self, key_id: str, purpose: str, epoch: int, master_key_uid: str | None, key: bytes | None, wrapped: dict | None,
+                now: datetime.datetime | None = None) -> dict:
         if purpose not in PURPOSES:
             raise StoreError("Unknown key purpose %r." % purpose)
         record = {"key_id": key_id, "purpose": purpose, "epoch": epoch, "master_key_uid": master_key_uid,
@@ -314,22 +306,22 @@ class JobStore:
         self.storage.put_atomic(self._p("keyring", key_id + ".json"), canonical(record))
         return record
 
-    def verify_key_record(self, record, key):
+    def verify_key_record(self, record: dict, key: bytes | None) -> None:
         if not isinstance(record.get("mac"), str) or not crypto.hmac.compare_digest(
                 record["mac"], crypto.mac(crypto.derive(key, "keyring"), self._record_mac_input(record))):
             raise crypto.integrity_error("keyring entry", record.get("key_id"))
 
     # chunks ------------------------------------------------------------------------------------------
-    def chunk_path(self, cid):
+    def chunk_path(self, cid: str) -> str:
         return self._p("chunks", cid[:2], cid)
 
     def _chunk_aad(self, cid, key_id):
         return b"kmipbackup chunk\x00" + self.job.encode() + b"\x00" + cid.encode() + b"\x00" + key_id.encode()
 
-    def has_chunk(self, cid):
+    def has_chunk(self, cid: str) -> bool:
         return self.storage.exists(self.chunk_path(cid))
 
-    def put_chunk(self, cid, plaintext, key_id, key, sync=True):
+    def put_chunk(self, cid: str, plaintext: bytes, key_id: str, key: bytes | None, sync: bool = True) -> int:
         """Store a chunk; returns its stored size."""
         blob = _blob(b"KBC1", key_id, crypto.seal(key, crypto.compress(plaintext), self._chunk_aad(cid, key_id)))
         self.storage.put_atomic(self.chunk_path(cid), blob, sync=sync)
@@ -353,7 +345,7 @@ class JobStore:
             raise crypto.integrity_error("chunk", cid, "names another key than its manifest")
         return crypto.open_sealed(self._key(keys, key_id, "chunk", cid), sealed, self._chunk_aad(cid, key_id), "chunk", cid)
 
-    def read_chunk(self, entry, keys):
+    def read_chunk(self, entry: dict, keys: Keys) -> bytes:
         """The plaintext of a manifest's chunk entry, checked against the entry's key, size and hash
         (one read of the chunk; safe to call from several threads once the keys it needs are unwrapped)."""
         cid = entry["id"]
@@ -362,7 +354,7 @@ class JobStore:
             raise crypto.integrity_error("chunk", cid, "does not match its manifest")
         return plain
 
-    def chunk_ids(self):
+    def chunk_ids(self) -> Iterator[str]:
         for aa in self.storage.list(self._p("chunks")):
             for cid in self.storage.list(self._p("chunks", aa)):
                 if CHUNK_RE.match(cid):
@@ -372,7 +364,7 @@ class JobStore:
     def _manifest_aad(self, snapshot_id, key_id):
         return b"kmipbackup manifest\x00" + self.job.encode() + b"\x00" + snapshot_id.encode() + b"\x00" + key_id.encode()
 
-    def put_manifest(self, snapshot_id, manifest, key_id, key):
+    def put_manifest(self, snapshot_id: str, manifest: dict, key_id: str, key: bytes | None) -> tuple[str, int]:
         """Store the manifest (a dict encoded as BSON); returns the blob's SHA-256 hex and size."""
         _require_bson()
         blob = _blob(b"KBM1", key_id, crypto.seal(key, crypto.compress(bson.encode(manifest)),
@@ -380,7 +372,7 @@ class JobStore:
         self.storage.put_atomic(self._p("manifests", snapshot_id), blob)
         return hashlib.sha256(blob).hexdigest(), len(blob)
 
-    def read_manifest(self, snapshot_id, keys, expect_sha256=None):
+    def read_manifest(self, snapshot_id: str, keys: Keys, expect_sha256: str | None = None) -> dict:
         _require_bson()
         blob = self.storage.get(self._p("manifests", snapshot_id))
         if expect_sha256 is not None and hashlib.sha256(blob).hexdigest() != expect_sha256:
@@ -397,7 +389,7 @@ class JobStore:
             raise crypto.integrity_error("manifest", snapshot_id, "belongs to another snapshot")
         return manifest
 
-    def manifest_ids(self):
+    def manifest_ids(self) -> list:
         return [n for n in self.storage.list(self._p("manifests")) if SNAPSHOT_RE.match(n)]
 
     # catalog -----------------------------------------------------------------------------------------
@@ -408,13 +400,13 @@ class JobStore:
             return "sha256:" + hashlib.sha256(fields).hexdigest()
         return "hmac-sha256:" + crypto.mac(crypto.derive(key, "catalog"), fields)
 
-    def put_catalog(self, entry, keys):
+    def put_catalog(self, entry: dict, keys: Keys) -> dict:
         entry = {k: entry.get(k) for k in CATALOG_FIELDS}
         entry["mac"] = self._catalog_mac(entry, keys)
         self.storage.put_atomic(self._p("catalog", entry["snapshot_id"] + ".json"), canonical(entry))
         return entry
 
-    def catalog(self):
+    def catalog(self) -> list:
         """Catalog entries (unverified, non-secret), oldest first (by seq: each snapshot's is its base's + 1,
         so order holds within one second); entries that do not parse are skipped."""
         out = []
@@ -430,7 +422,7 @@ class JobStore:
         return StoreError("Job %s has no snapshot in the store %s: take a snapshot first, or check the job name and "
                           "store location." % (self.job, getattr(self.storage, "root", "")))
 
-    def catalog_files(self):
+    def catalog_files(self) -> list:
         """(snapshot id, seq or None) of every catalog entry file, by file name (unverified)."""
         out = []
         for name in self.storage.list(self._p("catalog")):
@@ -442,7 +434,7 @@ class JobStore:
                 out.append((name[:-5], seq if isinstance(seq, int) else None))
         return out
 
-    def catalog_entry(self, snapshot_id):
+    def catalog_entry(self, snapshot_id: str) -> dict:
         """The catalog entry of snapshot_id or 'latest' (unverified: resolve() authenticates), bound to its name: an
         entry whose content names another snapshot (a copy of another entry) is an IntegrityError."""
         if snapshot_id == "latest":
@@ -464,7 +456,7 @@ class JobStore:
                                          "swapped" % (entry.get("snapshot_id") if isinstance(entry, dict) else None))
         return entry
 
-    def verify_catalog(self, entry, keys):
+    def verify_catalog(self, entry: dict, keys: Keys) -> dict:
         """entry, once its MAC checks: an encrypted snapshot's entry must name a data key and carry a keyed MAC;
         an unencrypted one (a plain checksum) is refused when keys are an encrypted job's."""
         sid = entry.get("snapshot_id")
@@ -487,7 +479,7 @@ class JobStore:
             return "sha256:" + hashlib.sha256(fields).hexdigest()
         return "hmac-sha256:" + crypto.mac(crypto.derive(keys.key(head["key_id"]), "catalog head"), fields)
 
-    def read_head(self):
+    def read_head(self) -> dict | None:
         """The catalog head as stored (unverified), or None when the store has none."""
         path = self._p("catalog-head.json")
         if not self.storage.exists(path):
@@ -500,7 +492,7 @@ class JobStore:
             raise crypto.integrity_error("catalog head", self.job, "is not valid JSON")
         return head
 
-    def catalog_head(self, keys, keyed=None):
+    def catalog_head(self, keys: Keys, keyed: bool | None = None) -> dict | None:
         """The authenticated catalog head, or None when the store has none. keyed (default keys.encryption): refuse a
         head with a plain checksum (an encrypted job's head is always MAC'ed with one of its data keys)."""
         head = self.read_head()
@@ -520,7 +512,7 @@ class JobStore:
             raise crypto.integrity_error("catalog head", self.job)
         return head
 
-    def put_head(self, keys, live, key_id, prev=None, now=None):
+    def put_head(self, keys: Keys, live: list, key_id: str, prev: dict | None = None, now: datetime.datetime | None = None) -> dict:
         """Write the catalog head: live [(seq, snapshot id)] (the newest last), MAC'ed under the data key key_id.
         The sequence number never goes back, so a replayed older entry can always be told from a new one."""
         live = sorted([int(seq), sid] for seq, sid in live)
@@ -538,7 +530,7 @@ class JobStore:
         enc = bool(entry.get("encryption"))
         return keys if enc == keys.encryption else Keys(self, keys.provider, enc)
 
-    def check_daemon_record(self, head, last_known):
+    def check_daemon_record(self, head: dict | None, last_known: str | None) -> None:
         """IntegrityError when the daemon's own record of its last snapshot (last_known, a snapshot id) is newer than
         what the catalog head says: the whole catalog (head included) was rolled back to an older state."""
         if not last_known or head is None or any(sid == last_known for _seq, sid in head["live"]):
@@ -551,7 +543,8 @@ class JobStore:
                 "purpose, stop the daemon and remove the job's status file status/%s.json to accept it)"
                 % (last_known, self.job))
 
-    def resolve(self, snapshot, keys, expect_encryption=None, last_known=None, keyed_head=None):
+    def resolve(self, snapshot: str, keys: Keys, expect_encryption: bool | None = None, last_known: str | None = None,
+                keyed_head: bool | None = None) -> dict:
         """The authenticated catalog entry of snapshot (an id or 'latest'), checked against the catalog head: the entry
         must be bound to its id, authenticate, and be live in the head (or newer than the head and authenticate: a
         snapshot committed just before a crash that kept the head from being updated). expect_encryption (default
@@ -607,7 +600,7 @@ class JobStore:
         return [e for e in self.catalog() if isinstance(e.get("seq"), int) and e["seq"] > head["seq"]
                 and (e.get("encryption") or not keyed) and self._authenticates(e, keys)]
 
-    def auth_master_key_uids(self, keys):
+    def auth_master_key_uids(self, keys: Keys) -> list:
         """The master key UID the catalog head's MAC key is wrapped under (from the unverified head and keyring record),
         so access to it can be checked before authenticating; [] when unknown (resolve() then reports why). Never a UID
         from an unauthenticated catalog entry."""
@@ -619,7 +612,7 @@ class JobStore:
             pass
         return []
 
-    def live_catalog(self, keys, expect_encryption=None, last_known=None):
+    def live_catalog(self, keys: Keys, expect_encryption: bool | None = None, last_known: str | None = None) -> tuple[list, dict | None]:
         """(entries, head): the authenticated live entries, oldest first, checked against the catalog head (None when
         the store has none yet: then every entry that authenticates). IntegrityError names an entry the head lists
         that is missing or does not authenticate."""
@@ -651,7 +644,7 @@ class JobStore:
         except (IntegrityError, StoreError):
             return False
 
-    def expire_snapshots(self, snapshot_ids, keys, now=None):
+    def expire_snapshots(self, snapshot_ids: list, keys: Keys, now: datetime.datetime | None = None) -> dict:
         """Remove snapshots from the catalog the way retention does: the catalog head is rewritten without them first,
         then their entries go, and so do entries the head does not list that are not newer than it (left over by a
         crash, or put back). Never the last live snapshot. Returns the new head."""
@@ -670,7 +663,7 @@ class JobStore:
                 self.delete_snapshot(sid)
         return head
 
-    def delete_snapshot(self, snapshot_id, entries=None):
+    def delete_snapshot(self, snapshot_id: str, entries: list | None = None) -> None:
         """Remove a snapshot's catalog entry file (its manifest and chunks go at the next GC); never the last one. Only
         after the catalog head no longer lists it (expire_snapshots), else readers report a rollback.
         entries: the current catalog when the caller has just read it (else it is read here)."""
@@ -680,16 +673,16 @@ class JobStore:
         self.storage.delete(self._p("catalog", snapshot_id + ".json"))
 
     # pending markers ---------------------------------------------------------------------------------
-    def begin(self, snapshot_id, base, now=None):
+    def begin(self, snapshot_id: str, base: str | None, now: datetime.datetime | None = None) -> dict:
         marker = {"snapshot_id": snapshot_id, "base": base, "started": (now or utcnow()).timestamp(),
                   "host": socket.gethostname(), "pid": os.getpid()}
         self.storage.put_atomic(self._p("pending", snapshot_id + ".json"), canonical(marker))
         return marker
 
-    def end(self, snapshot_id):
+    def end(self, snapshot_id: str) -> None:
         self.storage.delete(self._p("pending", snapshot_id + ".json"))
 
-    def pending(self, now, stale_seconds):
+    def pending(self, now: datetime.datetime, stale_seconds: float) -> list:
         out = []
         for name in self.storage.list(self._p("pending")):
             try:
@@ -701,7 +694,7 @@ class JobStore:
         return out
 
     # garbage collection ------------------------------------------------------------------------------
-    def gc(self, keys, now=None, grace_seconds=3600, stale_seconds=86400):
+    def gc(self, keys: Keys, now: datetime.datetime | None = None, grace_seconds: float = 3600, stale_seconds: float = 86400) -> dict:
         """Delete chunks and manifests no catalog entry or live snapshot needs; returns counts and bytes, and the number of
         catalog entries it saw (catalog_entries)."""
         now = now or utcnow()
@@ -747,7 +740,7 @@ class JobStore:
         return {"chunks_deleted": deleted, "bytes_freed": freed, "manifests_deleted": manifests, "chunks_referenced": len(referenced),
                 "catalog_entries": len(roots)}
 
-    def master_keys_needed(self, entries=None):
+    def master_keys_needed(self, entries: list | None = None) -> list:
         """Master key UIDs the catalog's snapshots need (from the non-secret catalog entries, read here unless given)."""
         out = set()
         for e in (self.catalog() if entries is None else entries):
@@ -761,7 +754,7 @@ class Keys:
     provider: an object with wrap(uid, key) -> dict and unwrap(dict) -> bytes (kmip.KmipClient);
     encryption False: the null cipher, no keys and no provider needed."""
 
-    def __init__(self, job_store, provider=None, encryption=True):
+    def __init__(self, job_store: JobStore, provider: KmipClient | None = None, encryption: bool = True) -> None:
         self.job_store = job_store
         self.provider = provider
         self.encryption = bool(encryption)
@@ -777,7 +770,7 @@ class Keys:
             self._records[key_id] = rec
         return rec
 
-    def key(self, key_id):
+    def key(self, key_id: str) -> bytes | None:
         """The unwrapped data key key_id (None for the null cipher, which an encrypted job's Keys refuse)."""
         if key_id in (None, "none"):
             if self.encryption:
@@ -814,12 +807,12 @@ class Keys:
             self._cache[key_id] = key
         return key
 
-    def master_key_uid(self, key_id):
+    def master_key_uid(self, key_id: str) -> str | None:
         if key_id in (None, "none"):
             return None
         return self._record(key_id).get("master_key_uid")
 
-    def epoch_for(self, master_key_uid, now=None):
+    def epoch_for(self, master_key_uid: str | None, now: datetime.datetime | None = None) -> tuple[str, str]:
         """(snapshot key id, chunk-id key id) of the epoch of master_key_uid, starting a new epoch
         when the job's master key changed (rotation): a new snapshot key and a new chunk-id key, so
         whoever holds an older master key cannot confirm guessed content by chunk id in new epochs

@@ -331,19 +331,19 @@ import traceback
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule, mongodb_connection_spec
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_declaration, jobs, retention
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_declaration
     IMPORT_ERROR = None
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 
 
 def argument_spec():
-    schedule = retention.DEFAULT_SCHEDULE
+    schedule = job_config.SCHEDULE_DEFAULTS
     return dict(
         job=dict(type="str", required=True),
         group=dict(type="str"),
-        source=mongodb_connection_spec(jobs.SOURCE_DEFAULTS),
-        encryption=dict(type="str", choices=list(job_declaration.ENCRYPTION), default=job_declaration.ENCRYPTION[0]),
+        source=mongodb_connection_spec(job_config.SOURCE_DEFAULTS),
+        encryption=dict(type="str", choices=list(job_config.ENCRYPTION), default=job_config.ENCRYPTION[0]),
         master_key=dict(type="dict", no_log=False, options=dict(
             create=dict(type="bool", default=True),
             name=dict(type="str"),
@@ -355,9 +355,9 @@ def argument_spec():
         store=dict(type="path"),
         schedule=dict(type="dict", options=dict(
             {name: dict(type="int", default=value) for name, value in schedule.items()},
-            interval_hours=dict(type="int", choices=list(retention.INTERVALS), default=schedule["interval_hours"]),
+            interval_hours=dict(type="int", choices=list(job_config.INTERVALS), default=schedule["interval_hours"]),
         )),
-        state=dict(type="str", choices=list(job_declaration.STATES), default=job_declaration.STATES[0]),
+        state=dict(type="str", choices=list(job_config.STATES), default=job_config.STATES[0]),
         wait=dict(type="bool", default=False),
         wait_timeout=dict(type="int", default=job_declaration.DEFAULT_WAIT_TIMEOUT),
     )

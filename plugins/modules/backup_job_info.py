@@ -135,7 +135,7 @@ import traceback
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_status
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
     IMPORT_ERROR = None
 except ImportError:
@@ -144,19 +144,19 @@ except ImportError:
 
 def job_info(p, name):
     """One job's entry, or None for a job neither declared nor reported."""
-    cfg = jobs.load_job(p["config_dir"], name)
-    st = jobs.read_status(p["data_dir"], name)
+    cfg = job_config.load_job(p["config_dir"], name)
+    st = job_status.read_status(p["data_dir"], name)
     if cfg is None and st is None:
         if p["job"]:
             raise ConfigError("No backup job %s in %s: declare it with kmipbackup.mongodb.backup_job_encryption."
                               % (name, p["config_dir"]))
         return None
-    return {"job": name, "config": jobs.redact(cfg), "status": st or {}, "ready": jobs.is_ready(st, cfg),
-            "status_name": jobs.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")}
+    return {"job": name, "config": job_config.redact(cfg), "status": st or {}, "ready": job_status.is_ready(st, cfg),
+            "status_name": job_status.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")}
 
 
 def info(p):
-    out = [job_info(p, name) for name in p["job"] or jobs.list_jobs(p["config_dir"])]
+    out = [job_info(p, name) for name in p["job"] or job_config.list_jobs(p["config_dir"])]
     return {"changed": False, "jobs": [j for j in out if j is not None]}
 
 

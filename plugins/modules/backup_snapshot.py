@@ -198,7 +198,8 @@ import traceback
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, job_declaration, jobs, source, store
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+        config, datadir, job_config, job_declaration, job_requests, source, store)
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
     IMPORT_ERROR = None
 except ImportError:
@@ -206,7 +207,7 @@ except ImportError:
 
 
 def load(params):
-    cfg = jobs.load_job(params["config_dir"], params["job"])
+    cfg = job_config.load_job(params["config_dir"], params["job"])
     if cfg is None:
         raise ConfigError("Job %s is not declared in %s: declare it with kmipbackup.mongodb.backup_job_encryption first."
                           % (params["job"], config.jobs_dir(params["config_dir"])))
@@ -218,7 +219,7 @@ def load(params):
 def snapshot_result(cfg, params, answer):
     """The public fields of the catalog entry of the snapshot the daemon answered with, and the source time it covers."""
     sid = (answer or {}).get("id") or (answer or {}).get("snapshot_id")
-    root = jobs.store_root(cfg, params["data_dir"])
+    root = datadir.store_root(cfg, params["data_dir"])
     out = store.public_entry(store.JobStore(root, params["job"]).catalog_entry(sid))
     out["source_cluster_time"] = (answer or {}).get("source_cluster_time")
     return out
@@ -227,7 +228,7 @@ def snapshot_result(cfg, params, answer):
 def argument_spec():
     return dict(
         job=dict(type="str", required=True),
-        action=dict(type="str", choices=list(jobs.ACTIONS), default=jobs.ACTIONS[0]),
+        action=dict(type="str", choices=list(job_requests.ACTIONS), default=job_requests.ACTIONS[0]),
         wait=dict(type="bool", default=True),
         timeout=dict(type="int", default=job_declaration.DEFAULT_WAIT_TIMEOUT),
     )
@@ -244,12 +245,12 @@ def main():
         module.exit_json(changed=True)
     # the timeout bounds how long the daemon lets a snapshot wait for a lagging head, so its answer comes in time
     extra = {"timeout": p["timeout"]} if p["wait"] else {}
-    rid = module.call(jobs.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"], **extra)
+    rid = module.call(job_requests.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"], **extra)
     result = dict(changed=True, request_id=rid)
     if not p["wait"]:
         module.exit_json(**result)
     try:
-        answer = jobs.wait_answer(p["data_dir"], p["job"], rid, p["timeout"], generation=cfg.get("generation"))
+        answer = job_requests.wait_answer(p["data_dir"], p["job"], rid, p["timeout"], generation=cfg.get("generation"))
         if p["action"] == "snapshot":
             result["snapshot"] = snapshot_result(cfg, p, answer)
         elif p["action"] == "verify":

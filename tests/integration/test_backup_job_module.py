@@ -5,7 +5,7 @@ import uuid
 
 import pymongo
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, jobs, kmip
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, job_config, kmip, master_keys
 from daemon_helper import DaemonProcess, write_kmip_setup
 
 BJ = "kmipbackup.mongodb.backup_job_encryption"
@@ -39,8 +39,8 @@ def test_create_check_idempotent_toggle_absent(ansible, tmp_path, pki, kmip_serv
     assert check2["changed"] is False
     cfg = config.load_job(cd, job)
     assert cfg["schedule"]["interval_hours"] == 12 and cfg["generation"] == 1 and cfg["master_key_uid"] == first["master_key_uid"]
-    assert oct(os.stat(jobs.job_path(cd, job)).st_mode & 0o777) == "0o600"
-    with jobs.kmip_client(cd, "group1") as c:
+    assert oct(os.stat(job_config.job_path(cd, job)).st_mode & 0o777) == "0o600"
+    with master_keys.kmip_client(cd, "group1") as c:
         assert c.key_info(first["master_key_uid"])["name"] == "kmipbackup-%s" % job
         assert c.key_info(first["master_key_uid"])["state"] == "ACTIVE"
 
@@ -51,7 +51,7 @@ def test_create_check_idempotent_toggle_absent(ansible, tmp_path, pki, kmip_serv
     assert r[0]["job"]["generation"] == 2 and r[0]["job"]["previous_master_key_uids"] == [first["master_key_uid"]]
     assert r[1]["changed"] is False and r[1]["resync_required"] is False
     assert r[2]["changed"] is True and r[3]["changed"] is False
-    assert jobs.load_job(cd, job) is None
+    assert job_config.load_job(cd, job) is None
 
 
 def test_bad_input_fails_and_writes_nothing(ansible, tmp_path, pki, kmip_server, mongo_server, dead_port):
@@ -79,7 +79,7 @@ def test_bad_input_fails_and_writes_nothing(ansible, tmp_path, pki, kmip_server,
     assert "99999999" in msgs[4] and r[4]["error_kind"] == "not_found"
     assert "recent_days" in msgs[5]
     assert "bad/name" in msgs[6]
-    assert jobs.list_jobs(cd) == [] and not os.path.exists(str(tmp_path / "empty" / "jobs"))
+    assert job_config.list_jobs(cd) == [] and not os.path.exists(str(tmp_path / "empty" / "jobs"))
 
 
 def test_wait_for_daemon_and_info(ansible, tmp_path, pki, kmip_server, mongo_server):

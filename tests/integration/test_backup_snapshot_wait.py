@@ -5,7 +5,7 @@ import re
 import time
 import uuid
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files, jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files, job_config, job_requests, source
 from daemon_helper import DaemonProcess, write_kmip_setup
 
 BS = "kmipbackup.mongodb.backup_snapshot"
@@ -18,10 +18,10 @@ def test_wait_fails_at_once_while_the_job_is_inactive(ansible, tmp_path, pki, km
     files.ensure_private_dir(dd)
     write_kmip_setup(cd, pki, kmip_server["port"])
     job = "inactive-%s" % uuid.uuid4().hex[:8]
-    cfg, _ = jobs.plan_job({"job": job, "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
-                            "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
-                            "master_key": {"create": True}, "state": "present"}, None)
-    jobs.write_job(cd, cfg)
+    cfg, _ = job_config.plan_job({"job": job, "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
+                                  "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                  "master_key": {"create": True}, "state": "present"}, None, source.check_source)
+    job_config.write_job(cd, cfg)
     write_kmip_setup(cd, pki, dead_port)  # the KMIP server goes away: the job waits for KMIP, INACTIVE
     with DaemonProcess(cd, dd) as d:
         d.wait_status(job, lambda s: s["state"] == "INACTIVE" and "waiting for KMIP" in (s.get("last_error") or ""),
@@ -44,4 +44,4 @@ def test_wait_fails_at_once_while_the_job_is_inactive(ansible, tmp_path, pki, km
         return re.sub(r"\(retry in \d+s\)", "", e)
     assert last_error.startswith("waiting for KMIP") and str(dead_port) in last_error, msg
     assert same(last_error) == same(st["last_error"]), (msg, st)
-    assert jobs.pending_requests(dd, job) == [] and jobs.read_answer(dd, job, rid) is None
+    assert job_requests.pending_requests(dd, job) == [] and job_requests.read_answer(dd, job, rid) is None

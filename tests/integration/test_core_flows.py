@@ -11,8 +11,9 @@ import pytest
 from bson import encode
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    ansible_module, config, head, job_declaration, jobs, kmip, restore_request, snapshot, store)
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, IntegrityError, RestoreError
+    ansible_module, config, head, job_config, job_declaration, kmip, rawbson, restore_request, snapshot, store)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
+    ConfigError, IntegrityError, KeyInUseError, RestoreError)
 from ansible_collections.kmipbackup.mongodb.plugins.modules import backup_job_encryption, snapshot_info, snapshot_restore
 from daemon_helper import write_kmip_setup
 
@@ -44,9 +45,9 @@ def lab(tmp_path_factory, pki, kmip_server, mongo_server):
     root = os.path.join(dd, "store")
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("flowjob")
-    jobs.write_job(cd, {"job": "flowjob", "group": "group1", "source": dict(jobs.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
+    job_config.write_job(cd, {"job": "flowjob", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
                         "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
-                        "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)})
+                        "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "flowjob")
     h = head.Head(os.path.join(dd, "heads", "flowjob", "1", "head.db"), os.urandom(32))
     with h.write() as w:
@@ -54,7 +55,7 @@ def lab(tmp_path_factory, pki, kmip_server, mongo_server):
             ns = "shop.%s" % coll
             w.create_namespace(ns, encode({}))
             docs = [encode({"_id": i, "v": "%s-%d" % (coll, i)}) for i in range(n)]
-            w.upsert_many(ns, [(head.id_key_from_document(d), d) for d in docs])
+            w.upsert_many(ns, [(rawbson.id_key_from_document(d), d) for d in docs])
         w.set_position(None, [int(time.time()), 1], True)
     entry = snapshot.take_snapshot(h, js, store.Keys(js, provider=client, encryption=True), master_key_uid=uid,
                                    encryption=True, kind="on-demand")
@@ -75,7 +76,7 @@ def test_kmip_settings_options_win_then_the_hosts_configuration(lab, tmp_path):
     p = restore_params(**fresh(lab, tmp_path, job="flowjob"))
     kcfg, grp = restore_request.kmip_settings(p, None)
     assert kcfg.servers == p["kmip_servers"] and grp.client_cert_file == p["client_cert_file"] and grp.group == "restore"
-    cfg = jobs.load_job(lab["config_dir"], "flowjob")
+    cfg = job_config.load_job(lab["config_dir"], "flowjob")
     kcfg, grp = restore_request.kmip_settings(restore_params(job="flowjob", config_dir=lab["config_dir"]), cfg)
     assert kcfg == config.load_kmip_config(lab["config_dir"]) and grp.group == "group1"
     assert restore_request.kmip_settings(restore_params(job="x", config_dir=str(tmp_path / "none")), None) is None
@@ -129,7 +130,7 @@ def test_restore_to_mongodb_uses_the_sources_connection_options_and_refuses_busy
 
 def test_an_unencrypted_snapshot_of_an_encrypted_job_is_refused(lab, tmp_path):
     entry = {"snapshot_id": "x", "encryption": False}
-    cfg = jobs.load_job(lab["config_dir"], "flowjob")
+    cfg = job_config.load_job(lab["config_dir"], "flowjob")
     p = restore_params(job="flowjob", config_dir=lab["config_dir"])
     with pytest.raises(IntegrityError, match="marked unencrypted"):
         restore_request.check_encryption_expected(p, cfg, None, entry)
@@ -142,19 +143,19 @@ def test_declare_checks_creates_is_idempotent_and_refuses_to_retire_the_current_
     job = "decl-%s" % uuid.uuid4().hex[:8]
     p = declaration(cd, dd, job=job, group="group1", source={"uri": mongo_server["uri"], "connect_timeout": 3})
     check = job_declaration.declare(p, check_mode=True)
-    assert check["changed"] and check["diff"]["before"] == {} and jobs.load_job(cd, job) is None
+    assert check["changed"] and check["diff"]["before"] == {} and job_config.load_job(cd, job) is None
     first = job_declaration.declare(p)
     assert first["changed"] and first["master_key_uid"] and first["status"] == "INACTIVE"
-    assert jobs.load_job(cd, job)["master_key_uid"] == first["master_key_uid"]
+    assert job_config.load_job(cd, job)["master_key_uid"] == first["master_key_uid"]
     again = job_declaration.declare(p)
     assert again["changed"] is False and again["master_key_uid"] == first["master_key_uid"]
     assert job_declaration.declare(dict(p, file_owner=str(os.geteuid()), file_group=str(os.getegid())))["changed"] is False
     with pytest.raises(ConfigError, match="may not own config_dir"):
         job_declaration.declare(dict(p, file_owner="4242"))
-    with pytest.raises(jobs.KeyInUseError) as e:
+    with pytest.raises(KeyInUseError) as e:
         job_declaration.declare(dict(p, retire_master_keys=[first["master_key_uid"]]))
     assert e.value.details == {"master_key_users": {first["master_key_uid"]: ["current master key"]}}
     with pytest.raises(ConfigError, match="revoke applies to retire_master_keys"):
         job_declaration.declare(dict(p, revoke=True))
     gone = job_declaration.declare(dict(p, state="absent"))
-    assert gone["changed"] and jobs.load_job(cd, job) is None and gone["diff"]["after"] == {}
+    assert gone["changed"] and job_config.load_job(cd, job) is None and gone["diff"]["after"] == {}

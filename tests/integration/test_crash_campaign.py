@@ -16,7 +16,8 @@ import pytest
 
 import kmipbackup_lab as lab
 import workload
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, daemon, files, jobs, kmip, restore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, daemon, datadir, files, job_config, job_requests, job_status, kmip, restore, source, store, timeutil)
 from daemon_helper import alive, launcher, write_kmip_setup
 from snapshot_helpers import restored_image, source_image
 
@@ -41,7 +42,7 @@ def _running_pid(cd, dd, timeout=20):
             out["pid"] = int(st.stdout.strip()[len("running (pid "):-1])
             return True
         return False
-    assert jobs.wait_for(running, timeout, 0.1), "the daemon did not start; log:\n" + _log_tail(dd)
+    assert timeutil.wait_for(running, timeout, 0.1), "the daemon did not start; log:\n" + _log_tail(dd)
     return out["pid"]
 
 
@@ -55,7 +56,7 @@ def _worker_pid(dd, supervisor, timeout=20):
             out["pid"] = pid
             return True
         return False
-    return out["pid"] if jobs.wait_for(ready, timeout, 0.05) else None
+    return out["pid"] if timeutil.wait_for(ready, timeout, 0.05) else None
 
 
 def _ppid(pid):
@@ -106,11 +107,11 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
     mc = pymongo.MongoClient(own_mongo["uri"])
     db = mc[dbname]
     workload.seed(db, 150)
-    cfg, _ = jobs.plan_job({"job": job, "group": "group1", "source": {"uri": own_mongo["uri"], "connect_timeout": 3},
-                            "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
-                            "master_key": {"create": True}, "state": "present"}, None)
-    jobs.write_job(cd, cfg)
-    root = jobs.store_root(cfg, dd)
+    cfg, _ = job_config.plan_job({"job": job, "group": "group1", "source": {"uri": own_mongo["uri"], "connect_timeout": 3},
+                                  "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                  "master_key": {"create": True}, "state": "present"}, None, source.check_source)
+    job_config.write_job(cd, cfg)
+    root = datadir.store_root(cfg, dd)
     js = store.JobStore(root, job)
 
     stop_writes = threading.Event()
@@ -122,10 +123,10 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
         for i in range(KILLS):
             kind = ("daemon", "worker", "supervisor")[i % 3]
             if i % 2 == 0:  # a snapshot between kills, answered
-                rid = jobs.submit_request(dd, job, "snapshot")
-                answered.append(jobs.wait_answer(dd, job, rid, timeout=90, generation=cfg["generation"])["id"])
+                rid = job_requests.submit_request(dd, job, "snapshot")
+                answered.append(job_requests.wait_answer(dd, job, rid, timeout=90, generation=cfg["generation"])["id"])
             else:  # a snapshot the kill may cut short
-                jobs.submit_request(dd, job, "snapshot")
+                job_requests.submit_request(dd, job, "snapshot")
             worker = _worker_pid(dd, supervisor)
             assert worker, "no worker under supervisor %d; log:\n%s" % (supervisor, _log_tail(dd))
             time.sleep(rnd.uniform(0.0, 1.5))
@@ -138,13 +139,13 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
             kinds.append(kind)
             assert writer.is_alive(), "the workload stopped"
             if kind == "worker":
-                assert jobs.wait_for(lambda s=supervisor, w=worker: _worker_pid(dd, s, timeout=0) not in (None, w), 20, 0.1), \
+                assert timeutil.wait_for(lambda s=supervisor, w=worker: _worker_pid(dd, s, timeout=0) not in (None, w), 20, 0.1), \
                     "the supervisor did not restart its worker; log:\n" + _log_tail(dd)
             else:
-                assert jobs.wait_for(lambda: launcher(cd, dd, "--status").returncode == 3, 10, 0.1)
+                assert timeutil.wait_for(lambda: launcher(cd, dd, "--status").returncode == 3, 10, 0.1)
                 supervisor = _documented_start(cd, dd, pidfile)
                 if kind == "supervisor":
-                    assert jobs.wait_for(lambda w=worker: not alive(w), 20, 0.2), "the orphaned worker kept running"
+                    assert timeutil.wait_for(lambda w=worker: not alive(w), 20, 0.2), "the orphaned worker kept running"
         assert len(kinds) >= 10 and set(kinds) == {"daemon", "worker", "supervisor"}
 
         # writes stop; one last write marks the point the head must reach
@@ -154,12 +155,12 @@ def test_kill_9_campaign_ends_with_byte_equal_restore(tmp_path, pki, kmip_server
         with mc.start_session() as s:
             db["marker"].insert_one({"_id": "end", "ops": wl.ops}, session=s)
             t = s.operation_time
-        assert jobs.wait_for(lambda: (lambda st: st.get("state") == "STARTED" and st.get("consistent") and st.get("cluster_time")
-                                      and tuple(st["cluster_time"]) >= (t.time, t.inc))(jobs.read_status(dd, job) or {}),
-                             90, 0.2), "the head did not catch up; log:\n" + _log_tail(dd)
-        rid = jobs.submit_request(dd, job, "snapshot")
-        final = jobs.wait_answer(dd, job, rid, timeout=90, generation=cfg["generation"])["id"]
-        st = jobs.read_status(dd, job)
+        assert timeutil.wait_for(lambda: (lambda st: st.get("state") == "STARTED" and st.get("consistent") and st.get("cluster_time")
+                                          and tuple(st["cluster_time"]) >= (t.time, t.inc))(job_status.read_status(dd, job) or {}),
+                                 90, 0.2), "the head did not catch up; log:\n" + _log_tail(dd)
+        rid = job_requests.submit_request(dd, job, "snapshot")
+        final = job_requests.wait_answer(dd, job, rid, timeout=90, generation=cfg["generation"])["id"]
+        st = job_status.read_status(dd, job)
     finally:
         stop_writes.set()
         launcher(cd, dd, "--stop", pidfile=pidfile)

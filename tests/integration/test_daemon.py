@@ -14,7 +14,8 @@ from bson import ObjectId
 
 import kmipbackup_lab as lab
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, datadir, files, head, job_config, job_requests, job_status, master_keys, source, timeutil)
 from daemon_helper import DaemonProcess, write_kmip_setup
 from snapshot_helpers import plaintext_views
 
@@ -24,18 +25,18 @@ def _declare(config_dir, data_dir, job, source_uri, encryption=True, store=None,
               "encryption": "enabled" if encryption else "disabled", "config_dir": config_dir, "data_dir": data_dir,
               "store": store, "master_key": {"create": True}, "state": extra.pop("state", "present")}
     params.update(extra)
-    cfg, info = jobs.plan_job(params, existing)
-    jobs.write_job(config_dir, cfg)
+    cfg, info = job_config.plan_job(params, existing, source.check_source)
+    job_config.write_job(config_dir, cfg)
     return cfg, info
 
 
 def _head_docs(config_dir, data_dir, cfg, ns):
     """{_id-key: raw} of ns in the job's current head, opened read-only with the unwrapped key."""
-    folder = jobs.head_dir(data_dir, cfg["job"], cfg["generation"])
+    folder = datadir.head_dir(data_dir, cfg["job"], cfg["generation"])
     key = None
     if cfg["encryption"]:
         record = files.read_json(os.path.join(folder, "headkey.json"))
-        with jobs.kmip_client(config_dir, cfg["group"]) as client:
+        with master_keys.kmip_client(config_dir, cfg["group"]) as client:
             key = client.unwrap(record["wrapped"])
     h = head.Head(os.path.join(folder, "head.db"), key)
     try:
@@ -48,7 +49,7 @@ def _head_docs(config_dir, data_dir, cfg, ns):
 def _wait_doc(d, config_dir, data_dir, cfg, ns, raw, timeout=30):
     def present():
         return raw in _head_docs(config_dir, data_dir, cfg, ns).values()
-    assert jobs.wait_for(present, timeout, 0.3), "document not applied to the head; log:\n" + d.log_tail()
+    assert timeutil.wait_for(present, timeout, 0.3), "document not applied to the head; log:\n" + d.log_tail()
 
 
 def _started(generation=1):
@@ -109,11 +110,11 @@ def test_encrypted_job_lifecycle(dirs, tmp_path, pki, kmip_server, mongo_server)
                                                             .find_one({"after": "start"}).raw))
         # a scheduled snapshot is due at once (none yet), then an on-demand one through a request
         d.wait_status(job, lambda s: s.get("last_snapshot"), timeout=60)
-        rid = jobs.submit_request(data_dir, job, "snapshot")
-        snap = jobs.wait_answer(data_dir, job, rid, timeout=60)
+        rid = job_requests.submit_request(data_dir, job, "snapshot")
+        snap = job_requests.wait_answer(data_dir, job, rid, timeout=60)
         assert snap["type"] == "on-demand" and snap["master_key_uids"] == [cfg["master_key_uid"]]
-        rid = jobs.submit_request(data_dir, job, "verify")
-        counts = jobs.wait_answer(data_dir, job, rid, timeout=60)
+        rid = job_requests.submit_request(data_dir, job, "verify")
+        counts = job_requests.wait_answer(data_dir, job, rid, timeout=60)
         assert counts["checked"] >= 200 and counts["mismatched"] == 0
     finally:
         d.stop()
@@ -130,9 +131,9 @@ def test_encrypted_job_lifecycle(dirs, tmp_path, pki, kmip_server, mongo_server)
 
         # state: stopped -> STOPPED; then present again
         cfg_stopped = dict(cfg, state="stopped")
-        jobs.write_job(config_dir, cfg_stopped)
+        job_config.write_job(config_dir, cfg_stopped)
         d.wait_status(job, lambda s: s["state"] == "STOPPED", timeout=20)
-        jobs.write_job(config_dir, cfg)
+        job_config.write_job(config_dir, cfg)
         d.wait_status(job, _started(), timeout=30)
         assert d.status(job)["initial_syncs"] == 1
     finally:
@@ -170,19 +171,19 @@ def test_encryption_toggled_resyncs_and_removes_old_head(dirs, tmp_path, pki, km
     d = DaemonProcess(config_dir, data_dir).start()
     try:
         d.wait_status(job, _started(1), timeout=60)
-        assert os.path.exists(jobs.head_dir(data_dir, job, 1))
-        assert _grep_tree(jobs.heads_dir(data_dir, job), [value]), "an unencrypted head holds plaintext"
+        assert os.path.exists(datadir.head_dir(data_dir, job, 1))
+        assert _grep_tree(datadir.heads_dir(data_dir, job), [value]), "an unencrypted head holds plaintext"
         cfg2, info2 = _declare(config_dir, data_dir, job, mongo_server["uri"], encryption=True, store=store, existing=cfg)
         assert info2["resync_required"] and cfg2["generation"] == 2 and cfg2["master_key_uid"]
         st = d.wait_status(job, _started(2), timeout=90)
         assert st["initial_syncs"] == 1 and st["encryption"] is True
-        assert jobs.wait_for(lambda: not os.path.exists(jobs.head_dir(data_dir, job, 1)), 10), "old head kept"
+        assert timeutil.wait_for(lambda: not os.path.exists(datadir.head_dir(data_dir, job, 1)), 10), "old head kept"
         assert len(_head_docs(config_dir, data_dir, cfg2, "%s.c" % dbname)) == 50
         assert _grep_tree(data_dir, [value, dbname]) == []
 
         # job removed: TERMINATING, then the head folder and status are gone; the store is kept
-        jobs.remove_job(config_dir, job)
-        jobs.wait_removed(data_dir, job, 30)
+        job_config.remove_job(config_dir, job)
+        job_status.wait_removed(data_dir, job, 30)
         assert os.path.isdir(os.path.join(store, job))
     finally:
         d.stop()
@@ -198,7 +199,7 @@ def test_kmip_down_at_start_then_up(dirs, pki, kmip_server, mongo_server, dead_p
     try:
         st = d.wait_status(job, lambda s: "waiting for KMIP" in (s.get("last_error") or ""), timeout=30)
         assert st["state"] == "INACTIVE" and "reachable" in st["last_error"], st
-        folder = jobs.head_dir(data_dir, job, 1)
+        folder = datadir.head_dir(data_dir, job, 1)
         assert not os.path.exists(os.path.join(folder, "head.db")) and not os.path.exists(os.path.join(folder, "headkey.json"))
         write_kmip_setup(config_dir, pki, kmip_server["port"])
         st = d.wait_status(job, _started(), timeout=90)
@@ -212,9 +213,9 @@ def test_source_down_is_reported_and_retried(dirs, pki, kmip_server, dead_port):
     write_kmip_setup(config_dir, pki, kmip_server["port"])
     job = "srcdown-%s" % uuid.uuid4().hex[:8]
     cfg = {"job": job, "group": "group1", "encryption": False, "master_key_uid": None, "previous_master_key_uids": [],
-           "source": dict(jobs.SOURCE_DEFAULTS, uri="mongodb://127.0.0.1:%d/?replicaSet=rs0" % dead_port, connect_timeout=1),
-           "store": os.path.join(data_dir, "store"), "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)}
-    jobs.write_job(config_dir, cfg)
+           "source": dict(job_config.SOURCE_DEFAULTS, uri="mongodb://127.0.0.1:%d/?replicaSet=rs0" % dead_port, connect_timeout=1),
+           "store": os.path.join(data_dir, "store"), "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)}
+    job_config.write_job(config_dir, cfg)
     d = DaemonProcess(config_dir, data_dir).start()
     try:
         st = d.wait_status(job, lambda s: "source unavailable" in (s.get("last_error") or ""), timeout=30)
@@ -229,7 +230,7 @@ def test_bad_requests_are_answered_with_errors(dirs, pki, kmip_server, mongo_ser
     write_kmip_setup(config_dir, pki, kmip_server["port"])
     assert config.load_kmip_config(config_dir).port
     with pytest.raises(Exception) as e:
-        jobs.submit_request(data_dir, "x", "explode")
+        job_requests.submit_request(data_dir, "x", "explode")
     assert "Unknown request" in str(e.value)
 
 
@@ -286,13 +287,13 @@ def test_error_paths_name_no_namespace_or_id(dirs, tmp_path, pki, kmip_server, a
             # the server's refusal (its text names the database), not a connection problem
             assert statuses[-1]["state"] in ("INACTIVE", "PROVISIONING"), statuses[-1]
             assert any(w in statuses[-1]["last_error"] for w in ("OperationFailure", "Unauthorized")), statuses[-1]
-            jobs.write_job(config_dir, dict(cfg, source=dict(cfg["source"], username="kbroot", password="root-pw-%s" % tag)))
+            job_config.write_job(config_dir, dict(cfg, source=dict(cfg["source"], username="kbroot", password="root-pw-%s" % tag)))
             statuses.append(d.wait_status(job, _started(), timeout=90))
             lab.stop(src["pid"])  # the source goes away during capture
             statuses.append(d.wait_status(job, lambda st: st.get("last_error"), timeout=60))
-            rid = jobs.submit_request(data_dir, job, "verify")
+            rid = job_requests.submit_request(data_dir, job, "verify")
             try:
-                errors.append(repr(jobs.wait_answer(data_dir, job, rid, timeout=3)))
+                errors.append(repr(job_requests.wait_answer(data_dir, job, rid, timeout=3)))
             except Exception as exc:  # an error answer is the expected outcome; its text is scanned below
                 errors.append(str(exc))
             r = ansible.run([{"kmipbackup.mongodb.backup_job_info": dict(job=[job], config_dir=config_dir, data_dir=data_dir)}], verbosity=3)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, files, jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, files, timeutil
 from daemon_helper import DaemonProcess, alive, launcher, lock_pid, proc_state
 
 
@@ -35,7 +35,7 @@ def _started_pids(data_dir):
 
 
 def _wait(predicate, timeout=20, what="condition", data_dir=None):
-    assert jobs.wait_for(predicate, timeout, 0.1), "%s not met within %ss; log:\n%s" % (what, timeout, _log(data_dir)[-3000:] if data_dir else "")
+    assert timeutil.wait_for(predicate, timeout, 0.1), "%s not met within %ss; log:\n%s" % (what, timeout, _log(data_dir)[-3000:] if data_dir else "")
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import pytest
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, head, kmip, restore, snapshot, source, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, head, kmip, mongo, restore, snapshot, source, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from snapshot_helpers import canary_hits, read_archive, split_docs
 
@@ -61,7 +62,7 @@ def run(db, cmd):
 
 
 def source_docs(client, ns):
-    return sorted(d for b in source.find_raw_batches(client, ns, {}) for d in split_docs(b))
+    return sorted(d for b in mongo.find_raw_batches(client, ns, {}) for d in split_docs(b))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from botocore.config import Config
 
 import kmipbackup_lab as lab
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore, restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore, restore, snapshot, store, timeutil
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
 from snapshot_helpers import LocalKeyProvider, all_types_docs, make_head, split_docs, upsert_docs
 
@@ -126,7 +126,7 @@ def test_snapshot_incremental_restore_tamper_and_gc_in_a_bucket(tmp_path, s3_ser
     js.storage.put_atomic(a, saved)
     # GC: the first snapshot deleted; chunks only it needed go, the second still restores byte-equal
     js.delete_snapshot(e1["snapshot_id"])
-    gc = js.gc(store.Keys(js, provider), now=store.utcnow() + datetime.timedelta(hours=2))
+    gc = js.gc(store.Keys(js, provider), now=timeutil.utcnow() + datetime.timedelta(hours=2))
     assert gc["chunks_deleted"] >= 1
     assert restored(tmp_path, js, provider, "latest", "r4") == head_image(h) != image1
 

@@ -11,7 +11,8 @@ import uuid
 import bson
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, jobs, kmip, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, job_config, kmip, snapshot, store)
 from daemon_helper import write_kmip_setup
 from snapshot_helpers import make_head
 
@@ -74,9 +75,9 @@ def test_backup_snapshot_refuses_planted_requests_link(ansible, tmp_path, pki, k
     """data_dir/requests -> a foreign folder: before, the root-run module chmodded it 0700 and wrote into it."""
     cd, dd = private(str(tmp_path / "etc")), private(str(tmp_path / "data"))
     write_kmip_setup(cd, pki, kmip_server["port"])
-    jobs.write_job(cd, {"job": "pj", "group": "group1", "source": dict(jobs.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
-                        "encryption": False, "master_key_uid": None, "previous_master_key_uids": [], "store": None,
-                        "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)})
+    job_config.write_job(cd, {"job": "pj", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
+                              "encryption": False, "master_key_uid": None, "previous_master_key_uids": [], "store": None,
+                              "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     v = victim(tmp_path)
     os.symlink(v, os.path.join(dd, "requests"))
     before = tree_state(v)
@@ -174,9 +175,9 @@ def rjob(tmp_path_factory, pki, kmip_server):
     root = os.path.join(dd, "store")
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("rjob")
-    jobs.write_job(cd, {"job": "rjob", "group": "group1", "source": dict(jobs.SOURCE_DEFAULTS, uri="mongodb://127.0.0.1:1/"),
-                        "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
-                        "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)})
+    job_config.write_job(cd, {"job": "rjob", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri="mongodb://127.0.0.1:1/"),
+                              "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
+                              "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "rjob")
     keys = store.Keys(js, provider=client, encryption=True)
     h = make_head(os.path.join(dd, "heads", "rjob", "1", "head.db"), {"app.items": [{"_id": i, "v": "x" * 50} for i in range(40)]},
@@ -237,7 +238,7 @@ def test_drop_replaces_only_restores_or_dumps_unless_force(ansible, rjob, tmp_pa
     # a previous restore (and a mongodump layout) is replaced by drop alone; anything else with force
     dump = tmp_path / "dump"
     r = ansible.run([sr(rjob, target_dir=str(dump)), sr(rjob, target_dir=str(dump), snapshot=rjob["entry"]["snapshot_id"],
-                                                           drop=True, include=["app.*"], rename_databases={"app": "app2"}),
+                                                        drop=True, include=["app.*"], rename_databases={"app": "app2"}),
                      sr(rjob, target_dir=str(home), drop=True, force=True),
                      sr(rjob, target_archive=str(archive), drop=True, force=True)])
     assert all(not res.get("failed") and res["changed"] is True for res in r.results), r.output
@@ -271,4 +272,4 @@ def test_uri_passwords_never_echoed(ansible, tmp_path, pki, kmip_server, mongo_s
     assert pw not in text, text[max(0, text.find(pw) - 800):][:1600]
     # -vvv prints invocation.module_args: the URI is there, its password masked
     assert '"uri": "mongodb://bob:********@%s"' % host in r.stdout and '"admin:********@127.0.0.1:' in r.stdout
-    assert not os.path.exists(jobs.job_path(cd, "pj3")) and not os.path.exists(str(tmp_path / "etc2" / "kmip.yml"))
+    assert not os.path.exists(job_config.job_path(cd, "pj3")) and not os.path.exists(str(tmp_path / "etc2" / "kmip.yml"))

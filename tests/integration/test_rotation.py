@@ -13,7 +13,8 @@ import pymongo
 import pytest
 from bson.objectid import ObjectId
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, files, head, jobs, kmip, restore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, datadir, files, head, job_config, job_requests, kmip, master_keys, rawbson, restore, store, timeutil)
 from daemon_helper import DaemonProcess, write_kmip_setup
 from snapshot_helpers import canary_hits, restored_image, source_image
 import kmipbackup_lab as lab
@@ -43,8 +44,8 @@ def wait_applied(d, job, session, timeout=60):
 
 
 def snapshot(dd, job):
-    rid = jobs.submit_request(dd, job, "snapshot")
-    return jobs.wait_answer(dd, job, rid, timeout=60)
+    rid = job_requests.submit_request(dd, job, "snapshot")
+    return job_requests.wait_answer(dd, job, rid, timeout=60)
 
 
 def restore_dir(cd, root, job, sid, folder, dbname):
@@ -56,7 +57,7 @@ def restore_dir(cd, root, job, sid, folder, dbname):
 
 
 def probe_key(cd):
-    with jobs.kmip_client(cd, "group1") as c:
+    with master_keys.kmip_client(cd, "group1") as c:
         return int(c.create_master_key("kmipbackup-test-probe"))
 
 
@@ -74,7 +75,7 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
     canary = "ROTCANARY%s" % tag
     mc[dbname]["c"].insert_one({"_id": canary, "v": canary})
     js = store.JobStore(root, job)
-    job_file = jobs.job_path(cd, job)
+    job_file = job_config.job_path(cd, job)
 
     with DaemonProcess(cd, dd) as d:
         r = ansible.run([task(cd, dd, job, uri, wait=True, wait_timeout=90)])
@@ -104,35 +105,35 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         assert files.read_bytes(job_file) == before
 
         # rotate for real; wait: the daemon restarts the job under the new key (no new initial sync)
-        old_head_record = files.read_json(os.path.join(jobs.head_dir(dd, job, 1), "headkey.json"))
+        old_head_record = files.read_json(os.path.join(datadir.head_dir(dd, job, 1), "headkey.json"))
         r = ansible.run([task(cd, dd, job, uri, rotate_master_key=True, wait=True, wait_timeout=60)])
         rot = r[0]
         assert rot["changed"] is True and rot["rotated"] is True and rot["status"] == "STARTED", rot.get("msg") or d.log_tail()
         new = rot["master_key_uid"]
         assert int(new) > p2 and rot["previous_master_key_uids"] == [old] and rot["job"]["previous_master_key_uids"] == [old]
         assert rot["master_key_uids_needed"] == [old]
-        cfg = jobs.load_job(cd, job)
+        cfg = job_config.load_job(cd, job)
         assert cfg["master_key_uid"] == new and cfg["previous_master_key_uids"] == [old] and cfg["generation"] == 1
-        with jobs.kmip_client(cd, "group1") as c:
+        with master_keys.kmip_client(cd, "group1") as c:
             info = c.key_info(new)
             assert info["state"] == "ACTIVE" and info["name"].startswith("kmipbackup-%s-" % job)
             assert c.key_info(old)["state"] == "ACTIVE"
-        headkey = os.path.join(jobs.head_dir(dd, job, 1), "headkey.json")
-        assert jobs.wait_for(lambda: files.read_json(headkey)["wrapped"]["master_key_uid"] == new, 30), d.log_tail()
+        headkey = os.path.join(datadir.head_dir(dd, job, 1), "headkey.json")
+        assert timeutil.wait_for(lambda: files.read_json(headkey)["wrapped"]["master_key_uid"] == new, 30), d.log_tail()
         assert files.read_json(headkey)["rekeyed_from"] == old
         st = d.status(job)
         assert st["master_key_uid"] == new and st["initial_syncs"] == 1, st
         assert st["last_rekey"]["head_bytes"] > 0 and not st.get("rekey"), st
         # the head was re-encrypted under a new head key: the old master key's head key no longer opens it
-        head_db = os.path.join(jobs.head_dir(dd, job, 1), "head.db")
-        with jobs.kmip_client(cd, "group1") as c:
+        head_db = os.path.join(datadir.head_dir(dd, job, 1), "head.db")
+        with master_keys.kmip_client(cd, "group1") as c:
             old_head_key = c.unwrap(old_head_record["wrapped"])
             new_head_key = c.unwrap(files.read_json(headkey)["wrapped"])
         with pytest.raises(head.HeadError, match="cannot be read with this job's key"):
             head.Head(head_db, old_head_key)
         with head.Head(head_db, new_head_key) as h, h.read() as r:
             assert r.count(dbname + ".a") == 300
-            assert r.get(dbname + ".c", head.id_key_from_value(canary)) is not None
+            assert r.get(dbname + ".c", rawbson.id_key_from_value(canary)) is not None
         # the rekey wrote no plaintext anywhere in the data folder (the re-encrypted head, its temporary folder)
         assert canary_hits(dd, canary) == []
 
@@ -172,12 +173,12 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         assert current.get("failed") and "current master key" in current["msg"] and new in current["msg"], current
         assert lonely.get("failed") and "retire_master_keys" in lonely["msg"]
         assert files.read_bytes(job_file) == before
-        with jobs.kmip_client(cd, "group1") as c:
+        with master_keys.kmip_client(cd, "group1") as c:
             assert c.key_info(old)["state"] == "ACTIVE"
 
         # the snapshots taken before the rotation expire (deleted here): no retained snapshot needs the old key, while
         # all the data is still there; check mode, then retire and revoke, then the same again (no change)
-        with jobs.kmip_client(cd, "group1") as c:
+        with master_keys.kmip_client(cd, "group1") as c:
             js.expire_snapshots(s0 + [s1["id"]], store.Keys(js, c))  # as retention does: the catalog head first
         retire = task(cd, dd, job, uri, retire_master_keys=[old], revoke=True)
         r = ansible.run([dict(retire, check_mode=True), retire, retire])
@@ -186,8 +187,8 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         assert done["changed"] is True and done["retired_master_key_uids"] == [old] and done["revoked_master_key_uids"] == [old], done
         assert done["previous_master_key_uids"] == [] and done["master_key_uids_needed"] == [new]
         assert again["changed"] is False and again["retired_master_key_uids"] == [] and again["revoked_master_key_uids"] == [], again
-        assert jobs.load_job(cd, job)["previous_master_key_uids"] == []
-        with jobs.kmip_client(cd, "group1") as c:
+        assert job_config.load_job(cd, job)["previous_master_key_uids"] == []
+        with master_keys.kmip_client(cd, "group1") as c:
             with pytest.raises(Exception) as e:
                 c.check_access(old)
             assert getattr(e.value, "kind", None) == "not_active", e.value
@@ -211,7 +212,7 @@ def test_rotate_restore_old_and_new_then_retire(ansible, tmp_path, pki, kmip_ser
         gone = ansible.run([task(cd, dd, job, uri, state="absent")])[0]
         assert gone["changed"] is True and gone["master_key_uids_needed"] == [new], gone
         assert [w for w in gone.get("warnings", []) if new in w and root in w], gone
-        assert jobs.load_job(cd, job) is None and {e["snapshot_id"] for e in js.catalog()} >= {s2["id"], s3["id"]}
+        assert job_config.load_job(cd, job) is None and {e["snapshot_id"] for e in js.catalog()} >= {s2["id"], s3["id"]}
     print("rotation test: %.1fs; restore KMIP calls %d (1 epoch), %d (2 epochs)" % (time.monotonic() - started, calls1, calls2))
 
 
@@ -246,16 +247,16 @@ def test_rotate_refused_without_encryption_and_with_foreign_current_key(ansible,
     assert shared.get("failed") and shared["error_kind"] == "key_in_use" and "job %s" % y in shared["msg"] and k1 in shared["msg"], shared
     assert retired["changed"] is True and retired["retired_master_key_uids"] == [k1] and retired["revoked_master_key_uids"] == []
     assert retired["previous_master_key_uids"] == [] and again["changed"] is False, (retired, again)
-    with jobs.kmip_client(cd, "group1") as c:
+    with master_keys.kmip_client(cd, "group1") as c:
         assert c.key_info(k1)["state"] == "ACTIVE"
 
     # an encrypted job whose current key the group's certificate cannot use: rotation refused before any key is made
-    cfg = jobs.load_job(cd, job)
-    jobs.write_job(cd, dict(cfg, group="group2"))
-    before = files.read_bytes(jobs.job_path(cd, job))
+    cfg = job_config.load_job(cd, job)
+    job_config.write_job(cd, dict(cfg, group="group2"))
+    before = files.read_bytes(job_config.job_path(cd, job))
     p1 = probe_key(cd)
     r = ansible.run([task(cd, dd, job, uri, group="group2", rotate_master_key=True)])
     p2 = probe_key(cd)
     assert r[0].get("failed") and r[0]["error_kind"] == "permission_denied" and cfg["master_key_uid"] in r[0]["msg"], r[0]
     assert "Cannot rotate job %s" % job in r[0]["msg"]
-    assert p2 == p1 + 1 and files.read_bytes(jobs.job_path(cd, job)) == before
+    assert p2 == p1 + 1 and files.read_bytes(job_config.job_path(cd, job)) == before

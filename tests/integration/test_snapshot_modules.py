@@ -12,7 +12,9 @@ from bson.codec_options import CodecOptions
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, head, jobs, kmip, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, head, job_config, job_requests, kmip, rawbson, snapshot, store)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.source import check_source
 from daemon_helper import DaemonProcess, write_kmip_setup
 from snapshot_helpers import commit_to_head, forge_null_snapshot
 
@@ -35,7 +37,7 @@ def fill_source(db):
     out = {}
     for coll in (a, b):
         raws = coll.with_options(codec_options=RAW).find()
-        out["%s.%s" % (db.name, coll.name)] = {head.id_key_from_document(r.raw): r.raw for r in raws}
+        out["%s.%s" % (db.name, coll.name)] = {rawbson.id_key_from_document(r.raw): r.raw for r in raws}
     return out
 
 
@@ -49,7 +51,7 @@ def make_snapshot(h, js, keys, uid, mclient, db, kind="on-demand"):
         for name in db.list_collection_names():
             ns = "%s.%s" % (db.name, name)
             w.create_namespace(ns, encode({}), indexes=index_specs(db[name]))
-            w.upsert_many(ns, [(head.id_key_from_document(r.raw), r.raw) for r in db[name].with_options(codec_options=RAW).find()])
+            w.upsert_many(ns, [(rawbson.id_key_from_document(r.raw), r.raw) for r in db[name].with_options(codec_options=RAW).find()])
         w.set_position(None, [int(time.time()), 1], True)
     return snapshot.take_snapshot(h, js, keys, master_key_uid=uid, encryption=True, kind=kind)
 
@@ -67,9 +69,9 @@ def lab_job(tmp_path_factory, pki, kmip_server, mongo_server):
     source = fill_source(db)
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("snapjob")
-    jobs.write_job(cd, {"job": "snapjob", "group": "group1", "source": dict(jobs.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
-                        "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
-                        "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)})
+    job_config.write_job(cd, {"job": "snapjob", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri=mongo_server["uri"]),
+                              "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
+                              "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "snapjob")
     keys = store.Keys(js, provider=client, encryption=True)
     h = head.Head(os.path.join(dd, "heads", "snapjob", "1", "head.db"), os.urandom(32))
@@ -83,7 +85,7 @@ def lab_job(tmp_path_factory, pki, kmip_server, mongo_server):
 
 
 def by_id(raws):
-    return {head.id_key_from_document(r): bytes(r) for r in raws}
+    return {rawbson.id_key_from_document(r): bytes(r) for r in raws}
 
 
 def assert_db_equal(mclient, lab, target_db):
@@ -101,7 +103,7 @@ def read_dir(path, db):
     for name in sorted(os.listdir(os.path.join(path, db))):
         if name.endswith(".bson"):
             with open(os.path.join(path, db, name), "rb") as f:
-                out["%s.%s" % (db, name[:-5])] = by_id(head.split_bson_docs(f.read()))
+                out["%s.%s" % (db, name[:-5])] = by_id(rawbson.split_bson_docs(f.read()))
     return out
 
 
@@ -128,7 +130,7 @@ def read_archive(path):
         while data[pos:pos + 4] != b"\xff\xff\xff\xff":
             d, pos = doc_at(pos)
             if not h["EOF"]:
-                docs.setdefault(ns, {})[head.id_key_from_document(d)] = d
+                docs.setdefault(ns, {})[rawbson.id_key_from_document(d)] = d
         pos += 4
     return docs, meta
 
@@ -382,14 +384,14 @@ def test_backup_snapshot_through_daemon_then_restore(ansible, tmp_path, pki, kmi
     mc = pymongo.MongoClient(mongo_server["uri"])
     db = mc["bs_%d_%s" % (os.getpid(), CANARY)]
     source = fill_source(db)
-    cfg, _info = jobs.plan_job({"job": "bsjob", "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
-                                "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
-                                "master_key": {"create": True}, "state": "present"}, None)
-    jobs.write_job(cd, cfg)
+    cfg, _info = job_config.plan_job({"job": "bsjob", "group": "group1", "source": {"uri": mongo_server["uri"], "connect_timeout": 3},
+                                      "encryption": "enabled", "config_dir": cd, "data_dir": dd, "store": None,
+                                      "master_key": {"create": True}, "state": "present"}, None, check_source)
+    job_config.write_job(cd, cfg)
     task = {BS: dict(job="bsjob", config_dir=cd, data_dir=dd, timeout=60)}
     r = ansible.run([task], check=True)
     assert r[0]["changed"] is True and "request_id" not in r[0], r.output
-    assert not jobs.pending_requests(dd, "bsjob")
+    assert not job_requests.pending_requests(dd, "bsjob")
 
     d = DaemonProcess(cd, dd).start()
     try:

@@ -9,7 +9,7 @@ import pymongo
 import pytest
 
 import kmipbackup_lab as lab
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson, source
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 
 USER, PASSWORD = "backup", "Bk-s3cret-pw-77"
@@ -124,11 +124,11 @@ def test_right_credentials_sync(auth_server, tmp_path):
     cap = source.Capture(h, client)
     deadline = time.monotonic() + 30
     with h.read() as r:
-        before = r.get("authdb.c", head.id_key_from_value(3))
+        before = r.get("authdb.c", rawbson.id_key_from_value(3))
     while True:
         cap.run_once(max_time=1.0)
         with h.read() as r:
-            doc = r.get("authdb.c", head.id_key_from_value(3))
+            doc = r.get("authdb.c", rawbson.id_key_from_value(3))
         if doc != before or time.monotonic() > deadline:
             break
     cap.close()

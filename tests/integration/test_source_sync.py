@@ -14,7 +14,7 @@ import pytest
 from bson.raw_bson import RawBSONDocument
 
 import workload
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson, source
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import SourceError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,7 +127,7 @@ def test_initial_sync_with_concurrent_workload_then_capture_is_byte_equal(tmp_pa
     assert head_image(h, dbname) == before
     assert_same(h, src, dbname)
     with h.read() as r:
-        big = r.get(dbname + ".big", head.id_key_from_value("big"))
+        big = r.get(dbname + ".big", rawbson.id_key_from_value("big"))
     assert len(big) > 15 * 1024 * 1024
     h.close()
 
@@ -156,9 +156,9 @@ def test_verify_heals_and_counts(tmp_path, plain, src):
     source.initial_sync(h, src)
     ns = dbname + ".c"
     with h.write() as w:  # damage the head: one changed, one missing, one extra
-        w.upsert(ns, head.id_key_from_value(1), b"\x15\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x10v\x00\x63\x00\x00\x00\x00")
-        w.delete(ns, head.id_key_from_value(2))
-        w.upsert(ns, head.id_key_from_value(999), b"\x0e\x00\x00\x00\x10_id\x00\xe7\x03\x00\x00\x00")
+        w.upsert(ns, rawbson.id_key_from_value(1), b"\x15\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x10v\x00\x63\x00\x00\x00\x00")
+        w.delete(ns, rawbson.id_key_from_value(2))
+        w.upsert(ns, rawbson.id_key_from_value(999), b"\x0e\x00\x00\x00\x10_id\x00\xe7\x03\x00\x00\x00")
     sampled = source.verify(h, src, sample=200)
     assert sampled["checked"] > 0
     counts = source.verify(h, src, full=True)
@@ -168,7 +168,7 @@ def test_verify_heals_and_counts(tmp_path, plain, src):
     final = source.verify(h, src, full=True)
     assert final["checked"] >= 2 * 50 and final["mismatched"] == final["recopied"] == final["removed"] == 0
     with h.write() as w:  # a namespace the source lacks, index specs that differ
-        w.upsert(dbname + ".ghost", head.id_key_from_value(1), b"\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00")
+        w.upsert(dbname + ".ghost", rawbson.id_key_from_value(1), b"\x0e\x00\x00\x00\x10_id\x00\x01\x00\x00\x00\x00")
         w.set_indexes(ns, [])
     fixed = source.verify(h, src, full=True)
     assert fixed["namespaces_fixed"] >= 2 and fixed["removed"] >= 1

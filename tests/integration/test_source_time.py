@@ -16,17 +16,18 @@ from bson.raw_bson import RawBSONDocument
 
 import kmipbackup_lab as lab
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files, head, jobs, restore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    datadir, files, head, job_config, job_requests, master_keys, restore, source, store, timeutil)
 from daemon_helper import DaemonProcess, write_kmip_setup
 
 RAW = CodecOptions(document_class=RawBSONDocument)
 
 
 def _declare(config_dir, data_dir, job, uri, connect_timeout=3):
-    cfg, _info = jobs.plan_job({"job": job, "group": "group1", "source": {"uri": uri, "connect_timeout": connect_timeout},
-                                "encryption": "enabled", "config_dir": config_dir, "data_dir": data_dir, "store": None,
-                                "master_key": {"create": True}, "state": "present"}, None)
-    jobs.write_job(config_dir, cfg)
+    cfg, _info = job_config.plan_job({"job": job, "group": "group1", "source": {"uri": uri, "connect_timeout": connect_timeout},
+                                      "encryption": "enabled", "config_dir": config_dir, "data_dir": data_dir, "store": None,
+                                      "master_key": {"create": True}, "state": "present"}, None, source.check_source)
+    job_config.write_job(config_dir, cfg)
     return cfg
 
 
@@ -83,7 +84,7 @@ class Load(threading.Thread):
 def _snapshot_docs(config_dir, cfg, snapshot_id, db, out):
     """{ns: {_id: raw}} of db's collections in the snapshot, through a real restore to a mongodump folder."""
     js = store.JobStore(cfg["store"], cfg["job"])
-    with jobs.kmip_client(config_dir, cfg["group"]) as client:
+    with master_keys.kmip_client(config_dir, cfg["group"]) as client:
         keys = store.Keys(js, provider=client, encryption=True)
         entry, selected = restore.plan(js, snapshot_id, keys, include=[db + ".*"], expect_encryption=True)
         restore.execute(js, keys, entry, selected, restore.DirectoryTarget(out))
@@ -96,8 +97,8 @@ def _snapshot_docs(config_dir, cfg, snapshot_id, db, out):
 
 
 def _open_head(config_dir, data_dir, cfg):
-    folder = jobs.head_dir(data_dir, cfg["job"], cfg["generation"])
-    with jobs.kmip_client(config_dir, cfg["group"]) as client:
+    folder = datadir.head_dir(data_dir, cfg["job"], cfg["generation"])
+    with master_keys.kmip_client(config_dir, cfg["group"]) as client:
         key = client.unwrap(files.read_json(os.path.join(folder, "headkey.json"))["wrapped"])
     return head.Head(os.path.join(folder, "head.db"), key)
 
@@ -123,7 +124,7 @@ def _acked_write(db, coll, doc):
 
 
 def test_snapshot_holds_every_write_acknowledged_before_the_request(dirs, tmp_path, pki, kmip_server, mongo_server,
-                                                                   scratch_db):
+                                                                    scratch_db):
     """Under a write load, with the head seconds behind the source when the snapshot is requested: the snapshot holds
     the last write acknowledged before the request and every load document acknowledged before it, byte for byte."""
     config_dir, data_dir = dirs
@@ -143,8 +144,8 @@ def test_snapshot_holds_every_write_acknowledged_before_the_request(dirs, tmp_pa
             time.sleep(4)  # the load goes on: the head falls behind by thousands of events
             marker_raw, marker_time = _acked_write(db, "marker", {"_id": "last-%s" % tag, "v": tag})
             before = load.acked[-1][0]
-            rid = jobs.submit_request(data_dir, job, "snapshot", timeout=180)
-        answer = jobs.wait_answer(data_dir, job, rid, timeout=180)
+            rid = job_requests.submit_request(data_dir, job, "snapshot", timeout=180)
+        answer = job_requests.wait_answer(data_dir, job, rid, timeout=180)
         load.stop()
         assert load.n > before + 1000, "the load did not go on during the snapshot"
     finally:
@@ -185,7 +186,7 @@ def test_backup_snapshot_waits_for_the_head_or_fails_naming_the_lag(dirs, pki, k
             t = threading.Thread(target=lambda: runs.append(ansible.run([dict(task, **{
                 "kmipbackup.mongodb.backup_snapshot": dict(task["kmipbackup.mongodb.backup_snapshot"], timeout=20)})])))
             t.start()
-            assert jobs.wait_for(lambda: jobs.pending_requests(data_dir, job), 60, 0.05), "no request"
+            assert timeutil.wait_for(lambda: job_requests.pending_requests(data_dir, job), 60, 0.05), "no request"
             time.sleep(14)  # the request waits for the stalled head while the load goes on: ~2 s of budget left
         t.join(120)
         r = runs[0]
@@ -213,7 +214,7 @@ def test_backup_snapshot_waits_for_the_head_or_fails_naming_the_lag(dirs, pki, k
 
 def _status_mtime(data_dir, job):
     try:
-        return os.stat(jobs.status_path(data_dir, job)).st_mtime_ns
+        return os.stat(datadir.status_path(data_dir, job)).st_mtime_ns
     except FileNotFoundError:
         return None
 
@@ -236,7 +237,7 @@ def _recovered(d, job, cfg, ns, raw):
                 return any(bytes(doc) == raw for _k, doc in r.scan(ns))
         finally:
             h.close()
-    assert jobs.wait_for(in_head, 60, 0.3), "a write made after the outage did not reach the head:\n" + d.log_tail()
+    assert timeutil.wait_for(in_head, 60, 0.3), "a write made after the outage did not reach the head:\n" + d.log_tail()
     return d.wait_status(job, lambda s: _started(s) and s["source"]["reachable"] and s["last_error"] is None, timeout=30)
 
 

@@ -11,7 +11,8 @@ import shutil
 import bson
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, crypto, kmip, restore, retention, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, crypto, job_config, job_status, kmip, restore, retention, snapshot, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError
 from snapshot_helpers import make_head, split_docs, upsert_docs
 
@@ -108,7 +109,7 @@ def test_replayed_expired_snapshot_is_refused(three, pki, kmip_server):
     with client_for(pki, kmip_server) as c:
         keys = store.Keys(js, c)
         assert retention.apply_retention(js, ONLY_RECENT, now, keys) == [s1]
-        js.gc(keys, now=store.utcnow() + datetime.timedelta(days=1))  # past the grace period of the real files
+        js.gc(keys, now=timeutil.utcnow() + datetime.timedelta(days=1))  # past the grace period of the real files
         assert not (root / "manifests" / s1).exists()
         for sub in ("catalog", "manifests", "chunks"):
             shutil.copytree(saved / sub, root / sub, dirs_exist_ok=True)
@@ -243,16 +244,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture
 def daemon_host(tmp_path, pki, kmip_server):
     """A daemon host's configuration (kmip.yml, group1, job 'mjob', encrypted) and a store with S1 (v=1), S2 (v=2)."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
     from daemon_helper import write_kmip_setup
     cd, dd = str(tmp_path / "etc"), str(tmp_path / "var")
     write_kmip_setup(cd, pki, kmip_server["port"])
     root = os.path.join(dd, "store")
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("mjob")
-    jobs.write_job(cd, {"job": "mjob", "group": "group1", "source": dict(jobs.SOURCE_DEFAULTS, uri="mongodb://unused"),
-                        "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
-                        "state": "present", "generation": 1, "schedule": dict(jobs.SCHEDULE_DEFAULTS)})
+    job_config.write_job(cd, {"job": "mjob", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri="mongodb://unused"),
+                              "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
+                              "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "mjob")
     h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs_v(1)}, key=os.urandom(32))
     out = []
@@ -323,13 +323,12 @@ def test_restore_playbook_reports_resolved_latest_and_restores_it(ansible, daemo
 def test_snapshot_restore_compares_with_the_daemons_record(ansible, daemon_host):
     """Item 3 on a daemon host: the daemon's status names a last snapshot newer than anything the store holds (the
     store was rolled back wholesale): the restore fails naming it, and writes nothing."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
     newer = "20261102T000000Z-0123abcd"
-    jobs.write_status(daemon_host["data_dir"], "mjob", {"job": "mjob", "last_snapshot": {"id": newer}})
+    job_status.write_status(daemon_host["data_dir"], "mjob", {"job": "mjob", "last_snapshot": {"id": newer}})
     out = str(daemon_host["tmp"] / "out")
     args = dict(job="mjob", config_dir=daemon_host["config_dir"], target_dir=out)
     r = ansible.run([{SR: dict(args, data_dir=daemon_host["data_dir"])}, {SI: dict(job="mjob", config_dir=daemon_host["config_dir"],
-                                                                               data_dir=daemon_host["data_dir"])},
+                                                                                   data_dir=daemon_host["data_dir"])},
                      {SR: dict(args, data_dir=str(daemon_host["tmp"] / "fresh"))}])
     for res in r.results[:2]:
         assert res.get("failed") and res["error_kind"] == "catalog head", r.output[-3000:]

@@ -12,7 +12,7 @@ import bson
 import pymongo
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot, store, timeutil
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
 from snapshot_helpers import LocalKeyProvider, all_types_docs, canary_hits, forge_null_snapshot, make_head, split_docs
 
@@ -85,7 +85,7 @@ def test_gc_of_a_job_whose_encryption_was_enabled(tmp_path):
     h = make_head(str(tmp_path / "h2" / "head.db"), {"d.c": docs(3000)}, key=os.urandom(32))
     enc = snapshot.take_snapshot(h, js, store.Keys(js, provider, True), "job1", "mk1", True)
     h.close()
-    gc = js.gc(store.Keys(js, provider, True), now=store.utcnow() + datetime.timedelta(hours=2))
+    gc = js.gc(store.Keys(js, provider, True), now=timeutil.utcnow() + datetime.timedelta(hours=2))
     assert gc["chunks_deleted"] == 0 and gc["manifests_deleted"] == 0
     # the catalog head (MAC'ed with the encrypted snapshot's key) is checked first: it needs the job's KMIP access
     restore.restore(js, plain["snapshot_id"], store.Keys(js, provider, False), restore.DirectoryTarget(str(tmp_path / "p")))

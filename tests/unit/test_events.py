@@ -8,7 +8,7 @@ from bson import Decimal128, Int64, ObjectId, Timestamp
 from bson.binary import Binary
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, head
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, head, rawbson
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError
 
 NS = {"db": "d", "coll": "c"}
@@ -51,7 +51,7 @@ def run(h, evs, catch_up=False, applier=None):
 
 def stored(h, _id, ns="d.c"):
     with h.read() as r:
-        return r.get(ns, head.id_key_from_value(_id))
+        return r.get(ns, rawbson.id_key_from_value(_id))
 
 
 def check(h, before, evs, after, **kw):
@@ -236,7 +236,7 @@ def test_buffered_writes_in_one_transaction_and_rollback(h):
         out = [a.apply(w, e) for e in (ins({"_id": 1, "v": 1}), upd(1, {"v": 2}), ins({"_id": 2, "v": 1}),
                                        ddl("delete", documentKey={"_id": 2}), ins({"_id": 2, "v": 3}), upd(2, {"w": 1}),
                                        ins({"_id": 3}), ddl("delete", documentKey={"_id": 3}))]
-        assert w.get("d.c", head.id_key_from_value(1)) is None  # still buffered
+        assert w.get("d.c", rawbson.id_key_from_value(1)) is None  # still buffered
         a.apply(w, ddl("rename", to={"db": "d", "coll": "r"}))  # a DDL event writes the buffer first
         a.apply(w, ins({"_id": 4}, ns={"db": "d", "coll": "r"}))
     assert out == ["applied"] * 8

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import files, job_requests, job_status
 
 
 def test_atomic_write_private_modes(tmp_path):
@@ -41,7 +41,7 @@ def test_root_writes_inherit_folder_owner(tmp_path):
 
 # ---- privilege boundaries: nothing inside a trusted root is followed, chowned or chmodded by path ----------
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, jobs  # noqa: E402
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config  # noqa: E402
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import UnsafePathError  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def test_planted_folder_link_is_refused_not_followed(tmp_path):
     with pytest.raises(UnsafePathError, match=r"requests is a symbolic link or not a folder: .*never follows links"):
         files.ensure_private_dir(os.path.join(root, "requests"))
     with pytest.raises(UnsafePathError, match="requests is a symbolic link"):
-        jobs.submit_request(root, "job1", "snapshot")
+        job_requests.submit_request(root, "job1", "snapshot")
     assert _state(victim) == before
 
 
@@ -95,7 +95,7 @@ def test_planted_file_link_is_not_read(tmp_path):
     os.mkdir(os.path.join(root, "status"), 0o700)
     os.symlink(os.path.join(victim, "secret.json"), os.path.join(root, "status", "job1.json"))
     with pytest.raises(UnsafePathError, match="job1.json is a symbolic link"):
-        jobs.read_status(root, "job1")
+        job_status.read_status(root, "job1")
 
 
 @pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])

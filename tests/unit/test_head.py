@@ -13,14 +13,14 @@ import pytest
 from bson import Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.binary import Binary, UuidRepresentation
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson
 
 OPTS = bson.CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
 CANARY = "zqxCANARY7731"
 
 
 def key(v):
-    return head.id_key_from_document(bson.encode({"_id": v}, codec_options=OPTS))
+    return rawbson.id_key_from_document(bson.encode({"_id": v}, codec_options=OPTS))
 
 
 # Strictly increasing in MongoDB's comparison order (equal values of different numeric types are
@@ -75,12 +75,12 @@ def test_id_key_from_document_finds_id_anywhere_and_matches_value_forms():
     oid = ObjectId()
     first = bson.encode({"_id": oid, "a": 1})
     later = bson.encode({"a": [1, {"b": "x"}], "r": Regex("x"), "_id": oid})
-    assert head.id_key_from_document(first) == head.id_key_from_document(later) == head.id_key_from_value(oid) == b"\x35" + oid.binary
+    assert rawbson.id_key_from_document(first) == rawbson.id_key_from_document(later) == rawbson.id_key_from_value(oid) == b"\x35" + oid.binary
     raw = bson.raw_bson.RawBSONDocument(bson.encode({"_id": {"k": 1, "s": "v"}, "shard": 3}))
-    assert head.id_key_from_value(raw) == head.id_key_from_value({"k": 1, "s": "v"})
-    assert head.id_key(struct.pack("<i", 5), 0x10) == key(5)
+    assert rawbson.id_key_from_value(raw) == rawbson.id_key_from_value({"k": 1, "s": "v"})
+    assert rawbson.id_key(struct.pack("<i", 5), 0x10) == key(5)
     with pytest.raises(head.HeadError):
-        head.id_key_from_document(bson.encode({"a": 1}))
+        rawbson.id_key_from_document(bson.encode({"a": 1}))
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_write_read_scan_and_namespaces(enc_head):
         assert [bson.decode(d)["_id"] for _, d in r.scan("db.a", start=key(3), end=key(5))] == [3]
         ns = {n["ns"]: n for n in r.namespaces()}
         assert set(ns) == {"db.a", "db.b"}
-        assert ns["db.a"]["options"] == opts and ns["db.a"]["uuid"] == b"u" * 16 and ns["db.b"]["options"] == head.EMPTY_BSON
+        assert ns["db.a"]["options"] == opts and ns["db.a"]["uuid"] == b"u" * 16 and ns["db.b"]["options"] == rawbson.EMPTY_BSON
         assert [bson.decode(s)["name"] for s in ns["db.a"]["indexes"]] == ["_id_", "x_1"]
         assert r.position()["cluster_time"] == [10, 2] and r.position()["consistent"]
         assert r.get("db.a", key(3)) == doc(3) and r.get("db.a", key(4)) is None and r.count("db.a") == 3
@@ -272,7 +272,7 @@ def test_rekey_export_and_crash_recovery(tmp_path, crash):
     old_key, new_key = os.urandom(32), os.urandom(32)
     folder = tmp_path / "heads" / "job" / "1"
     h = head.Head(str(folder / "head.db"), old_key)
-    docs = [(head.id_key_from_value(i), bson.encode({"_id": i, "pad": "x" * 200})) for i in range(5000)]
+    docs = [(rawbson.id_key_from_value(i), bson.encode({"_id": i, "pad": "x" * 200})) for i in range(5000)]
     with h.write() as w:
         w.upsert_many("d.c", docs)
         w.set_position(b"\x05\x00\x00\x00\x00", (1760000000, 7), True)

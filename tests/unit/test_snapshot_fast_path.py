@@ -6,7 +6,7 @@ import os
 import bson
 import sqlcipher3
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head as headmod
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head as headmod, rawbson
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot, store
 from snapshot_helpers import LocalKeyProvider, make_head, split_docs
 
@@ -57,7 +57,7 @@ def test_head_from_before_flags_and_cipher_settings_opens_with_flags(tmp_path):
     conn.executescript(old_schema)
     conn.execute("INSERT INTO namespaces VALUES (1, 'd.c', NULL, ?, ?, 1)", (bson.encode({}), b""))
     raws = [bson.encode(d) for d in docs(1200)]
-    conn.executemany("INSERT INTO docs VALUES (1, ?, ?)", [(headmod.id_key_from_document(r), r) for r in raws])
+    conn.executemany("INSERT INTO docs VALUES (1, ?, ?)", [(rawbson.id_key_from_document(r), r) for r in raws])
     conn.execute("UPDATE position SET resume_token=?, ct_t=1, ct_i=1, consistent=1", (b"t",))
     conn.close()
     h = headmod.Head(path, key)
@@ -67,7 +67,7 @@ def test_head_from_before_flags_and_cipher_settings_opens_with_flags(tmp_path):
         assert r.boundaries("d.c") and r.count("d.c") == 1200
     with h.write() as w:
         raw = bson.encode({"_id": 10 ** 6, "pad": b"x" * 10})
-        w.upsert("d.c", headmod.id_key_from_document(raw), raw)
+        w.upsert("d.c", rawbson.id_key_from_document(raw), raw)
     h.close()
     with headmod.Head(path, key).read() as r:
         assert r.count("d.c") == 1201

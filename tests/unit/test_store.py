@@ -6,7 +6,8 @@ import os
 import bson
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    crypto, rawbson, restore, snapshot, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
 from snapshot_helpers import LocalKeyProvider, all_types_docs, canary_hits, make_head, read_archive, split_docs, upsert_docs
 
@@ -114,7 +115,7 @@ def test_crash_before_catalog_leaves_snapshot_invisible(env, monkeypatch):
     assert [e["snapshot_id"] for e in js.catalog()] == [first["snapshot_id"]]
     assert len(js.manifest_ids()) == 2  # the orphan manifest is there, unlisted
     assert restored_docs(tmp, js, provider)["d.c"][5] == bson.encode(source_docs(6)[5])
-    gc = js.gc(store.Keys(js, provider), now=store.utcnow() + datetime.timedelta(days=2), stale_seconds=3600)
+    gc = js.gc(store.Keys(js, provider), now=timeutil.utcnow() + datetime.timedelta(days=2), stale_seconds=3600)
     assert gc["manifests_deleted"] == 1
     assert len(restored_docs(tmp, js, provider, name="o3")["d.c"]) == 2000
 
@@ -265,7 +266,7 @@ def test_rotation_new_epoch_both_restore_and_o1_calls(env):
         if "mk1" in e["master_key_uids"]:
             js.delete_snapshot(e["snapshot_id"])
     assert js.master_keys_needed() == ["mk2"]
-    js.gc(store.Keys(js, provider), now=store.utcnow() + datetime.timedelta(hours=2))
+    js.gc(store.Keys(js, provider), now=timeutil.utcnow() + datetime.timedelta(hours=2))
     del provider.masters["mk1"]  # retired: any use of it would fail
     assert len(restored_docs(tmp, js, provider, e3["snapshot_id"], "o3")["d.c"]) == 3005
 
@@ -283,7 +284,7 @@ def test_gc_and_retention_keep_last(env):
         js.delete_snapshot(e2["snapshot_id"])
     keys = store.Keys(js, provider)
     assert js.gc(keys)["chunks_deleted"] == 0  # within the grace period
-    gc = js.gc(keys, now=store.utcnow() + datetime.timedelta(hours=2))
+    gc = js.gc(keys, now=timeutil.utcnow() + datetime.timedelta(hours=2))
     assert gc["chunks_deleted"] > 0 and gc["manifests_deleted"] == 1
     assert set(js.chunk_ids()) == {c["id"] for n in js.read_manifest(e2["snapshot_id"], keys)["namespaces"] for c in n["chunks"]}
     assert len(restored_docs(tmp, js, provider)["d.c"]) == 3000 - len(range(0, 3000, 7))
@@ -311,7 +312,7 @@ def test_gc_running_during_a_snapshot(env, monkeypatch, marker):
         js.delete_snapshot(e1["snapshot_id"])  # retention, from another process
         if not marker:
             js.end(snapshot_id)
-        runs.append(js.gc(keys, now=store.utcnow() + datetime.timedelta(hours=2), grace_seconds=0))
+        runs.append(js.gc(keys, now=timeutil.utcnow() + datetime.timedelta(hours=2), grace_seconds=0))
         return put_manifest(snapshot_id, *args, **kwargs)
 
     monkeypatch.setattr(js, "put_manifest", racing_put_manifest)
@@ -331,8 +332,7 @@ def test_gc_running_during_a_snapshot(env, monkeypatch, marker):
 
 
 def store_key(i):
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
-    return head.id_key_from_document(bson.encode({"_id": i}))
+    return rawbson.id_key_from_document(bson.encode({"_id": i}))
 
 
 def test_archive_restore_and_idempotence(env):

@@ -1,19 +1,19 @@
-"""jobs.py parameter checks that need no server."""
+"""job_config.py parameter checks that need no server."""
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import jobs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
 
 
 def test_password_in_uri_is_refused_without_echoing_it():
     with pytest.raises(ConfigError) as e:
-        jobs.normalize_source({"uri": "mongodb://backup:s3cret-canary@db1:27017/?replicaSet=rs0"})
+        job_config.normalize_source({"uri": "mongodb://backup:s3cret-canary@db1:27017/?replicaSet=rs0"})
     assert "source.password" in str(e.value)
     assert "s3cret-canary" not in str(e.value)
 
 
 def test_user_without_password_in_uri_is_accepted():
-    out = jobs.normalize_source({"uri": "mongodb://backup@db1:27017/?replicaSet=rs0", "password": "x"})
+    out = job_config.normalize_source({"uri": "mongodb://backup@db1:27017/?replicaSet=rs0", "password": "x"})
     assert out["uri"].startswith("mongodb://backup@db1")
 
 
@@ -24,11 +24,11 @@ def test_user_without_password_in_uri_is_accepted():
 ])
 def test_schedule_out_of_range(schedule, field):
     with pytest.raises(ConfigError) as e:
-        jobs.normalize_schedule(schedule)
+        job_config.normalize_schedule(schedule)
     assert field in str(e.value)
 
 
-def test_create_false_without_uid_refused_before_any_kmip_call(monkeypatch):
+def test_create_false_without_uid_refused_before_any_kmip_call():
     calls = []
 
     class NoKmip:
@@ -44,7 +44,6 @@ def test_create_false_without_uid_refused_before_any_kmip_call(monkeypatch):
 
     params = {"job": "j1", "group": "g1", "source": {"uri": "mongodb://127.0.0.1:1/?replicaSet=rs"},
               "master_key": {"create": False}, "config_dir": "/nonexistent", "data_dir": "/nonexistent"}
-    monkeypatch.setattr(jobs, "source_check", lambda source: None)  # about the key rule, not the source
     with pytest.raises(ConfigError) as e:
-        jobs.plan_job(params, None, kmip_factory=NoKmip)
+        job_config.plan_job(params, None, lambda source: None, kmip_factory=NoKmip)  # about the key rule, not the source
     assert "master_key.uid" in str(e.value) and calls == []
