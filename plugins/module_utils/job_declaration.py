@@ -18,7 +18,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import C
 DEFAULT_WAIT_TIMEOUT = 600  # seconds a module waits for the daemon by default (a job ready or gone, an answer)
 
 
-def declare(p, check_mode=False):
+def declare(p: dict, check_mode: bool = False) -> dict:
     """backup_job_encryption's result for the declaration p (with "diff", and "warnings" when there are some)."""
     job = job_config.check_name(p["job"])
     # refuse an unsafe config_dir before anything (a KMIP key included) is created
@@ -72,7 +72,7 @@ def declare(p, check_mode=False):
     return result
 
 
-def _remove(p, job, existing, check_mode):
+def _remove(p: dict, job: str, existing: dict | None, check_mode: bool) -> dict:
     result = {"changed": existing is not None, "resync_required": False, "rotated": False, "retired_master_key_uids": [],
               "revoked_master_key_uids": [], "diff": {"before": job_config.redact(existing) or {}, "after": {}}, "warnings": []}
     result["master_key_uids_needed"] = needed = master_keys.master_keys_needed(existing) if existing else []

@@ -22,7 +22,7 @@ NO_KMIP = "No KMIP access configured"
 CONNECTION_DEFAULTS = job_config.SOURCE_DEFAULTS  # target_mongodb has the options of a job's source
 
 
-def kmip_settings(p, cfg):
+def kmip_settings(p: dict, cfg: dict | None) -> tuple[config.KmipConfig, config.GroupConfig] | None:
     """(KmipConfig, GroupConfig) from a request's KMIP options p and the job's configuration cfg (None on a fresh
     host), or None when no KMIP access is configured. Options win over the daemon host's kmip.yml and group."""
     if p["kmip_servers"]:
@@ -46,7 +46,7 @@ def kmip_settings(p, cfg):
     return kcfg, grp
 
 
-def store_root(p, cfg):
+def store_root(p: dict, cfg: dict | None) -> str:
     """The store: p["store"], else the one the job's configuration names (or data_dir's)."""
     if p["store"]:
         return p["store"]
@@ -56,7 +56,7 @@ def store_root(p, cfg):
     return datadir.store_root(cfg, p["data_dir"])
 
 
-def job_encrypted(p, cfg, js):
+def job_encrypted(p: dict, cfg: dict | None, js: store.JobStore) -> tuple[bool, str]:
     """(whether the job is encrypted, why we know): its configuration, or on a fresh host its keyring."""
     if cfg is not None:
         return bool(cfg.get("encryption")), "its configuration in %s enables encryption" % p["config_dir"]
@@ -65,7 +65,7 @@ def job_encrypted(p, cfg, js):
 
 # ---- listing ------------------------------------------------------------------------------------------------
 
-def _listed(js, name):
+def _listed(js: store.JobStore, name: str) -> dict:
     """A catalog file's public entry, unauthenticated (its file name as id when its content names another snapshot)."""
     try:
         return store.public_entry(js.catalog_entry(name))
@@ -73,7 +73,7 @@ def _listed(js, name):
         return {"id": name}
 
 
-def list_snapshots(p):
+def list_snapshots(p: dict) -> dict:
     """snapshot_info's result: the job's snapshots, authenticated against the catalog head when KMIP access is
     configured, and the master keys the retained ones need."""
     cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
@@ -121,7 +121,7 @@ def list_snapshots(p):
 
 # ---- restore ------------------------------------------------------------------------------------------------
 
-def make_target(p, sid, protected):
+def make_target(p: dict, sid: str, protected: dict) -> tuple:
     """(target, restore info path); a directory or archive target at a protected folder is refused here, before
     anything is written."""
     if p["target_dir"]:
@@ -140,7 +140,7 @@ def make_target(p, sid, protected):
     return restore.MongoTarget.from_connection(p["target_mongodb"], info), info
 
 
-def check_encryption_expected(p, cfg, js, entry):
+def check_encryption_expected(p: dict, cfg: dict | None, js: store.JobStore, entry: dict) -> bool:
     """Refuse a snapshot marked unencrypted of an encrypted job (a downgrade) unless allow_unencrypted; returns
     whether the snapshot must be encrypted."""
     if p["allow_unencrypted"]:
@@ -155,7 +155,7 @@ def check_encryption_expected(p, cfg, js, entry):
     return expected
 
 
-def run_restore(p, check_mode=False):
+def run_restore(p: dict, check_mode: bool = False) -> dict:
     """snapshot_restore's result for the request p: resolve, check, plan and (outside check mode) restore."""
     return _Restore(p, check_mode).run()
 
