@@ -257,6 +257,8 @@ class Copy:
             chunks = sorted(refs)
             self.chunk_keys = refs
         else:
+            for e in self.entries:  # before anything is written
+                self._manifest(e)
             chunks = sorted(src.chunk_ids())
             self.chunk_keys = {}
         have = set(self.dst.chunk_ids()) if self.dst else set()
@@ -265,6 +267,15 @@ class Copy:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             sizes = list(pool.map(lambda c: src.storage.size(src.chunk_path(c)), self.chunks_new))
         self.planned_bytes = sum(sizes) + sum(src.storage.size(src._p("manifests", e["snapshot_id"])) for e in self.entries)
+
+    def _manifest(self, entry):
+        """The manifest's bytes from the source, checked against its catalog entry's digest and for its format."""
+        sid = entry["snapshot_id"]
+        data = self.src.storage.get(self.src._p("manifests", sid))
+        if _sha(data) != entry["manifest_sha256"]:
+            raise crypto.integrity_error("manifest", sid, "does not match its catalog entry (in the source store)")
+        check_blob(data, b"KBM1", "manifest", sid)
+        return data
 
     def summary(self, planned: bool = False) -> dict:
         head_changes = self.head_changes()
@@ -307,10 +318,7 @@ class Copy:
         self._copy_chunks()
         for e in self.entries:
             sid = e["snapshot_id"]
-            data = src.storage.get(src._p("manifests", sid))
-            if _sha(data) != e["manifest_sha256"]:
-                raise crypto.integrity_error("manifest", sid, "does not match its catalog entry (in the source store)")
-            check_blob(data, b"KBM1", "manifest", sid)
+            data = self._manifest(e)
             self._count("manifests", self._put(src._p("manifests", sid), data, "manifest", sid), data)
         for e in sorted(self.entries, key=lambda x: x["seq"]):
             sid = e["snapshot_id"]
