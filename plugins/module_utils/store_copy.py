@@ -189,6 +189,7 @@ class Copy:
                                  "job's data keys: give KMIP access to the copy, or leave the retention out (without keys the "
                                  "destination keeps the source's live snapshots).")
             head = check_head_shape(src.read_head(), job)
+            self.src_head_bytes = store.canonical(head)  # the head as planned: the one the destination gets
             entries = [check_entry(self._live_entry(sid, seq), sid, seq, job) for seq, sid in head["live"]]
         self.src_head = head
         by_id = {e["snapshot_id"]: e for e in entries}
@@ -262,6 +263,9 @@ class Copy:
             chunks = sorted(src.chunk_ids())
             self.chunk_keys = {}
         have = set(self.dst.chunk_ids()) if self.dst else set()
+        # without keys the destination's chunks are never deleted (a chunk lost at the source must not take the copy's
+        # with it): those the source no longer holds are counted, and a keyed copy collects the unreferenced ones
+        self.dest_only_chunks = len(have - set(chunks)) if not keyed else 0
         self.chunks_new = [c for c in chunks if c not in have]
         self.chunks_have = [c for c in chunks if c in have]
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
@@ -281,7 +285,7 @@ class Copy:
         head_changes = self.head_changes()
         out = {"job": self.job, "source": self.src.storage.root, "dest": self.dst_storage.root,
                "keyed": self.provider is not None, "snapshots": list(self.to_copy), "expired": list(self.expire),
-               "live": [sid for _seq, sid in self.live], "head": head_changes}
+               "live": [sid for _seq, sid in self.live], "head": head_changes, "dest_only_chunks": self.dest_only_chunks}
         if planned:
             out.update(objects={"chunks": len(self.chunks_new), "manifests": len(self.entries), "catalog": len(self.entries)},
                        bytes=self.planned_bytes)
@@ -375,10 +379,8 @@ class Copy:
     def _commit_head(self):
         path = self.dst._p("catalog-head.json")
         if self.provider is None:
-            data = self.src.storage.get(self.src._p("catalog-head.json"))
-            if json.loads(data) != self.src_head:
-                raise StoreError("The source's catalog head of job %s changed during the copy (a snapshot or an expiry ran): "
-                                 "run the copy again." % self.job)
+            # the head planned from, even if the source has a newer one by now (its entries are the ones copied)
+            data = self.src_head_bytes
             if self.dst_storage.exists(path) and self.dst_storage.get(path) == data:
                 return
             self.dst_storage.put_atomic(path, data)
