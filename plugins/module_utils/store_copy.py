@@ -226,6 +226,11 @@ class Copy:
             keep, live = need, head["live"]
             expire = [sid for sid, seq in (self.dst.catalog_files() if self.dst else [])
                       if sid not in need and (seq is None or seq <= head["seq"])]
+        for sid in keep:  # a snapshot the destination holds already: its entry must be the source's
+            if sid in held and sid in by_id and self.dst.catalog_entry(sid) != by_id[sid]:
+                raise crypto.integrity_error(
+                    "catalog entry", sid, "differs between the source and the destination (in %s): one of them was "
+                    "modified; check both stores before copying again" % self.dst_storage.root)
         self.live = live
         self.to_copy = [sid for sid in keep if sid not in held]
         self.expire = [sid for sid in expire if sid in held]

@@ -182,6 +182,17 @@ def test_tampered_source_and_a_different_destination_object_are_refused(tmp_path
     dst.put_atomic("orders/keyring/snapshot-1.json", dst.get("orders/keyring/snapshot-1.json") + b" ")
     with pytest.raises(IntegrityError, match="keyring entry snapshot-1 differs between the source and the destination"):
         store_copy.copy_snapshots(src.storage, dst, "orders")
+    dst.put_atomic("orders/keyring/snapshot-1.json", src.storage.get("orders/keyring/snapshot-1.json"))
+    entry = "orders/catalog/%s.json" % ids[0]
+    dst.put_atomic(entry, dst.get(entry).replace(b'"type":"', b'"type":"x'))
+    with pytest.raises(IntegrityError, match="catalog entry %s differs" % ids[0]):
+        store_copy.copy_snapshots(src.storage, dst, "orders")
+    dst.put_atomic(entry, src.storage.get(entry))
+    dst.put_atomic(cpath, cgood + b"x")
+    with pytest.raises(IntegrityError, match="chunk %s differs" % chunk):
+        store_copy.copy_snapshots(src.storage, dst, "orders")
+    dst.put_atomic(cpath, cgood)
+    assert not store_copy.copy_snapshots(src.storage, dst, "orders")["changed"]
 
 
 def test_a_copy_killed_midway_leaves_nothing_visible_and_the_next_completes(tmp_path, pki, kmip_server, master_uid, s3_server, bucket):
