@@ -289,7 +289,7 @@ class Copy:
     def summary(self, planned: bool = False) -> dict:
         head_changes = self.head_changes()
         out = {"job": self.job, "source": self.src.storage.root, "dest": self.dst_storage.root,
-               "keyed": self.provider is not None, "snapshots": list(self.to_copy), "expired": list(self.expire),
+               "authenticated": self.provider is not None, "snapshots": list(self.to_copy), "expired": list(self.expire),
                "live": [sid for _seq, sid in self.live], "head": head_changes, "dest_only_chunks": self.dest_only_chunks}
         if planned:
             out.update(objects={"chunks": len(self.chunks_new), "manifests": len(self.entries), "catalog": len(self.entries)},
@@ -406,3 +406,68 @@ def copy_snapshots(src: store.FileStorage | S3Storage, dst: store.FileStorage | 
     c = Copy(src, dst, job, snapshots, provider, keep_last, schedule, now)
     planned = c.plan()
     return planned if check else c.run()
+
+
+# the module's request ---------------------------------------------------------------------------------------
+OBJECT_STORE_OPTIONS = ("bucket", "prefix", "endpoint_url", "region", "addressing_style", "ca_bundle", "access_key",
+                        "secret_key", "session_token", "connect_timeout", "read_timeout")
+
+
+def open_store(path: str | None, object_store: dict | None) -> store.FileStorage | S3Storage:
+    """The Storage of a folder or of a bucket (object_store: the object_store option's dict)."""
+    if object_store:
+        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore  # boto3 only when a bucket is used
+        return objectstore.S3Storage(**{k: v for k, v in object_store.items() if k in OBJECT_STORE_OPTIONS and v is not None})
+    return store.FileStorage(path)
+
+
+def snapshots_option(value: list | str | None) -> str | list:
+    """The snapshots option (a list, as Ansible gives it) as copy_snapshots takes it."""
+    values = [value] if isinstance(value, str) else list(value or ["all"])
+    if values in (["all"], ["latest"]):
+        return values[0]
+    if "all" in values or "latest" in values:
+        raise StoreError("snapshots is %s: give all, latest, or a list of snapshot ids." % ", ".join(values))
+    return values
+
+
+def copy_request(p: dict, check_mode: bool = False) -> dict:
+    """snapshot_copy's result from its parameters p: the source (store or object_store, else the job's configured
+    store), the destination (dest_store or dest_object_store), snapshots, authenticate (KMIP access as the store
+    readers take it) and dest_retention (keep_last, or schedule: a schedule dict or 'job' for the job's own)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, job_config, kmip, restore_request
+
+    job = config.validate_name(p["job"], "job name")
+    cfg = job_config.load_job(p["config_dir"], job)  # None on a host that does not run the job
+    if p["store"] or p["object_store"]:
+        src = open_store(p["store"], p["object_store"])
+    elif cfg is not None and cfg.get("object_store"):
+        src = open_store(None, cfg["object_store"])
+    elif cfg is not None:
+        src = open_store(datadir.store_root(cfg, p["data_dir"]), None)
+    else:
+        raise StoreError("Job %s is not declared in %s: give store or object_store, the source snapshot store."
+                         % (job, config.jobs_dir(p["config_dir"])))
+    dst = open_store(p["dest_store"], p["dest_object_store"])
+    if getattr(src, "root", None) == getattr(dst, "root", None) and type(src) is type(dst):
+        raise StoreError("The source and the destination are the same store (%s): give another destination." % src.root)
+    retention_opts = p.get("dest_retention") or {}
+    keep_last, schedule = retention_opts.get("keep_last"), retention_opts.get("schedule")
+    if schedule == "job":
+        if cfg is None:
+            raise StoreError("dest_retention.schedule is job but job %s is not declared in %s: give the schedule's rules."
+                             % (job, config.jobs_dir(p["config_dir"])))
+        schedule = cfg.get("schedule") or {}
+    if keep_last is not None and schedule is not None:
+        raise StoreError("dest_retention: give keep_last or schedule, not both.")
+    if isinstance(schedule, dict):
+        schedule = retention.validate_schedule(schedule)
+    snapshots = snapshots_option(p["snapshots"])
+    if not p["authenticate"]:
+        return copy_snapshots(src, dst, job, snapshots, None, keep_last, schedule, check=check_mode)
+    settings = restore_request.kmip_settings(p, cfg)
+    if settings is None:
+        raise StoreError("authenticate needs KMIP access: give kmip_servers, kmip_ca_file and client_cert_file, or "
+                         "config_dir on a daemon host.")
+    with kmip.KmipClient(*settings) as client:
+        return copy_snapshots(src, dst, job, snapshots, client, keep_last, schedule, check=check_mode)

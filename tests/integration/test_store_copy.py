@@ -91,7 +91,7 @@ def test_folder_to_bucket_to_folder_byte_equal_and_idempotent(tmp_path, pki, kmi
     # check mode: the plan, nothing written
     plan = store_copy.copy_snapshots(src.storage, dst, "orders", check=True)
     assert plan["changed"] and plan["snapshots"] == ids and plan["objects"]["manifests"] == 2 and plan["bytes"] > 0
-    assert plan["head"] == "copied" and not plan["keyed"]
+    assert plan["head"] == "copied" and not plan["authenticated"]
     assert dst.list("") == []
     # the copy: keyless (no KMIP), the head copied verbatim, every object byte-equal
     r = store_copy.copy_snapshots(src.storage, dst, "orders")
@@ -227,7 +227,7 @@ def test_keyed_copy_has_its_own_head_and_retention(tmp_path, pki, kmip_server, m
     dst_js = store.JobStore(dst, "orders")
     with client_for(pki, kmip_server) as c:
         first = store_copy.copy_snapshots(src.storage, dst, "orders", snapshots=[ids[0]], provider=c)
-        assert first["keyed"] and first["snapshots"] == [ids[0]] and first["head"] == "written"
+        assert first["authenticated"] and first["snapshots"] == [ids[0]] and first["head"] == "written"
         assert [sid for _seq, sid in dst_js.catalog_head(store.Keys(dst_js, c))["live"]] == [ids[0]]
         later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)  # past GC's grace period
         r = store_copy.copy_snapshots(src.storage, dst, "orders", snapshots="latest", provider=c, keep_last=1, now=later)
