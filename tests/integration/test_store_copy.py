@@ -250,3 +250,35 @@ def test_keyed_copy_has_its_own_head_and_retention(tmp_path, pki, kmip_server, m
     dst.delete("orders/catalog/%s.json" % ids[1])
     with client_for(pki, kmip_server) as c, pytest.raises(IntegrityError, match="removed from the store"):
         dst_js.resolve(ids[1], store.Keys(dst_js, c))
+
+
+def test_module_check_mode_copy_idempotence_and_secrets(ansible, tmp_path, pki, kmip_server, master_uid, s3_server, bucket):
+    src, ids = source(tmp_path, pki, kmip_server, master_uid)
+    offsite = {"bucket": bucket, "prefix": "mod", "endpoint_url": s3_server["endpoint"], "access_key": s3_server["access_key"],
+               "secret_key": s3_server["secret_key"]}
+    base = {"job": "orders", "store": src.storage.root, "config_dir": str(tmp_path / "no-config"), "dest_object_store": offsite}
+    task = {"kmipbackup.mongodb.snapshot_copy": base}
+    kmip_access = {"kmip_servers": ["127.0.0.1:%d" % kmip_server["port"]], "kmip_ca_file": pki["ca"],
+                   "client_cert_file": pki["clients"]["group1"]["pem"]}
+    checked = ansible.run([task], check=True)
+    plan = checked[0]
+    assert not plan.get("failed"), plan
+    assert plan["changed"] and plan["snapshots"] == ids and plan["objects"]["manifests"] == 2 and plan["bytes"] > 0
+    dst = s3(s3_server, bucket, "mod")
+    assert dst.list("") == []  # check mode wrote nothing
+    r = ansible.run([task, task,
+                     {"kmipbackup.mongodb.snapshot_copy": dict(base, snapshots=["latest"])},
+                     {"kmipbackup.mongodb.snapshot_copy": dict(base, dest_retention={"keep_last": 1})},
+                     {"kmipbackup.mongodb.snapshot_copy": dict(base, dest_store=str(tmp_path / "x"))},
+                     {"kmipbackup.mongodb.snapshot_copy": dict(base, authenticate=True, dest_retention={"keep_last": 1},
+                                                               **kmip_access)}])
+    assert r[0]["changed"] and r[0]["snapshots"] == ids and r[0]["head"] == "copied" and r[0]["source"] == src.storage.root
+    assert r[0]["dest"] == "s3://%s/mod" % bucket and r[0]["bytes"] >= plan["bytes"]
+    assert not r[1]["changed"] and r[1]["snapshots"] == [] and r[1]["skipped"] > 0  # idempotent
+    assert not r[2]["changed"]  # the latest is there, and so is every snapshot the source's head lists
+    assert r[3]["failed"] and "KMIP access" in r[3]["msg"]
+    assert r[4]["failed"] and "mutually exclusive" in r[4]["msg"]
+    assert r[5]["changed"] and r[5]["authenticated"] and r[5]["expired"] == [ids[0]] and r[5]["head"] == "written", r[5]
+    assert s3_server["secret_key"] not in r.everything()
+    dst_js = store.JobStore(dst, "orders")
+    assert restored(tmp_path, pki, kmip_server, dst_js, "latest", "m") == restored(tmp_path, pki, kmip_server, src, ids[-1], "s")
