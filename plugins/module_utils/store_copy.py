@@ -37,18 +37,14 @@ import datetime
 import hashlib
 import json
 import re
-from typing import TYPE_CHECKING
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, retention, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    config, crypto, datadir, job_config, kmip, objectstore, restore_request, retention, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import SNAPSHOT_RE
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import utcnow
 
-if TYPE_CHECKING:  # annotations only
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.kmip import KmipClient
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.objectstore import S3Storage
-
-WORKERS = 8  # parallel chunk copies (S3Storage's connection pool is larger)
+WORKERS = 8  # parallel chunk copies (objectstore.S3Storage's connection pool is larger)
 KEY_ID_RE = re.compile(r"^(none|(snapshot|chunk_id)-[0-9]+)$")
 
 
@@ -137,8 +133,8 @@ class Copy:
     """One copy of job's snapshots from src to dst (storages). provider: a key provider (kmip.KmipClient) for a keyed
     copy, else None. plan() computes what to do without writing; run() does it. The result counts objects and bytes."""
 
-    def __init__(self, src: store.FileStorage | S3Storage, dst: store.FileStorage | S3Storage, job: str,
-                 snapshots: str | list = "all", provider: KmipClient | None = None, keep_last: int | None = None,
+    def __init__(self, src: store.FileStorage | objectstore.S3Storage, dst: store.FileStorage | objectstore.S3Storage, job: str,
+                 snapshots: str | list = "all", provider: kmip.KmipClient | None = None, keep_last: int | None = None,
                  schedule: dict | None = None, now: datetime.datetime | None = None, workers: int = WORKERS) -> None:
         self.src = store.JobStore(src, job)
         if not src.list(job):
@@ -398,8 +394,8 @@ class Copy:
         self.dst.put_head(self._dst_keys(), self.live, self.src_head["key_id"], prev=self.dst_head, now=self.now)
 
 
-def copy_snapshots(src: store.FileStorage | S3Storage, dst: store.FileStorage | S3Storage, job: str, snapshots: str | list = "all",
-                   provider: KmipClient | None = None, keep_last: int | None = None, schedule: dict | None = None,
+def copy_snapshots(src: store.FileStorage | objectstore.S3Storage, dst: store.FileStorage | objectstore.S3Storage, job: str, snapshots: str | list = "all",
+                   provider: kmip.KmipClient | None = None, keep_last: int | None = None, schedule: dict | None = None,
                    check: bool = False, now: datetime.datetime | None = None) -> dict:
     """Copy job's snapshots (all, latest or a list of ids) from src to dst; check: only plan. Returns the summary:
     snapshots copied, expired, objects and bytes, what happened to the destination's head, changed."""
@@ -413,10 +409,9 @@ OBJECT_STORE_OPTIONS = ("bucket", "prefix", "endpoint_url", "region", "addressin
                         "secret_key", "session_token", "connect_timeout", "read_timeout")
 
 
-def open_store(path: str | None, object_store: dict | None) -> store.FileStorage | S3Storage:
+def open_store(path: str | None, object_store: dict | None) -> store.FileStorage | objectstore.S3Storage:
     """The Storage of a folder or of a bucket (object_store: the object_store option's dict)."""
     if object_store:
-        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore  # boto3 only when a bucket is used
         return objectstore.S3Storage(**{k: v for k, v in object_store.items() if k in OBJECT_STORE_OPTIONS and v is not None})
     return store.FileStorage(path)
 
@@ -435,8 +430,6 @@ def copy_request(p: dict, check_mode: bool = False) -> dict:
     """snapshot_copy's result from its parameters p: the source (store or object_store, else the job's configured
     store), the destination (dest_store or dest_object_store), snapshots, authenticate (KMIP access as the store
     readers take it) and dest_retention (keep_last, or schedule: a schedule dict or 'job' for the job's own)."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, job_config, kmip, restore_request
-
     job = config.validate_name(p["job"], "job name")
     cfg = job_config.load_job(p["config_dir"], job)  # None on a host that does not run the job
     if p["store"] or p["object_store"]:

@@ -44,6 +44,9 @@ attributes:
     details: Reports the plan (snapshots, objects and bytes to copy, snapshots to expire) without writing anything.
   diff_mode:
     support: none
+  idempotent:
+    support: full
+    details: What the destination holds already is skipped; a second run copies nothing and reports no change.
 options:
   job:
     description: Name of the backup job (its area in both stores).
