@@ -10,8 +10,11 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, kmip, objectstore, restore, snapshot, store, store_copy
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    ansible_module, config, job_config, kmip, objectstore, restore, snapshot, store, store_copy)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, IntegrityError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_copy
+from daemon_helper import write_kmip_setup
 from snapshot_helpers import all_types_docs, make_head, upsert_docs
 
 CANARY = "CopyCanaryHeron"
@@ -282,3 +285,39 @@ def test_module_check_mode_copy_idempotence_and_secrets(ansible, tmp_path, pki, 
     assert s3_server["secret_key"] not in r.everything()
     dst_js = store.JobStore(dst, "orders")
     assert restored(tmp_path, pki, kmip_server, dst_js, "latest", "m") == restored(tmp_path, pki, kmip_server, src, ids[-1], "s")
+
+
+def request(**kw):
+    """snapshot_copy's parameters: its whole argument spec's defaults (shared options included), then kw."""
+    spec = ansible_module.full_spec(snapshot_copy.argument_spec, snapshot_copy.SHARED)
+    return dict({name: opt.get("default") for name, opt in spec.items()}, **kw)
+
+
+def test_copy_request_from_a_daemon_hosts_configuration(tmp_path, pki, kmip_server, master_uid):
+    """The flow on a daemon host: the source is the job's configured store, KMIP access and the retention schedule
+    come from config_dir."""
+    src, ids = source(tmp_path, pki, kmip_server, master_uid, snapshots=3)
+    cd = str(tmp_path / "etc")
+    write_kmip_setup(cd, pki, kmip_server["port"])
+    schedule = dict(job_config.SCHEDULE_DEFAULTS, recent_days=2)
+    job_config.write_job(cd, {"job": "orders", "group": "group1", "source": dict(job_config.SOURCE_DEFAULTS, uri="mongodb://x"),
+                              "encryption": True, "master_key_uid": master_uid, "previous_master_key_uids": [],
+                              "store": src.storage.root, "state": "present", "generation": 1, "schedule": schedule})
+    dest = str(tmp_path / "dest")
+    r = store_copy.copy_request(request(job="orders", config_dir=cd, dest_store=dest), check_mode=True)
+    assert r["source"] == src.storage.root and r["snapshots"] == ids and not os.path.exists(dest)
+    r = store_copy.copy_request(request(job="orders", config_dir=cd, dest_store=dest, snapshots=["latest"], authenticate=True,
+                                        dest_retention={"keep_last": None, "schedule": "job"}))
+    assert r["authenticated"] and r["snapshots"] == ids[-1:] and r["head"] == "written"
+    with pytest.raises(StoreError, match="same store"):
+        store_copy.copy_request(request(job="orders", config_dir=cd, dest_store=src.storage.root))
+    with pytest.raises(StoreError, match="authenticate needs KMIP access"):
+        store_copy.copy_request(request(job="orders", config_dir=str(tmp_path / "none"), store=src.storage.root,
+                                        dest_store=dest, authenticate=True))
+    with pytest.raises(StoreError, match="not declared"):
+        store_copy.copy_request(request(job="orders", config_dir=str(tmp_path / "none"), dest_store=dest))
+    with pytest.raises(ConfigError, match="interval_hours"):
+        store_copy.copy_request(request(job="orders", config_dir=cd, dest_store=dest, authenticate=True,
+                                        dest_retention={"keep_last": None, "schedule": {"interval_hours": 5}}))
+    with pytest.raises(StoreError, match="give all, latest, or a list"):
+        store_copy.copy_request(request(job="orders", config_dir=cd, dest_store=dest, snapshots=["all", ids[0]]))
