@@ -44,6 +44,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import S
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import SNAPSHOT_RE
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import utcnow
 
+GRACE_SECONDS = 3600  # temporary files older than this are a killed copy's (as for the store's garbage collection)
 WORKERS = 8  # parallel chunk copies (objectstore.S3Storage's connection pool is larger)
 KEY_ID_RE = re.compile(r"^(none|(snapshot|chunk_id)-[0-9]+)$")
 
@@ -337,6 +338,8 @@ class Copy:
             self.dst_storage.delete(self.dst._p("manifests", sid))
         if self.provider is not None:
             self.gc = self.dst.gc(self._dst_keys(), now=self.now)
+        elif hasattr(self.dst_storage, "clean_temporary"):  # what a killed copy left in a folder (gc does it with keys)
+            self.dst_storage.clean_temporary(job, self.now.timestamp() - GRACE_SECONDS)
         return self.summary()
 
     def _count(self, kind, written, data):
