@@ -140,7 +140,7 @@ def test_mirror_follows_the_source_and_detects_rollback_at_the_destination(tmp_p
         src.expire_snapshots([ids[0]], store.Keys(src, c))
     r = store_copy.copy_snapshots(src.storage, dst, "orders")
     assert r["expired"] == [ids[0]] and r["head"] == "copied" and r["changed"]
-    assert [sid for sid, _ in dst_js.catalog_files()] == ids[1:]
+    assert sorted(sid for sid, _ in dst_js.catalog_files()) == sorted(ids[1:])  # (ids of one second sort by their random part)
     # an expired entry put back at the destination is refused, as at the source
     dst.put_atomic("orders/catalog/%s.json" % ids[0], src.storage.get("orders/catalog/%s.json" % ids[1]).replace(
         ids[1].encode(), ids[0].encode()))
