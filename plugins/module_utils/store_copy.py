@@ -132,17 +132,20 @@ def _sha(data):
 # the copy -------------------------------------------------------------------------------------------------
 class Copy:
     """One copy of job's snapshots from src to dst (storages). provider: a key provider (kmip.KmipClient) for a keyed
-    copy, else None. plan() computes what to do without writing; run() does it. The result counts objects and bytes."""
+    copy, else None; encryption: whether the job is encrypted (its configuration says; None: its keyring tells), for a
+    keyed copy. plan() computes what to do without writing; run() does it. The result counts objects and bytes."""
 
     def __init__(self, src: store.FileStorage | objectstore.S3Storage, dst: store.FileStorage | objectstore.S3Storage, job: str,
                  snapshots: str | list = "all", provider: kmip.KmipClient | None = None, keep_last: int | None = None,
-                 schedule: dict | None = None, now: datetime.datetime | None = None, workers: int = WORKERS) -> None:
+                 schedule: dict | None = None, now: datetime.datetime | None = None, encryption: bool | None = None,
+                 workers: int = WORKERS) -> None:
         self.src = store.JobStore(src, job)
         if not src.list(job):
             raise StoreError("The source store %s has no job %s: check the job name and the store." % (src.root, job))
         self.dst_storage = dst
         self.job, self.snapshots, self.provider = job, snapshots, provider
         self.keep_last, self.schedule, self.now = keep_last, schedule, now or utcnow()
+        self.encryption = encryption
         self.workers = workers
         self.counts = {"keyring": 0, "chunks": 0, "manifests": 0, "catalog": 0}
         self.skipped = 0
@@ -150,10 +153,6 @@ class Copy:
         self.gc = None
 
     # helpers --------------------------------------------------------------------------------------------
-    def _keys(self, js):
-        encryption = bool(js.keyring_records()) if js is self.src else self._encryption
-        return store.Keys(js, self.provider, encryption)
-
     def _put(self, path, data, kind, object_id, compare_size=False):
         """Copy one object: skip it when the destination has it equal, refuse a different one, read back what was written."""
         dst = self.dst_storage
@@ -175,8 +174,9 @@ class Copy:
         src, job = self.src, self.job
         keyed = self.provider is not None
         if keyed:
-            self.src_keys = self._keys(src)
-            self._encryption = self.src_keys.encryption
+            if self.encryption is None:  # not known from the job's configuration: its keyring holds wrapped keys
+                self.encryption = bool(src.keyring_records())
+            self.src_keys = store.Keys(src, self.provider, self.encryption)
             entries, head = src.live_catalog(self.src_keys)
             if head is None:
                 check_head_shape(None, job)
@@ -244,7 +244,7 @@ class Copy:
 
     def _dst_keys(self):
         if not hasattr(self, "dst_keys"):
-            self.dst_keys = store.Keys(self.dst, self.provider, self._encryption)
+            self.dst_keys = store.Keys(self.dst, self.provider, self.encryption)
         return self.dst_keys
 
     def _plan_objects(self, by_id, keyed):
@@ -399,10 +399,10 @@ class Copy:
 
 def copy_snapshots(src: store.FileStorage | objectstore.S3Storage, dst: store.FileStorage | objectstore.S3Storage, job: str, snapshots: str | list = "all",
                    provider: kmip.KmipClient | None = None, keep_last: int | None = None, schedule: dict | None = None,
-                   check: bool = False, now: datetime.datetime | None = None) -> dict:
+                   check: bool = False, now: datetime.datetime | None = None, encryption: bool | None = None) -> dict:
     """Copy job's snapshots (all, latest or a list of ids) from src to dst; check: only plan. Returns the summary:
     snapshots copied, expired, objects and bytes, what happened to the destination's head, changed."""
-    c = Copy(src, dst, job, snapshots, provider, keep_last, schedule, now)
+    c = Copy(src, dst, job, snapshots, provider, keep_last, schedule, now, encryption)
     planned = c.plan()
     return planned if check else c.run()
 
@@ -465,5 +465,6 @@ def copy_request(p: dict, check_mode: bool = False) -> dict:
     if settings is None:
         raise StoreError("authenticate needs KMIP access: give kmip_servers, kmip_ca_file and client_cert_file, or "
                          "config_dir on a daemon host.")
+    encryption = bool(cfg.get("encryption")) if cfg is not None else None  # None: the source's keyring tells
     with kmip.KmipClient(*settings) as client:
-        return copy_snapshots(src, dst, job, snapshots, client, keep_last, schedule, check=check_mode)
+        return copy_snapshots(src, dst, job, snapshots, client, keep_last, schedule, check=check_mode, encryption=encryption)
