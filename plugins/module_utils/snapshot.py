@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover
 
 TARGET_BYTES = 1 << 20
 MAX_BYTES = 4 << 20
-WRITER_THREADS = 2
+WRITER_THREADS = 2  # a folder's writers; an object store says how many uploads it runs at once (parallelism)
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
 
@@ -244,7 +244,8 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
             prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
     flagged = target_bytes == head.boundary_target
     is_boundary = head.boundary_fn(target_bytes)
-    writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes)
+    writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes,
+                     threads=getattr(job_store.storage, "parallelism", WRITER_THREADS))
     try:
         with head.read() as r:
             pos = r.position()
