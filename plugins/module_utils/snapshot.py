@@ -302,6 +302,12 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
              "encryption": bool(encryption), "master_key_uids": master_uids, "key_id": key_id,
              "manifest_sha256": manifest_sha, "expires": iso(expires) if isinstance(expires, datetime.datetime) else expires,
              "type": kind, "format": FORMAT}
+    moved = job_store.read_head()
+    if (moved or {}).get("seq") != (chead or {}).get("seq") or (moved or {}).get("snapshot_id") != (chead or {}).get("snapshot_id"):
+        job_store.end(snapshot_id)  # its chunks and manifest are unreferenced: the next GC removes them
+        raise SnapshotError("Another writer committed a snapshot of job %s to the store %s while this one was taken: only one "
+                            "Backup Daemon may write a job's store (check that no other host runs this job); this snapshot "
+                            "was not committed." % (job_store.job, getattr(job_store.storage, "root", "")))
     entry = job_store.put_catalog(entry, keys)
     job_store.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in entries] + [(entry["seq"], snapshot_id)], key_id,
                        prev=chead, now=now)
