@@ -8,7 +8,8 @@ delete, mtime, size, touch, sync, clean_temporary) over "/"-separated paths belo
 prefix, so JobStore keeps one object layout and one format on both backends:
 - an S3 PUT is atomic and durable once acknowledged: put_atomic is one PUT (multipart above
   MULTIPART_BYTES, assembled by the server only when complete), sync has nothing to do;
-- put_new is a conditional PUT (If-None-Match: *), so of two writers of one name only one wins;
+- put_new is a conditional PUT (If-None-Match: *), so of two writers of one name only one wins, and
+  put_if_unchanged one with If-Match (the catalog head: of two writers committing on one head, one wins);
 - list pages through ListObjectsV2 with a delimiter (objects and "folders" under a prefix);
 - mtime is LastModified; touch copies an object onto itself (a new LastModified), which is what
   the store's garbage collection grace period needs;
@@ -158,6 +159,27 @@ class S3Storage:
             raise self._error(e, "creating %s" % path) from None
         except botocore_errors.BotoCoreError as e:
             raise self._error(e, "creating %s" % path) from None
+
+    def put_if_unchanged(self, path: str, data: bytes, expected: bytes | None) -> bool:
+        """Replace path with data only if it still holds expected (None: only if nothing has that name): a
+        conditional PUT (If-Match on the ETag read with expected, or If-None-Match: *). False when another writer
+        changed it first."""
+        if expected is None:
+            return self.put_new(path, data)
+        key = self._key(path)
+        try:
+            cur = self.client.get_object(Bucket=self.bucket, Key=key)
+            if cur["Body"].read() != expected:
+                return False
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfMatch=cur["ETag"])
+            return True
+        except botocore_errors.ClientError as e:
+            if self._missing(e) or str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412",
+                                                                                     "ConditionalRequestConflict"):
+                return False
+            raise self._error(e, "replacing %s" % path) from None
+        except botocore_errors.BotoCoreError as e:
+            raise self._error(e, "replacing %s" % path) from None
 
     def sync(self, paths: list) -> None:
         """Nothing to do: every acknowledged PUT is durable."""

@@ -251,3 +251,27 @@ def test_two_writers_never_both_commit(tmp_path, s3_server, bucket):
     live, head = js.live_catalog(store.Keys(js, provider))
     assert head["snapshot_id"] == seen["other"]["snapshot_id"] == live[-1]["snapshot_id"] and len(live) == 2
     assert js.pending(timeutil.utcnow(), 3600) == []
+    # the narrow window: the other writer's head lands between this snapshot's last check and its head update; the
+    # conditional PUT of the head (If-Match) refuses it and its catalog entry goes
+    put_catalog = js.put_catalog
+
+    def other_commits_at_the_entry(*a, **kw):
+        seen["third"] = snapshot.take_snapshot(h, other, store.Keys(other, provider), "twice", "mk1", True)
+        return put_catalog(*a, **kw)
+    js.put_manifest, js.put_catalog = put_manifest, other_commits_at_the_entry
+    with pytest.raises(StoreError, match="Another writer changed the catalog head of job twice"):
+        snapshot.take_snapshot(h, js, store.Keys(js, provider), "twice", "mk1", True)
+    live, head = js.live_catalog(store.Keys(js, provider))
+    assert head["snapshot_id"] == seen["third"]["snapshot_id"] == live[-1]["snapshot_id"] and len(live) == 3
+    assert len(js.catalog()) == 3 and js.pending(timeutil.utcnow(), 3600) == []
+    # the other writer started after this snapshot's entry and took it as live: both are committed, in order
+    put_head = js.put_head
+
+    def other_commits_at_the_head(*a, **kw):
+        seen["fourth"] = snapshot.take_snapshot(h, other, store.Keys(other, provider), "twice", "mk1", True)
+        return put_head(*a, **kw)
+    js.put_catalog, js.put_head = put_catalog, other_commits_at_the_head
+    mine = snapshot.take_snapshot(h, js, store.Keys(js, provider), "twice", "mk1", True)
+    live, head = js.live_catalog(store.Keys(js, provider))
+    assert [e["snapshot_id"] for e in live[-2:]] == [mine["snapshot_id"], seen["fourth"]["snapshot_id"]]
+    assert js.pending(timeutil.utcnow(), 3600) == []
