@@ -6,10 +6,15 @@ from __future__ import annotations
 
 class ModuleDocFragment(object):
 
-    # Modules that change state.
+    # Every module (the info modules add INFO_MODULE).
     DOCUMENTATION = r'''
 options: {}
 attributes:
+  action_group:
+    description: Use C(group/kmipbackup.mongodb.kmipbackup) in C(module_defaults) to set defaults for this module.
+    support: full
+    membership:
+      - kmipbackup.mongodb.kmipbackup
   check_mode:
     description: Can run in C(check_mode) and return changed status prediction without modifying target.
   diff_mode:

@@ -67,6 +67,44 @@ def check_config_dir(config_dir: str, daemon_user: str = DEFAULT_DAEMON_USER) ->
         folder.close()
 
 
+def file_owner(owner: str | None = None, group: str | None = None, daemon_user: str = DEFAULT_DAEMON_USER) -> tuple[int, int]:
+    """(uid, gid) of the owner and group (names or numbers; None: -1, left as it is) that config files get; checked
+    before anything is written: the owner must be one config_dir may have (root, the running user or daemon_user)."""
+    uid, gid = files.resolve_owner(owner, group)
+    if uid != -1 and uid not in files.trusted_owners(daemon_user):
+        raise ConfigError("file_owner %s may not own config_dir: give root, the user the module runs as, or daemon_user "
+                          "(%s); nothing was changed." % (owner, daemon_user))
+    return uid, gid
+
+
+def set_owner(config_dir: str, paths: list, ids: tuple[int, int], daemon_user: str = DEFAULT_DAEMON_USER,
+              check_mode: bool = False) -> bool:
+    """Give config_dir and paths in it (relative, "/"-separated; the folders on the way too) the (uid, gid) of
+    file_owner (-1 leaves one as it is), never following a link; True when something changed (in check mode: would;
+    a path not written yet counts as a change)."""
+    uid, gid = ids
+    if uid == -1 and gid == -1:
+        return False
+    root = open_config_dir(config_dir, daemon_user, create=False)
+    if root is None:
+        return True
+    changed = False
+    parts = [p.split("/") for p in paths]
+    with root:
+        changed |= root.own(None, uid, gid, check_mode)
+        for path in dict.fromkeys("/".join(p[:i]) for p in parts for i in range(1, len(p) + 1)):
+            *folders, name = path.split("/")
+            folder = root.walk(*folders, create=False)
+            if folder is None or not folder.exists(name):
+                changed = True
+                if folder is not None:
+                    folder.close()
+                continue
+            with folder:
+                changed |= folder.own(name, uid, gid, check_mode)
+    return changed
+
+
 def kmip_path(config_dir: str = DEFAULT_CONFIG_DIR) -> str:
     return os.path.join(config_dir, "kmip.yml")
 

@@ -14,11 +14,13 @@ is an open descriptor (O_DIRECTORY|O_NOFOLLOW); sub-folders are opened relative 
 are created, renamed, read and removed relative to it, and owner and mode are set with
 fchown/fchmod on the new object's descriptor. A symbolic link planted where a folder or file
 is expected is refused, never followed. New files and folders take the owner of the folder
-they are created in (as root), so the daemon can read what a root-run module wrote.
+they are created in (as root), so the daemon can read what a root-run module wrote; an explicit
+owner and group are set afterwards with Folder.own (the modules' file_owner and file_group).
 """
 from __future__ import annotations
 
 import errno
+import grp
 import json
 import os
 import pwd
@@ -53,6 +55,21 @@ def trusted_owners(daemon_user: str | int | None = None) -> set:
             except KeyError:
                 pass
     return owners
+
+
+def resolve_owner(owner: str | int | None = None, group: str | int | None = None) -> tuple[int, int]:
+    """(uid, gid) of a user and a group given by name or number; -1 for one not given. UnsafePathError (nothing
+    changed) for a name this host does not know."""
+    def one(value, lookup, what):
+        if value is None or value == "":
+            return -1
+        if isinstance(value, int) or str(value).isdigit():
+            return int(value)
+        try:
+            return lookup(value)
+        except KeyError:
+            raise UnsafePathError("No %s %s on this host: give an existing %s (name or number)." % (what, value, what)) from None
+    return (one(owner, lambda n: pwd.getpwnam(n).pw_uid, "user"), one(group, lambda n: grp.getgrnam(n).gr_gid, "group"))
 
 
 def _user(uid):
@@ -98,6 +115,28 @@ class Folder:
         """As root, give a new file or folder (by its descriptor) this folder's owner."""
         if os.geteuid() == 0:
             os.fchown(fd, self.uid, self.gid)
+
+    def own(self, name: str | None, uid: int, gid: int, check_mode: bool = False) -> bool:
+        """Give file or folder name (None: this folder) owner uid and group gid (-1: leave it), through its descriptor,
+        never through a link; True when that changes something (in check mode: would)."""
+        fd = self.fd
+        if name is not None:
+            try:
+                fd = os.open(_check_name(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.fd)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise _refuse_link(os.path.join(self.path, name), "file") from None
+                raise
+        try:
+            st = os.fstat(fd)
+            if (uid in (-1, st.st_uid)) and (gid in (-1, st.st_gid)):
+                return False
+            if not check_mode:
+                os.fchown(fd, uid, gid)
+            return True
+        finally:
+            if fd != self.fd:
+                os.close(fd)
 
     def sub(self, name: str, create: bool = True) -> Folder | None:
         """The sub-folder name as a Folder (created 0700 with this folder's owner when missing and create); None when

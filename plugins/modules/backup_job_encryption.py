@@ -24,6 +24,8 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.kmip.FILE_OWNER
+  - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
     support: full
@@ -313,39 +315,35 @@ job_status:
   description: The daemon's full status record for the job, when there is one.
   returned: always
   type: dict
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
+master_key_users:
+  description: With RV(error_kind=key_in_use), what still needs each master key that could not be retired or revoked.
+  returned: on failure to retire or revoke a key in use
+  type: dict
 '''
 
 import traceback
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule, mongodb_connection_spec
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_status, master_keys, source
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KeyInUseError, KmipBackupError
-    IMPORT_ERROR = IMPORT_TRACE = None
-except ImportError as e:  # a missing third-party package of the core
-    IMPORT_ERROR = e
-    IMPORT_TRACE = traceback.format_exc()
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_declaration
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
 def argument_spec():
+    schedule = job_config.SCHEDULE_DEFAULTS
     return dict(
         job=dict(type="str", required=True),
         group=dict(type="str"),
-        source=dict(type="dict", options=dict(
-            uri=dict(type="str", required=True),
-            tls=dict(type="bool", default=False),
-            tls_ca_file=dict(type="path"),
-            tls_certificate_key_file=dict(type="path", no_log=False),
-            username=dict(type="str"),
-            password=dict(type="str", no_log=True),
-            auth_mechanism=dict(type="str"),
-            auth_source=dict(type="str"),
-            connect_timeout=dict(type="int", default=10),
-        )),
-        encryption=dict(type="str", choices=["enabled", "disabled"], default="enabled"),
+        source=mongodb_connection_spec(job_config.SOURCE_DEFAULTS),
+        encryption=dict(type="str", choices=list(job_config.ENCRYPTION), default=job_config.ENCRYPTION[0]),
         master_key=dict(type="dict", no_log=False, options=dict(
             create=dict(type="bool", default=True),
             name=dict(type="str"),
@@ -356,102 +354,23 @@ def argument_spec():
         revoke=dict(type="bool", default=False),
         store=dict(type="path"),
         schedule=dict(type="dict", options=dict(
-            interval_hours=dict(type="int", choices=[6, 8, 12, 24], default=6),
-            recent_days=dict(type="int", default=2),
-            daily_days=dict(type="int", default=7),
-            weekly_weeks=dict(type="int", default=4),
-            monthly_months=dict(type="int", default=13),
+            {name: dict(type="int", default=value) for name, value in schedule.items()},
+            interval_hours=dict(type="int", choices=list(job_config.INTERVALS), default=schedule["interval_hours"]),
         )),
-        state=dict(type="str", choices=["present", "absent", "stopped"], default="present"),
+        state=dict(type="str", choices=list(job_config.STATES), default=job_config.STATES[0]),
         wait=dict(type="bool", default=False),
-        wait_timeout=dict(type="int", default=600),
-        **ansible_module.config_dir_spec(),
-        **ansible_module.daemon_user_spec(),
-        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
+        wait_timeout=dict(type="int", default=job_declaration.DEFAULT_WAIT_TIMEOUT),
     )
 
 
-def run(module):
-    p = module.params
-    job = job_config.check_name(p["job"])
-    # refuse an unsafe config_dir before anything (a KMIP key included) is created
-    config.check_config_dir(p["config_dir"], p["daemon_user"])
-    existing = job_config.load_job(p["config_dir"], job)
-    result = {"changed": False, "resync_required": False, "rotated": False, "retired_master_key_uids": [],
-              "revoked_master_key_uids": []}
-    retire = p["retire_master_keys"] or []
-    if p["revoke"] and not retire:
-        module.fail_json(msg="revoke applies to retire_master_keys: list the UIDs to retire and revoke.", **result)
-
-    if p["state"] == "absent":
-        if p["rotate_master_key"] or retire:
-            module.fail_json(msg="rotate_master_key and retire_master_keys need state present or stopped.", **result)
-        result["changed"] = existing is not None
-        result["master_key_uids_needed"] = needed = master_keys.master_keys_needed(existing) if existing else []
-        if needed:
-            module.warn("The store %s keeps the snapshots of job %s; they need master key(s) %s: keep those keys and a "
-                        "certificate that can use them to restore them (kmipbackup.mongodb.snapshot_restore with store=%s)."
-                        % (existing["store"], job, ", ".join(needed), existing["store"]))
-        if module._diff:
-            result["diff"] = {"before": job_config.redact(existing) or {}, "after": {}}
-        if existing is not None and not module.check_mode:
-            job_config.remove_job(p["config_dir"], job, p["daemon_user"])
-            if p["wait"]:
-                job_status.wait_removed(p["data_dir"], job, p["wait_timeout"])
-        st = job_status.read_status(p["data_dir"], job)
-        result["status"] = st.get("state") if st else "INACTIVE"
-        result["job_status"] = st or {}
-        return result
-
-    for name in ("group", "source"):
-        if not p[name]:
-            module.fail_json(msg="%s is required when state is %s." % (name, p["state"]), **result)
-    if retire and existing is None:
-        module.fail_json(msg="retire_master_keys needs the existing job %s: it is not declared in %s." % (job, p["config_dir"]), **result)
-    # retirement is checked first: a refusal must leave everything as it was, KMIP included
-    retiring = known = []
-    if retire:
-        _cfg, retiring, known = master_keys.plan_retire(existing, retire, p["data_dir"])
-        if p["revoke"]:
-            master_keys.check_not_shared(p["config_dir"], job, known)
-    master_key = dict(p["master_key"] or {})
-    if master_key.get("uid"):
-        master_key["create"] = False
-    new, info = job_config.plan_job(dict(p, master_key=master_key), existing, source.check_source, check_mode=module.check_mode)
-    new["previous_master_key_uids"] = [u for u in new["previous_master_key_uids"] if u not in retiring]
-    revoked = []
-    if p["revoke"] and known:
-        revoked = master_keys.revoke_keys(master_keys.kmip_client(p["config_dir"], new["group"]), known, check_mode=module.check_mode)
-    changed = new != existing or bool(revoked)
-    result.update(changed=changed, master_key_uid=info["master_key_uid"], resync_required=info["resync_required"],
-                  rotated=info["rotated"], retired_master_key_uids=retiring, revoked_master_key_uids=revoked,
-                  previous_master_key_uids=new["previous_master_key_uids"], job=job_config.redact(new))
-    if module._diff:
-        result["diff"] = {"before": job_config.redact(existing) or {}, "after": job_config.redact(new)}
-    if new != existing and not module.check_mode:
-        job_config.write_job(p["config_dir"], new, p["daemon_user"])
-    if p["wait"] and not module.check_mode:
-        job_status.wait_ready(p["data_dir"], job, new, p["wait_timeout"])
-    result["master_key_uids_needed"] = master_keys.master_keys_needed(new)
-    st = job_status.read_status(p["data_dir"], job)
-    result["status"] = job_status.status_name(p["data_dir"], job, new, status=st)
-    result["job_status"] = st or {}
-    return result
+SHARED = ("config_dir", "data_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
 
 
 def main():
-    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     # a source.uri with user:password@ is refused: keep that password out of invocation.module_args and messages
-    ansible_module.hide_userinfo(module, (module.params.get("source") or {}).get("uri"))
-    if IMPORT_ERROR is not None:
-        module.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
-                         % IMPORT_ERROR, exception=IMPORT_TRACE)
-    try:
-        result = run(module)
-    except KmipBackupError as e:
-        extra = {"master_key_users": e.needed} if isinstance(e, KeyInUseError) else {}
-        module.fail_json(msg=str(e), error_kind=getattr(e, "kind", None) or type(e).__name__, **extra)
-    module.exit_json(**result)
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
+                              secret_values=[lambda p: (p["source"] or {}).get("uri")])
+    module.run(job_declaration.declare, module.params, check_mode=module.check_mode)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.attributes.INFO_MODULE
+  - kmipbackup.mongodb.requirements
 options:
   job:
     description: Names of the jobs to show; all declared jobs when omitted.
@@ -38,9 +39,9 @@ EXAMPLES = r'''
   kmipbackup.mongodb.backup_job_info:
   register: backup_jobs
 
-- name: Fail when a job is not running
+- name: Fail when a job is not running with a consistent head
   ansible.builtin.assert:
-    that: item.status_name == 'STARTED'
+    that: item.ready
   loop: "{{ backup_jobs.jobs }}"
   loop_control:
     label: "{{ item.job }}"
@@ -62,6 +63,13 @@ jobs:
     status_name:
       description: INACTIVE, PROVISIONING, STARTED, STOPPED or TERMINATING.
       type: str
+    ready:
+      description:
+        - Whether the daemon runs the job as declared, the rule that
+          O(kmipbackup.mongodb.backup_job_encryption#module:wait) waits for. V(true) when it reports the job STARTED
+          with a consistent head of the declared generation under the declared master key (STOPPED for a stopped job);
+          V(false) otherwise, and for a job that is being removed.
+      type: bool
     status:
       description:
         - The daemon's status record (empty when the daemon has not reported yet). Besides the fields below it holds the
@@ -115,49 +123,50 @@ jobs:
         last_error:
           description: The last failure the daemon retries, or null; names a source outage within about a second.
           type: str
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
 '''
 
 import traceback
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, config
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
 
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_status
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
-    IMPORT_ERROR = IMPORT_TRACE = None
-except ImportError as e:
-    IMPORT_ERROR = e
-    IMPORT_TRACE = traceback.format_exc()
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
+
+
+def job_info(p, name):
+    """One job's entry, or None for a job neither declared nor reported."""
+    cfg = job_config.load_job(p["config_dir"], name)
+    st = job_status.read_status(p["data_dir"], name)
+    if cfg is None and st is None:
+        if p["job"]:
+            raise ConfigError("No backup job %s in %s: declare it with kmipbackup.mongodb.backup_job_encryption."
+                              % (name, p["config_dir"]))
+        return None
+    return {"job": name, "config": job_config.redact(cfg), "status": st or {}, "ready": job_status.is_ready(st, cfg),
+            "status_name": job_status.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")}
+
+
+def info(p):
+    out = [job_info(p, name) for name in p["job"] or job_config.list_jobs(p["config_dir"])]
+    return {"changed": False, "jobs": [j for j in out if j is not None]}
+
+
+SHARED = ("config_dir", "data_dir")  # the base's shared options this module takes
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(
-        job=dict(type="list", elements="str"),
-        **ansible_module.config_dir_spec(),
-        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
-    ), supports_check_mode=True)
-    if IMPORT_ERROR is not None:
-        module.fail_json(msg="The kmipbackup core cannot be imported: %s. Install requirements/runtime.txt on the host."
-                         % IMPORT_ERROR, exception=IMPORT_TRACE)
-    p = module.params
-    try:
-        names = p["job"] or job_config.list_jobs(p["config_dir"])
-        out = []
-        for name in names:
-            cfg = job_config.load_job(p["config_dir"], name)
-            st = job_status.read_status(p["data_dir"], name)
-            if cfg is None and st is None:
-                if p["job"]:
-                    module.fail_json(msg="No backup job %s in %s: declare it with kmipbackup.mongodb.backup_job_encryption."
-                                     % (name, p["config_dir"]))
-                continue
-            out.append({"job": name, "config": job_config.redact(cfg), "status": st or {},
-                        "status_name": job_status.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")})
-    except KmipBackupError as e:
-        module.fail_json(msg=str(e))
-    module.exit_json(changed=False, jobs=out)
+    module = KmipBackupModule(dict(job=dict(type="list", elements="str")), shared=SHARED,
+                              import_error=IMPORT_ERROR)
+    module.run(info, module.params)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
     support: full
@@ -185,13 +186,24 @@ resync:
   description: V(started) once the daemon has discarded the head and begun the new initial sync.
   returned: when O(action=resync) and O(wait=true), not in check mode
   type: str
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
 '''
 
-from ansible.module_utils.basic import AnsibleModule
+import traceback
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    ansible_module, config, datadir, job_config, job_requests, source, store)
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
+
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+        config, datadir, job_config, job_declaration, job_requests, source, store)
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
 def load(params):
@@ -213,24 +225,27 @@ def snapshot_result(cfg, params, answer):
     return out
 
 
-def main():
-    spec = dict(
+def argument_spec():
+    return dict(
         job=dict(type="str", required=True),
-        data_dir=dict(type="path", default=config.DEFAULT_DATA_DIR),
-        action=dict(type="str", choices=["snapshot", "verify", "resync"], default="snapshot"),
+        action=dict(type="str", choices=list(job_requests.ACTIONS), default=job_requests.ACTIONS[0]),
         wait=dict(type="bool", default=True),
-        timeout=dict(type="int", default=600),
+        timeout=dict(type="int", default=job_declaration.DEFAULT_WAIT_TIMEOUT),
     )
-    spec.update(ansible_module.config_dir_spec())
-    spec.update(ansible_module.daemon_user_spec())
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+
+
+SHARED = ("config_dir", "data_dir", "daemon_user")  # the base's shared options this module takes
+
+
+def main():
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR)
     p = module.params
-    cfg = ansible_module.call(module, load, p)
+    cfg = module.call(load, p)
     if module.check_mode:
         module.exit_json(changed=True)
     # the timeout bounds how long the daemon lets a snapshot wait for a lagging head, so its answer comes in time
     extra = {"timeout": p["timeout"]} if p["wait"] else {}
-    rid = ansible_module.call(module, job_requests.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"], **extra)
+    rid = module.call(job_requests.submit_request, p["data_dir"], p["job"], p["action"], p["daemon_user"], **extra)
     result = dict(changed=True, request_id=rid)
     if not p["wait"]:
         module.exit_json(**result)
@@ -243,7 +258,7 @@ def main():
         else:
             result["resync"] = (answer or {}).get("resync", "started")
     except KmipBackupError as e:
-        ansible_module.fail(module, e, **result)
+        module.fail_error(e, **result)
     module.exit_json(**result)
 
 

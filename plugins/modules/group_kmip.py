@@ -11,6 +11,7 @@ version_added: 0.1.0
 description:
   - Records the KMIP client certificate a group's backup jobs use, in C(groups/<group>.yml) under O(config_dir)
     (mode C(0600), as it holds the key password). Ops Manager's C(kmipClientCertPath) and C(kmipClientCertPassword).
+  - O(client_cert_file) is required when O(state=present).
   - Validates the certificate before writing anything, against the CA file of the KMIP configuration
     (M(kmipbackup.mongodb.kmip_config) must have run); a bad certificate or a wrong password fails and writes nothing.
   - The checks are the key password, the key matching the certificate, validity dates (with a warning when it expires
@@ -22,7 +23,10 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip
+  - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.kmip.FILE_OWNER
+  - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
     support: full
@@ -37,17 +41,6 @@ options:
     description: Name of the group (letters, digits, V(_), V(.) and V(-)).
     type: str
     required: true
-  client_cert_file:
-    description:
-      - PEM file with the client certificate (optionally followed by intermediate CA certificates) and, unless
-        O(client_key_file) is set, its private key. Required when O(state=present).
-    type: path
-  client_key_file:
-    description: PEM file with the private key, when it is not in O(client_cert_file).
-    type: path
-  client_cert_password:
-    description: Password of an encrypted private key.
-    type: str
   expiry_warning_days:
     description: Warn when the certificate expires within this many days.
     type: int
@@ -143,14 +136,24 @@ keys_checked:
     reason:
       description: The error message.
       type: str
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
 '''
 
 import os
+import traceback
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, certs, config, kmip
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs, config, kmip
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
 def check_keys(kcfg, grp, config_dir):
@@ -168,9 +171,8 @@ def check_keys(kcfg, grp, config_dir):
 
 
 def present(module, config_dir):
+    """(GroupConfig, result fields): the certificate checked (and its keys, with verify)."""
     p = module.params
-    if not p["client_cert_file"]:
-        raise ConfigError("client_cert_file is required with state=present")
     kcfg = config.load_kmip_config(config_dir)
     cert_file = os.path.abspath(p["client_cert_file"])
     key_file = os.path.abspath(p["client_key_file"]) if p["client_key_file"] else None
@@ -187,49 +189,53 @@ def present(module, config_dir):
         if bad:
             named = "; ".join("%s (jobs %s): %s" % (k["uid"], ", ".join(k["jobs"]), k["reason"]) for k in bad)
             module.fail_json(msg="the certificate of group %s (CN=%s) cannot use %d master key(s), nothing written: %s"
-                             % (grp.group, info.identity, len(bad), named), **result)
+                             % (grp.group, info.identity, len(bad), named), error_kind="verification", **result)
     return grp, result
 
 
-def main():
-    spec = dict(
-        group=dict(type="str", required=True),
-        client_cert_file=dict(type="path"),
-        client_key_file=dict(type="path"),
-        client_cert_password=dict(type="str", no_log=True),
-        expiry_warning_days=dict(type="int", default=certs.DEFAULT_WARN_DAYS),
-        state=dict(type="str", default="present", choices=["present", "absent"]),
-        verify=dict(type="bool", default=False),
-    )
-    spec.update(ansible_module.config_dir_spec())
-    spec.update(ansible_module.daemon_user_spec())
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
-                           required_if=[("state", "present", ("client_cert_file",))])
+def run(module):
     p = module.params
-    config_dir = p["config_dir"]
-    ansible_module.call(module, config.check_config_dir, config_dir, p["daemon_user"])
-    path = ansible_module.call(module, config.group_path, config_dir, p["group"])
-    before = ansible_module.call(module, config.read_raw, path)
+    config.check_config_dir(p["config_dir"], p["daemon_user"])
+    owner = config.file_owner(p["file_owner"], p["file_group"], p["daemon_user"])
+    path = config.group_path(p["config_dir"], p["group"])
+    before = config.read_raw(path)
     if before is not None and not isinstance(before, dict):
         before = {"unparsable": True}
     result = dict(path=path)
     if p["state"] == "present":
-        grp, info = ansible_module.call(module, present, module, config_dir)
+        grp, info = present(module, p["config_dir"])
         after = grp.to_dict()
         changed = before != after
         if changed and not module.check_mode:
-            ansible_module.call(module, config.save_group, config_dir, grp, p["daemon_user"])
-        for w in info["cert_warnings"]:
-            module.warn(w)
-        result.update(info)
+            config.save_group(p["config_dir"], grp, p["daemon_user"])
+        changed |= config.set_owner(p["config_dir"], ["groups/" + os.path.basename(path)], owner, p["daemon_user"],
+                                    module.check_mode)
+        result.update(info, warnings=list(info["cert_warnings"]))
     else:
         after = None
         changed = before is not None
         if changed and not module.check_mode:
-            ansible_module.call(module, config.delete_group, config_dir, p["group"], p["daemon_user"])
-    if module._diff:
-        result["diff"] = ansible_module.diff(before, after)
-    module.exit_json(changed=changed, **result)
+            config.delete_group(p["config_dir"], p["group"], p["daemon_user"])
+    return dict(result, changed=changed, diff=ansible_module.diff(before, after))
+
+
+def argument_spec():
+    return dict(
+        ansible_module.client_cert_spec(),
+        group=dict(type="str", required=True),
+        expiry_warning_days=dict(type="int", default=certs.DEFAULT_WARN_DAYS),
+        state=dict(type="str", default="present", choices=["present", "absent"]),
+        verify=dict(type="bool", default=False),
+    )
+
+
+SHARED = ("config_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
+
+
+def main():
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
+                              required_if=[("state", "present", ("client_cert_file",))])
+    module.run(run, module)
 
 
 if __name__ == "__main__":

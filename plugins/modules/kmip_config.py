@@ -11,14 +11,18 @@ version_added: 0.1.0
 description:
   - Writes the daemon host's KMIP server configuration, C(kmip.yml) in O(config_dir), atomically with mode C(0600).
   - The same settings as Ops Manager's C(backup.kmip.server.host), C(backup.kmip.server.port) and C(backup.kmip.server.ca.file).
-  - With O(verify=true), makes a TLS handshake with each server and checks its certificate and host name against O(ca_file)
-    before writing anything; one server failing the check fails the module and writes nothing.
+  - O(kmip_servers) and O(kmip_ca_file) are required when O(state=present); the CA file must exist and hold CA certificates.
+  - With O(verify=true), makes a TLS handshake with each server and checks its certificate and host name against
+    O(kmip_ca_file) before writing anything; one server failing the check fails the module and writes nothing.
   - Client certificates are per group, see M(kmipbackup.mongodb.group_kmip).
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip
+  - kmipbackup.mongodb.kmip.CONNECTION
   - kmipbackup.mongodb.kmip.DAEMON_USER
+  - kmipbackup.mongodb.kmip.FILE_OWNER
+  - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
     support: full
@@ -27,52 +31,12 @@ attributes:
   idempotent:
     support: full
 options:
-  servers:
-    description:
-      - KMIP server host names or IP addresses, tried in this order (failover).
-      - An entry may carry its own port as V(host:port) (V([address]:port) for IPv6); otherwise O(port) applies.
-      - The client checks each server's certificate against the host name given here.
-      - Required when O(state=present).
-    type: list
-    elements: str
-  port:
-    description: The KMIP port of the servers that do not name their own.
-    type: int
-    default: 5696
-  ca_file:
-    description:
-      - PEM file with the CA certificate(s) that sign the KMIP servers' certificates.
-      - Must exist and hold CA certificates. Required when O(state=present).
-    type: path
-  connect_timeout:
-    description: Seconds to wait for a connection and TLS handshake with one server.
-    type: float
-    default: 5.0
-  connect_retries:
+  kmip_connect_retries:
     description:
       - Extra rounds through the server list after every server failed with a transient error (refused, reset, timed out),
         with backoff between rounds. Permanent errors (unknown CA, host name mismatch, permission denied) fail at once.
     type: int
     default: 2
-  protocol:
-    description:
-      - V(kmip_1_2) wraps data keys with KMIP Encrypt/Decrypt using AES-256-GCM on the server (the master key never leaves it;
-        the authenticated-encryption fields need a server that accepts KMIP 1.4 messages for Encrypt and Decrypt).
-      - V(legacy) is for KMIP 1.0/1.1 servers; it fetches the master key with KMIP Get and wraps locally with AES key wrap
-        with padding (RFC 5649), holding the master key in memory only.
-      - Keys wrapped in the V(legacy) mode (RFC 5649) unwrap under V(kmip_1_2) only with O(allow_legacy_unwrap=true).
-    type: str
-    choices: [kmip_1_2, legacy]
-    default: kmip_1_2
-  allow_legacy_unwrap:
-    description:
-      - With O(protocol=kmip_1_2), also unwrap keys wrapped in the V(legacy) mode (RFC 5649), which fetches the master
-        key from the KMIP server with KMIP Get. Set it only while a job still has keys wrapped when its protocol was
-        V(legacy) (a rotation rewraps the head key; older snapshots keep their keys).
-      - With V(false), such a record in the snapshot store is refused as an integrity error naming the keyring entry, so
-        a record planted in the store cannot make the daemon or a restore pull a master key out of the server.
-    type: bool
-    default: false
   state:
     description: V(present) writes the configuration; V(absent) removes C(kmip.yml).
     type: str
@@ -80,7 +44,7 @@ options:
     default: present
   verify:
     description:
-      - Make a TLS handshake with every server, checking its certificate and host name against O(ca_file), and report each result.
+      - Make a TLS handshake with every server, checking its certificate and host name against O(kmip_ca_file), and report each result.
       - Runs in check mode too (it changes nothing).
     type: bool
     default: false
@@ -91,18 +55,18 @@ seealso:
 EXAMPLES = r'''
 - name: Configure two KMIP servers, tried in order, and check their certificates
   kmipbackup.mongodb.kmip_config:
-    servers:
+    kmip_servers:
       - kmip1.example.com
       - kmip2.example.com
-    port: 5696
-    ca_file: /etc/pki/kmip/ca.pem
+    kmip_port: 5696
+    kmip_ca_file: /etc/pki/kmip/ca.pem
     verify: true
 
 - name: A KMIP 1.1 server
   kmipbackup.mongodb.kmip_config:
-    servers: [kmip-old.example.com]
-    ca_file: /etc/pki/kmip/ca.pem
-    protocol: legacy
+    kmip_servers: [kmip-old.example.com]
+    kmip_ca_file: /etc/pki/kmip/ca.pem
+    kmip_protocol: legacy
 
 - name: Remove the KMIP configuration
   kmipbackup.mongodb.kmip_config:
@@ -151,25 +115,34 @@ servers:
       description: The kind of failure (V(unreachable), V(hostname_mismatch), V(untrusted_server), V(protocol)).
       type: str
       returned: on failure
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
 '''
 
 import os
+import traceback
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import ansible_module, certs, config, kmip
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import certs, config, kmip
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
-def present(module, config_dir, path, before):
+def configure(module, config_dir, path, before):
+    """(changed, configuration after, servers) for state=present."""
     p = module.params
-    if not p["servers"]:
-        raise ConfigError("servers is required with state=present: list the KMIP server host names")
-    ca_file = os.path.abspath(p["ca_file"])
+    ca_file = os.path.abspath(p["kmip_ca_file"])
     certs.load_ca_certs(ca_file)
-    cfg = config.KmipConfig(servers=p["servers"], ca_file=ca_file, port=p["port"], connect_timeout=p["connect_timeout"],
-                            connect_retries=p["connect_retries"], protocol=p["protocol"],
-                            allow_legacy_unwrap=p["allow_legacy_unwrap"])
+    cfg = config.KmipConfig(servers=p["kmip_servers"], ca_file=ca_file, port=p["kmip_port"],
+                            connect_timeout=p["kmip_connect_timeout"], connect_retries=p["kmip_connect_retries"],
+                            protocol=p["kmip_protocol"], allow_legacy_unwrap=p["kmip_allow_legacy_unwrap"])
     servers = [{"server": s, "host": h, "port": port, "ok": None, "reason": "not verified (verify=false)"}
                for s, (h, port) in zip(cfg.servers, cfg.addresses(), strict=True)]
     if p["verify"]:
@@ -177,7 +150,7 @@ def present(module, config_dir, path, before):
         bad = [r for r in servers if not r["ok"]]
         if bad:
             module.fail_json(msg="KMIP server verification failed, nothing written: " + "; ".join(r["reason"] for r in bad),
-                             servers=servers, path=path, config=before or {})
+                             servers=servers, path=path, config=before or {}, error_kind="verification")
     after = cfg.to_dict()
     changed = before != after
     if changed and not module.check_mode:
@@ -185,41 +158,44 @@ def present(module, config_dir, path, before):
     return changed, after, servers
 
 
-def main():
-    spec = dict(
-        servers=dict(type="list", elements="str"),
-        port=dict(type="int", default=config.DEFAULT_PORT),
-        ca_file=dict(type="path"),
-        connect_timeout=dict(type="float", default=5.0),
-        connect_retries=dict(type="int", default=2),
-        protocol=dict(type="str", default="kmip_1_2", choices=list(config.PROTOCOLS)),
-        allow_legacy_unwrap=dict(type="bool", default=False),
-        state=dict(type="str", default="present", choices=["present", "absent"]),
-        verify=dict(type="bool", default=False),
-    )
-    spec.update(ansible_module.config_dir_spec())
-    spec.update(ansible_module.daemon_user_spec())
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
-                           required_if=[("state", "present", ("servers", "ca_file"))])
-    ansible_module.hide_userinfo(module, module.params["servers"])  # a user:password@host entry is refused, never echoed
-    config_dir = module.params["config_dir"]
-    ansible_module.call(module, config.check_config_dir, config_dir, module.params["daemon_user"])
-    path = config.kmip_path(config_dir)
-    before = ansible_module.call(module, config.read_raw, path)
+def run(module):
+    p = module.params
+    config.check_config_dir(p["config_dir"], p["daemon_user"])
+    owner = config.file_owner(p["file_owner"], p["file_group"], p["daemon_user"])
+    path = config.kmip_path(p["config_dir"])
+    before = config.read_raw(path)
     if before is not None and not isinstance(before, dict):
         before = {"unparsable": True}
     result = dict(path=path)
-    if module.params["state"] == "present":
-        changed, after, servers = ansible_module.call(module, present, module, config_dir, path, before)
+    if p["state"] == "present":
+        changed, after, servers = configure(module, p["config_dir"], path, before)
+        changed |= config.set_owner(p["config_dir"], ["kmip.yml"], owner, p["daemon_user"], module.check_mode)
         result.update(config=after, servers=servers)
     else:
         changed, after = before is not None, None
         if changed and not module.check_mode:
-            ansible_module.call(module, config.delete_kmip_config, config_dir, module.params["daemon_user"])
+            config.delete_kmip_config(p["config_dir"], p["daemon_user"])
         result.update(config={})
-    if module._diff:
-        result["diff"] = ansible_module.diff(before, after)
-    module.exit_json(changed=changed, **result)
+    return dict(result, changed=changed, diff=ansible_module.diff(before, after))
+
+
+def argument_spec():
+    return dict(
+        ansible_module.kmip_connection_spec(retries=True),
+        state=dict(type="str", default="present", choices=["present", "absent"]),
+        verify=dict(type="bool", default=False),
+    )
+
+
+SHARED = ("config_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
+
+
+def main():
+    # a user:password@host entry in kmip_servers is refused, and its password never echoed
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
+                              required_if=[("state", "present", ("kmip_servers", "kmip_ca_file"))],
+                              secret_values=[lambda p: p["kmip_servers"]])
+    module.run(run, module)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.attributes.INFO_MODULE
+  - kmipbackup.mongodb.kmip.CONNECTION
+  - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.ACCESS
+  - kmipbackup.mongodb.requirements
 options:
   job:
     description: Name of the backup job.
@@ -141,91 +144,38 @@ master_key_uids_needed:
   type: list
   elements: str
   sample: ["42", "57"]
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
 '''
 
-import os
+import traceback
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    ansible_module, config, datadir, job_config, job_status, kmip, store)
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError, StoreError
-
-
-def store_root(params, cfg):
-    if params["store"]:
-        return params["store"]
-    if cfg is None:
-        raise ConfigError("Job %s is not declared in %s: give store (the snapshot store folder) instead."
-                          % (params["job"], config.jobs_dir(params["config_dir"])))
-    return datadir.store_root(cfg, config.DEFAULT_DATA_DIR)
+try:
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore_request
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
 
 
-def _listed(js, name):
-    """A catalog file's public entry, unauthenticated (its file name as id when its content names another snapshot)."""
-    try:
-        return store.public_entry(js.catalog_entry(name))
-    except KmipBackupError:
-        return {"id": name}
-
-
-def info(params):
-    cfg = job_config.load_job(params["config_dir"], params["job"])  # None on a fresh host
-    root = store_root(params, cfg)
-    if not os.path.isdir(root):
-        raise StoreError("The snapshot store %s does not exist: check the store path (or mount it)." % root)
-    js = store.JobStore(root, config.validate_name(params["job"], "job name"))
-    settings = ansible_module.kmip_settings(params, cfg)
-    warnings = []
-    if settings is None:
-        warnings.append("No KMIP access configured: the catalog is listed unauthenticated (every snapshot shows "
-                        "authenticated=false); give kmip_servers, kmip_ca_file and client_cert_file, or config_dir, to check it.")
-        if params["snapshot"]:
-            entries = [js.catalog_entry(params["snapshot"])]
-            catalog = js.catalog()
-        else:
-            entries = catalog = js.catalog()
-        return {"store": root, "authenticated": False, "warnings": warnings,
-                "snapshots": [dict(store.public_entry(e), authenticated=False) for e in entries],
-                "master_key_uids_needed": js.master_keys_needed(catalog)}
-    encrypted = bool(cfg.get("encryption")) if cfg is not None else bool(js.keyring_records())
-    last_known = job_status.daemon_last_snapshot(params["data_dir"], params["job"])
-    with kmip.KmipClient(*settings) as client:
-        keys = store.Keys(js, provider=client, encryption=encrypted)
-        client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs")
-        live, _head = js.live_catalog(keys, expect_encryption=encrypted, last_known=last_known)
-        if params["snapshot"]:
-            # an unencrypted entry of an encrypted job is listed as it is (encryption false); snapshot_restore refuses it
-            entry = js.resolve(params["snapshot"], keys, expect_encryption=False, keyed_head=encrypted, last_known=last_known)
-            listed = [dict(store.public_entry(entry), authenticated=True)]
-        else:
-            ok = {e["snapshot_id"]: e for e in live}
-            listed = [dict(store.public_entry(ok[sid]), authenticated=True) if sid in ok else dict(_listed(js, sid), authenticated=False)
-                      for sid, _seq in js.catalog_files()]
-            # authenticated entries oldest first (as the head orders them), then the others
-            listed.sort(key=lambda e: (not e["authenticated"], str(e.get("created")), e["id"]))
-    for e in listed:
-        if not e["authenticated"]:
-            warnings.append("Catalog entry %s is not authenticated (not live in the store's catalog head, or its MAC or id does "
-                            "not match): it is ignored; it may have been planted or put back, find out who changed the store."
-                            % e["id"])
-    return {"store": root, "authenticated": True, "warnings": warnings, "snapshots": listed,
-            "master_key_uids_needed": js.master_keys_needed(live)}
-
-
-def main():
-    spec = dict(
+def argument_spec():
+    return dict(
         job=dict(type="str", required=True),
         snapshot=dict(type="str"),
         store=dict(type="path"),
     )
-    spec.update(ansible_module.config_dir_spec())
-    spec.update(ansible_module.kmip_access_spec())
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
-    result = ansible_module.call(module, info, module.params)
-    for w in result.pop("warnings"):
-        module.warn(w)
-    module.exit_json(changed=False, **result)
+
+
+SHARED = ("store_reader",)  # the base's shared options this module takes
+
+
+def main():
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR)
+    module.run(restore_request.list_snapshots, module.params)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ module: snapshot_restore
 short_description: Restore a snapshot of a backup job to MongoDB, a mongodump directory or a mongodump archive
 version_added: 0.1.0
 description:
-  - Restores snapshot O(snapshot) of O(job) from the snapshot store O(store) to exactly one target, O(target_uri)
+  - Restores snapshot O(snapshot) of O(job) from the snapshot store O(store) to exactly one target, O(target_mongodb)
     (a MongoDB deployment), O(target_dir) (mongodump layout, C(<db>/<coll>.bson) and C(<coll>.metadata.json)) or
     O(target_archive) (a mongodump C(--archive) file), as C(mongorestore) would then use it.
   - Needs no Backup Daemon and no configuration files; on a fresh host give the store, the KMIP server
@@ -42,7 +42,10 @@ description:
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
+  - kmipbackup.mongodb.kmip.CONNECTION
+  - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.ACCESS
+  - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
     support: full
@@ -70,42 +73,42 @@ options:
     description:
       - The snapshot store root. When omitted, the store recorded for O(job) in O(config_dir) is used.
     type: path
-  config_dir:
+  target_mongodb:
     description:
-      - The daemon host's configuration folder; read (never written) for the job's store and group, and for the KMIP
-        configuration when O(kmip_servers) is not given. Not needed on a fresh host.
-    type: path
-    default: /etc/kmipbackup
-  target_uri:
-    description:
-      - MongoDB URI of the target deployment. Treated as a secret (it may carry credentials).
-    type: str
-  target_tls:
-    description: Use TLS to the target.
-    type: bool
-    default: false
-  target_tls_ca_file:
-    description: CA file for the target's TLS certificate.
-    type: path
-  target_tls_certificate_key_file:
-    description: Client certificate and key (PEM) for the target (mutual TLS, MONGODB-X509).
-    type: path
-  target_username:
-    description: User name on the target.
-    type: str
-  target_password:
-    description: Password on the target.
-    type: str
-  target_auth_mechanism:
-    description: Authentication mechanism on the target (for example V(SCRAM-SHA-256), V(MONGODB-X509)).
-    type: str
-  target_auth_source:
-    description: Authentication database on the target.
-    type: str
-  target_connect_timeout:
-    description: Seconds to wait for the target deployment.
-    type: int
-    default: 10
+      - The MongoDB deployment to restore to, with the same suboptions as the O(kmipbackup.mongodb.backup_job_encryption#module:source)
+        of a backup job.
+    type: dict
+    suboptions:
+      uri:
+        description: MongoDB connection string (C(mongodb://) or C(mongodb+srv://)); a password in it is masked in the output.
+        type: str
+        required: true
+      tls:
+        description: Connect with TLS (O(target_mongodb.tls_ca_file) and O(target_mongodb.tls_certificate_key_file) apply only with it).
+        type: bool
+        default: false
+      tls_ca_file:
+        description: CA file that signs the target's certificates.
+        type: path
+      tls_certificate_key_file:
+        description: Client certificate and key (PEM) for mutual TLS or MONGODB-X509.
+        type: path
+      username:
+        description: User to authenticate as.
+        type: str
+      password:
+        description: Password of O(target_mongodb.username).
+        type: str
+      auth_mechanism:
+        description: Authentication mechanism, for example V(SCRAM-SHA-256) or V(MONGODB-X509).
+        type: str
+      auth_source:
+        description: Database that holds the user's credentials.
+        type: str
+      connect_timeout:
+        description: Seconds to wait for the target when connecting.
+        type: int
+        default: 10
   target_dir:
     description:
       - Folder to restore to in mongodump's directory layout; must be absent or empty unless O(drop=true).
@@ -119,7 +122,7 @@ options:
     type: path
   restore_info_file:
     description:
-      - Where to write C(restoreInfo.txt) for a O(target_uri) restore.
+      - Where to write C(restoreInfo.txt) for a O(target_mongodb) restore.
       - Default C(~/restoreInfo-<job>-<snapshot id>.txt) in the home folder of the user the module runs as.
     type: path
   include:
@@ -170,7 +173,7 @@ options:
     type: bool
     default: false
 notes:
-  - O(target_uri) restores use the target's write concern defaults; documents are inserted as raw BSON, unchanged.
+  - O(target_mongodb) restores use the target's write concern defaults; documents are inserted as raw BSON, unchanged.
 seealso:
   - module: kmipbackup.mongodb.snapshot_info
   - module: kmipbackup.mongodb.backup_snapshot
@@ -180,9 +183,10 @@ EXAMPLES = r'''
 - name: Restore the latest snapshot of job orders into new databases on a recovery cluster
   kmipbackup.mongodb.snapshot_restore:
     job: orders
-    target_uri: mongodb://recovery.example.com:27017/?replicaSet=rs0
-    target_username: restore
-    target_password: "{{ vault_restore_password }}"
+    target_mongodb:
+      uri: mongodb://recovery.example.com:27017/?replicaSet=rs0
+      username: restore
+      password: "{{ vault_restore_password }}"
     rename_databases:
       orders: orders_restored
 
@@ -310,208 +314,32 @@ kmip_server:
   description: The KMIP server used (host:port), if any.
   returned: always
   type: str
+error_kind:
+  description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
+  returned: on failure
+  type: str
+  sample: permission_denied
 '''
 
-import os
-import pwd
+import traceback
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    ansible_module, config, datadir, job_config, job_status, kmip, restore, store)
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, IntegrityError, KmipBackupError, RestoreError)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule, mongodb_connection_spec
 
 try:
-    from pymongo.errors import PyMongoError
-except ImportError:  # the core reports the missing package when a MongoDB target is used
-    class PyMongoError(Exception):
-        pass
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore_request
+    IMPORT_ERROR = None
+except ImportError:
+    IMPORT_ERROR = traceback.format_exc()
+
+TARGETS = ("target_mongodb", "target_dir", "target_archive")
 
 
-def store_root(p, cfg):
-    if p["store"]:
-        return p["store"]
-    if cfg is None:
-        raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder." % (p["job"], p["config_dir"]))
-    return datadir.store_root(cfg, p["data_dir"])
-
-
-def protected_folders(p, root):
-    """The folders no directory or archive target may be, be inside or contain."""
-    return {"snapshot store": root, "data_dir": p["data_dir"], "config_dir": p["config_dir"]}
-
-
-def make_target(p, sid, protected):
-    """(target, restore info path); a directory or archive target at a protected folder is refused here, before
-    anything is written."""
-    if p["target_dir"]:
-        restore.check_target_location(p["target_dir"], protected)
-        t = restore.DirectoryTarget(p["target_dir"], protected, p["force"])
-        return t, os.path.join(t.path, restore.RESTORE_INFO)
-    if p["target_archive"]:
-        restore.check_target_location(p["target_archive"], protected)
-        t = restore.ArchiveTarget(p["target_archive"], protected, p["force"])
-        return t, t.info_path
-    info = p["restore_info_file"] or os.path.join(pwd.getpwuid(os.getuid()).pw_dir, "restoreInfo-%s-%s.txt" % (p["job"], sid))
-    opts = {"serverSelectionTimeoutMS": p["target_connect_timeout"] * 1000, "connectTimeoutMS": p["target_connect_timeout"] * 1000}
-    for param, opt in (("target_tls_ca_file", "tlsCAFile"), ("target_tls_certificate_key_file", "tlsCertificateKeyFile"),
-                       ("target_username", "username"), ("target_password", "password"),
-                       ("target_auth_mechanism", "authMechanism"), ("target_auth_source", "authSource")):
-        if p[param]:
-            opts[opt] = p[param]
-    if p["target_tls"]:
-        opts["tls"] = True
-    return restore.MongoTarget(p["target_uri"], restore_info_path=os.path.abspath(info), **opts), os.path.abspath(info)
-
-
-def job_encrypted(p, cfg, js):
-    """(whether the job is encrypted, why we know): its configuration, or on a fresh host its keyring."""
-    if cfg is not None:
-        return bool(cfg.get("encryption")), "its configuration in %s enables encryption" % p["config_dir"]
-    return bool(js.keyring_records()), "its keyring in the store holds wrapped data keys"
-
-
-def check_encryption_expected(p, cfg, js, entry):
-    """Refuse a snapshot marked unencrypted of an encrypted job (a downgrade) unless allow_unencrypted; returns
-    whether the snapshot must be encrypted."""
-    if p["allow_unencrypted"]:
-        return False
-    expected, why = job_encrypted(p, cfg, js)
-    if expected and not entry.get("encryption"):
-        raise IntegrityError("Snapshot %s is marked unencrypted, but job %s is encrypted (%s): an unencrypted snapshot is "
-                             "not authenticated, so a forged one could pass as it. Restore an encrypted snapshot, or set "
-                             "allow_unencrypted=true if this job really took unencrypted snapshots before its encryption "
-                             "was enabled and you trust the store." % (entry["snapshot_id"], p["job"], why),
-                             kind="catalog entry", object_id=entry["snapshot_id"])
-    return expected
-
-
-class Restore:
-    def __init__(self, module):
-        self.module = module
-        self.p = module.params
-        self.client = None
-        self.keys = self.last_known = None
-        self.checked = set()  # master key UIDs whose access was checked
-
-    def label(self, entry, i, name):
-        return restore.label(entry.get("encryption"), i, name, self.p["show_namespaces"])
-
-    def run(self):
-        p = self.p
-        cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
-        root = store_root(p, cfg)
-        js = store.JobStore(root, config.validate_name(p["job"], "job name"))
-        settings = ansible_module.kmip_settings(p, cfg)
-        target = None
-        result = {"snapshot_requested": p["snapshot"], "kmip_calls": 0, "kmip_server": None}
-        try:
-            if settings is not None:
-                self.client = kmip.KmipClient(*settings)
-            self.last_known = job_status.daemon_last_snapshot(p["data_dir"], p["job"])
-            entry, self.keys = self._resolve(js, cfg)
-            sid = entry["snapshot_id"]
-            expect_encryption = check_encryption_expected(p, cfg, js, entry)
-            target, info_path = make_target(p, sid, protected_folders(p, root))
-            result.update(snapshot_id=sid, created=entry.get("created"), cluster_time=entry.get("cluster_time"),
-                          encryption=bool(entry.get("encryption")), master_key_uids=entry.get("master_key_uids") or [],
-                          target=target.kind, restore_info=info_path)
-            return self._run(js, entry, target, settings, result, expect_encryption)
-        finally:
-            if self.client is not None:
-                result["kmip_calls"] = self.client.calls
-                self.client.close()
-            if target is not None and target.kind == "mongodb":
-                target.close()
-
-    def _resolve(self, js, cfg):
-        """(catalog entry, Keys of the job's encryption or None): through the authenticated catalog head (and the daemon's
-        record) when KMIP access is configured, else the unauthenticated entry (check mode then plans from the catalog)."""
-        if self.client is None:
-            return js.catalog_entry(self.p["snapshot"]), None
-        encrypted, _why = job_encrypted(self.p, cfg, js)
-        keys = store.Keys(js, provider=self.client, encryption=encrypted)
-        # first the master keys that authenticating will use: a certificate that cannot use one is named with its UUIDs
-        self.checked.update(self.client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs"))
-        # an unencrypted entry of an encrypted job is refused by check_encryption_expected, which knows allow_unencrypted
-        return js.resolve(self.p["snapshot"], keys, expect_encryption=False, keyed_head=encrypted,
-                          last_known=self.last_known), keys
-
-    def _run(self, js, entry, target, settings, result, expect_encryption):
-        p, sid = self.p, entry["snapshot_id"]
-        keys = self.keys
-        if keys is None or keys.encryption != bool(entry.get("encryption")):
-            keys = store.Keys(js, provider=self.client, encryption=bool(entry.get("encryption")))
-        if entry.get("encryption"):
-            if self.client is None:
-                if not self.module.check_mode:
-                    raise ConfigError("Snapshot %s is encrypted: give the KMIP server (kmip_servers, kmip_ca_file) and a client "
-                                      "certificate provisioned for master key(s) %s (client_cert_file), or config_dir and group."
-                                      % (sid, ", ".join(result["master_key_uids"])))
-                self.module.warn("No KMIP access configured: the plan comes from the unauthenticated catalog.")
-            else:
-                self.client.require_keys([u for u in result["master_key_uids"] if str(u) not in self.checked])
-                result["kmip_server"] = self.client.server
-        if self.client is None and entry.get("encryption"):
-            already = restore.already_restored(js, sid, target)
-            result.update(already_restored=already, planned_from="catalog", documents=entry.get("doc_count"), bytes=entry.get("data_bytes"))
-            result["changed"] = not already or p["force"]
-            return result
-        entry, selected = restore.plan(js, sid, keys, p["include"], p["exclude"], p["rename_databases"], expect_encryption,
-                                       last_known=self.last_known)
-        already = restore.already_restored(js, sid, target, selected)
-        result.update(already_restored=already, planned_from="manifest",
-                      namespaces=[{"source": self.label(entry, i, n["ns"]), "target": self.label(entry, i, "%s.%s" % (db, coll)),
-                                   "count": n["count"], "bytes": n["bytes"], "verified": False}
-                                  for i, n, db, coll in selected],
-                      documents=sum(n["count"] for _i, n, _d, _c in selected),
-                      bytes=sum(n["bytes"] for _i, n, _d, _c in selected))
-        if already and not p["force"]:
-            result["changed"] = False
-            return result
-        drop = p["drop"] or already
-        if target.kind == "mongodb":
-            busy = restore.busy_namespaces(target, selected)
-            result["busy_namespaces"] = [self.label(entry, i, "%s.%s" % (db, coll)) for i, db, coll in busy]
-            if busy and not drop:
-                raise RestoreError("The target's namespace(s) %s are not empty; nothing was written: restore into other "
-                                   "databases (rename_databases, include/exclude), or set drop=true to replace them."
-                                   % ", ".join(result["busy_namespaces"]))
-        else:
-            restore.check_file_target(target.path, drop, p["force"], target.protected, target.kind)
-        if self.module.check_mode:
-            result["changed"] = True
-            return result
-        servers = ["%s:%d" % a for a in settings[0].addresses()] if settings else None
-        summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
-                                  show_namespaces=p["show_namespaces"])
-        if summary["snapshot_id"] != sid:
-            raise IntegrityError("Snapshot %s was resolved for %s, but %s was restored: the store changed during the restore; "
-                                 "restore again and find out who changed the store." % (sid, p["snapshot"], summary["snapshot_id"]),
-                                 kind="catalog entry", object_id=sid)
-        for ns in result["namespaces"]:
-            ns["verified"] = p["verify"]
-        result.update(restore_info_text=summary["restore_info"],
-                      verify={"enabled": p["verify"], "namespaces_verified": len(selected) if p["verify"] else 0})
-        result["changed"] = True
-        return result
-
-
-def main():
-    spec = dict(
+def argument_spec():
+    return dict(
         job=dict(type="str", required=True),
         snapshot=dict(type="str", default="latest"),
         store=dict(type="path"),
-        target_uri=dict(type="str", no_log=True),
-        target_tls=dict(type="bool", default=False),
-        target_tls_ca_file=dict(type="path"),
-        target_tls_certificate_key_file=dict(type="path", no_log=False),
-        target_username=dict(type="str"),
-        target_password=dict(type="str", no_log=True),
-        target_auth_mechanism=dict(type="str"),
-        target_auth_source=dict(type="str"),
-        target_connect_timeout=dict(type="int", default=10),
+        target_mongodb=mongodb_connection_spec(restore_request.CONNECTION_DEFAULTS),
         target_dir=dict(type="path"),
         target_archive=dict(type="path"),
         restore_info_file=dict(type="path"),
@@ -524,21 +352,16 @@ def main():
         allow_unencrypted=dict(type="bool", default=False),
         show_namespaces=dict(type="bool", default=False),
     )
-    spec.update(ansible_module.config_dir_spec())
-    spec.update(ansible_module.kmip_access_spec())
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
-                           mutually_exclusive=[("target_uri", "target_dir", "target_archive")],
-                           required_one_of=[("target_uri", "target_dir", "target_archive")])
-    runner = Restore(module)
-    try:
-        result = runner.run()
-    except KmipBackupError as e:
-        ansible_module.fail(module, e)
-    except PyMongoError as e:
-        module.fail_json(msg="The target MongoDB deployment failed (%s): check target_uri, its TLS and authentication "
-                             "options, and that it is up; nothing was written unless kmipbackup_restore.restoreInfo "
-                             "marks an incomplete restore." % type(e).__name__)
-    module.exit_json(**result)
+
+
+SHARED = ("store_reader",)  # the base's shared options this module takes
+
+
+def main():
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
+                              mutually_exclusive=[TARGETS], required_one_of=[TARGETS],
+                              secret_values=[lambda p: (p["target_mongodb"] or {}).get("uri")])
+    module.run(restore_request.run_restore, module.params, check_mode=module.check_mode)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def mode(path):
 
 
 def kc(cd, pki, servers, **kw):
-    return {KC: dict(dict(servers=servers, ca_file=pki["ca"], config_dir=cd), **kw)}
+    return {KC: dict(dict(kmip_servers=servers, kmip_ca_file=pki["ca"], config_dir=cd), **kw)}
 
 
 def gk(cd, grp, cert, **kw):
@@ -36,7 +36,7 @@ def test_kmip_config_check_mode_write_idempotence_diff_absent(ansible, tmp_path,
     cd = str(tmp_path / "etc")
     servers = ["127.0.0.1:%d" % kmip_server["port"], "localhost:%d" % kmip_server2["port"]]
     cd0, cd2 = str(tmp_path / "etc0"), str(tmp_path / "etc2")
-    task = kc(cd, pki, servers, verify=True, protocol="legacy", connect_timeout=2)
+    task = kc(cd, pki, servers, verify=True, kmip_protocol="legacy", kmip_connect_timeout=2)
     absent = {KC: dict(state="absent", config_dir=cd2)}
     r = ansible.run([task, task, dict(kc(cd, pki, servers), check_mode=True),
                      kc(cd2, pki, servers), absent, absent, dict(kc(cd0, pki, servers, verify=True), check_mode=True)], diff=True)
@@ -60,10 +60,10 @@ def test_kmip_config_failures_write_nothing(ansible, tmp_path, pki, kmip_server,
     good = "127.0.0.1:%d" % kmip_server["port"]
     r = ansible.run([
         kc(cd, pki, [good, "127.0.0.1:%d" % wrong_host_server["port"]], verify=True),
-        kc(cd, pki, [good], ca_file=pki["other_ca"], verify=True),
-        kc(cd, pki, ["127.0.0.1:%d" % dead_port], verify=True, connect_timeout=1),
-        kc(cd, pki, [good], ca_file=pki["clients"]["group1"]["cert"]),
-        kc(cd, pki, [good], ca_file=str(tmp_path / "missing.pem")),
+        kc(cd, pki, [good], kmip_ca_file=pki["other_ca"], verify=True),
+        kc(cd, pki, ["127.0.0.1:%d" % dead_port], verify=True, kmip_connect_timeout=1),
+        kc(cd, pki, [good], kmip_ca_file=pki["clients"]["group1"]["cert"]),
+        kc(cd, pki, [good], kmip_ca_file=str(tmp_path / "missing.pem")),
         kc(cd, pki, ["bad host"]),
         gk(cd, "g1", pki["clients"]["group1"]["pem"]),
     ])

@@ -104,7 +104,7 @@ def test_config_dir_owned_by_another_user_or_writable_is_refused(ansible, tmp_pa
     name, uid = other_user
     cd = private(str(tmp_path / "etc"))
     os.chown(cd, uid, uid)
-    kc = {KC: dict(servers=["127.0.0.1:%d" % kmip_server["port"]], ca_file=pki["ca"], config_dir=cd)}
+    kc = {KC: dict(kmip_servers=["127.0.0.1:%d" % kmip_server["port"]], kmip_ca_file=pki["ca"], config_dir=cd)}
     c = pki["clients"]["group1"]
     gk = {GK: dict(group="group1", client_cert_file=c["cert"], client_key_file=c["key"], config_dir=cd)}
     r = ansible.run([kc, gk])
@@ -124,7 +124,7 @@ def test_config_dir_owned_by_another_user_or_writable_is_refused(ansible, tmp_pa
     # group-writable: refused, and not silently tightened
     os.chmod(cd, 0o770)
     before = tree_state(cd)
-    r = ansible.run([{KC: dict(kc[KC], port=5697, daemon_user=name)}])
+    r = ansible.run([{KC: dict(kc[KC], kmip_port=5697, daemon_user=name)}])
     assert r[0].get("failed") and "is writable by its group or by others (mode 0770)" in r[0]["msg"], r.output
     assert tree_state(cd) == before
 
@@ -263,7 +263,7 @@ def test_uri_passwords_never_echoed(ansible, tmp_path, pki, kmip_server, mongo_s
     # from a variable, as a vault would give it (a literal in the play would be echoed by Ansible's own error display)
     r = ansible.run([{BJ: dict(job="pj3", group="group1", source={"uri": "mongodb://bob:{{ pw }}@%s" % host},
                                config_dir=cd, data_dir=dd)},
-                     {KC: dict(servers=["admin:{{ pw }}@127.0.0.1:%d" % kmip_server["port"]], ca_file=pki["ca"],
+                     {KC: dict(kmip_servers=["admin:{{ pw }}@127.0.0.1:%d" % kmip_server["port"]], kmip_ca_file=pki["ca"],
                                config_dir=str(tmp_path / "etc2"))}], verbosity=3, extra_vars={"pw": pw})
     assert r[0].get("failed") and "source.uri holds a password" in r[0]["msg"], r.output
     assert r[1].get("failed") and "KMIP servers take no user or password" in r[1]["msg"], r.output

@@ -185,7 +185,7 @@ def test_restore_to_mongodb_directory_archive(ansible, lab_job, tmp_path, mongo_
     new_db = "restored_%d" % os.getpid()
     d, a = str(tmp_path / "dump"), str(tmp_path / "out" / "snap.archive")
     info_file = str(tmp_path / "restoreInfo-mongo.txt")
-    tasks = [sr(lab_job, target_uri=mongo_server["uri"], rename_databases={lab_job["db"]: new_db}, restore_info_file=info_file),
+    tasks = [sr(lab_job, target_mongodb={"uri": mongo_server["uri"]}, rename_databases={lab_job["db"]: new_db}, restore_info_file=info_file),
              sr(lab_job, target_dir=d), sr(lab_job, target_archive=a)]
     r = ansible.run(tasks, check=True)
     for i in range(3):
@@ -240,7 +240,7 @@ def test_drop_false_refuses_non_empty_target(ansible, lab_job, tmp_path, mongo_s
         f.write("keep")
     # a snapshot of its own: no earlier restore of it into this MongoDB (see test_second_database_restore)
     sid = make_snapshot(lab_job["head"], lab_job["js"], lab_job["keys"], lab_job["uid"], m, m[lab_job["db"]])["snapshot_id"]
-    base = dict(target_uri=mongo_server["uri"], rename_databases={lab_job["db"]: busy_db}, snapshot=sid)
+    base = dict(target_mongodb={"uri": mongo_server["uri"]}, rename_databases={lab_job["db"]: busy_db}, snapshot=sid)
     label = "#%d" % (sorted(lab_job["source"]).index("%s.orders_%s" % (lab_job["db"], CANARY)) + 1)  # manifest order
     r = ansible.run([sr(lab_job, **base), sr(lab_job, target_dir=d)])
     no_canary(r)
@@ -262,12 +262,12 @@ def test_second_database_restore_is_not_skipped(ansible, lab_job, mongo_server):
     m = lab_job["mongo"]
     sid = make_snapshot(lab_job["head"], lab_job["js"], lab_job["keys"], lab_job["uid"], m, m[lab_job["db"]])["snapshot_id"]
     dbs = ["second_a_%d" % os.getpid(), "second_b_%d" % os.getpid()]
-    r = ansible.run([sr(lab_job, target_uri=mongo_server["uri"], snapshot=sid, rename_databases={lab_job["db"]: db},
+    r = ansible.run([sr(lab_job, target_mongodb={"uri": mongo_server["uri"]}, snapshot=sid, rename_databases={lab_job["db"]: db},
                         restore_info_file=os.path.join(os.path.dirname(lab_job["store"]), db + ".txt")) for db in dbs])
     assert r[0]["changed"] is True and not r[0].get("failed"), r.output
     assert r[1]["changed"] is True and not r[1].get("failed"), r.output
     assert_db_equal(m, lab_job, dbs[1])
-    r = ansible.run([sr(lab_job, target_uri=mongo_server["uri"], snapshot=sid, rename_databases={lab_job["db"]: dbs[0]},
+    r = ansible.run([sr(lab_job, target_mongodb={"uri": mongo_server["uri"]}, snapshot=sid, rename_databases={lab_job["db"]: dbs[0]},
                         restore_info_file=os.path.join(os.path.dirname(lab_job["store"]), dbs[0] + ".txt"))])
     assert r[0]["changed"] is False and r[0]["already_restored"] is True, r.output
 
@@ -355,7 +355,7 @@ def test_verbose_run_shows_no_canary(ansible, lab_job, tmp_path, pki, kmip_serve
                      dict(sr(lab_job, target_dir=d), check_mode=True),
                      sr(lab_job, target_dir=d),
                      {SR: dict(fresh, target_archive=a)},
-                     sr(lab_job, target_uri=mongo_server["uri"]),  # into the source database itself: not empty, refused
+                     sr(lab_job, target_mongodb={"uri": mongo_server["uri"]}),  # into the source database itself: not empty, refused
                      sr(lab_job, target_dir=str(tmp_path / "denied"), group="group2"),
                      {SR: dict(fresh, target_dir=str(tmp_path / "badpw"), client_cert_password=wrong)}], verbosity=3)
     assert [bool(x.get("failed")) for x in r.results] == [False] * 4 + [True] * 3, r.output[-4000:]
