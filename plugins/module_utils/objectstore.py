@@ -102,6 +102,12 @@ class S3Storage:
             if code in _CREDENTIALS:
                 return StoreError("The %s refused the credentials (%s, %s): check the access key and secret (or the "
                                   "AWS credential chain: environment, shared file, instance role)." % (self._where(), code, what))
+            if code == "403" and what != "opening the bucket":
+                # an answer to HEAD has no body: a listing tells a refused secret from a missing permission
+                try:
+                    self.check_bucket()
+                except StoreError as precise:
+                    return precise
             if code in ("AccessDenied", "403"):
                 return StoreError("The %s denied access (%s): grant the credentials read, write, list and delete on "
                                   "the bucket and prefix %r." % (self._where(), what, self.prefix))

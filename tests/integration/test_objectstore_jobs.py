@@ -58,18 +58,19 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
     cd, dd = str(tmp_path / "etc"), str(tmp_path / "var")
     write_kmip_setup(cd, pki, kmip_server["port"])
     mc = pymongo.MongoClient(mongo_server["uri"])
-    db = mc["s3_%d_%s" % (os.getpid(), CANARY)]
+    db = mc["s3_%d_%s" % (os.getpid(), uuid.uuid4().hex[:6])]  # its collections carry the canary
     fill_source(db)
     source1 = image(db)
     obj = {"bucket": bucket, "prefix": "kmipbackup/site-a", "endpoint_url": s3_server["endpoint"],
-           "access_key": s3_server["access_key"], "secret_key": s3_server["secret_key"]}
+           "access_key": s3_server["access_key"], "secret_key": "{{ s3_secret }}"}  # from a variable, as from a vault
     declare = dict(job=JOB, group="group1", source={"uri": mongo_server["uri"], "connect_timeout": 3}, config_dir=cd,
                    data_dir=dd, object_store=obj, wait=True, wait_timeout=120)
     snap = {BS: dict(job=JOB, config_dir=cd, data_dir=dd, timeout=120)}
     reader = dict(job=JOB, config_dir=cd, object_store=obj)
     runs = []
+    secret = {"s3_secret": s3_server["secret_key"]}
     with DaemonProcess(cd, dd) as d:
-        r = ansible.run([{BJ: declare}], diff=True)
+        r = ansible.run([{BJ: declare}], diff=True, extra_vars=secret)
         runs.append(r)
         assert r[0]["changed"] is True and r[0]["status"] == "STARTED" and not r[0].get("failed"), r.output[-3000:] + d.log_tail()
         old = r[0]["master_key_uid"]
@@ -77,11 +78,11 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
         assert r[0]["diff"]["after"]["object_store"]["secret_key"] != s3_server["secret_key"]
 
         # a full snapshot, then an incremental one after a small change
-        r = ansible.run([snap])
+        r = ansible.run([snap], extra_vars=secret)
         s1 = r[0]["snapshot"]
         db["misc"].insert_many([{"_id": "%s-more-%d" % (CANARY, i), "v": i} for i in range(5)])
         source2 = image(db)
-        r2 = ansible.run([snap])
+        r2 = ansible.run([snap], extra_vars=secret)
         s2 = r2[0]["snapshot"]
         runs += [r, r2]
         assert s1["encryption"] and s1["master_key_uids"] == [old], r.output
@@ -95,7 +96,7 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
                          {SR: dict(reader, snapshot=s2["id"], target_mongodb={"uri": mongo_server["uri"]},
                                    include=[db.name + ".*"], rename_databases={db.name: new_db},
                                    restore_info_file=str(tmp_path / "info.txt"))},
-                         {SI: reader}])
+                         {SI: reader}], extra_vars=secret)
         runs.append(r)
         assert [bool(x.get("failed")) for x in r.results] == [False] * 4, r.output[-4000:]
         assert read_dir(out_dir, db.name) == source2
@@ -105,12 +106,13 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
         assert listed.index(s1["id"]) < listed.index(s2["id"]) and all(s["authenticated"] for s in r[3]["snapshots"])
 
         # rotation: the next snapshot is under the new key; the first still restores with the old one
-        r = ansible.run([{BJ: dict(declare, rotate_master_key=True)}, snap])
+        r = ansible.run([{BJ: dict(declare, rotate_master_key=True)}, snap], extra_vars=secret)
         runs.append(r)
         assert r[0]["rotated"] is True and not r[1].get("failed"), r.output[-3000:] + d.log_tail()
         new = r[0]["master_key_uid"]
         assert new != old and r[1]["snapshot"]["master_key_uids"] == [new]
-        r = ansible.run([{SR: dict(reader, snapshot=s1["id"], target_dir=str(tmp_path / "old"), include=[db.name + ".*"])}])
+        r = ansible.run([{SR: dict(reader, snapshot=s1["id"], target_dir=str(tmp_path / "old"), include=[db.name + ".*"])}],
+                        extra_vars=secret)
         runs.append(r)
         assert not r[0].get("failed") and sorted(r[0]["master_key_uids"]) == [old], r.output[-3000:]
         assert read_dir(str(tmp_path / "old"), db.name) == source1
@@ -132,24 +134,26 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
         manifest = js.read_manifest(s1["id"], store.Keys(js, provider=client, encryption=True))
     mine = [ch["id"] for n in manifest["namespaces"] if n["ns"].startswith(db.name + ".") for ch in n["chunks"]]
     victim = prefix + "chunks/%s/%s" % (mine[0][:2], mine[0])
-    other = next(k for k in objects if k.startswith(prefix + "chunks/") and k != victim)
+    twin = next(ch["id"] for n in manifest["namespaces"] for ch in n["chunks"] if ch["id"] != mine[0])  # same key epoch
+    other = prefix + "chunks/%s/%s" % (twin[:2], twin)
     c = s3(s3_server)
     c.put_object(Bucket=bucket, Key=victim, Body=objects[other])
-    r = ansible.run([{SR: dict(reader, snapshot=s1["id"], target_dir=str(tmp_path / "tampered"), include=[db.name + ".*"])}])
+    r = ansible.run([{SR: dict(reader, snapshot=s1["id"], target_dir=str(tmp_path / "tampered"), include=[db.name + ".*"])}],
+                    extra_vars=secret)
     c.put_object(Bucket=bucket, Key=victim, Body=objects[victim])
     latest = sorted(k for k in objects if k.startswith(prefix + "catalog/"))[-1]
     c.delete_object(Bucket=bucket, Key=latest)
-    rb = ansible.run([{SI: reader}])
+    rb = ansible.run([{SI: reader}], extra_vars=secret)
     c.put_object(Bucket=bucket, Key=latest, Body=objects[latest])
     runs += [r, rb]
-    assert r[0]["failed"] and "chunk %s" % mine[0] in r[0]["msg"] and "failed authentication" in r[0]["msg"], r.output[-3000:]
+    assert r[0]["failed"] and r[0]["error_kind"] == "chunk" and "chunk %s" % mine[0] in r[0]["msg"], r.output[-3000:]
+    assert "failed authentication" in r[0]["msg"], r[0]["msg"]
     assert not os.path.exists(str(tmp_path / "tampered"))
     assert rb[0]["failed"] and "rollback" in rb[0]["msg"], rb.output[-3000:]
 
     # wrong credentials: a clear error naming endpoint and bucket, nothing written, the wrong secret nowhere
     wrong = "zqWrongSecret-%s" % uuid.uuid4().hex[:8]
-    r = ansible.run([{SI: dict(reader, object_store=dict(obj, secret_key=wrong))},
-                     {SR: dict(reader, object_store=dict(obj, secret_key=wrong), target_dir=str(tmp_path / "denied"))}])
+    r = ansible.run([{SI: reader}, {SR: dict(reader, target_dir=str(tmp_path / "denied"))}], extra_vars={"s3_secret": wrong})
     runs.append(r)
     for x in r.results:
         assert x["failed"] and "refused the credentials" in x["msg"] and bucket in x["msg"] and s3_server["endpoint"] in x["msg"]
@@ -157,7 +161,7 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
 
     # the fresh-host runbook: only the bucket's credentials, the KMIP server and a certificate
     fresh = str(tmp_path / "fresh")
-    ev = dict(job=JOB, object_store=obj, target_dir=fresh, config_dir=str(tmp_path / "no-config"),
+    ev = dict(job=JOB, object_store=dict(obj, secret_key=s3_server["secret_key"]), target_dir=fresh, config_dir=str(tmp_path / "no-config"),
               kmip_servers=["127.0.0.1:%d" % kmip_server["port"]], kmip_ca_file=pki["ca"],
               client_cert_file=pki["encrypted"]["pem"], client_cert_password=pki["encrypted"]["password"],
               include=[db.name + ".*"])
