@@ -12,7 +12,7 @@ class ModuleDocFragment(object):
 options:
   object_store:
     description:
-      - The snapshot store in an S3-compatible bucket (AWS S3, Ceph, MinIO, SeaweedFS, ...) instead of a folder:
+      - The snapshot store in an S3-compatible bucket (AWS S3, Ceph, MinIO, SeaweedFS, ...) instead of a folder, with
         the same objects and format as a folder store, under O(object_store.prefix) in O(object_store.bucket).
       - Mutually exclusive with O(store).
       - Without O(object_store.access_key) and O(object_store.secret_key) the standard AWS credential chain is

@@ -40,6 +40,7 @@ PARALLELISM = 8             # chunk uploads (snapshot) and downloads (restore) a
 LIST_PAGE = 1000            # keys per ListObjectsV2 page (S3's maximum)
 
 _CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId")
+_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # a conditional PUT lost to another writer
 _REGION = ("AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException", "301")
 
 
@@ -160,7 +161,7 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=bytes(data), IfNoneMatch="*")
             return True
         except botocore_errors.ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if str(e.response.get("Error", {}).get("Code")) in _CONFLICT:
                 return False
             raise self._error(e, "creating %s" % path) from None
         except botocore_errors.BotoCoreError as e:
@@ -180,8 +181,7 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfMatch=cur["ETag"])
             return True
         except botocore_errors.ClientError as e:
-            if self._missing(e) or str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412",
-                                                                                     "ConditionalRequestConflict"):
+            if self._missing(e) or str(e.response.get("Error", {}).get("Code")) in _CONFLICT:
                 return False
             raise self._error(e, "replacing %s" % path) from None
         except botocore_errors.BotoCoreError as e:
