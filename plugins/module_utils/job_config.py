@@ -147,6 +147,8 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
     # unknown group / missing kmip.yml fail here, before anything else happens
     client = factory()
     check_source(source)
+    if object_store:  # the bucket answers to the credentials and holds no other format, before anything is written
+        storage.check_object_store(object_store)
 
     previous = list(old.get("previous_master_key_uids") or [])
     uid = None

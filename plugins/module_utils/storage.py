@@ -127,6 +127,12 @@ def open_storage(store_path: str | None = None, object_store: dict | None = None
     return store.FileStorage(store_path)
 
 
+def check_object_store(object_store: dict) -> None:
+    """StoreError (naming endpoint and bucket and what to do) unless the bucket answers to the credentials and its
+    prefix holds a kmipbackup store or nothing else."""
+    store.check_format(open_storage(object_store=object_store, must_exist=True))
+
+
 def job_storage(cfg: dict, data_dir: str | None = None, create: bool = False,
                 must_exist: bool = False) -> store.FileStorage | objectstore.S3Storage:
     """The Storage of a job's configuration: its object_store, else its store folder (else <data_dir>/store)."""

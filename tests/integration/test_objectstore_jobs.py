@@ -153,11 +153,14 @@ def test_job_in_a_bucket_end_to_end(ansible, tmp_path, pki, kmip_server, mongo_s
 
     # wrong credentials: a clear error naming endpoint and bucket, nothing written, the wrong secret nowhere
     wrong = "zqWrongSecret-%s" % uuid.uuid4().hex[:8]
-    r = ansible.run([{SI: reader}, {SR: dict(reader, target_dir=str(tmp_path / "denied"))}], extra_vars={"s3_secret": wrong})
+    job_file = open(job_config.job_path(cd, JOB), "rb").read()
+    r = ansible.run([{SI: reader}, {SR: dict(reader, target_dir=str(tmp_path / "denied"))},
+                     {BJ: dict(declare, schedule={"interval_hours": 12}, wait=False)}], extra_vars={"s3_secret": wrong})
     runs.append(r)
     for x in r.results:
         assert x["failed"] and "refused the credentials" in x["msg"] and bucket in x["msg"] and s3_server["endpoint"] in x["msg"]
     assert not os.path.exists(str(tmp_path / "denied")) and wrong not in r.everything(invocation=True)
+    assert open(job_config.job_path(cd, JOB), "rb").read() == job_file  # the declaration was refused, nothing written
 
     # the fresh-host runbook: only the bucket's credentials, the KMIP server and a certificate
     fresh = str(tmp_path / "fresh")
