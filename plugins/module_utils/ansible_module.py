@@ -25,7 +25,7 @@ except ImportError:  # the core reports the missing package when MongoDB is used
 
 REDACTED = config.REDACTED  # the core's one marker for a whole secret value
 KMIP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(config.KmipConfig) if f.default is not dataclasses.MISSING}
-SECRET_KEYS = frozenset(("client_cert_password", "password"))
+SECRET_KEYS = frozenset(("client_cert_password", "password", "secret_key", "session_token"))
 
 
 # ---- shared argument specs (documented by the kmipbackup.mongodb.kmip and .mongodb doc fragments) --------------
@@ -92,8 +92,27 @@ def mongodb_connection_spec(defaults):
     ))
 
 
+def object_store_spec(name="object_store"):
+    """A snapshot store in an S3-compatible bucket (the kmipbackup.mongodb.store fragment), mutually exclusive with the
+    module's store folder; name: the option's name (a copy's destination uses another)."""
+    return {name: dict(type="dict", options=dict(
+        bucket=dict(type="str", required=True),
+        prefix=dict(type="str", default=""),
+        endpoint_url=dict(type="str"),
+        region=dict(type="str"),
+        addressing_style=dict(type="str", choices=["path", "virtual", "auto"], default="path"),
+        ca_bundle=dict(type="path"),
+        access_key=dict(type="str", no_log=False),
+        secret_key=dict(type="str", no_log=True),
+        session_token=dict(type="str", no_log=True),
+        connect_timeout=dict(type="float", default=10.0),
+        read_timeout=dict(type="float", default=60.0),
+    ))}
+
+
 SHARED_SPECS = {"config_dir": config_dir_spec, "data_dir": data_dir_spec, "daemon_user": daemon_user_spec,
-                "file_owner": file_owner_spec, "store_reader": store_reader_spec}
+                "file_owner": file_owner_spec, "store_reader": store_reader_spec,
+                "object_store": object_store_spec}
 
 
 def full_spec(argument_spec, shared=()):

@@ -32,13 +32,13 @@ from logging.handlers import WatchedFileHandler
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     config, datadir, files, head, job_config, job_requests, job_status, master_keys, retention, snapshot, source,
-    store, timeutil)
+    storage, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, HistoryLostError, KmipBackupError, KmipError, ResyncRequested, SnapshotError, SourceError, Stopped,
     UnsafePathError)
 
 LOG = logging.getLogger("kmipbackup.daemon")
-# changes to these keys restart a job's runner; others (schedule, store) are picked up live
+# changes to these keys restart a job's runner; others (schedule, store, object_store) are picked up live
 RESTART_KEYS = ("group", "source", "encryption", "master_key_uid", "generation", "state")
 BACKOFF_MAX = 30.0
 SUPERVISOR_BACKOFF_MAX = 60.0  # a worker that keeps dying is restarted at most once a minute
@@ -170,6 +170,7 @@ class JobRunner(threading.Thread):
         self._status_written = 0.0
         self._status_lock = threading.RLock()  # the runner and its heartbeat both write status
         self._next_check = None
+        self._storage = None
         self.monitor = SourceMonitor(self)
         self._complete = None      # (t, i): the head holds every source write up to this cluster time
         self._idle_read_at = None  # monotonic start of the last capture read that found the stream idle
@@ -556,9 +557,11 @@ class JobRunner(threading.Thread):
         return counts
 
     def _job_store(self):
-        root = datadir.store_root(self.cfg, self.d.data_dir)
-        files.ensure_private_dir(root)
-        js = store.JobStore(root, self.job)
+        """The job's JobStore and Keys; the Storage (a bucket's client) is kept while the store settings stay."""
+        where = (self.cfg.get("store"), self.cfg.get("object_store"))
+        if self._storage is None or self._storage[0] != where:
+            self._storage = (where, storage.job_storage(self.cfg, self.d.data_dir, create=True))
+        js = store.JobStore(self._storage[1], self.job)
         return js, store.Keys(js, provider=self.kmip, encryption=bool(self.cfg.get("encryption")))
 
     def _scheduled_snapshot(self):

@@ -12,7 +12,7 @@ import copy
 import os
 from typing import Callable
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, master_keys, retention
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, master_keys, retention, storage
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
 
 STATES = ("present", "absent", "stopped")
@@ -57,10 +57,12 @@ def remove_job(config_dir: str, job: str, daemon_user: str = config.DEFAULT_DAEM
 
 
 def redact(cfg: dict | None) -> dict | None:
-    """A copy of a job configuration safe to show (the source password replaced)."""
+    """A copy of a job configuration safe to show (the source password and the object store's secrets replaced)."""
     if cfg is None:
         return None
     out = copy.deepcopy(cfg)
+    if out.get("object_store"):
+        out["object_store"] = storage.redact(out["object_store"])
     src = out.get("source") or {}
     if src.get("password"):
         src["password"] = config.REDACTED
@@ -125,8 +127,11 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
     if master_key.get("uid") and master_key.get("create"):
         raise ConfigError("master_key: give either uid (an existing KMIP key) or create: true, not both.")
     state = params.get("state") or "present"
-    store = datadir.store_root(params, params.get("data_dir") or datadir.DEFAULT_DATA_DIR)
-    if not os.path.isabs(store):
+    object_store = storage.normalize_object_store(params["object_store"]) if params.get("object_store") else None
+    if object_store and params.get("store"):
+        raise ConfigError("Give either store (a folder) or object_store (a bucket), not both.")
+    store = None if object_store else datadir.store_root(params, params.get("data_dir") or datadir.DEFAULT_DATA_DIR)
+    if store is not None and not os.path.isabs(store):
         raise ConfigError("store must be an absolute path, got %r." % store)
 
     rotate = bool(params.get("rotate_master_key"))
@@ -142,6 +147,8 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
     # unknown group / missing kmip.yml fail here, before anything else happens
     client = factory()
     check_source(source)
+    if object_store:  # the bucket answers to the credentials and holds no other format, before anything is written
+        storage.check_object_store(object_store)
 
     previous = list(old.get("previous_master_key_uids") or [])
     uid = None
@@ -178,5 +185,7 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
         "store": store, "state": "stopped" if state == "stopped" else "present",
         "generation": generation, "schedule": schedule,
     }
+    if object_store:  # a folder job's file keeps its shape: store only
+        new["object_store"] = object_store
     return new, {"master_key_uid": new["master_key_uid"], "key_created": created, "resync_required": resync,
                  "rotated": rotate}

@@ -12,7 +12,7 @@ passed in, warnings and the diff come back in the result. No Ansible here.
 """
 from __future__ import annotations
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, job_config, job_status, master_keys, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, job_config, job_status, master_keys, source, storage
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KeyInUseError
 
 DEFAULT_WAIT_TIMEOUT = 600  # seconds a module waits for the daemon by default (a job ready or gone, an answer)
@@ -79,8 +79,9 @@ def _remove(p: dict, job: str, existing: dict | None, check_mode: bool) -> dict:
     if needed:
         result["warnings"].append(
             "The store %s keeps the snapshots of job %s; they need master key(s) %s: keep those keys and a certificate that "
-            "can use them to restore them (kmipbackup.mongodb.snapshot_restore with store=%s)."
-            % (existing["store"], job, ", ".join(needed), existing["store"]))
+            "can use them to restore them (kmipbackup.mongodb.snapshot_restore with %s)."
+            % (storage.describe_job(existing), job, ", ".join(needed),
+               "object_store" if existing.get("object_store") else "store=%s" % existing["store"]))
     if existing is not None and not check_mode:
         job_config.remove_job(p["config_dir"], job, p["daemon_user"])
         if p["wait"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, kmip, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, kmip, storage
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KeyInUseError, KmipError
 
 
@@ -58,7 +58,7 @@ def master_key_users(cfg: dict, data_dir: str) -> dict:
     """{uid: [what needs it]} for the job's retained snapshots (catalog entries of its store: "snapshot <id>")
     and its head keys (heads/<job>/<generation>/headkey.json: "head key of generation <n>")."""
     users = {}
-    for entry in store.JobStore(cfg["store"], cfg["job"]).catalog():
+    for entry in storage.job_store(cfg, data_dir).catalog():
         for uid in entry.get("master_key_uids") or []:
             users.setdefault(str(uid), []).append("snapshot %s" % entry.get("snapshot_id"))
     folder = datadir.heads_dir(data_dir, cfg["job"])
@@ -80,7 +80,7 @@ def master_key_users(cfg: dict, data_dir: str) -> dict:
 
 def master_keys_needed(cfg: dict) -> list:
     """Master key UIDs the job's retained snapshots need (from the store's non-secret catalog)."""
-    return store.JobStore(cfg["store"], cfg["job"]).master_keys_needed()
+    return storage.job_store(cfg).master_keys_needed()
 
 
 def plan_retire(cfg: dict, uids: list, data_dir: str) -> tuple[dict, list, list]:
@@ -106,7 +106,7 @@ def plan_retire(cfg: dict, uids: list, data_dir: str) -> tuple[dict, list, list]
                 " and the daemon has rewrapped the head key under the current master key"
                 if any(w.startswith("head key") for ws in busy.values() for w in ws) else ""), busy)
     previous = [str(u) for u in cfg.get("previous_master_key_uids") or []]
-    keyring = {str(r.get("master_key_uid")) for r in store.JobStore(cfg["store"], cfg["job"]).keyring_records()}
+    keyring = {str(r.get("master_key_uid")) for r in storage.job_store(cfg, data_dir).keyring_records()}
     retiring = [u for u in uids if u in previous]
     known = [u for u in uids if u in previous or u in keyring]
     new = dict(cfg, previous_master_key_uids=[u for u in previous if u not in retiring])

@@ -8,7 +8,8 @@ delete, mtime, size, touch, sync, clean_temporary) over "/"-separated paths belo
 prefix, so JobStore keeps one object layout and one format on both backends:
 - an S3 PUT is atomic and durable once acknowledged: put_atomic is one PUT (multipart above
   MULTIPART_BYTES, assembled by the server only when complete), sync has nothing to do;
-- put_new is a conditional PUT (If-None-Match: *), so of two writers of one name only one wins;
+- put_new is a conditional PUT (If-None-Match: *), so of two writers of one name only one wins, and
+  put_if_unchanged one with If-Match (the catalog head: of two writers committing on one head, one wins);
 - list pages through ListObjectsV2 with a delimiter (objects and "folders" under a prefix);
 - mtime is LastModified; touch copies an object onto itself (a new LastModified), which is what
   the store's garbage collection grace period needs;
@@ -35,9 +36,11 @@ except ImportError as e:  # pragma: no cover
 MULTIPART_BYTES = 64 << 20  # objects larger than this go up in parts, in parallel
 PART_BYTES = 16 << 20
 MAX_CONNECTIONS = 16        # a bounded pool: the store's writers and readers use a few threads each
+PARALLELISM = 8             # chunk uploads (snapshot) and downloads (restore) at once: requests wait on the network
 LIST_PAGE = 1000            # keys per ListObjectsV2 page (S3's maximum)
 
 _CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId")
+_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # a conditional PUT lost to another writer
 _REGION = ("AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException", "301")
 
 
@@ -55,13 +58,14 @@ class S3Storage:
             raise StoreError("The Python package boto3 is missing (%s): install the collection's requirements to use "
                              "an object store." % BOTO3_IMPORT_ERROR)
         if not bucket:
-            raise StoreError("The object store has no bucket: set store.bucket.")
+            raise StoreError("The object store has no bucket: set object_store.bucket.")
         if addressing_style not in ("path", "virtual", "auto"):
-            raise StoreError("store.addressing_style is %r: use path, virtual or auto." % (addressing_style,))
+            raise StoreError("object_store.addressing_style is %r: use path, virtual or auto." % (addressing_style,))
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.list_page = LIST_PAGE
+        self.parallelism = PARALLELISM
         config = Config(s3={"addressing_style": addressing_style}, signature_version="s3v4",
                         retries={"max_attempts": int(max_attempts), "mode": "standard"},
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
@@ -94,28 +98,34 @@ class S3Storage:
         if isinstance(e, botocore_errors.ClientError):
             code = str(e.response.get("Error", {}).get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
             if code == "NoSuchBucket":
-                return StoreError("The %s does not exist (%s): create the bucket, or fix store.bucket and store.endpoint_url."
+                return StoreError("The %s does not exist (%s): create the bucket, or fix object_store.bucket and object_store.endpoint_url."
                                   % (self._where(), what))
             if code in _CREDENTIALS:
                 return StoreError("The %s refused the credentials (%s, %s): check the access key and secret (or the "
                                   "AWS credential chain: environment, shared file, instance role)." % (self._where(), code, what))
+            if code == "403" and what != "opening the bucket":
+                # an answer to HEAD has no body: a listing tells a refused secret from a missing permission
+                try:
+                    self.check_bucket()
+                except StoreError as precise:
+                    return precise
             if code in ("AccessDenied", "403"):
                 return StoreError("The %s denied access (%s): grant the credentials read, write, list and delete on "
                                   "the bucket and prefix %r." % (self._where(), what, self.prefix))
             if code in _REGION:
-                return StoreError("The %s is in another region than store.region (%s, %s): set store.region to the "
+                return StoreError("The %s is in another region than object_store.region (%s, %s): set object_store.region to the "
                                   "bucket's region." % (self._where(), code, what))
             return StoreError("The %s failed %s (%s): check the object store's health and try again." % (self._where(), what, code))
         if isinstance(e, (botocore_errors.EndpointConnectionError, botocore_errors.ConnectTimeoutError,
                           botocore_errors.ReadTimeoutError, botocore_errors.ConnectionClosedError)):
             return StoreError("The object store endpoint %s cannot be reached for the bucket %s (%s, %s): check that it "
-                              "runs, the URL and port, the firewall, and store.ca_bundle for TLS."
+                              "runs, the URL and port, the firewall, and object_store.ca_bundle for TLS."
                               % (self.endpoint_url or "AWS S3", self.bucket, type(e).__name__, what))
         if isinstance(e, botocore_errors.NoCredentialsError):
-            return StoreError("No credentials for the %s: set store.access_key and store.secret_key, or provide them "
+            return StoreError("No credentials for the %s: set object_store.access_key and object_store.secret_key, or provide them "
                               "through the AWS credential chain (environment, shared file, instance role)." % self._where())
         if isinstance(e, botocore_errors.SSLError):
-            return StoreError("TLS to the object store endpoint %s failed (%s): set store.ca_bundle to the CA that "
+            return StoreError("TLS to the object store endpoint %s failed (%s): set object_store.ca_bundle to the CA that "
                               "signed its certificate." % (self.endpoint_url, what))
         return StoreError("The %s failed %s (%s)." % (self._where(), what, type(e).__name__))
 
@@ -151,11 +161,31 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=bytes(data), IfNoneMatch="*")
             return True
         except botocore_errors.ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if str(e.response.get("Error", {}).get("Code")) in _CONFLICT:
                 return False
             raise self._error(e, "creating %s" % path) from None
         except botocore_errors.BotoCoreError as e:
             raise self._error(e, "creating %s" % path) from None
+
+    def put_if_unchanged(self, path: str, data: bytes, expected: bytes | None) -> bool:
+        """Replace path with data only if it still holds expected (None: only if nothing has that name): a
+        conditional PUT (If-Match on the ETag read with expected, or If-None-Match: *). False when another writer
+        changed it first."""
+        if expected is None:
+            return self.put_new(path, data)
+        key = self._key(path)
+        try:
+            cur = self.client.get_object(Bucket=self.bucket, Key=key)
+            if cur["Body"].read() != expected:
+                return False
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfMatch=cur["ETag"])
+            return True
+        except botocore_errors.ClientError as e:
+            if self._missing(e) or str(e.response.get("Error", {}).get("Code")) in _CONFLICT:
+                return False
+            raise self._error(e, "replacing %s" % path) from None
+        except botocore_errors.BotoCoreError as e:
+            raise self._error(e, "replacing %s" % path) from None
 
     def sync(self, paths: list) -> None:
         """Nothing to do: every acknowledged PUT is durable."""

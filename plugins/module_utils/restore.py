@@ -306,12 +306,15 @@ def already_restored(job_store: JobStore, snapshot: str, target: str | Directory
 
 
 def _chunks(job_store, keys, n):
-    """(chunk entry, plaintext) of n's chunks in order, READ_AHEAD of them read by worker threads."""
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kmipbackup-restore") as pool:
+    """(chunk entry, plaintext) of n's chunks in order, read ahead by worker threads (READ_THREADS for a folder, the
+    store's parallelism for an object store, whose reads wait on the network), at most 2 per thread in memory."""
+    threads = getattr(job_store.storage, "parallelism", READ_THREADS)
+    ahead = max(READ_AHEAD, 2 * threads)
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-restore") as pool:
         pending = collections.deque()
         for c in n["chunks"]:
             pending.append((c, pool.submit(job_store.read_chunk, c, keys)))
-            if len(pending) > READ_AHEAD:
+            if len(pending) > ahead:
                 c0, f = pending.popleft()
                 yield c0, f.result()
         while pending:

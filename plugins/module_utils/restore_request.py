@@ -14,9 +14,9 @@ import os
 import pwd
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, job_config, job_status, kmip, restore, store)
+    config, datadir, job_config, job_status, kmip, restore, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
-    ConfigError, IntegrityError, KmipBackupError, RestoreError, StoreError)
+    ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
 NO_KMIP = "No KMIP access configured"
 CONNECTION_DEFAULTS = job_config.SOURCE_DEFAULTS  # target_mongodb has the options of a job's source
@@ -46,14 +46,20 @@ def kmip_settings(p: dict, cfg: dict | None) -> tuple[config.KmipConfig, config.
     return kcfg, grp
 
 
-def store_root(p: dict, cfg: dict | None) -> str:
-    """The store: p["store"], else the one the job's configuration names (or data_dir's)."""
-    if p["store"]:
-        return p["store"]
+def open_store(p: dict, cfg: dict | None, must_exist: bool = False) -> tuple[store.JobStore, str, str | None]:
+    """(JobStore, where it is for messages, its folder or None for a bucket): the request's store or object_store, else
+    the one the job's configuration names (or data_dir's). must_exist: StoreError when the folder is missing or the
+    bucket does not answer to the credentials."""
+    job = config.validate_name(p["job"], "job name")
+    if p["store"] or p.get("object_store"):
+        st = storage.open_storage(p["store"], p.get("object_store"), must_exist=must_exist)
+        return store.JobStore(st, job), storage.describe(p["store"], p.get("object_store")), p["store"]
     if cfg is None:
-        raise ConfigError("Job %s is not declared in %s: give store, the snapshot store folder."
+        raise ConfigError("Job %s is not declared in %s: give store (the snapshot store folder) or object_store (its bucket)."
                           % (p["job"], config.jobs_dir(p["config_dir"])))
-    return datadir.store_root(cfg, p["data_dir"])
+    folder = None if cfg.get("object_store") else datadir.store_root(cfg, p["data_dir"])
+    return (store.JobStore(storage.job_storage(cfg, p["data_dir"], must_exist=must_exist), job),
+            storage.describe_job(cfg, p["data_dir"]), folder)
 
 
 def job_encrypted(p: dict, cfg: dict | None, js: store.JobStore) -> tuple[bool, str]:
@@ -77,10 +83,7 @@ def list_snapshots(p: dict) -> dict:
     """snapshot_info's result: the job's snapshots, authenticated against the catalog head when KMIP access is
     configured, and the master keys the retained ones need."""
     cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
-    root = store_root(p, cfg)
-    if not os.path.isdir(root):
-        raise StoreError("The snapshot store %s does not exist: check the store path (or mount it)." % root)
-    js = store.JobStore(root, config.validate_name(p["job"], "job name"))
+    js, root, _folder = open_store(p, cfg, must_exist=True)
     settings = kmip_settings(p, cfg)
     warnings = []
     if settings is None:
@@ -174,8 +177,7 @@ class _Restore:
     def run(self):
         p = self.p
         cfg = job_config.load_job(p["config_dir"], p["job"])  # None on a fresh host
-        root = store_root(p, cfg)
-        js = store.JobStore(root, config.validate_name(p["job"], "job name"))
+        js, _root, folder = open_store(p, cfg)
         settings = kmip_settings(p, cfg)
         target = None
         result = {"snapshot_requested": p["snapshot"], "kmip_calls": 0, "kmip_server": None, "warnings": []}
@@ -186,7 +188,9 @@ class _Restore:
             entry, self.keys = self._resolve(js, cfg)
             sid = entry["snapshot_id"]
             expect_encryption = check_encryption_expected(p, cfg, js, entry)
-            protected = {"snapshot store": root, "data_dir": p["data_dir"], "config_dir": p["config_dir"]}
+            protected = {"snapshot store": folder, "data_dir": p["data_dir"], "config_dir": p["config_dir"]}
+            if folder is None:  # a bucket: no local folder to keep the target out of
+                del protected["snapshot store"]
             target, info_path = make_target(p, sid, protected)
             result.update(snapshot_id=sid, created=entry.get("created"), cluster_time=entry.get("cluster_time"),
                           encryption=bool(entry.get("encryption")), master_key_uids=entry.get("master_key_uids") or [],

@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover
 
 TARGET_BYTES = 1 << 20
 MAX_BYTES = 4 << 20
-WRITER_THREADS = 2
+WRITER_THREADS = 2  # a folder's writers; an object store says how many uploads it runs at once (parallelism)
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
 
@@ -206,6 +206,21 @@ def _namespace_chunks(reader, ns, prev, writer, flagged):
     return out
 
 
+def _committed_by_another(job_store, snapshot_id):
+    """After a failed catalog head update: True when the head now lists snapshot_id (another writer took its entry as
+    live: it is committed); else its catalog entry and pending marker are removed (best effort: an unreachable store
+    keeps them, a stale marker and an entry the next snapshot's head update takes or drops) and False."""
+    try:
+        won = job_store.read_head() or {}
+        if any(sid == snapshot_id for _seq, sid in won.get("live") or []):
+            return True
+        job_store.uncommit(snapshot_id)
+        job_store.end(snapshot_id)
+    except KmipBackupError:
+        pass
+    return False
+
+
 def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None = None, master_key_uid: str | None = None,
                   encryption: bool = True, kind: str = "scheduled", now: datetime.datetime | None = None,
                   expires: datetime.datetime | None = None, target_bytes: int = TARGET_BYTES, max_bytes: int = MAX_BYTES,
@@ -244,7 +259,8 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
             prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
     flagged = target_bytes == head.boundary_target
     is_boundary = head.boundary_fn(target_bytes)
-    writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes)
+    writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes,
+                     threads=getattr(job_store.storage, "parallelism", WRITER_THREADS))
     try:
         with head.read() as r:
             pos = r.position()
@@ -301,9 +317,19 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
              "encryption": bool(encryption), "master_key_uids": master_uids, "key_id": key_id,
              "manifest_sha256": manifest_sha, "expires": iso(expires) if isinstance(expires, datetime.datetime) else expires,
              "type": kind, "format": FORMAT}
+    moved = job_store.read_head()
+    if (moved or {}).get("seq") != (chead or {}).get("seq") or (moved or {}).get("snapshot_id") != (chead or {}).get("snapshot_id"):
+        job_store.end(snapshot_id)  # its chunks and manifest are unreferenced: the next GC removes them
+        raise SnapshotError("Another writer committed a snapshot of job %s to the store %s while this one was taken: only one "
+                            "Backup Daemon may write a job's store (check that no other host runs this job); this snapshot "
+                            "was not committed." % (job_store.job, getattr(job_store.storage, "root", "")))
     entry = job_store.put_catalog(entry, keys)
-    job_store.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in entries] + [(entry["seq"], snapshot_id)], key_id,
-                       prev=chead, now=now)
+    try:
+        job_store.put_head(keys, [(e["seq"], e["snapshot_id"]) for e in entries] + [(entry["seq"], snapshot_id)], key_id,
+                           prev=chead, now=now)
+    except StoreError:
+        if not _committed_by_another(job_store, snapshot_id):
+            raise
     job_store.end(snapshot_id)
     result = dict(entry)
     result.update(change_seq=change_seq, written_chunks=writer.written_chunks, reused_chunks=reused)

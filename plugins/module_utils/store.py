@@ -521,7 +521,13 @@ class JobStore:
         head = {"format": HEAD_FORMAT, "job": self.job, "seq": max([live[-1][0]] + ([int(prev["seq"])] if prev else [])),
                 "snapshot_id": live[-1][1], "live": live, "key_id": key_id or "none", "updated": iso(now or utcnow())}
         head["mac"] = self._head_mac(head, keys)
-        self.storage.put_atomic(self._p("catalog-head.json"), canonical(head))
+        cas = getattr(self.storage, "put_if_unchanged", None)  # an object store: compare-and-swap on the head read
+        if cas is None:  # a folder: one daemon (its data_dir lock) writes it
+            self.storage.put_atomic(self._p("catalog-head.json"), canonical(head))
+        elif not cas(self._p("catalog-head.json"), canonical(head), canonical(prev) if prev else None):
+            raise StoreError("Another writer changed the catalog head of job %s in the store %s meanwhile: only one Backup "
+                             "Daemon may write a job's store (check that no other host runs this job); nothing was "
+                             "committed." % (self.job, getattr(self.storage, "root", "")))
         return head
 
     def _entry_keys(self, entry, keys):
@@ -670,6 +676,10 @@ class JobStore:
         ids = [e["snapshot_id"] for e in (self.catalog() if entries is None else entries)]
         if snapshot_id in ids and len(ids) <= 1:
             raise StoreError("Snapshot %s is the last restorable snapshot of job %s: it is kept." % (snapshot_id, self.job))
+        self.storage.delete(self._p("catalog", snapshot_id + ".json"))
+
+    def uncommit(self, snapshot_id: str) -> None:
+        """Remove the catalog entry of a snapshot whose catalog head update lost to another writer (never live)."""
         self.storage.delete(self._p("catalog", snapshot_id + ".json"))
 
     # pending markers ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.attributes
   - kmipbackup.mongodb.kmip.DAEMON_USER
   - kmipbackup.mongodb.kmip.FILE_OWNER
+  - kmipbackup.mongodb.store
   - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
@@ -141,7 +142,9 @@ options:
     type: bool
     default: false
   store:
-    description: Root of the snapshot store; defaults to C(store) in O(data_dir).
+    description:
+      - Root of the snapshot store (a folder); defaults to C(store) in O(data_dir).
+      - Mutually exclusive with O(object_store), which keeps the job's snapshots in a bucket instead.
     type: path
   schedule:
     description: Snapshot schedule and retention, with Ops Manager's ranges.
@@ -363,13 +366,13 @@ def argument_spec():
     )
 
 
-SHARED = ("config_dir", "data_dir", "daemon_user", "file_owner")  # the base's shared options this module takes
+SHARED = ("config_dir", "data_dir", "daemon_user", "file_owner", "object_store")  # the base's shared options it takes
 
 
 def main():
     # a source.uri with user:password@ is refused: keep that password out of invocation.module_args and messages
     module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
-                              secret_values=[lambda p: (p["source"] or {}).get("uri")])
+                              mutually_exclusive=[("store", "object_store")], secret_values=[lambda p: (p["source"] or {}).get("uri")])
     module.run(job_declaration.declare, module.params, check_mode=module.check_mode)
 
 

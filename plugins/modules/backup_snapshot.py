@@ -199,7 +199,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module 
 
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-        config, datadir, job_config, job_declaration, job_requests, source, store)
+        config, job_config, job_declaration, job_requests, source, storage, store)
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
     IMPORT_ERROR = None
 except ImportError:
@@ -219,8 +219,7 @@ def load(params):
 def snapshot_result(cfg, params, answer):
     """The public fields of the catalog entry of the snapshot the daemon answered with, and the source time it covers."""
     sid = (answer or {}).get("id") or (answer or {}).get("snapshot_id")
-    root = datadir.store_root(cfg, params["data_dir"])
-    out = store.public_entry(store.JobStore(root, params["job"]).catalog_entry(sid))
+    out = store.public_entry(storage.job_store(cfg, params["data_dir"]).catalog_entry(sid))
     out["source_cluster_time"] = (answer or {}).get("source_cluster_time")
     return out
 

@@ -29,6 +29,7 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.kmip.CONNECTION
   - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.ACCESS
+  - kmipbackup.mongodb.store
   - kmipbackup.mongodb.requirements
 options:
   job:
@@ -43,7 +44,7 @@ options:
   store:
     description:
       - The snapshot store root (the folder that holds one area per job).
-      - When omitted, the store recorded for O(job) in O(config_dir) is used.
+      - When neither this nor O(object_store) is given, the store recorded for O(job) in O(config_dir) is used.
     type: path
   config_dir:
     description:
@@ -69,6 +70,16 @@ EXAMPLES = r'''
     snapshot: latest
   register: latest_snapshot
 
+- name: On a fresh host, from the job's bucket
+  kmipbackup.mongodb.snapshot_info:
+    job: orders
+    object_store:
+      bucket: backups
+      prefix: kmipbackup
+      endpoint_url: https://s3.example.com
+      access_key: "{{ vault_s3_access_key }}"
+      secret_key: "{{ vault_s3_secret_key }}"
+
 - name: Show which master keys must stay in the KMIP server
   ansible.builtin.debug:
     msg: "Keep master keys {{ orders_snapshots.master_key_uids_needed | join(', ') }}"
@@ -76,7 +87,7 @@ EXAMPLES = r'''
 
 RETURN = r'''
 store:
-  description: The store root that was read.
+  description: The store that was read, its folder or V(bucket <bucket> [prefix <prefix>] at <endpoint>) (never credentials).
   returned: always
   type: str
   sample: /var/lib/kmipbackup/store
@@ -170,11 +181,12 @@ def argument_spec():
     )
 
 
-SHARED = ("store_reader",)  # the base's shared options this module takes
+SHARED = ("store_reader", "object_store")  # the base's shared options this module takes
 
 
 def main():
-    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR)
+    module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
+                              mutually_exclusive=[("store", "object_store")])
     module.run(restore_request.list_snapshots, module.params)
 
 

@@ -45,6 +45,7 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.kmip.CONNECTION
   - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.ACCESS
+  - kmipbackup.mongodb.store
   - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
@@ -71,7 +72,8 @@ options:
     default: latest
   store:
     description:
-      - The snapshot store root. When omitted, the store recorded for O(job) in O(config_dir) is used.
+      - The snapshot store root (a folder). When neither this nor O(object_store) is given, the store recorded for
+        O(job) in O(config_dir) is used.
     type: path
   target_mongodb:
     description:
@@ -196,6 +198,21 @@ EXAMPLES = r'''
     snapshot: 20261127T180000Z-1a2b3c4d
     store: /mnt/backup/store
     kmip_servers: [kmip1.example.com, kmip2.example.com]
+    kmip_ca_file: /etc/pki/kmip/ca.pem
+    client_cert_file: /etc/pki/kmip/orders-restore.pem
+    client_cert_password: "{{ vault_kmip_password }}"
+    target_dir: /srv/restore/orders
+
+- name: On a fresh host from the job's bucket (only the bucket's credentials, the KMIP server and a certificate)
+  kmipbackup.mongodb.snapshot_restore:
+    job: orders
+    object_store:
+      bucket: backups
+      prefix: kmipbackup
+      endpoint_url: https://s3.example.com
+      access_key: "{{ vault_s3_access_key }}"
+      secret_key: "{{ vault_s3_secret_key }}"
+    kmip_servers: [kmip1.example.com]
     kmip_ca_file: /etc/pki/kmip/ca.pem
     client_cert_file: /etc/pki/kmip/orders-restore.pem
     client_cert_password: "{{ vault_kmip_password }}"
@@ -354,12 +371,12 @@ def argument_spec():
     )
 
 
-SHARED = ("store_reader",)  # the base's shared options this module takes
+SHARED = ("store_reader", "object_store")  # the base's shared options this module takes
 
 
 def main():
     module = KmipBackupModule(argument_spec, shared=SHARED, import_error=IMPORT_ERROR,
-                              mutually_exclusive=[TARGETS], required_one_of=[TARGETS],
+                              mutually_exclusive=[TARGETS, ("store", "object_store")], required_one_of=[TARGETS],
                               secret_values=[lambda p: (p["target_mongodb"] or {}).get("uri")])
     module.run(restore_request.run_restore, module.params, check_mode=module.check_mode)
 

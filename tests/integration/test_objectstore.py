@@ -1,7 +1,8 @@
 """The snapshot store in an S3 bucket, against a real S3 server (SeaweedFS, started by the s3_server fixture):
 the storage contract (atomic and conditional puts, paginated listing, multipart, touch), a snapshot, an
 incremental one, a byte-equal restore, tamper detection, garbage collection, the store's format record, clear
-errors for wrong credentials, a missing bucket and a dead endpoint, and an endpoint killed mid-snapshot."""
+errors for wrong credentials, a missing bucket and a dead endpoint, and an endpoint killed mid-snapshot (nothing
+visible, the next snapshot succeeds) and mid-restore (it fails, the target untouched)."""
 import datetime
 import os
 import time
@@ -13,7 +14,7 @@ from botocore.config import Config
 
 import kmipbackup_lab as lab
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore, restore, snapshot, store, timeutil
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, SnapshotError, StoreError
 from snapshot_helpers import LocalKeyProvider, all_types_docs, make_head, split_docs, upsert_docs
 
 CANARY = "S3CanaryOtter"
@@ -214,5 +215,63 @@ def test_endpoint_killed_mid_snapshot_leaves_nothing_visible(tmp_path, monkeypat
         e = snapshot.take_snapshot(h, js, keys, "crash", "mk1", True, target_bytes=16 << 10)
         assert [x["snapshot_id"] for x in js.catalog()] == [e["snapshot_id"]]
         assert restored(tmp_path, js, provider, "latest", "r") == head_image(h)
+        # the server dies during a restore: it fails naming the endpoint, the target folder is never created
+        read_chunk, reads = js.read_chunk, [0]
+
+        def dying_read_chunk(*a, **kw):
+            reads[0] += 1
+            if reads[0] == 3:
+                lab.stop(srv["pid"])
+            return read_chunk(*a, **kw)
+        js.read_chunk = dying_read_chunk
+        with pytest.raises(StoreError, match="cannot be reached|failed"):
+            restored(tmp_path, js, provider, "latest", "r-dead")
+        assert not (tmp_path / "r-dead").exists()
     finally:
         lab.stop(srv["pid"])
+
+
+def test_two_writers_never_both_commit(tmp_path, s3_server, bucket):
+    """A second writer (another daemon pointed at the same bucket) commits while a snapshot is being taken: the first
+    refuses to commit on top of it, leaving the other's snapshot the only one, restorable."""
+    provider = LocalKeyProvider()
+    provider.create("mk1")
+    js = store.JobStore(storage(s3_server, bucket), "twice")
+    other = store.JobStore(storage(s3_server, bucket), "twice")
+    h = make_head(str(tmp_path / "h" / "head.db"), {"a.b": docs(500)}, key=os.urandom(32))
+    snapshot.take_snapshot(h, js, store.Keys(js, provider), "twice", "mk1", True)
+    put_manifest, seen = js.put_manifest, {}
+
+    def other_commits_first(*a, **kw):
+        seen["other"] = snapshot.take_snapshot(h, other, store.Keys(other, provider), "twice", "mk1", True)
+        return put_manifest(*a, **kw)
+    js.put_manifest = other_commits_first
+    with pytest.raises(SnapshotError, match="Another writer committed a snapshot of job twice"):
+        snapshot.take_snapshot(h, js, store.Keys(js, provider), "twice", "mk1", True)
+    live, head = js.live_catalog(store.Keys(js, provider))
+    assert head["snapshot_id"] == seen["other"]["snapshot_id"] == live[-1]["snapshot_id"] and len(live) == 2
+    assert js.pending(timeutil.utcnow(), 3600) == []
+    # the narrow window: the other writer's head lands between this snapshot's last check and its head update; the
+    # conditional PUT of the head (If-Match) refuses it and its catalog entry goes
+    put_catalog = js.put_catalog
+
+    def other_commits_at_the_entry(*a, **kw):
+        seen["third"] = snapshot.take_snapshot(h, other, store.Keys(other, provider), "twice", "mk1", True)
+        return put_catalog(*a, **kw)
+    js.put_manifest, js.put_catalog = put_manifest, other_commits_at_the_entry
+    with pytest.raises(StoreError, match="Another writer changed the catalog head of job twice"):
+        snapshot.take_snapshot(h, js, store.Keys(js, provider), "twice", "mk1", True)
+    live, head = js.live_catalog(store.Keys(js, provider))
+    assert head["snapshot_id"] == seen["third"]["snapshot_id"] == live[-1]["snapshot_id"] and len(live) == 3
+    assert len(js.catalog()) == 3 and js.pending(timeutil.utcnow(), 3600) == []
+    # the other writer started after this snapshot's entry and took it as live: both are committed, in order
+    put_head = js.put_head
+
+    def other_commits_at_the_head(*a, **kw):
+        seen["fourth"] = snapshot.take_snapshot(h, other, store.Keys(other, provider), "twice", "mk1", True)
+        return put_head(*a, **kw)
+    js.put_catalog, js.put_head = put_catalog, other_commits_at_the_head
+    mine = snapshot.take_snapshot(h, js, store.Keys(js, provider), "twice", "mk1", True)
+    live, head = js.live_catalog(store.Keys(js, provider))
+    assert [e["snapshot_id"] for e in live[-2:]] == [mine["snapshot_id"], seen["fourth"]["snapshot_id"]]
+    assert js.pending(timeutil.utcnow(), 3600) == []
