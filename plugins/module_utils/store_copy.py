@@ -39,7 +39,7 @@ import json
 import re
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, crypto, datadir, job_config, kmip, objectstore, restore_request, retention, store)
+    config, crypto, job_config, kmip, objectstore, restore_request, retention, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import SNAPSHOT_RE
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import utcnow
@@ -408,17 +408,6 @@ def copy_snapshots(src: store.FileStorage | objectstore.S3Storage, dst: store.Fi
 
 
 # the module's request ---------------------------------------------------------------------------------------
-OBJECT_STORE_OPTIONS = ("bucket", "prefix", "endpoint_url", "region", "addressing_style", "ca_bundle", "access_key",
-                        "secret_key", "session_token", "connect_timeout", "read_timeout")
-
-
-def open_store(path: str | None, object_store: dict | None) -> store.FileStorage | objectstore.S3Storage:
-    """The Storage of a folder or of a bucket (object_store: the object_store option's dict)."""
-    if object_store:
-        return objectstore.S3Storage(**{k: v for k, v in object_store.items() if k in OBJECT_STORE_OPTIONS and v is not None})
-    return store.FileStorage(path)
-
-
 def snapshots_option(value: list | str | None) -> str | list:
     """The snapshots option (a list, as Ansible gives it) as copy_snapshots takes it."""
     values = [value] if isinstance(value, str) else list(value or ["all"])
@@ -436,15 +425,15 @@ def copy_request(p: dict, check_mode: bool = False) -> dict:
     job = config.validate_name(p["job"], "job name")
     cfg = job_config.load_job(p["config_dir"], job)  # None on a host that does not run the job
     if p["store"] or p["object_store"]:
-        src = open_store(p["store"], p["object_store"])
-    elif cfg is not None and cfg.get("object_store"):
-        src = open_store(None, cfg["object_store"])
+        src = storage.open_storage(p["store"], p["object_store"], must_exist=True)
     elif cfg is not None:
-        src = open_store(datadir.store_root(cfg, p["data_dir"]), None)
+        src = storage.job_storage(cfg, p["data_dir"], must_exist=True)
     else:
         raise StoreError("Job %s is not declared in %s: give store or object_store, the source snapshot store."
                          % (job, config.jobs_dir(p["config_dir"])))
-    dst = open_store(p["dest_store"], p["dest_object_store"])
+    if not (p["dest_store"] or p["dest_object_store"]):
+        raise StoreError("No destination: give dest_store (a folder) or dest_object_store (a bucket).")
+    dst = storage.open_storage(p["dest_store"], p["dest_object_store"])
     if getattr(src, "root", None) == getattr(dst, "root", None) and type(src) is type(dst):
         raise StoreError("The source and the destination are the same store (%s): give another destination." % src.root)
     retention_opts = p.get("dest_retention") or {}

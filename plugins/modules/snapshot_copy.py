@@ -38,6 +38,8 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.kmip.CONNECTION
   - kmipbackup.mongodb.kmip.CLIENT_CERT
   - kmipbackup.mongodb.kmip.ACCESS
+  - kmipbackup.mongodb.store
+  - kmipbackup.mongodb.requirements
 attributes:
   check_mode:
     support: full
@@ -63,51 +65,8 @@ options:
     description:
       - The source snapshot store's folder. Mutually exclusive with O(object_store).
       - When neither is given, the store recorded for O(job) in O(config_dir) is used.
+      - O(object_store) (below) is the source store in a bucket.
     type: path
-  object_store:
-    description:
-      - The source snapshot store in an S3-compatible bucket. Mutually exclusive with O(store).
-    type: dict
-    suboptions:
-      bucket:
-        description: The bucket (3 to 63 lowercase letters, digits, dots and hyphens). It must exist.
-        type: str
-        required: true
-      prefix:
-        description: The key prefix below which the store lives (one area per job under it); empty for the bucket's root.
-        type: str
-        default: ''
-      endpoint_url:
-        description: The S3 endpoint, V(https://host[:port]) (V(http://) only for a test server). Omit for AWS S3.
-        type: str
-      region:
-        description: The bucket's region; V(us-east-1) when omitted.
-        type: str
-      addressing_style:
-        description: V(path) (most self-hosted servers), V(virtual) (bucket in the host name) or V(auto).
-        type: str
-        choices: [path, virtual, auto]
-        default: path
-      ca_bundle:
-        description: The PEM file of the CA that signed the endpoint's certificate, when not a public CA.
-        type: path
-      access_key:
-        description: The access key id. Without it and O(object_store.secret_key), the standard AWS credential chain is used.
-        type: str
-      secret_key:
-        description: The secret access key. Never logged nor returned.
-        type: str
-      session_token:
-        description: A session token for temporary credentials. Never logged nor returned.
-        type: str
-      connect_timeout:
-        description: Seconds to wait for a connection to the endpoint.
-        type: float
-        default: 10
-      read_timeout:
-        description: Seconds to wait for an answer.
-        type: float
-        default: 60
   dest_store:
     description:
       - The destination snapshot store's folder (created when missing). One of O(dest_store) and O(dest_object_store)
@@ -287,7 +246,7 @@ error_kind:
 
 import traceback
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule, object_store_spec
 
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import store_copy
@@ -296,38 +255,20 @@ except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 
 
-def object_store_spec():
-    """The object_store suboptions (the same for the source and the destination)."""
-    return dict(type="dict", options=dict(
-        bucket=dict(type="str", required=True),
-        prefix=dict(type="str", default=""),
-        endpoint_url=dict(type="str"),
-        region=dict(type="str"),
-        addressing_style=dict(type="str", default="path", choices=["path", "virtual", "auto"]),
-        ca_bundle=dict(type="path"),
-        access_key=dict(type="str", no_log=False),
-        secret_key=dict(type="str", no_log=True),
-        session_token=dict(type="str", no_log=True),
-        connect_timeout=dict(type="float", default=10.0),
-        read_timeout=dict(type="float", default=60.0),
-    ))
-
-
 def argument_spec():
     return dict(
         job=dict(type="str", required=True),
         snapshots=dict(type="list", elements="str", default=["all"]),
         store=dict(type="path"),
-        object_store=object_store_spec(),
         dest_store=dict(type="path"),
-        dest_object_store=object_store_spec(),
+        **object_store_spec("dest_object_store"),
         authenticate=dict(type="bool", default=False),
         dest_retention=dict(type="dict", options=dict(keep_last=dict(type="int"), schedule=dict(type="raw")),
                             mutually_exclusive=[("keep_last", "schedule")]),
     )
 
 
-SHARED = ("store_reader",)  # the base's shared options this module takes
+SHARED = ("store_reader", "object_store")  # the base's shared options this module takes
 
 
 def main():
