@@ -77,6 +77,11 @@ class _Writer:
         self._inflight.append(self._pool.submit(self._store, entry, docs))
         return entry
 
+    def written_ids(self) -> set:
+        """The ids of the chunks this snapshot wrote (not those it found in the store)."""
+        with self._lock:
+            return {cid for cid, stored in self._mine.items() if stored is not None}
+
     def _store(self, entry, docs):
         plain = docs if isinstance(docs, bytes) else b"".join(docs)
         digest = hashlib.sha256(plain).digest()
@@ -297,7 +302,12 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
         n.update(count=sum(c["count"] for c in chunks), bytes=sum(c["bytes"] for c in chunks),
                  stored=sum(c["stored"] for c in chunks), hash=namespace_hash(chunks), chunks=chunks)
     job_store.storage.sync(writer.unsynced)
-    missing = [c["id"] for n in namespaces for c in n["chunks"] if not job_store.has_chunk(c["id"])]
+    # A chunk this snapshot wrote is new, and GC spares new objects (its grace period); one it reuses may have been
+    # collected meanwhile: check only those, in parallel (a request each on an object store).
+    reused_ids = sorted({c["id"] for n in namespaces for c in n["chunks"]} - writer.written_ids())
+    with concurrent.futures.ThreadPoolExecutor(getattr(job_store.storage, "parallelism", WRITER_THREADS)) as pool:
+        present = list(pool.map(job_store.has_chunk, reused_ids))
+    missing = [cid for cid, ok in zip(reused_ids, present, strict=True) if not ok]
     if missing:
         job_store.end(snapshot_id)
         raise SnapshotError("%d chunk(s) this snapshot reuses were removed meanwhile (garbage collection of a stale "

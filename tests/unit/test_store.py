@@ -331,6 +331,40 @@ def test_gc_running_during_a_snapshot(env, monkeypatch, marker):
             restored_docs(tmp, js, provider, e2["snapshot_id"], "r2")
 
 
+def test_a_reused_chunk_collected_during_a_snapshot_fails_it_and_only_reused_chunks_are_checked(env, monkeypatch):
+    """A chunk the snapshot reuses that disappears before its commit (GC of a stale store, an operator) fails the
+    snapshot, nothing committed; the end check asks the store about reused chunks only (what it wrote is new)."""
+    tmp, provider, js = env
+    docs = source_docs(3000)
+    h = make_head(str(tmp / "h" / "head.db"), {"d.c": docs}, key=os.urandom(32))
+    e0 = snap(h, js, provider, target_bytes=32 << 10)
+    keys = store.Keys(js, provider)
+    old = {c["id"] for n in js.read_manifest(e0["snapshot_id"], keys)["namespaces"] for c in n["chunks"]}
+    with h.write() as w:
+        upsert_docs(w, "d.c", [dict(d, v=-1) for d in docs[:100]])
+    asked = []
+    has_chunk = js.has_chunk
+    monkeypatch.setattr(js, "has_chunk", lambda cid: asked.append(cid) or has_chunk(cid))
+    e1 = snap(h, js, provider, target_bytes=32 << 10)
+    assert e1["reused_chunks"] > 0 and e1["written_chunks"] > 0, e1
+    written = {c["id"] for n in js.read_manifest(e1["snapshot_id"], keys)["namespaces"] for c in n["chunks"]} - old
+    assert written and not written & set(asked) and set(asked) <= old, (len(asked), len(written))
+    with h.write() as w:
+        upsert_docs(w, "d.c", [dict(d, v=-2) for d in docs[:100]])
+    sync = js.storage.sync
+
+    def collecting_sync(paths):
+        sync(paths)
+        for cid in old:  # the chunks e2 reuses from e0 and e1 vanish after its own writes
+            js.storage.delete(js.chunk_path(cid))
+
+    monkeypatch.setattr(js.storage, "sync", collecting_sync)
+    before = [e["snapshot_id"] for e in js.catalog()]
+    with pytest.raises(snapshot.SnapshotError, match="removed meanwhile"):
+        snap(h, js, provider, target_bytes=32 << 10)
+    assert [e["snapshot_id"] for e in js.catalog()] == before
+
+
 def store_key(i):
     return rawbson.id_key_from_document(bson.encode({"_id": i}))
 
