@@ -15,7 +15,6 @@ from __future__ import annotations
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, job_config, job_status, master_keys, source, storage
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KeyInUseError
 
-DEFAULT_WAIT_TIMEOUT = 600  # seconds a module waits for the daemon by default (a job ready or gone, an answer)
 
 
 def declare(p: dict, check_mode: bool = False) -> dict:

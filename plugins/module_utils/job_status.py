@@ -14,6 +14,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import datadir,
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 
 _UNREAD = object()
+DEFAULT_WAIT_TIMEOUT = 600  # seconds a module waits for the daemon by default (a job ready or gone, an answer)
 
 
 def read_status(data_dir: str, job: str) -> dict | None:

@@ -334,7 +334,7 @@ import traceback
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module import KmipBackupModule, mongodb_connection_spec
 
 try:
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_declaration
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config, job_declaration, job_status
     IMPORT_ERROR = None
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
@@ -362,7 +362,7 @@ def argument_spec():
         )),
         state=dict(type="str", choices=list(job_config.STATES), default=job_config.STATES[0]),
         wait=dict(type="bool", default=False),
-        wait_timeout=dict(type="int", default=job_declaration.DEFAULT_WAIT_TIMEOUT),
+        wait_timeout=dict(type="int", default=job_status.DEFAULT_WAIT_TIMEOUT),
     )
 
 

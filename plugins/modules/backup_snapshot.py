@@ -199,7 +199,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.ansible_module 
 
 try:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-        config, job_config, job_declaration, job_requests, source, storage, store)
+        config, job_config, job_requests, job_status, source, storage, store)
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KmipBackupError
     IMPORT_ERROR = None
 except ImportError:
@@ -229,7 +229,7 @@ def argument_spec():
         job=dict(type="str", required=True),
         action=dict(type="str", choices=list(job_requests.ACTIONS), default=job_requests.ACTIONS[0]),
         wait=dict(type="bool", default=True),
-        timeout=dict(type="int", default=job_declaration.DEFAULT_WAIT_TIMEOUT),
+        timeout=dict(type="int", default=job_status.DEFAULT_WAIT_TIMEOUT),
     )
 
 
