@@ -247,6 +247,21 @@ class S3Storage:
             if not page.get("IsTruncated") or not token:
                 return sorted(n for n in names if n)
 
+    def list_tree(self, prefix: str) -> list:
+        """Paths (relative to the folder prefix) of every object below it, at any depth: one request per page of
+        keys, however many sub-folders there are."""
+        base = self._key(prefix) + "/"
+        paths, token = [], None
+        while True:
+            kw = {"Prefix": base, "MaxKeys": self.list_page}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call("listing %s" % prefix, self.client.list_objects_v2, **kw)
+            paths.extend(o["Key"][len(base):] for o in page.get("Contents", []))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(p for p in paths if p)
+
     def delete(self, path: str) -> None:
         self._call("deleting %s" % path, self.client.delete_object, Key=self._key(path))
 

@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover
 
 TARGET_BYTES = 1 << 20
 MAX_BYTES = 4 << 20
+LIST_PAGE = 1000  # keys per listing request of an object store (S3's maximum)
 WRITER_THREADS = 2  # a folder's writers; an object store says how many uploads it runs at once (parallelism)
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
@@ -54,8 +55,9 @@ class _Writer:
     emit() returns a chunk entry whose id, key, stored size and hash a worker fills in; at most
     2 * threads chunks are in flight, so memory stays bounded whatever the snapshot's size."""
 
-    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, threads=WRITER_THREADS):
+    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, threads=WRITER_THREADS, known=None):
         self.js, self.key_id, self.key, self.id_key = job_store, key_id, key, id_key
+        self.known = known  # chunk ids the store held when the snapshot began (one listing), else None: ask per chunk
         self.is_boundary = is_boundary
         self.max_bytes = max_bytes
         self.unsynced = []
@@ -90,7 +92,8 @@ class _Writer:
         path = self.js.chunk_path(cid)
         with self._lock:
             mine = cid in self._mine
-            if not mine and not self.js.storage.exists(path):
+            stored_before = (cid in self.known) if self.known is not None else self.js.storage.exists(path)
+            if not mine and not stored_before:
                 self._mine[cid] = None
                 write = True
             else:
@@ -264,8 +267,9 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
             prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
     flagged = target_bytes == head.boundary_target
     is_boundary = head.boundary_fn(target_bytes)
+    known = set(job_store.chunk_ids())  # one listing instead of a request per new chunk
     writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes,
-                     threads=getattr(job_store.storage, "parallelism", WRITER_THREADS))
+                     threads=getattr(job_store.storage, "parallelism", WRITER_THREADS), known=known)
     try:
         with head.read() as r:
             pos = r.position()
@@ -303,11 +307,16 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
                  stored=sum(c["stored"] for c in chunks), hash=namespace_hash(chunks), chunks=chunks)
     job_store.storage.sync(writer.unsynced)
     # A chunk this snapshot wrote is new, and GC spares new objects (its grace period); one it reuses may have been
-    # collected meanwhile: check only those, in parallel (a request each on an object store).
+    # collected meanwhile: check only those, by one listing of the chunk area when that takes fewer requests (a
+    # page per LIST_PAGE chunks) than asking for each, else each in parallel.
     reused_ids = sorted({c["id"] for n in namespaces for c in n["chunks"]} - writer.written_ids())
-    with concurrent.futures.ThreadPoolExecutor(getattr(job_store.storage, "parallelism", WRITER_THREADS)) as pool:
-        present = list(pool.map(job_store.has_chunk, reused_ids))
-    missing = [cid for cid, ok in zip(reused_ids, present, strict=True) if not ok]
+    if len(reused_ids) > len(known) // LIST_PAGE + 1:
+        listed = set(job_store.chunk_ids())
+        missing = [cid for cid in reused_ids if cid not in listed]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(getattr(job_store.storage, "parallelism", WRITER_THREADS)) as pool:
+            present = list(pool.map(job_store.has_chunk, reused_ids))
+        missing = [cid for cid, ok in zip(reused_ids, present, strict=True) if not ok]
     if missing:
         job_store.end(snapshot_id)
         raise SnapshotError("%d chunk(s) this snapshot reuses were removed meanwhile (garbage collection of a stale "

@@ -163,6 +163,15 @@ class FileStorage:
         except FileNotFoundError:
             return []
 
+    def list_tree(self, prefix: str) -> list:
+        """Paths (relative to the folder prefix) of every file below it, at any depth, sorted; temporary files left out."""
+        top = self._p(prefix)
+        out = []
+        for folder, _dirs, names in os.walk(top):
+            rel = os.path.relpath(folder, top)
+            out.extend(n if rel == "." else rel + "/" + n for n in names if ".tmp" not in n)
+        return sorted(out)
+
     def delete(self, path: str) -> None:
         try:
             os.unlink(self._p(path))
@@ -355,10 +364,11 @@ class JobStore:
         return plain
 
     def chunk_ids(self) -> Iterator[str]:
-        for aa in self.storage.list(self._p("chunks")):
-            for cid in self.storage.list(self._p("chunks", aa)):
-                if CHUNK_RE.match(cid):
-                    yield cid
+        # one listing of the whole chunk area (a request per 1000 chunks on an object store), not one per folder
+        for path in self.storage.list_tree(self._p("chunks")):
+            aa, _, cid = path.partition("/")
+            if CHUNK_RE.match(cid) and aa == cid[:2]:
+                yield cid
 
     # manifests ---------------------------------------------------------------------------------------
     def _manifest_aad(self, snapshot_id, key_id):
