@@ -269,6 +269,10 @@ def _uuid(ev):
     return bytes(u) if u is not None else None
 
 
+def _rename_target(ev):
+    return ev.get("to") or (ev.get("operationDescription") or {}).get("to")
+
+
 def merge_fragments(fragments: list) -> bytes:
     """One event from the fragments of a split event ($changeStreamSplitLargeEvent), raw BSON bytes."""
     seen, out = set(), []
@@ -325,7 +329,7 @@ class CloneRepair:
         """Before a DDL event is applied."""
         db, ns = _ns(ev["ns"])
         if op == "rename":
-            to = _ns(ev.get("to") or (ev.get("operationDescription") or {}).get("to"))[1]
+            to = _ns(_rename_target(ev))[1]
             self._mark(to, self.is_exact(ns))
             self._mark(ns, True)
         elif op in ("create", "drop"):
@@ -342,13 +346,19 @@ class Applier:
     refresh(ns) -> None when ns no longer exists at the source, else {"options": raw,
     "indexes": [raw], "uuid": bytes or None}: re-reads what DDL events may not carry in full
     (the stand-in drops unique/sparse/TTL/partial from index events; collMod details).
+    keep(db, ns) -> whether the backup keeps namespace ns ("db.coll", None for a whole
+    database): events on other namespaces are ignored. mongod's cluster-wide stream never
+    shows admin, config, local or system collections; the stand-in shows them all, and
+    applying them would put namespaces in the head that the clone and verify() leave out.
+    A rename out of the kept namespaces is a drop.
     After apply(), `recopy` holds (ns, documentKey raw, cluster time) triples the caller must
     re-read from the source as of that cluster time (upsert, or delete when gone) before
     committing, after flush().
     """
 
-    def __init__(self, refresh: Callable | None = None) -> None:
+    def __init__(self, refresh: Callable | None = None, keep: Callable | None = None) -> None:
         self.refresh = refresh
+        self.keep = keep
         self.recopy = []
         self.counts = {}
         self._ns_cache = {}
@@ -404,6 +414,8 @@ class Applier:
         Document writes are buffered and written, one statement batch per namespace, before the
         transaction commits (Writer.before_commit), before a DDL event and by flush()."""
         op = ev["operationType"]
+        if self.keep is not None and op != "invalidate" and not self._kept(ev, op):
+            return self._count(IGNORED)
         pending = self._buffer(w)
         if op == "update":
             return self._count(self._update(w, pending, ev, catch_up))
@@ -429,6 +441,11 @@ class Applier:
         if self.repair is not None:
             self.repair.ddl(w, op, ev)
         return self._count(handler(w, ev, catch_up))
+
+    def _kept(self, ev, op):
+        if self.keep(*self._ns(ev["ns"])):
+            return True
+        return op == "rename" and self.keep(*_ns(_rename_target(ev)))  # into a kept namespace: what the refresh finds
 
     def _update(self, w, pending, ev, catch_up):
         ns = self._ns(ev["ns"])[1]
@@ -483,8 +500,10 @@ class Applier:
 
     def _ddl_rename(self, w, ev, catch_up):
         ns = _ns(ev["ns"])[1]
-        to = ev.get("to") or (ev.get("operationDescription") or {}).get("to")
-        to_ns = _ns(to)[1]
+        to_db, to_ns = _ns(_rename_target(ev))
+        if self.keep is not None and not self.keep(to_db, to_ns):
+            w.drop_namespace(ns)  # out of the backup's namespaces
+            return APPLIED
         if w.rename(ns, to_ns, drop_target=True):
             self._refresh_into(w, to_ns)  # index events may have been applied without their full specs
             return APPLIED

@@ -208,6 +208,11 @@ def _wanted(db, coll):
     return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
 
 
+def _keeps(db, ns):
+    """Applier's keep: whether a backup keeps namespace ns ("db.coll"), or database db when ns is None."""
+    return _wanted(db, split_namespace(ns)[1] if ns else "")
+
+
 def list_namespaces(client: pymongo.MongoClient) -> list:
     """[(ns, info RawBSONDocument from listCollections)] of every namespace a backup keeps."""
     out = []
@@ -454,7 +459,7 @@ class Capture:
         self.max_batch_seconds = max_batch_seconds
         self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
         self.reclone_due = False    # the catch-up passed its end, but namespaces must be re-cloned first
-        self.applier = Applier(refresh=lambda ns: refresh_namespace(client, ns))
+        self.applier = Applier(refresh=lambda ns: refresh_namespace(client, ns), keep=_keeps)
         self.stream = None
         self.stats = {"events": 0, "transactions": 0, "recopied": 0}
         self._fragments = []
