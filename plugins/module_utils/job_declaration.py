@@ -16,7 +16,6 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, KeyInUseError
 
 
-
 def declare(p: dict, check_mode: bool = False) -> dict:
     """backup_job_encryption's result for the declaration p (with "diff", and "warnings" when there are some)."""
     job = job_config.check_name(p["job"])

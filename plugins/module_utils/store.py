@@ -366,7 +366,7 @@ class JobStore:
     def chunk_ids(self) -> Iterator[str]:
         # one listing of the whole chunk area (a request per 1000 chunks on an object store), not one per folder
         for path in self.storage.list_tree(self._p("chunks")):
-            aa, _, cid = path.partition("/")
+            aa, _sep, cid = path.partition("/")
             if CHUNK_RE.match(cid) and aa == cid[:2]:
                 yield cid
 
