@@ -338,3 +338,15 @@ def image_at_snapshot(js, keys, entry):
         docs = b"".join(js.read_chunk(c, keys) for c in n["chunks"])
         out[n["ns"]] = [(rawbson.id_key_from_document(d), d) for d in rawbson.split_bson_docs(docs)]
     return out
+
+
+def test_job_options_checked_and_written_only_when_not_default():
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+    assert job_config.normalize_point_in_time({"point_in_time_window_hours": 24, "point_in_time_segment_seconds": 60}) == {}
+    assert job_config.normalize_point_in_time({"point_in_time_window_hours": 0, "point_in_time_segment_seconds": 5}) == {
+        "point_in_time_window_hours": 0, "point_in_time_segment_seconds": 5}
+    for bad in ({"point_in_time_window_hours": -1}, {"point_in_time_segment_seconds": 0},
+                {"point_in_time_segment_seconds": "10"}, {"point_in_time_window_hours": True}):
+        with pytest.raises(ConfigError, match=list(bad)[0]):
+            job_config.normalize_point_in_time(bad)
