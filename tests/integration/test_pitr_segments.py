@@ -14,8 +14,10 @@ from bson.raw_bson import RawBSONDocument
 
 import workload
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    ansible_module, restore_request,
     files, head, job_config, job_requests, master_keys, objectstore, rawbson, segments, snapshot, source, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError
+from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_info
 from daemon_helper import DaemonProcess, write_kmip_setup
 from snapshot_helpers import plaintext_views
 
@@ -317,6 +319,14 @@ def test_daemon_segments_kill_resync_tamper_and_canary(tmp_path, pki, kmip_serve
         ranges = _wait_ranges(js, keys, lambda r: len(r["ranges"]) == 2, d)
         assert ranges["ranges"][0]["timeline"] != ranges["ranges"][1]["timeline"]
         assert "new timeline" in ranges["gaps"][0]["reason"]
+        # snapshot_info shows them
+        spec = ansible_module.full_spec(snapshot_info.argument_spec, snapshot_info.SHARED)
+        info = restore_request.list_snapshots(dict({k: o.get("default") for k, o in spec.items()}, job=job,
+                                                   config_dir=config_dir, data_dir=data_dir))
+        def starts(rs):  # a range's end moves on as segments are sealed
+            return [(r["timeline"], r["from"], r["from_time"], r["base_snapshots"]) for r in rs]
+        assert starts(info["point_in_time"]["ranges"]) == starts(ranges["ranges"])
+        assert info["point_in_time"]["gaps"] == ranges["gaps"]
     finally:
         d.stop()
         kmip.close()
