@@ -271,7 +271,7 @@ def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str
         else:  # cannot happen: seals are in order and the link is kept with each
             raise StoreError("The head's change segments of timeline %s lost their chain before segment %d: the daemon "
                              "starts a new timeline." % (c["timeline"], c["seq"]))
-        plain = encode_records(head.segment_records(c["seg"]))
+        plain = head.segment_plaintext(c["seg"])
         path = segment_path(job_store, meta)
         blob = _existing(job_store, meta, path, plain, prev, keys)
         if blob is None:
