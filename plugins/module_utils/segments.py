@@ -76,6 +76,12 @@ def ct_time(ct: tuple) -> str:
     return iso(datetime.datetime.fromtimestamp(int(ct[0]), datetime.timezone.utc))
 
 
+def end_time(ct: tuple) -> str:
+    """The last whole second (ISO) up to whose end a coverage ending at cluster time ct reaches: a time means the end
+    of that second (parse_point), so this time, given back, is inside the coverage."""
+    return ct_time(ct) if ct[1] == MAX_INC else ct_time((ct[0] - 1, 0))
+
+
 def _ct_dict(ct):
     return {"t": int(ct[0]), "i": int(ct[1])}
 
@@ -352,7 +358,7 @@ def _runs(segs):
 
 
 def _gap(frm, to, reasons):
-    return {"from_time": ct_time(frm), "to_time": ct_time(to), "from": _ct_dict(frm), "to": _ct_dict(to),
+    return {"from_time": end_time(frm), "to_time": ct_time(to), "from": _ct_dict(frm), "to": _ct_dict(to),
             "reason": "; ".join(dict.fromkeys(reasons)) or "no snapshot starts this coverage"}
 
 
@@ -382,11 +388,12 @@ def _analyse(job_store, keys):
 def restorable_ranges(job_store: JobStore, keys: Keys) -> dict:
     """{"ranges": [{"timeline", "from", "from_time", "to", "to_time", "base_snapshots"}], "gaps": [{"from_time", "to_time",
     "from", "to", "reason"}]}: the contiguous coverage by segments that starts at a live snapshot's cluster time, oldest
-    first (cluster times as {"t", "i"}, times ISO UTC). Snapshots are authenticated; segments are listed by name (replay
-    authenticates them)."""
+    first (cluster times as {"t", "i"}, times ISO UTC: a range's from_time is the second of its start, to_time the
+    last whole second it covers, so both are restorable points as given). Snapshots are authenticated; segments are
+    listed by name (replay authenticates them)."""
     ranges, gaps = _analyse(job_store, keys)
     return {"ranges": [{"timeline": r["timeline"], "from": _ct_dict(r["from"]), "from_time": ct_time(r["from"]),
-                        "to": _ct_dict(r["to"]), "to_time": ct_time(r["to"]),
+                        "to": _ct_dict(r["to"]), "to_time": end_time(r["to"]),
                         "base_snapshots": [e["snapshot_id"] for _ct, e in r["snapshots"]]} for r in ranges],
             "gaps": gaps}
 
@@ -409,7 +416,7 @@ def plan_point(job_store: JobStore, keys: Keys, point) -> dict:
     before = [r["to"] for r in ranges if r["to"] < point]
     after = [r["from"] for r in ranges if r["from"] > point]
     if before:
-        near.append("the latest restorable time before it is %s (cluster time %d.%d)" % ((ct_time(before[-1]),) + tuple(before[-1])))
+        near.append("the latest restorable time before it is %s (cluster time %d.%d)" % ((end_time(before[-1]),) + tuple(before[-1])))
     if after:
         near.append("the earliest restorable time after it is %s (cluster time %d.%d)" % ((ct_time(after[0]),) + tuple(after[0])))
     if not ranges:
@@ -417,7 +424,7 @@ def plan_point(job_store: JobStore, keys: Keys, point) -> dict:
     raise PointNotRestorable("The point in time %s (cluster time %d.%d) is not restorable for job %s: %s. Choose a point "
                              "inside a restorable range (snapshot_info lists them)."
                              % (ct_time(point), point[0], point[1], job_store.job, "; ".join(near)),
-                             before=ct_time(before[-1]) if before else None, after=ct_time(after[0]) if after else None)
+                             before=end_time(before[-1]) if before else None, after=ct_time(after[0]) if after else None)
 
 
 # ---- replay -----------------------------------------------------------------------------------------

@@ -152,7 +152,9 @@ def test_ranges_plan_and_replay_every_point(env):
     assert ranges["gaps"] == []
     [r] = ranges["ranges"]
     assert (r["from"], r["to"], r["base_snapshots"]) == ({"t": T0, "i": 1}, {"t": T0 + 30, "i": 2}, [base["snapshot_id"]])
-    assert r["to_time"] == segments.ct_time((T0 + 30, 2))
+    assert r["to_time"] == segments.ct_time((T0 + 29, 0))  # the last whole second covered: restorable as given
+    assert segments.plan_point(js, keys, r["to_time"])["point"] == (T0 + 29, segments.MAX_INC)
+    assert segments.plan_point(js, keys, r["from_time"])["point"] == (T0, segments.MAX_INC)
     names = [s["name"] for s in segments.list_segments(js)]
     assert len(names) == 3 and names[0].startswith(r["timeline"] + "/0000000001-%d.1-%d.3" % (T0, T0 + 10))
     for n, point in enumerate(sorted(images)):
@@ -168,7 +170,7 @@ def test_ranges_plan_and_replay_every_point(env):
     for outside in ((T0 - 100, 0), (T0 + 31, 0)):
         with pytest.raises(PointNotRestorable) as e:
             segments.plan_point(js, keys, outside)
-        assert segments.ct_time((T0 + 30, 2) if outside > (T0, 1) else (T0, 1)) in str(e.value)
+        assert (segments.ct_time((T0 + 29, 0)) if outside > (T0, 1) else segments.ct_time((T0, 1))) in str(e.value)
 
 
 def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
@@ -207,7 +209,7 @@ def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
     assert [(r["from"], r["to"]) for r in ranges["ranges"]] == [({"t": T0, "i": 1}, {"t": T0 + 10, "i": 3})]
     [gap] = ranges["gaps"]
     assert gap["reason"] == "segment %s/0000000002 is missing (removed from the store)" % segs[1]["timeline"]
-    with pytest.raises(PointNotRestorable, match="latest restorable time before it is %s" % segments.ct_time((T0 + 10, 3))) as e:
+    with pytest.raises(PointNotRestorable, match="latest restorable time before it is %s" % segments.ct_time((T0 + 9, 0))) as e:
         segments.plan_point(js, keys, (T0 + 25, 1))
     assert gap["reason"] in str(e.value)
     with pytest.raises(IntegrityError, match="segment %s is missing" % segs[1]["name"]):
