@@ -167,7 +167,7 @@ point_in_time:
       description:
         - Contiguous coverage by change segments that starts at a snapshot's cluster time; C(from)/C(to) are cluster
           times V({t, i}); C(from_time) is the UTC second of the start and C(to_time) the last whole second covered
-          (a time given to O(kmipbackup.mongodb.snapshot_restore#module:point_in_time) means the end of that second).
+          (a time given as C(point_in_time) to M(kmipbackup.mongodb.snapshot_restore) means the end of that second).
         - C(base_snapshots) are the snapshots inside the range a restore can start from; C(timeline) changes at a
           resync, a lost resume point or an invalidated change stream.
       type: list
