@@ -173,8 +173,8 @@ options:
         default: 13
   point_in_time_window_hours:
     description:
-      - Hours back from now to which the job can be restored to any point in time (Ops Manager's
-        C(pointInTimeWindowHours)): the daemon keeps the change events it applies, in encrypted change
+      - Hours back from now to which the job can be restored to any point in time (as Ops Manager's
+        C(pointInTimeWindowHours)). The daemon keeps the change events it applies, in encrypted change
         segments, back to the newest snapshot at or before the start of the window.
       - V(0) turns point-in-time restore off (no segments are written; existing ones are collected).
     type: int
@@ -183,7 +183,7 @@ options:
     description:
       - Seconds after which the daemon closes the open change segment and writes it to the store (also at
         every snapshot and key rotation). The last this many seconds of changes exist only in the
-        encrypted head until then: shorter means a store copy is more current, longer means fewer objects.
+        encrypted head until then. Shorter means a store copy is more current, longer means fewer objects.
       - 1 to 3600.
     type: int
     default: 60
