@@ -152,7 +152,6 @@ def main(argv=None):
                 else:
                     run["head"].close()
         stored = sum(s["stored"] for s in last["sealed"])
-        raw = sum(s["records_bytes"] for s in last["sealed"])
         last["head"].close()
         events, seconds = replay_rate(work, base, last)
         best_off, best_on = max(rates[False]), max(rates[True])
@@ -164,7 +163,7 @@ def main(argv=None):
         cpu_off, cpu_on = max(cpu_rates[False]), max(cpu_rates[True])
         print("CPU of the capturing process: without %.0f ev/CPU-s, with %.0f ev/CPU-s (best rounds): with/without %.3f"
               % (cpu_off, cpu_on, cpu_on / cpu_off))
-        print("segment bytes: %d records, %d stored (%.2fx)" % (raw, stored, raw / max(1, stored)))
+        print("segment bytes stored: %d (%.0f per event)" % (stored, stored / max(1, events)))
         print("replay of the sealed segment into a head: %d events in %.2f s = %.0f ev/s" % (events, seconds, events / seconds))
     finally:
         lab.stop(mongo["pid"])

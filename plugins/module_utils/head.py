@@ -228,11 +228,11 @@ class Head:
             rows = self._conn.execute("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg").fetchall()
         return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
 
-    def segment_plaintext(self, seg: int) -> bytes:
-        """The records of a closed segment, in apply order, as a segment's plaintext (segments.encode_records)."""
+    def segment_frames(self, seg: int) -> bytes:
+        """The records of a closed segment, in apply order, as zstd frames back to back (one per transaction)."""
         with self._lock:
             rows = self._conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
-        return b"".join(crypto.decompress(r[0], "head segment records") for r in rows)
+        return b"".join(bytes(r[0]) for r in rows)
 
     def segment_chain(self, timeline: str) -> tuple | None:
         """(seq, digest) of the last sealed segment of timeline, or None."""

@@ -9,7 +9,7 @@ import pytest
 from bson import Timestamp
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import rawbson, segments, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, rawbson, segments, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
 from snapshot_helpers import LocalKeyProvider, canary_hits, files_under, make_head
@@ -112,7 +112,7 @@ def test_seal_open_round_trip_and_binding(env):
     meta = segments._meta("20261130T120000Z-0a0b0c0d", 2, (T0, 1), (T0 + 9, 4))
     plain = segments.encode_records([(T0 + 1, 2, bson.encode({"a": CANARY}))])
     prev = os.urandom(32)
-    blob = segments.seal_segment("job1", meta, plain, "snapshot-1", key, prev)
+    blob = segments.seal_segment("job1", meta, crypto.compress(plain[:13]) + crypto.compress(plain[13:]), "snapshot-1", key, prev)
     assert CANARY.encode() not in blob
     assert segments.open_segment("job1", meta, blob, keys) == (plain, prev)
     assert [(t, i, bytes(r)) for t, i, r in segments.decode_records(plain)] == [(T0 + 1, 2, bson.encode({"a": CANARY}))]
@@ -128,7 +128,7 @@ def test_seal_open_round_trip_and_binding(env):
     forged_prev = blob[:5 + 10] + os.urandom(32) + blob[5 + 10 + 32:]
     with pytest.raises(IntegrityError):
         segments.open_segment("job1", meta, forged_prev, keys)
-    null = segments.seal_segment("job1", meta, plain, "none", None, prev)
+    null = segments.seal_segment("job1", meta, crypto.compress(plain), "none", None, prev)
     with pytest.raises(IntegrityError, match="unencrypted"):
         segments.open_segment("job1", meta, null, keys)
 
@@ -183,7 +183,7 @@ def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
 
     # segment 2 re-sealed with other content under its own name (whoever holds the key): the chain breaks at 3
     key_id = "snapshot-1"
-    fake = segments.seal_segment("job1", segs[1], segments.encode_records([]), key_id, keys.key(key_id), blobs[1][15:47])
+    fake = segments.seal_segment("job1", segs[1], crypto.compress(b""), key_id, keys.key(key_id), blobs[1][15:47])
     open(paths[1], "wb").write(fake)
     with pytest.raises(IntegrityError, match="segment %s does not chain" % segs[2]["name"]):
         replayed(tmp, js, keys, images, plan, "x1")
@@ -196,7 +196,7 @@ def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
     other = store.JobStore(str(tmp / "store"), "job2")
     okeys = store.Keys(other, provider)
     okeys.epoch_for("mk1")
-    foreign = segments.seal_segment("job2", segs[1], segments.encode_records([]), "snapshot-1", okeys.key("snapshot-1"),
+    foreign = segments.seal_segment("job2", segs[1], crypto.compress(b""), "snapshot-1", okeys.key("snapshot-1"),
                                     blobs[1][15:47])
     open(paths[1], "wb").write(foreign)
     with pytest.raises(IntegrityError, match="segment %s" % segs[1]["name"]):
