@@ -94,6 +94,63 @@ def capture_run(base_head, work, name, uri, segments_on, provider):
     return out
 
 
+class RecordedStream:
+    """The change events a stream delivered, played back to source.Capture (try_next, resume_token) without a server."""
+
+    def __init__(self, events):
+        self.events, self.pos, self.resume_token = events, 0, None
+
+    def try_next(self):
+        if self.pos >= len(self.events):
+            return None
+        self.pos += 1
+        return self.events[self.pos - 1]
+
+
+def record(uri, base_head, n):
+    """The first n change events after the base head's resume point, as the capture's stream delivers them."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+    h = head.Head(base_head, HEAD_KEY)
+    token = h.position()["resume_token"]
+    h.close()
+    client = source.connect({"uri": uri, "connect_timeout": 10})
+    stream = source._open_stream(client, token, max_await_ms=500)  # pylint: disable=protected-access
+    out, idle = [], 0
+    while len(out) < n and idle < 10:
+        ev = stream.try_next()
+        idle = idle + 1 if ev is None else 0
+        if ev is not None:
+            out.append(ev)
+    stream.close()
+    client.close()
+    return out
+
+
+def apply_run(base_head, work, name, recorded, segments_on, provider):
+    """source.Capture's transactions over recorded events (no server): events, wall and CPU seconds, with closing and
+    sealing the segment when segments_on."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
+    folder = os.path.join(work, name)
+    os.makedirs(folder)
+    shutil.copy(base_head, os.path.join(folder, "head.db"))
+    h = head.Head(os.path.join(folder, "head.db"), HEAD_KEY)
+    h.record_segments = segments_on
+    js = store.JobStore(os.path.join(folder, "store"), "bench")
+    keys = store.Keys(js, provider)
+    cap = source.Capture(h, None)
+    stream = RecordedStream(recorded)
+    t0, c0 = time.perf_counter(), time.process_time()
+    more = True
+    while more:
+        _n, more = cap._one_transaction(stream, float("inf"))  # pylint: disable=protected-access
+    if segments_on:
+        segments.close(h)
+        segments.seal_closed(h, js, keys, "bench-mk")
+    out = cap.stats["events"], time.perf_counter() - t0, time.process_time() - c0
+    h.close()
+    return out
+
+
 def replay_rate(work, base_head, run):
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments
     folder = os.path.join(work, "replay")
@@ -134,6 +191,19 @@ def main(argv=None):
         print("writing %d change events" % opts.events, flush=True)
         write_events(pymongo.MongoClient(mongo["uri"]), opts.events, opts.seed)
         provider = LocalWrap()
+        recorded = record(mongo["uri"], base, opts.events)
+        print("change application (source.Capture over the %d recorded events, no server):" % len(recorded), flush=True)
+        app = {False: [], True: []}
+        for r in range(opts.rounds + 2):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                n, wall, cpu = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"), recorded, on, provider)
+                app[on].append(n / wall)
+                print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s (CPU %.2f s)" % (
+                    r, "on" if on else "off", n, wall, n / wall, cpu), flush=True)
+        print("change application: best without %.0f ev/s, with %.0f ev/s: with/without %.3f (issue 12 wants >= 0.90)" % (
+            max(app[False]), max(app[True]), max(app[True]) / max(app[False])), flush=True)
+        del recorded
+        print("end-to-end capture from the server:", flush=True)
         rates = {False: [], True: []}
         cpu_rates = {False: [], True: []}
         last = None
