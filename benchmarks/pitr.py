@@ -126,7 +126,7 @@ def record(uri, base_head, n):
     return out
 
 
-def apply_run(base_head, work, name, recorded, segments_on, provider):
+def apply_run(base_head, work, name, uri, recorded, segments_on, provider):
     """source.Capture's transactions over recorded events (no server): events, wall and CPU seconds, with closing and
     sealing the segment when segments_on."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
@@ -137,7 +137,8 @@ def apply_run(base_head, work, name, recorded, segments_on, provider):
     h.record_segments = segments_on
     js = store.JobStore(os.path.join(folder, "store"), "bench")
     keys = store.Keys(js, provider)
-    cap = source.Capture(h, None)
+    client = source.connect({"uri": uri, "connect_timeout": 10})  # the Applier asks it once, for the new collection
+    cap = source.Capture(h, client)
     stream = RecordedStream(recorded)
     t0, c0 = time.perf_counter(), time.process_time()
     more = True
@@ -148,6 +149,7 @@ def apply_run(base_head, work, name, recorded, segments_on, provider):
         segments.seal_closed(h, js, keys, "bench-mk")
     out = cap.stats["events"], time.perf_counter() - t0, time.process_time() - c0
     h.close()
+    client.close()
     return out
 
 
@@ -196,7 +198,8 @@ def main(argv=None):
         app = {False: [], True: []}
         for r in range(opts.rounds + 2):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
-                n, wall, cpu = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"), recorded, on, provider)
+                n, wall, cpu = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"), mongo["uri"], recorded, on,
+                                         provider)
                 app[on].append(n / wall)
                 print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s (CPU %.2f s)" % (
                     r, "on" if on else "off", n, wall, n / wall, cpu), flush=True)
