@@ -152,7 +152,7 @@ def is_correction(raw: bytes) -> bool:
 def encode_records(rows) -> bytes:
     """The plaintext of a segment from [(t, i, raw)]."""
     pack = _CT.pack
-    return b"".join(pack(t, i) + bytes(rec) for t, i, rec in rows)
+    return b"".join([x for t, i, rec in rows for x in (pack(t, i), rec)])
 
 
 def decode_records(plain: bytes, name: str = "?") -> list:

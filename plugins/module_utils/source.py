@@ -631,12 +631,16 @@ LOG_CHUNK = 2000  # change-segment records per zstd frame
 _compressor = []
 
 
+def _frame(rows):
+    return crypto.compress(encode_records(rows))
+
+
 def _compress_later(rows):
-    """(t, i of the last row, a future of the zstd frame of rows): compressed on one side thread."""
+    """(t, i of the last row, a future of the zstd frame of rows): framed and compressed on one side thread, which
+    runs while the capture thread is in SQLite or zstd (both release the GIL)."""
     if not _compressor:
         _compressor.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments"))
-    plain = encode_records(rows)
-    return rows[-1][0], rows[-1][1], _compressor[0].submit(crypto.compress, plain)
+    return rows[-1][0], rows[-1][1], _compressor[0].submit(_frame, rows)
 
 
 def _raw_token(token):
