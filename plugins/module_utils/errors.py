@@ -65,6 +65,16 @@ class IntegrityError(KmipBackupError):
         self.object_id = object_id
 
 
+class PointNotRestorable(KmipBackupError):
+    """A point in time outside every restorable range, in a gap, or not a point in time at all; before/after name the
+    nearest restorable times (ISO) when there are any."""
+
+    def __init__(self, message: str, before: str | None = None, after: str | None = None) -> None:
+        super().__init__(message)
+        self.before = before
+        self.after = after
+
+
 class StoreError(KmipBackupError):
     """The snapshot store is missing, unreadable, or a snapshot is not there."""
 

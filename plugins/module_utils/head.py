@@ -44,7 +44,15 @@ CREATE TABLE IF NOT EXISTS changes (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS position (one INTEGER PRIMARY KEY CHECK (one = 1), resume_token BLOB,
     ct_t INTEGER, ct_i INTEGER, consistent INTEGER NOT NULL DEFAULT 0, sync TEXT);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seg_records (pos INTEGER PRIMARY KEY, seg INTEGER, t INTEGER NOT NULL, i INTEGER NOT NULL,
+    rec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS seg_state (one INTEGER PRIMARY KEY CHECK (one = 1), timeline TEXT, next_seq INTEGER,
+    from_t INTEGER, from_i INTEGER, opened REAL);
+CREATE TABLE IF NOT EXISTS seg_closed (seg INTEGER PRIMARY KEY, timeline TEXT NOT NULL, seq INTEGER NOT NULL,
+    from_t INTEGER NOT NULL, from_i INTEGER NOT NULL, to_t INTEGER NOT NULL, to_i INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seg_chain (timeline TEXT PRIMARY KEY, seq INTEGER NOT NULL, digest BLOB NOT NULL);
 INSERT OR IGNORE INTO position (one, consistent) VALUES (1, 0);
+INSERT OR IGNORE INTO seg_state (one) VALUES (1);
 INSERT OR IGNORE INTO meta VALUES ('change_seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('schema', 1);
 """
@@ -96,13 +104,16 @@ class Head:
             # Only a head missing part of its schema is written to here: opening a head the daemon is
             # writing (a second reader) then needs no write lock at all.
             have = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master")}
-            if not {"docs", "namespaces", "changes", "position", "meta", "docs_boundaries"} <= have:
+            if not {"docs", "namespaces", "changes", "position", "meta", "docs_boundaries", "seg_records", "seg_state",
+                    "seg_closed", "seg_chain"} <= have:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.executescript(_SCHEMA)
                 # incarnations unique across head files too, so a new head never reuses an old snapshot's numbers
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)", (time.time_ns() // 1000,))
                 self._add_boundary_flags()
         self._ns_cache = {}
+        # point in time (segments.py): when True, Writer.log_records keeps change records for the open segment
+        self.record_segments = False
 
     def _add_boundary_flags(self):
         """Flag chunk boundaries in a head written before the flags existed (once), and index the flags."""
@@ -203,6 +214,37 @@ class Head:
                 self._conn.execute("ROLLBACK")
                 raise
 
+    # ---- change segments (segments.py): the open segment's records and the closed ones not yet sealed ----
+    def segment_state(self) -> dict:
+        """{"timeline", "next_seq", "from" (t, i) or None, "opened" (Unix time), "records" (open records)}."""
+        with self._lock:
+            return _segment_state(self._conn)
+
+    def closed_segments(self) -> list:
+        """Segments closed but not yet sealed into the store, oldest first:
+        [{"seg", "timeline", "seq", "from" (t, i), "to" (t, i)}]."""
+        with self._lock:
+            rows = self._conn.execute("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg").fetchall()
+        return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
+
+    def segment_records(self, seg: int) -> list:
+        """[(t, i, raw record)] of a closed segment, in apply order."""
+        with self._lock:
+            return self._conn.execute("SELECT t, i, rec FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
+
+    def segment_chain(self, timeline: str) -> tuple | None:
+        """(seq, digest) of the last sealed segment of timeline, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT seq, digest FROM seg_chain WHERE timeline=?", (timeline,)).fetchone()
+        return (row[0], bytes(row[1])) if row else None
+
+    def segment_sealed(self, seg: int, timeline: str, seq: int, digest: bytes) -> None:
+        """A closed segment is durable in the store: forget its records, remember its digest (the next one's link)."""
+        with self.write() as w:
+            w._c.execute("DELETE FROM seg_records WHERE seg=?", (seg,))
+            w._c.execute("DELETE FROM seg_closed WHERE seg=?", (seg,))
+            w._c.execute("INSERT OR REPLACE INTO seg_chain VALUES (?, ?, ?)", (timeline, seq, bytes(digest)))
+
     def size(self) -> int:
         """Bytes on disk of the head (database, WAL and shared memory files)."""
         total = 0
@@ -249,6 +291,13 @@ class Head:
             os.fsync(f.fileno())
         if progress is not None:
             progress(os.path.getsize(dest), total)
+
+
+def _segment_state(conn):
+    row = conn.execute("SELECT timeline, next_seq, from_t, from_i, opened FROM seg_state WHERE one=1").fetchone()
+    n = conn.execute("SELECT count(*) FROM seg_records WHERE seg IS NULL").fetchone()[0]
+    return {"timeline": row[0], "next_seq": row[1], "from": (row[2], row[3]) if row[2] is not None else None,
+            "opened": row[4], "records": n}
 
 
 def _position(conn):
@@ -496,12 +545,67 @@ class Writer(Reader):
         self._c.execute("UPDATE position SET resume_token=?, ct_t=?, ct_i=?, consistent=? WHERE one=1",
                         (bytes(resume_token_raw) if resume_token_raw is not None else None, t, i, 1 if consistent else 0))
 
+    def log_records(self, rows: list) -> None:
+        """Keep [(t, i, raw record)] in the open change segment (same transaction as the changes they made), when the
+        head records segments. The first record after a timeline ended (or ever) starts a new timeline at the head's
+        current position, which must be consistent: records of a head that is not are dropped (no range starts there)."""
+        if not rows or not self._h.record_segments:
+            return
+        state = _segment_state(self._c)
+        if state["timeline"] is None:
+            pos = _position(self._c)
+            if not pos["consistent"] or not pos["cluster_time"]:
+                return
+            self.start_timeline(tuple(pos["cluster_time"]))
+        self._c.executemany("INSERT INTO seg_records (seg, t, i, rec) VALUES (NULL, ?, ?, ?)", rows)
+
+    def start_timeline(self, start: tuple) -> str:
+        """Start a new timeline whose first segment starts (exclusive) at cluster time start."""
+        timeline = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(4).hex()
+        self._c.execute("UPDATE seg_state SET timeline=?, next_seq=1, from_t=?, from_i=?, opened=? WHERE one=1",
+                        (timeline, int(start[0]), int(start[1]), time.time()))
+        return timeline
+
+    def close_segment(self, to: tuple) -> int | None:
+        """Close the open segment at cluster time `to` (inclusive; a boundary the caller knows complete): its records
+        await sealing (Head.closed_segments). None when there is no timeline or nothing to close."""
+        state = _segment_state(self._c)
+        if state["timeline"] is None or (tuple(to) <= state["from"] and not state["records"]):
+            return None
+        to = max(tuple(to), state["from"])
+        cur = self._c.execute("INSERT INTO seg_closed (timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?)",
+                              (state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
+        self._c.execute("UPDATE seg_records SET seg=? WHERE seg IS NULL", (cur.lastrowid,))
+        self._c.execute("UPDATE seg_state SET next_seq=next_seq + 1, from_t=?, from_i=?, opened=? WHERE one=1",
+                        to + (time.time(),))
+        return cur.lastrowid
+
+    def end_timeline(self) -> None:
+        """End the current timeline where the head last was complete (a resync, a lost resume point): its open
+        records are closed into a last segment (a run of one cluster time cut short is left out), and the next
+        record starts a new timeline."""
+        state = _segment_state(self._c)
+        if state["timeline"] is None:
+            return
+        pos = _position(self._c)
+        if pos["cluster_time"] and not pos["consistent"]:
+            self._c.execute("DELETE FROM seg_records WHERE seg IS NULL AND (t > ? OR (t = ? AND i >= ?))",
+                            (pos["cluster_time"][0], pos["cluster_time"][0], pos["cluster_time"][1]))
+            last = self._c.execute("SELECT t, i FROM seg_records WHERE seg IS NULL ORDER BY pos DESC LIMIT 1").fetchone()
+            to = tuple(last) if last else state["from"]
+        else:
+            to = tuple(pos["cluster_time"]) if pos["cluster_time"] else state["from"]
+        self.close_segment(to)
+        self._c.execute("UPDATE seg_state SET timeline=NULL, next_seq=NULL, from_t=NULL, from_i=NULL, opened=NULL WHERE one=1")
+
     def set_sync_state(self, state: dict | None) -> None:
         """Initial-sync progress (a JSON-safe dict, or None once consistent)."""
         self._c.execute("UPDATE position SET sync=? WHERE one=1", (json.dumps(state) if state is not None else None,))
 
     def clear(self) -> None:
-        """Remove every namespace and document and reset the position (a fresh initial sync)."""
+        """Remove every namespace and document and reset the position (a fresh initial sync); the change segments'
+        timeline ends here."""
+        self.end_timeline()
         for (ns,) in self._c.execute("SELECT ns FROM namespaces").fetchall():
             self.drop_namespace(ns)
         self._c.execute("UPDATE position SET resume_token=NULL, ct_t=NULL, ct_i=NULL, consistent=0, sync=NULL WHERE one=1")

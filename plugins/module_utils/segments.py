@@ -1,0 +1,538 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Change segments: what point-in-time restore replays on top of a snapshot (no Ansible imports). PRIVATE.
+
+A segment holds the records the daemon applied to the head over a cluster-time range (start
+exclusive, end inclusive), in apply order, raw BSON as received: change events, and the daemon's
+own corrections of the head that did not come from an event (correction()). The open segment's
+records live in the head database (head.Writer.log_records, same transaction as the changes they
+made); closing one (close()) fixes its range at a cluster-time boundary, sealing it (seal_closed())
+puts it into the store and only then forgets its records, so a crash anywhere loses nothing.
+
+Store object <job>/segments/<timeline>/<seq:010d>-<from_t>.<from_i>-<to_t>.<to_i>:
+  "KBS1" | len(key id) | key id | predecessor's SHA-256 (32 bytes, zeros for a timeline's first)
+  | seal(key, zstd(records), aad)
+records: for each record, its cluster time (two big-endian uint32: t, i) then the BSON document.
+aad = "kmipbackup segment\\0<job>\\0<timeline>\\0<seq>\\0<key id>\\0<from_t>.<from_i>-<to_t>.<to_i>\\0<prev hex>",
+so a segment moved to another job, timeline, place in the chain or range, or edited, fails to open;
+the predecessor's digest chains each segment to the one before it (a reordered, replaced or
+replayed segment breaks the chain), and sequence numbers without holes reveal a removed one.
+A correction record is a document whose first field is "kb" (events start with "_id"):
+  {"kb": "doc", "ns", "key": id_key, "doc": raw document or null (deleted)}
+  {"kb": "ns", "ns", "info": {"options", "indexes", "uuid"} or null (dropped)}
+  {"kb": "refresh", "ns", "info": ... or null}: what the source said when applying the event before
+  it re-read the namespace (Applier.refresh), so a replay applies the event exactly as the head did.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import re
+import struct
+import time
+from typing import TYPE_CHECKING, Callable
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
+    IntegrityError, KmipBackupError, PointNotRestorable, StoreError)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso
+
+if TYPE_CHECKING:  # annotations only
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys
+
+try:
+    import bson
+    from bson.binary import Binary
+    from bson.raw_bson import RawBSONDocument
+    BSON_IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover
+    bson = Binary = RawBSONDocument = None
+    BSON_IMPORT_ERROR = e
+
+MAGIC = b"KBS1"
+TIMELINE_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+NAME_RE = re.compile(r"^([0-9]{10})-([0-9]+)\.([0-9]+)-([0-9]+)\.([0-9]+)$")
+NO_PREDECESSOR = b"\x00" * 32
+DEFAULT_SEGMENT_SECONDS = 60
+DEFAULT_WINDOW_HOURS = 24
+_CT = struct.Struct(">II")
+_I32 = struct.Struct("<i")
+_KB = b"\x02kb\x00"  # a correction's first element: a string named "kb"
+MAX_INC = 0xFFFFFFFF
+
+
+def _require_bson():
+    if bson is None:
+        raise KmipBackupError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
+
+
+# ---- cluster times and points ---------------------------------------------------------------------
+
+def ct_time(ct: tuple) -> str:
+    """The UTC time (ISO, whole seconds) of a cluster time."""
+    return iso(datetime.datetime.fromtimestamp(int(ct[0]), datetime.timezone.utc))
+
+
+def _ct_dict(ct):
+    return {"t": int(ct[0]), "i": int(ct[1])}
+
+
+def parse_point(value) -> tuple[int, int]:
+    """A point in time as a cluster time (t, i), from a cluster time {"t", "i"} (or [t, i]), an ISO time string
+    (YYYY-MM-DDTHH:MM:SS, a trailing Z or +00:00 offset; any offset is converted to UTC) or a datetime (naive = UTC).
+    A time means the end of that second: every operation in it is included."""
+    if isinstance(value, dict) and set(value) >= {"t", "i"}:
+        t, i = value["t"], value["i"]
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        t, i = value
+    else:
+        dt = value
+        if isinstance(value, str):
+            text = value.strip()
+            if text.endswith("Z") or text.endswith("z"):
+                text = text[:-1] + "+00:00"
+            try:
+                dt = datetime.datetime.fromisoformat(text)
+            except ValueError:
+                raise PointNotRestorable("point_in_time %r is neither an ISO time (like 2026-11-30T14:37:00Z) nor a cluster "
+                                         "time {t, i}: give one of those." % (value,)) from None
+        if not isinstance(dt, datetime.datetime):
+            raise PointNotRestorable("point_in_time %r is neither an ISO time (like 2026-11-30T14:37:00Z) nor a cluster time "
+                                     "{t, i}: give one of those." % (value,))
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        return int(dt.timestamp()), MAX_INC
+    try:
+        t, i = int(t), int(i)
+    except (TypeError, ValueError):
+        raise PointNotRestorable("point_in_time %r: a cluster time needs integers t and i." % (value,)) from None
+    if not (0 <= t <= MAX_INC and 0 <= i <= MAX_INC):
+        raise PointNotRestorable("point_in_time %r: t and i must be between 0 and 4294967295." % (value,))
+    return t, i
+
+
+def prev_tick(ct: tuple) -> tuple[int, int]:
+    """The cluster time just before ct."""
+    t, i = ct
+    return (t, i - 1) if i > 0 else (t - 1, MAX_INC)
+
+
+# ---- records ----------------------------------------------------------------------------------------
+
+def correction(kind: str, ns: str, key: bytes | None = None, doc: bytes | None = None, info: dict | None = None) -> bytes:
+    """A correction record (raw BSON): kind "doc" (key = the head's id_key, doc raw or None = deleted), "ns" or
+    "refresh" (info = {"options", "indexes", "uuid"} or None = the namespace does not exist)."""
+    _require_bson()
+    if kind == "doc":
+        body = {"kb": "doc", "ns": ns, "key": Binary(bytes(key)), "doc": RawBSONDocument(bytes(doc)) if doc is not None else None}
+    else:
+        if info is not None:
+            info = {"options": RawBSONDocument(bytes(info["options"])),
+                    "indexes": [RawBSONDocument(bytes(s)) for s in info.get("indexes") or []],
+                    "uuid": Binary(bytes(info["uuid"])) if info.get("uuid") is not None else None}
+        body = {"kb": kind, "ns": ns, "info": info}
+    return bson.encode(body)
+
+
+def is_correction(raw: bytes) -> bool:
+    return raw[4:8] == _KB
+
+
+def encode_records(rows) -> bytes:
+    """The plaintext of a segment from [(t, i, raw)]."""
+    pack = _CT.pack
+    return b"".join(pack(t, i) + bytes(rec) for t, i, rec in rows)
+
+
+def decode_records(plain: bytes, name: str = "?") -> list:
+    """[(t, i, raw)] of a segment's plaintext; IntegrityError naming the segment when it is malformed."""
+    out, pos, n = [], 0, len(plain)
+    view = memoryview(plain)
+    while pos < n:
+        if pos + 13 > n:
+            raise crypto.integrity_error("segment", name, "has a malformed record")
+        t, i = _CT.unpack_from(plain, pos)
+        size = _I32.unpack_from(plain, pos + 8)[0]
+        if size < 5 or pos + 8 + size > n:
+            raise crypto.integrity_error("segment", name, "has a malformed record")
+        out.append((t, i, view[pos + 8:pos + 8 + size]))
+        pos += 8 + size
+    return out
+
+
+# ---- store objects ----------------------------------------------------------------------------------
+
+def segment_name(timeline: str, seq: int, frm: tuple, to: tuple) -> str:
+    """<timeline>/<seq>-<from>-<to>: the segment's id, as errors name it and its path below segments/."""
+    return "%s/%010d-%d.%d-%d.%d" % (timeline, seq, frm[0], frm[1], to[0], to[1])
+
+
+def segment_path(job_store: JobStore, meta: dict) -> str:
+    return job_store._p("segments", meta["name"])  # pylint: disable=protected-access
+
+
+def _aad(job, meta, key_id, prev):
+    return b"\x00".join((b"kmipbackup segment", job.encode("ascii"), meta["timeline"].encode("ascii"), b"%d" % meta["seq"],
+                         key_id.encode("ascii"), b"%d.%d-%d.%d" % (tuple(meta["from"]) + tuple(meta["to"])),
+                         prev.hex().encode("ascii")))
+
+
+def _meta(timeline, seq, frm, to):
+    return {"timeline": timeline, "seq": int(seq), "from": tuple(frm), "to": tuple(to),
+            "name": segment_name(timeline, seq, frm, to)}
+
+
+def seal_segment(job: str, meta: dict, plaintext: bytes, key_id: str, key: bytes | None, prev: bytes) -> bytes:
+    """The stored bytes of a segment (see the module doc)."""
+    kid = key_id.encode("ascii")
+    return MAGIC + bytes([len(kid)]) + kid + bytes(prev) + crypto.seal(key, crypto.compress(plaintext), _aad(job, meta, key_id, prev))
+
+
+def open_segment(job: str, meta: dict, blob: bytes, keys: Keys) -> tuple[bytes, bytes]:
+    """(plaintext, predecessor digest) of a stored segment, authenticated; IntegrityError naming it."""
+    name = meta["name"]
+    if blob[:4] != MAGIC or len(blob) < 5:
+        raise crypto.integrity_error("segment", name, "has an unknown format")
+    n = blob[4]
+    try:
+        key_id = bytes(blob[5:5 + n]).decode("ascii")
+    except UnicodeDecodeError:
+        raise crypto.integrity_error("segment", name, "has an unknown format") from None
+    prev = bytes(blob[5 + n:37 + n])
+    if len(prev) != 32:
+        raise crypto.integrity_error("segment", name, "has an unknown format")
+    if keys.encryption and key_id in ("", "none"):
+        raise crypto.integrity_error("segment", name, "names no data key (unencrypted) in an encrypted job")
+    compressed = crypto.open_sealed(keys.key(key_id), blob[37 + n:], _aad(job, meta, key_id, prev), "segment", name)
+    return crypto.decompress(compressed, "segment", name), prev
+
+
+def list_segments(job_store: JobStore) -> list:
+    """Every segment the store holds, by name (unauthenticated: replay authenticates what it uses), sorted by
+    timeline and sequence number: [{"timeline", "seq", "from", "to", "name"}]."""
+    out = []
+    for path in job_store.storage.list_tree(job_store._p("segments")):  # pylint: disable=protected-access
+        timeline, _sep, rest = path.partition("/")
+        m = NAME_RE.match(rest)
+        if ".tmp" in path or not TIMELINE_RE.match(timeline) or not m:
+            continue
+        seq, ft, fi, tt, ti = (int(x) for x in m.groups())
+        out.append(_meta(timeline, seq, (ft, fi), (tt, ti)))
+    return sorted(out, key=lambda s: (s["timeline"], s["seq"]))
+
+
+# ---- writing (the daemon) ---------------------------------------------------------------------------
+
+def close(head: Head) -> int | None:
+    """Close the head's open segment at the cluster time the head is complete through (the last applied cluster time,
+    or just before an idle stream's post-batch resume token when that is later). Nothing is closed while the head is
+    not consistent (inside a run of one cluster time): a transaction is never split. Returns the closed segment's
+    local id, or None."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.source import token_time  # pylint: disable=import-outside-toplevel
+    with head.write() as w:
+        pos = w.position()
+        if not pos["consistent"] or not pos["cluster_time"]:
+            return None
+        to = tuple(pos["cluster_time"])
+        token = token_time(pos["resume_token"])
+        if token is not None and tuple(token) > to:
+            to = max(to, prev_tick(tuple(token)))
+        return w.close_segment(to)
+
+
+def due(head: Head, seconds: float, now: float | None = None) -> bool:
+    """Whether the open segment is older than seconds."""
+    state = head.segment_state()
+    return state["timeline"] is not None and state["opened"] is not None and (now or time.time()) - state["opened"] >= seconds
+
+
+def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None) -> list:
+    """Put every closed segment into the store, oldest first, sealed under the current epoch's snapshot key and chained
+    to its predecessor; forget each one's records once it is durable. Idempotent after a crash between the put and
+    the forget (an equal object already in place is kept). Returns the sealed segments' metadata."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format  # pylint: disable=import-outside-toplevel
+    closed = head.closed_segments()
+    if not closed:
+        return []
+    check_format(job_store.storage, create=True)
+    key_id = keys.epoch_for(master_key_uid)[0]
+    key = keys.key(key_id)
+    out = []
+    for c in closed:
+        meta = _meta(c["timeline"], c["seq"], c["from"], c["to"])
+        link = head.segment_chain(c["timeline"])
+        if c["seq"] == 1:
+            prev = NO_PREDECESSOR
+        elif link is not None and link[0] == c["seq"] - 1:
+            prev = link[1]
+        else:  # cannot happen: seals are in order and the link is kept with each
+            raise StoreError("The head's change segments of timeline %s lost their chain before segment %d: the daemon "
+                             "starts a new timeline." % (c["timeline"], c["seq"]))
+        plain = encode_records(head.segment_records(c["seg"]))
+        path = segment_path(job_store, meta)
+        blob = _existing(job_store, meta, path, plain, prev, keys)
+        if blob is None:
+            blob = seal_segment(job_store.job, meta, plain, key_id, key, prev)
+            job_store.storage.put_atomic(path, blob)
+        head.segment_sealed(c["seg"], c["timeline"], c["seq"], hashlib.sha256(blob).digest())
+        out.append(dict(meta, records_bytes=len(plain), stored=len(blob)))
+    return out
+
+
+def _existing(job_store, meta, path, plain, prev, keys):
+    """The stored segment when it is already in place with this content (a seal a crash cut short), else None."""
+    blob = job_store.storage.get(path) if job_store.storage.exists(path) else None
+    if blob is None:
+        return None
+    try:
+        got, got_prev = open_segment(job_store.job, meta, blob, keys)
+    except (IntegrityError, StoreError):
+        return None
+    return bytes(blob) if got == plain and got_prev == prev else None
+
+
+def collect(job_store: JobStore, keys: Keys, window_hours: float, now: datetime.datetime | None = None,
+            grace_seconds: float = 3600) -> dict:
+    """Retention of segments: keep those a restore to any point inside the window needs, i.e. every segment after the
+    oldest live snapshot that starts a range inside the window (the newest snapshot at or before the window's start,
+    else the oldest); window_hours 0 keeps none. Like chunks, a segment goes only once written more than grace
+    seconds ago. Returns {"segments_deleted", "bytes_freed", "segments"}."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    segs = list_segments(job_store)
+    if not segs:
+        return {"segments_deleted": 0, "bytes_freed": 0, "segments": 0}
+    if window_hours and window_hours > 0:
+        entries, _head = job_store.live_catalog(keys)
+        start = (int(now.timestamp() - float(window_hours) * 3600), 0)
+        cts = sorted(tuple(e["cluster_time"]) for e in entries if e.get("cluster_time"))
+        before = [ct for ct in cts if ct <= start]
+        base = before[-1] if before else (cts[0] if cts else None)
+        if base is None:
+            return {"segments_deleted": 0, "bytes_freed": 0, "segments": len(segs)}  # no snapshot yet: nothing is older
+        drop = [s for s in segs if s["to"] <= base]
+    else:
+        drop = segs
+    cutoff = now.timestamp() - grace_seconds
+    deleted = freed = 0
+    for s in drop:
+        path = segment_path(job_store, s)
+        try:
+            if job_store.storage.mtime(path) >= cutoff:
+                continue
+            size = job_store.storage.size(path)
+        except FileNotFoundError:
+            continue
+        job_store.storage.delete(path)
+        deleted += 1
+        freed += size
+    return {"segments_deleted": deleted, "bytes_freed": freed, "segments": len(segs) - deleted}
+
+
+# ---- ranges and plans (restore side) ----------------------------------------------------------------
+
+def _runs(segs):
+    """Contiguous runs of segments: [(timeline, [segments], reason the run started)]."""
+    runs, last = [], None
+    for s in segs:
+        if last is not None and s["timeline"] == last["timeline"] and s["seq"] == last["seq"] + 1 and s["from"] == last["to"]:
+            runs[-1][1].append(s)
+        else:
+            if last is None or s["timeline"] != last["timeline"]:
+                reason = "a new timeline started (a resync, a lost resume point or an invalidated change stream)"
+            elif s["seq"] != last["seq"] + 1:
+                reason = "segment %s/%010d is missing (removed from the store)" % (last["timeline"], last["seq"] + 1)
+            else:
+                reason = "segment %s does not start where segment %s ends" % (s["name"], last["name"])
+            runs.append((s["timeline"], [s], reason))
+        last = s
+    return runs
+
+
+def _gap(frm, to, reasons):
+    return {"from_time": ct_time(frm), "to_time": ct_time(to), "from": _ct_dict(frm), "to": _ct_dict(to),
+            "reason": "; ".join(dict.fromkeys(reasons)) or "no snapshot starts this coverage"}
+
+
+def _analyse(job_store, keys):
+    """(ranges with their segments and snapshots, gaps); ranges sorted by time."""
+    entries, _head = job_store.live_catalog(keys)
+    snaps = sorted((tuple(e["cluster_time"]), e) for e in entries if e.get("cluster_time"))
+    ranges, gaps, prev_end, reasons, unusable_to = [], [], None, [], None
+    for timeline, run, reason in sorted(_runs(list_segments(job_store)), key=lambda r: r[1][0]["from"]):
+        start, end = run[0]["from"], run[-1]["to"]
+        bases = [(ct, e) for ct, e in snaps if start <= ct <= end]
+        if prev_end is not None:
+            reasons.append(reason)
+        if not bases:  # coverage no snapshot starts: not restorable
+            unusable_to = end
+            continue
+        r = {"timeline": timeline, "from": bases[0][0], "to": end, "snapshots": bases, "segments": run}
+        if prev_end is not None:
+            gaps.append(_gap(prev_end, r["from"], reasons))
+        ranges.append(r)
+        prev_end, reasons, unusable_to = end, [], None
+    if prev_end is not None and unusable_to is not None:  # segments after the last range that no snapshot starts
+        gaps.append(_gap(prev_end, unusable_to, reasons))
+    return ranges, gaps
+
+
+def restorable_ranges(job_store: JobStore, keys: Keys) -> dict:
+    """{"ranges": [{"timeline", "from", "from_time", "to", "to_time", "base_snapshots"}], "gaps": [{"from_time", "to_time",
+    "from", "to", "reason"}]}: the contiguous coverage by segments that starts at a live snapshot's cluster time, oldest
+    first (cluster times as {"t", "i"}, times ISO UTC). Snapshots are authenticated; segments are listed by name (replay
+    authenticates them)."""
+    ranges, gaps = _analyse(job_store, keys)
+    return {"ranges": [{"timeline": r["timeline"], "from": _ct_dict(r["from"]), "from_time": ct_time(r["from"]),
+                        "to": _ct_dict(r["to"]), "to_time": ct_time(r["to"]),
+                        "base_snapshots": [e["snapshot_id"] for _ct, e in r["snapshots"]]} for r in ranges],
+            "gaps": gaps}
+
+
+def plan_point(job_store: JobStore, keys: Keys, point) -> dict:
+    """{"snapshot": catalog entry, "segments": [segment metadata in order], "point": (t, i)} to rebuild the image at
+    point: the newest live snapshot at or before it in its range, then every segment after the snapshot up to the one
+    holding point. PointNotRestorable naming the nearest restorable times before and after when point is in no range."""
+    point = parse_point(point)
+    ranges, gaps = _analyse(job_store, keys)
+    for r in ranges:
+        if r["from"] <= point <= r["to"]:
+            snap_ct, entry = [(ct, e) for ct, e in r["snapshots"] if ct <= point][-1]
+            segs = [s for s in r["segments"] if s["to"] > snap_ct and s["from"] < point]
+            return {"snapshot": entry, "segments": segs, "point": point}
+    near = []
+    for gap in gaps:
+        if (gap["from"]["t"], gap["from"]["i"]) < point < (gap["to"]["t"], gap["to"]["i"]):
+            near.append("it is in a gap of the coverage: %s" % gap["reason"])
+    before = [r["to"] for r in ranges if r["to"] < point]
+    after = [r["from"] for r in ranges if r["from"] > point]
+    if before:
+        near.append("the latest restorable time before it is %s (cluster time %d.%d)" % ((ct_time(before[-1]),) + tuple(before[-1])))
+    if after:
+        near.append("the earliest restorable time after it is %s (cluster time %d.%d)" % ((ct_time(after[0]),) + tuple(after[0])))
+    if not ranges:
+        near.append("job %s has no restorable range (point in time needs a snapshot followed by change segments)" % job_store.job)
+    raise PointNotRestorable("The point in time %s (cluster time %d.%d) is not restorable for job %s: %s. Choose a point "
+                             "inside a restorable range (snapshot_info lists them)."
+                             % (ct_time(point), point[0], point[1], job_store.job, "; ".join(near)),
+                             before=ct_time(before[-1]) if before else None, after=ct_time(after[0]) if after else None)
+
+
+# ---- replay -----------------------------------------------------------------------------------------
+
+def _info(doc):
+    info = doc.get("info")
+    if info is None:
+        return None
+    uuid = info.get("uuid")
+    return {"options": bytes(info["options"].raw), "indexes": [bytes(s.raw) for s in info.get("indexes") or []],
+            "uuid": bytes(uuid) if uuid is not None else None}
+
+
+def _check_chain(job_store, segs):
+    """The first segment's predecessor digest, when the store still holds that predecessor (retention may have
+    collected it); None when it cannot be checked."""
+    first = segs[0]
+    if first["seq"] == 1:
+        return NO_PREDECESSOR
+    for s in list_segments(job_store):
+        if s["timeline"] == first["timeline"] and s["seq"] == first["seq"] - 1:
+            path = segment_path(job_store, s)
+            return hashlib.sha256(bytes(job_store.storage.get(path))).digest() if job_store.storage.exists(path) else None
+    return None
+
+
+def read_segments(job_store: JobStore, keys: Keys, segs: list):
+    """Yield (segment metadata, [(t, i, raw)]) for segs in order, each authenticated and chain-checked before it is
+    yielded: IntegrityError naming the segment (missing, modified, from another job or place, out of order)."""
+    expect = _check_chain(job_store, segs) if segs else None
+    last = None
+    for s in segs:
+        if last is not None and (s["timeline"] != last["timeline"] or s["seq"] != last["seq"] + 1 or s["from"] != last["to"]):
+            raise crypto.integrity_error("segment", s["name"], "does not follow segment %s" % last["name"])
+        path = segment_path(job_store, s)
+        if not job_store.storage.exists(path):
+            raise crypto.integrity_error("segment", s["name"], "is missing (removed from the store)")
+        blob = bytes(job_store.storage.get(path))
+        plain, prev = open_segment(job_store.job, s, blob, keys)
+        if expect is not None and prev != expect:
+            raise crypto.integrity_error("segment", s["name"], "does not chain to its predecessor (a segment was replaced, "
+                                         "reordered or replayed)")
+        expect, last = hashlib.sha256(blob).digest(), s
+        yield s, decode_records(plain, s["name"])
+
+
+def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Callable | None = None,
+           batch_records: int = 20000) -> dict:
+    """Apply the plan's segments to head (holding the plan's snapshot): every record after the snapshot's cluster time
+    up to and including plan["point"], in transactions of about batch_records records (whole cluster times), with the
+    same Applier as the capture for events and upsert/delete for corrections. Each segment is authenticated and
+    chain-checked before anything of it is applied. The head's position becomes the point (consistent).
+    progress(events, segments done, segments total) after each segment. Returns {"events", "records", "segments"}."""
+    # pylint: disable=import-outside-toplevel
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.source import _keeps
+    _require_bson()
+    point = tuple(plan["point"])
+    after = tuple(plan["snapshot"]["cluster_time"])
+    refreshes = collections.deque()
+    applier = Applier(refresh=lambda ns: refreshes.popleft() if refreshes else None, keep=_keeps)
+    events = records = done = 0
+    total = len(plan["segments"])
+    for _s, recs in read_segments(job_store, keys, plan["segments"]):
+        n, stop = len(recs), False
+        k = 0
+        while k < n and not stop:
+            with head.write() as w:
+                count, last_ct = 0, None
+                while k < n:
+                    t, i, raw = recs[k]
+                    ct = (t, i)
+                    if ct > point:
+                        stop = True
+                        break
+                    if count >= batch_records and ct != last_ct:
+                        break
+                    k += 1
+                    if ct <= after:
+                        continue
+                    raw = bytes(raw)
+                    if is_correction(raw):
+                        doc = RawBSONDocument(raw)
+                        kind = doc["kb"]
+                        if kind == "doc":
+                            applier.flush()
+                            if doc["doc"] is None:
+                                w.delete(doc["ns"], bytes(doc["key"]))
+                            else:
+                                w.upsert(doc["ns"], bytes(doc["key"]), bytes(doc["doc"].raw))
+                        elif kind == "ns":
+                            applier.flush()
+                            info = _info(doc)
+                            if info is None:
+                                w.drop_namespace(doc["ns"])
+                            else:
+                                w.create_namespace(doc["ns"], info["options"], uuid=info["uuid"], indexes=info["indexes"])
+                        # "refresh" records were consumed with their event
+                    else:
+                        refreshes.clear()
+                        j = k
+                        while j < n and is_correction(bytes(recs[j][2][:8])) and RawBSONDocument(bytes(recs[j][2]))["kb"] == "refresh":
+                            refreshes.append(_info(RawBSONDocument(bytes(recs[j][2]))))
+                            j += 1
+                        applier.apply(w, RawBSONDocument(raw))
+                        applier.recopy = []  # the capture's re-copies follow as "doc" corrections
+                        events += 1
+                    records += 1
+                    count += 1
+                    last_ct = ct
+        done += 1
+        if progress is not None:
+            progress(events, done, total)
+        if stop:
+            break
+    with head.write() as w:
+        w.set_position(None, point, True)
+    return {"events": events, "records": records, "segments": done}

@@ -1,0 +1,302 @@
+"""Unit tests of change segments (real SQLCipher heads and a folder store, no server): seal/open, the chain,
+ranges and gaps, plans, and a replay that rebuilds the head's image at each point byte for byte."""
+import datetime
+import os
+import time
+
+import bson
+import pytest
+from bson import Timestamp
+from bson.raw_bson import RawBSONDocument
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
+from snapshot_helpers import LocalKeyProvider, canary_hits, files_under, make_head
+
+NS = "shop.orders"
+T0 = int(time.time()) - 86400  # a day ago: collect() compares the window with cluster times and the grace with mtimes
+CANARY = "PitrCanary5521"
+
+
+def ev(op, t, i, _id, doc=None, fields=None):
+    e = {"_id": {"_data": "%08x%08x" % (t, i)}, "operationType": op, "clusterTime": Timestamp(t, i),
+         "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": _id}}
+    if op in ("insert", "replace"):
+        e["fullDocument"] = doc
+    if op == "update":
+        e["updateDescription"] = {"updatedFields": fields, "removedFields": [], "truncatedArrays": []}
+    return bson.encode(e)
+
+
+def capture(h, events, consistent=True):
+    """What source.Capture does with segments on: apply each event and log it, in one transaction."""
+    ap = Applier()
+    rows = []
+    with h.write() as w:
+        for raw in events:
+            e = RawBSONDocument(raw)
+            ap.apply(w, e)
+            ct = e["clusterTime"]
+            rows.append((ct.time, ct.inc, raw))
+        ap.flush()
+        w.log_records(rows)
+        w.set_position(b"token", [rows[-1][0], rows[-1][1]], consistent)
+
+
+def image(h):
+    with h.read() as r:
+        return {n["ns"]: list(r.scan(n["ns"])) for n in r.namespaces()}
+
+
+@pytest.fixture
+def env(tmp_path):
+    provider = LocalKeyProvider()
+    provider.create("mk1")
+    provider.create("mk2")
+    js = store.JobStore(str(tmp_path / "store"), "job1")
+    keys = store.Keys(js, provider)
+    h = make_head(str(tmp_path / "head" / "head.db"), {NS: [{"_id": 0, "v": CANARY}]}, key=os.urandom(32), cluster_time=(T0, 1))
+    h.record_segments = True
+    return tmp_path, provider, js, keys, h
+
+
+def snap(h, js, keys, mk="mk1"):
+    e = snapshot.take_snapshot(h, js, keys, "job1", mk, True)
+    h.mark_snapshotted(e["change_seq"])
+    return e
+
+
+def close_seal(h, js, keys, mk="mk1"):
+    segments.close(h)
+    return segments.seal_closed(h, js, keys, mk)
+
+
+def build(env):
+    """snapshot at T0.1; segments (T0.1, T0+10.3], (.., T0+20.1], (.., T0+30.2]; the expected image at each point."""
+    tmp, provider, js, keys, h = env
+    base = snap(h, js, keys)
+    images = {(T0, 1): image(h)}
+    batches = [
+        [ev("insert", T0 + 5, 1, 1, {"_id": 1, "v": CANARY + "a"}), ev("insert", T0 + 5, 1, 2, {"_id": 2, "v": "b"}),
+         ev("update", T0 + 10, 3, 1, fields={"w": 7})],
+        [ev("delete", T0 + 15, 1, 2), ev("insert", T0 + 20, 1, 3, {"_id": 3, "v": "c"})],
+        [ev("update", T0 + 25, 1, 3, fields={"v": "cc"}), ev("insert", T0 + 30, 2, 4, {"_id": 4})],
+    ]
+    for batch in batches:
+        for raw in batch:  # one transaction per cluster time, an image after each
+            capture(h, [raw])
+            e = RawBSONDocument(raw)
+            images[(e["clusterTime"].time, e["clusterTime"].inc)] = image(h)
+        close_seal(h, js, keys)
+    return base, images
+
+
+def replayed(tmp, js, keys, base_images, plan, name):
+    """A head holding the plan's snapshot's image, then the plan replayed (pitrr loads the snapshot itself)."""
+    r = make_head(str(tmp / name / "head.db"), {NS: []}, key=os.urandom(32), cluster_time=(T0, 1))
+    with r.write() as w:
+        for ns, pairs in base_images[tuple(plan["snapshot"]["cluster_time"])].items():
+            w.upsert_many(ns, pairs)
+    result = segments.replay(r, js, keys, plan)
+    out = image(r)
+    assert r.position()["cluster_time"] == list(plan["point"])
+    r.close()
+    return out, result
+
+
+def test_seal_open_round_trip_and_binding(env):
+    _tmp, _provider, js, keys, _h = env
+    keys.epoch_for("mk1")
+    key = keys.key("snapshot-1")
+    meta = segments._meta("20261130T120000Z-0a0b0c0d", 2, (T0, 1), (T0 + 9, 4))
+    plain = segments.encode_records([(T0 + 1, 2, bson.encode({"a": CANARY}))])
+    prev = os.urandom(32)
+    blob = segments.seal_segment("job1", meta, plain, "snapshot-1", key, prev)
+    assert CANARY.encode() not in blob
+    assert segments.open_segment("job1", meta, blob, keys) == (plain, prev)
+    assert [(t, i, bytes(r)) for t, i, r in segments.decode_records(plain)] == [(T0 + 1, 2, bson.encode({"a": CANARY}))]
+    others = [("job2", meta), ("job1", dict(meta, seq=3)), ("job1", dict(meta, to=(T0 + 9, 5))),
+              ("job1", dict(meta, timeline="20261130T120000Z-0a0b0c0e"))]
+    for job, m in others:
+        with pytest.raises(IntegrityError, match="segment %s" % meta["name"]):
+            segments.open_segment(job, dict(m, name=meta["name"]), blob, keys)
+    bad = bytearray(blob)
+    bad[-20] ^= 1
+    with pytest.raises(IntegrityError, match="segment"):
+        segments.open_segment("job1", meta, bytes(bad), keys)
+    forged_prev = blob[:5 + 10] + os.urandom(32) + blob[5 + 10 + 32:]
+    with pytest.raises(IntegrityError):
+        segments.open_segment("job1", meta, forged_prev, keys)
+    null = segments.seal_segment("job1", meta, plain, "none", None, prev)
+    with pytest.raises(IntegrityError, match="unencrypted"):
+        segments.open_segment("job1", meta, null, keys)
+
+
+def test_parse_point():
+    assert segments.parse_point({"t": 5, "i": 6}) == (5, 6)
+    assert segments.parse_point([5, 6]) == (5, 6)
+    assert segments.parse_point("2026-11-30T14:37:00Z") == (int(datetime.datetime(2026, 11, 30, 14, 37, tzinfo=datetime.timezone.utc)
+                                                                .timestamp()), segments.MAX_INC)
+    assert segments.parse_point("2026-11-30T16:37:00+02:00") == segments.parse_point("2026-11-30T14:37:00Z")
+    assert segments.parse_point(datetime.datetime(2026, 11, 30, 14, 37)) == segments.parse_point("2026-11-30T14:37:00Z")
+    for bad in ("yesterday", {"t": "x", "i": 1}, {"t": -1, "i": 0}, 12):
+        with pytest.raises(PointNotRestorable):
+            segments.parse_point(bad)
+
+
+def test_ranges_plan_and_replay_every_point(env):
+    tmp, _provider, js, keys, h = env
+    base, images = build(env)
+    ranges = segments.restorable_ranges(js, keys)
+    assert ranges["gaps"] == []
+    [r] = ranges["ranges"]
+    assert (r["from"], r["to"], r["base_snapshots"]) == ({"t": T0, "i": 1}, {"t": T0 + 30, "i": 2}, [base["snapshot_id"]])
+    assert r["to_time"] == segments.ct_time((T0 + 30, 2))
+    names = [s["name"] for s in segments.list_segments(js)]
+    assert len(names) == 3 and names[0].startswith(r["timeline"] + "/0000000001-%d.1-%d.3" % (T0, T0 + 10))
+    for n, point in enumerate(sorted(images)):
+        plan = segments.plan_point(js, keys, {"t": point[0], "i": point[1]})
+        got, result = replayed(tmp, js, keys, images, plan, "r%d" % n)
+        assert got == images[point], point
+    # a point between two cluster times holds the earlier one's image; a time string means the end of that second
+    plan = segments.plan_point(js, keys, (T0 + 12, 0))
+    assert [s["seq"] for s in plan["segments"]] == [1, 2]
+    assert replayed(tmp, js, keys, images, plan, "between")[0] == images[(T0 + 10, 3)]
+    plan = segments.plan_point(js, keys, segments.ct_time((T0 + 5, 0)))
+    assert replayed(tmp, js, keys, images, plan, "iso")[0] == images[(T0 + 5, 1)]
+    for outside in ((T0 - 100, 0), (T0 + 31, 0)):
+        with pytest.raises(PointNotRestorable) as e:
+            segments.plan_point(js, keys, outside)
+        assert segments.ct_time((T0 + 30, 2) if outside > (T0, 1) else (T0, 1)) in str(e.value)
+
+
+def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
+    tmp, provider, js, keys, h = env
+    _base, images = build(env)
+    segs = segments.list_segments(js)
+    paths = [os.path.join(str(tmp / "store"), "job1", "segments", s["name"]) for s in segs]
+    plan = segments.plan_point(js, keys, (T0 + 30, 2))
+    blobs = [open(p, "rb").read() for p in paths]
+
+    # segment 2 re-sealed with other content under its own name (whoever holds the key): the chain breaks at 3
+    key_id = "snapshot-1"
+    fake = segments.seal_segment("job1", segs[1], segments.encode_records([]), key_id, keys.key(key_id), blobs[1][15:47])
+    open(paths[1], "wb").write(fake)
+    with pytest.raises(IntegrityError, match="segment %s does not chain" % segs[2]["name"]):
+        replayed(tmp, js, keys, images, plan, "x1")
+    # swapped contents between names: authentication fails naming the segment
+    open(paths[1], "wb").write(blobs[2])
+    with pytest.raises(IntegrityError, match="segment %s" % segs[1]["name"]):
+        replayed(tmp, js, keys, images, plan, "x2")
+    open(paths[1], "wb").write(blobs[1])
+    # from another job (same keys, same name): refused
+    other = store.JobStore(str(tmp / "store"), "job2")
+    okeys = store.Keys(other, provider)
+    okeys.epoch_for("mk1")
+    foreign = segments.seal_segment("job2", segs[1], segments.encode_records([]), "snapshot-1", okeys.key("snapshot-1"),
+                                    blobs[1][15:47])
+    open(paths[1], "wb").write(foreign)
+    with pytest.raises(IntegrityError, match="segment %s" % segs[1]["name"]):
+        replayed(tmp, js, keys, images, plan, "x3")
+    open(paths[1], "wb").write(blobs[1])
+    # nothing was applied from a segment that failed: the head stops at the segment before
+    # a removed segment: a gap naming it, and the points after it are refused
+    os.unlink(paths[1])
+    ranges = segments.restorable_ranges(js, keys)
+    assert [(r["from"], r["to"]) for r in ranges["ranges"]] == [({"t": T0, "i": 1}, {"t": T0 + 10, "i": 3})]
+    [gap] = ranges["gaps"]
+    assert gap["reason"] == "segment %s/0000000002 is missing (removed from the store)" % segs[1]["timeline"]
+    with pytest.raises(PointNotRestorable, match="latest restorable time before it is %s" % segments.ct_time((T0 + 10, 3))) as e:
+        segments.plan_point(js, keys, (T0 + 25, 1))
+    assert gap["reason"] in str(e.value)
+    with pytest.raises(IntegrityError, match="segment %s is missing" % segs[1]["name"]):
+        replayed(tmp, js, keys, images, plan, "x4")
+
+
+def test_failed_segment_applies_nothing_of_it(env):
+    tmp, _provider, js, keys, h = env
+    _base, images = build(env)
+    segs = segments.list_segments(js)
+    path = os.path.join(str(tmp / "store"), "job1", "segments", segs[2]["name"])
+    blob = bytearray(open(path, "rb").read())
+    blob[-1] ^= 1
+    open(path, "wb").write(bytes(blob))
+    plan = segments.plan_point(js, keys, (T0 + 30, 2))
+    r = make_head(str(tmp / "partial" / "head.db"), {NS: []}, key=os.urandom(32), cluster_time=(T0, 1))
+    with r.write() as w:
+        for ns, pairs in images[(T0, 1)].items():
+            w.upsert_many(ns, pairs)
+    with pytest.raises(IntegrityError, match=segs[2]["name"]):
+        segments.replay(r, js, keys, plan)
+    assert image(r) == images[(T0 + 20, 1)]  # segments 1 and 2 only
+
+
+def test_new_timeline_after_clear_and_gap(env):
+    tmp, _provider, js, keys, h = env
+    build(env)
+    with h.write() as w:  # a resync: the head is cleared, the timeline ends
+        w.clear()
+    assert h.segment_state()["timeline"] is None
+    with h.write() as w:
+        w.create_namespace(NS, bson.encode({}))
+        w.set_position(b"t2", [T0 + 100, 1], True)
+    capture(h, [ev("insert", T0 + 101, 1, 9, {"_id": 9})])  # starts timeline 2 at T0+100.1
+    second = snap(h, js, keys)
+    capture(h, [ev("insert", T0 + 102, 1, 10, {"_id": 10})])
+    close_seal(h, js, keys)
+    ranges = segments.restorable_ranges(js, keys)
+    assert len(ranges["ranges"]) == 2 and ranges["ranges"][0]["timeline"] != ranges["ranges"][1]["timeline"]
+    assert ranges["ranges"][1]["base_snapshots"] == [second["snapshot_id"]]
+    assert ranges["ranges"][1]["from"] == {"t": T0 + 101, "i": 1}
+    [gap] = ranges["gaps"]
+    assert "new timeline" in gap["reason"] and gap["from"] == {"t": T0 + 30, "i": 2}
+    with pytest.raises(PointNotRestorable, match="new timeline"):
+        segments.plan_point(js, keys, (T0 + 50, 0))
+
+
+def test_sealing_is_idempotent_and_nothing_plain_on_disk(env, monkeypatch):
+    tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    capture(h, [ev("insert", T0 + 5, 1, 1, {"_id": 1, CANARY: CANARY})])
+    segments.close(h)
+    # a crash between the put and the forget: the records stay, the next seal keeps the object in place
+    monkeypatch.setattr(h, "segment_sealed", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        segments.seal_closed(h, js, keys, "mk1")
+    [path] = [p for p in files_under(str(tmp / "store")) if "/segments/" in p]
+    first = open(path, "rb").read()
+    monkeypatch.undo()
+    [sealed] = segments.seal_closed(h, js, keys, "mk1")
+    assert open(path, "rb").read() == first and h.closed_segments() == [] and h.segment_state()["records"] == 0
+    assert h.segment_chain(sealed["timeline"])[0] == 1
+    h.checkpoint()
+    assert canary_hits(str(tmp), CANARY) == []
+
+
+def test_not_consistent_head_does_not_close_or_start(env):
+    tmp, _provider, js, keys, h = env
+    with h.write() as w:
+        w.set_position(b"x", [T0, 1], False)
+    capture(h, [ev("insert", T0 + 1, 1, 1, {"_id": 1})], consistent=False)
+    assert h.segment_state()["timeline"] is None  # no range can start at a head that is not consistent
+    with h.write() as w:
+        w.set_position(b"x", [T0 + 1, 1], True)
+    capture(h, [ev("insert", T0 + 2, 1, 2, {"_id": 2})], consistent=False)  # inside a run of one cluster time
+    assert segments.close(h) is None
+    capture(h, [ev("insert", T0 + 3, 1, 3, {"_id": 3})])
+    assert segments.close(h) is not None
+
+
+def test_collect_keeps_the_window(env):
+    tmp, _provider, js, keys, h = env
+    build(env)
+    later = datetime.datetime.fromtimestamp(time.time() + 3 * 3600, datetime.timezone.utc)
+    # the only snapshot starts the range covering the window: everything after it is kept
+    assert segments.collect(js, keys, 1, now=later, grace_seconds=0)["segments_deleted"] == 0
+    snap(h, js, keys)  # a snapshot at T0+30.2, still before the window's start
+    assert segments.collect(js, keys, 1, now=later, grace_seconds=0)["segments_deleted"] == 3
+    capture(h, [ev("insert", T0 + 40, 1, 7, {"_id": 7})])
+    close_seal(h, js, keys)
+    assert segments.collect(js, keys, 0, now=later, grace_seconds=3600 * 24)["segments_deleted"] == 0  # grace
+    assert segments.collect(js, keys, 0, now=later, grace_seconds=0)["segments_deleted"] == 1
