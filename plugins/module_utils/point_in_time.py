@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import datetime
 import hashlib
 import os
 import shutil
 import tempfile
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document, split_bson_docs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso
 
 if TYPE_CHECKING:
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys
@@ -278,16 +277,13 @@ def info_lines(plan: dict) -> list:
              "Base Snapshot Cluster Time: %d %d" % tuple(plan["snapshot"]["cluster_time"]),
              "Segments: %d" % len(segs)]
     if segs:
-        lines.append("Segment IDs: %s" % ", ".join(_segment_name(s) for s in segs))
+        lines.append("Segment IDs: %s" % ", ".join(s["name"] for s in segs))
     return lines
 
 
 def iso_of(t: int) -> str:
-    return iso(datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc))
-
-
-def _segment_name(s: dict) -> str:
-    return str(s.get("id") or s.get("segment_id") or s.get("name") or s.get("seq"))
+    """The UTC time (ISO, whole seconds) of a cluster time's seconds."""
+    return segments.ct_time((t, 0))
 
 
 class Image:
@@ -305,9 +301,7 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
     """The image at plan["point"] (segments.plan_point's plan): base snapshot loaded lazily into a temporary
     encrypted head, segments replayed (replay: segments.replay), manifest built. The head and its folder are removed
     when the context ends."""
-    if replay is None:
-        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments
-        replay = segments.replay
+    replay = replay or segments.replay
     base = plan["snapshot"]
     manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
     folder = tempfile.mkdtemp(prefix="kmipbackup-pitr-", dir=work_dir)  # 0700

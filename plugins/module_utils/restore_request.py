@@ -14,7 +14,7 @@ import os
 import pwd
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, job_config, job_status, kmip, point_in_time, restore, storage, store)
+    config, datadir, job_config, job_status, kmip, point_in_time, restore, segments, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
@@ -287,7 +287,6 @@ class _Restore:
     def _run_point(self, js, cfg, folder, settings, result):
         """A restore to p["point_in_time"]: segments.plan_point picks the base snapshot and the segments, and
         point_in_time.rebuild replays them into a temporary encrypted head; check mode plans without replaying."""
-        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments  # pylint: disable=import-outside-toplevel
         p = self.p
         point = segments.parse_point(p["point_in_time"])
         if self.client is None:

@@ -144,3 +144,94 @@ def test_a_head_changed_under_the_restore_is_refused(setup, tmp_path):
             restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest, include=["d.fresh"]),
                             restore.DirectoryTarget(str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+# ---- through real segments: written as the capture writes them (Writer.log_records), sealed, replayed ----------
+
+T0 = 1760000000
+
+
+def captured(h, evs):
+    """What source.Capture does with segments on: apply the events and log them in the same transaction."""
+    a = events.Applier()
+    with h.write() as w:
+        for e in evs:
+            a.apply(w, e)
+        a.flush()
+        w.log_records([(e["clusterTime"].time, e["clusterTime"].inc, e.raw) for e in evs])
+        last = evs[-1]["clusterTime"]
+        w.set_position(b"token", [last.time, last.inc], True)
+
+
+def at(e, t, i):
+    return raw(dict(bson.decode(e.raw), clusterTime=Timestamp(t, i)))
+
+
+def image_of(h):
+    with h.read() as r:
+        return {n["ns"]: [doc for _k, doc in r.scan(n["ns"])] for n in r.namespaces()}
+
+
+def restored_dir(out):
+    got = {}
+    for db in sorted(os.listdir(out)):
+        if os.path.isdir(os.path.join(out, db)):
+            for f in sorted(os.listdir(os.path.join(out, db))):
+                if f.endswith(".bson"):
+                    got["%s.%s" % (db, f[:-5])] = split_docs(open(os.path.join(out, db, f), "rb").read())
+    return got
+
+
+def test_restore_to_every_point_through_sealed_segments_with_a_rotation(tmp_path):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
+    provider = LocalKeyProvider()
+    provider.create("mk1")
+    provider.create("mk2")
+    js = store.JobStore(str(tmp_path / "store"), "job")
+    keys = store.Keys(js, provider)
+    h = make_head(str(tmp_path / "h" / "head.db"), base_namespaces(), key=os.urandom(32), cluster_time=(T0, 1))
+    h.record_segments = True
+    base = snapshot.take_snapshot(h, js, keys, "job", "mk1", True, max_bytes=64 << 10)
+    h.mark_snapshotted(base["change_seq"])
+    images = {}
+    evs = the_events()
+    groups = [[e] for e in evs[:12]] + [evs[12:-1], evs[-1:]]  # the 600 inserts: one transaction (one cluster time)
+    for n, group in enumerate(groups):  # a segment every 3 cluster times; the master key rotates after the 7th
+        ct = (T0 + 1 + n // 2, 1 + n % 2)
+        captured(h, [at(e, *ct) for e in group])
+        images[ct] = image_of(h)
+        if n % 3 == 2:
+            segments.close(h)
+            segments.seal_closed(h, js, keys, "mk2" if n >= 7 else "mk1")
+    segments.close(h)
+    segments.seal_closed(h, js, keys, "mk2")
+    assert len(segments.list_segments(js)) == 5
+    assert {bytes(open(os.path.join(str(tmp_path / "store"), "job", "segments", s["name"]), "rb").read()[5:15])
+            for s in segments.list_segments(js)} == {b"snapshot-1", b"snapshot-2"}
+    points = sorted(images)[::3] + [sorted(images)[-2], sorted(images)[-1]]
+    for k, point in enumerate(points):
+        plan = segments.plan_point(js, keys, point)
+        assert plan["snapshot"]["snapshot_id"] == base["snapshot_id"]
+        with point_in_time.rebuild(js, keys, plan) as image:
+            out = str(tmp_path / ("out%d" % k))
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest),
+                            restore.DirectoryTarget(out))
+        want = {ns: docs for ns, docs in images[point].items() if docs}
+        assert restored_dir(out) == want, point
+        assert "Segments: %d\n" % len(plan["segments"]) in open(os.path.join(out, restore.RESTORE_INFO)).read()
+    with pytest.raises(PointNotRestorable, match="latest restorable time before it"):
+        segments.plan_point(js, keys, (T0 + 500, 1))
+    # a segment modified in the store: named, nothing written
+    segs = segments.list_segments(js)
+    path = os.path.join(str(tmp_path / "store"), "job", "segments", segs[1]["name"])
+    blob = bytearray(open(path, "rb").read())
+    blob[-20] ^= 1
+    open(path, "wb").write(bytes(blob))
+    plan = segments.plan_point(js, keys, points[-1])
+    with pytest.raises(IntegrityError, match=segs[1]["name"]):
+        with point_in_time.rebuild(js, keys, plan) as image:
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest),
+                            restore.DirectoryTarget(str(tmp_path / "tampered")))
+    assert not (tmp_path / "tampered").exists()
+    h.close()
