@@ -548,15 +548,21 @@ class Writer(Reader):
     def log_records(self, rows: list) -> None:
         """Keep [(t, i, raw record)] in the open change segment (same transaction as the changes they made), when the
         head records segments. The first record after a timeline ended (or ever) starts a new timeline at the head's
-        current position, which must be consistent: records of a head that is not are dropped (no range starts there)."""
+        current position, which must be consistent: records of a head that is not are dropped (no range starts there).
+        A row with t None (a correction made between events: head verification) gets the later of the head's cluster
+        time and the open segment's start: it takes effect right after that segment's start."""
         if not rows or not self._h.record_segments:
             return
         state = _segment_state(self._c)
+        pos = _position(self._c)
         if state["timeline"] is None:
-            pos = _position(self._c)
             if not pos["consistent"] or not pos["cluster_time"]:
                 return
             self.start_timeline(tuple(pos["cluster_time"]))
+            state = _segment_state(self._c)
+        if any(r[0] is None for r in rows):
+            now = max(tuple(pos["cluster_time"] or (0, 0)), state["from"])
+            rows = [now + (r[2],) if r[0] is None else r for r in rows]
         self._c.executemany("INSERT INTO seg_records (seg, t, i, rec) VALUES (NULL, ?, ?, ?)", rows)
 
     def start_timeline(self, start: tuple) -> str:
@@ -566,11 +572,12 @@ class Writer(Reader):
                         (timeline, int(start[0]), int(start[1]), time.time()))
         return timeline
 
-    def close_segment(self, to: tuple) -> int | None:
+    def close_segment(self, to: tuple, final: bool = False) -> int | None:
         """Close the open segment at cluster time `to` (inclusive; a boundary the caller knows complete): its records
-        await sealing (Head.closed_segments). None when there is no timeline or nothing to close."""
+        await sealing (Head.closed_segments). None when there is no timeline or the head has not moved past the
+        segment's start (its corrections, if any, stay open); final (the timeline ends): closed if it holds records."""
         state = _segment_state(self._c)
-        if state["timeline"] is None or (tuple(to) <= state["from"] and not state["records"]):
+        if state["timeline"] is None or (tuple(to) <= state["from"] and not (final and state["records"])):
             return None
         to = max(tuple(to), state["from"])
         cur = self._c.execute("INSERT INTO seg_closed (timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?)",
@@ -595,7 +602,7 @@ class Writer(Reader):
             to = tuple(last) if last else state["from"]
         else:
             to = tuple(pos["cluster_time"]) if pos["cluster_time"] else state["from"]
-        self.close_segment(to)
+        self.close_segment(to, final=True)
         self._c.execute("UPDATE seg_state SET timeline=NULL, next_seq=NULL, from_t=NULL, from_i=NULL, opened=NULL WHERE one=1")
 
     def set_sync_state(self, state: dict | None) -> None:

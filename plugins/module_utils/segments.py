@@ -481,7 +481,10 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     applier = Applier(refresh=lambda ns: refreshes.popleft() if refreshes else None, keep=_keeps)
     events = records = done = 0
     total = len(plan["segments"])
-    for _s, recs in read_segments(job_store, keys, plan["segments"]):
+    for seg, recs in read_segments(job_store, keys, plan["segments"]):
+        # a record at its segment's start is a correction made after that boundary (head verification): it belongs
+        # after a snapshot cut there
+        start = tuple(seg["from"])
         n, stop = len(recs), False
         k = 0
         while k < n and not stop:
@@ -496,7 +499,7 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
                     if count >= batch_records and ct != last_ct:
                         break
                     k += 1
-                    if ct <= after:
+                    if ct < after or (ct == after and start != after):
                         continue
                     raw = bytes(raw)
                     if is_correction(raw):

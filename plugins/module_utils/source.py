@@ -25,9 +25,10 @@ import time
 from typing import TYPE_CHECKING
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import correction
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
-    Applier, CloneRepair, merge_fragments, parse_elements)
+    IGNORED, Applier, CloneRepair, merge_fragments, parse_elements)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.mongo import (
     RAW, aggregate_raw, client_options, find_one_raw, find_raw_batches, split_namespace)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document
@@ -459,11 +460,21 @@ class Capture:
         self.max_batch_seconds = max_batch_seconds
         self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
         self.reclone_due = False    # the catch-up passed its end, but namespaces must be re-cloned first
-        self.applier = Applier(refresh=lambda ns: refresh_namespace(client, ns), keep=_keeps)
+        self.applier = Applier(refresh=self._refresh, keep=_keeps)
+        self._log = None  # this transaction's change-segment records [(t, i, raw)] while the head records segments
+        self._log_ct = None
         self.stream = None
         self.stats = {"events": 0, "transactions": 0, "recopied": 0}
         self._fragments = []
         self._carry = None
+
+    def _refresh(self, ns):
+        """The source's options and indexes of ns for the Applier; logged after the event that asked (a replay has
+        no source to ask)."""
+        info = refresh_namespace(self.client, ns)
+        if self._log is not None:
+            self._log.append(self._log_ct + (correction("refresh", ns, info=info),))
+        return info
 
     def close(self) -> None:
         if self.stream is not None:
@@ -540,6 +551,8 @@ class Capture:
         pos = self.head.position()
         last_ct = tuple(pos["cluster_time"]) if pos["cluster_time"] else None
         count, started = 0, time.monotonic()
+        # change segments keep what a consistent head applies (not an initial sync's catch-up)
+        log = self._log = [] if self.head.record_segments and self.catch_up_until is None else None
         with self.head.write() as w:
             token, consistent, more, proof = None, False, True, None
             while True:
@@ -557,7 +570,12 @@ class Capture:
                     self._carry = ev  # a later cluster time proves last_ct complete: commit a consistent image
                     consistent, proof = True, ct
                     break
-                self.applier.apply(w, ev, catch_up=self._catch_up(ct, ev))
+                if log is None:
+                    self.applier.apply(w, ev, catch_up=self._catch_up(ct, ev))
+                else:
+                    mark, self._log_ct = len(log), ct
+                    if self.applier.apply(w, ev, catch_up=False) != IGNORED:
+                        log.insert(mark, ct + (ev.raw,))  # before the refreshes it caused
                 self._recopy(w)
                 count += 1
                 token, last_ct = bytes(ev["_id"].raw), ct
@@ -574,6 +592,9 @@ class Capture:
                         self.catch_up_until = self.applier.repair = None
                 else:
                     consistent = False
+            if log:
+                w.log_records(log)  # before set_position: a new timeline starts where the head was
+            self._log = None
             if token is not None or consistent != pos["consistent"]:
                 w.set_position(token if token is not None else pos["resume_token"], last_ct, consistent)
         if count:
@@ -591,7 +612,9 @@ class Capture:
         if not self.applier.recopy:
             return
         for ns, dkey, at in self.applier.recopy:
-            recopy_document(w, self.client, ns, dkey, at=at)
+            ik, doc = recopy_document(w, self.client, ns, dkey, at=at)
+            if self._log is not None:
+                self._log.append(self._log_ct + (correction("doc", ns, ik, doc),))
             self.stats["recopied"] += 1
         self.applier.recopy = []
 
@@ -607,14 +630,16 @@ def _id_filter(doc_raw):
     return RawBSONDocument(_i32.pack(len(body) + 5) + body + b"\x00")
 
 
-def recopy_document(w: Writer, client: pymongo.MongoClient, ns: str, doc_key_raw: bytes, at: Timestamp | None = None) -> None:
+def recopy_document(w: Writer, client: pymongo.MongoClient, ns: str, doc_key_raw: bytes,
+                    at: Timestamp | None = None) -> tuple[bytes, bytes | None]:
     """Re-read one document from the source into the head (delete it when the source lacks it).
 
     at (a bson Timestamp, the cluster time the head is being brought to): read the document as of
     that time (a snapshot read, MongoDB 5.0+), so the head holds what the source held then and the
     stream's later events apply on top. Where the server cannot read at that time (history gone,
     an older server) the current document is read: later events then re-apply idempotently, as
-    in an initial sync's catch-up, and head verification heals what they cannot."""
+    in an initial sync's catch-up, and head verification heals what they cannot.
+    Returns (id_key, the raw document written, or None when deleted)."""
     doc = None
     if at is not None:
         try:
@@ -628,8 +653,9 @@ def recopy_document(w: Writer, client: pymongo.MongoClient, ns: str, doc_key_raw
     ik = id_key_from_document(doc_key_raw)
     if doc is None:
         w.delete(ns, ik)
-    else:
-        w.upsert(ns, ik, bytes(doc.raw))
+        return ik, None
+    w.upsert(ns, ik, bytes(doc.raw))
+    return ik, bytes(doc.raw)
 
 
 def _find_one_at(client, ns, query, at):
@@ -679,15 +705,19 @@ def verify(head: Head, client: pymongo.MongoClient, sample: int = 100, full: boo
 def _verify_namespaces(head, client, in_head, counts):
     at_source = {ns: _info_to_head(client, ns, info) for ns, info in list_namespaces(client)}
     with head.write() as w:
+        heals = []
         for ns in sorted(set(in_head) - set(at_source)):
             counts["removed"] += w.count(ns)
             w.drop_namespace(ns)
             counts["namespaces_fixed"] += 1
+            heals.append(correction("ns", ns, info=None))
         for ns, meta in sorted(at_source.items()):
             have = in_head.get(ns)
             if have is None or have["options"] != meta["options"] or have["indexes"] != meta["indexes"]:
                 w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
                 counts["namespaces_fixed"] += 1
+                heals.append(correction("ns", ns, info=meta))
+        _log_heals(head, w, heals)
 
 
 def parse_options_is_view(options_raw: bytes) -> bool:
@@ -746,6 +776,7 @@ def _verify_keys(head, client, ns, key_chunks, counts):
                     else:
                         w.upsert(ns, k, s)
                         counts["recopied"] += 1
+                _log_heals(head, w, [correction("doc", ns, k, s) for k, s in fixes])
 
 
 def _verify_source_batch(head, ns, pairs, counts):
@@ -763,6 +794,13 @@ def _verify_source_batch(head, ns, pairs, counts):
         with head.write() as w:
             for k, s in fixes:
                 w.upsert(ns, k, s)
+            _log_heals(head, w, [correction("doc", ns, k, s) for k, s in fixes])
+
+
+def _log_heals(head, w, records):
+    """Head verification's heals go into the open change segment (a replay must make them too)."""
+    if records and head.record_segments:
+        w.log_records([(None, None, r) for r in records])
 
 
 def _id_value_raw(doc, missing="A head document has no _id."):

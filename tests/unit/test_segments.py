@@ -9,7 +9,7 @@ import pytest
 from bson import Timestamp
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import rawbson, segments, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
 from snapshot_helpers import LocalKeyProvider, canary_hits, files_under, make_head
@@ -300,3 +300,41 @@ def test_collect_keeps_the_window(env):
     close_seal(h, js, keys)
     assert segments.collect(js, keys, 0, now=later, grace_seconds=3600 * 24)["segments_deleted"] == 0  # grace
     assert segments.collect(js, keys, 0, now=later, grace_seconds=0)["segments_deleted"] == 1
+
+
+def test_corrections_between_events_replay_after_a_snapshot_at_that_time(env):
+    """A heal made after a snapshot at P, while the head is still at P, is tagged P in the segment starting at P: a
+    replay from that snapshot applies it; a "refresh" record feeds the replayed event's Applier."""
+    tmp, _provider, js, keys, h = env
+    capture(h, [ev("insert", T0 + 5, 1, 1, {"_id": 1, "v": "stale"})])
+    base = snap(h, js, keys)
+    assert segments.close(h) is not None  # the daemon closes at every snapshot
+    healed = bson.encode({"_id": 1, "v": "healed"})
+    key1 = RawBSONDocument(healed)["_id"]
+    ik = rawbson.id_key_from_document(bson.encode({"_id": key1}))
+    with h.write() as w:
+        w.upsert(NS, ik, healed)
+        w.create_namespace("shop.other", bson.encode({}))
+        w.log_records([(None, None, segments.correction("doc", NS, ik, healed)),
+                       (None, None, segments.correction("ns", "shop.other", info={"options": bson.encode({}),
+                                                                                  "indexes": [], "uuid": None}))])
+    assert segments.close(h) is None  # the head has not moved past P: the heal stays in the open segment
+    capture(h, [ev("insert", T0 + 6, 1, 2, {"_id": 2})])
+    segments.close(h)
+    segments.seal_closed(h, js, keys, "mk1")
+    want = image(h)
+    plan = segments.plan_point(js, keys, (T0 + 6, 1))
+    assert plan["snapshot"]["snapshot_id"] == base["snapshot_id"]
+    got, result = replayed(tmp, js, keys, {(T0 + 5, 1): image_at_snapshot(js, keys, base)}, plan, "heal")
+    assert got == want and result["records"] == 3
+    with pytest.raises(PointNotRestorable):
+        segments.plan_point(js, keys, (T0 + 7, 0))
+
+
+def image_at_snapshot(js, keys, entry):
+    m = js.read_manifest(entry["snapshot_id"], keys, entry["manifest_sha256"])
+    out = {}
+    for n in m["namespaces"]:
+        docs = b"".join(js.read_chunk(c, keys) for c in n["chunks"])
+        out[n["ns"]] = [(rawbson.id_key_from_document(d), d) for d in rawbson.split_bson_docs(docs)]
+    return out
