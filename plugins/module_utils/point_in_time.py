@@ -83,10 +83,8 @@ class RebuildHead(Head):
                 if n["chunks"]:
                     self.bases[n["ns"]] = _Base(n)
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[_LazyWriter]:
-        with super().write() as w:
-            yield _LazyWriter(self, w)
+    def write(self) -> _LazyWrite:
+        return _LazyWrite(self, super().write())
 
     def load(self, w, ns: str, index: int) -> None:
         """Load chunk index of ns's base into the head (untracked: the image is read by ranges, not by changes)."""
@@ -102,6 +100,19 @@ class RebuildHead(Head):
         base = self.bases.get(ns)
         for i in range(len(base.lasts) if base else 0):
             self.load(w, ns, i)
+
+
+class _LazyWrite:
+    """Head.write()'s transaction, yielding a _LazyWriter."""
+
+    def __init__(self, h: RebuildHead, transaction) -> None:
+        self._h, self._t = h, transaction
+
+    def __enter__(self) -> _LazyWriter:
+        return _LazyWriter(self._h, self._t.__enter__())
+
+    def __exit__(self, *exc):
+        return self._t.__exit__(*exc)
 
 
 class _LazyWriter:
@@ -324,4 +335,3 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
         if h is not None:
             h.close()
         shutil.rmtree(folder, ignore_errors=True)
-

@@ -74,7 +74,7 @@ options:
     description:
       - Restore the job's data as it was at this point in time instead of a snapshot's. An ISO 8601 time
         (V(2026-11-30T14:37:00Z); a time without an offset is UTC; every operation within that second is included)
-        or a cluster time as a dict V({t: seconds, i: increment}) (included).
+        or a cluster time as a dict with keys C(t) (seconds) and C(i) (increment), included.
       - The newest snapshot at or before the point is restored (O(snapshot) may stay V(latest), or name exactly that
         snapshot), then the job's change segments after it are authenticated, chain-checked and replayed up to and
         including the point into a temporary encrypted head (a random key held in memory only, in a private folder
