@@ -66,6 +66,10 @@ class _Base:
         return i if i < len(self.lasts) else None
 
 
+def _never(_id_key, _size):
+    return False
+
+
 class RebuildHead(Head):
     """A temporary head that holds a base snapshot lazily (see the module's docs). Its writers load the chunk of
     every key they read or write, and the whole namespace before a scan; renames and drops carry the base along."""
@@ -73,6 +77,8 @@ class RebuildHead(Head):
     def __init__(self, path: str, key: bytes, job_store: JobStore, keys: Keys, manifest: dict) -> None:
         super().__init__(path, key)
         self._conn.execute("PRAGMA synchronous=OFF")  # a temporary head: a crash discards it anyway
+        # its image is read by ranges cut by size: no chunk-boundary flags (a keyed hash per document) and no change log
+        self._is_boundary = _never
         self.job_store, self.keys = job_store, keys
         self.bases = {}  # ns -> _Base, for namespaces that still have base chunks (loaded or not)
         self.loaded_chunks = 0
@@ -141,13 +147,13 @@ class _LazyWriter:
 
     def upsert(self, ns, id_key, raw):
         self._touch(ns, id_key)
-        return self._w.upsert(ns, id_key, raw)
+        return self._w.upsert_many(ns, [(id_key, raw)], track=False)
 
     def upsert_many(self, ns, pairs, track=True):
         pairs = pairs if isinstance(pairs, list) else list(pairs)
         for k, _doc in pairs:
             self._touch(ns, k)
-        return self._w.upsert_many(ns, pairs, track)
+        return self._w.upsert_many(ns, pairs, track=False)
 
     def _whole(self, ns):
         self._h.load_all(self._w, ns)
