@@ -31,7 +31,7 @@ import time
 from logging.handlers import WatchedFileHandler
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, files, head, job_config, job_requests, job_status, master_keys, retention, snapshot, source,
+    config, datadir, files, head, job_config, job_requests, job_status, master_keys, retention, segments, snapshot, source,
     storage, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, HistoryLostError, KmipBackupError, KmipError, ResyncRequested, SnapshotError, SourceError, Stopped,
@@ -175,6 +175,7 @@ class JobRunner(threading.Thread):
         self._complete = None      # (t, i): the head holds every source write up to this cluster time
         self._idle_read_at = None  # monotonic start of the last capture read that found the stream idle
         self._waits = {}           # on-demand snapshot requests waiting for the head: {rid: {...}}
+        self._seal_retry = 0.0     # monotonic time before which a failed segment seal is not retried
 
     # ---- status ----------------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class JobRunner(threading.Thread):
         self.head = head.Head(os.path.join(self.head_path, "head.db"), key)
         if rotated:
             self._rekey_head()
+        self._segments_start(rotated)
         while True:
             self.check_stop()
             try:
@@ -340,6 +342,68 @@ class JobRunner(threading.Thread):
         with self.head.write() as w:
             w.clear()
         self._complete = None
+
+    # ---- change segments (point in time) ---------------------------------------------
+
+    def _pitr(self):
+        """(segment seconds, window hours) of the job; window 0: point in time is off."""
+        return (float(self.cfg.get("point_in_time_segment_seconds") or segments.DEFAULT_SEGMENT_SECONDS),
+                float(self.cfg.get("point_in_time_window_hours", segments.DEFAULT_WINDOW_HOURS) or 0))
+
+    def _segments_start(self, rotated):
+        """After the head opens: record segments when the job keeps a window; seal what a previous run closed or left
+        open (a key rotation or a restart closes the open segment; a kill -9 loses nothing: the records are in the head)."""
+        _seconds, window = self._pitr()
+        self.head.record_segments = window > 0
+        if window <= 0 and self.head.segment_state()["timeline"] is not None:
+            with self.head.write() as w:  # point in time was turned off: the timeline ends here
+                w.end_timeline()
+        elif rotated:
+            segments.close(self.head)
+        self._segments_seal()
+
+    def _segments_tick(self):
+        """Between capture rounds: close the open segment once it is point_in_time_segment_seconds old, seal what is
+        closed (a failed seal, e.g. the store unreachable, is retried every 30 s; its records stay in the head)."""
+        seconds, window = self._pitr()
+        if (window > 0) != self.head.record_segments:
+            self._segments_start(False)  # the option changed: picked up live
+        if self.head.record_segments and segments.due(self.head, seconds):
+            segments.close(self.head)
+        if time.monotonic() >= self._seal_retry and self.head.closed_segments():
+            self._segments_seal()
+
+    def _segments_close(self, js=None, keys=None):
+        if self.head.record_segments:
+            segments.close(self.head)
+        self._segments_seal(js, keys)
+
+    def _segments_seal(self, js=None, keys=None):
+        if not self.head.closed_segments():
+            return
+        try:
+            if self.cfg.get("encryption") and self.kmip is None:
+                self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
+            if js is None:
+                js, keys = self._job_store()
+            sealed = segments.seal_closed(self.head, js, keys, self.cfg.get("master_key_uid"))
+            self._seal_retry = 0.0
+            if sealed:
+                LOG.debug("job %s: %d change segments sealed", self.job, len(sealed))
+        except KmipBackupError as e:
+            self._seal_retry = time.monotonic() + 30
+            self.set_status(last_error="sealing change segments failed (kept in the head, retried): %s" % _safe(e, self.cfg))
+            LOG.warning("job %s: sealing change segments failed; retrying in 30 s", self.job)
+
+    def _segments_collect(self, js, keys, now):
+        """Segments no restore inside the window needs go with the snapshots' garbage collection."""
+        _seconds, window = self._pitr()
+        try:
+            out = segments.collect(js, keys, window, now)
+            if out["segments_deleted"]:
+                LOG.info("job %s: %d change segments collected", self.job, out["segments_deleted"])
+        except KmipBackupError as e:
+            LOG.warning("job %s: collecting change segments failed: %s", self.job, _safe(e, self.cfg))
 
     # ---- keys ------------------------------------------------------------------------
 
@@ -462,6 +526,7 @@ class JobRunner(threading.Thread):
                     self._verify(client, full=False)
                 if consistent:
                     self._scheduled_snapshot()
+                self._segments_tick()
         finally:
             cap.close()
 
@@ -587,6 +652,7 @@ class JobRunner(threading.Thread):
         if self.cfg.get("encryption") and self.kmip is None:
             self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
         js, keys = self._job_store()
+        self._segments_close(js, keys)  # the snapshot's cluster time is a segment boundary
         now = timeutil.utcnow()
         info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
                                       encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
@@ -595,6 +661,7 @@ class JobRunner(threading.Thread):
         self.head.mark_snapshotted(info["change_seq"])
         expired = retention.apply_retention(js, schedule, now, keys)
         gc = js.gc(keys)
+        self._segments_collect(js, keys, now)
         last = {"id": info["snapshot_id"], "created": info["created"], "cluster_time": info["cluster_time"], "type": kind}
         self.set_status(last_snapshot=last, snapshots=gc["catalog_entries"])
         LOG.info("job %s: %s snapshot in %.1fs: %d chunks written, %d reused; %d expired; %d chunks collected",

@@ -25,6 +25,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, split_bson_docs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import decode_records, encode_records
 
 try:
     import sqlcipher3
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS position (one INTEGER PRIMARY KEY CHECK (one = 1), re
     ct_t INTEGER, ct_i INTEGER, consistent INTEGER NOT NULL DEFAULT 0, sync TEXT);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seg_records (pos INTEGER PRIMARY KEY, seg INTEGER, t INTEGER NOT NULL, i INTEGER NOT NULL,
-    rec BLOB NOT NULL);
+    recs BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seg_state (one INTEGER PRIMARY KEY CHECK (one = 1), timeline TEXT, next_seq INTEGER,
     from_t INTEGER, from_i INTEGER, opened REAL);
 CREATE TABLE IF NOT EXISTS seg_closed (seg INTEGER PRIMARY KEY, timeline TEXT NOT NULL, seq INTEGER NOT NULL,
@@ -216,7 +217,7 @@ class Head:
 
     # ---- change segments (segments.py): the open segment's records and the closed ones not yet sealed ----
     def segment_state(self) -> dict:
-        """{"timeline", "next_seq", "from" (t, i) or None, "opened" (Unix time), "records" (open records)}."""
+        """{"timeline", "next_seq", "from" (t, i) or None, "opened" (Unix time), "records" (open record rows, one per transaction)}."""
         with self._lock:
             return _segment_state(self._conn)
 
@@ -227,10 +228,11 @@ class Head:
             rows = self._conn.execute("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg").fetchall()
         return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
 
-    def segment_records(self, seg: int) -> list:
-        """[(t, i, raw record)] of a closed segment, in apply order."""
+    def segment_frames(self, seg: int) -> bytes:
+        """The records of a closed segment, in apply order, as zstd frames back to back (one per transaction)."""
         with self._lock:
-            return self._conn.execute("SELECT t, i, rec FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
+            rows = self._conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
+        return b"".join(bytes(r[0]) for r in rows)
 
     def segment_chain(self, timeline: str) -> tuple | None:
         """(seq, digest) of the last sealed segment of timeline, or None."""
@@ -563,7 +565,10 @@ class Writer(Reader):
         if any(r[0] is None for r in rows):
             now = max(tuple(pos["cluster_time"] or (0, 0)), state["from"])
             rows = [now + (r[2],) if r[0] is None else r for r in rows]
-        self._c.executemany("INSERT INTO seg_records (seg, t, i, rec) VALUES (NULL, ?, ?, ?)", rows)
+        # one row per transaction, zstd-compressed: the records (inserts carry whole documents) cost the head a
+        # fraction of the bytes the documents do
+        self._c.execute("INSERT INTO seg_records (seg, t, i, recs) VALUES (NULL, ?, ?, ?)",
+                        (rows[-1][0], rows[-1][1], crypto.compress(encode_records(rows))))
 
     def start_timeline(self, start: tuple) -> str:
         """Start a new timeline whose first segment starts (exclusive) at cluster time start."""
@@ -596,8 +601,15 @@ class Writer(Reader):
             return
         pos = _position(self._c)
         if pos["cluster_time"] and not pos["consistent"]:
-            self._c.execute("DELETE FROM seg_records WHERE seg IS NULL AND (t > ? OR (t = ? AND i >= ?))",
-                            (pos["cluster_time"][0], pos["cluster_time"][0], pos["cluster_time"][1]))
+            cut = tuple(pos["cluster_time"])
+            for row_pos, recs in self._c.execute("SELECT pos, recs FROM seg_records WHERE seg IS NULL AND (t > ? OR (t = ? AND i >= ?))",
+                                                 (cut[0], cut[0], cut[1])).fetchall():
+                keep = [(t, i, bytes(r)) for t, i, r in decode_records(crypto.decompress(recs, "head segment records")) if (t, i) < cut]
+                if keep:
+                    self._c.execute("UPDATE seg_records SET t=?, i=?, recs=? WHERE pos=?",
+                                    (keep[-1][0], keep[-1][1], crypto.compress(encode_records(keep)), row_pos))
+                else:
+                    self._c.execute("DELETE FROM seg_records WHERE pos=?", (row_pos,))
             last = self._c.execute("SELECT t, i FROM seg_records WHERE seg IS NULL ORDER BY pos DESC LIMIT 1").fetchone()
             to = tuple(last) if last else state["from"]
         else:

@@ -25,6 +25,9 @@ SOURCE_DEFAULTS = {
     "connect_timeout": 10,
 }
 SCHEDULE_DEFAULTS = retention.DEFAULT_SCHEDULE
+# point in time (change segments): written into a job file only when not the default, so existing job files keep their shape
+POINT_IN_TIME_DEFAULTS = {"point_in_time_segment_seconds": 60, "point_in_time_window_hours": 24}
+POINT_IN_TIME_LIMITS = {"point_in_time_segment_seconds": (1, 3600), "point_in_time_window_hours": (0, 8784)}
 
 jobs_dir = config.jobs_dir
 job_path = config.job_path
@@ -97,6 +100,22 @@ def normalize_source(source: dict) -> dict:
     return out
 
 
+def normalize_point_in_time(params: dict) -> dict:
+    """The job's point-in-time options that differ from their defaults, checked."""
+    out = {}
+    for name, default in POINT_IN_TIME_DEFAULTS.items():
+        value = params.get(name)
+        if value is None:
+            continue
+        low, high = POINT_IN_TIME_LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError("%s must be a whole number from %d to %d, got %r%s." % (
+                name, low, high, value, " (0 turns point-in-time restore off)" if low == 0 else ""))
+        if value != default:
+            out[name] = value
+    return out
+
+
 def normalize_schedule(schedule: dict | None) -> dict:
     out = dict(SCHEDULE_DEFAULTS)
     out.update({k: v for k, v in (schedule or {}).items() if v is not None})
@@ -122,6 +141,7 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
     group = check_name(params["group"], "group")
     source = normalize_source(params["source"])
     schedule = normalize_schedule(params.get("schedule"))
+    point_in_time = normalize_point_in_time(params)
     encryption = params.get("encryption", "enabled") in ("enabled", True)
     master_key = params.get("master_key") or {}
     if master_key.get("uid") and master_key.get("create"):
@@ -187,5 +207,6 @@ def plan_job(params: dict, existing: dict | None, check_source: Callable[[dict],
     }
     if object_store:  # a folder job's file keeps its shape: store only
         new["object_store"] = object_store
+    new.update(point_in_time)
     return new, {"master_key_uid": new["master_key_uid"], "key_created": created, "resync_required": resync,
                  "rotated": rotate}

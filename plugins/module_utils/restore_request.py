@@ -94,7 +94,7 @@ def list_snapshots(p: dict) -> dict:
             catalog = js.catalog()
         else:
             entries = catalog = js.catalog()
-        return {"changed": False, "store": root, "authenticated": False, "warnings": warnings,
+        return {"changed": False, "store": root, "authenticated": False, "warnings": warnings, "point_in_time": None,
                 "snapshots": [dict(store.public_entry(e), authenticated=False) for e in entries],
                 "master_key_uids_needed": js.master_keys_needed(catalog)}
     encrypted, _why = job_encrypted(p, cfg, js)
@@ -113,12 +113,14 @@ def list_snapshots(p: dict) -> dict:
                       for sid, _seq in js.catalog_files()]
             # authenticated entries oldest first (as the head orders them), then the others
             listed.sort(key=lambda e: (not e["authenticated"], str(e.get("created")), e["id"]))
+        point_in_time = segments.restorable_ranges(js, keys)
     for e in listed:
         if not e["authenticated"]:
             warnings.append("Catalog entry %s is not authenticated (not live in the store's catalog head, or its MAC or id does "
                             "not match): it is ignored; it may have been planted or put back, find out who changed the store."
                             % e["id"])
     return {"changed": False, "store": root, "authenticated": True, "warnings": warnings, "snapshots": listed,
+            "point_in_time": point_in_time,
             "master_key_uids_needed": js.master_keys_needed(live)}
 
 

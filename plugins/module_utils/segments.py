@@ -12,8 +12,9 @@ puts it into the store and only then forgets its records, so a crash anywhere lo
 
 Store object <job>/segments/<timeline>/<seq:010d>-<from_t>.<from_i>-<to_t>.<to_i>:
   "KBS1" | len(key id) | key id | predecessor's SHA-256 (32 bytes, zeros for a timeline's first)
-  | seal(key, zstd(records), aad)
-records: for each record, its cluster time (two big-endian uint32: t, i) then the BSON document.
+  | seal(key, zstd frames of the records, aad)
+records: for each record, its cluster time (two big-endian uint32: t, i) then the BSON document; compressed as one or
+more zstd frames back to back (one per head transaction, as the head kept them: sealing does not recompress).
 aad = "kmipbackup segment\\0<job>\\0<timeline>\\0<seq>\\0<key id>\\0<from_t>.<from_i>-<to_t>.<to_i>\\0<prev hex>",
 so a segment moved to another job, timeline, place in the chain or range, or edited, fails to open;
 the predecessor's digest chains each segment to the one before it (a reordered, replaced or
@@ -29,6 +30,7 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import io
 import re
 import struct
 import time
@@ -74,6 +76,12 @@ def _require_bson():
 def ct_time(ct: tuple) -> str:
     """The UTC time (ISO, whole seconds) of a cluster time."""
     return iso(datetime.datetime.fromtimestamp(int(ct[0]), datetime.timezone.utc))
+
+
+def end_time(ct: tuple) -> str:
+    """The last whole second (ISO) up to whose end a coverage ending at cluster time ct reaches: a time means the end
+    of that second (parse_point), so this time, given back, is inside the coverage."""
+    return ct_time(ct) if ct[1] == MAX_INC else ct_time((ct[0] - 1, 0))
 
 
 def _ct_dict(ct):
@@ -185,10 +193,20 @@ def _meta(timeline, seq, frm, to):
             "name": segment_name(timeline, seq, frm, to)}
 
 
-def seal_segment(job: str, meta: dict, plaintext: bytes, key_id: str, key: bytes | None, prev: bytes) -> bytes:
-    """The stored bytes of a segment (see the module doc)."""
+def decompress_frames(data: bytes, name: str = "?") -> bytes:
+    """The records of one or more zstd frames back to back (crypto.decompress reads only the first frame)."""
+    crypto._require_zstd()  # pylint: disable=protected-access
+    try:
+        return crypto.zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+    except crypto.zstandard.ZstdError:
+        raise crypto.integrity_error("segment", name, "does not decompress") from None
+
+
+def seal_segment(job: str, meta: dict, frames: bytes, key_id: str, key: bytes | None, prev: bytes) -> bytes:
+    """The stored bytes of a segment (see the module doc); frames: its records as zstd frames (crypto.compress of
+    encode_records, one or more back to back)."""
     kid = key_id.encode("ascii")
-    return MAGIC + bytes([len(kid)]) + kid + bytes(prev) + crypto.seal(key, crypto.compress(plaintext), _aad(job, meta, key_id, prev))
+    return MAGIC + bytes([len(kid)]) + kid + bytes(prev) + crypto.seal(key, frames, _aad(job, meta, key_id, prev))
 
 
 def open_segment(job: str, meta: dict, blob: bytes, keys: Keys) -> tuple[bytes, bytes]:
@@ -207,7 +225,7 @@ def open_segment(job: str, meta: dict, blob: bytes, keys: Keys) -> tuple[bytes, 
     if keys.encryption and key_id in ("", "none"):
         raise crypto.integrity_error("segment", name, "names no data key (unencrypted) in an encrypted job")
     compressed = crypto.open_sealed(keys.key(key_id), blob[37 + n:], _aad(job, meta, key_id, prev), "segment", name)
-    return crypto.decompress(compressed, "segment", name), prev
+    return decompress_frames(compressed, name), prev
 
 
 def list_segments(job_store: JobStore) -> list:
@@ -271,18 +289,18 @@ def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str
         else:  # cannot happen: seals are in order and the link is kept with each
             raise StoreError("The head's change segments of timeline %s lost their chain before segment %d: the daemon "
                              "starts a new timeline." % (c["timeline"], c["seq"]))
-        plain = encode_records(head.segment_records(c["seg"]))
+        frames = head.segment_frames(c["seg"])
         path = segment_path(job_store, meta)
-        blob = _existing(job_store, meta, path, plain, prev, keys)
+        blob = _existing(job_store, meta, path, frames, prev, keys)
         if blob is None:
-            blob = seal_segment(job_store.job, meta, plain, key_id, key, prev)
+            blob = seal_segment(job_store.job, meta, frames, key_id, key, prev)
             job_store.storage.put_atomic(path, blob)
         head.segment_sealed(c["seg"], c["timeline"], c["seq"], hashlib.sha256(blob).digest())
-        out.append(dict(meta, records_bytes=len(plain), stored=len(blob)))
+        out.append(dict(meta, stored=len(blob)))
     return out
 
 
-def _existing(job_store, meta, path, plain, prev, keys):
+def _existing(job_store, meta, path, frames, prev, keys):
     """The stored segment when it is already in place with this content (a seal a crash cut short), else None."""
     blob = job_store.storage.get(path) if job_store.storage.exists(path) else None
     if blob is None:
@@ -291,7 +309,7 @@ def _existing(job_store, meta, path, plain, prev, keys):
         got, got_prev = open_segment(job_store.job, meta, blob, keys)
     except (IntegrityError, StoreError):
         return None
-    return bytes(blob) if got == plain and got_prev == prev else None
+    return bytes(blob) if got_prev == prev and got == decompress_frames(frames, meta["name"]) else None
 
 
 def collect(job_store: JobStore, keys: Keys, window_hours: float, now: datetime.datetime | None = None,
@@ -352,7 +370,7 @@ def _runs(segs):
 
 
 def _gap(frm, to, reasons):
-    return {"from_time": ct_time(frm), "to_time": ct_time(to), "from": _ct_dict(frm), "to": _ct_dict(to),
+    return {"from_time": end_time(frm), "to_time": ct_time(to), "from": _ct_dict(frm), "to": _ct_dict(to),
             "reason": "; ".join(dict.fromkeys(reasons)) or "no snapshot starts this coverage"}
 
 
@@ -382,11 +400,12 @@ def _analyse(job_store, keys):
 def restorable_ranges(job_store: JobStore, keys: Keys) -> dict:
     """{"ranges": [{"timeline", "from", "from_time", "to", "to_time", "base_snapshots"}], "gaps": [{"from_time", "to_time",
     "from", "to", "reason"}]}: the contiguous coverage by segments that starts at a live snapshot's cluster time, oldest
-    first (cluster times as {"t", "i"}, times ISO UTC). Snapshots are authenticated; segments are listed by name (replay
-    authenticates them)."""
+    first (cluster times as {"t", "i"}, times ISO UTC: a range's from_time is the second of its start, to_time the
+    last whole second it covers, so both are restorable points as given). Snapshots are authenticated; segments are
+    listed by name (replay authenticates them)."""
     ranges, gaps = _analyse(job_store, keys)
     return {"ranges": [{"timeline": r["timeline"], "from": _ct_dict(r["from"]), "from_time": ct_time(r["from"]),
-                        "to": _ct_dict(r["to"]), "to_time": ct_time(r["to"]),
+                        "to": _ct_dict(r["to"]), "to_time": end_time(r["to"]),
                         "base_snapshots": [e["snapshot_id"] for _ct, e in r["snapshots"]]} for r in ranges],
             "gaps": gaps}
 
@@ -409,7 +428,7 @@ def plan_point(job_store: JobStore, keys: Keys, point) -> dict:
     before = [r["to"] for r in ranges if r["to"] < point]
     after = [r["from"] for r in ranges if r["from"] > point]
     if before:
-        near.append("the latest restorable time before it is %s (cluster time %d.%d)" % ((ct_time(before[-1]),) + tuple(before[-1])))
+        near.append("the latest restorable time before it is %s (cluster time %d.%d)" % ((end_time(before[-1]),) + tuple(before[-1])))
     if after:
         near.append("the earliest restorable time after it is %s (cluster time %d.%d)" % ((ct_time(after[0]),) + tuple(after[0])))
     if not ranges:
@@ -417,7 +436,7 @@ def plan_point(job_store: JobStore, keys: Keys, point) -> dict:
     raise PointNotRestorable("The point in time %s (cluster time %d.%d) is not restorable for job %s: %s. Choose a point "
                              "inside a restorable range (snapshot_info lists them)."
                              % (ct_time(point), point[0], point[1], job_store.job, "; ".join(near)),
-                             before=ct_time(before[-1]) if before else None, after=ct_time(after[0]) if after else None)
+                             before=end_time(before[-1]) if before else None, after=ct_time(after[0]) if after else None)
 
 
 # ---- replay -----------------------------------------------------------------------------------------

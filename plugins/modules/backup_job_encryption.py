@@ -171,6 +171,22 @@ options:
         description: Months a monthly snapshot is kept (1-36).
         type: int
         default: 13
+  point_in_time_window_hours:
+    description:
+      - Hours back from now to which the job can be restored to any point in time (as Ops Manager's
+        C(pointInTimeWindowHours)). The daemon keeps the change events it applies, in encrypted change
+        segments, back to the newest snapshot at or before the start of the window.
+      - V(0) turns point-in-time restore off (no segments are written; existing ones are collected).
+    type: int
+    default: 24
+  point_in_time_segment_seconds:
+    description:
+      - Seconds after which the daemon closes the open change segment and writes it to the store (also at
+        every snapshot and key rotation). The last this many seconds of changes exist only in the
+        encrypted head until then. Shorter means a store copy is more current, longer means fewer objects.
+      - 1 to 3600.
+    type: int
+    default: 60
   state:
     description:
       - V(present) runs the job, V(stopped) keeps its configuration and head but stops change capture,
@@ -360,6 +376,9 @@ def argument_spec():
             {name: dict(type="int", default=value) for name, value in schedule.items()},
             interval_hours=dict(type="int", choices=list(job_config.INTERVALS), default=schedule["interval_hours"]),
         )),
+        point_in_time_window_hours=dict(type="int", default=job_config.POINT_IN_TIME_DEFAULTS["point_in_time_window_hours"]),
+        point_in_time_segment_seconds=dict(type="int",
+                                           default=job_config.POINT_IN_TIME_DEFAULTS["point_in_time_segment_seconds"]),
         state=dict(type="str", choices=list(job_config.STATES), default=job_config.STATES[0]),
         wait=dict(type="bool", default=False),
         wait_timeout=dict(type="int", default=job_status.DEFAULT_WAIT_TIMEOUT),

@@ -155,6 +155,34 @@ master_key_uids_needed:
   type: list
   elements: str
   sample: ["42", "57"]
+point_in_time:
+  description:
+    - The job's restorable ranges for a restore to a point in time (change segments after a snapshot), and the gaps
+      between them, oldest first. A point inside a range can be given to M(kmipbackup.mongodb.snapshot_restore).
+    - Null without KMIP access (nothing can be authenticated then).
+  returned: always
+  type: dict
+  contains:
+    ranges:
+      description:
+        - Contiguous coverage by change segments that starts at a snapshot's cluster time; C(from)/C(to) are cluster
+          times V({t, i}); C(from_time) is the UTC second of the start and C(to_time) the last whole second covered
+          (a time given as C(point_in_time) to M(kmipbackup.mongodb.snapshot_restore) means the end of that second).
+        - C(base_snapshots) are the snapshots inside the range a restore can start from; C(timeline) changes at a
+          resync, a lost resume point or an invalidated change stream.
+      type: list
+      elements: dict
+      sample: [{"timeline": "20261130T120000Z-0a0b0c0d", "from": {"t": 1764504000, "i": 3},
+                "from_time": "2026-11-30T12:00:00Z", "to": {"t": 1764511200, "i": 1}, "to_time": "2026-11-30T14:00:00Z",
+                "base_snapshots": ["20261130T120000Z-8bbcda20"]}]
+    gaps:
+      description: Times between two ranges (or after the last one) that cannot be restored to, with the reason
+        (a new timeline, a segment missing from the store, no snapshot starting the coverage).
+      type: list
+      elements: dict
+      sample: [{"from_time": "2026-11-30T14:00:00Z", "to_time": "2026-11-30T14:05:00Z",
+                "from": {"t": 1764511200, "i": 1}, "to": {"t": 1764511500, "i": 2},
+                "reason": "a new timeline started (a resync, a lost resume point or an invalidated change stream)"}]
 error_kind:
   description: The kind of error (for example V(permission_denied), V(catalog entry), V(ConfigError), V(mongodb)).
   returned: on failure

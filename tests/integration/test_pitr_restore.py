@@ -167,6 +167,7 @@ def test_restore_into_mongodb_with_rename(lab):
     to = lab["db"] + "_r"
     r = restore_request.run_restore(params(lab, target_mongodb={"uri": lab["uri"]},
                                            point_in_time={"t": pt["t"].time, "i": pt["t"].inc}, rename_databases={lab["db"]: to},
+                                           include=[lab["db"] + ".*"],  # the head holds the whole shared server
                                            restore_info_file=str(lab["tmp"] / "mongo-restoreInfo.txt")))
     try:
         assert r["changed"]

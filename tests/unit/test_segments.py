@@ -9,7 +9,7 @@ import pytest
 from bson import Timestamp
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import rawbson, segments, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, rawbson, segments, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
 from snapshot_helpers import LocalKeyProvider, canary_hits, files_under, make_head
@@ -112,7 +112,7 @@ def test_seal_open_round_trip_and_binding(env):
     meta = segments._meta("20261130T120000Z-0a0b0c0d", 2, (T0, 1), (T0 + 9, 4))
     plain = segments.encode_records([(T0 + 1, 2, bson.encode({"a": CANARY}))])
     prev = os.urandom(32)
-    blob = segments.seal_segment("job1", meta, plain, "snapshot-1", key, prev)
+    blob = segments.seal_segment("job1", meta, crypto.compress(plain[:13]) + crypto.compress(plain[13:]), "snapshot-1", key, prev)
     assert CANARY.encode() not in blob
     assert segments.open_segment("job1", meta, blob, keys) == (plain, prev)
     assert [(t, i, bytes(r)) for t, i, r in segments.decode_records(plain)] == [(T0 + 1, 2, bson.encode({"a": CANARY}))]
@@ -128,7 +128,7 @@ def test_seal_open_round_trip_and_binding(env):
     forged_prev = blob[:5 + 10] + os.urandom(32) + blob[5 + 10 + 32:]
     with pytest.raises(IntegrityError):
         segments.open_segment("job1", meta, forged_prev, keys)
-    null = segments.seal_segment("job1", meta, plain, "none", None, prev)
+    null = segments.seal_segment("job1", meta, crypto.compress(plain), "none", None, prev)
     with pytest.raises(IntegrityError, match="unencrypted"):
         segments.open_segment("job1", meta, null, keys)
 
@@ -152,7 +152,9 @@ def test_ranges_plan_and_replay_every_point(env):
     assert ranges["gaps"] == []
     [r] = ranges["ranges"]
     assert (r["from"], r["to"], r["base_snapshots"]) == ({"t": T0, "i": 1}, {"t": T0 + 30, "i": 2}, [base["snapshot_id"]])
-    assert r["to_time"] == segments.ct_time((T0 + 30, 2))
+    assert r["to_time"] == segments.ct_time((T0 + 29, 0))  # the last whole second covered: restorable as given
+    assert segments.plan_point(js, keys, r["to_time"])["point"] == (T0 + 29, segments.MAX_INC)
+    assert segments.plan_point(js, keys, r["from_time"])["point"] == (T0, segments.MAX_INC)
     names = [s["name"] for s in segments.list_segments(js)]
     assert len(names) == 3 and names[0].startswith(r["timeline"] + "/0000000001-%d.1-%d.3" % (T0, T0 + 10))
     for n, point in enumerate(sorted(images)):
@@ -168,7 +170,7 @@ def test_ranges_plan_and_replay_every_point(env):
     for outside in ((T0 - 100, 0), (T0 + 31, 0)):
         with pytest.raises(PointNotRestorable) as e:
             segments.plan_point(js, keys, outside)
-        assert segments.ct_time((T0 + 30, 2) if outside > (T0, 1) else (T0, 1)) in str(e.value)
+        assert (segments.ct_time((T0 + 29, 0)) if outside > (T0, 1) else segments.ct_time((T0, 1))) in str(e.value)
 
 
 def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
@@ -181,7 +183,7 @@ def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
 
     # segment 2 re-sealed with other content under its own name (whoever holds the key): the chain breaks at 3
     key_id = "snapshot-1"
-    fake = segments.seal_segment("job1", segs[1], segments.encode_records([]), key_id, keys.key(key_id), blobs[1][15:47])
+    fake = segments.seal_segment("job1", segs[1], crypto.compress(b""), key_id, keys.key(key_id), blobs[1][15:47])
     open(paths[1], "wb").write(fake)
     with pytest.raises(IntegrityError, match="segment %s does not chain" % segs[2]["name"]):
         replayed(tmp, js, keys, images, plan, "x1")
@@ -194,7 +196,7 @@ def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
     other = store.JobStore(str(tmp / "store"), "job2")
     okeys = store.Keys(other, provider)
     okeys.epoch_for("mk1")
-    foreign = segments.seal_segment("job2", segs[1], segments.encode_records([]), "snapshot-1", okeys.key("snapshot-1"),
+    foreign = segments.seal_segment("job2", segs[1], crypto.compress(b""), "snapshot-1", okeys.key("snapshot-1"),
                                     blobs[1][15:47])
     open(paths[1], "wb").write(foreign)
     with pytest.raises(IntegrityError, match="segment %s" % segs[1]["name"]):
@@ -207,7 +209,7 @@ def test_chain_detects_missing_replaced_reordered_and_foreign(env, tmp_path):
     assert [(r["from"], r["to"]) for r in ranges["ranges"]] == [({"t": T0, "i": 1}, {"t": T0 + 10, "i": 3})]
     [gap] = ranges["gaps"]
     assert gap["reason"] == "segment %s/0000000002 is missing (removed from the store)" % segs[1]["timeline"]
-    with pytest.raises(PointNotRestorable, match="latest restorable time before it is %s" % segments.ct_time((T0 + 10, 3))) as e:
+    with pytest.raises(PointNotRestorable, match="latest restorable time before it is %s" % segments.ct_time((T0 + 9, 0))) as e:
         segments.plan_point(js, keys, (T0 + 25, 1))
     assert gap["reason"] in str(e.value)
     with pytest.raises(IntegrityError, match="segment %s is missing" % segs[1]["name"]):
@@ -338,3 +340,15 @@ def image_at_snapshot(js, keys, entry):
         docs = b"".join(js.read_chunk(c, keys) for c in n["chunks"])
         out[n["ns"]] = [(rawbson.id_key_from_document(d), d) for d in rawbson.split_bson_docs(docs)]
     return out
+
+
+def test_job_options_checked_and_written_only_when_not_default():
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import job_config
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+    assert job_config.normalize_point_in_time({"point_in_time_window_hours": 24, "point_in_time_segment_seconds": 60}) == {}
+    assert job_config.normalize_point_in_time({"point_in_time_window_hours": 0, "point_in_time_segment_seconds": 5}) == {
+        "point_in_time_window_hours": 0, "point_in_time_segment_seconds": 5}
+    for bad in ({"point_in_time_window_hours": -1}, {"point_in_time_segment_seconds": 0},
+                {"point_in_time_segment_seconds": "10"}, {"point_in_time_window_hours": True}):
+        with pytest.raises(ConfigError, match=list(bad)[0]):
+            job_config.normalize_point_in_time(bad)

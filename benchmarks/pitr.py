@@ -1,0 +1,175 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What change segments cost the capture (issue 12): change capture with and without segments, same run, same events.
+
+  . scripts/env.sh; python benchmarks/pitr.py [--events N] [--rounds R]
+
+A fresh SecantusDB gets a head by initial sync (the resume point), then N change events (half inserts of ~1 KB
+documents, then updates of nested and top-level fields, every tenth a delete). Each round copies that head twice and runs
+source.Capture from the same resume point until the stream is idle: once without segments, once with them (the events,
+logged in the same head transactions, then the segment closed and sealed into a folder store: zstd + AES-256-GCM), the
+order alternating between rounds so a load change on the shared machine hits both alike. It prints events/s for each,
+the best round of each and their ratio, the same for the CPU seconds the capturing process used (steadier than wall
+time on a shared machine: the server's own work is the same in both), and the replay rate of the sealed segment.
+The data keys are wrapped by a local AES key wrap (no KMIP server: one unwrap per run, nothing KMIP is measured).
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(ROOT, "tools"), os.path.join(ROOT, ".build", "collections")]
+
+HEAD_KEY = bytes(range(32))  # the benchmark's heads are throwaway
+
+
+class LocalWrap:
+    """wrap/unwrap data keys with RFC 5649 under an in-memory master key (stands in for KMIP: not measured here)."""
+
+    def __init__(self):
+        self.master = os.urandom(32)
+
+    def wrap(self, uid, key):
+        from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+        return {"master_key_uid": uid, "mode": "rfc5649", "wrapped": aes_key_wrap_with_padding(self.master, key).hex()}
+
+    def unwrap(self, wrapped):
+        from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+        return aes_key_unwrap_with_padding(self.master, bytes.fromhex(wrapped["wrapped"]))
+
+
+def write_events(client, n, seed):
+    from bson import ObjectId
+    from bson.raw_bson import RawBSONDocument
+    from pymongo import DeleteOne, UpdateOne
+    from data import Generator, object_id
+    coll = client["pitrbench"]["orders"]
+    gen = Generator(seed)
+    inserts = n // 2
+    for s in range(0, inserts, 5000):
+        coll.insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, inserts - s))], ordered=False)
+    ops = []
+    for i in range(n - inserts):
+        oid = ObjectId(object_id(i * 7 % inserts))
+        if i % 10 == 9:
+            ops.append(DeleteOne({"_id": oid}))
+        else:
+            ops.append(UpdateOne({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}}))
+    for i in range(0, len(ops), 1000):
+        coll.bulk_write(ops[i:i + 1000], ordered=True)
+
+
+def capture_run(base_head, work, name, uri, segments_on, provider):
+    """events, seconds of one capture from the base head's resume point until idle (+ closing and sealing)."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
+    folder = os.path.join(work, name)
+    os.makedirs(folder)
+    shutil.copy(base_head, os.path.join(folder, "head.db"))
+    h = head.Head(os.path.join(folder, "head.db"), HEAD_KEY)
+    h.record_segments = segments_on
+    client = source.connect({"uri": uri, "connect_timeout": 10})
+    js = store.JobStore(os.path.join(folder, "store"), "bench")
+    keys = store.Keys(js, provider)
+    cap = source.Capture(h, client)
+    t0, c0 = time.perf_counter(), time.process_time()
+    idle = 0
+    while idle < 2:
+        n = cap.run_once(max_time=1.0)
+        idle = idle + 1 if n == 0 else 0
+    if segments_on:
+        segments.close(h)
+        sealed = segments.seal_closed(h, js, keys, "bench-mk")
+    seconds = time.perf_counter() - t0 - 2 * cap.max_await_ms / 1000.0  # the two idle reads that end the run
+    cpu = time.process_time() - c0
+    cap.close()
+    client.close()
+    out = {"events": cap.stats["events"], "seconds": seconds, "cpu": cpu, "head": h}
+    if segments_on:
+        out.update(js=js, keys=keys, sealed=sealed)
+    return out
+
+
+def replay_rate(work, base_head, run):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments
+    folder = os.path.join(work, "replay")
+    os.makedirs(folder)
+    shutil.copy(base_head, os.path.join(folder, "head.db"))
+    h = head.Head(os.path.join(folder, "head.db"), HEAD_KEY)
+    start = tuple(h.position()["cluster_time"])
+    plan = {"snapshot": {"cluster_time": list(start), "snapshot_id": "base"}, "segments": run["sealed"],
+            "point": (0xFFFFFFFF, 0)}
+    t0 = time.perf_counter()
+    result = segments.replay(h, run["js"], run["keys"], plan)
+    seconds = time.perf_counter() - t0
+    h.close()
+    return result["events"], seconds
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--keep", action="store_true")
+    opts = ap.parse_args(argv)
+    import kmipbackup_lab as lab
+    import pymongo
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+    work = opts.work or tempfile.mkdtemp(prefix="kb-pitr-bench-", dir="/var/tmp")
+    print("load at start: %s" % open("/proc/loadavg").read().strip(), flush=True)
+    mongo = lab.start_mongo_server(os.path.join(work, "mongo"))
+    try:
+        base = os.path.join(work, "base", "head.db")
+        h = head.Head(base, HEAD_KEY)
+        client = source.connect({"uri": mongo["uri"], "connect_timeout": 10})
+        source.initial_sync(h, client)
+        h.checkpoint()
+        h.close()
+        print("writing %d change events" % opts.events, flush=True)
+        write_events(pymongo.MongoClient(mongo["uri"]), opts.events, opts.seed)
+        provider = LocalWrap()
+        rates = {False: [], True: []}
+        cpu_rates = {False: [], True: []}
+        last = None
+        for r in range(opts.rounds):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                run = capture_run(base, work, "r%d-%s" % (r, "seg" if on else "plain"), mongo["uri"], on, provider)
+                rate = run["events"] / run["seconds"]
+                rates[on].append(rate)
+                cpu_rates[on].append(run["events"] / run["cpu"])
+                print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s; %.2f s CPU of this process = %.0f ev/CPU-s" % (
+                    r, "on" if on else "off", run["events"], run["seconds"], rate, run["cpu"], cpu_rates[on][-1]), flush=True)
+                if on:
+                    if last is not None:
+                        last["head"].close()
+                    last = run
+                else:
+                    run["head"].close()
+        stored = sum(s["stored"] for s in last["sealed"])
+        last["head"].close()
+        events, seconds = replay_rate(work, base, last)
+        best_off, best_on = max(rates[False]), max(rates[True])
+        print("\nload at end: %s" % open("/proc/loadavg").read().strip())
+        print("capture without segments: best %.0f ev/s (rounds: %s)" % (best_off, ", ".join("%.0f" % x for x in rates[False])))
+        print("capture with segments:    best %.0f ev/s (rounds: %s)" % (best_on, ", ".join("%.0f" % x for x in rates[True])))
+        print("with/without: %.3f (issue 12 wants >= 0.90); median ratio %.3f" % (
+            best_on / best_off, sorted(rates[True])[len(rates[True]) // 2] / sorted(rates[False])[len(rates[False]) // 2]))
+        cpu_off, cpu_on = max(cpu_rates[False]), max(cpu_rates[True])
+        print("CPU of the capturing process: without %.0f ev/CPU-s, with %.0f ev/CPU-s (best rounds): with/without %.3f"
+              % (cpu_off, cpu_on, cpu_on / cpu_off))
+        print("segment bytes stored: %d (%.0f per event)" % (stored, stored / max(1, events)))
+        print("replay of the sealed segment into a head: %d events in %.2f s = %.0f ev/s" % (events, seconds, events / seconds))
+    finally:
+        lab.stop(mongo["pid"])
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
