@@ -43,7 +43,7 @@ from bench import HEAD_KEY, JOB, build_head, write_dump_dir  # noqa: E402
 from data import Generator, namespaces  # noqa: E402
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (  # noqa: E402
-    events as events_mod, head, point_in_time, restore, segments, snapshot, store)
+    crypto, events as events_mod, head, point_in_time, restore, segments, snapshot, store)
 
 T0 = 1760000000
 
@@ -102,7 +102,7 @@ def write_segments(js, keys, rows, per_segment):
         part = rows[s:s + per_segment]
         to = (part[-1][0], part[-1][1])
         meta = {"timeline": timeline, "seq": seq, "from": frm, "to": to, "name": segments.segment_name(timeline, seq, frm, to)}
-        blob = segments.seal_segment(js.job, meta, segments.encode_records(part), key_id, key, prev)
+        blob = segments.seal_segment(js.job, meta, crypto.compress(segments.encode_records(part)), key_id, key, prev)
         js.storage.put_atomic(segments.segment_path(js, meta), blob)
         prev, frm = hashlib.sha256(blob).digest(), to
 
