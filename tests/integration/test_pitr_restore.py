@@ -104,6 +104,14 @@ def lab(tmp_path_factory, pki, kmip_server, mongo_server):
         stop = threading.Event()
         threads = [wl.run_in_thread(stop), threading.Thread(target=transfers, args=(mc, dbname, stop, rnd), daemon=True)]
         threads[1].start()
+        # DDL in every phase, next to the workload's own: create, index, rename over an existing one, drop, drop index
+        db.create_collection("made%d" % phase)
+        db["made%d" % phase].insert_many([{"_id": k, "v": k + 100 * phase} for k in range(20)])
+        db["made%d" % phase].create_index("v", name="v_1", unique=True)
+        if phase:
+            db["made%d" % phase].rename("made%d" % (phase - 1), dropTarget=True)
+        if phase == 1:
+            db["alpha"].drop_index("tags_sparse")
         deadline, next_seal = time.monotonic() + 2.0, time.monotonic() + 0.6
         while time.monotonic() < deadline:  # capture under load, a segment closed every 0.6 s
             cap.run_once(max_time=0.2)
@@ -181,13 +189,16 @@ def test_a_transaction_is_all_or_nothing_at_every_point(lab):
     """At the cluster time of a transaction's events (all share it) and just before it: the total is whole."""
     js, keys, db = lab["js"], lab["keys"], lab["db"]
     segs = [s for s in segments.list_segments(js) if s["to"] > tuple(lab["base"]["cluster_time"])]
-    txn_times = []
+    txn_times, ops = [], set()
     for _s, recs in segments.read_segments(js, keys, segs):
         for t, i, raw in recs:
             ev = bson.decode(bytes(raw))
+            ops.add(ev.get("operationType"))
             if "txnNumber" in ev and ev["ns"].get("coll") == "bank":  # an event from a transaction (not a correction)
                 txn_times.append((t, i))
     assert len(set(txn_times)) >= 10 and len(txn_times) >= 2 * len(set(txn_times))  # two updates per transaction
+    assert {"insert", "update", "replace", "delete", "create", "rename", "drop", "createIndexes",
+            "dropIndexes"} <= ops, ops
     rnd = random.Random(9)
     picked = rnd.sample(sorted(set(txn_times)), 3)
     moved = False
