@@ -78,12 +78,13 @@ class RebuildHead(Head):
     def __init__(self, path: str, key: bytes, job_store: JobStore, keys: Keys, manifest: dict) -> None:
         super().__init__(path, key)
         self._conn.execute("PRAGMA synchronous=OFF")  # a temporary head: a crash discards it anyway
-        self._conn.execute("PRAGMA cache_size=-%d" % (CACHE_BYTES >> 10))  # decrypted pages: fewer re-reads when replay jumps around
+        self._conn.execute("PRAGMA cache_size=-%d" % (CACHE_BYTES >> 10))  # decrypted pages, kept while replay jumps around
         # its image is read by ranges cut by size: no chunk-boundary flags (a keyed hash per document) and no change log
         self._is_boundary = _never
         self.job_store, self.keys = job_store, keys
         self.bases = {}  # ns -> _Base, for namespaces that still have base chunks (loaded or not)
         self.loaded_chunks = 0
+        self.loading = []  # (base, chunk index) loaded by the open transaction: forgotten if it rolls back
         with super().write() as w:
             for n in manifest["namespaces"]:
                 w.create_namespace(n["ns"], bytes(n["options"] or EMPTY_BSON), uuid=bytes(n["uuid"]) if n.get("uuid") else None,
@@ -102,6 +103,7 @@ class RebuildHead(Head):
         plain = self.job_store.read_chunk(base.n["chunks"][index], self.keys)
         w.upsert_many(ns, [(id_key_from_document(d), d) for d in split_bson_docs(plain)], track=False)
         base.loaded.add(index)
+        self.loading.append((base, index))
         self.loaded_chunks += 1
 
     def load_all(self, w, ns: str) -> None:
@@ -117,9 +119,14 @@ class _LazyWrite:
         self._h, self._t = h, transaction
 
     def __enter__(self) -> _LazyWriter:
+        self._h.loading = []
         return _LazyWriter(self._h, self._t.__enter__())
 
     def __exit__(self, *exc):
+        if exc[0] is not None:  # rolled back: so are the chunks it loaded
+            for base, index in self._h.loading:
+                base.loaded.discard(index)
+                self._h.loaded_chunks -= 1
         return self._t.__exit__(*exc)
 
 

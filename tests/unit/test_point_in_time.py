@@ -11,7 +11,8 @@ import pytest
 from bson import Timestamp
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, mongodump, point_in_time, restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    events, mongodump, point_in_time, rawbson, restore, snapshot, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from snapshot_helpers import LocalKeyProvider, all_types_docs, make_head, read_archive, split_docs
 
@@ -234,4 +235,21 @@ def test_restore_to_every_point_through_sealed_segments_with_a_rotation(tmp_path
             restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest),
                             restore.DirectoryTarget(str(tmp_path / "tampered")))
     assert not (tmp_path / "tampered").exists()
+    h.close()
+
+
+def test_a_rolled_back_transaction_forgets_the_chunks_it_loaded(setup, tmp_path):
+    js, keys, _full, entry = setup
+    manifest = js.read_manifest(entry["snapshot_id"], keys)
+    h = point_in_time.RebuildHead(str(tmp_path / "rb" / "head.db"), os.urandom(32), js, keys, manifest)
+    key = rawbson.id_key_from_document(bson.encode({"_id": 10}))
+    with pytest.raises(RuntimeError):
+        with h.write() as w:
+            assert w.get("d.big", key) is not None
+            assert h.loaded_chunks == 1
+            raise RuntimeError("the replay failed")
+    assert h.loaded_chunks == 0 and not h.bases["d.big"].loaded
+    with h.write() as w:
+        assert w.get("d.big", key) is not None  # loaded again, for real this time
+    assert h.loaded_chunks == 1
     h.close()
