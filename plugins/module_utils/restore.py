@@ -98,6 +98,7 @@ def restore_info_text(entry: dict, job: str, kmip_servers: list | None = None, s
              "Documents: %d" % entry.get("doc_count", 0),
              "Data Bytes: %d" % entry.get("data_bytes", 0),
              "Encryption: %s" % ("enabled" if entry.get("encryption") else "disabled")]
+    lines += entry.get("restore_info_lines") or []  # a point-in-time restore's point, base snapshot and segments
     if selection:
         lines.append("Namespace Selection: %s" % selection)
     if entry.get("encryption"):

@@ -14,7 +14,7 @@ import os
 import pwd
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, job_config, job_status, kmip, restore, segments, storage, store)
+    config, datadir, job_config, job_status, kmip, point_in_time, restore, segments, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
@@ -187,6 +187,8 @@ class _Restore:
             if settings is not None:
                 self.client = kmip.KmipClient(*settings)
             self.last_known = job_status.daemon_last_snapshot(p["data_dir"], p["job"])
+            if p.get("point_in_time") is not None:
+                return self._run_point(js, cfg, folder, settings, result)
             entry, self.keys = self._resolve(js, cfg)
             sid = entry["snapshot_id"]
             expect_encryption = check_encryption_expected(p, cfg, js, entry)
@@ -240,6 +242,11 @@ class _Restore:
             return result
         entry, selected = restore.plan(js, sid, keys, p["include"], p["exclude"], p["rename_databases"], expect_encryption,
                                        last_known=self.last_known)
+        return self._restore(js, keys, entry, selected, target, settings, result)
+
+    def _restore(self, js, keys, entry, selected, target, settings, result):
+        """The already-restored, busy and target checks, then (outside check mode) the restore of selected."""
+        p, sid = self.p, entry["snapshot_id"]
         already = restore.already_restored(js, sid, target, selected)
         result.update(already_restored=already, planned_from="manifest",
                       namespaces=[{"source": self.label(entry, i, n["ns"]), "target": self.label(entry, i, "%s.%s" % (db, coll)),
@@ -276,3 +283,58 @@ class _Restore:
                       verify={"enabled": p["verify"], "namespaces_verified": len(selected) if p["verify"] else 0})
         result["changed"] = True
         return result
+
+    # ---- point in time --------------------------------------------------------------------------------------
+
+    def _run_point(self, js, cfg, folder, settings, result):
+        """A restore to p["point_in_time"]: segments.plan_point picks the base snapshot and the segments, and
+        point_in_time.rebuild replays them into a temporary encrypted head; check mode plans without replaying."""
+        p = self.p
+        point = segments.parse_point(p["point_in_time"])
+        if self.client is None:
+            raise ConfigError("point_in_time needs the job's keys to authenticate its snapshots and change segments: give the "
+                              "KMIP server (kmip_servers, kmip_ca_file) and a client certificate (client_cert_file), or "
+                              "config_dir and group.")
+        encrypted, _why = job_encrypted(p, cfg, js)
+        keys = store.Keys(js, provider=self.client, encryption=encrypted)
+        self.checked.update(self.client.require_keys(js.auth_master_key_uids(keys), "that checking the catalog needs"))
+        js.live_catalog(keys, expect_encryption=encrypted, last_known=self.last_known)  # the rollback checks of a plain restore
+        plan = segments.plan_point(js, keys, point)
+        base = plan["snapshot"]
+        sid = base["snapshot_id"]
+        if p["snapshot"] not in (None, "latest", sid):
+            raise ConfigError("point_in_time %s is restored from snapshot %s, the newest at or before it, not from %s: leave "
+                              "snapshot at latest (or give %s); nothing was written." % (_point_text(plan["point"]), sid, p["snapshot"], sid))
+        expect_encryption = check_encryption_expected(p, cfg, js, base)
+        if keys.encryption != bool(base.get("encryption")):  # an older unencrypted base (allow_unencrypted)
+            keys = store.Keys(js, provider=self.client, encryption=bool(base.get("encryption")))
+        if base.get("encryption"):
+            self.client.require_keys([u for u in base.get("master_key_uids") or [] if str(u) not in self.checked])
+        result["kmip_server"] = self.client.server
+        restore_id = point_in_time.point_id(sid, plan["point"])
+        protected = {"snapshot store": folder, "data_dir": p["data_dir"], "config_dir": p["config_dir"]}
+        if folder is None:
+            del protected["snapshot store"]
+        target, info_path = make_target(p, restore_id, protected)
+        t, i = plan["point"]
+        result.update(snapshot_id=sid, created=base.get("created"), cluster_time=[t, i], encryption=bool(base.get("encryption")),
+                      master_key_uids=base.get("master_key_uids") or [], target=target.kind, restore_info=info_path,
+                      point_in_time={"t": t, "i": i, "time": point_in_time.iso_of(t)}, base_snapshot_id=sid,
+                      segments=len(plan["segments"]), restore_id=restore_id)
+        try:
+            if self.check_mode:  # the base snapshot's namespaces: replaying is the restore's work
+                entry, selected = restore.plan(js, sid, keys, p["include"], p["exclude"], p["rename_databases"],
+                                               expect_encryption, last_known=self.last_known)
+                entry = dict(entry, snapshot_id=restore_id)
+                return self._restore(point_in_time.RebuiltStore(js, None, entry), keys, entry, selected, target, settings, result)
+            with point_in_time.rebuild(js, keys, plan) as image:
+                selected = restore.select_namespaces(image.manifest, p["include"], p["exclude"], p["rename_databases"])
+                result["replayed"] = dict(image.replayed, loaded_chunks=image.loaded_chunks)
+                return self._restore(image.store, keys, image.entry, selected, target, settings, result)
+        finally:
+            if target.kind == "mongodb":
+                target.close()
+
+
+def _point_text(point):
+    return "%s (Timestamp(%d, %d))" % (point_in_time.iso_of(point[0]), point[0], point[1])

@@ -70,6 +70,29 @@ options:
     description: The snapshot id (see M(kmipbackup.mongodb.snapshot_info)) or V(latest).
     type: str
     default: latest
+  point_in_time:
+    description:
+      - Restore the job's data as it was at this point in time instead of a snapshot's. An ISO 8601 time
+        (V(2026-11-30T14:37:00Z); a time without an offset is UTC; every operation within that second is included)
+        or a cluster time as a dict with keys C(t) (seconds) and C(i) (increment), included.
+      - The newest snapshot at or before the point is restored (O(snapshot) may stay V(latest), or name exactly that
+        snapshot), then the job's change segments after it are authenticated, chain-checked and replayed up to and
+        including the point into a temporary encrypted head (a random key held in memory only, in a private folder
+        of the system's temporary directory, C(TMPDIR), removed afterwards), and the result is restored to the target
+        with O(include), O(exclude) and O(rename_databases) as a snapshot is. Only the snapshot chunks that the
+        replayed changes touch are loaded into the temporary head; the others go from the store to the target as
+        in a snapshot restore.
+      - A point outside every restorable range, or inside a gap (after a resync or a lost resume point), is refused
+        naming the nearest restorable times, and nothing is written; M(kmipbackup.mongodb.snapshot_info) lists the
+        job's restorable ranges. A missing, modified, reordered or replayed segment fails the restore naming it,
+        before anything is written to the target.
+      - Needs KMIP access (the segments and the snapshot must be authenticated), also in check mode. In check mode
+        the plan (base snapshot, segments, target checks) is made without replaying, and RV(namespaces),
+        RV(documents) and RV(bytes) are the base snapshot's.
+      - C(restoreInfo.txt) records the point, the base snapshot and the segments used; the restore goes by
+        RV(restore_id) (base snapshot and point) for O(force) and the already-restored check.
+    type: raw
+    version_added: 0.2.0
   store:
     description:
       - The snapshot store root (a folder). When neither this nor O(object_store) is given, the store recorded for
@@ -218,6 +241,22 @@ EXAMPLES = r'''
     client_cert_password: "{{ vault_kmip_password }}"
     target_dir: /srv/restore/orders
 
+- name: The orders database as it was at 14:37 (UTC), before a bad deployment, next to the live one
+  kmipbackup.mongodb.snapshot_restore:
+    job: orders
+    point_in_time: "2026-11-30T14:37:00Z"
+    include: ["orders.*"]
+    rename_databases:
+      orders: orders_1437
+    target_mongodb:
+      uri: mongodb://recovery.example.com:27017/?replicaSet=rs0
+
+- name: Up to and including one operation, by its cluster time (as an oplog entry or a change event shows it)
+  kmipbackup.mongodb.snapshot_restore:
+    job: orders
+    point_in_time: {t: 1796049420, i: 3}
+    target_dir: /srv/restore/orders-pitr
+
 - name: Only the invoices collection, as a mongodump archive
   kmipbackup.mongodb.snapshot_restore:
     job: orders
@@ -233,6 +272,52 @@ snapshot_id:
   returned: always
   type: str
   sample: 20261127T180000Z-1a2b3c4d
+point_in_time:
+  description: The point restored to (O(point_in_time) as a cluster time, and its time in UTC).
+  returned: when O(point_in_time) is given
+  type: dict
+  contains:
+    t:
+      description: Seconds of the cluster time.
+      type: int
+    i:
+      description: Increment of the cluster time.
+      type: int
+    time:
+      description: The cluster time's seconds as an ISO 8601 time (UTC).
+      type: str
+  sample: {"t": 1796049420, "i": 4294967295, "time": "2026-11-30T14:37:00Z"}
+base_snapshot_id:
+  description: The snapshot a point-in-time restore starts from (also RV(snapshot_id)).
+  returned: when O(point_in_time) is given
+  type: str
+restore_id:
+  description: What a point-in-time restore goes by in C(restoreInfo.txt) and the MongoDB target's marker,
+    C(<base snapshot id>@<t>.<i>).
+  returned: when O(point_in_time) is given
+  type: str
+  sample: 20261130T120000Z-1a2b3c4d@1796049420.4294967295
+segments:
+  description: Number of change segments replayed (to replay, in check mode).
+  returned: when O(point_in_time) is given
+  type: int
+replayed:
+  description: What the replay did.
+  returned: when O(point_in_time) is given and a restore ran
+  type: dict
+  contains:
+    events:
+      description: Change events applied.
+      type: int
+    records:
+      description: Records applied (events and the daemon's corrections of its head).
+      type: int
+    segments:
+      description: Segments read.
+      type: int
+    loaded_chunks:
+      description: Chunks of the base snapshot loaded into the temporary head because the replay touched them.
+      type: int
 snapshot_requested:
   description: The O(snapshot) asked for (an id or V(latest)).
   returned: always
@@ -243,7 +328,8 @@ created:
   returned: always
   type: str
 cluster_time:
-  description: The source cluster time the restored data is consistent at, C([seconds, increment]).
+  description: The source cluster time the restored data is consistent at, C([seconds, increment]) (the point, for
+    O(point_in_time)).
   returned: always
   type: list
   elements: int
@@ -368,6 +454,7 @@ def argument_spec():
         verify=dict(type="bool", default=True),
         allow_unencrypted=dict(type="bool", default=False),
         show_namespaces=dict(type="bool", default=False),
+        point_in_time=dict(type="raw"),
     )
 
 
