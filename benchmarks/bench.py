@@ -78,6 +78,8 @@ class _Requests:
         return timed_call
 
     def report(self):
+        if getattr(self.storage, "direct_gets", 0):  # GETs sent past botocore's events (S3Storage.get's direct path)
+            self.requests["GetObject"] = self.requests.get("GetObject", 0) + self.storage.direct_gets
         return {"requests": dict(self.requests), "storage_calls": dict(self.calls),
                 "storage_seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
