@@ -658,6 +658,9 @@ def _restore_mongodb(source, job, entry, selected, target, drop, verify, info_te
         else:
             marker.replace_one({"_id": marker_id}, previous)
         raise
+    except BaseException:
+        load.discard_staging()
+        raise
     marker.update_one({"_id": marker_id}, {"$set": {"state": "complete", "finished": iso(utcnow())}})
     if target.restore_info_path:
         try:
@@ -721,9 +724,10 @@ class _MongoLoad:
                     if plain is None:
                         if batch:
                             inserted += _insert(database, into, batch, inserted)
-                        specs = _index_specs(n)
-                        if specs:
-                            building.append((k, indexer.submit(database.command, "createIndexes", into, indexes=specs)))
+                        if self.verify and inserted != n["count"]:
+                            raise RestoreError("Verification failed: the target acknowledged %d documents of namespace %s "
+                                               "where the snapshot has %d; restore again with drop." % (inserted, self.at, n["count"]))
+                        building.append((k, indexer.submit(self._complete, k, into)))
                         continue
                     for doc in bson.decode_all(plain, self.codec):
                         size = len(doc.raw)
@@ -740,9 +744,22 @@ class _MongoLoad:
                 f.result()
         self._finish()
 
+    def _complete(self, k, into):
+        """After a collection's data (on an index thread, while the next ones load): its indexes, then its count."""
+        i, n, db, coll = self.selected[k]
+        database = self.client[db]
+        specs = _index_specs(n)
+        if specs:
+            database.command("createIndexes", into, indexes=specs)
+        if self.verify:
+            got = _count(database, into)
+            if got != n["count"]:
+                raise RestoreError("Verification failed: namespace %s of the target holds %d documents where the snapshot has "
+                                   "%d (another writer?); restore again with drop." % (self.name(i, db, coll), got, n["count"]))
+
     def _finish(self):
-        """The source is read and verified: views, the document counts, then the staging collections renamed into place."""
-        for k, (i, n, db, coll) in enumerate(self.selected):
+        """The source is read and verified: views, then the staging collections renamed into place."""
+        for i, n, db, coll in self.selected:
             self.at = self.name(i, db, coll)
             database = self.client[db]
             options = bson.decode(bytes(n["options"])) if n["options"] else {}
@@ -751,12 +768,6 @@ class _MongoLoad:
                     database.drop_collection(coll)  # by name: not validated by pymongo
                 if self.drop or not self._exists(db, coll):
                     _write_command(database, bson.SON([("create", coll)] + list(options.items())))
-                continue
-            if self.verify:
-                got = _count(database, self.staged.get(k, coll))
-                if got != n["count"]:
-                    raise RestoreError("Verification failed: namespace %s of the target holds %d documents where the snapshot "
-                                       "has %d; restore again with drop." % (self.at, got, n["count"]))
         for k, tmp in sorted(self.staged.items()):
             i, _n, db, coll = self.selected[k]
             self.at = self.name(i, db, coll)
@@ -801,10 +812,9 @@ def _insert(database, coll, docs, inserted):
 
 
 def _count(database, coll):
-    """The number of documents in coll (what count_documents({}) runs), through a raw aggregate command."""
-    docs = mongo.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
-                               [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
-    return int(docs[0]["n"]) if docs else 0
+    """The number of documents in coll: the count command without a query, which MongoDB answers from the collection's
+    metadata (exact after a clean write, as here; no scan)."""
+    return int(database.command(bson.SON([("count", coll)]))["n"])
 
 
 def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = None, exclude: list | None = None,
