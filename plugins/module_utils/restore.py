@@ -4,16 +4,23 @@
 """Restoring a snapshot (no Ansible imports). PRIVATE to the collection.
 
 Targets: MongoTarget (a MongoDB deployment through pymongo), DirectoryTarget (mongodump
-layout) and ArchiveTarget (mongodump --archive file). Chunks are streamed in order while a few
-worker threads read, authenticate and decompress the next ones (AES-GCM, zstd and hashing
-release the GIL); a chunk's plaintext is already mongodump's .bson format, so it goes to the
-file as it is. Every chunk is checked against its manifest entry (size, SHA-256), so the
-manifest's document counts and namespace hashes hold for what is written.
-Directory and archive restores are built in a temporary sibling and renamed into place at
-the end, so a failure leaves the target untouched. A MongoDB restore first authenticates
-every chunk it needs, then inserts; its progress is recorded in the marker collection
-kmipbackup_restore.restoreInfo (state incomplete until the restore is verified), keyed by job,
-snapshot and a digest of the namespaces restored, so one snapshot can go to several databases.
+layout) and ArchiveTarget (mongodump --archive file). The writers take their documents from a
+source (SnapshotSource: the snapshot's chunks; a point-in-time restore passes another source with
+the same runs() method). Chunks are read once, in order, while a few worker threads read,
+authenticate and decompress the next ones across namespaces (AES-GCM and zstd release the GIL); a
+chunk's plaintext is already mongodump's .bson format, so it goes to the file as it is. Every chunk
+is checked against its manifest entry (key, size; SHA-256 for null-cipher chunks) and every
+namespace against the manifest's document count and content hash.
+Directory and archive restores are built in a temporary sibling, flushed to disk as they are
+written and fsynced before they are renamed into place, so a failure leaves the target untouched.
+A MongoDB restore inserts as it reads: namespaces it creates are created, namespaces it replaces
+(drop) load into staging collections renamed over them only once every chunk has been read and
+verified, and a tampered or missing chunk (or a store gone mid-way) makes it drop what it created
+and the staging collections, so the target is left as it was. Indexes are built after each
+collection's data, on a few threads while the next collections load. Its progress is recorded in
+the marker collection kmipbackup_restore.restoreInfo (state incomplete until the restore is
+verified), keyed by job, snapshot and a digest of the namespaces restored, so one snapshot can go
+to several databases.
 Namespace names come from the manifest and are restored as the source had them: a directory
 restore names files the way mongodump does (percent-encoded, long names cut and hashed), so no
 name leaves the restore folder, and a MongoDB restore writes through raw commands (pymongo's
