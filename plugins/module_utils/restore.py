@@ -319,7 +319,7 @@ class SnapshotSource:
         threads = getattr(self.job_store.storage, "parallelism", READ_THREADS)
         ahead = max(READ_AHEAD, 2 * threads)
         todo = iter([(k, c) for k, (_i, n, _db, _coll) in enumerate(selected) for c in n["chunks"]])
-        counts, hashes = [0] * len(selected), [[] for _ in selected]
+        counts, hashes = [0] * len(selected), [[] for _k in selected]
         pending, inflight, ended, more = collections.deque(), 0, 0, True
         pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-restore")
         try:
