@@ -78,6 +78,8 @@ class _Requests:
         return timed_call
 
     def report(self):
+        if getattr(self.storage, "direct_gets", 0):  # GETs sent past botocore's events (S3Storage.get's direct path)
+            self.requests["GetObject"] = self.requests.get("GetObject", 0) + self.storage.direct_gets
         return {"requests": dict(self.requests), "storage_calls": dict(self.calls),
                 "storage_seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
@@ -703,8 +705,8 @@ def main(argv=None):
     ap.add_argument("--sync-mb", type=int, default=40, help="BSON size of the initial-sync source (issue 3: 1024)")
     ap.add_argument("--events", type=int, default=20000, help="recorded change events to apply")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--only", default="snapshot,s3,sync,events,rekey",
-                    help="comma-separated sections: snapshot, s3, sync, events, rekey")
+    ap.add_argument("--only", default="snapshot,s3,sync,events,rekey,mongo",
+                    help="comma-separated sections: snapshot, s3, sync, events, rekey, mongo (its size: --sync-mb)")
     ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (all threads) into this folder")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -735,6 +737,133 @@ def main(argv=None):
         with open(opts.markdown, "w") as f:
             f.write(text)
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# mongo: restore into MongoDB (SecantusDB) vs a plain raw insert_many of the same documents + the same index builds
+# --------------------------------------------------------------------------------------------
+
+MONGO_INDEXES = [{"v": 2, "key": {"customer.id": 1}, "name": "customer.id_1"},
+                 {"v": 2, "key": {"status": 1, "created": -1}, "name": "status_1_created_-1"},
+                 {"v": 2, "key": {"orderNo": 1}, "name": "orderNo_1", "unique": True}]
+
+
+def child_mongo_restore(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, store
+    js = store.JobStore(args["store"], JOB)
+    target = restore.MongoTarget(args["uri"])
+    with _kmip_client(args) as c:
+        seconds, r = _measured(args, lambda: restore.restore(js, "latest", store.Keys(js, c), target,
+                                                              rename={"bench": args["db"]}))
+    target.close()
+    return {"seconds": seconds, "bytes": r["bytes"], "docs": r["documents"]}
+
+
+CHILDREN["mongo_restore"] = child_mongo_restore
+
+
+def _mongo_head(path, gen, total_docs):
+    """An encrypted head as build_head's, with MONGO_INDEXES on every collection."""
+    import bson
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson
+    from data import namespaces
+    h = head.Head(path, HEAD_KEY)
+    specs = [bson.encode({"v": 2, "key": {"_id": 1}, "name": "_id_"})] + [bson.encode(s) for s in MONGO_INDEXES]
+    for ns, start, count in namespaces(total_docs):
+        with h.write() as w:
+            w.create_namespace(ns, bson.encode({}), uuid=os.urandom(16), indexes=specs)
+        for s in range(start, start + count, 20000):
+            with h.write() as w:
+                w.upsert_many(ns, [(rawbson.id_key_from_document(d), d) for d in gen.raws(s, min(20000, start + count - s))],
+                              track=False)
+    with h.write() as w:
+        w.set_position(b"bench-token", [1760000000, 1], True)
+    h.checkpoint()
+    h.close()
+
+
+def _raw_insert(client, db, dump):
+    """The plain way: every collection's documents (already in memory, raw) with insert_many, then its indexes."""
+    import pymongo
+    t0 = time.perf_counter()
+    for coll, docs in dump.items():
+        c = client[db][coll]
+        for s in range(0, len(docs), 100000):
+            c.insert_many(docs[s:s + 100000], ordered=False, bypass_document_validation=True)
+        c.create_indexes([pymongo.IndexModel(list(i["key"].items()), name=i["name"], unique=i.get("unique", False))
+                          for i in MONGO_INDEXES])
+    return time.perf_counter() - t0
+
+
+def _db_digest(client, db):
+    import hashlib
+    from bson.raw_bson import RawBSONDocument
+    from bson.codec_options import CodecOptions
+    out = {}
+    for coll in sorted(client[db].list_collection_names()):
+        c = client[db].get_collection(coll, codec_options=CodecOptions(document_class=RawBSONDocument))
+        out[coll] = (hashlib.sha256(b"".join(sorted(d.raw for d in c.find({})))).hexdigest(),
+                     sorted(i["name"] for i in c.list_indexes()))
+    return out
+
+
+def section_mongo(opts, work, table, found, runs=3):
+    """Restore into MongoDB (SecantusDB, as big as --sync-mb) against a plain raw insert_many of the same documents and
+    the same index builds into the same server; medians of `runs` alternating runs."""
+    import statistics
+    import pymongo
+    from bson.raw_bson import RawBSONDocument
+    import kmipbackup_lab as lab
+    from data import Generator, namespaces
+    mb = 1e6
+    total_docs = int(opts.sync_mb * 1e6 / 600)
+    print("mongo: %d documents (~%d MB), %d indexes per collection, into SecantusDB" % (total_docs, opts.sync_mb, len(MONGO_INDEXES) + 1),
+          flush=True)
+    head_path = os.path.join(work, "mongo-restore", "head", "head.db")
+    _mongo_head(head_path, Generator(opts.seed), total_docs)
+    pki = lab.make_pki(os.path.join(work, "mongo-restore", "pki"), ("bench",))
+    kmip = lab.start_kmip_server(os.path.join(work, "mongo-restore", "kmip"), pki)
+    mongo = None
+    try:
+        mongo = lab.start_mongo_server(os.path.join(work, "mongo-restore", "mongo"))
+        args = {"kmip_port": kmip["port"], "ca": pki["ca"], "pem": pki["clients"]["bench"]["pem"], "head": head_path,
+                "store": os.path.join(work, "mongo-restore", "store"), "uri": mongo["uri"]}
+        with _kmip_client(args) as c:
+            args["master_uid"] = c.create_master_key("bench-master")
+        run_child("snapshot", args)
+        gen = Generator(opts.seed)
+        dump = {ns.split(".", 1)[1]: [RawBSONDocument(d) for d in gen.raws(start, count)]
+                for ns, start, count in namespaces(total_docs)}
+        data_bytes = sum(len(d.raw) for docs in dump.values() for d in docs)
+        client = pymongo.MongoClient(mongo["uri"])
+        raw, core, rss = [], [], 0
+        for i in range(runs):
+            client.drop_database("plain")
+            os.sync()
+            raw.append(_raw_insert(client, "plain", dump))
+            client.drop_database("restored")  # both into an empty database
+            os.sync()
+            r = run_child("mongo_restore", dict(args, db="restored"))
+            core.append(r["seconds"])
+            rss = max(rss, r["rss_mb"])
+            print("    run %d: insert_many + indexes %.2f s, restore %.2f s" % (i + 1, raw[-1], core[-1]), flush=True)
+        same = _db_digest(client, "plain") == _db_digest(client, "restored")
+        client.close()
+        ratio = statistics.median(core) / statistics.median(raw)
+        table.add("mongo", "plain raw insert_many + %d index builds per collection (median of %d)" % (len(MONGO_INDEXES), runs),
+                  data_bytes / statistics.median(raw) / mb, "MB/s")
+        table.add("mongo", "restore into MongoDB, the core (restore.restore into an empty database; median of %d)" % runs,
+                  data_bytes / statistics.median(core) / mb, "MB/s")
+        table.add("mongo", "restore time / insert_many time", ratio, "x", ratio, "<=1.2")
+        table.add("mongo", "restore: peak RSS (child process)", rss, "MB", rss / 300.0, "<=1.0 of 300 MB")
+        table.add("mongo", "restored collections and indexes equal to the inserted ones", "yes" if same else "NO")
+    finally:
+        if mongo:
+            lab.stop(mongo["pid"])
+        lab.stop(kmip["pid"])
+
+
+SECTIONS["mongo"] = section_mongo
 
 
 if __name__ == "__main__":

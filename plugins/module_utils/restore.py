@@ -4,16 +4,23 @@
 """Restoring a snapshot (no Ansible imports). PRIVATE to the collection.
 
 Targets: MongoTarget (a MongoDB deployment through pymongo), DirectoryTarget (mongodump
-layout) and ArchiveTarget (mongodump --archive file). Chunks are streamed in order while a few
-worker threads read, authenticate and decompress the next ones (AES-GCM, zstd and hashing
-release the GIL); a chunk's plaintext is already mongodump's .bson format, so it goes to the
-file as it is. Every chunk is checked against its manifest entry (size, SHA-256), so the
-manifest's document counts and namespace hashes hold for what is written.
-Directory and archive restores are built in a temporary sibling and renamed into place at
-the end, so a failure leaves the target untouched. A MongoDB restore first authenticates
-every chunk it needs, then inserts; its progress is recorded in the marker collection
-kmipbackup_restore.restoreInfo (state incomplete until the restore is verified), keyed by job,
-snapshot and a digest of the namespaces restored, so one snapshot can go to several databases.
+layout) and ArchiveTarget (mongodump --archive file). The writers take their documents from a
+source (SnapshotSource: the snapshot's chunks; a point-in-time restore passes another source with
+the same runs() method). Chunks are read once, in order, while a few worker threads read,
+authenticate and decompress the next ones across namespaces (AES-GCM and zstd release the GIL); a
+chunk's plaintext is already mongodump's .bson format, so it goes to the file as it is. Every chunk
+is checked against its manifest entry (key, size; SHA-256 for null-cipher chunks) and every
+namespace against the manifest's document count and content hash.
+Directory and archive restores are built in a temporary sibling, flushed to disk as they are
+written and fsynced before they are renamed into place, so a failure leaves the target untouched.
+A MongoDB restore inserts as it reads: namespaces it creates are created, namespaces it replaces
+(drop) load into staging collections renamed over them only once every chunk has been read and
+verified, and a tampered or missing chunk (or a store gone mid-way) makes it drop what it created
+and the staging collections, so the target is left as it was. Indexes are built after each
+collection's data, on a few threads while the next collections load. Its progress is recorded in
+the marker collection kmipbackup_restore.restoreInfo (state incomplete until the restore is
+verified), keyed by job, snapshot and a digest of the namespaces restored, so one snapshot can go
+to several databases.
 Namespace names come from the manifest and are restored as the source had them: a directory
 restore names files the way mongodump does (percent-encoded, long names cut and hashed), so no
 name leaves the restore folder, and a MongoDB restore writes through raw commands (pymongo's
@@ -33,10 +40,10 @@ import json
 import os
 import shutil
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongo, mongodump
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
@@ -68,10 +75,13 @@ INSERT_BATCH_BYTES = 8 << 20
 READ_THREADS = 3  # reading, decrypting and decompressing release the GIL; the main thread writes
 SYNC_EVERY = 64 << 20
 READ_AHEAD = 4
+READ_AHEAD_BYTES = 64 << 20  # plaintext being read ahead, at most (plus one chunk)
 DB_NAME_FORBIDDEN = frozenset('/\\. "$\x00')
 DB_NAME_MAX_BYTES = 63  # MongoDB's limit (and a database's folder name in a directory restore)
 NS_MAX_BYTES = 255  # MongoDB's limit of a fully qualified namespace, db.collection (4.4 and later)
 INSERT_BATCH_DOCS = 100000  # MongoDB's maxWriteBatchSize
+INDEX_THREADS = 4  # index builds of several collections at once (mongorestore: 4 collections in parallel)
+STAGING_PREFIX = "kmipbackup_tmp_"  # a namespace replaced by drop loads under this name, then is renamed over it
 
 
 def _require_bson():
@@ -189,27 +199,6 @@ def selection_digest(selected: list) -> str:
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()[:32]
 
 
-class _Verifier:
-    """Per namespace: documents and content hash of the chunks streamed (each checked against its
-    manifest entry when read), compared with the manifest's namespace entry."""
-
-    def __init__(self, n):
-        self.n = n
-        self.count = 0
-        self.hashes = []
-
-    def add(self, chunk_entry):
-        self.count += chunk_entry["count"]
-        self.hashes.append({"sha256": chunk_entry["sha256"]})
-
-    def check(self, snapshot_id, name, target_count=None):
-        if self.count != self.n["count"] or namespace_hash(self.hashes) != self.n["hash"]:
-            raise crypto.integrity_error("manifest", snapshot_id, "does not match the restored documents of namespace %s" % name)
-        if target_count is not None and target_count != self.n["count"]:
-            raise RestoreError("Verification failed: namespace %s of the target holds %d documents where the snapshot has %d; "
-                               "restore again with drop." % (name, target_count, self.n["count"]))
-
-
 class DirectoryTarget:
     """protected: {what: folder} the target may not be, be inside or contain (see check_target_location); force: drop
     may replace a folder that is not a previous restore or a mongodump layout."""
@@ -306,27 +295,82 @@ def already_restored(job_store: JobStore, snapshot: str, target: str | Directory
     return target.client()[MARKER_DB][MARKER_COLL].find_one(query, projection={"_id": 1}) is not None
 
 
-def _chunks(job_store, keys, n):
-    """(chunk entry, plaintext) of n's chunks in order, read ahead by worker threads (READ_THREADS for a folder, the
-    store's parallelism for an object store, whose reads wait on the network), at most 2 per thread in memory."""
-    threads = getattr(job_store.storage, "parallelism", READ_THREADS)
-    ahead = max(READ_AHEAD, 2 * threads)
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-restore") as pool:
-        pending = collections.deque()
-        for c in n["chunks"]:
-            pending.append((c, pool.submit(job_store.read_chunk, c, keys)))
-            if len(pending) > ahead:
-                c0, f = pending.popleft()
-                yield c0, f.result()
-        while pending:
-            c0, f = pending.popleft()
-            yield c0, f.result()
+class SnapshotSource:
+    """Where a restore's documents come from: a snapshot's chunks in the store. The seam between the writers and
+    their data: a writer only calls runs() (a point-in-time restore gives the writers another source with the same
+    method, e.g. a rebuilt head).
+
+    runs(selected, name) yields (k, data) in order: data is a run of whole raw BSON documents (mongodump's .bson
+    format) of namespace selected[k], and (k, None) ends namespace k once it is verified; every namespace gets its
+    end, an empty one only that. Each chunk is read and authenticated once: a bounded pool of threads reads,
+    opens and decompresses the next ones across namespace boundaries (the store's parallelism for an object store,
+    whose reads wait on the network) while the caller writes, with at most READ_AHEAD_BYTES of plaintext in flight.
+    An IntegrityError (tampered chunk or manifest) or StoreError (missing chunk, endpoint gone) comes out of the
+    iteration at the chunk it concerns, so writers must leave the target as they promise when it does."""
+
+    def __init__(self, job_store: JobStore, keys: Keys, snapshot_id: str, verify: bool = True) -> None:
+        self.job_store, self.keys, self.snapshot_id, self.verify = job_store, keys, snapshot_id, verify
+
+    def prepare(self, selected: list) -> None:
+        """Unwrap every data key the selected chunks need, once, before worker threads read them."""
+        for key_id in sorted({c["key"] for _i, n, _db, _coll in selected for c in n["chunks"] if c.get("key")}):
+            self.keys.key(key_id)
+
+    def runs(self, selected: list, name: Callable[[int, str, str], str]) -> Iterator[tuple[int, bytes | None]]:
+        threads = getattr(self.job_store.storage, "parallelism", READ_THREADS)
+        ahead = max(READ_AHEAD, 2 * threads)
+        todo = iter([(k, c) for k, (_i, n, _db, _coll) in enumerate(selected) for c in n["chunks"]])
+        counts, hashes = [0] * len(selected), [[] for _k in selected]
+        pending, inflight, ended, more = collections.deque(), 0, 0, True
+        pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-restore")
+        try:
+            while True:
+                while more and len(pending) < ahead and inflight < READ_AHEAD_BYTES:
+                    k, c = next(todo, (None, None))
+                    if c is None:
+                        more = False
+                        break
+                    pending.append((k, c, pool.submit(self.job_store.read_chunk, c, self.keys)))
+                    inflight += c["bytes"]
+                if not pending:
+                    break
+                k, c, f = pending.popleft()
+                inflight -= c["bytes"]
+                while ended < k:
+                    yield self._end(selected, ended, counts, hashes, name)
+                    ended += 1
+                data = f.result()
+                counts[k] += c["count"]
+                hashes[k].append({"sha256": c["sha256"]})
+                yield k, data
+            while ended < len(selected):
+                yield self._end(selected, ended, counts, hashes, name)
+                ended += 1
+        finally:  # an error or an abandoned iteration: reads not started are dropped, running ones awaited
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _end(self, selected, k, counts, hashes, name):
+        """(k, None) once namespace k's chunks add up to its manifest entry (documents, content hash)."""
+        i, n, db, coll = selected[k]
+        if self.verify and (counts[k] != n["count"] or namespace_hash(hashes[k]) != n["hash"]):
+            raise crypto.integrity_error("manifest", self.snapshot_id, "does not match the restored documents of namespace %s"
+                                         % name(i, db, coll))
+        return k, None
 
 
-def _unwrap_keys(keys, selected):
-    """Unwrap every data key the selected chunks need, once, before worker threads read them."""
-    for key_id in sorted({c["key"] for _i, n, _db, _coll in selected for c in n["chunks"] if c.get("key")}):
-        keys.key(key_id)
+class _Progress:
+    """A source that reports the bytes it has handed out: progress(done, total) after each run."""
+
+    def __init__(self, source, progress, total):
+        self.source, self.progress, self.total = source, progress, total
+
+    def runs(self, selected, name):
+        done = 0
+        for k, data in self.source.runs(selected, name):
+            yield k, data
+            if data is not None:
+                done += len(data)
+                self.progress(done, self.total)
 
 
 def _tmp_sibling(path):
@@ -466,50 +510,63 @@ def _inside(path, root):
     return path
 
 
-def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+def _restore_directory(source, _job, entry, selected, target, drop, verify, info_text, name):
     check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     ensure_private_dir(tmp)
     try:
-        # a finished file's fsync overlaps with writing the next one
+        # a finished file's fsync overlaps with writing the next one; every 64 MB written a flush starts there too
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-fsync") as finisher:
-            finishing = []
-            for i, n, db, coll in selected:
-                label_i = name(i, db, coll)
-                try:
-                    folder = ensure_private_dir(_inside(os.path.join(tmp, db), tmp))
-                    base = os.path.join(folder, mongodump.escape_collection_name(coll))
-                    meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
-                    atomic_write(_inside(base + ".metadata.json", folder), meta.encode("utf-8"))
-                    v = _Verifier(n)
-                    fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-                        syncing, unsynced = [], 0
-                        try:
-                            for c, plain in _chunks(job_store, keys, n):
-                                v.add(c)
-                                f.write(plain)
-                                unsynced += len(plain)
-                                if unsynced >= SYNC_EVERY:  # flush to disk as we go: the final fsync then has little left
-                                    f.flush()
-                                    syncing.append(finisher.submit(os.fdatasync, fd))
-                                    unsynced = 0
-                        finally:
-                            concurrent.futures.wait(syncing)  # the descriptor stays open until its flushes are done
-                        for s in syncing:
-                            s.result()
-                except OSError as e:
-                    raise _os_error(e, "Writing namespace %s into %s" % (label_i, target.describe())) from None
-                if verify:
-                    v.check(entry["snapshot_id"], label_i)
-                finishing.append(finisher.submit(_finish_file, base + ".bson", n["bytes"], label_i))
-            for f in finishing:
-                f.result()
+            finishing, f, syncing, unsynced, label_i = [], None, [], 0, None
+            try:
+                for k, plain in source.runs(selected, name):
+                    i, n, db, coll = selected[k]
+                    if f is None:  # the namespace's first run (or its end, when it is empty)
+                        label_i = name(i, db, coll)
+                        folder = ensure_private_dir(_inside(os.path.join(tmp, db), tmp))
+                        base = os.path.join(folder, mongodump.escape_collection_name(coll))
+                        meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
+                        atomic_write(_inside(base + ".metadata.json", folder), meta.encode("utf-8"))
+                        fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        f, syncing, unsynced = os.fdopen(fd, "wb", buffering=1 << 20), [], 0
+                    if plain is not None:
+                        f.write(plain)
+                        unsynced += len(plain)
+                        if unsynced >= SYNC_EVERY:  # flush to disk as we go: the final fsync then has little left
+                            f.flush()
+                            syncing.append(finisher.submit(os.fdatasync, f.fileno()))
+                            unsynced = 0
+                        continue
+                    f = _close(f, syncing)
+                    finishing.append(finisher.submit(_finish_file, base + ".bson", n["bytes"], label_i))
+            except OSError as e:
+                raise _os_error(e, "Writing namespace %s into %s" % (label_i, target.describe())) from None
+            finally:
+                if f is not None:
+                    _close(f, syncing, check=False)
+            for fin in finishing:
+                fin.result()
         atomic_write(os.path.join(tmp, RESTORE_INFO), info_text.encode("utf-8"))
         _replace(tmp, target.path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _close(f, syncing, check=True):
+    """Close a namespace's file once its flushes are done (the descriptor stays open until then)."""
+    try:
+        concurrent.futures.wait(syncing)
+        if check:
+            for s in syncing:
+                s.result()
+    finally:
+        try:
+            f.close()
+        except OSError:
+            if check:
+                raise
+    return None
 
 
 def _finish_file(path, size, name):
@@ -528,25 +585,33 @@ def _finish_file(path, size, name):
                            "writer, or a full disk?); restore again." % (name, got, size))
 
 
-def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+def _restore_archive(source, _job, entry, selected, target, drop, verify, info_text, name):
     check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            w = mongodump.ArchiveWriter(f)
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f, \
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-fsync") as finisher:
+            w, syncing = mongodump.ArchiveWriter(f), []
             w.prelude([(db, coll, mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll,
                                                           n.get("type", "collection")), n["bytes"]) for _i, n, db, coll in selected])
-            for i, n, db, coll in selected:
-                v, crc = _Verifier(n), mongodump.Crc64()
-                for c, plain in _chunks(job_store, keys, n):
-                    v.add(c)
-                    crc.update(plain)
-                    w.segment(db, coll, plain)
-                if verify:
-                    v.check(entry["snapshot_id"], name(i, db, coll))
-                w.eof(db, coll, crc.value())
+            crc, unsynced = mongodump.Crc64(), 0
+            for k, plain in source.runs(selected, name):
+                _i, _n, db, coll = selected[k]
+                if plain is None:
+                    w.eof(db, coll, crc.value())
+                    crc = mongodump.Crc64()
+                    continue
+                crc.update(plain)
+                w.segment(db, coll, plain)
+                unsynced += len(plain)
+                if unsynced >= SYNC_EVERY:  # as a directory restore's files: the final fsync then has little left
+                    f.flush()
+                    syncing.append(finisher.submit(os.fdatasync, f.fileno()))
+                    unsynced = 0
             f.flush()
+            for done in syncing:
+                done.result()
             os.fsync(f.fileno())
         atomic_write(target.info_path, info_text.encode("utf-8"))
         _replace(tmp, target.path)
@@ -567,7 +632,7 @@ def _index_specs(n):
     return out
 
 
-def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+def _restore_mongodb(source, job, entry, selected, target, drop, verify, info_text, name):
     for i, _n, db, coll in selected:  # before anything is read from or written to the target
         problem = mongodb_name_problem(db, coll)
         if problem:
@@ -578,31 +643,161 @@ def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, inf
     if busy and not drop:
         raise RestoreError("The target's namespace(s) %s are not empty; nothing was written: restore into other databases "
                            "(rename), or set drop to replace them." % ", ".join(name(i, db, coll) for i, db, coll in busy))
-    # authenticate every needed chunk before the target is touched
-    for _i, n, _db, _coll in selected:
-        for c in n["chunks"]:
-            job_store._open_chunk(c["id"], keys, c.get("key"))  # pylint: disable=protected-access
     marker = client[MARKER_DB][MARKER_COLL]
     selection = selection_digest(selected)
-    marker_id = "%s/%s/%s" % (job_store.job, entry["snapshot_id"], selection)
-    marker.replace_one({"_id": marker_id}, {"_id": marker_id, "job": job_store.job, "snapshot_id": entry["snapshot_id"],
+    marker_id = "%s/%s/%s" % (job, entry["snapshot_id"], selection)
+    previous = marker.find_one({"_id": marker_id})
+    marker.replace_one({"_id": marker_id}, {"_id": marker_id, "job": job, "snapshot_id": entry["snapshot_id"],
                                             "selection": selection, "state": "incomplete", "started": iso(utcnow()),
                                             "restoreInfo": info_text}, upsert=True)
-    codec = CodecOptions(document_class=RawBSONDocument)
-    existing = {}
-    for i, n, db, coll in selected:
-        try:
-            _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name(i, db, coll))
-        except pymongo.errors.PyMongoError as e:
-            raise RestoreError("The restore into MongoDB stopped at namespace %s (%s): the target is incomplete, as recorded in "
-                               "%s.%s (_id %s, state incomplete); restore again with drop."
-                               % (name(i, db, coll), _pymongo_summary(e), MARKER_DB, MARKER_COLL, marker_id)) from None
+    load = _MongoLoad(client, selected, drop, verify, name)
+    try:
+        load.run(source)
+    except pymongo.errors.PyMongoError as e:
+        load.discard_staging()
+        raise RestoreError("The restore into MongoDB stopped at namespace %s (%s): the target is incomplete, as recorded in "
+                           "%s.%s (_id %s, state incomplete); restore again with drop."
+                           % (load.at, _pymongo_summary(e), MARKER_DB, MARKER_COLL, marker_id)) from None
+    except (IntegrityError, StoreError):
+        # a tampered or missing chunk, or the store gone: take back what this restore wrote, then the marker
+        load.undo()
+        if previous is None:
+            marker.delete_one({"_id": marker_id})
+        else:
+            marker.replace_one({"_id": marker_id}, previous)
+        raise
+    except BaseException:
+        load.discard_staging()
+        raise
     marker.update_one({"_id": marker_id}, {"$set": {"state": "complete", "finished": iso(utcnow())}})
     if target.restore_info_path:
         try:
             atomic_write(target.restore_info_path, info_text.encode("utf-8"))
         except OSError as e:
             raise _os_error(e, "Writing restoreInfo.txt to %s" % target.restore_info_path) from None
+
+
+class _MongoLoad:
+    """Loads the selected namespaces into a MongoDB target from one pass over the source: each chunk is read and
+    authenticated once, as its documents are inserted. Until the source has been read to its end the target is only
+    added to: a namespace that exists in the target is replaced (drop) by loading a staging collection in its database
+    (STAGING_PREFIX + random hex) renamed over it at the end; one that does not exist is created. So when a chunk
+    turns out tampered or missing, undo() puts the target back: it drops what was created and the staging
+    collections, and empties an existing empty collection that was inserted into. Indexes are built after each
+    collection's data, as mongorestore does, on INDEX_THREADS threads while the next namespaces load; views are
+    created at the end."""
+
+    def __init__(self, client, selected, drop, verify, name):
+        self.client, self.selected, self.drop, self.verify, self.name = client, selected, drop, verify, name
+        self.codec = CodecOptions(document_class=RawBSONDocument)
+        self.existing = {}  # db: collection names in the target before the restore
+        self.created, self.staged, self.filled = [], {}, []  # (db, coll) created; k: staging name; (db, coll) inserted into
+        self.at = None  # the namespace being written, as messages name it
+
+    def _exists(self, db, coll):
+        if db not in self.existing:
+            self.existing[db] = set(self.client[db].list_collection_names())
+        return coll in self.existing[db]
+
+    def _open(self, k):
+        """The collection namespace k's documents go to (created, or a staging collection), or None for a view."""
+        _i, n, db, coll = self.selected[k]
+        options = bson.decode(bytes(n["options"])) if n["options"] else {}
+        if options.get("viewOn"):
+            return None
+        database = self.client[db]
+        if self._exists(db, coll) and self.drop:
+            self.staged[k] = "%s%s" % (STAGING_PREFIX, os.urandom(6).hex())
+            _write_command(database, bson.SON([("create", self.staged[k])] + list(options.items())))
+            return self.staged[k]
+        if self._exists(db, coll):
+            self.filled.append((db, coll))  # empty (busy_namespaces): its documents are this restore's
+        else:
+            _write_command(database, bson.SON([("create", coll)] + list(options.items())))
+            self.created.append((db, coll))
+        return coll
+
+    def run(self, source):
+        with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS, thread_name_prefix="kmipbackup-index") as indexer:
+            building, current, into, batch, batch_bytes, inserted = [], None, None, [], 0, 0
+            try:
+                for k, plain in source.runs(self.selected, self.name):
+                    i, n, db, coll = self.selected[k]
+                    if k != current:
+                        current, self.at = k, self.name(i, db, coll)
+                        into, batch, batch_bytes, inserted = self._open(k), [], 0, 0
+                    if into is None:
+                        continue
+                    database = self.client[db]
+                    if plain is None:
+                        if batch:
+                            inserted += _insert(database, into, batch, inserted)
+                        if self.verify and inserted != n["count"]:
+                            raise RestoreError("Verification failed: the target acknowledged %d documents of namespace %s "
+                                               "where the snapshot has %d; restore again with drop." % (inserted, self.at, n["count"]))
+                        building.append((k, indexer.submit(self._complete, k, into)))
+                        continue
+                    for doc in bson.decode_all(plain, self.codec):
+                        size = len(doc.raw)
+                        if batch and (batch_bytes + size > INSERT_BATCH_BYTES or len(batch) >= INSERT_BATCH_DOCS):
+                            inserted += _insert(database, into, batch, inserted)  # a command stays under 16 MB + one document
+                            batch, batch_bytes = [], 0
+                        batch.append(doc)
+                        batch_bytes += size
+            finally:
+                concurrent.futures.wait([f for _k, f in building])
+            for k, f in building:
+                i, _n, db, coll = self.selected[k]
+                self.at = self.name(i, db, coll)
+                f.result()
+        self._finish()
+
+    def _complete(self, k, into):
+        """After a collection's data (on an index thread, while the next ones load): its indexes, then its count."""
+        i, n, db, coll = self.selected[k]
+        database = self.client[db]
+        specs = _index_specs(n)
+        if specs:
+            database.command("createIndexes", into, indexes=specs)
+        if self.verify:
+            got = _count(database, into)
+            if got != n["count"]:
+                raise RestoreError("Verification failed: namespace %s of the target holds %d documents where the snapshot has "
+                                   "%d (another writer?); restore again with drop." % (self.name(i, db, coll), got, n["count"]))
+
+    def _finish(self):
+        """The source is read and verified: views, then the staging collections renamed into place."""
+        for i, n, db, coll in self.selected:
+            self.at = self.name(i, db, coll)
+            database = self.client[db]
+            options = bson.decode(bytes(n["options"])) if n["options"] else {}
+            if options.get("viewOn"):
+                if self.drop:
+                    database.drop_collection(coll)  # by name: not validated by pymongo
+                if self.drop or not self._exists(db, coll):
+                    _write_command(database, bson.SON([("create", coll)] + list(options.items())))
+        for k, tmp in sorted(self.staged.items()):
+            i, _n, db, coll = self.selected[k]
+            self.at = self.name(i, db, coll)
+            self.client.admin.command(bson.SON([("renameCollection", "%s.%s" % (db, tmp)), ("to", "%s.%s" % (db, coll)),
+                                                ("dropTarget", True)]))
+        self.staged = {}
+
+    def discard_staging(self):
+        """Drop the staging collections (best effort: the target may be what failed)."""
+        for k, tmp in self.staged.items():
+            try:
+                self.client[self.selected[k][2]].drop_collection(tmp)
+            except pymongo.errors.PyMongoError:
+                pass
+
+    def undo(self):
+        """Put the target back as it was before the restore: see the class."""
+        self.discard_staging()
+        for db, coll in self.created:
+            self.client[db].drop_collection(coll)
+        for db, coll in self.filled:
+            _write_command(self.client[db], bson.SON([("delete", coll), ("deletes", [{"q": {}, "limit": 0}])]))
 
 
 def _write_command(database, cmd):
@@ -625,41 +820,9 @@ def _insert(database, coll, docs, inserted):
 
 
 def _count(database, coll):
-    """The number of documents in coll (what count_documents({}) runs), through a raw aggregate command."""
-    docs = mongo.aggregate_raw(database.client, "%s.%s" % (database.name, coll),
-                               [{"$group": {"_id": 1, "n": {"$sum": 1}}}])
-    return int(docs[0]["n"]) if docs else 0
-
-
-def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name):
-    # raw commands throughout: pymongo's Collection refuses names the server accepts ("a..b", "x.")
-    database = client[db]
-    if db not in existing:
-        existing[db] = set(database.list_collection_names())
-    if drop:
-        database.drop_collection(coll)  # by name: not validated by pymongo
-    options = bson.decode(bytes(n["options"])) if n["options"] else {}
-    if drop or coll not in existing[db]:
-        _write_command(database, bson.SON([("create", coll)] + list(options.items())))
-    if options.get("viewOn"):
-        return
-    v, batch, batch_bytes, inserted = _Verifier(n), [], 0, 0
-    for c, plain in _chunks(job_store, keys, n):
-        v.add(c)
-        for doc in bson.decode_all(plain, codec):
-            size = len(doc.raw)
-            if batch and (batch_bytes + size > INSERT_BATCH_BYTES or len(batch) >= INSERT_BATCH_DOCS):
-                inserted += _insert(database, coll, batch, inserted)  # a command stays under 16 MB + one document
-                batch, batch_bytes = [], 0
-            batch.append(doc)
-            batch_bytes += size
-    if batch:
-        inserted += _insert(database, coll, batch, inserted)
-    specs = _index_specs(n)
-    if specs:
-        database.command("createIndexes", coll, indexes=specs)
-    if verify:
-        v.check(entry["snapshot_id"], name, _count(database, coll))
+    """The number of documents in coll: the count command without a query, which MongoDB answers from the collection's
+    metadata (exact after a clean write, as here; no scan)."""
+    return int(database.command(bson.SON([("count", coll)]))["n"])
 
 
 def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = None, exclude: list | None = None,
@@ -679,9 +842,11 @@ def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = 
 
 
 def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
-            drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False) -> dict:
+            drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False,
+            source: SnapshotSource | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Restore what plan() returned to target; returns a summary dict. Messages name namespaces as #n for an
-    encrypted snapshot unless show_namespaces."""
+    encrypted snapshot unless show_namespaces. source: where the documents come from (default: the snapshot's
+    chunks, SnapshotSource); progress(bytes_done, bytes_total) is called as the documents are written."""
     _require_bson()
     target = make_target(target)
     info_text = restore_info_text(entry, job_store.job, kmip_servers, selection_digest(selected))
@@ -690,9 +855,13 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
 
     def name(i, db, coll):
         return label(encryption, i, "%s.%s" % (db, coll), show_namespaces)
-    _unwrap_keys(keys, selected)
+    if source is None:
+        source = SnapshotSource(job_store, keys, entry["snapshot_id"], verify)
+    source.prepare(selected)
+    if progress is not None:
+        source = _Progress(source, progress, sum(n["bytes"] for _i, n, _d, _c in selected))
     try:
-        run(job_store, keys, entry, selected, target, drop, verify, info_text, name)
+        run(source, job_store.job, entry, selected, target, drop, verify, info_text, name)
     except OSError as e:
         raise _os_error(e, "The restore to %s" % target.describe()) from None
     except Exception as e:

@@ -28,7 +28,9 @@ description:
     the snapshot restored is not the one resolved.
   - A directory or archive target is built next to its final place and renamed into place at the end, so a failure
     leaves it untouched. A MongoDB target records the restore in C(kmipbackup_restore.restoreInfo) (state
-    C(incomplete) until the restore is verified), so an interrupted restore is clearly marked.
+    C(incomplete) until the restore is verified), so an interrupted restore is clearly marked. It inserts as it
+    reads each chunk (once); namespaces it replaces (O(drop=true)) load under temporary names renamed over them at
+    the end, so a tampered or missing chunk, or a store lost mid-way, leaves the target as it was.
   - Writes C(restoreInfo.txt) as Ops Manager does (snapshot id, cluster time, encryption, master key UUIDs, KMIP
     server) inside a directory target, next to an archive target (C(<archive>.restoreInfo.txt)), or at
     O(restore_info_file) for a MongoDB target.
