@@ -126,6 +126,7 @@ def child_snapshot(args):
     h = head.Head(args["head"], HEAD_KEY)
     js, counter = _job_store(args)
     with _kmip_client(args) as c:
+        c.connect()  # the daemon keeps its KMIP session open between snapshots: its TLS handshake is not a snapshot's cost
         seconds, e = _measured(args, lambda: snapshot.take_snapshot(h, js, store.Keys(js, c), JOB, args["master_uid"], True))
         calls = c.calls
     h.mark_snapshotted(e["change_seq"])
@@ -230,39 +231,53 @@ def _ranges(r, ns):
 def change_one_percent(head_path, gen, total_docs):
     """1% of the documents change: 0.5% updates (every 4th document among the newest 2%), 0.5% inserts of new ids.
     Returns the number of changed documents."""
+    return change_documents(head_path, gen, total_docs, 1.0)
+
+
+def change_documents(head_path, gen, total_docs, percent, round_=1):
+    """percent % of the documents change, half updated (every 4th document among the newest 2 * percent %, as hot
+    recent data is), half inserted with new, later ids; round_ (1, 2, ...) makes each round's changes new.
+    Returns the number of changed documents."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson
     from data import namespaces
     h = head.Head(head_path, HEAD_KEY)
     changed = 0
+    spaces = namespaces(total_docs)
     with h.write() as w:
-        for ns, start, count in namespaces(total_docs):
-            n = max(2, count // 100)
+        for k, (ns, start, count) in enumerate(spaces):
+            n = max(2, int(count * percent / 100))
             updates, inserts = n // 2, n - n // 2
-            recent = start + count - 4 * updates  # updates: every 4th of the newest 2% of the documents
+            recent = start + count - 4 * updates  # updates: every 4th of the newest 2 * percent % of the documents
             for i in range(recent, start + count, 4):
-                raw = gen.raw(i, version=1)
+                raw = gen.raw(i, version=round_)
                 w.upsert(ns, rawbson.id_key_from_document(raw), raw)
                 changed += 1
+            base = 10_000_000 * (1 + k) + 1_000_000 * (round_ - 1)
             for i in range(inserts):
-                raw = gen.raw(10_000_000 * (1 + namespaces(total_docs).index((ns, start, count))) + i)
+                raw = gen.raw(base + i)
                 w.upsert(ns, rawbson.id_key_from_document(raw), raw)
                 changed += 1
-        w.set_position(b"bench-token-2", [1760000100, 1], True)
+        w.set_position(b"bench-token-%d" % (round_ + 1), [1760000000 + 100 * round_, 1], True)
     h.close()
     return changed
 
 
 def job_data(opts, work, sub=""):
-    """The job's data under work/sub: (generator, documents, encrypted head, its mongodump directory, BSON bytes)."""
+    """The job's data under work/sub: (generator, documents, encrypted head, its mongodump directory, BSON bytes).
+    The head and its mongodump directory are built once per run (work/data) and the head copied for each part."""
     from data import Generator
     total_docs = int(opts.size_mb * 1e6 / 600)
     print("%d documents (~%d MB of BSON), seed %d" % (total_docs, opts.size_mb, opts.seed), flush=True)
     gen = Generator(opts.seed)
-    head_path = os.path.join(work, sub, "head", "head.db")
+    pristine = os.path.join(work, "data", "head", "head.db")
+    dump = os.path.join(work, "data", "dump")
     t0 = time.perf_counter()
-    build_head(head_path, gen, total_docs)
-    dump = os.path.join(work, sub, "dump")
-    write_dump_dir(head_path, dump)
+    if not os.path.exists(dump):
+        build_head(pristine, gen, total_docs)
+        write_dump_dir(pristine, dump)
+    head_path = os.path.join(work, sub, "head", "head.db")
+    os.makedirs(os.path.dirname(head_path), mode=0o700, exist_ok=True)
+    shutil.copyfile(pristine, head_path)  # closed after a checkpoint: the database file is the whole head
     data_bytes = sum(os.path.getsize(os.path.join(dump, "bench", f)) for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
     print("  data ready in %.0f s: %.1f MB of BSON" % (time.perf_counter() - t0, data_bytes / 1e6), flush=True)
     return gen, total_docs, head_path, dump, data_bytes
@@ -654,11 +669,8 @@ def section_events(opts, work, table, found):
 def section_rekey(opts, work, table, found):
     """The head's re-encryption after a key rotation (Head.export_rekeyed), against copying the same file."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
-    from data import Generator
     gb = 1e9
-    head_path = os.path.join(work, "rekey-head", "head.db")
-    total_docs = int(opts.size_mb * 1e6 / 600)
-    build_head(head_path, Generator(opts.seed), total_docs)
+    _gen, _docs, head_path, _dump, _bytes = job_data(opts, work, "rekey")
     size = os.path.getsize(head_path)
     print("rekey: a %.0f MB head" % (size / 1e6), flush=True)
     os.sync()
@@ -679,7 +691,79 @@ def section_rekey(opts, work, table, found):
     table.add("rekey", "re-encryption vs copy (time)", seconds / copy_seconds, "x")
 
 
-SECTIONS = {"snapshot": section_snapshot, "s3": section_s3, "sync": section_sync, "events": section_events, "rekey": section_rekey}
+def _bson_digests(head_path):
+    """{collection file name: SHA-256 of the head's documents in order}: what a restored .bson file must hash to."""
+    import hashlib
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    h = head.Head(head_path, HEAD_KEY)
+    out = {}
+    with h.read() as r:
+        for n in r.namespaces():
+            d = hashlib.sha256()
+            for _first, _last, docs in _ranges(r, n["ns"]):
+                d.update(b"".join(docs))
+            out[n["ns"].split(".", 1)[1] + ".bson"] = d.hexdigest()
+    h.close()
+    return out
+
+
+def _file_digest(path):
+    import hashlib
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            d.update(block)
+    return d.hexdigest()
+
+
+def section_scale(opts, work, table, found):
+    """How the cost grows: at each size (--scale-mb), a full snapshot, a restore to a mongodump directory (checked
+    against the head byte for byte, by SHA-256), then incremental snapshots after --changes % of the documents
+    change, one round on top of the other. No peers: the snapshot part compares with them."""
+    import kmipbackup_lab as lab
+    from data import Generator
+    mb = 1e6
+    pki = lab.make_pki(os.path.join(work, "scale-pki"), ("bench",))
+    kmip = lab.start_kmip_server(os.path.join(work, "scale-kmip"), pki)
+    try:
+        for size in [int(x) for x in opts.scale_mb.split(",")]:
+            folder = os.path.join(work, "scale-%d" % size)
+            total_docs = int(size * 1e6 / 600)
+            head_path = os.path.join(folder, "head", "head.db")
+            gen = Generator(opts.seed)
+            print("scale: %d MB, %d documents" % (size, total_docs), flush=True)
+            build_head(head_path, gen, total_docs)
+            args = {"kmip_port": kmip["port"], "ca": pki["ca"], "pem": pki["clients"]["bench"]["pem"],
+                    "head": head_path, "store": os.path.join(folder, "store")}
+            with _kmip_client(args) as c:
+                args["master_uid"] = c.create_master_key("bench-master-%d" % size)
+            full = run_child("snapshot", args)
+            label = "%d MB" % size
+            table.add("scale", "%s: full snapshot" % label, full["seconds"], "s")
+            table.add("scale", "%s: full snapshot rate (CPU time)" % label, "%.0f MB/s (%.1f s)" % (
+                full["data_bytes"] / full["seconds"] / mb, full["cpu"]))
+            out = os.path.join(folder, "restored")
+            rest = run_child("restore", dict(args, out=out, kind="directory"))
+            want = _bson_digests(head_path)
+            same = all(_file_digest(os.path.join(out, "bench", f)) == d for f, d in want.items())
+            shutil.rmtree(out)
+            table.add("scale", "%s: restore to a mongodump directory" % label, rest["seconds"], "s")
+            table.add("scale", "%s: restore rate (CPU time), byte-equal" % label, "%.0f MB/s (%.1f s), %s" % (
+                rest["bytes"] / rest["seconds"] / mb, rest["cpu"], "yes" if same else "NO"))
+            table.add("scale", "%s: peak RSS snapshot / restore" % label, "%.0f / %.0f" % (full["rss_mb"], rest["rss_mb"]), "MB")
+            for k, pct in enumerate(float(x) for x in opts.changes.split(",")):
+                changed = change_documents(head_path, gen, total_docs, pct, k + 1)
+                inc = run_child("snapshot", args)
+                table.add("scale", "%s: incremental after %g%% changed (%d docs): time, share of full time / bytes" % (
+                    label, pct, changed), "%.2f s, %.3f / %.3f" % (inc["seconds"], inc["seconds"] / full["seconds"],
+                                                                   inc["written_bytes"] / full["written_bytes"]))
+            shutil.rmtree(folder)
+    finally:
+        lab.stop(kmip["pid"])
+
+
+SECTIONS = {"snapshot": section_snapshot, "s3": section_s3, "sync": section_sync, "events": section_events, "rekey": section_rekey,
+            "scale": section_scale}
 
 
 def machine():
@@ -704,7 +788,9 @@ def main(argv=None):
     ap.add_argument("--events", type=int, default=20000, help="recorded change events to apply")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="snapshot,s3,sync,events,rekey",
-                    help="comma-separated sections: snapshot, s3, sync, events, rekey")
+                    help="comma-separated sections: snapshot, s3, sync, events, rekey, scale (not by default: long)")
+    ap.add_argument("--scale-mb", default="256,1024,4096", help="scale part: job sizes, MB of BSON (comma-separated)")
+    ap.add_argument("--changes", default="0.1,1,10", help="scale part: %% of documents changed before each incremental")
     ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (all threads) into this folder")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
