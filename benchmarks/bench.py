@@ -283,6 +283,19 @@ def job_data(opts, work, sub=""):
     return gen, total_docs, head_path, dump, data_bytes
 
 
+def _median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def _rounds(rounds, key, per=None):
+    """' (a, b, c)': each round's value (or ratio key/per) when there were several rounds."""
+    if len(rounds) < 2:
+        return ""
+    return " (%s)" % ", ".join("%.2f" % (r[key] / r[per] if per else r[key]) for r in rounds)
+
+
 def du(path):
     total = 0
     for folder, _dirs, names in os.walk(path):
@@ -361,35 +374,54 @@ def section_snapshot(opts, work, table, found):
                 "head": head_path, "store": os.path.join(work, "store")}
         with _kmip_client(args) as c:
             args["master_uid"] = c.create_master_key("bench-master")
-        full = run_child("snapshot", args)
-        full_rate = full["data_bytes"] / full["seconds"] / mb
-        table.add("snapshot", "full snapshot from the head (%d docs)" % full["docs"], full_rate, "MB/s")
-        table.add("snapshot", "full snapshot: CPU time (user+sys, child process)", full["cpu"], "s")
-        table.add("snapshot", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
-        table.add("snapshot", "full snapshot: KMIP calls", full["kmip_calls"], "calls")
-        table.add("snapshot", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
-
         env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, BORG_PASSPHRASE=PASSWORD, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                    BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", RESTIC_CACHE_DIR=os.path.join(work, "restic-cache"),
                    BORG_BASE_DIR=os.path.join(work, "borg-base"))
-        restic_backup = restic_restore = None
+        # --repeat rounds, each: our full snapshot into a new store, restic backup and borg create into new
+        # repositories, one right after the other; medians of the rates and of each round's ratios
+        rounds = []
+        for i in range(opts.repeat):
+            last = i == opts.repeat - 1
+            suffix = "" if last else "-%d" % i
+            r = {"full": run_child("snapshot", dict(args, store=args["store"] + suffix))}
+            r["rate"] = r["full"]["data_bytes"] / r["full"]["seconds"] / mb
+            if found["restic"]:
+                repo = os.path.join(work, "restic" + suffix)
+                timed(["restic", "-q", "init", "--repo", repo], env)
+                seconds, r["restic_cpu"] = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
+                r["restic"] = data_bytes / seconds / mb
+                r["restic_bytes"] = du(repo)
+            if found["borg"]:
+                repo = os.path.join(work, "borg" + suffix)
+                timed(["borg", "init", "-e", "repokey", repo], env)
+                seconds, _cpu = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
+                r["borg"] = data_bytes / seconds / mb
+            if not last:
+                for name in ("restic", "borg"):
+                    shutil.rmtree(os.path.join(work, name + suffix), ignore_errors=True)
+                shutil.rmtree(args["store"] + suffix, ignore_errors=True)
+            rounds.append(r)
+        full = rounds[-1]["full"]
+        full_rate = _median([r["rate"] for r in rounds])
+        table.add("snapshot", "full snapshot from the head (%d docs)%s" % (full["docs"], _rounds(rounds, "rate")), full_rate, "MB/s")
+        table.add("snapshot", "full snapshot: CPU time (user+sys, child process)", _median([r["full"]["cpu"] for r in rounds]), "s")
+        table.add("snapshot", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
+        table.add("snapshot", "full snapshot: KMIP calls", full["kmip_calls"], "calls")
+        table.add("snapshot", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
         if found["restic"]:
-            repo = os.path.join(work, "restic")
-            timed(["restic", "-q", "init", "--repo", repo], env)
-            restic_backup, cpu = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
-            rate = data_bytes / restic_backup / mb
-            table.add("snapshot", "restic backup of the same data as a mongodump directory", rate, "MB/s")
-            table.add("snapshot", "restic backup: CPU time (user+sys)", cpu, "s")
-            table.add("snapshot", "restic backup: repository bytes", du(repo) / mb, "MB")
-            table.add("snapshot", "snapshot vs restic backup (speed)", full_rate / rate, "x", full_rate / rate, ">=1.0")
+            table.add("snapshot", "restic backup of the same data as a mongodump directory%s" % _rounds(rounds, "restic"),
+                      _median([r["restic"] for r in rounds]), "MB/s")
+            table.add("snapshot", "restic backup: CPU time (user+sys)", _median([r["restic_cpu"] for r in rounds]), "s")
+            table.add("snapshot", "restic backup: repository bytes", rounds[-1]["restic_bytes"] / mb, "MB")
+            ratio = _median([r["rate"] / r["restic"] for r in rounds])
+            table.add("snapshot", "snapshot vs restic backup (speed)%s" % _rounds(rounds, "rate", "restic"), ratio, "x", ratio, ">=1.5")
         else:
             print("  restic is not installed (apt-get install restic): its rows are skipped")
         if found["borg"]:
-            repo = os.path.join(work, "borg")
-            timed(["borg", "init", "-e", "repokey", repo], env)
-            borg_create, _cpu = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
-            table.add("snapshot", "borg create (lz4, repokey) of the same directory", data_bytes / borg_create / mb, "MB/s")
-            table.add("snapshot", "snapshot vs borg create (speed)", full_rate / (data_bytes / borg_create / mb), "x")
+            table.add("snapshot", "borg create (lz4, repokey) of the same directory%s" % _rounds(rounds, "borg"),
+                      _median([r["borg"] for r in rounds]), "MB/s")
+            ratio = _median([r["rate"] / r["borg"] for r in rounds])
+            table.add("snapshot", "snapshot vs borg create (speed)%s" % _rounds(rounds, "rate", "borg"), ratio, "x", ratio, ">=1.0")
         else:
             print("  borg is not installed (apt-get install borgbackup): its rows are skipped")
 
@@ -789,6 +821,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="snapshot,s3,sync,events,rekey",
                     help="comma-separated sections: snapshot, s3, sync, events, rekey, scale (not by default: long)")
+    ap.add_argument("--repeat", type=int, default=1, help="snapshot part: rounds of full snapshot, restic backup and borg create (medians)")
     ap.add_argument("--scale-mb", default="256,1024,4096", help="scale part: job sizes, MB of BSON (comma-separated)")
     ap.add_argument("--changes", default="0.1,1,10", help="scale part: %% of documents changed before each incremental")
     ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (all threads) into this folder")
