@@ -160,7 +160,19 @@ def child_sync(args):
     return {"seconds": seconds, "docs": r["docs"], "bytes": r["bytes"]}
 
 
-CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_sync}
+def child_verify(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+    h = head.Head(args["head"], HEAD_KEY)
+    client = source.connect({"uri": args["uri"], "connect_timeout": 10})
+    t0 = time.perf_counter()
+    r = source.verify(h, client, full=True)
+    seconds = time.perf_counter() - t0
+    client.close()
+    h.close()
+    return dict(r, seconds=seconds)
+
+
+CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_sync, "verify": child_verify}
 
 
 def run_child(kind, args):
@@ -614,8 +626,9 @@ def section_sync(opts, work, table, found):
             for s in range(start, start + count, 5000):
                 client[db][coll].insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, start + count - s))], ordered=False)
         print("  source loaded in %.0f s" % (time.perf_counter() - t0), flush=True)
-        scan = []
-        for _ in range(2):  # the better of two scans: the server's cache is warm for the sync too
+        # scans and syncs alternate, twice each (the server's cache is warm for all but the first scan): the best of each
+        scan, syncs = [], []
+        for i in range(2):
             t0 = time.perf_counter()
             nbytes = 0
             for ns, _start, _count in namespaces(total_docs):
@@ -623,13 +636,22 @@ def section_sync(opts, work, table, found):
                 for batch in client[db][coll].find_raw_batches({}, batch_size=4096):
                     nbytes += len(batch)
             scan.append(time.perf_counter() - t0)
+            head_path = os.path.join(work, "synchead-%d" % i, "head.db")
+            syncs.append(run_child("sync", {"head": head_path, "uri": mongo["uri"]}))
         scan_rate = nbytes / min(scan) / mb
-        table.add("sync", "plain pymongo raw-BSON scan of the source", scan_rate, "MB/s")
-        sync = run_child("sync", {"head": os.path.join(work, "synchead", "head.db"), "uri": mongo["uri"]})
+        sync = min(syncs, key=lambda r: r["seconds"])
+        table.add("sync", "plain pymongo raw-BSON scan of the source (best of %s MB/s)" % ", ".join(
+            "%.1f" % (nbytes / t / mb) for t in scan), scan_rate, "MB/s")
         sync_rate = sync["bytes"] / sync["seconds"] / mb
-        table.add("sync", "initial sync into an encrypted head (%d docs)" % sync["docs"], sync_rate, "MB/s")
-        table.add("sync", "initial sync vs raw scan (speed)", sync_rate / scan_rate, "x", sync_rate / scan_rate, ">=0.9")
-        table.add("sync", "initial sync: peak RSS (child process)", sync["rss_mb"], "MB", sync["rss_mb"] / 250.0, "<=1.0 of 250 MB")
+        table.add("sync", "initial sync into an encrypted head (%d docs; best of %s MB/s)" % (sync["docs"], ", ".join(
+            "%.1f" % (r["bytes"] / r["seconds"] / mb) for r in syncs)), sync_rate, "MB/s")
+        table.add("sync", "initial sync vs raw scan (speed)", sync_rate / scan_rate, "x", sync_rate / scan_rate, ">=0.95")
+        table.add("sync", "initial sync: peak RSS (child process)", max(r["rss_mb"] for r in syncs), "MB",
+                  max(r["rss_mb"] for r in syncs) / 250.0, "<=1.0 of 250 MB")
+        ver = run_child("verify", {"head": head_path, "uri": mongo["uri"]})
+        table.add("sync", "full head verification (every document both ways, byte for byte): %d checked, %d mismatched" % (
+            ver["checked"], ver["mismatched"]), ver["seconds"] / (sync["bytes"] / 1e9), "s/GB")
+        table.add("sync", "full head verification vs raw scan (time)", ver["seconds"] / (nbytes / scan_rate / mb), "x")
         client.close()
     finally:
         lab.stop(mongo["pid"])
