@@ -1,14 +1,16 @@
 # -*- coding: utf-8 -*-
 # Copyright: kmipbackup developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Speed and memory benchmarks of kmipbackup.mongodb (issues 3 and 4), with restic and borg as peers.
+"""Speed and memory benchmarks of kmipbackup.mongodb (issues 3, 4, 11 and 13), with restic and borg as peers.
 
 Everything runs on the same data in the same run, and the table prints ratios (higher is better
 for us unless a column says otherwise). Run it with benchmarks/run (it sets up the environment):
 
-  benchmarks/run                         # ~200 MB job, ~40 MB sync source: a few minutes
+  benchmarks/run                         # ~200 MB job, ~40 MB sync source: under 5 minutes
   benchmarks/run --size-mb 2048 --sync-mb 1024   # the issues' sizes (2 GB job, 1 GB source)
-  benchmarks/run --only snapshot         # snapshot/restore part only (also: sync, events, rekey)
+  benchmarks/run --only snapshot         # snapshot/restore part only (also: s3, sync, events, rekey, scale)
+  benchmarks/run --only snapshot --size-mb 2048 --repeat 3   # medians of 3 rounds against restic and borg
+  benchmarks/run --only scale            # snapshot, restore, incremental at 256 MB, 1 GB, 4 GB
 
 It installs nothing: restic, borg and the PyKMIP/SecantusDB servers must be present (missing
 ones are reported and their rows skipped). Work files go under --work (default a fresh folder
