@@ -177,6 +177,18 @@ def child_verify(args):
 CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_sync, "verify": child_verify}
 
 
+def _peak_rss_mb():
+    """This process's peak RSS (VmHWM), MB, or None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def run_child(kind, args):
     """Run one measured operation in a child process; its result plus its peak RSS (MB)."""
     os.sync()  # as in timed()
@@ -188,7 +200,8 @@ def run_child(kind, args):
     if proc.returncode != 0:
         raise RuntimeError("child %s failed (%s):\n%s" % (kind, proc.returncode, err.decode(errors="replace")[-4000:]))
     result = json.loads(out.decode().strip().splitlines()[-1])
-    result["rss_mb"] = usage.ru_maxrss / 1024.0
+    # the child's own peak: rusage's ru_maxrss also counts this process's RSS, which the child's exec inherits as its start
+    result["rss_mb"] = result.pop("hwm_mb", None) or usage.ru_maxrss / 1024.0
     result["cpu"] = usage.ru_utime + usage.ru_stime
     return result
 
@@ -859,7 +872,7 @@ def main(argv=None):
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     if opts.child:
-        print(json.dumps(CHILDREN[opts.child[0]](json.loads(opts.child[1]))))
+        print(json.dumps(dict(CHILDREN[opts.child[0]](json.loads(opts.child[1])), hwm_mb=_peak_rss_mb())))
         return 0
     found = tools()
     for name in ("pykmip-server", "secantusd-py"):
