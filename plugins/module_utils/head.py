@@ -185,7 +185,7 @@ class Head:
         writers wait for the few milliseconds this takes. cache_kib: each connection's page cache."""
         conns = []
         try:
-            for _ in range(n):
+            while len(conns) < n:
                 conns.append(self._connect())
                 if cache_kib is not None:
                     conns[-1].execute("PRAGMA cache_size=-%d" % int(cache_kib))

@@ -3,8 +3,8 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Cutting a snapshot from a head (no Ansible imports). PRIVATE to the collection.
 
-Read transactions on the head, all on one image (head.reads), give the image at the head's cluster time. Per namespace, the
-documents in id_key order are cut into chunks after documents whose keyed hash of id_key
+Read transactions on the head, all on one image (head.reads), give the image at the head's
+cluster time. Per namespace, the documents in id_key order are cut into chunks after documents whose keyed hash of id_key
 falls under size/target (so chunks average target bytes and a boundary depends only on its
 own document), with a hard maximum. The head flags those boundary documents when it writes
 them (for its default target), so a snapshot reads the boundary keys through an index and then
