@@ -421,7 +421,7 @@ def section_snapshot(opts, work, table, found):
             if found["borg"]:
                 repo = os.path.join(work, "borg" + suffix)
                 timed(["borg", "init", "-e", "repokey", repo], env)
-                seconds, _cpu = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
+                seconds, r["borg_cpu"] = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
                 r["borg"] = data_bytes / seconds / mb
             if not last:
                 for name in ("restic", "borg"):
@@ -447,6 +447,7 @@ def section_snapshot(opts, work, table, found):
         if found["borg"]:
             table.add("snapshot", "borg create (lz4, repokey) of the same directory%s" % _rounds(rounds, "borg"),
                       _median([r["borg"] for r in rounds]), "MB/s")
+            table.add("snapshot", "borg create: CPU time (user+sys)", _median([r["borg_cpu"] for r in rounds]), "s")
             ratio = _median([r["rate"] / r["borg"] for r in rounds])
             table.add("snapshot", "snapshot vs borg create (speed)%s" % _rounds(rounds, "rate", "borg"), ratio, "x", ratio, ">=1.0")
         else:
