@@ -1,14 +1,16 @@
 # -*- coding: utf-8 -*-
 # Copyright: kmipbackup developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Speed and memory benchmarks of kmipbackup.mongodb (issues 3 and 4), with restic and borg as peers.
+"""Speed and memory benchmarks of kmipbackup.mongodb (issues 3, 4, 11 and 13), with restic and borg as peers.
 
 Everything runs on the same data in the same run, and the table prints ratios (higher is better
 for us unless a column says otherwise). Run it with benchmarks/run (it sets up the environment):
 
-  benchmarks/run                         # ~200 MB job, ~40 MB sync source: a few minutes
+  benchmarks/run                         # ~200 MB job, ~40 MB sync source: under 5 minutes
   benchmarks/run --size-mb 2048 --sync-mb 1024   # the issues' sizes (2 GB job, 1 GB source)
-  benchmarks/run --only snapshot         # snapshot/restore part only (also: sync, events, rekey)
+  benchmarks/run --only snapshot         # snapshot/restore part only (also: s3, sync, events, rekey, scale)
+  benchmarks/run --only snapshot --size-mb 2048 --repeat 3   # medians of 3 rounds against restic and borg
+  benchmarks/run --only scale            # snapshot, restore, incremental at 256 MB, 1 GB, 4 GB
 
 It installs nothing: restic, borg and the PyKMIP/SecantusDB servers must be present (missing
 ones are reported and their rows skipped). Work files go under --work (default a fresh folder
@@ -128,6 +130,7 @@ def child_snapshot(args):
     h = head.Head(args["head"], HEAD_KEY)
     js, counter = _job_store(args)
     with _kmip_client(args) as c:
+        c.connect()  # the daemon keeps its KMIP session open between snapshots: its TLS handshake is not a snapshot's cost
         seconds, e = _measured(args, lambda: snapshot.take_snapshot(h, js, store.Keys(js, c), JOB, args["master_uid"], True))
         calls = c.calls
     h.mark_snapshotted(e["change_seq"])
@@ -161,7 +164,31 @@ def child_sync(args):
     return {"seconds": seconds, "docs": r["docs"], "bytes": r["bytes"]}
 
 
-CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_sync}
+def child_verify(args):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+    h = head.Head(args["head"], HEAD_KEY)
+    client = source.connect({"uri": args["uri"], "connect_timeout": 10})
+    t0 = time.perf_counter()
+    r = source.verify(h, client, full=True)
+    seconds = time.perf_counter() - t0
+    client.close()
+    h.close()
+    return dict(r, seconds=seconds)
+
+
+CHILDREN = {"snapshot": child_snapshot, "restore": child_restore, "sync": child_sync, "verify": child_verify}
+
+
+def _peak_rss_mb():
+    """This process's peak RSS (VmHWM), MB, or None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def run_child(kind, args):
@@ -175,7 +202,8 @@ def run_child(kind, args):
     if proc.returncode != 0:
         raise RuntimeError("child %s failed (%s):\n%s" % (kind, proc.returncode, err.decode(errors="replace")[-4000:]))
     result = json.loads(out.decode().strip().splitlines()[-1])
-    result["rss_mb"] = usage.ru_maxrss / 1024.0
+    # the child's own peak: rusage's ru_maxrss also counts this process's RSS, which the child's exec inherits as its start
+    result["rss_mb"] = result.pop("hwm_mb", None) or usage.ru_maxrss / 1024.0
     result["cpu"] = usage.ru_utime + usage.ru_stime
     return result
 
@@ -232,42 +260,69 @@ def _ranges(r, ns):
 def change_one_percent(head_path, gen, total_docs):
     """1% of the documents change: 0.5% updates (every 4th document among the newest 2%), 0.5% inserts of new ids.
     Returns the number of changed documents."""
+    return change_documents(head_path, gen, total_docs, 1.0)
+
+
+def change_documents(head_path, gen, total_docs, percent, round_=1):
+    """percent % of the documents change, half updated (every 4th document among the newest 2 * percent %, as hot
+    recent data is), half inserted with new, later ids; round_ (1, 2, ...) makes each round's changes new.
+    Returns the number of changed documents."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson
     from data import namespaces
     h = head.Head(head_path, HEAD_KEY)
     changed = 0
+    spaces = namespaces(total_docs)
     with h.write() as w:
-        for ns, start, count in namespaces(total_docs):
-            n = max(2, count // 100)
+        for k, (ns, start, count) in enumerate(spaces):
+            n = max(2, int(count * percent / 100))
             updates, inserts = n // 2, n - n // 2
-            recent = start + count - 4 * updates  # updates: every 4th of the newest 2% of the documents
+            recent = start + count - 4 * updates  # updates: every 4th of the newest 2 * percent % of the documents
             for i in range(recent, start + count, 4):
-                raw = gen.raw(i, version=1)
+                raw = gen.raw(i, version=round_)
                 w.upsert(ns, rawbson.id_key_from_document(raw), raw)
                 changed += 1
+            base = 10_000_000 * (1 + k) + 1_000_000 * (round_ - 1)
             for i in range(inserts):
-                raw = gen.raw(10_000_000 * (1 + namespaces(total_docs).index((ns, start, count))) + i)
+                raw = gen.raw(base + i)
                 w.upsert(ns, rawbson.id_key_from_document(raw), raw)
                 changed += 1
-        w.set_position(b"bench-token-2", [1760000100, 1], True)
+        w.set_position(b"bench-token-%d" % (round_ + 1), [1760000000 + 100 * round_, 1], True)
     h.close()
     return changed
 
 
 def job_data(opts, work, sub=""):
-    """The job's data under work/sub: (generator, documents, encrypted head, its mongodump directory, BSON bytes)."""
+    """The job's data under work/sub: (generator, documents, encrypted head, its mongodump directory, BSON bytes).
+    The head and its mongodump directory are built once per run (work/data) and the head copied for each part."""
     from data import Generator
     total_docs = int(opts.size_mb * 1e6 / 600)
     print("%d documents (~%d MB of BSON), seed %d" % (total_docs, opts.size_mb, opts.seed), flush=True)
     gen = Generator(opts.seed)
-    head_path = os.path.join(work, sub, "head", "head.db")
+    pristine = os.path.join(work, "data", "head", "head.db")
+    dump = os.path.join(work, "data", "dump")
     t0 = time.perf_counter()
-    build_head(head_path, gen, total_docs)
-    dump = os.path.join(work, sub, "dump")
-    write_dump_dir(head_path, dump)
+    if not os.path.exists(dump):
+        build_head(pristine, gen, total_docs)
+        write_dump_dir(pristine, dump)
+    head_path = os.path.join(work, sub, "head", "head.db")
+    os.makedirs(os.path.dirname(head_path), mode=0o700, exist_ok=True)
+    shutil.copyfile(pristine, head_path)  # closed after a checkpoint: the database file is the whole head
     data_bytes = sum(os.path.getsize(os.path.join(dump, "bench", f)) for f in os.listdir(os.path.join(dump, "bench")) if f.endswith(".bson"))
     print("  data ready in %.0f s: %.1f MB of BSON" % (time.perf_counter() - t0, data_bytes / 1e6), flush=True)
     return gen, total_docs, head_path, dump, data_bytes
+
+
+def _median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def _rounds(rounds, key, per=None):
+    """' (a, b, c)': each round's value (or ratio key/per) when there were several rounds."""
+    if len(rounds) < 2:
+        return ""
+    return " (%s)" % ", ".join("%.2f" % (r[key] / r[per] if per else r[key]) for r in rounds)
 
 
 def du(path):
@@ -348,35 +403,55 @@ def section_snapshot(opts, work, table, found):
                 "head": head_path, "store": os.path.join(work, "store")}
         with _kmip_client(args) as c:
             args["master_uid"] = c.create_master_key("bench-master")
-        full = run_child("snapshot", args)
-        full_rate = full["data_bytes"] / full["seconds"] / mb
-        table.add("snapshot", "full snapshot from the head (%d docs)" % full["docs"], full_rate, "MB/s")
-        table.add("snapshot", "full snapshot: CPU time (user+sys, child process)", full["cpu"], "s")
-        table.add("snapshot", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
-        table.add("snapshot", "full snapshot: KMIP calls", full["kmip_calls"], "calls")
-        table.add("snapshot", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
-
         env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, BORG_PASSPHRASE=PASSWORD, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                    BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", RESTIC_CACHE_DIR=os.path.join(work, "restic-cache"),
                    BORG_BASE_DIR=os.path.join(work, "borg-base"))
-        restic_backup = restic_restore = None
+        # --repeat rounds, each: our full snapshot into a new store, restic backup and borg create into new
+        # repositories, one right after the other; medians of the rates and of each round's ratios
+        rounds = []
+        for i in range(opts.repeat):
+            last = i == opts.repeat - 1
+            suffix = "" if last else "-%d" % i
+            r = {"full": run_child("snapshot", dict(args, store=args["store"] + suffix))}
+            r["rate"] = r["full"]["data_bytes"] / r["full"]["seconds"] / mb
+            if found["restic"]:
+                repo = os.path.join(work, "restic" + suffix)
+                timed(["restic", "-q", "init", "--repo", repo], env)
+                seconds, r["restic_cpu"] = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
+                r["restic"] = data_bytes / seconds / mb
+                r["restic_bytes"] = du(repo)
+            if found["borg"]:
+                repo = os.path.join(work, "borg" + suffix)
+                timed(["borg", "init", "-e", "repokey", repo], env)
+                seconds, r["borg_cpu"] = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
+                r["borg"] = data_bytes / seconds / mb
+            if not last:
+                for name in ("restic", "borg"):
+                    shutil.rmtree(os.path.join(work, name + suffix), ignore_errors=True)
+                shutil.rmtree(args["store"] + suffix, ignore_errors=True)
+            rounds.append(r)
+        full = rounds[-1]["full"]
+        full_rate = _median([r["rate"] for r in rounds])
+        table.add("snapshot", "full snapshot from the head (%d docs)%s" % (full["docs"], _rounds(rounds, "rate")), full_rate, "MB/s")
+        table.add("snapshot", "full snapshot: CPU time (user+sys, child process)", _median([r["full"]["cpu"] for r in rounds]), "s")
+        table.add("snapshot", "full snapshot: stored bytes", full["stored_bytes"] / mb, "MB")
+        table.add("snapshot", "full snapshot: KMIP calls", full["kmip_calls"], "calls")
+        table.add("snapshot", "full snapshot: peak RSS (child process)", full["rss_mb"], "MB", full["rss_mb"] / 300.0, "<=1.0 of 300 MB")
         if found["restic"]:
-            repo = os.path.join(work, "restic")
-            timed(["restic", "-q", "init", "--repo", repo], env)
-            restic_backup, cpu = timed(["restic", "-q", "backup", "--repo", repo, "."], env, cwd=dump)
-            rate = data_bytes / restic_backup / mb
-            table.add("snapshot", "restic backup of the same data as a mongodump directory", rate, "MB/s")
-            table.add("snapshot", "restic backup: CPU time (user+sys)", cpu, "s")
-            table.add("snapshot", "restic backup: repository bytes", du(repo) / mb, "MB")
-            table.add("snapshot", "snapshot vs restic backup (speed)", full_rate / rate, "x", full_rate / rate, ">=1.0")
+            table.add("snapshot", "restic backup of the same data as a mongodump directory%s" % _rounds(rounds, "restic"),
+                      _median([r["restic"] for r in rounds]), "MB/s")
+            table.add("snapshot", "restic backup: CPU time (user+sys)", _median([r["restic_cpu"] for r in rounds]), "s")
+            table.add("snapshot", "restic backup: repository bytes", rounds[-1]["restic_bytes"] / mb, "MB")
+            ratio = _median([r["rate"] / r["restic"] for r in rounds])
+            table.add("snapshot", "snapshot vs restic backup (speed)%s" % _rounds(rounds, "rate", "restic"), ratio, "x", ratio, ">=1.5")
         else:
             print("  restic is not installed (apt-get install restic): its rows are skipped")
         if found["borg"]:
-            repo = os.path.join(work, "borg")
-            timed(["borg", "init", "-e", "repokey", repo], env)
-            borg_create, _cpu = timed(["borg", "create", repo + "::a", "."], env, cwd=dump)
-            table.add("snapshot", "borg create (lz4, repokey) of the same directory", data_bytes / borg_create / mb, "MB/s")
-            table.add("snapshot", "snapshot vs borg create (speed)", full_rate / (data_bytes / borg_create / mb), "x")
+            table.add("snapshot", "borg create (lz4, repokey) of the same directory%s" % _rounds(rounds, "borg"),
+                      _median([r["borg"] for r in rounds]), "MB/s")
+            table.add("snapshot", "borg create: CPU time (user+sys)", _median([r["borg_cpu"] for r in rounds]), "s")
+            ratio = _median([r["rate"] / r["borg"] for r in rounds])
+            table.add("snapshot", "snapshot vs borg create (speed)%s" % _rounds(rounds, "rate", "borg"), ratio, "x", ratio, ">=1.0")
         else:
             print("  borg is not installed (apt-get install borgbackup): its rows are skipped")
 
@@ -569,8 +644,9 @@ def section_sync(opts, work, table, found):
             for s in range(start, start + count, 5000):
                 client[db][coll].insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, start + count - s))], ordered=False)
         print("  source loaded in %.0f s" % (time.perf_counter() - t0), flush=True)
-        scan = []
-        for _ in range(2):  # the better of two scans: the server's cache is warm for the sync too
+        # scans and syncs alternate, twice each (the server's cache is warm for all but the first scan): the best of each
+        scan, syncs = [], []
+        for i in range(2):
             t0 = time.perf_counter()
             nbytes = 0
             for ns, _start, _count in namespaces(total_docs):
@@ -578,13 +654,25 @@ def section_sync(opts, work, table, found):
                 for batch in client[db][coll].find_raw_batches({}, batch_size=4096):
                     nbytes += len(batch)
             scan.append(time.perf_counter() - t0)
+            head_path = os.path.join(work, "synchead-%d" % i, "head.db")
+            syncs.append(run_child("sync", {"head": head_path, "uri": mongo["uri"]}))
         scan_rate = nbytes / min(scan) / mb
-        table.add("sync", "plain pymongo raw-BSON scan of the source", scan_rate, "MB/s")
-        sync = run_child("sync", {"head": os.path.join(work, "synchead", "head.db"), "uri": mongo["uri"]})
+        sync = min(syncs, key=lambda r: r["seconds"])
+        table.add("sync", "plain pymongo raw-BSON scan of the source (best of %s MB/s)" % ", ".join(
+            "%.1f" % (nbytes / t / mb) for t in scan), scan_rate, "MB/s")
         sync_rate = sync["bytes"] / sync["seconds"] / mb
-        table.add("sync", "initial sync into an encrypted head (%d docs)" % sync["docs"], sync_rate, "MB/s")
-        table.add("sync", "initial sync vs raw scan (speed)", sync_rate / scan_rate, "x", sync_rate / scan_rate, ">=0.9")
-        table.add("sync", "initial sync: peak RSS (child process)", sync["rss_mb"], "MB", sync["rss_mb"] / 250.0, "<=1.0 of 250 MB")
+        table.add("sync", "initial sync into an encrypted head (%d docs; best of %s MB/s)" % (sync["docs"], ", ".join(
+            "%.1f" % (r["bytes"] / r["seconds"] / mb) for r in syncs)), sync_rate, "MB/s")
+        table.add("sync", "initial sync vs raw scan (speed)", sync_rate / scan_rate, "x", sync_rate / scan_rate, ">=0.95")
+        table.add("sync", "initial sync: peak RSS (child process)", max(r["rss_mb"] for r in syncs), "MB",
+                  max(r["rss_mb"] for r in syncs) / 250.0, "<=1.0 of 250 MB")
+        if not opts.verify:
+            client.close()
+            return
+        ver = run_child("verify", {"head": head_path, "uri": mongo["uri"]})
+        table.add("sync", "full head verification (every document both ways, byte for byte): %d checked, %d mismatched" % (
+            ver["checked"], ver["mismatched"]), ver["seconds"] / (sync["bytes"] / 1e9), "s/GB")
+        table.add("sync", "full head verification vs raw scan (time)", ver["seconds"] / (nbytes / scan_rate / mb), "x")
         client.close()
     finally:
         lab.stop(mongo["pid"])
@@ -656,11 +744,8 @@ def section_events(opts, work, table, found):
 def section_rekey(opts, work, table, found):
     """The head's re-encryption after a key rotation (Head.export_rekeyed), against copying the same file."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
-    from data import Generator
     gb = 1e9
-    head_path = os.path.join(work, "rekey-head", "head.db")
-    total_docs = int(opts.size_mb * 1e6 / 600)
-    build_head(head_path, Generator(opts.seed), total_docs)
+    _gen, _docs, head_path, _dump, _bytes = job_data(opts, work, "rekey")
     size = os.path.getsize(head_path)
     print("rekey: a %.0f MB head" % (size / 1e6), flush=True)
     os.sync()
@@ -681,7 +766,79 @@ def section_rekey(opts, work, table, found):
     table.add("rekey", "re-encryption vs copy (time)", seconds / copy_seconds, "x")
 
 
-SECTIONS = {"snapshot": section_snapshot, "s3": section_s3, "sync": section_sync, "events": section_events, "rekey": section_rekey}
+def _bson_digests(head_path):
+    """{collection file name: SHA-256 of the head's documents in order}: what a restored .bson file must hash to."""
+    import hashlib
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head
+    h = head.Head(head_path, HEAD_KEY)
+    out = {}
+    with h.read() as r:
+        for n in r.namespaces():
+            d = hashlib.sha256()
+            for _first, _last, docs in _ranges(r, n["ns"]):
+                d.update(b"".join(docs))
+            out[n["ns"].split(".", 1)[1] + ".bson"] = d.hexdigest()
+    h.close()
+    return out
+
+
+def _file_digest(path):
+    import hashlib
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            d.update(block)
+    return d.hexdigest()
+
+
+def section_scale(opts, work, table, found):
+    """How the cost grows: at each size (--scale-mb), a full snapshot, a restore to a mongodump directory (checked
+    against the head byte for byte, by SHA-256), then incremental snapshots after --changes % of the documents
+    change, one round on top of the other. No peers: the snapshot part compares with them."""
+    import kmipbackup_lab as lab
+    from data import Generator
+    mb = 1e6
+    pki = lab.make_pki(os.path.join(work, "scale-pki"), ("bench",))
+    kmip = lab.start_kmip_server(os.path.join(work, "scale-kmip"), pki)
+    try:
+        for size in [int(x) for x in opts.scale_mb.split(",")]:
+            folder = os.path.join(work, "scale-%d" % size)
+            total_docs = int(size * 1e6 / 600)
+            head_path = os.path.join(folder, "head", "head.db")
+            gen = Generator(opts.seed)
+            print("scale: %d MB, %d documents" % (size, total_docs), flush=True)
+            build_head(head_path, gen, total_docs)
+            args = {"kmip_port": kmip["port"], "ca": pki["ca"], "pem": pki["clients"]["bench"]["pem"],
+                    "head": head_path, "store": os.path.join(folder, "store")}
+            with _kmip_client(args) as c:
+                args["master_uid"] = c.create_master_key("bench-master-%d" % size)
+            full = run_child("snapshot", args)
+            label = "%d MB" % size
+            table.add("scale", "%s: full snapshot" % label, full["seconds"], "s")
+            table.add("scale", "%s: full snapshot rate (CPU time)" % label, "%.0f MB/s (%.1f s)" % (
+                full["data_bytes"] / full["seconds"] / mb, full["cpu"]))
+            out = os.path.join(folder, "restored")
+            rest = run_child("restore", dict(args, out=out, kind="directory"))
+            want = _bson_digests(head_path)
+            same = all(_file_digest(os.path.join(out, "bench", f)) == d for f, d in want.items())
+            shutil.rmtree(out)
+            table.add("scale", "%s: restore to a mongodump directory" % label, rest["seconds"], "s")
+            table.add("scale", "%s: restore rate (CPU time), byte-equal" % label, "%.0f MB/s (%.1f s), %s" % (
+                rest["bytes"] / rest["seconds"] / mb, rest["cpu"], "yes" if same else "NO"))
+            table.add("scale", "%s: peak RSS snapshot / restore" % label, "%.0f / %.0f" % (full["rss_mb"], rest["rss_mb"]), "MB")
+            for k, pct in enumerate(float(x) for x in opts.changes.split(",")):
+                changed = change_documents(head_path, gen, total_docs, pct, k + 1)
+                inc = run_child("snapshot", args)
+                table.add("scale", "%s: incremental after %g%% changed (%d docs): time, share of full time / bytes" % (
+                    label, pct, changed), "%.2f s, %.3f / %.3f" % (inc["seconds"], inc["seconds"] / full["seconds"],
+                                                                   inc["written_bytes"] / full["written_bytes"]))
+            shutil.rmtree(folder)
+    finally:
+        lab.stop(kmip["pid"])
+
+
+SECTIONS = {"snapshot": section_snapshot, "s3": section_s3, "sync": section_sync, "events": section_events, "rekey": section_rekey,
+            "scale": section_scale}
 
 
 def machine():
@@ -706,7 +863,12 @@ def main(argv=None):
     ap.add_argument("--events", type=int, default=20000, help="recorded change events to apply")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="snapshot,s3,sync,events,rekey,mongo",
-                    help="comma-separated sections: snapshot, s3, sync, events, rekey, mongo (its size: --sync-mb)")
+                    help="comma-separated sections: snapshot, s3, sync, events, rekey, mongo (its size: --sync-mb), "
+                         "scale (not by default: long)")
+    ap.add_argument("--repeat", type=int, default=1, help="snapshot part: rounds of full snapshot, restic backup and borg create (medians)")
+    ap.add_argument("--verify", action="store_true", help="sync part: also a full head verification (slow: 10-20x a raw scan)")
+    ap.add_argument("--scale-mb", default="256,1024,4096", help="scale part: job sizes, MB of BSON (comma-separated)")
+    ap.add_argument("--changes", default="0.1,1,10", help="scale part: %% of documents changed before each incremental")
     ap.add_argument("--profile", help="s3 part: write the children's cProfile stats (all threads) into this folder")
     ap.add_argument("--work", help="work folder (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -714,7 +876,7 @@ def main(argv=None):
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     if opts.child:
-        print(json.dumps(CHILDREN[opts.child[0]](json.loads(opts.child[1]))))
+        print(json.dumps(dict(CHILDREN[opts.child[0]](json.loads(opts.child[1])), hwm_mb=_peak_rss_mb())))
         return 0
     found = tools()
     for name in ("pykmip-server", "secantusd-py"):

@@ -186,18 +186,43 @@ class Head:
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:
         """One read transaction: a stable image of the head while writes go on."""
-        conn = self._connect()
+        with self.reads(1) as readers:
+            yield readers[0]
+
+    @contextlib.contextmanager
+    def reads(self, n: int, cache_kib: int | None = None) -> Iterator[list[Reader]]:
+        """n read transactions on n connections, all on the same image (for reading disjoint key ranges in
+        parallel: SQLite releases the GIL while it reads and decrypts pages). Each transaction is pinned
+        while a write lock is held on a further connection, so no commit can land between two of them;
+        writers wait for the few milliseconds this takes. cache_kib: each connection's page cache."""
+        conns = []
         try:
-            conn.execute("BEGIN")
-            r = Reader(conn)
-            conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()  # pins the WAL snapshot now
-            r.change_seq = conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0]
-            yield r
-        finally:
+            while len(conns) < n:
+                conns.append(self._connect())
+                if cache_kib is not None:
+                    conns[-1].execute("PRAGMA cache_size=-%d" % int(cache_kib))
+            gate = self._connect() if n > 1 else None
             try:
-                conn.execute("ROLLBACK")
+                if gate is not None:
+                    gate.execute("BEGIN IMMEDIATE")
+                readers = []
+                for conn in conns:
+                    conn.execute("BEGIN")
+                    r = Reader(conn)
+                    r.change_seq = conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0]  # pins the image
+                    readers.append(r)
             finally:
-                conn.close()
+                if gate is not None:
+                    gate.execute("ROLLBACK")
+                    gate.close()
+            yield readers
+        finally:
+            for conn in conns:
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                finally:
+                    conn.close()
 
     def position(self) -> dict:
         """{"resume_token", "cluster_time" [t, i] or None, "consistent", "sync"} as last committed."""

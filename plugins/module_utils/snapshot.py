@@ -3,16 +3,17 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Cutting a snapshot from a head (no Ansible imports). PRIVATE to the collection.
 
-One head.read() transaction gives the image at the head's cluster time. Per namespace, the
-documents in id_key order are cut into chunks after documents whose keyed hash of id_key
+Read transactions on the head, all on one image (head.reads), give the image at the head's
+cluster time. Per namespace, the documents in id_key order are cut into chunks after documents whose keyed hash of id_key
 falls under size/target (so chunks average target bytes and a boundary depends only on its
 own document), with a hard maximum. The head flags those boundary documents when it writes
 them (for its default target), so a snapshot reads the boundary keys through an index and then
 each chunk's documents with one query: no per-document Python work. Incremental: chunk i of
 the previous manifest covers the id_keys (last of chunk i-1, last of chunk i]; only the runs of
 chunks whose range holds a changed id_key are re-read and re-cut, every other chunk is reused
-without reading it. Compression, hashing, sealing and writing run on worker threads (zstd,
-hashlib, AES-GCM and file I/O release the GIL) while the caller's thread reads the head.
+without reading it. The caller's thread finds the chunks' ranges (boundary flags, the change log);
+worker threads, each with a read transaction of its own, read the ranges, compress, hash, seal
+and write (SQLite, zstd, hashlib, AES-GCM and file I/O release the GIL), so every core works.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import collections
 import concurrent.futures
 import datetime
 import hashlib
+import queue
 import threading
 from typing import TYPE_CHECKING
 
@@ -44,18 +46,23 @@ except ImportError as e:  # pragma: no cover
 TARGET_BYTES = 1 << 20
 MAX_BYTES = 4 << 20
 LIST_PAGE = 1000  # keys per listing request of an object store (S3's maximum)
-WRITER_THREADS = 2  # a folder's writers; an object store says how many uploads it runs at once (parallelism)
+WORKERS = 3  # threads reading, sealing and writing chunks (an object store's parallelism when higher: its uploads wait)
+READERS = 3  # of which read the head at once, each on a connection of its own
+READER_CACHE_KIB = 4096  # each reader's page cache: chunks are read once, in key order
 KINDS = ("scheduled", "on-demand")
 FORMAT = 1
 
 
 class _Writer:
-    """Writes the chunks of one snapshot on worker threads, deduplicating by content address.
+    """Reads, compresses, seals and stores the chunks of one snapshot on worker threads, deduplicating by content
+    address. Each worker reads its chunk's key range from the head with a read transaction of its own (readers: all
+    on the snapshot's image), so reading the head runs on every core too (SQLite, zstd, hashlib, AES-GCM and file
+    I/O release the GIL).
 
-    emit() returns a chunk entry whose id, key, stored size and hash a worker fills in; at most
-    2 * threads chunks are in flight, so memory stays bounded whatever the snapshot's size."""
+    range() and emit() return a future of the chunk entries (id, key, stored size and hash filled in); at most
+    2 * threads are in flight, so memory stays bounded whatever the snapshot's size."""
 
-    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, threads=WRITER_THREADS, known=None):
+    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, readers=(), threads=WORKERS, known=None):
         self.js, self.key_id, self.key, self.id_key = job_store, key_id, key, id_key
         self.known = known  # chunk ids the store held when the snapshot began (one listing), else None: ask per chunk
         self.is_boundary = is_boundary
@@ -63,6 +70,9 @@ class _Writer:
         self.unsynced = []
         self.written_bytes = 0
         self.written_chunks = 0
+        self._readers = queue.SimpleQueue()
+        for r in readers:
+            self._readers.put(r)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-chunk")
         self._inflight = collections.deque()
         self._limit = 2 * threads
@@ -70,25 +80,43 @@ class _Writer:
         self._mine = {}  # chunk id -> stored size (None while being written) of chunks this snapshot writes
         self._late = []  # entries waiting for the stored size of a chunk another worker writes
 
-    def emit(self, docs, first, last, count=None):
-        """A chunk entry for docs (a list of raw documents or their concatenation), stored by a worker."""
-        entry = {"id": None, "key": None, "first": Binary(first), "last": Binary(last),
-                 "count": len(docs) if count is None else count}
+    def _submit(self, fn, *args):
         while len(self._inflight) >= self._limit:
             self._inflight.popleft().result()
-        self._inflight.append(self._pool.submit(self._store, entry, docs))
-        return entry
+        future = self._pool.submit(fn, *args)
+        self._inflight.append(future)
+        return future
+
+    def emit(self, docs, first, last):
+        """A future of [the chunk entry] for docs (raw documents of ns from first to last id_key)."""
+        return self._submit(lambda: [self._store(docs, first, last)])
+
+    def range(self, ns, lo, hi):
+        """A future of the chunk entries for the documents of ns in [lo, hi): one chunk, read by a worker with a
+        reader of its own, or several when the range holds over max_bytes (re-read and cut at max_bytes)."""
+        return self._submit(self._range, ns, lo, hi)
+
+    def _range(self, ns, lo, hi):
+        reader = self._readers.get()
+        try:
+            first, last, docs = reader.read_range(ns, lo, hi)
+            if sum(map(len, docs)) > self.max_bytes:
+                return [self._store(*piece) for piece in self.pieces(reader.scan(ns, lo, hi))]
+        finally:
+            self._readers.put(reader)
+        return [self._store(docs, first, last)] if docs else []
 
     def written_ids(self) -> set:
         """The ids of the chunks this snapshot wrote (not those it found in the store)."""
         with self._lock:
             return {cid for cid, stored in self._mine.items() if stored is not None}
 
-    def _store(self, entry, docs):
-        plain = docs if isinstance(docs, bytes) else b"".join(docs)
+    def _store(self, docs, first, last):
+        plain = b"".join(docs)
         digest = hashlib.sha256(plain).digest()
         cid = crypto.chunk_id(self.id_key, plain, digest, self.key_id)
-        entry.update(id=cid, bytes=len(plain), sha256=Binary(digest))
+        entry = {"id": cid, "key": self.key_id, "first": Binary(first), "last": Binary(last), "count": len(docs),
+                 "bytes": len(plain), "sha256": Binary(digest)}
         path = self.js.chunk_path(cid)
         with self._lock:
             mine = cid in self._mine
@@ -105,16 +133,16 @@ class _Writer:
                 self.unsynced.append(path)
                 self.written_bytes += stored
                 self.written_chunks += 1
-            entry.update(key=self.key_id, stored=stored)
+            entry["stored"] = stored
         elif mine:  # equal content twice in this snapshot
             with self._lock:
-                entry.update(key=self.key_id, stored=self._mine[cid])
+                entry["stored"] = self._mine[cid]
                 if entry["stored"] is None:
                     self._late.append(entry)
         else:  # the id binds the key id: a stored chunk with this id is sealed under this snapshot's key
-            entry["key"] = self.key_id
             self.js.storage.touch(path)  # GC grace: a reused chunk is young again
             entry["stored"] = self.js.storage.size(path)
+        return entry
 
     def finish(self):
         """Wait for every chunk; raises what a worker raised."""
@@ -127,17 +155,16 @@ class _Writer:
             entry["stored"] = self._mine[entry["id"]]
 
     def abort(self):
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def chunk(self, rows):
-        """Chunk entries for (id_key, raw) rows in order, cut where is_boundary says and at max_bytes."""
-        out, docs, size, first = [], [], 0, None
+    def pieces(self, rows):
+        """(docs, first, last) of each chunk of (id_key, raw) rows in order, cut where is_boundary says and at max_bytes."""
+        docs, size, first, last = [], 0, None, None
         is_boundary, max_bytes = self.is_boundary, self.max_bytes
-        last = None
         for key, raw in rows:
             n = len(raw)
             if docs and size + n > max_bytes:
-                out.append(self.emit(docs, first, last))
+                yield docs, first, last
                 docs, size = [], 0
             if not docs:
                 first = key
@@ -145,27 +172,31 @@ class _Writer:
             size += n
             last = key
             if is_boundary(key, n):
-                out.append(self.emit(docs, first, last))
+                yield docs, first, last
                 docs, size = [], 0
         if docs:
-            out.append(self.emit(docs, first, last))
-        return out
+            yield docs, first, last
 
     def cut(self, reader, ns, start, end):
-        """Chunk entries for the documents of ns in [start, end): the head's boundary flags give the
-        chunks' ends, each chunk is one range read; a range over max_bytes is re-read and split."""
-        out = []
-        lo = start
+        """Futures of the chunk entries of ns in [start, end): the head's boundary flags give the chunks' ends
+        (read here, through their index), the workers read each chunk's range."""
+        out, lo = [], start
         for b in reader.boundaries(ns, start, end) + [None]:
             hi = end if b is None else b + b"\x00"
-            first, last, docs = reader.read_range(ns, lo, hi)
-            if docs:
-                if sum(map(len, docs)) > self.max_bytes:
-                    out.extend(self.chunk(reader.scan(ns, lo, hi)))
-                else:
-                    out.append(self.emit(docs, first, last))
+            out.append(self.range(ns, lo, hi))
             lo = hi
         return out
+
+
+def _entries(items):
+    """A namespace's chunk entries from its items: entries (reused) and futures of lists of entries (cut)."""
+    out = []
+    for item in items:
+        if isinstance(item, concurrent.futures.Future):
+            out.extend(item.result())
+        else:
+            out.append(item)
+    return out
 
 
 def _prev_namespaces(prev_manifest, head_path):
@@ -188,7 +219,7 @@ def _runs(indices):
 def _cut(reader, ns, start, end, writer, flagged):
     if flagged:
         return writer.cut(reader, ns, start, end)
-    return writer.chunk(reader.scan(ns, start, end))
+    return [writer.emit(*piece) for piece in writer.pieces(reader.scan(ns, start, end))]
 
 
 def _namespace_chunks(reader, ns, prev, writer, flagged):
@@ -268,41 +299,44 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
     flagged = target_bytes == head.boundary_target
     is_boundary = head.boundary_fn(target_bytes)
     known = set(job_store.chunk_ids())  # one listing instead of a request per new chunk
-    writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes,
-                     threads=getattr(job_store.storage, "parallelism", WRITER_THREADS), known=known)
+    threads = max(getattr(job_store.storage, "parallelism", WORKERS), WORKERS)
     try:
-        with head.read() as r:
-            pos = r.position()
-            if not pos.get("consistent") or not pos.get("cluster_time"):
-                raise SnapshotError("The head of job %s is not consistent yet (initial sync or catch-up running): a snapshot "
-                                    "can only be cut at a consistent cluster time; wait for status STARTED." % job_store.job)
-            change_seq = r.change_seq
-            prev = _prev_namespaces(prev_manifest, head.path)
-            if prev_manifest is not None and prev and prev_manifest.get("change_seq", 0) > change_seq:
-                prev = {}
-            namespaces, reused = [], 0
-            for info in r.namespaces():
-                ns = info["ns"]
-                p = prev.get(ns)
-                if p is not None and p.get("incarnation") != info["incarnation"]:
-                    p = None
-                chunks = _namespace_chunks(r, ns, p, writer, flagged)
-                if p is not None:
-                    prev_ids = {id(c) for c in p["chunks"]}
-                    reused += sum(1 for c in chunks if id(c) in prev_ids)
-                namespaces.append({
-                    "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
-                    "options": Binary(bytes(info["options"] or EMPTY_BSON)),
-                    "indexes": [Binary(bytes(s)) for s in info["indexes"]], "incarnation": info["incarnation"],
-                    "type": info.get("type") or "collection", "chunks": chunks})
-            cluster_time = list(pos["cluster_time"])
-        writer.finish()
+        with head.reads(1 + min(threads, READERS), cache_kib=READER_CACHE_KIB) as (r, *readers):
+            writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes, readers, threads, known)
+            try:
+                pos = r.position()
+                if not pos.get("consistent") or not pos.get("cluster_time"):
+                    raise SnapshotError("The head of job %s is not consistent yet (initial sync or catch-up running): a snapshot "
+                                        "can only be cut at a consistent cluster time; wait for status STARTED." % job_store.job)
+                change_seq = r.change_seq
+                prev = _prev_namespaces(prev_manifest, head.path)
+                if prev_manifest is not None and prev and prev_manifest.get("change_seq", 0) > change_seq:
+                    prev = {}
+                namespaces, reused = [], 0
+                for info in r.namespaces():
+                    ns = info["ns"]
+                    p = prev.get(ns)
+                    if p is not None and p.get("incarnation") != info["incarnation"]:
+                        p = None
+                    items = _namespace_chunks(r, ns, p, writer, flagged)
+                    if p is not None:
+                        prev_ids = {id(c) for c in p["chunks"]}
+                        reused += sum(1 for c in items if id(c) in prev_ids)
+                    namespaces.append({
+                        "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
+                        "options": Binary(bytes(info["options"] or EMPTY_BSON)),
+                        "indexes": [Binary(bytes(s)) for s in info["indexes"]], "incarnation": info["incarnation"],
+                        "type": info.get("type") or "collection", "chunks": items})
+                cluster_time = list(pos["cluster_time"])
+                writer.finish()
+            except BaseException:
+                writer.abort()  # before the readers' transactions end
+                raise
     except BaseException:
-        writer.abort()
         job_store.end(snapshot_id)
         raise
     for n in namespaces:
-        chunks = n.pop("chunks")
+        chunks = _entries(n.pop("chunks"))
         n.update(count=sum(c["count"] for c in chunks), bytes=sum(c["bytes"] for c in chunks),
                  stored=sum(c["stored"] for c in chunks), hash=namespace_hash(chunks), chunks=chunks)
     job_store.storage.sync(writer.unsynced)
@@ -314,7 +348,7 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
         listed = set(job_store.chunk_ids())
         missing = [cid for cid in reused_ids if cid not in listed]
     else:
-        with concurrent.futures.ThreadPoolExecutor(getattr(job_store.storage, "parallelism", WRITER_THREADS)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             present = list(pool.map(job_store.has_chunk, reused_ids))
         missing = [cid for cid, ok in zip(reused_ids, present, strict=True) if not ok]
     if missing:
