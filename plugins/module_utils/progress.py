@@ -28,17 +28,23 @@ class Meter:
                  clock: Callable[[], float] = time.monotonic, window: float = WINDOW) -> None:
         self.docs_total = docs_total
         self.bytes_total = bytes_total
-        self.docs = self.bytes = 0
+        self.docs = self.bytes = self.chunks = 0
+        self.phase = None  # the worker's current phase, when it has several (initial sync: clone, catch_up)
         self._clock = clock
         self._window = window
         self.started = clock()
         self._samples = collections.deque([(self.started, 0, 0)])
         self._lock = threading.Lock()
 
-    def add(self, docs: int, nbytes: int) -> None:
+    def estimate(self, docs_total: int | None, bytes_total: int | None) -> None:
+        """Set the estimated totals (when they are known only once the work has begun)."""
+        self.docs_total, self.bytes_total = docs_total or None, bytes_total or None
+
+    def add(self, docs: int, nbytes: int, chunks: int = 0) -> None:
         with self._lock:
             self.docs += docs
             self.bytes += nbytes
+            self.chunks += chunks
             now = self._clock()
             if now - self._samples[-1][0] >= 0.5:  # a sample per half second bounds the deque to window * 2
                 self._samples.append((now, self.docs, self.bytes))
@@ -46,13 +52,13 @@ class Meter:
                 self._samples.popleft()
 
     def report(self) -> dict:
-        """{"docs", "bytes", "docs_total", "bytes_total", "percent", "docs_per_second", "bytes_per_second",
-        "eta_seconds", "elapsed_seconds"}: percent and eta_seconds are None without a total (or a rate), and the
+        """{"docs", "bytes", "chunks", "docs_total", "bytes_total", "percent", "docs_per_second", "bytes_per_second",
+        "eta_seconds", "elapsed_seconds"} (and "phase" when set): percent and eta_seconds are None without a total (or a rate), and the
         percent stops at 99.9 while work goes on past an estimate that was too low."""
         with self._lock:
             now = self._clock()
             t0, d0, b0 = self._samples[0]
-            docs, nbytes = self.docs, self.bytes
+            docs, nbytes, chunks = self.docs, self.bytes, self.chunks
         span = now - t0
         bps = (nbytes - b0) / span if span > 0 else 0.0
         dps = (docs - d0) / span if span > 0 else 0.0
@@ -62,16 +68,19 @@ class Meter:
             percent = round(min(99.9, 100.0 * done / total), 1)
             if rate > 0:
                 eta = round(max(0, total - done) / rate)
-        return {"docs": docs, "bytes": nbytes, "docs_total": self.docs_total, "bytes_total": self.bytes_total,
-                "percent": percent, "docs_per_second": round(dps), "bytes_per_second": round(bps),
-                "eta_seconds": eta, "elapsed_seconds": round(now - self.started, 1)}
+        out = {"docs": docs, "bytes": nbytes, "chunks": chunks, "docs_total": self.docs_total, "bytes_total": self.bytes_total,
+               "percent": percent, "docs_per_second": round(dps), "bytes_per_second": round(bps),
+               "eta_seconds": eta, "elapsed_seconds": round(now - self.started, 1)}
+        if self.phase:
+            out["phase"] = self.phase
+        return out
 
     def final(self) -> dict:
         """The totals and the average rate over the whole run."""
         with self._lock:
             seconds = self._clock() - self.started
             docs, nbytes = self.docs, self.bytes
-        return {"docs": docs, "bytes": nbytes, "seconds": round(seconds, 3),
+        return {"docs": docs, "bytes": nbytes, "chunks": self.chunks, "seconds": round(seconds, 3),
                 "docs_per_second": round(docs / seconds) if seconds > 0 else None,
                 "bytes_per_second": round(nbytes / seconds) if seconds > 0 else None}
 
@@ -107,35 +116,50 @@ def line(what: str, r: dict) -> str:
 
 
 class Record:
-    """A progress record: JSON in a private (0700) folder, rewritten atomically at most every `every` seconds (always
-    for the first and the final write), so a reader (the restore playbook's poll) never sees a partial one.
+    """A progress record: JSON in a private (0700) folder, rewritten atomically every `every` seconds by a thread while
+    the work runs (so it shows a stall too), so a reader (the restore playbook's poll) never sees a partial one.
 
-    state: "running", then "done" or "failed"; seq counts the writes."""
+        with progress.Record(path, "restore", meter):
+            work(progress=meter)
 
-    def __init__(self, path: str, what: str, meter: Meter, every: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    state: "running", then "done" or "failed" (written on leaving the block); seq counts the writes."""
+
+    def __init__(self, path: str, what: str, meter: Meter, every: float = 1.0) -> None:
         self.path = path
         self.what = what
         self.meter = meter
         self.every = every
-        self._clock = clock
-        self._written = None
         self.seq = 0
+        self._stop = threading.Event()
+        self._thread = None
+        self._lock = threading.Lock()
         _private_folder(os.path.dirname(os.path.abspath(path)))
 
-    def update(self, force: bool = False) -> None:
-        now = self._clock()
-        if force or self._written is None or now - self._written >= self.every:
-            self._write("running", self.meter.report())
+    def __enter__(self) -> Record:
+        self.write("running")
+        self._thread = threading.Thread(target=self._run, name="kmipbackup-progress", daemon=True)
+        self._thread.start()
+        return self
 
-    def finish(self, ok: bool) -> None:
-        self._write("done" if ok else "failed", dict(self.meter.report(), **self.meter.final()))
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.write("done" if exc_type is None else "failed")
 
-    def _write(self, state, report):
-        self.seq += 1
-        self._written = self._clock()
-        rec = dict(report, what=self.what, state=state, seq=self.seq, line=line(self.what, report))
-        files.write_json(self.path, rec)
+    def _run(self):
+        while not self._stop.wait(self.every):
+            try:
+                self.write("running")
+            except OSError:  # a full or vanished folder must not stop the work; the final write reports it
+                pass
+
+    def write(self, state: str) -> None:
+        report = self.meter.report()
+        if state != "running":
+            report.update(self.meter.final())
+        with self._lock:
+            self.seq += 1
+            files.write_json(self.path, dict(report, what=self.what, state=state, seq=self.seq, line=line(self.what, report)))
 
 
 def _private_folder(folder):

@@ -1,6 +1,7 @@
 """progress.py: rate and ETA over a window, estimates that were too low, the operator's line, the atomic record."""
 import os
 import stat
+import time
 
 import pytest
 
@@ -63,6 +64,10 @@ def test_past_a_low_estimate_and_without_totals():
     m.add(25, 999)
     r = m.report()
     assert r["percent"] == 25.0 and r["eta_seconds"] == 15
+    m.estimate(200, None)
+    m.phase = "clone"
+    r = m.report()
+    assert r["percent"] == 12.5 and r["docs_total"] == 200 and r["phase"] == "clone"
 
 
 def test_the_operators_line():
@@ -79,24 +84,26 @@ def test_the_record_is_written_atomically_in_a_private_folder(tmp_path):
     clock = Clock()
     path = str(tmp_path / "p" / "progress.json")
     m = progress.Meter(docs_total=10, bytes_total=1000, clock=clock)
-    rec = progress.Record(path, "restore", m, every=5, clock=clock)
-    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
-    rec.update()
-    first = progress.read_record(path)
-    assert first["state"] == "running" and first["seq"] == 1 and first["line"].startswith("restore: 0 B of 1.0 KB")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    clock.t += 1
-    m.add(5, 500)
-    rec.update()  # within `every`: not rewritten
-    assert progress.read_record(path)["seq"] == 1
-    clock.t += 5
-    rec.update()
-    assert progress.read_record(path)["bytes"] == 500
-    rec.finish(ok=True)
+    with progress.Record(path, "restore", m, every=0.05):
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        first = progress.read_record(path)
+        assert first["state"] == "running" and first["seq"] == 1 and first["line"].startswith("restore: 0 B of 1.0 KB")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        clock.t += 6
+        m.add(5, 500, 1)
+        deadline = time.monotonic() + 10
+        while (progress.read_record(path) or {}).get("bytes") != 500 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the record's thread rewrites it while the work runs, without being asked
+        assert progress.read_record(path)["bytes"] == 500
     last = progress.read_record(path)
-    assert last["state"] == "done" and last["seq"] == 3 and last["seconds"] == 6 and last["bytes_per_second"] == 83
+    assert last["state"] == "done" and last["seq"] >= 3 and last["seconds"] == 6 and last["bytes_per_second"] == 83
+    assert last["chunks"] == 1 and "83 B/s" in last["line"]
     assert sorted(os.listdir(os.path.dirname(path))) == ["progress.json"]  # no temp file left
     assert progress.read_record(str(tmp_path / "none.json")) is None
+    with pytest.raises(ValueError):
+        with progress.Record(path, "restore", m):
+            raise ValueError("boom")
+    assert progress.read_record(path)["state"] == "failed"
 
 
 def test_a_shared_folder_is_refused_not_tightened(tmp_path):
