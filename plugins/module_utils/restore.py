@@ -42,6 +42,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames impo
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
 
 if TYPE_CHECKING:  # annotations only: a restore reads the store through the JobStore and Keys it is given
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.progress import Meter
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys
 
 try:
@@ -305,9 +306,10 @@ def already_restored(job_store: JobStore, snapshot: str, target: str | Directory
     return target.client()[MARKER_DB][MARKER_COLL].find_one(query, projection={"_id": 1}) is not None
 
 
-def _chunks(job_store, keys, n):
+def _chunks(job_store, keys, n, progress=None):
     """(chunk entry, plaintext) of n's chunks in order, read ahead by worker threads (READ_THREADS for a folder, the
-    store's parallelism for an object store, whose reads wait on the network), at most 2 per thread in memory."""
+    store's parallelism for an object store, whose reads wait on the network), at most 2 per thread in memory.
+    progress (a progress.Meter) counts each chunk once the caller is done with it."""
     threads = getattr(job_store.storage, "parallelism", READ_THREADS)
     ahead = max(READ_AHEAD, 2 * threads)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-restore") as pool:
@@ -317,9 +319,13 @@ def _chunks(job_store, keys, n):
             if len(pending) > ahead:
                 c0, f = pending.popleft()
                 yield c0, f.result()
+                if progress is not None:
+                    progress.add(c0["count"], c0["bytes"], 1)
         while pending:
             c0, f = pending.popleft()
             yield c0, f.result()
+            if progress is not None:
+                progress.add(c0["count"], c0["bytes"], 1)
 
 
 def _unwrap_keys(keys, selected):
@@ -465,7 +471,7 @@ def _inside(path, root):
     return path
 
 
-def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+def _restore_directory(job_store, keys, entry, selected, target, drop, verify, info_text, name, progress=None):
     check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     ensure_private_dir(tmp)
@@ -485,7 +491,7 @@ def _restore_directory(job_store, keys, entry, selected, target, drop, verify, i
                     with os.fdopen(fd, "wb", buffering=1 << 20) as f:
                         syncing, unsynced = [], 0
                         try:
-                            for c, plain in _chunks(job_store, keys, n):
+                            for c, plain in _chunks(job_store, keys, n, progress):
                                 v.add(c)
                                 f.write(plain)
                                 unsynced += len(plain)
@@ -527,7 +533,7 @@ def _finish_file(path, size, name):
                            "writer, or a full disk?); restore again." % (name, got, size))
 
 
-def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+def _restore_archive(job_store, keys, entry, selected, target, drop, verify, info_text, name, progress=None):
     check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     try:
@@ -538,7 +544,7 @@ def _restore_archive(job_store, keys, entry, selected, target, drop, verify, inf
                                                           n.get("type", "collection")), n["bytes"]) for _i, n, db, coll in selected])
             for i, n, db, coll in selected:
                 v, crc = _Verifier(n), mongodump.Crc64()
-                for c, plain in _chunks(job_store, keys, n):
+                for c, plain in _chunks(job_store, keys, n, progress):
                     v.add(c)
                     crc.update(plain)
                     w.segment(db, coll, plain)
@@ -566,7 +572,7 @@ def _index_specs(n):
     return out
 
 
-def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text, name):
+def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, info_text, name, progress=None):
     for i, _n, db, coll in selected:  # before anything is read from or written to the target
         problem = mongodb_name_problem(db, coll)
         if problem:
@@ -591,7 +597,8 @@ def _restore_mongodb(job_store, keys, entry, selected, target, drop, verify, inf
     existing = {}
     for i, n, db, coll in selected:
         try:
-            _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name(i, db, coll))
+            _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name(i, db, coll),
+                              progress)
         except pymongo.errors.PyMongoError as e:
             raise RestoreError("The restore into MongoDB stopped at namespace %s (%s): the target is incomplete, as recorded in "
                                "%s.%s (_id %s, state incomplete); restore again with drop."
@@ -630,7 +637,7 @@ def _count(database, coll):
     return int(docs[0]["n"]) if docs else 0
 
 
-def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name):
+def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, drop, verify, codec, name, progress=None):
     # raw commands throughout: pymongo's Collection refuses names the server accepts ("a..b", "x.")
     database = client[db]
     if db not in existing:
@@ -643,7 +650,7 @@ def _insert_namespace(job_store, keys, entry, n, client, db, coll, existing, dro
     if options.get("viewOn"):
         return
     v, batch, batch_bytes, inserted = _Verifier(n), [], 0, 0
-    for c, plain in _chunks(job_store, keys, n):
+    for c, plain in _chunks(job_store, keys, n, progress):
         v.add(c)
         for doc in bson.decode_all(plain, codec):
             size = len(doc.raw)
@@ -678,9 +685,10 @@ def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = 
 
 
 def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
-            drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False) -> dict:
+            drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False,
+            progress: Meter | None = None) -> dict:
     """Restore what plan() returned to target; returns a summary dict. Messages name namespaces as #n for an
-    encrypted snapshot unless show_namespaces."""
+    encrypted snapshot unless show_namespaces. progress (a progress.Meter) counts the documents and bytes restored."""
     _require_bson()
     target = make_target(target)
     info_text = restore_info_text(entry, job_store.job, kmip_servers, selection_digest(selected))
@@ -691,7 +699,7 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
         return label(encryption, i, "%s.%s" % (db, coll), show_namespaces)
     _unwrap_keys(keys, selected)
     try:
-        run(job_store, keys, entry, selected, target, drop, verify, info_text, name)
+        run(job_store, keys, entry, selected, target, drop, verify, info_text, name, progress)
     except OSError as e:
         raise _os_error(e, "The restore to %s" % target.describe()) from None
     except Exception as e:
