@@ -122,10 +122,12 @@ class Record:
         with progress.Record(path, "restore", meter):
             work(progress=meter)
 
-    state: "running", then "done" or "failed" (written on leaving the block); seq counts the writes."""
+    state: "running", then "done" or "failed" (written on leaving the block), or, with remove, the record removed
+    then (whoever ran the work reports its result); seq counts the writes."""
 
-    def __init__(self, path: str, what: str, meter: Meter, every: float = 1.0) -> None:
+    def __init__(self, path: str, what: str, meter: Meter, every: float = 1.0, remove: bool = False) -> None:
         self.path = path
+        self.remove = remove
         self.what = what
         self.meter = meter
         self.every = every
@@ -144,14 +146,23 @@ class Record:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
         self._thread.join()
-        self.write("done" if exc_type is None else "failed")
+        if not self.remove:
+            self._try_write("done" if exc_type is None else "failed")
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
     def _run(self):
         while not self._stop.wait(self.every):
-            try:
-                self.write("running")
-            except OSError:  # a full or vanished folder must not stop the work; the final write reports it
-                pass
+            self._try_write("running")
+
+    def _try_write(self, state):
+        try:
+            self.write(state)
+        except OSError:  # a full or vanished folder (the reader gave up and removed it) must not fail the work
+            pass
 
     def write(self, state: str) -> None:
         report = self.meter.report()

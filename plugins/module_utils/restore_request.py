@@ -264,7 +264,8 @@ class _Restore:
             return result
         servers = ["%s:%d" % a for a in settings[0].addresses()] if settings else None
         meter = progress.Meter(result["documents"], result["bytes"])
-        with progress.Record(p["progress_file"], "restore", meter) if p.get("progress_file") else contextlib.nullcontext():
+        what = "restore of snapshot %s" % sid
+        with progress.Record(p["progress_file"], what, meter, remove=True) if p.get("progress_file") else contextlib.nullcontext():
             summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
                                       show_namespaces=p["show_namespaces"], progress=meter)
         final = meter.final()

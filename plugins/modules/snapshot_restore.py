@@ -177,10 +177,11 @@ options:
   progress_file:
     description:
       - Write the restore's progress to this file while it runs, as JSON rewritten atomically every second (documents,
-        bytes, their totals, percent, rate, ETA, C(state) V(running), then V(done) or V(failed)); counts and sizes
-        only, never a namespace name. For a poll while the task runs with C(async), as C(playbooks/restore.yml) does.
+        bytes, their totals, percent, rate, ETA, and C(line), one line for an operator); counts and sizes only, never
+        a namespace name. The file is removed when the restore ends. For a poll while the task runs with C(async), as
+        C(playbooks/restore.yml) does.
       - Its folder must be private to the user the module runs as (mode 0700), or not exist yet (then it is created
-        so); the caller removes it when done. Not written in check mode.
+        so). Not written in check mode.
     type: path
 notes:
   - O(target_mongodb) restores use the target's write concern defaults; documents are inserted as raw BSON, unchanged.

@@ -104,6 +104,9 @@ def test_the_record_is_written_atomically_in_a_private_folder(tmp_path):
         with progress.Record(path, "restore", m):
             raise ValueError("boom")
     assert progress.read_record(path)["state"] == "failed"
+    with progress.Record(path, "restore", m, remove=True):
+        assert progress.read_record(path)["state"] == "running"
+    assert not os.path.exists(path)
 
 
 def test_a_shared_folder_is_refused_not_tightened(tmp_path):
