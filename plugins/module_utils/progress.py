@@ -115,6 +115,13 @@ def line(what: str, r: dict) -> str:
                                                   human_bytes(r["bytes_per_second"]), eta)
 
 
+def rate_line(final: dict) -> str:
+    """The end of long work in one line, from Meter.final()."""
+    return "%s and %d document(s) in %s: %s/s, %s document(s)/s" % (
+        human_bytes(final["bytes"]), final["docs"], human_seconds(final["seconds"]) if final["seconds"] >= 60 else
+        "%.1f s" % final["seconds"], human_bytes(final["bytes_per_second"] or 0), final["docs_per_second"] or 0)
+
+
 class Record:
     """A progress record: JSON in a private (0700) folder, rewritten atomically every `every` seconds by a thread while
     the work runs (so it shows a stall too), so a reader (the restore playbook's poll) never sees a partial one.

@@ -269,7 +269,9 @@ class _Restore:
             summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
                                       show_namespaces=p["show_namespaces"], progress=meter)
         final = meter.final()
-        result.update(seconds=final["seconds"], rate={k: final[k] for k in ("docs_per_second", "bytes_per_second")})
+        result.update(seconds=final["seconds"], rate={"docs_per_second": final["docs_per_second"],
+                                                      "bytes_per_second": final["bytes_per_second"],
+                                                      "summary": progress.rate_line(final)})
         if summary["snapshot_id"] != sid:
             raise IntegrityError("Snapshot %s was resolved for %s, but %s was restored: the store changed during the restore; "
                                  "restore again and find out who changed the store." % (sid, p["snapshot"], summary["snapshot_id"]),

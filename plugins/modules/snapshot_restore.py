@@ -347,6 +347,10 @@ rate:
     bytes_per_second:
       description: BSON bytes per second.
       type: int
+    summary:
+      description: The totals, the time and the rates in one line.
+      type: str
+      sample: "80.1 MB and 5000 document(s) in 4.2 s: 19.0 MB/s, 1186 document(s)/s"
 kmip_calls:
   description: KMIP operations this run made (one access check per master key and one unwrap per data key).
   returned: always

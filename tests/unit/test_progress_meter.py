@@ -78,6 +78,8 @@ def test_the_operators_line():
     r.update(bytes_total=None, percent=None, eta_seconds=None, bytes=999, bytes_per_second=0)
     assert progress.line("snapshot", r) == "snapshot: 999 B, 1234 document(s), 0 B/s"
     assert progress.human_seconds(75) == "1 min 15 s" and progress.human_bytes(None) == "?"
+    final = {"docs": 5000, "bytes": 80_110_000, "seconds": 4.216, "docs_per_second": 1186, "bytes_per_second": 19_001_423}
+    assert progress.rate_line(final) == "80.1 MB and 5000 document(s) in 4.2 s: 19.0 MB/s, 1186 document(s)/s"
 
 
 def test_the_record_is_written_atomically_in_a_private_folder(tmp_path):
