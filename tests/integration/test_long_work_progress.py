@@ -132,6 +132,32 @@ def test_initial_sync_progress_in_the_daemons_status(big_source, dirs, pki, kmip
     assert not [t for t in texts if big_source["tag"] in t.replace(job, "")]
 
 
+def test_encrypted_job_role_prints_initial_sync_progress(ansible, big_source, dirs, tmp_path, pki, kmip_server,  # noqa: F811
+                                                         mongo_server):
+    """The role's wait prints one line per poll for a job still syncing: its state and progress, no namespace name."""
+    config_dir, data_dir = dirs
+    job = "role-%s" % big_source["tag"]
+    d = DaemonProcess(config_dir, data_dir).start()  # it picks the job up once the role has declared it
+    play = [{"hosts": "localhost", "gather_facts": False, "roles": [{"role": "kmipbackup.mongodb.encrypted_job"}]}]
+    pb = tmp_path / "role.yml"
+    pb.write_text(json.dumps(play))
+    ev = {"kmipbackup_config_dir": config_dir, "kmipbackup_data_dir": data_dir,
+          "kmipbackup_kmip": {"servers": ["127.0.0.1:%d" % kmip_server["port"]], "ca_file": pki["ca"], "connect_retries": 0},
+          "kmipbackup_groups": [{"name": "group1", "client_cert_file": pki["clients"]["group1"]["pem"]}],
+          "kmipbackup_jobs": [{"name": job, "group": "group1", "source": {"uri": mongo_server["uri"]}, "encryption": "enabled"}],
+          "encrypted_job_wait_delay": 1, "encrypted_job_wait_timeout": 180}
+    try:
+        p = ansible.run_playbook(str(pb), extra_vars=ev)
+    finally:
+        d.stop()
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    polls = [ln for ln in out.splitlines() if '"msg": "job %s: PROVISIONING' % job in ln]
+    assert any(", initial sync (" in ln and "document(s)" in ln for ln in polls), out[-6000:]
+    assert "job %s (group group1): STARTED" % job in out
+    assert big_source["tag"] not in out.replace(job, "")
+
+
 def test_restore_playbook_shows_progress_and_rate(ansible, big_source, tmp_path, pki, kmip_server, mongo_server):
     """restore.yml into MongoDB: progress lines while the restore runs (no namespace name), the rate at the end, the
     data byte for byte, and the progress record removed."""
