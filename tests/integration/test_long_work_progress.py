@@ -3,6 +3,7 @@ daemon status), a snapshot's, and restore.yml's progress lines and rate; no name
 encrypted job."""
 import json
 import os
+import threading
 import time
 import uuid
 
@@ -11,8 +12,12 @@ import pytest
 from bson import encode
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, head, job_config, job_status, kmip, progress, rawbson, snapshot, source, store, timeutil)
+    config, datadir, head, job_config, job_status, kmip, progress, rawbson, restore_request, snapshot, source, store,
+    timeutil)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError
+from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_restore
 from daemon_helper import DaemonProcess, write_kmip_setup
+from test_core_flows import request
 from test_daemon import _declare, dirs  # noqa: F401  (the dirs fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -158,10 +163,12 @@ def test_encrypted_job_role_prints_initial_sync_progress(ansible, big_source, di
     assert big_source["tag"] not in out.replace(job, "")
 
 
-def test_restore_playbook_shows_progress_and_rate(ansible, big_source, tmp_path, pki, kmip_server, mongo_server):
-    """restore.yml into MongoDB: progress lines while the restore runs (no namespace name), the rate at the end, the
-    data byte for byte, and the progress record removed."""
-    cd, root = str(tmp_path / "etc"), str(tmp_path / "store")
+@pytest.fixture(scope="module")
+def enc_store(big_source, tmp_path_factory, pki, kmip_server, mongo_server):
+    """An encrypted job 'progjob' with one snapshot of big_source's database (cut with the core from a head filled with
+    the source's raw documents): {config_dir, snapshot_id, expected {collection: {id_key: raw}}}."""
+    base = tmp_path_factory.mktemp("progjob")
+    cd, root = str(base / "etc"), str(base / "store")
     write_kmip_setup(cd, pki, kmip_server["port"])
     client = kmip.KmipClient(config.load_kmip_config(cd), config.load_group(cd, "group1"))
     uid = client.create_master_key("progjob")
@@ -169,38 +176,79 @@ def test_restore_playbook_shows_progress_and_rate(ansible, big_source, tmp_path,
                               "encryption": True, "master_key_uid": uid, "previous_master_key_uids": [], "store": root,
                               "state": "present", "generation": 1, "schedule": dict(job_config.SCHEDULE_DEFAULTS)})
     js = store.JobStore(root, "progjob")
-    h = head.Head(str(tmp_path / "head.db"), os.urandom(32))
+    h = head.Head(str(base / "head.db"), os.urandom(32))
     src = big_source["client"][big_source["db"]]
     expected = {}
     with h.write() as w:
         for name in src.list_collection_names():
             ns = "%s.%s" % (src.name, name)
             w.create_namespace(ns, encode({}))
-            pairs = []
-            for batch in src[name].find_raw_batches():
-                for raw in rawbson.split_bson_docs(batch):
-                    pairs.append((rawbson.id_key_from_document(raw), bytes(raw)))
+            pairs = [(rawbson.id_key_from_document(raw), bytes(raw))
+                     for batch in src[name].find_raw_batches() for raw in rawbson.split_bson_docs(batch)]
             w.upsert_many(ns, pairs)
             expected[name] = dict(pairs)
         w.set_position(None, [int(time.time()), 1], True)
     entry = snapshot.take_snapshot(h, js, store.Keys(js, provider=client, encryption=True), master_key_uid=uid, encryption=True)
     h.close()
     client.close()
+    return {"config_dir": cd, "snapshot_id": entry["snapshot_id"], "expected": expected}
+
+
+def test_restore_progress_record_names_no_namespace(big_source, enc_store, tmp_path):
+    """Canary: every version of the progress record a reader could see during an encrypted restore holds counts and
+    sizes only; it goes away at the end, and a shared folder is refused before anything is written."""
+    record = str(tmp_path / "progress" / "restore.json")
+    target = str(tmp_path / "out")
+    p = request(snapshot_restore, job="progjob", config_dir=enc_store["config_dir"], target_dir=target, progress_file=record)
+    seen, done = [], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                with open(record) as f:
+                    seen.append(f.read())
+            except OSError:
+                pass
+            time.sleep(0.005)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        result = restore_request.run_restore(p)
+    finally:
+        done.set()
+        t.join()
+    assert result["changed"] and result["rate"]["bytes_per_second"] > 0 and result["seconds"] > 0
+    assert seen and all(json.loads(x)["what"] == "restore of snapshot %s" % enc_store["snapshot_id"] for x in seen)
+    assert json.loads(seen[0])["bytes_total"] == sum(len(v) for docs in enc_store["expected"].values() for v in docs.values())
+    assert not [x for x in seen if big_source["tag"] in x or "kbprogcanary" in x]
+    assert not os.path.exists(record) and os.listdir(os.path.dirname(record)) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    p = dict(p, target_dir=str(tmp_path / "out2"), progress_file=str(shared / "r.json"))
+    with pytest.raises(ConfigError, match="not a private folder"):
+        restore_request.run_restore(p)
+    assert not os.path.exists(p["target_dir"]) and os.listdir(shared) == []
+
+
+def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store, tmp_path, mongo_server):
+    """restore.yml into MongoDB: progress lines while the restore runs (no namespace name), the rate at the end, the
+    data byte for byte, and the progress record removed."""
     target_db = "restored%s" % uuid.uuid4().hex[:8]
     progress_dir = str(tmp_path / "progress")
-    ev = dict(job="progjob", snapshot="latest", config_dir=cd, target_mongodb={"uri": mongo_server["uri"]},
+    ev = dict(job="progjob", snapshot="latest", config_dir=enc_store["config_dir"], target_mongodb={"uri": mongo_server["uri"]},
               rename_databases={big_source["db"]: target_db}, restore_poll_seconds=1, restore_progress_dir=progress_dir,
               restore_info_file=str(tmp_path / "restoreInfo.txt"))
     p = ansible.run_playbook(os.path.join(ROOT, "playbooks", "restore.yml"), extra_vars=ev)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
-    lines = [ln for ln in out.splitlines() if '"msg": "restore of snapshot %s' % entry["snapshot_id"] in ln]
+    lines = [ln for ln in out.splitlines() if '"msg": "restore of snapshot %s' % enc_store["snapshot_id"] in ln]
     assert any(" %)" in ln and "document(s)" in ln and "/s" in ln for ln in lines), out[-6000:]
     assert "Rate: 80.1 MB and 5000 document(s) in " in out and " document(s)/s" in out, out[-3000:]
     assert big_source["tag"] not in out
     assert os.listdir(progress_dir) == []  # the record is gone, its private folder stays
     mc = big_source["client"]
-    for name, docs in expected.items():
+    for name, docs in enc_store["expected"].items():
         got = {rawbson.id_key_from_document(r): bytes(r) for batch in mc[target_db][name].find_raw_batches()
                for r in rawbson.split_bson_docs(batch)}
         assert got == docs
