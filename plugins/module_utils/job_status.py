@@ -69,8 +69,8 @@ def progress_line(status: dict | None) -> str | None:
         lines.append(progress.line("snapshot", snap))
     rekey = st.get("rekey")
     if isinstance(rekey, dict) and rekey.get("head_bytes"):
-        lines.append("head re-encryption: %s of %s" % (progress.human_bytes(rekey.get("bytes_written")),
-                                                      progress.human_bytes(rekey["head_bytes"])))
+        done, total = progress.human_bytes(rekey.get("bytes_written")), progress.human_bytes(rekey["head_bytes"])
+        lines.append("head re-encryption: %s of %s" % (done, total))
     return "; ".join(lines) or None
 
 

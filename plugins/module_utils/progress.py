@@ -111,15 +111,15 @@ def line(what: str, r: dict) -> str:
     total = " of %s" % human_bytes(r["bytes_total"]) if r.get("bytes_total") else ""
     pct = " (%.1f %%)" % r["percent"] if r.get("percent") is not None else ""
     eta = ", about %s left" % human_seconds(r["eta_seconds"]) if r.get("eta_seconds") is not None else ""
-    return "%s: %s%s%s, %d document(s), %s/s%s" % (what, human_bytes(r["bytes"]), total, pct, r["docs"],
-                                                  human_bytes(r["bytes_per_second"]), eta)
+    done, rate = human_bytes(r["bytes"]), human_bytes(r["bytes_per_second"])
+    return "%s: %s%s%s, %d document(s), %s/s%s" % (what, done, total, pct, r["docs"], rate, eta)
 
 
 def rate_line(final: dict) -> str:
     """The end of long work in one line, from Meter.final()."""
+    took = human_seconds(final["seconds"]) if final["seconds"] >= 60 else "%.1f s" % final["seconds"]
     return "%s and %d document(s) in %s: %s/s, %s document(s)/s" % (
-        human_bytes(final["bytes"]), final["docs"], human_seconds(final["seconds"]) if final["seconds"] >= 60 else
-        "%.1f s" % final["seconds"], human_bytes(final["bytes_per_second"] or 0), final["docs_per_second"] or 0)
+        human_bytes(final["bytes"]), final["docs"], took, human_bytes(final["bytes_per_second"] or 0), final["docs_per_second"] or 0)
 
 
 class Record:
