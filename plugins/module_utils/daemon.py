@@ -16,6 +16,7 @@ and --status / --stop with the same --data-dir: both go by the lock DATA_DIR/dae
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -31,8 +32,8 @@ import time
 from logging.handlers import WatchedFileHandler
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, files, head, job_config, job_requests, job_status, master_keys, retention, segments, snapshot, source,
-    storage, store, timeutil)
+    config, datadir, files, head, job_config, job_requests, job_status, master_keys, progress, retention, segments,
+    snapshot, source, storage, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, HistoryLostError, KmipBackupError, KmipError, ResyncRequested, SnapshotError, SourceError, Stopped,
     UnsafePathError)
@@ -176,6 +177,7 @@ class JobRunner(threading.Thread):
         self._idle_read_at = None  # monotonic start of the last capture read that found the stream idle
         self._waits = {}           # on-demand snapshot requests waiting for the head: {rid: {...}}
         self._seal_retry = 0.0     # monotonic time before which a failed segment seal is not retried
+        self._meters = {}          # long work running: status field -> progress.Meter, reported at every status write
 
     # ---- status ----------------------------------------------------------------------
 
@@ -191,6 +193,7 @@ class JobRunner(threading.Thread):
             "verification": prev.get("verification") if same and prev.get("verification") else
             {"checked": 0, "mismatched": 0, "recopied": 0}, "complete_cluster_time": None, "source": None,
             "last_snapshot": prev.get("last_snapshot"), "last_error": None,
+            "initial_sync": None, "last_initial_sync": prev.get("last_initial_sync") if same else None, "snapshot": None,
             "updated": None, "pid": os.getpid(),
         }
 
@@ -203,9 +206,25 @@ class JobRunner(threading.Thread):
             self._status_written = now
             self.status["updated"] = timeutil.iso(timeutil.utcnow())
             self.status["pid"] = os.getpid()
+            for field, meter in self._meters.items():
+                self.status[field] = meter.report()
             h = self.head
             self.status["head_bytes"] = h.size() if h is not None else _folder_bytes(self.head_path)
             job_status.write_status(self.d.data_dir, self.job, self.status)
+
+    @contextlib.contextmanager
+    def _progress(self, field):
+        """A progress.Meter that status reports as field (its counters, rate and ETA) while the block runs, then null."""
+        meter = progress.Meter()
+        with self._status_lock:
+            self._meters[field] = meter
+        try:
+            yield meter
+        finally:
+            with self._status_lock:
+                del self._meters[field]
+                self.status[field] = None
+            self.set_status(force=False)
 
     def heartbeat(self) -> None:
         """Called by the heartbeat after each read: an outage shows in status at once and, while it lasts, status is
@@ -488,9 +507,12 @@ class JobRunner(threading.Thread):
             if source.needs_initial_sync(self.head):
                 self.set_status(state="PROVISIONING", consistent=False, last_error=None)
                 LOG.info("job %s: initial sync of generation %d", self.job, self.generation)
-                stats = source.initial_sync(self.head, client, stop_event=self.stop_event)
+                with self._progress("initial_sync") as meter:
+                    stats = source.initial_sync(self.head, client, stop_event=self.stop_event, progress=meter)
                 self.check_stop()
                 self.status["initial_syncs"] = self.status.get("initial_syncs", 0) + 1
+                self.status["last_initial_sync"] = dict(meter.final(), finished=timeutil.iso(timeutil.utcnow()),
+                                                        docs_total=meter.docs_total, bytes_total=meter.bytes_total)
                 LOG.info("job %s: initial sync done: %d namespaces, %d documents, %d bytes, %d events, %.1fs",
                          self.job, stats["namespaces"], stats["docs"], stats["bytes"], stats["events"], stats["seconds"])
             self._capture(client)
@@ -654,10 +676,11 @@ class JobRunner(threading.Thread):
         js, keys = self._job_store()
         self._segments_close(js, keys)  # the snapshot's cluster time is a segment boundary
         now = timeutil.utcnow()
-        info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
-                                      encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
-                                      expires=retention.expires(now, kind, schedule),
-                                      last_known=(self.status.get("last_snapshot") or {}).get("id"))
+        with self._progress("snapshot") as meter:
+            info = snapshot.take_snapshot(self.head, js, keys, job=self.job, master_key_uid=self.cfg.get("master_key_uid"),
+                                          encryption=bool(self.cfg.get("encryption")), kind=kind, now=now,
+                                          expires=retention.expires(now, kind, schedule),
+                                          last_known=(self.status.get("last_snapshot") or {}).get("id"), progress=meter)
         self.head.mark_snapshotted(info["change_seq"])
         expired = retention.apply_retention(js, schedule, now, keys)
         gc = js.gc(keys)

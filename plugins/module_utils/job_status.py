@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import datadir, files, storenames, timeutil
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import datadir, files, progress, storenames, timeutil
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 
 _UNREAD = object()
@@ -54,6 +54,24 @@ def status_name(data_dir: str, job: str, cfg: dict | None = None, status: dict |
     if cfg and cfg.get("state") == "stopped":
         return "STOPPED" if st else "INACTIVE"
     return "INACTIVE"
+
+
+def progress_line(status: dict | None) -> str | None:
+    """One short line on the long work the daemon reports running for the job (an initial sync, a snapshot, a head
+    re-encryption), or None: counts, sizes, rate and ETA only, never a namespace name."""
+    st = status or {}
+    lines = []
+    sync = st.get("initial_sync")
+    if isinstance(sync, dict):
+        lines.append(progress.line("initial sync" + (" (%s)" % sync["phase"].replace("_", "-") if sync.get("phase") else ""), sync))
+    snap = st.get("snapshot")
+    if isinstance(snap, dict):
+        lines.append(progress.line("snapshot", snap))
+    rekey = st.get("rekey")
+    if isinstance(rekey, dict) and rekey.get("head_bytes"):
+        done, total = progress.human_bytes(rekey.get("bytes_written")), progress.human_bytes(rekey["head_bytes"])
+        lines.append("head re-encryption: %s of %s" % (done, total))
+    return "; ".join(lines) or None
 
 
 def is_ready(status: dict | None, cfg: dict | None) -> bool:

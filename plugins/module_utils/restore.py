@@ -49,6 +49,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames impo
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
 
 if TYPE_CHECKING:  # annotations only: a restore reads the store through the JobStore and Keys it is given
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.progress import Meter
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys
 
 try:
@@ -359,18 +360,22 @@ class SnapshotSource:
 
 
 class _Progress:
-    """A source that reports the bytes it has handed out: progress(done, total) after each run."""
+    """A source that counts what it hands out into a progress.Meter: bytes and chunks as each run goes to the
+    writer, a namespace's documents at its end (no per-document work)."""
 
-    def __init__(self, source, progress, total):
-        self.source, self.progress, self.total = source, progress, total
+    def __init__(self, source, meter):
+        self.source, self.meter = source, meter
+
+    def prepare(self, selected):
+        self.source.prepare(selected)
 
     def runs(self, selected, name):
-        done = 0
         for k, data in self.source.runs(selected, name):
             yield k, data
             if data is not None:
-                done += len(data)
-                self.progress(done, self.total)
+                self.meter.add(0, len(data), 1)
+            else:
+                self.meter.add(selected[k][1]["count"], 0)
 
 
 def _tmp_sibling(path):
@@ -843,10 +848,10 @@ def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = 
 
 def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
             drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False,
-            source: SnapshotSource | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+            source: SnapshotSource | None = None, progress: Meter | None = None) -> dict:
     """Restore what plan() returned to target; returns a summary dict. Messages name namespaces as #n for an
     encrypted snapshot unless show_namespaces. source: where the documents come from (default: the snapshot's
-    chunks, SnapshotSource); progress(bytes_done, bytes_total) is called as the documents are written."""
+    chunks, SnapshotSource); progress (a progress.Meter) counts the documents and bytes as they are written."""
     _require_bson()
     target = make_target(target)
     info_text = restore_info_text(entry, job_store.job, kmip_servers, selection_digest(selected))
@@ -859,7 +864,7 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
         source = SnapshotSource(job_store, keys, entry["snapshot_id"], verify)
     source.prepare(selected)
     if progress is not None:
-        source = _Progress(source, progress, sum(n["bytes"] for _i, n, _d, _c in selected))
+        source = _Progress(source, progress)
     try:
         run(source, job_store.job, entry, selected, target, drop, verify, info_text, name)
     except OSError as e:

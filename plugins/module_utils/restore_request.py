@@ -10,11 +10,12 @@ No Ansible here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, job_config, job_status, kmip, point_in_time, restore, segments, storage, store)
+    config, datadir, job_config, job_status, kmip, point_in_time, progress, restore, segments, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
@@ -271,8 +272,15 @@ class _Restore:
             result["changed"] = True
             return result
         servers = ["%s:%d" % a for a in settings[0].addresses()] if settings else None
-        summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
-                                  show_namespaces=p["show_namespaces"])
+        meter = progress.Meter(result["documents"], result["bytes"])
+        what = "restore of snapshot %s" % sid
+        with progress.Record(p["progress_file"], what, meter, remove=True) if p.get("progress_file") else contextlib.nullcontext():
+            summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
+                                      show_namespaces=p["show_namespaces"], progress=meter)
+        final = meter.final()
+        result.update(seconds=final["seconds"], rate={"docs_per_second": final["docs_per_second"],
+                                                      "bytes_per_second": final["bytes_per_second"],
+                                                      "summary": progress.rate_line(final)})
         if summary["snapshot_id"] != sid:
             raise IntegrityError("Snapshot %s was resolved for %s, but %s was restored: the store changed during the restore; "
                                  "restore again and find out who changed the store." % (sid, p["snapshot"], summary["snapshot_id"]),

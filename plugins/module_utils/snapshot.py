@@ -35,6 +35,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import
 
 if TYPE_CHECKING:  # annotations only: a snapshot reads the Head it is given
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.progress import Meter
 
 try:
     from bson.binary import Binary
@@ -62,8 +63,10 @@ class _Writer:
     range() and emit() return a future of the chunk entries (id, key, stored size and hash filled in); at most
     2 * threads are in flight, so memory stays bounded whatever the snapshot's size."""
 
-    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, readers=(), threads=WORKERS, known=None):
+    def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, readers=(), threads=WORKERS, known=None,
+                 progress=None):
         self.js, self.key_id, self.key, self.id_key = job_store, key_id, key, id_key
+        self.progress = progress
         self.known = known  # chunk ids the store held when the snapshot began (one listing), else None: ask per chunk
         self.is_boundary = is_boundary
         self.max_bytes = max_bytes
@@ -142,6 +145,8 @@ class _Writer:
         else:  # the id binds the key id: a stored chunk with this id is sealed under this snapshot's key
             self.js.storage.touch(path)  # GC grace: a reused chunk is young again
             entry["stored"] = self.js.storage.size(path)
+        if self.progress is not None:
+            self.progress.add(entry["count"], len(plain), 1 if write else 0)
         return entry
 
     def finish(self):
@@ -263,13 +268,16 @@ def _committed_by_another(job_store, snapshot_id):
 def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None = None, master_key_uid: str | None = None,
                   encryption: bool = True, kind: str = "scheduled", now: datetime.datetime | None = None,
                   expires: datetime.datetime | None = None, target_bytes: int = TARGET_BYTES, max_bytes: int = MAX_BYTES,
-                  last_known: str | None = None) -> dict:
+                  last_known: str | None = None, progress: Meter | None = None) -> dict:
     """Cut a snapshot of head into job_store; returns its catalog entry plus "change_seq" (to pass to
     head.mark_snapshotted once this returns) and "reused_chunks"/"written_chunks".
 
     The catalog is checked against its authenticated head first (and against last_known, the daemon's own record
     of its last snapshot id): a snapshot is never built on a rolled-back catalog. The new entry is written once all
-    it references is durable, then the head (sequence number, live entries) is rewritten to include it."""
+    it references is durable, then the head (sequence number, live entries) is rewritten to include it.
+
+    progress (a progress.Meter): counts the documents and bytes cut (chunks written) and reused, against the previous
+    snapshot's size (else the head's file size, an overestimate)."""
     if Binary is None:
         raise StoreError("The Python package pymongo (bson) is missing (%s): install the collection's requirements." % BSON_IMPORT_ERROR)
     if job is not None and job != job_store.job:
@@ -299,10 +307,12 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
     flagged = target_bytes == head.boundary_target
     is_boundary = head.boundary_fn(target_bytes)
     known = set(job_store.chunk_ids())  # one listing instead of a request per new chunk
+    if progress is not None:
+        progress.estimate(base.get("doc_count") if base else None, base.get("data_bytes") if base else head.size())
     threads = max(getattr(job_store.storage, "parallelism", WORKERS), WORKERS)
     try:
         with head.reads(1 + min(threads, READERS), cache_kib=READER_CACHE_KIB) as (r, *readers):
-            writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes, readers, threads, known)
+            writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes, readers, threads, known, progress)
             try:
                 pos = r.position()
                 if not pos.get("consistent") or not pos.get("cluster_time"):
@@ -321,7 +331,10 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
                     items = _namespace_chunks(r, ns, p, writer, flagged)
                     if p is not None:
                         prev_ids = {id(c) for c in p["chunks"]}
-                        reused += sum(1 for c in items if id(c) in prev_ids)
+                        kept = [c for c in items if id(c) in prev_ids]
+                        reused += len(kept)
+                        if progress is not None:
+                            progress.add(sum(c["count"] for c in kept), sum(c["bytes"] for c in kept))
                     namespaces.append({
                         "ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
                         "options": Binary(bytes(info["options"] or EMPTY_BSON)),

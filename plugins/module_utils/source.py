@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # annotations only: the source code fills the Head it is give
     from bson.timestamp import Timestamp
 
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head, Writer
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.progress import Meter
 
 try:
     import pymongo
@@ -307,7 +308,7 @@ def needs_initial_sync(head: Head) -> bool:
 
 
 def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: float = 300,
-                 stop_event: threading.Event | None = None) -> dict:
+                 stop_event: threading.Event | None = None, progress: Meter | None = None) -> dict:
     """Fill head from the source: open the stream, clone every namespace, catch up until consistent.
 
     DDL that races the clone (a rename, drop and re-create, dropDatabase, create after the listing)
@@ -316,6 +317,9 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
     renamed from a namespace the clone may have got wrong, or a clone a DDL interrupted),
     re-clones those once it has passed the clone's end, and catches up again (idempotently, for
     those namespaces only) until a round leaves nothing to re-clone.
+
+    progress (a progress.Meter): given the source's estimated totals at the listing, counts the documents and bytes
+    cloned, and names the phase (clone, catch_up).
 
     Returns {"docs", "bytes", "namespaces", "seconds", "clone_seconds", "events", "recloned"}."""
     t0 = time.monotonic()
@@ -336,10 +340,15 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
         for ns, info in namespaces:
             meta = _info_to_head(client, ns, info)
             w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+    if progress is not None:
+        progress.phase = "clone"
+        progress.estimate(*estimate_totals(client, namespaces))
     t_clone = time.monotonic()
     docs, nbytes, interrupted = _clone(head, client, [ns for ns, info in namespaces
-                                                      if info.get("type", "collection") == "collection"], stop_event)
+                                                      if info.get("type", "collection") == "collection"], stop_event, progress)
     clone_seconds = time.monotonic() - t_clone
+    if progress is not None:
+        progress.phase = "catch_up"
     end_time = _cluster_time(client)
     with head.write() as w:
         w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
@@ -358,7 +367,7 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
                                   "without pause; the daemon retries." % catch_up_timeout)
             if cap.reclone_due:
                 names, cap.reclone_due = cap.applier.repair.reclone, False
-                d, b, interrupted = _reclone(head, client, names, stop_event)
+                d, b, interrupted = _reclone(head, client, names, stop_event, progress)
                 docs, nbytes, recloned = docs + d, nbytes + b, recloned + len(names)
                 cap.applier.repair = CloneRepair(scope=names, reclone=interrupted)
                 cap.catch_up_until = _cluster_time(client)
@@ -370,7 +379,22 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
             "clone_seconds": clone_seconds, "events": cap.stats["events"], "recloned": recloned}
 
 
-def _reclone(head, client, names, stop_event=None):
+def estimate_totals(client: pymongo.MongoClient, namespaces: list) -> tuple[int | None, int | None]:
+    """(documents, bytes) the source estimates for the databases of namespaces: dbStats' objects and dataSize (the
+    uncompressed size; a mongos sums its shards), one cheap command per database. (None, None) where the user may
+    not run dbStats: progress then shows no percent and no ETA."""
+    docs = nbytes = 0
+    for db in sorted({split_namespace(ns)[0] for ns, _info in namespaces}):
+        try:
+            stats = client[db].command("dbStats")
+        except mongo_errors.PyMongoError:
+            return None, None
+        docs += int(stats.get("objects") or 0)
+        nbytes += int(stats.get("dataSize") or 0)
+    return docs, nbytes
+
+
+def _reclone(head, client, names, stop_event=None, progress=None):
     """Replace names in the head with the source's current namespaces (options, indexes, documents), or drop
     them where the source no longer has them. Returns _clone's (docs, bytes, interrupted)."""
     metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*split_namespace(ns))}
@@ -380,10 +404,10 @@ def _reclone(head, client, names, stop_event=None):
             if meta is not None:
                 w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
     return _clone(head, client, [ns for ns, meta in metas.items() if meta is not None and meta["type"] == "collection"],
-                  stop_event)
+                  stop_event, progress)
 
 
-def _clone(head, client, names, stop_event=None):
+def _clone(head, client, names, stop_event=None, progress=None):
     """Copy every document of names into head: a reader thread fetches raw batches while this thread writes.
 
     Returns (docs, bytes, [namespaces whose clone a DDL interrupted])."""
@@ -423,6 +447,8 @@ def _clone(head, client, names, stop_event=None):
             docs += len(pairs)
             nbytes += len(batch)
             pending += len(batch)
+            if progress is not None:
+                progress.add(len(pairs), len(batch))
             if pending >= CLONE_COMMIT_BYTES:
                 ctx.__exit__(None, None, None)
                 ctx = head.write()

@@ -16,9 +16,13 @@ import ipaddress
 import os
 import re
 import urllib.parse
+from typing import TYPE_CHECKING
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, objectstore, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, datadir, files, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:  # objectstore (boto3: a quarter of a second) is imported only for a bucket
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore
 
 OBJECT_STORE_DEFAULTS = {
     "bucket": None, "prefix": "", "endpoint_url": None, "region": None, "addressing_style": "path",
@@ -112,6 +116,7 @@ def open_storage(store_path: str | None = None, object_store: dict | None = None
     not answer to the credentials (naming endpoint and bucket and what to do)."""
     _choose(store_path, object_store)
     if object_store:
+        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore  # pylint: disable=import-outside-toplevel
         s = objectstore.S3Storage(**normalize_object_store(object_store))
         if must_exist:
             s.check_bucket()

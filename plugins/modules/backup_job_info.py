@@ -70,6 +70,13 @@ jobs:
           with a consistent head of the declared generation under the declared master key (STOPPED for a stopped job);
           V(false) otherwise, and for a job that is being removed.
       type: bool
+    progress:
+      description:
+        - One line on the long work running for the job, from RV(jobs[].status.initial_sync), RV(jobs[].status.snapshot)
+          and the head's re-encryption (C(rekey)); null when none runs. Counts, sizes, rate and ETA only, never a
+          namespace name.
+      type: str
+      sample: "initial sync (clone): 1.2 GB of 2.7 GB (44.4 %), 1204331 document(s), 41.3 MB/s, about 36 s left"
     status:
       description:
         - The daemon's status record (empty when the daemon has not reported yet). Besides the fields below it holds the
@@ -100,6 +107,56 @@ jobs:
             - While the source cannot be read it grows with the time since the last successful read.
             - Null until the head is consistent and the source has been read once.
           type: float
+        initial_sync:
+          description:
+            - The initial sync running (null otherwise; state PROVISIONING), what it copied against the source's
+              estimates at the listing (C(objects) and C(dataSize) of each database's C(dbStats)), its rate over the last
+              seconds and the time left at that rate. Counts and sizes only.
+          type: dict
+          contains:
+            phase:
+              description: V(clone) (copying the documents), then V(catch_up) (applying the changes made meanwhile).
+              type: str
+            docs:
+              description: Documents copied so far.
+              type: int
+            bytes:
+              description: BSON bytes copied so far.
+              type: int
+            chunks:
+              description: Chunks written (a snapshot; 0 for an initial sync).
+              type: int
+            docs_total:
+              description: The estimated total of documents, or null when unknown.
+              type: int
+            bytes_total:
+              description: The estimated total of bytes, or null when unknown (the user may not run C(dbStats)).
+              type: int
+            percent:
+              description: Done of the estimate (bytes, else documents); stops at 99.9 when the estimate was too low.
+              type: float
+            bytes_per_second:
+              description: The rate over about the last 20 seconds.
+              type: int
+            docs_per_second:
+              description: The rate in documents over the same time.
+              type: int
+            eta_seconds:
+              description: Seconds left at that rate, or null when unknown.
+              type: int
+            elapsed_seconds:
+              description: Seconds since it began.
+              type: float
+        last_initial_sync:
+          description: The last initial sync of this generation once done (C(docs), C(bytes), C(seconds), average
+            C(docs_per_second) and C(bytes_per_second), the estimates C(docs_total) and C(bytes_total), C(finished)).
+          type: dict
+        snapshot:
+          description:
+            - The snapshot being cut (null otherwise), with the fields of RV(jobs[].status.initial_sync) but no phase,
+              documents and bytes cut or reused, chunks written, against the previous snapshot's size (the head
+              file's size for a first snapshot, an overestimate).
+          type: dict
         source:
           description: What the daemon's heartbeat (a short-timeout C(hello) about every half second) last saw of the source.
           type: dict
@@ -152,6 +209,7 @@ def job_info(p, name):
                               % (name, p["config_dir"]))
         return None
     return {"job": name, "config": job_config.redact(cfg), "status": st or {}, "ready": job_status.is_ready(st, cfg),
+            "progress": job_status.progress_line(st),
             "status_name": job_status.status_name(p["data_dir"], name, cfg, status=st) if cfg else (st or {}).get("state", "TERMINATING")}
 
 

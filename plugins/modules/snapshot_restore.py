@@ -199,6 +199,15 @@ options:
         snapshots are always shown.
     type: bool
     default: false
+  progress_file:
+    description:
+      - Write the restore's progress to this file while it runs, as JSON rewritten atomically every second (documents,
+        bytes, their totals, percent, rate, ETA, and C(line), one line for an operator); counts and sizes only, never
+        a namespace name. The file is removed when the restore ends. For a poll while the task runs with C(async), as
+        C(playbooks/restore.yml) does.
+      - Its folder must be private to the user the module runs as (mode 0700), or not exist yet (then it is created
+        so). Not written in check mode.
+    type: path
 notes:
   - O(target_mongodb) restores use the target's write concern defaults; documents are inserted as raw BSON, unchanged.
 seealso:
@@ -411,6 +420,25 @@ restore_info_text:
   description: The content of C(restoreInfo.txt) (no secrets, no namespace names).
   returned: when a restore ran
   type: str
+seconds:
+  description: How long the restore itself took (after the checks and the plan).
+  returned: when a restore ran
+  type: float
+rate:
+  description: The restore's average rate.
+  returned: when a restore ran
+  type: dict
+  contains:
+    docs_per_second:
+      description: Documents per second.
+      type: int
+    bytes_per_second:
+      description: BSON bytes per second.
+      type: int
+    summary:
+      description: The totals, the time and the rates in one line.
+      type: str
+      sample: "80.1 MB and 5000 document(s) in 4.2 s: 19.0 MB/s, 1186 document(s)/s"
 kmip_calls:
   description: KMIP operations this run made (one access check per master key and one unwrap per data key).
   returned: always
@@ -457,6 +485,7 @@ def argument_spec():
         allow_unencrypted=dict(type="bool", default=False),
         show_namespaces=dict(type="bool", default=False),
         point_in_time=dict(type="raw"),
+        progress_file=dict(type="path"),
     )
 
 
