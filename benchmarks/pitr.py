@@ -94,6 +94,65 @@ def capture_run(base_head, work, name, uri, segments_on, provider):
     return out
 
 
+class RecordedStream:
+    """The change events a stream delivered, played back to source.Capture (try_next, resume_token) without a server."""
+
+    def __init__(self, events):
+        self.events, self.pos, self.resume_token = events, 0, None
+
+    def try_next(self):
+        if self.pos >= len(self.events):
+            return None
+        self.pos += 1
+        return self.events[self.pos - 1]
+
+
+def record(uri, base_head, n):
+    """The first n change events after the base head's resume point, as the capture's stream delivers them."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, source
+    h = head.Head(base_head, HEAD_KEY)
+    token = h.position()["resume_token"]
+    h.close()
+    client = source.connect({"uri": uri, "connect_timeout": 10})
+    stream = source._open_stream(client, token, max_await_ms=500)  # pylint: disable=protected-access
+    out, idle = [], 0
+    while len(out) < n and idle < 10:
+        ev = stream.try_next()
+        idle = idle + 1 if ev is None else 0
+        if ev is not None:
+            out.append(ev)
+    stream.close()
+    client.close()
+    return out
+
+
+def apply_run(base_head, work, name, uri, recorded, segments_on, provider):
+    """source.Capture's transactions over recorded events (no server): events, wall and CPU seconds, with closing and
+    sealing the segment when segments_on."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
+    folder = os.path.join(work, name)
+    os.makedirs(folder)
+    shutil.copy(base_head, os.path.join(folder, "head.db"))
+    h = head.Head(os.path.join(folder, "head.db"), HEAD_KEY)
+    h.record_segments = segments_on
+    js = store.JobStore(os.path.join(folder, "store"), "bench")
+    keys = store.Keys(js, provider)
+    client = source.connect({"uri": uri, "connect_timeout": 10})  # the Applier asks it once, for the new collection
+    cap = source.Capture(h, client)
+    stream = RecordedStream(recorded)
+    t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+    more = True
+    while more:
+        _n, more = cap._one_transaction(stream, float("inf"))  # pylint: disable=protected-access
+    if segments_on:
+        segments.close(h)
+        segments.seal_closed(h, js, keys, "bench-mk")
+    out = cap.stats["events"], time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0
+    h.close()
+    client.close()
+    return out
+
+
 def replay_rate(work, base_head, run):
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments
     folder = os.path.join(work, "replay")
@@ -113,7 +172,8 @@ def replay_rate(work, base_head, run):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="end-to-end capture rounds (each mode), server-bound")
+    ap.add_argument("--apply-rounds", type=int, default=6, help="change application rounds (each mode), no server")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", default=None)
     ap.add_argument("--keep", action="store_true")
@@ -134,6 +194,25 @@ def main(argv=None):
         print("writing %d change events" % opts.events, flush=True)
         write_events(pymongo.MongoClient(mongo["uri"]), opts.events, opts.seed)
         provider = LocalWrap()
+        recorded = record(mongo["uri"], base, opts.events)
+        print("change application (source.Capture over the %d recorded events, no server):" % len(recorded), flush=True)
+        app = {k: {False: [], True: []} for k in ("wall", "thread", "process")}
+        for r in range(opts.apply_rounds):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                n, wall, cpu, main_cpu = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"), mongo["uri"],
+                                                   recorded, on, provider)
+                for k, sec in (("wall", wall), ("thread", main_cpu), ("process", cpu)):
+                    app[k][on].append(n / sec)
+                print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s; CPU: applying thread %.2f s, process %.2f s" % (
+                    r, "on" if on else "off", n, wall, n / wall, main_cpu, cpu), flush=True)
+        for k, what in (("wall", "wall-clock ev/s"), ("thread", "ev per CPU-s of the applying thread (the throughput limit "
+                                                                 "with a core free for compression)"),
+                        ("process", "ev per CPU-s of the whole process (compression thread included)")):
+            off, on = max(app[k][False]), max(app[k][True])
+            print("change application, %s: best without %.0f, with %.0f: with/without %.3f" % (what, off, on, on / off))
+        print("(issue 12 wants with/without >= 0.90)", flush=True)
+        del recorded
+        print("end-to-end capture from the server:", flush=True)
         rates = {False: [], True: []}
         cpu_rates = {False: [], True: []}
         last = None

@@ -555,20 +555,32 @@ class Writer(Reader):
         time and the open segment's start: it takes effect right after that segment's start."""
         if not rows or not self._h.record_segments:
             return
+        state = self._segment_open()
+        if state is None:
+            return
+        if any(r[0] is None for r in rows):
+            now = max(tuple(_position(self._c)["cluster_time"] or (0, 0)), state["from"])
+            rows = [now + (r[2],) if r[0] is None else r for r in rows]
+        # zstd-compressed: the records (inserts carry whole documents) cost the head a fraction of the documents' bytes
+        self.log_frames([(rows[-1][0], rows[-1][1], crypto.compress(encode_records(rows)))])
+
+    def log_frames(self, frames: list) -> None:
+        """log_records for records the caller compressed already: [(t, i of the last record, zstd frame of
+        segments.encode_records(records))], in apply order."""
+        if frames and self._h.record_segments and self._segment_open() is not None:
+            self._c.executemany("INSERT INTO seg_records (seg, t, i, recs) VALUES (NULL, ?, ?, ?)", frames)
+
+    def _segment_open(self):
+        """The open segment's state, starting a timeline at the head's position when none is open; None when the head
+        is not consistent then."""
         state = _segment_state(self._c)
-        pos = _position(self._c)
         if state["timeline"] is None:
+            pos = _position(self._c)
             if not pos["consistent"] or not pos["cluster_time"]:
-                return
+                return None
             self.start_timeline(tuple(pos["cluster_time"]))
             state = _segment_state(self._c)
-        if any(r[0] is None for r in rows):
-            now = max(tuple(pos["cluster_time"] or (0, 0)), state["from"])
-            rows = [now + (r[2],) if r[0] is None else r for r in rows]
-        # one row per transaction, zstd-compressed: the records (inserts carry whole documents) cost the head a
-        # fraction of the bytes the documents do
-        self._c.execute("INSERT INTO seg_records (seg, t, i, recs) VALUES (NULL, ?, ?, ?)",
-                        (rows[-1][0], rows[-1][1], crypto.compress(encode_records(rows))))
+        return state
 
     def start_timeline(self, start: tuple) -> str:
         """Start a new timeline whose first segment starts (exclusive) at cluster time start."""

@@ -152,7 +152,7 @@ def is_correction(raw: bytes) -> bool:
 def encode_records(rows) -> bytes:
     """The plaintext of a segment from [(t, i, raw)]."""
     pack = _CT.pack
-    return b"".join(pack(t, i) + bytes(rec) for t, i, rec in rows)
+    return b"".join([x for t, i, rec in rows for x in (pack(t, i), rec)])
 
 
 def decode_records(plain: bytes, name: str = "?") -> list:
@@ -377,7 +377,8 @@ def _gap(frm, to, reasons):
 def _analyse(job_store, keys):
     """(ranges with their segments and snapshots, gaps); ranges sorted by time."""
     entries, _head = job_store.live_catalog(keys)
-    snaps = sorted((tuple(e["cluster_time"]), e) for e in entries if e.get("cluster_time"))
+    # by cluster time only (two snapshots of an idle head share one), in catalog order among equals
+    snaps = sorted(((tuple(e["cluster_time"]), e) for e in entries if e.get("cluster_time")), key=lambda x: x[0])
     ranges, gaps, prev_end, reasons, unusable_to = [], [], None, [], None
     for timeline, run, reason in sorted(_runs(list_segments(job_store)), key=lambda r: r[1][0]["from"]):
         start, end = run[0]["from"], run[-1]["to"]

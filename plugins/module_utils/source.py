@@ -17,6 +17,7 @@ except system.* collections, but system.js (stored functions, which mongodump ke
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import struct
@@ -24,8 +25,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import correction
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, crypto
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import correction, encode_records
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
     IGNORED, Applier, CloneRepair, merge_fragments, parse_elements)
@@ -551,8 +552,10 @@ class Capture:
         pos = self.head.position()
         last_ct = tuple(pos["cluster_time"]) if pos["cluster_time"] else None
         count, started = 0, time.monotonic()
-        # change segments keep what a consistent head applies (not an initial sync's catch-up)
+        # change segments keep what a consistent head applies (not an initial sync's catch-up); every LOG_CHUNK records
+        # are compressed on a side thread (zstd releases the GIL) while the next events are applied
         log = self._log = [] if self.head.record_segments and self.catch_up_until is None else None
+        frames, sent = [], 0
         with self.head.write() as w:
             token, consistent, more, proof = None, False, True, None
             while True:
@@ -577,6 +580,9 @@ class Capture:
                     if self.applier.apply(w, ev, catch_up=False) != IGNORED:
                         log.insert(mark, ct + (ev.raw,))  # before the refreshes it caused
                 self._recopy(w)
+                if log is not None and len(log) - sent >= LOG_CHUNK:
+                    frames.append(_compress_later(log[sent:]))
+                    sent = len(log)
                 count += 1
                 token, last_ct = bytes(ev["_id"].raw), ct
                 if count >= 4 * self.max_batch_events or now >= deadline + 5 * self.max_batch_seconds:
@@ -592,8 +598,10 @@ class Capture:
                         self.catch_up_until = self.applier.repair = None
                 else:
                     consistent = False
-            if log:
-                w.log_records(log)  # before set_position: a new timeline starts where the head was
+            if log is not None and len(log) > sent:
+                frames.append(_compress_later(log[sent:]))
+            if frames:  # before set_position: a new timeline starts where the head was
+                w.log_frames([(f[0], f[1], f[2].result()) for f in frames])
             self._log = None
             if token is not None or consistent != pos["consistent"]:
                 w.set_position(token if token is not None else pos["resume_token"], last_ct, consistent)
@@ -617,6 +625,22 @@ class Capture:
                 self._log.append(self._log_ct + (correction("doc", ns, ik, doc),))
             self.stats["recopied"] += 1
         self.applier.recopy = []
+
+
+LOG_CHUNK = 2000  # change-segment records per zstd frame
+_compressor = []
+
+
+def _frame(rows):
+    return crypto.compress(encode_records(rows))
+
+
+def _compress_later(rows):
+    """(t, i of the last row, a future of the zstd frame of rows): framed and compressed on one side thread, which
+    runs while the capture thread is in SQLite or zstd (both release the GIL)."""
+    if not _compressor:
+        _compressor.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments"))
+    return rows[-1][0], rows[-1][1], _compressor[0].submit(_frame, rows)
 
 
 def _raw_token(token):
