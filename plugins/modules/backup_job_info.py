@@ -45,6 +45,13 @@ EXAMPLES = r'''
   loop: "{{ backup_jobs.jobs }}"
   loop_control:
     label: "{{ item.job }}"
+
+- name: Show the long work running (initial syncs, snapshots), one line per job
+  ansible.builtin.debug:
+    msg: "{{ item.job }}: {{ item.progress }}"
+  loop: "{{ backup_jobs.jobs | selectattr('progress') }}"
+  loop_control:
+    label: "{{ item.job }}"
 '''
 
 RETURN = r'''
