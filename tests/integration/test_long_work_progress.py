@@ -3,6 +3,7 @@ daemon status), a snapshot's, and restore.yml's progress lines and rate; no name
 encrypted job."""
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -244,9 +245,31 @@ def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store
     ev = dict(job="progjob", snapshot="latest", config_dir=enc_store["config_dir"], target_mongodb={"uri": mongo_server["uri"]},
               rename_databases={big_source["db"]: target_db}, restore_poll_seconds=1, restore_progress_dir=progress_dir,
               restore_info_file=str(tmp_path / "restoreInfo.txt"))
-    p = ansible.run_playbook(os.path.join(ROOT, "playbooks", "restore.yml"), extra_vars=ev)
+    paused, done = [], threading.Event()
+
+    def pause_target():
+        """Hold the target server still (SIGSTOP) for 4 s once the restore's record exists, so polls land while the
+        restore runs whatever the machine's speed (an idle machine restores these 80 MB before the first poll)."""
+        while not done.is_set():
+            if os.path.isdir(progress_dir) and os.listdir(progress_dir):
+                os.kill(mongo_server["pid"], signal.SIGSTOP)
+                try:
+                    paused.append(time.monotonic())
+                    done.wait(4)
+                finally:
+                    os.kill(mongo_server["pid"], signal.SIGCONT)
+                return
+            time.sleep(0.002)
+    t = threading.Thread(target=pause_target)
+    t.start()
+    try:
+        p = ansible.run_playbook(os.path.join(ROOT, "playbooks", "restore.yml"), extra_vars=ev)
+    finally:
+        done.set()
+        t.join()
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
+    assert paused, "the restore's progress record never showed"
     lines = [ln for ln in out.splitlines() if '"msg": "restore of snapshot %s' % enc_store["snapshot_id"] in ln]
     assert any(" %)" in ln and "document(s)" in ln and "/s" in ln for ln in lines), out[-6000:]
     assert "Rate: 80.1 MB and 5000 document(s) in " in out and " document(s)/s" in out, out[-3000:]
