@@ -336,16 +336,10 @@ def collect(job_store: JobStore, keys: Keys, window_hours: float, now: datetime.
     cutoff = now.timestamp() - grace_seconds
     deleted = freed = 0
     for s in drop:
-        path = segment_path(job_store, s)
-        try:
-            if job_store.storage.mtime(path) >= cutoff:
-                continue
-            size = job_store.storage.size(path)
-        except FileNotFoundError:
-            continue
-        job_store.storage.delete(path)
-        deleted += 1
-        freed += size
+        size = job_store.delete_if_older(segment_path(job_store, s), cutoff)
+        if size is not None:
+            deleted += 1
+            freed += size
     return {"segments_deleted": deleted, "bytes_freed": freed, "segments": len(segs) - deleted}
 
 

@@ -743,16 +743,10 @@ class JobStore:
         for cid in list(self.chunk_ids()):
             if cid in referenced:
                 continue
-            path = self.chunk_path(cid)
-            try:
-                if self.storage.mtime(path) >= cutoff:
-                    continue
-                size = self.storage.size(path)
-            except FileNotFoundError:
-                continue
-            self.storage.delete(path)
-            deleted += 1
-            freed += size
+            size = self.delete_if_older(self.chunk_path(cid), cutoff)
+            if size is not None:
+                deleted += 1
+                freed += size
         manifests = 0
         for sid in self.manifest_ids():
             path = self._p("manifests", sid)
@@ -763,6 +757,18 @@ class JobStore:
             self.storage.clean_temporary(self.job, cutoff)
         return {"chunks_deleted": deleted, "bytes_freed": freed, "manifests_deleted": manifests, "chunks_referenced": len(referenced),
                 "catalog_entries": len(roots)}
+
+    def delete_if_older(self, path: str, cutoff: float) -> int | None:
+        """Delete path unless it was written or touched at or after cutoff (garbage collection's grace, which keeps
+        what a snapshot in flight may still reference); returns the bytes freed, or None when kept or already gone."""
+        try:
+            if self.storage.mtime(path) >= cutoff:
+                return None
+            size = self.storage.size(path)
+        except FileNotFoundError:
+            return None
+        self.storage.delete(path)
+        return size
 
     def master_keys_needed(self, entries: list | None = None) -> list:
         """Master key UIDs the catalog's snapshots need (from the non-secret catalog entries, read here unless given)."""

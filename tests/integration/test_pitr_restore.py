@@ -6,7 +6,6 @@ point; points outside the window and tampered or missing segments are refused an
 restore.yml run with point_in_time."""
 import os
 import random
-import re
 import shutil
 import threading
 import time
@@ -22,7 +21,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import ConfigError, IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_restore
 from daemon_helper import write_kmip_setup
-from snapshot_helpers import canary_hits, restored_image, source_image
+from snapshot_helpers import canary_hits, drop_standin_phantoms, restored_image, source_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = "pitrjob"
@@ -53,15 +52,6 @@ def transfers(mc, dbname, stop, rnd):
         x = rnd.randint(1, 5)
         with mc.start_session() as s:
             s.with_transaction(lambda s, a=a, b=b, x=x: move(s, a, b, x))
-
-
-def drop_standin_phantoms(db):
-    """Drop what SecantusDB re-creates behind our back (as test_ddl_races does): a drop landing inside its
-    listCollections (the capture's refresh runs one) writes the catalog row back, an empty collection without any
-    event. mongod never does this. Only empty collections the workload drops or renames away qualify."""
-    for name in db.list_collection_names():
-        if re.match(r"^(tmp_drop|ddl_\d+|made\d+)$", name) and db[name].count_documents({}) == 0:
-            db.drop_collection(name)
 
 
 def catch_up(cap, h, t, timeout=60):
@@ -131,7 +121,7 @@ def lab(tmp_path_factory, pki, kmip_server, mongo_server):
         stop.set()
         for th in threads:
             th.join(30)
-        drop_standin_phantoms(db)
+        drop_standin_phantoms(mc, dbname)
         with mc.start_session() as s:  # every write acknowledged before it is at or before t
             db["marker"].update_one({"_id": "m"}, {"$inc": {"n": 1}}, upsert=True, session=s)
             t = s.operation_time

@@ -19,26 +19,12 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError
 from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_info
 from daemon_helper import DaemonProcess, write_kmip_setup
-from snapshot_helpers import plaintext_views
+from snapshot_helpers import drop_standin_phantoms, plaintext_views
+from test_source_sync import source_image
 
 
 def _name(spec):
     return RawBSONDocument(spec)["name"]
-
-
-def source_image(client, dbname):
-    """{ns: (sorted [(id_key, raw)], {index name: raw spec}, options raw)} of one database at the source."""
-    out = {}
-    for info in source._list_collections(client, dbname):
-        if info["name"].startswith("system."):
-            continue
-        ns = "%s.%s" % (dbname, info["name"])
-        meta = source.refresh_namespace(client, ns)
-        docs = []
-        for batch in client[dbname][info["name"]].find_raw_batches({}):
-            docs.extend(source._split_batch(batch))
-        out[ns] = (sorted(docs), {_name(s): s for s in meta["indexes"]}, meta["options"])
-    return out
 
 
 def head_image(h, dbname):
@@ -148,6 +134,7 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
                 assert cap.stats["recopied"] >= 5
                 assert source.verify(h, src, full=True)["recopied"] >= 1
             _capture_until_idle(cap, h)
+            drop_standin_phantoms(src, dbname)
             fingerprint = source_image(src, dbname)
             assert head_image(h, dbname) == fingerprint
             point = source.current_cluster_time(src, {"uri": mongo_server["uri"]})
@@ -263,6 +250,7 @@ def test_daemon_segments_kill_resync_tamper_and_canary(tmp_path, pki, kmip_serve
         time.sleep(1.5)
         _snapshot(data_dir, job)  # closes the open segment at the snapshot's cluster time
         point = source.current_cluster_time(src, {"uri": mongo_server["uri"]})
+        drop_standin_phantoms(src, dbname)
         fingerprint = source_image(src, dbname)
         write(3)
         ranges = _wait_ranges(js, keys, lambda r: r["ranges"] and (r["ranges"][-1]["to"]["t"], r["ranges"][-1]["to"]["i"])

@@ -2,7 +2,6 @@
 real SecantusDB server of the session (mongo_server fixture). Every test uses its own
 database names and compares only those (the head captures the whole cluster)."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from bson.raw_bson import RawBSONDocument
 
 import workload
+from snapshot_helpers import drop_standin_phantoms
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, rawbson, source
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import SourceError
 
@@ -116,21 +116,6 @@ def namespace_drift(h, client):
 def h_count(h, ns):
     with h.read() as r:
         return r.count(ns)
-
-
-# Names the tests' workloads create and then drop or rename away; never left empty on purpose.
-TRANSIENT_RE = re.compile(r"^(new\d+|moved\d+|tmp_drop|ddl_\d+)$")
-
-
-def drop_standin_phantoms(client, dbname):
-    """Drop what SecantusDB re-created behind our back: its listCollections mints a UUID for every name it
-    listed, and when a drop lands between the listing and the mint, the mint writes the catalog row back (an
-    empty collection, and no change event). mongod never does this, and no change-stream reader could see it.
-    Only empty collections with a transient workload name qualify, so a collection the head lost still fails."""
-    db = client[dbname]
-    for name in db.list_collection_names():
-        if TRANSIENT_RE.match(name) and db[name].count_documents({}) == 0:
-            db.drop_collection(name)
 
 
 def assert_same(h, client, dbname):
