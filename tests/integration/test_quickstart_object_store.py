@@ -19,8 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import kmipbackup_lab as lab_tool  # noqa: E402
 
-# the daemon's virtualenv, shared with the folder quickstart and the molecule scenarios: installed once per checkout
-DAEMON_INSTALL_DIR = os.path.join(ROOT, ".build", "molecule", "daemon")
+# the daemon's virtualenv, installed once per checkout: not the molecule scenarios' one, which must be built from the
+# system's Python (their daemon runs as an unprivileged user); the quickstart builds it from the playbook's Python,
+# which may live under /root (pyenv) and would then lock the molecule daemons out of their interpreter
+DAEMON_INSTALL_DIR = os.path.join(ROOT, ".build", "quickstart-object-store", "daemon")
 
 
 def _env():
