@@ -684,7 +684,7 @@ def section_events(opts, work, table, found):
     from bson.raw_bson import RawBSONDocument
     import kmipbackup_lab as lab
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, head
-    from data import Generator
+    from data import Generator, write_changes
     n = opts.events
     print("change application: recording %d events from SecantusDB" % n, flush=True)
     mongo = lab.start_mongo_server(os.path.join(work, "mongo-ev"))
@@ -693,21 +693,7 @@ def section_events(opts, work, table, found):
         coll = client["evbench"]["orders"]
         stream = client.watch(show_expanded_events=True, max_await_time_ms=200)
         gen = Generator(opts.seed)
-        inserts = n // 2
-        for s in range(0, inserts, 5000):
-            coll.insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, inserts - s))], ordered=False)
-        from bson import ObjectId
-        from data import object_id
-        from pymongo import DeleteOne, UpdateOne
-        ops = []
-        for i in range(n - inserts):  # every 10th a delete, the others updates of nested and top-level fields
-            oid = ObjectId(object_id(i * 7 % inserts))
-            if i % 10 == 9:
-                ops.append(DeleteOne({"_id": oid}))
-            else:
-                ops.append(UpdateOne({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}}))
-        for i in range(0, len(ops), 1000):
-            coll.bulk_write(ops[i:i + 1000], ordered=True)
+        write_changes(coll, gen, n)
         recorded = []
         idle = 0
         while len(recorded) < n and idle < 20:

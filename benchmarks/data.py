@@ -100,3 +100,23 @@ def namespaces(total_docs, n_collections=4):
         out.append(("bench.orders%d" % c, start, count))
         start += count
     return out
+
+
+def write_changes(coll, gen, n):
+    """n change events on coll: n // 2 inserts of new orders, then updates of nested and top-level fields and every
+    10th a delete, among the inserted ones."""
+    from bson import ObjectId
+    from bson.raw_bson import RawBSONDocument
+    from pymongo import DeleteOne, UpdateOne
+    inserts = n // 2
+    for s in range(0, inserts, 5000):
+        coll.insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, inserts - s))], ordered=False)
+    ops = []
+    for i in range(n - inserts):
+        oid = ObjectId(object_id(i * 7 % inserts))
+        if i % 10 == 9:
+            ops.append(DeleteOne({"_id": oid}))
+        else:
+            ops.append(UpdateOne({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}}))
+    for i in range(0, len(ops), 1000):
+        coll.bulk_write(ops[i:i + 1000], ordered=True)

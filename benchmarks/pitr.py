@@ -44,24 +44,8 @@ class LocalWrap:
 
 
 def write_events(client, n, seed):
-    from bson import ObjectId
-    from bson.raw_bson import RawBSONDocument
-    from pymongo import DeleteOne, UpdateOne
-    from data import Generator, object_id
-    coll = client["pitrbench"]["orders"]
-    gen = Generator(seed)
-    inserts = n // 2
-    for s in range(0, inserts, 5000):
-        coll.insert_many([RawBSONDocument(d) for d in gen.raws(s, min(5000, inserts - s))], ordered=False)
-    ops = []
-    for i in range(n - inserts):
-        oid = ObjectId(object_id(i * 7 % inserts))
-        if i % 10 == 9:
-            ops.append(DeleteOne({"_id": oid}))
-        else:
-            ops.append(UpdateOne({"_id": oid}, {"$set": {"status": "s%d" % i, "customer.city": "Oslo"}, "$inc": {"rev": 1}}))
-    for i in range(0, len(ops), 1000):
-        coll.bulk_write(ops[i:i + 1000], ordered=True)
+    from data import Generator, write_changes
+    write_changes(client["pitrbench"]["orders"], Generator(seed), n)
 
 
 def capture_run(base_head, work, name, uri, segments_on, provider):
