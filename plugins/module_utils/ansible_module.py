@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 from ansible.module_utils import basic
 from ansible.module_utils.basic import AnsibleModule
@@ -17,11 +18,13 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
 
-try:
-    from pymongo.errors import PyMongoError
-except ImportError:  # the core reports the missing package when MongoDB is used
-    class PyMongoError(Exception):
-        pass
+
+def _pymongo_error(error):
+    """Whether error is one of pymongo's. pymongo is imported only where MongoDB is used (~0.08 s a directory or
+    archive restore does without), and none can be raised before it is."""
+    errors = sys.modules.get("pymongo.errors")
+    return errors is not None and isinstance(error, errors.PyMongoError)
+
 
 REDACTED = config.REDACTED  # the core's one marker for a whole secret value
 KMIP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(config.KmipConfig) if f.default is not dataclasses.MISSING}
@@ -158,12 +161,14 @@ class KmipBackupModule(AnsibleModule):
             return fn(*args, **kwargs)
         except KmipBackupError as e:
             self.fail_error(e)
-        except PyMongoError as e:
+        except Exception as e:
+            if not _pymongo_error(e):
+                raise
             self.fail_error(e)
 
     def fail_error(self, error, **result):
         """fail_json with the error's message and kind (and the fields the core attached to it, error.details)."""
-        if isinstance(error, PyMongoError):
+        if _pymongo_error(error):
             msg = ("MongoDB failed (%s): check the connection's uri, its TLS and authentication options, and that the "
                    "deployment is up; nothing was written unless kmipbackup_restore.restoreInfo marks an incomplete "
                    "restore." % type(error).__name__)

@@ -61,13 +61,7 @@ except ImportError as e:  # pragma: no cover
     bson = CodecOptions = RawBSONDocument = None
     BSON_IMPORT_ERROR = e
 
-try:
-    import pymongo
-    import pymongo.errors
-    PYMONGO_IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover
-    pymongo = None
-    PYMONGO_IMPORT_ERROR = e
+pymongo = None  # imported by _require_pymongo, for a MongoDB target: a directory or archive restore does without (~0.08 s)
 
 RESTORE_INFO = "restoreInfo.txt"
 MARKER_DB = "kmipbackup_restore"
@@ -91,8 +85,12 @@ def _require_bson():
 
 
 def _require_pymongo():
+    global pymongo
     if pymongo is None:
-        raise RestoreError("The Python package pymongo is missing (%s): install the collection's requirements." % PYMONGO_IMPORT_ERROR)
+        try:
+            import pymongo.errors  # binds the global pymongo (the package)
+        except ImportError as e:
+            raise RestoreError("The Python package pymongo is missing (%s): install the collection's requirements." % e) from None
 
 
 def restore_info_text(entry: dict, job: str, kmip_servers: list | None = None, selection: list | None = None) -> str:

@@ -15,7 +15,7 @@ import os
 import pwd
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, job_config, job_status, kmip, point_in_time, progress, restore, segments, storage, store)
+    config, datadir, job_config, job_status, kmip, progress, restore, segments, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, IntegrityError, KmipBackupError, RestoreError)
 
@@ -297,6 +297,7 @@ class _Restore:
     def _run_point(self, js, cfg, folder, settings, result):
         """A restore to p["point_in_time"]: segments.plan_point picks the base snapshot and the segments, and
         point_in_time.rebuild replays them into a temporary encrypted head; check mode plans without replaying."""
+        from ansible_collections.kmipbackup.mongodb.plugins.module_utils import point_in_time  # only here: it loads the head (SQLCipher)
         p = self.p
         point = segments.parse_point(p["point_in_time"])
         if self.client is None:
@@ -345,4 +346,5 @@ class _Restore:
 
 
 def _point_text(point):
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import point_in_time
     return "%s (Timestamp(%d, %d))" % (point_in_time.iso_of(point[0]), point[0], point[1])

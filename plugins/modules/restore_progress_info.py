@@ -1,0 +1,169 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+---
+module: restore_progress_info
+short_description: Wait a while for a background restore, then show how far it is or its result
+version_added: 0.1.0
+description:
+  - One poll of a M(kmipbackup.mongodb.snapshot_restore) run in the background (C(async), C(poll=0)) with its
+    C(progress_file): waits on the restore host until the async job has ended or O(wait) seconds have passed, looking
+    every 0.1 s, then returns whether it ended and, while it runs, the progress record's line (counts, sizes, percent,
+    rate and time left; no namespace name), or once it has ended, its result (RV(result)), as
+    M(ansible.builtin.async_status) would read it: a failed restore fails this module with the restore's message.
+  - It only reads.
+  - C(playbooks/restore.yml) polls its restore with it.
+author: kmipbackup developers (@kmipbackup)
+extends_documentation_fragment:
+  - kmipbackup.mongodb.attributes.INFO_MODULE
+options:
+  results_file:
+    description:
+      - The async job's results file on the restore host, RV(ansible.builtin.async_status#module:results_file) as the
+        C(async) launch registers it (C(results_file)).
+      - The job has ended when that file holds the module's result rather than the async wrapper's C(started) record.
+    type: path
+    required: true
+  progress_file:
+    description: The restore's progress record, the O(kmipbackup.mongodb.snapshot_restore#module:progress_file) it was given.
+    type: path
+    required: true
+  wait:
+    description: Wait at most this many seconds for the job to end (0 looks once).
+    type: float
+    default: 5
+attributes:
+  action_group:
+    description: Use C(group/kmipbackup.mongodb.kmipbackup) in C(module_defaults) to set defaults for this module.
+    support: none
+    details:
+      - Not in the action group, whose defaults are the store and KMIP options this module does not take.
+seealso:
+  - module: kmipbackup.mongodb.snapshot_restore
+  - module: ansible.builtin.async_status
+'''
+
+EXAMPLES = r'''
+- name: Restore in the background
+  kmipbackup.mongodb.snapshot_restore:
+    job: orders
+    store: /mnt/backup/store
+    target_dir: /srv/restore/orders
+    progress_file: ~/.kmipbackup/restore-progress/orders.json
+  async: 86400
+  poll: 0
+  register: restore_launch
+
+- name: Wait up to 10 s for the restore, then show how far it is
+  kmipbackup.mongodb.restore_progress_info:
+    results_file: "{{ restore_launch.results_file }}"
+    progress_file: ~/.kmipbackup/restore-progress/orders.json
+    wait: 10
+  register: restore_poll
+
+- name: Show the progress, or the number of documents restored
+  ansible.builtin.debug:
+    msg: "{{ restore_poll.result.documents if restore_poll.finished else restore_poll.line }}"
+'''
+
+RETURN = r'''
+finished:
+  description: Whether the async job has ended.
+  returned: always
+  type: bool
+  sample: false
+line:
+  description:
+    - The progress record's line while the restore runs, C(restore starting) before the restore writes its record
+      (it checks and plans first); empty once it has ended.
+  returned: always
+  type: str
+  sample: "restore of snapshot 20261130T143700Z-1a2b3c: 41.0 MB of 80.1 MB (51.2 %), 2561 of 5000 document(s), 19.9 MB/s, about 2 s left"
+result:
+  description:
+    - The restore's result (the return values of M(kmipbackup.mongodb.snapshot_restore)), once it has ended.
+  returned: when RV(finished)
+  type: dict
+waited:
+  description: Seconds this poll waited.
+  returned: always
+  type: float
+  sample: 0.4
+'''
+
+import json
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+POLL_INTERVAL = 0.1  # seconds between two looks at the results file: ends are seen at once, at little CPU
+
+
+def job_state(results_file):
+    """(finished, the job's result or None) from the async job's results file: async_wrapper writes {"started": true,
+    "finished": false, ...} first and replaces it (atomically, by rename) with the module's result when it exits."""
+    with open(results_file) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False, None  # not written yet: async_status too counts the job as running
+    if isinstance(data, dict) and "started" in data and not data.get("finished"):
+        return False, None
+    return True, data if isinstance(data, dict) else {"failed": True, "msg": "The restore's result is not a JSON object: %s" % text[:200]}
+
+
+def progress_line(progress_file):
+    try:
+        with open(progress_file) as f:
+            return json.load(f).get("line") or "restore starting"
+    except (OSError, ValueError, AttributeError):
+        return "restore starting"  # the restore checks and plans before it writes its first record
+
+
+ASYNC_KEYS = ("started", "finished", "ansible_job_id", "results_file", "invocation")  # the wrapper's, and the echo of arguments
+
+
+def main():
+    module = AnsibleModule(argument_spec=dict(results_file=dict(type="path", required=True),
+                                              progress_file=dict(type="path", required=True),
+                                              wait=dict(type="float", default=5)),
+                           supports_check_mode=True)
+    p = module.params
+
+    def state():
+        try:
+            return job_state(p["results_file"])
+        except OSError as e:
+            module.fail_json(msg="Cannot read the restore's async results file %s (%s): is the async job id right, and "
+                                 "the same user and async_dir in use as for the launch?" % (p["results_file"], e.strerror))
+
+    started = time.monotonic()
+    deadline = started + max(p["wait"], 0.0)
+    finished, result = state()
+    while not finished and time.monotonic() < deadline:
+        time.sleep(min(POLL_INTERVAL, max(deadline - time.monotonic(), 0.0)))
+        finished, result = state()
+    line = "" if finished else progress_line(p["progress_file"])
+    if not finished and line == "restore starting":  # it may have ended (and removed its record) while that was read
+        finished, result = state()
+        line = "" if finished else line
+    waited = round(time.monotonic() - started, 2)
+    if not finished:
+        module.exit_json(changed=False, finished=False, line=line, waited=waited)
+    result = {k: v for k, v in result.items() if k not in ASYNC_KEYS}
+    for w in result.pop("warnings", None) or []:
+        module.warn(w if isinstance(w, str) else str(w.get("msg", w) if isinstance(w, dict) else w))
+    result.pop("deprecations", None)
+    if result.get("failed"):
+        extra = {k: v for k, v in result.items() if k not in ("failed", "msg", "changed")}
+        module.fail_json(msg=result.get("msg") or "The restore failed.", finished=True, line="", waited=waited, **extra)
+    module.exit_json(changed=False, finished=True, line="", waited=waited, result=result)
+
+
+if __name__ == "__main__":
+    main()
