@@ -15,7 +15,8 @@ description:
     every 0.1 s, then returns whether it ended and, while it runs, the progress record's line (counts, sizes, percent,
     rate and time left; no namespace name), or once it has ended, its result (RV(result)), as
     M(ansible.builtin.async_status) would read it: a failed restore fails this module with the restore's message.
-  - It only reads.
+  - It only reads, with C(cat) over the connection (an action plugin: no module run on the host, so a poll costs a few
+    milliseconds, not a Python start).
   - C(playbooks/restore.yml) polls its restore with it.
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
@@ -95,72 +96,55 @@ waited:
   sample: 0.4
 '''
 
-import json
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-POLL_INTERVAL = 0.1  # seconds between two looks at the results file: ends are seen at once, at little CPU
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import async_poll
 
 
-def job_state(results_file):
-    """(finished, the job's result or None) from the async job's results file: async_wrapper writes {"started": true,
-    "finished": false, ...} first and replaces it (atomically, by rename) with the module's result when it exits."""
-    with open(results_file) as f:
-        text = f.read()
+def read(path, missing=None):
     try:
-        data = json.loads(text)
-    except ValueError:
-        return False, None  # not written yet: async_status too counts the job as running
-    if isinstance(data, dict) and "started" in data and not data.get("finished"):
-        return False, None
-    return True, data if isinstance(data, dict) else {"failed": True, "msg": "The restore's result is not a JSON object: %s" % text[:200]}
-
-
-def progress_line(progress_file):
-    try:
-        with open(progress_file) as f:
-            return json.load(f).get("line") or "restore starting"
-    except (OSError, ValueError, AttributeError):
-        return "restore starting"  # the restore checks and plans before it writes its first record
-
-
-ASYNC_KEYS = ("started", "finished", "ansible_job_id", "results_file", "invocation")  # the wrapper's, and the echo of arguments
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return missing
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(results_file=dict(type="path", required=True),
-                                              progress_file=dict(type="path", required=True),
-                                              wait=dict(type="float", default=5)),
-                           supports_check_mode=True)
+    """The same reads as the action plugin (plugins/action/restore_progress_info.py, which playbooks use), here done
+    on the host by a module run."""
+    module = AnsibleModule(argument_spec=async_poll.ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
 
-    def state():
+    def look():
         try:
-            return job_state(p["results_file"])
+            text = read(p["results_file"])
         except OSError as e:
-            module.fail_json(msg="Cannot read the restore's async results file %s (%s): is the async job id right, and "
-                                 "the same user and async_dir in use as for the launch?" % (p["results_file"], e.strerror))
+            module.fail_json(msg="Cannot read the restore's async results file %s: %s" % (p["results_file"], e.strerror))
+        if text is None:
+            module.fail_json(msg="The restore's async results file %s is missing: give the results_file its async launch "
+                                 "registered, on the same host, as the same user." % p["results_file"])
+        return async_poll.job_state(text)
 
     started = time.monotonic()
     deadline = started + max(p["wait"], 0.0)
-    finished, result = state()
+    finished, data = look()
     while not finished and time.monotonic() < deadline:
-        time.sleep(min(POLL_INTERVAL, max(deadline - time.monotonic(), 0.0)))
-        finished, result = state()
-    line = "" if finished else progress_line(p["progress_file"])
-    if not finished and line == "restore starting":  # it may have ended (and removed its record) while that was read
-        finished, result = state()
-        line = "" if finished else line
+        time.sleep(min(async_poll.POLL_INTERVAL, max(deadline - time.monotonic(), 0.0)))
+        finished, data = look()
     waited = round(time.monotonic() - started, 2)
     if not finished:
-        module.exit_json(changed=False, finished=False, line=line, waited=waited)
-    result = {k: v for k, v in result.items() if k not in ASYNC_KEYS}
-    for w in result.pop("warnings", None) or []:
-        module.warn(w if isinstance(w, str) else str(w.get("msg", w) if isinstance(w, dict) else w))
-    result.pop("deprecations", None)
+        try:
+            record = read(p["progress_file"])
+        except OSError:
+            record = None
+        module.exit_json(changed=False, finished=False, line=async_poll.progress_line(record), waited=waited)
+    result, warnings = async_poll.outcome(data)
+    for w in warnings:
+        module.warn(w)
     if result.get("failed"):
-        extra = {k: v for k, v in result.items() if k not in ("failed", "msg", "changed")}
+        extra = {k: v for k, v in result.items() if k not in ("failed", "msg", "changed", "finished", "line", "waited")}
         module.fail_json(msg=result.get("msg") or "The restore failed.", finished=True, line="", waited=waited, **extra)
     module.exit_json(changed=False, finished=True, line="", waited=waited, result=result)
 
