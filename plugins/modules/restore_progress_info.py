@@ -11,12 +11,12 @@ short_description: Wait a while for a background restore, then show how far it i
 version_added: 0.1.0
 description:
   - One poll of a M(kmipbackup.mongodb.snapshot_restore) run in the background (C(async), C(poll=0)) with its
-    C(progress_file): waits on the restore host until the async job has ended or O(wait) seconds have passed, looking
-    every 0.1 s, then returns whether it ended and, while it runs, the progress record's line (counts, sizes, percent,
-    rate and time left; no namespace name), or once it has ended, its result (RV(result)), as
-    M(ansible.builtin.async_status) would read it: a failed restore fails this module with the restore's message.
-  - It only reads, with C(cat) over the connection (an action plugin: no module run on the host, so a poll costs a few
-    milliseconds, not a Python start).
+    C(progress_file). It waits on the restore host until the async job has ended or O(wait) seconds have passed,
+    looking every 0.1 s, then returns whether it ended and, while it runs, the progress record's line (counts, sizes,
+    percent, rate and time left; no namespace name), or once it has ended, its result (RV(result)), as
+    M(ansible.builtin.async_status) would read it. A failed restore fails this module with the restore's message.
+  - It only reads, with C(cat) over the connection (an action plugin, so a poll costs a few milliseconds and no
+    module run on the host).
   - C(playbooks/restore.yml) polls its restore with it.
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
