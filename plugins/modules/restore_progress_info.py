@@ -17,7 +17,8 @@ description:
     M(ansible.builtin.async_status) would read it. A failed restore fails this module with the restore's message.
   - It only reads, with C(cat) over the connection (an action plugin, so a poll costs a few milliseconds and no
     module run on the host).
-  - C(playbooks/restore.yml) polls its restore with it.
+  - C(playbooks/restore.yml) polls its restore with it. It is not in the C(kmipbackup) action group, whose defaults are
+    the store and KMIP options it does not take.
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes.INFO_MODULE
@@ -37,12 +38,6 @@ options:
     description: Wait at most this many seconds for the job to end (0 looks once).
     type: float
     default: 5
-attributes:
-  action_group:
-    description: Use C(group/kmipbackup.mongodb.kmipbackup) in C(module_defaults) to set defaults for this module.
-    support: none
-    details:
-      - Not in the action group, whose defaults are the store and KMIP options this module does not take.
 seealso:
   - module: kmipbackup.mongodb.snapshot_restore
   - module: ansible.builtin.async_status
