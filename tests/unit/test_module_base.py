@@ -51,3 +51,15 @@ def test_warnings_become_ansibles_and_a_diff_only_in_diff_mode(capsys):
     assert [w["event"]["msg"] for w in out["warnings"]] == ["look"] and "diff" not in out
     out = run(capsys, {"_ansible_diff": True}, lambda: {"changed": True, "diff": {"before": {}, "after": {"a": 1}}})
     assert out["diff"] == {"before": {}, "after": {"a": 1}}
+
+
+def test_a_pymongo_error_fails_as_mongodb_and_other_errors_stay_tracebacks(capsys):
+    """pymongo is imported only where MongoDB is used; its errors still fail the module with error_kind mongodb."""
+    import pymongo.errors
+
+    def lost():
+        raise pymongo.errors.ServerSelectionTimeoutError("127.0.0.1:1: connection refused")
+    out = run(capsys, {}, lost)
+    assert out["failed"] and out["error_kind"] == "mongodb" and "ServerSelectionTimeoutError" in out["msg"], out
+    with patch_module_args({}), pytest.raises(ZeroDivisionError):
+        KmipBackupModule({}).run(lambda: 1 / 0)
