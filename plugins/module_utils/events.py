@@ -283,6 +283,8 @@ def _fast_fields(raw: bytes) -> dict | None:
     caller then takes the decoding path."""
     unpack, fixed, want = _i32.unpack_from, _FIXED_SIZE, _FAST_FIELDS
     out, pos, end = {}, 4, len(raw) - 1
+    if end < 4 or unpack(raw, 0)[0] != end + 1 or raw[end] != 0:
+        return None
     try:
         while pos < end:
             t = raw[pos]
