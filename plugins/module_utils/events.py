@@ -34,9 +34,10 @@ try:
     from bson import decode as bson_decode
     from bson import encode as bson_encode
     from bson.raw_bson import RawBSONDocument
+    from bson.timestamp import Timestamp
     BSON_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover
-    bson_decode = bson_encode = RawBSONDocument = None
+    bson_decode = bson_encode = RawBSONDocument = Timestamp = None
     BSON_IMPORT_ERROR = e
 
 APPLIED, SKIPPED, RECOPY, IGNORED = "applied", "skipped", "recopy", "ignored"
@@ -205,6 +206,59 @@ def _components(path, disambiguated):
     return path.split("."), False
 
 
+def _set_top_level(doc, fields):
+    """What _apply_paths gives for updatedFields fields ([name, type, value]) that only name top-level fields (no dot),
+    with nothing removed or truncated, from one scan of the document instead of one per field; None when it does not
+    apply (the caller takes _apply_paths, which decides)."""
+    names = [f[0] for f in fields]
+    if len(set(names)) != len(names):
+        return None
+    for name in names:
+        if not name or b"." in name:
+            return None
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if name == b"_id":
+            raise NotApplicable("an update of _id")
+    unpack, fixed = _i32.unpack_from, _FIXED_SIZE
+    found = dict.fromkeys(names)  # name -> (element start, value start, value end) of its first occurrence
+    try:
+        size = unpack(doc, 0)[0]
+        pos, end = 4, size - 1
+        while pos < end:
+            t = doc[pos]
+            ne = doc.index(0, pos + 1)
+            n = fixed[t]
+            if n >= 0:
+                vend = ne + 1 + n
+            elif n == -1:
+                vend = ne + 5 + unpack(doc, ne + 1)[0]
+            elif n == -2:
+                vend = ne + 1 + unpack(doc, ne + 1)[0]
+            else:
+                vend = skip_value(doc, t, ne + 1)
+            name = doc[pos + 1:ne]
+            if name in found and found[name] is None:
+                found[name] = (pos, ne + 1, vend)
+            pos = vend
+    except (ValueError, IndexError, struct.error, HeadError):
+        return None
+    if pos != end:
+        return None
+    appended = [b"%c%s\x00%s" % (t, name, v) for name, t, v in fields if found[name] is None]
+    if len(appended) > 1:
+        raise UncertainOrder()  # several new fields: their order is the server's choice
+    out, prev = [], 0
+    for (el, vs, ve), t, v in sorted((found[name], t, v) for name, t, v in fields if found[name] is not None):
+        out += (doc[prev:el], bytes((t,)), doc[el + 1:vs], v)  # in place: the field keeps its name and position
+        prev = ve
+    out += (doc[prev:end], *appended, doc[end:])
+    new = b"".join(out)
+    return _i32.pack(size + len(new) - len(doc)) + new[4:]
+
+
 def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
     """The stored document doc_raw with updateDescription ud_raw (raw BSON) applied; raises NotApplicable.
 
@@ -220,6 +274,16 @@ def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
             truncated = v
         elif name == b"disambiguatedPaths" and len(v) > 5:
             disambiguated = bson_decode(v)
+    if (updated and len(updated) > 5 and disambiguated is None and not (removed and len(removed) > 5)
+            and not (truncated and len(truncated) > 5)):
+        new = _set_top_level(doc_raw, parse_elements(updated))
+        if new is not None:
+            return new
+    return _apply_paths(doc_raw, updated, removed, truncated, disambiguated)
+
+
+def _apply_paths(doc_raw, updated, removed, truncated, disambiguated):
+    """apply_update_description, path by path."""
     buf = bytearray(doc_raw)
     if truncated and len(truncated) > 5:
         for item in bson_decode(truncated).values():
@@ -274,7 +338,7 @@ def _rename_target(ev):
 
 
 _FAST_OPS = {b"insert": "insert", b"replace": "replace", b"update": "update", b"delete": "delete"}
-_FAST_FIELDS = frozenset((b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription"))
+_FAST_FIELDS = frozenset((b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription", b"clusterTime"))
 
 
 def _fast_fields(raw: bytes) -> dict | None:
@@ -307,6 +371,16 @@ def _fast_fields(raw: bytes) -> dict | None:
     except (ValueError, struct.error, HeadError):
         return None
     return out if pos == end else None
+
+
+def _timestamp(raw, field):
+    """The Timestamp at field (type, start, end) of raw, as a decoder gives it (None when absent)."""
+    if field is None:
+        return None
+    if field[0] != 0x11:
+        return RawBSONDocument(raw).get("clusterTime")
+    inc, t = struct.unpack_from("<II", raw, field[1])
+    return Timestamp(t, inc)
 
 
 def merge_fragments(fragments: list) -> bytes:
@@ -513,7 +587,7 @@ class Applier:
         doc = raw[key[1]:key[2]]
         if op == "update":
             return self._count(self._update_key(w, pending, ns, doc, lambda: raw[desc[1]:desc[2]],
-                                                lambda: RawBSONDocument(raw).get("clusterTime"), catch_up))
+                                                lambda: _timestamp(raw, f.get(b"clusterTime")), catch_up))
         if op == "delete":
             ik = id_key_from_document(doc)
             pending.pop((ns, ik), None)
