@@ -119,6 +119,22 @@ def apply_all(head_path, rows):
     h.close()
 
 
+def reset_peak_rss():
+    """Reset the process's peak RSS (Linux: VmHWM), so that peak_rss() tells what the restore to the point needed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss():
+    """The process's peak RSS since reset_peak_rss(), in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def same_tree(a, b):
     for db in sorted(os.listdir(a)):
         if not os.path.isdir(os.path.join(a, db)):
@@ -164,22 +180,26 @@ def main():
               % (entry["doc_count"], entry["data_bytes"] / 1e6, len(rows), opts.mix,
                  len(segments.list_segments(js)), time.perf_counter() - t0), flush=True)
 
-        plain_s, pit_s, replay_s, execute_s, other_s, loaded = [], [], [], [], [], 0
+        plain_s, pit_s, replay_s, replay_cpu, execute_s, other_s, pit_rss, loaded = [], [], [], [], [], [], [], 0
 
         def timed_replay(*a, **kw):
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             r = segments.replay(*a, **kw)
             replay_s.append(time.perf_counter() - t1)
+            replay_cpu.append(time.process_time() - c1)  # the process's CPU (all threads): less sensitive to load
             return r
         for k in range(opts.repeat):
             out = os.path.join(work, "plain")
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # neither restore pays for writing back what the one before it wrote
             t = time.perf_counter()
             restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(out))
             plain_s.append(time.perf_counter() - t)
 
             out = os.path.join(work, "pit")
             shutil.rmtree(out, ignore_errors=True)
+            rss = reset_peak_rss()
+            os.sync()
             t = time.perf_counter()
             k_keys = store.Keys(js, provider)
             plan = segments.plan_point(js, k_keys, point)
@@ -191,9 +211,11 @@ def main():
                 loaded = image.loaded_chunks
                 events_done = image.replayed["events"]
             pit_s.append(time.perf_counter() - t)
+            if rss:
+                pit_rss.append(peak_rss())
             other_s.append(pit_s[-1] - execute_s[-1] - replay_s[-1])
-            print("  run %d: plain restore %.2f s, restore to the point %.2f s (replay %.2f s, %d events, %d chunks loaded)"
-                  % (k + 1, plain_s[-1], pit_s[-1], replay_s[-1], events_done, loaded), flush=True)
+            print("  run %d: plain restore %.2f s, restore to the point %.2f s (replay %.2f s, %.2f s CPU, %d events, %d chunks "
+                  "loaded)" % (k + 1, plain_s[-1], pit_s[-1], replay_s[-1], replay_cpu[-1], events_done, loaded), flush=True)
 
         expected_head = os.path.join(work, "expected", "head.db")
         os.makedirs(os.path.dirname(expected_head))
@@ -213,10 +235,13 @@ def main():
         print("| restore to the point / plain restore | **%.2fx** (goal <= 1.5x) |" % (q / p))
         print("| replay (authenticate, decompress, apply into the temporary head; median) | %.2f s: **%.0f events/s** "
               "(goal >= 20,000) |" % (r, len(rows) / r))
+        print("| replay CPU (process, all threads; median) | %.2f s: %.0f events per CPU second |"
+              % (statistics.median(replay_cpu), len(rows) / statistics.median(replay_cpu)))
         print("| of which: restoring the rebuilt image (restore.execute; median) | %.2f s (%.2fx the plain restore) |"
               % (statistics.median(execute_s), statistics.median(execute_s) / p))
         print("| of which: planning, temporary head, image manifest, cleanup (median) | %.2f s |" % statistics.median(other_s))
         print("| base chunks loaded into the temporary head | %d of %d |" % (loaded, chunks))
+        print("| peak RSS during the restore to the point (VmHWM) | %s |" % ("%.0f MB" % (max(pit_rss) / 1024) if pit_rss else "?"))
         print("| output byte-equal to the head with the same events applied | %s |" % ("yes" if same else "NO"))
         print("load at end: %s" % open("/proc/loadavg").read().strip())
         return 0 if same else 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Callable
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, NotApplicable, UncertainOrder
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError, HistoryLostError, NotApplicable, UncertainOrder
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import (
     EMPTY_BSON, FIXED_SIZES, id_key_from_document, skip_value)
 
@@ -34,9 +34,10 @@ try:
     from bson import decode as bson_decode
     from bson import encode as bson_encode
     from bson.raw_bson import RawBSONDocument
+    from bson.timestamp import Timestamp
     BSON_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover
-    bson_decode = bson_encode = RawBSONDocument = None
+    bson_decode = bson_encode = RawBSONDocument = Timestamp = None
     BSON_IMPORT_ERROR = e
 
 APPLIED, SKIPPED, RECOPY, IGNORED = "applied", "skipped", "recopy", "ignored"
@@ -205,6 +206,59 @@ def _components(path, disambiguated):
     return path.split("."), False
 
 
+def _set_top_level(doc, fields):
+    """What _apply_paths gives for updatedFields fields ([name, type, value]) that only name top-level fields (no dot),
+    with nothing removed or truncated, from one scan of the document instead of one per field; None when it does not
+    apply (the caller takes _apply_paths, which decides)."""
+    names = [f[0] for f in fields]
+    if len(set(names)) != len(names):
+        return None
+    for name in names:
+        if not name or b"." in name:
+            return None
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if name == b"_id":
+            raise NotApplicable("an update of _id")
+    unpack, fixed = _i32.unpack_from, _FIXED_SIZE
+    found = dict.fromkeys(names)  # name -> (element start, value start, value end) of its first occurrence
+    try:
+        size = unpack(doc, 0)[0]
+        pos, end = 4, size - 1
+        while pos < end:
+            t = doc[pos]
+            ne = doc.index(0, pos + 1)
+            n = fixed[t]
+            if n >= 0:
+                vend = ne + 1 + n
+            elif n == -1:
+                vend = ne + 5 + unpack(doc, ne + 1)[0]
+            elif n == -2:
+                vend = ne + 1 + unpack(doc, ne + 1)[0]
+            else:
+                vend = skip_value(doc, t, ne + 1)
+            name = doc[pos + 1:ne]
+            if name in found and found[name] is None:
+                found[name] = (pos, ne + 1, vend)
+            pos = vend
+    except (ValueError, IndexError, struct.error, HeadError):
+        return None
+    if pos != end:
+        return None
+    appended = [b"%c%s\x00%s" % (t, name, v) for name, t, v in fields if found[name] is None]
+    if len(appended) > 1:
+        raise UncertainOrder()  # several new fields: their order is the server's choice
+    out, prev = [], 0
+    for (el, vs, ve), t, v in sorted((found[name], t, v) for name, t, v in fields if found[name] is not None):
+        out += (doc[prev:el], bytes((t,)), doc[el + 1:vs], v)  # in place: the field keeps its name and position
+        prev = ve
+    out += (doc[prev:end], *appended, doc[end:])
+    new = b"".join(out)
+    return _i32.pack(size + len(new) - len(doc)) + new[4:]
+
+
 def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
     """The stored document doc_raw with updateDescription ud_raw (raw BSON) applied; raises NotApplicable.
 
@@ -220,6 +274,16 @@ def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
             truncated = v
         elif name == b"disambiguatedPaths" and len(v) > 5:
             disambiguated = bson_decode(v)
+    if (updated and len(updated) > 5 and disambiguated is None and not (removed and len(removed) > 5)
+            and not (truncated and len(truncated) > 5)):
+        new = _set_top_level(doc_raw, parse_elements(updated))
+        if new is not None:
+            return new
+    return _apply_paths(doc_raw, updated, removed, truncated, disambiguated)
+
+
+def _apply_paths(doc_raw, updated, removed, truncated, disambiguated):
+    """apply_update_description, path by path."""
     buf = bytearray(doc_raw)
     if truncated and len(truncated) > 5:
         for item in bson_decode(truncated).values():
@@ -271,6 +335,52 @@ def _uuid(ev):
 
 def _rename_target(ev):
     return ev.get("to") or (ev.get("operationDescription") or {}).get("to")
+
+
+_FAST_OPS = {b"insert": "insert", b"replace": "replace", b"update": "update", b"delete": "delete"}
+_FAST_FIELDS = frozenset((b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription", b"clusterTime"))
+
+
+def _fast_fields(raw: bytes) -> dict | None:
+    """{name: (type, value start, value end)} of the top-level fields of event raw that Applier.apply_raw reads, in one
+    scan without decoding anything; None when the scan cannot be trusted (a name seen twice, a malformed event): the
+    caller then takes the decoding path."""
+    unpack, fixed, want = _i32.unpack_from, _FIXED_SIZE, _FAST_FIELDS
+    out, pos, end = {}, 4, len(raw) - 1
+    if end < 4 or unpack(raw, 0)[0] != end + 1 or raw[end] != 0:
+        return None
+    try:
+        while pos < end:
+            t = raw[pos]
+            ne = raw.index(0, pos + 1)
+            n = fixed[t]
+            if n >= 0:
+                vend = ne + 1 + n
+            elif n == -1:
+                vend = ne + 5 + unpack(raw, ne + 1)[0]
+            elif n == -2:
+                vend = ne + 1 + unpack(raw, ne + 1)[0]
+            else:
+                vend = skip_value(raw, t, ne + 1)
+            name = raw[pos + 1:ne]
+            if name in want:
+                if name in out:
+                    return None
+                out[name] = (t, ne + 1, vend)
+            pos = vend
+    except (ValueError, struct.error, HeadError):
+        return None
+    return out if pos == end else None
+
+
+def _timestamp(raw, field):
+    """The Timestamp at field (type, start, end) of raw, as a decoder gives it (None when absent)."""
+    if field is None:
+        return None
+    if field[0] != 0x11:
+        return RawBSONDocument(raw).get("clusterTime")
+    inc, t = struct.unpack_from("<II", raw, field[1])
+    return Timestamp(t, inc)
 
 
 def merge_fragments(fragments: list) -> bytes:
@@ -362,6 +472,7 @@ class Applier:
         self.recopy = []
         self.counts = {}
         self._ns_cache = {}
+        self._fast_ns = {}  # raw bytes of an event's ns -> ("db.coll", kept): apply_raw
         self._w = None
         self._pending = {}  # (ns, id_key) -> raw document written in this transaction, not yet in the head
         self._pending_bytes = 0
@@ -442,14 +553,61 @@ class Applier:
             self.repair.ddl(w, op, ev)
         return self._count(handler(w, ev, catch_up))
 
+    def apply_raw(self, w: Writer, raw: bytes, catch_up: bool = False) -> str:
+        """apply() of an event given as raw BSON bytes, with the same outcome, head writes and recopy: inserts, replaces,
+        updates and deletes in a namespace the head has are read straight from the bytes (one scan of the top level;
+        the namespace and keep() cached by the bytes of the event's ns, so keep must depend on its arguments only);
+        every other event goes through apply(RawBSONDocument(raw))."""
+        if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
+            raw = bytes(raw)
+        f = _fast_fields(raw)
+        op = f.get(b"operationType") if f else None
+        op = _FAST_OPS.get(raw[op[1] + 4:op[2] - 1]) if op is not None and op[0] == 0x02 else None
+        nsf = f.get(b"ns") if op else None
+        if nsf is None or nsf[0] != 0x03:
+            return self.apply(w, RawBSONDocument(raw), catch_up)
+        ns_raw = raw[nsf[1]:nsf[2]]
+        hit = self._fast_ns.get(ns_raw)
+        if hit is None:
+            db, ns = _ns(RawBSONDocument(ns_raw))
+            if ns is None:
+                return self.apply(w, RawBSONDocument(raw), catch_up)
+            hit = (ns, self.keep is None or bool(self.keep(db, ns)))
+            if len(self._fast_ns) > 10000:
+                self._fast_ns.clear()
+            self._fast_ns[ns_raw] = hit
+        ns, kept = hit
+        if not kept:
+            return self._count(IGNORED)
+        key = f.get(b"fullDocument" if op in ("insert", "replace") else b"documentKey")
+        desc = f.get(b"updateDescription") if op == "update" else (0x03,)
+        if key is None or key[0] != 0x03 or desc is None or desc[0] != 0x03 or not w.has_namespace(ns):
+            return self.apply(w, RawBSONDocument(raw), catch_up)  # rare (implicit creation) or malformed: as apply() does
+        pending = self._buffer(w)
+        doc = raw[key[1]:key[2]]
+        if op == "update":
+            return self._count(self._update_key(w, pending, ns, doc, lambda: raw[desc[1]:desc[2]],
+                                                lambda: _timestamp(raw, f.get(b"clusterTime")), catch_up))
+        if op == "delete":
+            ik = id_key_from_document(doc)
+            pending.pop((ns, ik), None)
+            w.delete(ns, ik)
+        else:
+            self._put(pending, ns, id_key_from_document(doc), doc)
+        return self._count(APPLIED)
+
     def _kept(self, ev, op):
         if self.keep(*self._ns(ev["ns"])):
             return True
         return op == "rename" and self.keep(*_ns(_rename_target(ev)))  # into a kept namespace: what the refresh finds
 
     def _update(self, w, pending, ev, catch_up):
-        ns = self._ns(ev["ns"])[1]
-        dkey = _raw(ev["documentKey"])
+        return self._update_key(w, pending, self._ns(ev["ns"])[1], _raw(ev["documentKey"]),
+                                lambda: _raw(ev["updateDescription"]), lambda: ev.get("clusterTime"), catch_up)
+
+    def _update_key(self, w, pending, ns, dkey, description, cluster_time, catch_up):
+        """An update of the document with documentKey dkey (raw) in ns; description() and cluster_time() give the
+        event's updateDescription (raw) and clusterTime when they are needed."""
         ik = id_key_from_document(dkey)
         stored = pending.get((ns, ik))
         if stored is None:
@@ -457,12 +615,12 @@ class Applier:
         try:
             if stored is None:
                 raise NotApplicable("a missing document")
-            new = apply_update_description(stored, _raw(ev["updateDescription"]))
+            new = apply_update_description(stored, description())
         except (NotApplicable, UncertainOrder) as e:
             if catch_up and isinstance(e, NotApplicable):
                 return SKIPPED  # the clone read a later version; later events bring it on
             pending.pop((ns, ik), None)  # the caller re-reads it from the source
-            self.recopy.append((ns, dkey, ev.get("clusterTime")))
+            self.recopy.append((ns, dkey, cluster_time()))
             return RECOPY
         self._put(pending, ns, ik, new)
         return APPLIED

@@ -28,13 +28,14 @@ A correction record is a document whose first field is "kb" (events start with "
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import datetime
 import hashlib
 import io
 import re
 import struct
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
@@ -478,6 +479,20 @@ def read_segments(job_store: JobStore, keys: Keys, segs: list):
         yield s, decode_records(plain, s["name"])
 
 
+def _read_ahead(items: Iterator) -> Iterator:
+    """items, each next one produced on a side thread while the caller uses the current one: the next segment is read,
+    authenticated, decompressed and split while the replay applies this one (AES-GCM and zstd release the GIL). Errors
+    come out in order, at the item they concern."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments") as pool:
+        ahead = pool.submit(next, items, None)
+        while True:
+            item = ahead.result()
+            if item is None:
+                return
+            ahead = pool.submit(next, items, None)
+            yield item
+
+
 def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Callable | None = None,
            batch_records: int = 20000) -> dict:
     """Apply the plan's segments to head (holding the plan's snapshot): every record after the snapshot's cluster time
@@ -495,7 +510,7 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     applier = Applier(refresh=lambda ns: refreshes.popleft() if refreshes else None, keep=_keeps)
     events = records = done = 0
     total = len(plan["segments"])
-    for seg, recs in read_segments(job_store, keys, plan["segments"]):
+    for seg, recs in _read_ahead(read_segments(job_store, keys, plan["segments"])):
         # a record at its segment's start is a correction made after that boundary (head verification): it belongs
         # after a snapshot cut there
         start = tuple(seg["from"])
@@ -516,7 +531,16 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
                     if ct < after or (ct == after and start != after):
                         continue
                     raw = bytes(raw)
-                    if is_correction(raw):
+                    if raw[4:8] != _KB:
+                        refreshes.clear()
+                        j = k
+                        while j < n and recs[j][2][4:8] == _KB and RawBSONDocument(bytes(recs[j][2]))["kb"] == "refresh":
+                            refreshes.append(_info(RawBSONDocument(bytes(recs[j][2]))))
+                            j += 1
+                        applier.apply_raw(w, raw)
+                        applier.recopy = []  # the capture's re-copies follow as "doc" corrections
+                        events += 1
+                    else:
                         doc = RawBSONDocument(raw)
                         kind = doc["kb"]
                         if kind == "doc":
@@ -533,15 +557,6 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
                             else:
                                 w.create_namespace(doc["ns"], info["options"], uuid=info["uuid"], indexes=info["indexes"])
                         # "refresh" records were consumed with their event
-                    else:
-                        refreshes.clear()
-                        j = k
-                        while j < n and is_correction(bytes(recs[j][2][:8])) and RawBSONDocument(bytes(recs[j][2]))["kb"] == "refresh":
-                            refreshes.append(_info(RawBSONDocument(bytes(recs[j][2]))))
-                            j += 1
-                        applier.apply(w, RawBSONDocument(raw))
-                        applier.recopy = []  # the capture's re-copies follow as "doc" corrections
-                        events += 1
                     records += 1
                     count += 1
                     last_ct = ct
