@@ -32,7 +32,7 @@ import time
 from logging.handlers import WatchedFileHandler
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, datadir, files, head, job_config, job_requests, job_status, master_keys, progress, retention, segments,
+    config, datadir, events, files, head, job_config, job_requests, job_status, master_keys, progress, retention, segments,
     snapshot, source, storage, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
     ConfigError, HistoryLostError, KmipBackupError, KmipError, ResyncRequested, SnapshotError, SourceError, Stopped,
@@ -626,7 +626,7 @@ class JobRunner(threading.Thread):
         target = tuple(w["target"])
         if pos.get("cluster_time") and tuple(pos["cluster_time"]) >= target:
             return True  # consistent at a time at or past the target: nothing more is coming up to it
-        token = source.token_time(pos.get("resume_token"))
+        token = events.token_time(pos.get("resume_token"))
         if token is not None:
             return token > target  # an idle stream's post-batch token past the target: every event before it applied
         # a resume token of unknown format: an idle read of the stream that began after the target was read
@@ -700,7 +700,7 @@ def _complete_time(pos):
     if not pos or not pos.get("consistent") or not pos.get("cluster_time"):
         return None
     ct = tuple(pos["cluster_time"])
-    token = source.token_time(pos.get("resume_token"))
+    token = events.token_time(pos.get("resume_token"))
     return max(ct, tuple(token)) if token is not None else ct
 
 

@@ -54,6 +54,49 @@ PENDING_MAX_BYTES = 64 << 20  # buffered document writes beyond this are written
 _i32 = struct.Struct("<i")
 
 
+
+# --- which namespaces a backup keeps, and what a resume token says ----------------------------------
+
+EXCLUDED_DBS = ("admin", "config", "local")
+
+
+def kept_collection(db: str, coll: str) -> bool:
+    """Whether a backup keeps collection coll of database db: not admin, config, local, or system collections
+    (but system.js)."""
+    return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
+
+
+def keeps(db: str, ns: str | None) -> bool:
+    """Applier's keep: whether a backup keeps namespace ns ("db.coll"), or database db when ns is None."""
+    return kept_collection(db, ns.partition(".")[2] if ns else "")
+
+def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
+    """The cluster time (t, i) a resume token (raw BSON {_data: ...}) stands for, or None when its format is unknown.
+
+    mongod: _data is a hex KeyString whose first value is the event's timestamp (type byte 0x82, then 8 bytes
+    big-endian: seconds, increment). SecantusDB: _data is the hex of a BSON document whose "t" is that timestamp.
+    For an idle stream's post-batch token this is the time up to which the source has shown every event."""
+    if token_raw is None:
+        return None
+    try:
+        data = RawBSONDocument(bytes(token_raw)).get("_data")
+        if not isinstance(data, str):
+            return None
+        blob = bytes.fromhex(data)
+    except Exception:  # pylint: disable=broad-except  # an unknown format: the caller falls back
+        return None
+    if len(blob) >= 5 and _i32.unpack_from(blob)[0] == len(blob) and blob[-1:] == b"\x00":
+        try:
+            ts = RawBSONDocument(blob).get("t")
+        except Exception:  # pylint: disable=broad-except
+            ts = None
+        if ts is not None and hasattr(ts, "inc"):
+            return (ts.time, ts.inc)
+    if len(blob) >= 9 and blob[0] == 0x82:
+        return struct.unpack_from(">II", blob, 1)
+    return None
+
+
 # --- raw BSON element trees -------------------------------------------------------------------
 
 def parse_elements(raw: bytes) -> list:

@@ -250,7 +250,7 @@ def close(head: Head) -> int | None:
     or just before an idle stream's post-batch resume token when that is later). Nothing is closed while the head is
     not consistent (inside a run of one cluster time): a transaction is never split. Returns the closed segment's
     local id, or None."""
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.source import token_time  # pylint: disable=import-outside-toplevel
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import token_time  # pylint: disable=import-outside-toplevel
     with head.write() as w:
         pos = w.position()
         if not pos["consistent"] or not pos["cluster_time"]:
@@ -501,13 +501,12 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     chain-checked before anything of it is applied. The head's position becomes the point (consistent).
     progress(events, segments done, segments total) after each segment. Returns {"events", "records", "segments"}."""
     # pylint: disable=import-outside-toplevel
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
-    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.source import _keeps
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier, keeps
     _require_bson()
     point = tuple(plan["point"])
     after = tuple(plan["snapshot"]["cluster_time"])
     refreshes = collections.deque()
-    applier = Applier(refresh=lambda ns: refreshes.popleft() if refreshes else None, keep=_keeps)
+    applier = Applier(refresh=lambda ns: refreshes.popleft() if refreshes else None, keep=keeps)
     events = records = done = 0
     total = len(plan["segments"])
     for seg, recs in _read_ahead(read_segments(job_store, keys, plan["segments"])):

@@ -29,7 +29,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import correction, encode_records
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
-    IGNORED, Applier, CloneRepair, merge_fragments, parse_elements)
+    EXCLUDED_DBS, IGNORED, Applier, CloneRepair, kept_collection, keeps, merge_fragments, parse_elements)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.mongo import (
     RAW, aggregate_raw, client_options, find_one_raw, find_raw_batches, split_namespace)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document
@@ -50,7 +50,6 @@ except ImportError as e:  # pragma: no cover
     pymongo = mongo_errors = RawBSONDocument = bson_encode = None
     PYMONGO_IMPORT_ERROR = e
 
-EXCLUDED_DBS = ("admin", "config", "local")
 HISTORY_LOST_CODES = (286, 280, 260)  # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken
 CLONE_COMMIT_BYTES = 32 << 20
 CLONE_BATCH_DOCS = 16384
@@ -180,40 +179,7 @@ def monitor_client(source: dict, timeout: float) -> pymongo.MongoClient:
                           % _redact(e, source)) from None
 
 
-def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
-    """The cluster time (t, i) a resume token (raw BSON {_data: ...}) stands for, or None when its format is unknown.
 
-    mongod: _data is a hex KeyString whose first value is the event's timestamp (type byte 0x82, then 8 bytes
-    big-endian: seconds, increment). SecantusDB: _data is the hex of a BSON document whose "t" is that timestamp.
-    For an idle stream's post-batch token this is the time up to which the source has shown every event."""
-    if token_raw is None:
-        return None
-    try:
-        data = RawBSONDocument(bytes(token_raw)).get("_data")
-        if not isinstance(data, str):
-            return None
-        blob = bytes.fromhex(data)
-    except Exception:  # pylint: disable=broad-except  # an unknown format: the caller falls back
-        return None
-    if len(blob) >= 5 and _i32.unpack_from(blob)[0] == len(blob) and blob[-1:] == b"\x00":
-        try:
-            ts = RawBSONDocument(blob).get("t")
-        except Exception:  # pylint: disable=broad-except
-            ts = None
-        if ts is not None and hasattr(ts, "inc"):
-            return (ts.time, ts.inc)
-    if len(blob) >= 9 and blob[0] == 0x82:
-        return struct.unpack_from(">II", blob, 1)
-    return None
-
-
-def _wanted(db, coll):
-    return db not in EXCLUDED_DBS and (not coll.startswith("system.") or coll == "system.js")
-
-
-def _keeps(db, ns):
-    """Applier's keep: whether a backup keeps namespace ns ("db.coll"), or database db when ns is None."""
-    return _wanted(db, split_namespace(ns)[1] if ns else "")
 
 
 def list_namespaces(client: pymongo.MongoClient) -> list:
@@ -224,7 +190,7 @@ def list_namespaces(client: pymongo.MongoClient) -> list:
             continue
         for info in _list_collections(client, db):
             name = info["name"]
-            if _wanted(db, name):
+            if kept_collection(db, name):
                 out.append(("%s.%s" % (db, name), info))
     return out
 
@@ -397,7 +363,7 @@ def estimate_totals(client: pymongo.MongoClient, namespaces: list) -> tuple[int 
 def _reclone(head, client, names, stop_event=None, progress=None):
     """Replace names in the head with the source's current namespaces (options, indexes, documents), or drop
     them where the source no longer has them. Returns _clone's (docs, bytes, interrupted)."""
-    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and _wanted(*split_namespace(ns))}
+    metas = {ns: refresh_namespace(client, ns) for ns in sorted(names) if ns and kept_collection(*split_namespace(ns))}
     with head.write() as w:
         for ns, meta in metas.items():
             w.drop_namespace(ns)
@@ -487,7 +453,7 @@ class Capture:
         self.max_batch_seconds = max_batch_seconds
         self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
         self.reclone_due = False    # the catch-up passed its end, but namespaces must be re-cloned first
-        self.applier = Applier(refresh=self._refresh, keep=_keeps)
+        self.applier = Applier(refresh=self._refresh, keep=keeps)
         self._log = None  # this transaction's change-segment records [(t, i, raw)] while the head records segments
         self._log_ct = None
         self.stream = None

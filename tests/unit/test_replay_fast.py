@@ -9,7 +9,7 @@ from bson.binary import Binary
 from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, head
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.source import _keeps
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import keeps
 
 NS = {"db": "d", "coll": "c"}
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
@@ -94,7 +94,7 @@ def run(path, batches, fast, catch_up=False):
     """(image after each batch, per-event outcome or error, recopy triples, counts, events that went through apply()) of the batches
     applied in one transaction each."""
     h = head.Head(path, os.urandom(32))
-    a = events.Applier(refresh=refresh, keep=_keeps)
+    a = events.Applier(refresh=refresh, keep=keeps)
     outcomes, recopied, slow, images = [], [], [], []
     apply = a.apply
     a.apply = lambda *args: slow.append(1) or apply(*args)

@@ -6,7 +6,7 @@ import time
 import bson
 from bson import Timestamp
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, source
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, events
 
 
 def _token(data):
@@ -16,22 +16,22 @@ def _token(data):
 def test_token_time_of_a_mongod_keystring_token():
     # mongod: 0x82 (KeyString timestamp), 8 bytes big-endian (seconds, increment), then the rest of the token
     data = (b"\x82" + struct.pack(">II", 1796000000, 7) + b"\x2b\x02\x04").hex().upper()
-    assert source.token_time(_token(data)) == (1796000000, 7)
+    assert events.token_time(_token(data)) == (1796000000, 7)
 
 
 def test_token_time_of_a_secantusdb_token():
     # SecantusDB: the hex of a BSON document whose "t" is the event's timestamp (as seen from a live stream)
     data = bson.encode({"s": 2, "t": Timestamp(1796018936, 8), "n": "admin.$cmd.aggregate", "k": {}}).hex()
-    assert source.token_time(_token(data)) == (1796018936, 8)
+    assert events.token_time(_token(data)) == (1796018936, 8)
     # a BSON document 130 bytes long starts with 0x82 too: still read as BSON
     data = bson.encode({"s": 2, "t": Timestamp(5, 6), "n": "x" * 91, "k": {}})
-    assert data[0] == 0x82 and source.token_time(_token(data.hex())) == (5, 6)
+    assert data[0] == 0x82 and events.token_time(_token(data.hex())) == (5, 6)
 
 
 def test_token_time_unknown_formats_are_none():
     for token in (None, _token("zz-not-hex"), _token(""), _token("0102"), bson.encode({"_data": b"\x82\x00"}),
                   bson.encode({"other": 1}), b"\x05\x00\x00\x00"):
-        assert source.token_time(token) is None, token
+        assert events.token_time(token) is None, token
 
 
 def test_complete_time_is_the_later_of_the_last_event_and_an_idle_token():
