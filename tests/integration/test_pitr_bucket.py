@@ -19,6 +19,7 @@ import workload
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     ansible_module, files, job_config, job_requests, master_keys, restore_request, segments, source, storage, store,
     timeutil)
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_restore
 from daemon_helper import DaemonProcess, write_kmip_setup
 from snapshot_helpers import drop_standin_phantoms, plaintext_views, restored_image, source_image
@@ -172,3 +173,59 @@ def test_the_bucket_holds_no_plaintext(lab):
     assert hits == []
     daemon = [open(f, "rb").read() for f in lab["daemon_files"] if os.path.exists(f)]
     assert not [n for n in lab["needles"] for text in daemon if n.encode() in text]
+
+
+def _cut(lab):
+    """The second (newest) snapshot's record of the segment closing at its cut, and its timeline's segments."""
+    entries, _head = lab["js"].live_catalog(lab["keys"])
+    cut = {e["snapshot_id"]: e.get("segment") for e in entries}[lab["snapshots"][1]]
+    assert cut and cut["seq"] >= 2 and len(cut["sha256"]) == 64, cut
+    return cut, [s for s in segments.list_segments(lab["js"]) if s["timeline"] == cut["timeline"]]
+
+
+def _removed(lab, segs):
+    """Delete segs from the bucket; returns what puts them back."""
+    st = lab["js"].storage
+    saved = {segments.segment_path(lab["js"], s): bytes(st.get(segments.segment_path(lab["js"], s))) for s in segs}
+    for path in saved:
+        st.delete(path)
+
+    def restore():
+        for path, blob in saved.items():
+            st.put_atomic(path, blob)
+    return restore
+
+
+def test_newest_segments_removed_before_a_snapshot_are_named_and_nothing_is_written(lab):
+    cut, held = _cut(lab)
+    recorded = [s for s in held if s["seq"] == cut["seq"]][0]
+    assert recorded["to"] == tuple(cut["to"])
+    first = cut["seq"] - 1 if cut["seq"] >= 3 else cut["seq"]  # the newest segments back to before the snapshot's cut
+    put_back = _removed(lab, [s for s in held if s["seq"] >= first])
+    out = str(lab["tmp"] / "removed")
+    named = "segment %s/%010d is missing" % (cut["timeline"], first)
+    try:
+        pt = lab["points"][0]["point"]
+        with pytest.raises(IntegrityError, match=named):
+            restore_request.run_restore(params(lab, target_dir=out, point_in_time={"t": pt[0], "i": pt[1]}))
+        assert not os.path.exists(out)
+        with pytest.raises(IntegrityError, match=named):
+            segments.restorable_ranges(lab["js"], lab["keys"])
+    finally:
+        put_back()
+    assert segments.restorable_ranges(lab["js"], lab["keys"])["gaps"] == []
+
+
+def test_segments_removed_after_the_newest_snapshot_only_shorten_the_range(lab):
+    """Documented limit: nothing in the store vouches for segments after the newest snapshot's cut."""
+    cut, held = _cut(lab)
+    put_back = _removed(lab, [s for s in held if s["seq"] > cut["seq"]])
+    try:
+        ranges = segments.restorable_ranges(lab["js"], lab["keys"])
+        assert (ranges["ranges"][-1]["to"]["t"], ranges["ranges"][-1]["to"]["i"]) == tuple(cut["to"])
+        pt = lab["points"][1]["point"]
+        with pytest.raises(PointNotRestorable, match="latest restorable time before it"):
+            restore_request.run_restore(params(lab, target_dir=str(lab["tmp"] / "short"), point_in_time={"t": pt[0], "i": pt[1]}))
+    finally:
+        put_back()
+
