@@ -129,11 +129,25 @@ def lab(tmp_path_factory, pki, kmip_server, mongo_server, s3_server):
                 return None
             return r if r["ranges"] and (r["ranges"][-1]["to"]["t"], r["ranges"][-1]["to"]["i"]) >= last else None
         assert timeutil.wait_for(covered, 60, 0.3), d.log_tail()
-        status = d.status(job)
+        status = d.wait_status(job, lambda st: (st.get("segments") or {}).get("sealed_cluster_time") and tuple(
+            st["segments"]["sealed_cluster_time"]) >= last, timeout=30)
+        # segments removed after the newest snapshot: the store cannot tell, the daemon's head can (its status says)
+        entries, _head = js.live_catalog(keys)
+        cut = entries[-1]["segment"]
+        after = [s for s in segments.list_segments(js) if s["timeline"] == cut["timeline"] and s["seq"] > cut["seq"]]
+        saved = {segments.segment_path(js, s): bytes(js.storage.get(segments.segment_path(js, s))) for s in after}
+        for path in saved:
+            js.storage.delete(path)
+        try:
+            removed = d.wait_status(job, lambda st: (st.get("segments") or {}).get("problem"), timeout=30)
+        finally:
+            for path, blob in saved.items():
+                js.storage.put_atomic(path, blob)
     finally:
         d.stop()
     yield {"js": js, "keys": keys, "kmip": kmip, "obj": obj, "bucket": bucket, "s3": s3_server, "db": dbname, "mc": mc,
            "points": points, "snapshots": [first, second], "needles": needles, "job": job, "pki": pki, "status": status,
+           "removed_status": removed, "cut": cut,
            "kmip_port": kmip_server["port"], "tmp": base, "daemon_files": [d.log_file] + d.out_files, "data_dir": data_dir}
     kmip.close()
     mc.drop_database(dbname)
@@ -163,6 +177,28 @@ def test_restore_from_the_bucket_to_each_point_is_byte_equal(lab):
         assert r["changed"] and r["base_snapshot_id"] == lab["snapshots"][k] and r["segments"] >= 1, r
         assert restored_image(out, lab["db"]) == pt["image"], k
         assert lab["db"] not in str(r)  # encrypted: namespaces are not named in the result
+
+
+def test_status_shows_point_in_time_health(lab):
+    seg = lab["status"]["segments"]
+    ranges = segments.restorable_ranges(lab["js"], lab["keys"])["ranges"]
+    assert seg["enabled"] is True and seg["timeline"] == ranges[-1]["timeline"] and seg["awaiting_seal"] == 0, seg
+    assert tuple(seg["sealed_cluster_time"]) >= lab["points"][-1]["point"] and seg["sealed_to"].endswith("Z")
+    assert isinstance(seg["open_events"], int) and seg["open_events"] >= 0
+    # the store's range as the daemon last checked it (after the on-demand snapshot at least): no problem found
+    assert seg["restorable_cluster_time"] and seg["store_checked"] and seg["problem"] is None, seg
+    assert seg["restorable_cluster_time"] <= [ranges[-1]["to"]["t"], ranges[-1]["to"]["i"]]
+    text = str(lab["status"]) + str(lab["removed_status"])
+    assert [n for n in lab["needles"] if n in text] == []
+
+
+def test_daemon_status_names_segments_removed_after_the_newest_snapshot(lab):
+    """The fixture removed every segment sealed after the newest snapshot's cut (then put them back): the store's range
+    ends at that cut, before the last segment the daemon sealed, and its status says so."""
+    seg, cut = lab["removed_status"]["segments"], lab["cut"]
+    assert "change segments were removed from the store" in seg["problem"], seg
+    assert "ends at cluster time %d.%d" % tuple(cut["to"]) in seg["problem"] and cut["timeline"] in seg["problem"]
+    assert seg["restorable_cluster_time"] == cut["to"]
 
 
 def test_the_bucket_holds_no_plaintext(lab):
