@@ -18,7 +18,7 @@ from botocore.config import Config
 import workload
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     ansible_module, files, job_config, job_requests, master_keys, restore_request, segments, source, storage, store,
-    timeutil)
+    store_copy, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_restore
 from daemon_helper import DaemonProcess, write_kmip_setup
@@ -265,3 +265,52 @@ def test_segments_removed_after_the_newest_snapshot_only_shorten_the_range(lab):
     finally:
         put_back()
 
+
+
+def test_copies_carry_the_segments_and_restore_to_a_point_at_the_destination(lab):
+    """snapshot_copy's core: a mirror without keys (bucket to folder), then an authenticated copy of the latest snapshot
+    only; each destination restores to a point byte for byte."""
+    src = lab["js"].storage
+    mirror = str(lab["tmp"] / "mirror")
+    held = segments.list_segments(lab["js"])
+    plan = store_copy.copy_snapshots(src, store.FileStorage(mirror), lab["job"], check=True)
+    assert plan["objects"]["segments"] == len(held) and not os.path.exists(mirror)
+    r = store_copy.copy_snapshots(src, store.FileStorage(mirror), lab["job"])
+    assert r["objects"]["segments"] == len(held) and r["head"] == "copied"
+    again = store_copy.copy_snapshots(src, store.FileStorage(mirror), lab["job"])
+    assert not again["changed"] and again["objects"]["segments"] == 0
+    for k, pt in enumerate(lab["points"]):
+        out = str(lab["tmp"] / ("mirror-out%d" % k))
+        got = restore_request.run_restore(params(lab, object_store=None, store=mirror, target_dir=out,
+                                                 point_in_time={"t": pt["point"][0], "i": pt["point"][1]}))
+        assert got["base_snapshot_id"] == lab["snapshots"][k] and restored_image(out, lab["db"]) == pt["image"], k
+
+    # with keys, the latest snapshot only: the segments from its cut on (each opened and chain-checked on the way)
+    own = str(lab["tmp"] / "own")
+    r = store_copy.copy_snapshots(src, store.FileStorage(own), lab["job"], "latest", provider=lab["kmip"], encryption=True,
+                                  window_hours=24)
+    cut = lab["cut"]
+    want = [s["name"] for s in held if s["to"] >= tuple(lab["js"].catalog_entry(lab["snapshots"][1])["cluster_time"])]
+    assert [s["name"] for s in segments.list_segments(store.JobStore(store.FileStorage(own), lab["job"]))] == want
+    assert r["objects"]["segments"] == len(want) and "%s/%010d-" % (cut["timeline"], cut["seq"]) in " ".join(want)
+    pt = lab["points"][1]
+    out = str(lab["tmp"] / "own-out")
+    got = restore_request.run_restore(params(lab, object_store=None, store=own, target_dir=out,
+                                             point_in_time={"t": pt["point"][0], "i": pt["point"][1]}))
+    assert got["base_snapshot_id"] == lab["snapshots"][1] and restored_image(out, lab["db"]) == pt["image"]
+
+
+def test_a_copy_refuses_a_broken_segment_chain_and_names_it(lab):
+    held = segments.list_segments(lab["js"])
+    a, b = held[-3], held[-2]
+    st = lab["js"].storage
+    pa = segments.segment_path(lab["js"], a)
+    blob_a = bytes(st.get(pa))
+    st.put_atomic(pa, blob_a[:-1] + bytes([blob_a[-1] ^ 1]))  # its digest changes: the next one no longer chains to it
+    dest = str(lab["tmp"] / "broken")
+    try:
+        with pytest.raises(IntegrityError, match="segment %s does not chain" % b["name"]):
+            store_copy.copy_snapshots(st, store.FileStorage(dest), lab["job"])
+    finally:
+        st.put_atomic(pa, blob_a)
+    assert not os.path.exists(os.path.join(dest, lab["job"], "catalog"))  # nothing visible at the destination
