@@ -426,17 +426,18 @@ class JobRunner(threading.Thread):
             LOG.warning("job %s: sealing change segments failed; retrying in 30 s", self.job)
 
     def _segments_check_store(self, js, keys):
-        """After a seal at most every STORE_CHECK_EVERY seconds (or 10 segments), and after each snapshot: the newest restorable range as the
-        store shows it (restorable_ranges: what a restore can use), compared with the last segment this head sealed. The
-        store alone cannot vouch for segments after its newest snapshot; the head can: one missing is reported."""
+        """After a seal at most every STORE_CHECK_EVERY seconds (or 10 segments), and after each snapshot: the newest
+        restorable range as the store shows it (restorable_ranges: what a restore can use), compared with the last
+        segment this head sealed. The store alone cannot vouch for segments after its newest snapshot; the head can: one
+        missing is reported (status segments.problem). Never fails the caller (a snapshot is committed by then)."""
         self._store_check = time.monotonic() + min(STORE_CHECK_EVERY, 10 * self._pitr()[0])
         last = segments.cut_segment(self.head)
         problem, newest = None, None
         try:
             ranges = segments.restorable_ranges(js, keys)["ranges"]
             newest = ranges[-1] if ranges else None
-        except KmipBackupError as e:
-            problem = _safe(e, self.cfg)
+        except Exception as e:  # reported in status, checked again later
+            problem = "reading the store's restorable ranges failed: %s" % _safe(e, self.cfg)
         if newest is not None and last is not None and newest["timeline"] == last["timeline"] and (
                 newest["to"]["t"], newest["to"]["i"]) < tuple(last["to"]):
             problem = ("the store's restorable range of timeline %s ends at cluster time %d.%d, but this daemon sealed "
