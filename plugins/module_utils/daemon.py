@@ -45,6 +45,7 @@ BACKOFF_MAX = 30.0
 SUPERVISOR_BACKOFF_MAX = 60.0  # a worker that keeps dying is restarted at most once a minute
 STATUS_EVERY = 1.0
 VERIFY_EVERY = 600.0     # seconds between sampled head verifications
+STORE_CHECK_EVERY = 60.0  # at most this (or 10 segments) between comparisons of the store's range with the head's
 VERIFY_SAMPLE = 100      # documents per collection and side
 HEARTBEAT_EVERY = 0.5    # seconds between reads of the source's cluster time
 HEARTBEAT_TIMEOUT = 1.0  # a read not answered within this marks the source unreachable: outages show within 2 s
@@ -177,6 +178,9 @@ class JobRunner(threading.Thread):
         self._idle_read_at = None  # monotonic start of the last capture read that found the stream idle
         self._waits = {}           # on-demand snapshot requests waiting for the head: {rid: {...}}
         self._seal_retry = 0.0     # monotonic time before which a failed segment seal is not retried
+        self._events_at_close = 0  # status "events" when the open segment began (its events: those since)
+        self._store_check = 0.0    # monotonic time of the next comparison of the store's range with the head (segments)
+        self._store_range = {"restorable_to": None, "restorable_cluster_time": None, "store_checked": None, "problem": None}
         self._meters = {}          # long work running: status field -> progress.Meter, reported at every status write
 
     # ---- status ----------------------------------------------------------------------
@@ -194,7 +198,7 @@ class JobRunner(threading.Thread):
             {"checked": 0, "mismatched": 0, "recopied": 0}, "complete_cluster_time": None, "source": None,
             "last_snapshot": prev.get("last_snapshot"), "last_error": None,
             "initial_sync": None, "last_initial_sync": prev.get("last_initial_sync") if same else None, "snapshot": None,
-            "updated": None, "pid": os.getpid(),
+            "updated": None, "pid": os.getpid(), "segments": None,
         }
 
     def set_status(self, force: bool = True, **fields) -> None:
@@ -378,7 +382,7 @@ class JobRunner(threading.Thread):
             with self.head.write() as w:  # point in time was turned off: the timeline ends here
                 w.end_timeline()
         elif rotated:
-            segments.close(self.head)
+            self._close_segment()
         self._segments_seal()
 
     def _segments_tick(self):
@@ -388,13 +392,18 @@ class JobRunner(threading.Thread):
         if (window > 0) != self.head.record_segments:
             self._segments_start(False)  # the option changed: picked up live
         if self.head.record_segments and segments.due(self.head, seconds):
-            segments.close(self.head)
+            self._close_segment()
         if time.monotonic() >= self._seal_retry and self.head.closed_segments():
             self._segments_seal()
+        self._segments_status()
+
+    def _close_segment(self):
+        if segments.close(self.head) is not None:
+            self._events_at_close = self.status.get("events") or 0
 
     def _segments_close(self, js=None, keys=None):
         if self.head.record_segments:
-            segments.close(self.head)
+            self._close_segment()
         self._segments_seal(js, keys)
 
     def _segments_seal(self, js=None, keys=None):
@@ -409,10 +418,52 @@ class JobRunner(threading.Thread):
             self._seal_retry = 0.0
             if sealed:
                 LOG.debug("job %s: %d change segments sealed", self.job, len(sealed))
+            if time.monotonic() >= self._store_check:
+                self._segments_check_store(js, keys)
         except KmipBackupError as e:
             self._seal_retry = time.monotonic() + 30
             self.set_status(last_error="sealing change segments failed (kept in the head, retried): %s" % _safe(e, self.cfg))
             LOG.warning("job %s: sealing change segments failed; retrying in 30 s", self.job)
+
+    def _segments_check_store(self, js, keys):
+        """After a seal at most every STORE_CHECK_EVERY seconds (or 10 segments), and after each snapshot: the newest
+        restorable range as the store shows it (restorable_ranges: what a restore can use), compared with the last
+        segment this head sealed. The store alone cannot vouch for segments after its newest snapshot; the head can: one
+        missing is reported (status segments.problem). Never fails the caller (a snapshot is committed by then)."""
+        self._store_check = time.monotonic() + min(STORE_CHECK_EVERY, 10 * self._pitr()[0])
+        last = segments.cut_segment(self.head)
+        problem, newest = None, None
+        try:
+            ranges = segments.restorable_ranges(js, keys)["ranges"]
+            newest = ranges[-1] if ranges else None
+        except Exception as e:  # reported in status, checked again later
+            problem = "reading the store's restorable ranges failed: %s" % _safe(e, self.cfg)
+        if newest is not None and last is not None and newest["timeline"] == last["timeline"] and (
+                newest["to"]["t"], newest["to"]["i"]) < tuple(last["to"]):
+            problem = ("the store's restorable range of timeline %s ends at cluster time %d.%d, but this daemon sealed "
+                       "segment %010d up to %d.%d: change segments were removed from the store"
+                       % (last["timeline"], newest["to"]["t"], newest["to"]["i"], last["seq"], last["to"][0], last["to"][1]))
+        if problem:
+            LOG.warning("job %s: point in time: %s", self.job, problem)
+        with self._status_lock:
+            self._store_range = {"restorable_to": newest["to_time"] if newest else None,
+                                 "restorable_cluster_time": [newest["to"]["t"], newest["to"]["i"]] if newest else None,
+                                 "store_checked": timeutil.iso(timeutil.utcnow()), "problem": problem}
+
+    def _segments_status(self):
+        """status["segments"]: point-in-time health, counts and times only."""
+        if self.head is None:
+            return
+        state = self.head.segment_state()
+        last = segments.cut_segment(self.head)
+        out = {"enabled": bool(self.head.record_segments), "timeline": state["timeline"],
+               "sealed_to": segments.ct_time(last["to"]) if last else None,
+               "sealed_cluster_time": last["to"] if last else None,
+               "open_events": max(0, (self.status.get("events") or 0) - self._events_at_close) if state["timeline"] else 0,
+               "awaiting_seal": len(self.head.closed_segments())}
+        out.update(self._store_range)
+        if out != self.status.get("segments"):
+            self.set_status(force=False, segments=out)
 
     def _segments_collect(self, js, keys, now):
         """Segments no restore inside the window needs go with the snapshots' garbage collection."""
@@ -521,6 +572,7 @@ class JobRunner(threading.Thread):
 
     def _capture(self, client):
         cap = source.Capture(self.head, client)
+        self._events_at_close = 0  # the capture counts its events from 0
         next_verify = time.monotonic() + VERIFY_EVERY
         try:
             while True:
@@ -685,6 +737,9 @@ class JobRunner(threading.Thread):
         expired = retention.apply_retention(js, schedule, now, keys)
         gc = js.gc(keys)
         self._segments_collect(js, keys, now)
+        if self.head.record_segments:
+            self._segments_check_store(js, keys)
+            self._segments_status()
         last = {"id": info["snapshot_id"], "created": info["created"], "cluster_time": info["cluster_time"], "type": kind}
         self.set_status(last_snapshot=last, snapshots=gc["catalog_entries"])
         LOG.info("job %s: %s snapshot in %.1fs: %d chunks written, %d reused; %d expired; %d chunks collected",

@@ -262,6 +262,26 @@ def close(head: Head) -> int | None:
         return w.close_segment(to)
 
 
+def cut_segment(head: Head) -> dict | None:
+    """What a snapshot cut now records in its catalog entry: the last segment of the current timeline that is sealed
+    into the store, {"timeline", "seq", "to": [t, i], "sha256": hex digest of the stored object}; None when the head
+    records no timeline or has sealed none of it yet (a segment still in the head could be lost with the host, so it is
+    never vouched for). The analysis then requires the store to hold it (_check_cuts)."""
+    state = head.segment_state()
+    link = head.segment_chain(state["timeline"]) if state["timeline"] is not None else None
+    if link is None or state["from"] is None:
+        return None
+    seq, digest = link
+    if seq == state["next_seq"] - 1:
+        to = state["from"]
+    else:  # closed segments await sealing: the last sealed one ends where the next one starts
+        nxt = [c["from"] for c in head.closed_segments() if c["timeline"] == state["timeline"] and c["seq"] == seq + 1]
+        if not nxt:
+            return None
+        to = nxt[0]
+    return {"timeline": state["timeline"], "seq": seq, "to": list(to), "sha256": digest.hex()}
+
+
 def due(head: Head, seconds: float, now: float | None = None) -> bool:
     """Whether the open segment is older than seconds."""
     state = head.segment_state()
@@ -369,13 +389,39 @@ def _gap(frm, to, reasons):
             "reason": "; ".join(dict.fromkeys(reasons)) or "no snapshot starts this coverage"}
 
 
+def _check_cuts(entries, segs):
+    """Each live snapshot's entry records the last sealed segment at its cut (cut_segment): the store must hold it while
+    it holds an earlier segment of that timeline (retention removes a timeline's segments oldest first, so one missing
+    after an earlier one was removed from the newest end). IntegrityError naming the first segment missing."""
+    held = {(s["timeline"], s["seq"]): s for s in segs}
+    for e in entries:
+        cut = e.get("segment")
+        if not isinstance(cut, dict):
+            continue
+        timeline, seq, to = cut.get("timeline"), cut.get("seq"), tuple(cut.get("to") or (0, 0))
+        s = held.get((timeline, seq))
+        if s is not None and s["to"] != to:
+            raise crypto.integrity_error("segment", s["name"], "does not end at cluster time %d.%d, where snapshot %s "
+                                         "records it ends" % (to + (e["snapshot_id"],)))
+        earlier = [x["seq"] for x in segs if x["timeline"] == timeline and x["seq"] < seq]
+        if s is None and earlier:
+            raise crypto.integrity_error(
+                "segment", "%s/%010d" % (timeline, max(earlier) + 1),
+                "is missing (removed from the store): snapshot %s records that its timeline reaches segment %010d, "
+                "ending at cluster time %d.%d; segments up to %010d are gone from the newest end"
+                % ((e["snapshot_id"], seq) + to + (seq,)))
+
+
 def _analyse(job_store, keys):
-    """(ranges with their segments and snapshots, gaps); ranges sorted by time."""
+    """(ranges with their segments and snapshots, gaps); ranges sorted by time. IntegrityError when segments a live
+    snapshot vouches for were removed (_check_cuts)."""
     entries, _head = job_store.live_catalog(keys)
     # by cluster time only (two snapshots of an idle head share one), in catalog order among equals
     snaps = sorted(((tuple(e["cluster_time"]), e) for e in entries if e.get("cluster_time")), key=lambda x: x[0])
+    segs = list_segments(job_store)
+    _check_cuts(entries, segs)
     ranges, gaps, prev_end, reasons, unusable_to = [], [], None, [], None
-    for timeline, run, reason in sorted(_runs(list_segments(job_store)), key=lambda r: r[1][0]["from"]):
+    for timeline, run, reason in sorted(_runs(segs), key=lambda r: r[1][0]["from"]):
         start, end = run[0]["from"], run[-1]["to"]
         bases = [(ct, e) for ct, e in snaps if start <= ct <= end]
         if prev_end is not None:
@@ -416,6 +462,10 @@ def plan_point(job_store: JobStore, keys: Keys, point) -> dict:
         if r["from"] <= point <= r["to"]:
             snap_ct, entry = [(ct, e) for ct, e in r["snapshots"] if ct <= point][-1]
             segs = [s for s in r["segments"] if s["to"] > snap_ct and s["from"] < point]
+            cut = entry.get("segment")
+            if segs and isinstance(cut, dict) and cut.get("sha256") and (cut.get("timeline"), cut.get("seq")) == (
+                    segs[0]["timeline"], segs[0]["seq"] - 1):  # the chain's link before the plan, from the catalog
+                segs[0] = dict(segs[0], prev_sha256=cut["sha256"])
             return {"snapshot": entry, "segments": segs, "point": point}
     near = []
     for gap in gaps:
@@ -447,11 +497,13 @@ def _info(doc):
 
 
 def _check_chain(job_store, segs):
-    """The first segment's predecessor digest, when the store still holds that predecessor (retention may have
-    collected it); None when it cannot be checked."""
+    """The first segment's predecessor digest: the one the base snapshot's entry records (plan_point), else the
+    predecessor's when the store still holds it (retention may have collected it); None when it cannot be checked."""
     first = segs[0]
     if first["seq"] == 1:
         return NO_PREDECESSOR
+    if first.get("prev_sha256"):
+        return bytes.fromhex(first["prev_sha256"])
     for s in list_segments(job_store):
         if s["timeline"] == first["timeline"] and s["seq"] == first["seq"] - 1:
             path = segment_path(job_store, s)

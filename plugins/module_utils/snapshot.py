@@ -26,7 +26,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, SnapshotError, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys, check_format
@@ -319,6 +319,7 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
                     raise SnapshotError("The head of job %s is not consistent yet (initial sync or catch-up running): a snapshot "
                                         "can only be cut at a consistent cluster time; wait for status STARTED." % job_store.job)
                 change_seq = r.change_seq
+                cut = segments.cut_segment(head)  # the segment closed last (the daemon closes one right before a cut)
                 prev = _prev_namespaces(prev_manifest, head.path)
                 if prev_manifest is not None and prev and prev_manifest.get("change_seq", 0) > change_seq:
                     prev = {}
@@ -382,7 +383,7 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
              "doc_count": sum(n["count"] for n in namespaces), "namespaces": len(namespaces),
              "encryption": bool(encryption), "master_key_uids": master_uids, "key_id": key_id,
              "manifest_sha256": manifest_sha, "expires": iso(expires) if isinstance(expires, datetime.datetime) else expires,
-             "type": kind, "format": FORMAT}
+             "type": kind, "format": FORMAT, "segment": cut}
     moved = job_store.read_head()
     if (moved or {}).get("seq") != (chead or {}).get("seq") or (moved or {}).get("snapshot_id") != (chead or {}).get("snapshot_id"):
         job_store.end(snapshot_id)  # its chunks and manifest are unreferenced: the next GC removes them

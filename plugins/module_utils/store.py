@@ -65,6 +65,8 @@ except ImportError as e:  # pragma: no cover
 
 CATALOG_FIELDS = ("snapshot_id", "seq", "job", "created", "cluster_time", "data_bytes", "stored_bytes", "written_bytes", "doc_count",
                   "namespaces", "encryption", "master_key_uids", "key_id", "manifest_sha256", "expires", "type", "format")
+# MAC'ed when present (an entry written before they existed keeps its MAC): the change segment closing at the cut
+CATALOG_OPTIONAL = ("segment",)
 PURPOSES = ("head", "snapshot", "chunk_id")
 HEAD_FIELDS = ("format", "job", "seq", "snapshot_id", "live", "key_id", "updated")
 HEAD_FORMAT = 1
@@ -408,14 +410,16 @@ class JobStore:
 
     # catalog -----------------------------------------------------------------------------------------
     def _catalog_mac(self, entry, keys):
-        fields = canonical({k: entry.get(k) for k in CATALOG_FIELDS})
+        fields = {k: entry.get(k) for k in CATALOG_FIELDS}
+        fields.update((k, entry[k]) for k in CATALOG_OPTIONAL if k in entry)
+        fields = canonical(fields)
         key = keys.key(entry["key_id"]) if entry.get("encryption") else None
         if key is None:
             return "sha256:" + hashlib.sha256(fields).hexdigest()
         return "hmac-sha256:" + crypto.mac(crypto.derive(key, "catalog"), fields)
 
     def put_catalog(self, entry: dict, keys: Keys) -> dict:
-        entry = {k: entry.get(k) for k in CATALOG_FIELDS}
+        entry = dict({k: entry.get(k) for k in CATALOG_FIELDS}, **{k: entry[k] for k in CATALOG_OPTIONAL if entry.get(k)})
         entry["mac"] = self._catalog_mac(entry, keys)
         self.storage.put_atomic(self._p("catalog", entry["snapshot_id"] + ".json"), canonical(entry))
         return entry

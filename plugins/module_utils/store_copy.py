@@ -39,13 +39,14 @@ import json
 import re
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    config, crypto, job_config, kmip, objectstore, restore_request, retention, storage, store)
+    config, crypto, job_config, kmip, objectstore, restore_request, retention, segments, storage, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import SNAPSHOT_RE
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import utcnow
 
 GRACE_SECONDS = 3600  # temporary files older than this are a killed copy's (as for the store's garbage collection)
 WORKERS = 8  # parallel chunk copies (objectstore.S3Storage's connection pool is larger)
+SEGMENT_BATCH = 64  # change segments held in memory at once (read, checked, then written)
 KEY_ID_RE = re.compile(r"^(none|(snapshot|chunk_id)-[0-9]+)$")
 
 
@@ -125,6 +126,18 @@ def check_keyring_record(data: bytes, key_id: str) -> dict:
     return rec
 
 
+def check_segment(blob: bytes, meta: dict, keyring: list) -> bytes:
+    """A stored change segment's predecessor digest, when the segment has the format and names a key the keyring holds
+    (or none); IntegrityError naming it otherwise. Its seal needs the keys (a keyed copy opens it)."""
+    n = blob[4] if len(blob) > 4 else 0
+    key_id = bytes(blob[5:5 + n]).decode("ascii", "replace")
+    if blob[:4] != segments.MAGIC or not KEY_ID_RE.match(key_id) or len(blob) < 37 + n + 28:
+        raise crypto.integrity_error("segment", meta["name"], "has an unknown format")
+    if key_id != "none" and key_id not in keyring:
+        raise crypto.integrity_error("segment", meta["name"], "names key %s, which the keyring does not hold" % key_id)
+    return bytes(blob[5 + n:37 + n])
+
+
 def _sha(data):
     return hashlib.sha256(data).hexdigest()
 
@@ -138,7 +151,7 @@ class Copy:
     def __init__(self, src: store.FileStorage | objectstore.S3Storage, dst: store.FileStorage | objectstore.S3Storage, job: str,
                  snapshots: str | list = "all", provider: kmip.KmipClient | None = None, keep_last: int | None = None,
                  schedule: dict | None = None, now: datetime.datetime | None = None, encryption: bool | None = None,
-                 workers: int = WORKERS) -> None:
+                 workers: int = WORKERS, window_hours: float | None = None) -> None:
         self.src = store.JobStore(src, job)
         if not src.list(job):
             raise StoreError("The source store %s has no job %s: check the job name and the store." % (src.root, job))
@@ -147,7 +160,8 @@ class Copy:
         self.keep_last, self.schedule, self.now = keep_last, schedule, now or utcnow()
         self.encryption = encryption
         self.workers = workers
-        self.counts = {"keyring": 0, "chunks": 0, "manifests": 0, "catalog": 0}
+        self.window_hours = window_hours  # a keyed copy collects the destination's segments with this window
+        self.counts = {"keyring": 0, "chunks": 0, "segments": 0, "manifests": 0, "catalog": 0}
         self.skipped = 0
         self.bytes = 0
         self.gc = None
@@ -207,6 +221,7 @@ class Copy:
             ordered = sorted(final.values(), key=lambda e: (e["seq"], e["snapshot_id"]))
             keep, expire = retained(ordered, self.keep_last, self.schedule, self.now)
             live = [[final[sid]["seq"], sid] for sid in keep]
+            live_entries = [final[sid] for sid in keep]
         else:
             need = [sid for _seq, sid in head["live"]]
             left_out = [sid for sid in need if sid not in held and sid not in chosen]
@@ -221,6 +236,7 @@ class Copy:
                     "source was rolled back or is another store; check both, or copy with KMIP access."
                     % (job, dst_head["seq"], head["seq"]))
             keep, live = need, head["live"]
+            live_entries = [by_id[sid] for sid in need if sid in by_id]
             expire = [sid for sid, seq in (self.dst.catalog_files() if self.dst else [])
                       if sid not in need and (seq is None or seq <= head["seq"])]
         for sid in keep:  # a snapshot the destination holds already: its entry must be the source's
@@ -233,6 +249,7 @@ class Copy:
         self.expire = [sid for sid in expire if sid in held]
         self.dst_head = dst_head
         self._plan_objects(by_id, keyed)
+        self._plan_segments(live_entries)
         return self.summary(planned=True)
 
     def _live_entry(self, sid, seq):
@@ -274,6 +291,18 @@ class Copy:
             sizes = list(pool.map(lambda c: src.storage.size(src.chunk_path(c)), self.chunks_new))
         self.planned_bytes = sum(sizes) + sum(src.storage.size(src._p("manifests", e["snapshot_id"])) for e in self.entries)
 
+    def _plan_segments(self, live_entries):
+        """The change segments a point-in-time restore from the destination's live snapshots can replay: every segment
+        of the source ending at or after the oldest of them (one ending at it is the snapshot's recorded cut)."""
+        cts = [tuple(e["cluster_time"]) for e in live_entries if e.get("cluster_time")]
+        listed = segments.list_segments(self.src) if cts else []
+        self.segments = [s for s in listed if s["to"] >= min(cts)] if cts else []
+        have = {s["name"] for s in segments.list_segments(self.dst)} if self.dst and self.segments else set()
+        self.segments_new = [s for s in self.segments if s["name"] not in have]
+        src = self.src
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            self.planned_bytes += sum(pool.map(lambda s: src.storage.size(segments.segment_path(src, s)), self.segments_new))
+
     def _manifest(self, entry):
         """The manifest's bytes from the source, checked against its catalog entry's digest and for its format."""
         sid = entry["snapshot_id"]
@@ -289,14 +318,14 @@ class Copy:
                "authenticated": self.provider is not None, "snapshots": list(self.to_copy), "expired": list(self.expire),
                "live": [sid for _seq, sid in self.live], "head": head_changes, "dest_only_chunks": self.dest_only_chunks}
         if planned:
-            out.update(objects={"chunks": len(self.chunks_new), "manifests": len(self.entries), "catalog": len(self.entries)},
-                       bytes=self.planned_bytes)
+            out.update(objects={"chunks": len(self.chunks_new), "segments": len(self.segments_new), "manifests": len(self.entries),
+                                "catalog": len(self.entries)}, bytes=self.planned_bytes)
         else:
             out.update(objects=dict(self.counts), bytes=self.bytes, skipped=self.skipped)
         if not planned:
             out["gc"] = self.gc
         out["changed"] = bool(self.expire or head_changes != "unchanged"
-                              or (any(self.counts.values()) if not planned else self.to_copy or self.chunks_new))
+                              or (any(self.counts.values()) if not planned else self.to_copy or self.chunks_new or self.segments_new))
         return out
 
     def head_changes(self) -> str:
@@ -322,6 +351,7 @@ class Copy:
             check_keyring_record(data, key_id)
             self._count("keyring", self._put(self.dst.keyring_path(key_id), data, "keyring entry", key_id), data)
         self._copy_chunks()
+        self._copy_segments()  # before the catalog entries: an entry's recorded cut segment must be there
         for e in self.entries:
             sid = e["snapshot_id"]
             data = self._manifest(e)
@@ -338,6 +368,8 @@ class Copy:
             self.dst_storage.delete(self.dst._p("manifests", sid))
         if self.provider is not None:
             self.gc = self.dst.gc(self._dst_keys(), now=self.now)
+            if self.window_hours is not None:  # segments no restore inside the window needs, as the daemon collects them
+                self.gc["segments"] = segments.collect(self.dst, self._dst_keys(), self.window_hours, self.now)
         elif hasattr(self.dst_storage, "clean_temporary"):  # what a killed copy left in a folder (gc does it with keys)
             self.dst_storage.clean_temporary(job, self.now.timestamp() - GRACE_SECONDS)
         return self.summary()
@@ -380,6 +412,29 @@ class Copy:
                     self.skipped += 1
         self.skipped += len(self.chunks_have)
 
+    def _copy_segments(self):
+        """Copy the planned segments in order, a batch at a time: each checked for its format (opened with the keys, in
+        a keyed copy) and chained to its predecessor (the SHA-256 of the predecessor's stored bytes, which needs no
+        key), then written; one the destination holds is skipped when equal and an error naming it otherwise."""
+        src = self.src
+        digests = {}
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            for k in range(0, len(self.segments), SEGMENT_BATCH):
+                batch = self.segments[k:k + SEGMENT_BATCH]
+                blobs = list(pool.map(lambda s: bytes(src.storage.get(segments.segment_path(src, s))), batch))
+                for s, data in zip(batch, blobs, strict=True):
+                    prev = check_segment(data, s, self.keyring)
+                    if self.provider is not None:
+                        segments.open_segment(self.job, s, data, self.src_keys)
+                    before = segments.NO_PREDECESSOR if s["seq"] == 1 else digests.get((s["timeline"], s["seq"] - 1))
+                    if before is not None and prev != before:
+                        raise crypto.integrity_error("segment", s["name"], "does not chain to its predecessor (in the source "
+                                                     "store): a segment was replaced, reordered or replayed")
+                    digests[(s["timeline"], s["seq"])] = hashlib.sha256(data).digest()
+                puts = pool.map(lambda s, data: self._put(segments.segment_path(src, s), data, "segment", s["name"]), batch, blobs)
+                for written, data in zip(puts, blobs, strict=True):
+                    self._count("segments", written, data)
+
     def _commit_head(self):
         path = self.dst._p("catalog-head.json")
         if self.provider is None:
@@ -399,10 +454,13 @@ class Copy:
 
 def copy_snapshots(src: store.FileStorage | objectstore.S3Storage, dst: store.FileStorage | objectstore.S3Storage, job: str, snapshots: str | list = "all",
                    provider: kmip.KmipClient | None = None, keep_last: int | None = None, schedule: dict | None = None,
-                   check: bool = False, now: datetime.datetime | None = None, encryption: bool | None = None) -> dict:
-    """Copy job's snapshots (all, latest or a list of ids) from src to dst; check: only plan. Returns the summary:
-    snapshots copied, expired, objects and bytes, what happened to the destination's head, changed."""
-    c = Copy(src, dst, job, snapshots, provider, keep_last, schedule, now, encryption)
+                   check: bool = False, now: datetime.datetime | None = None, encryption: bool | None = None,
+                   window_hours: float | None = None) -> dict:
+    """Copy job's snapshots (all, latest or a list of ids), and the change segments after the oldest snapshot live at
+    the destination, from src to dst; check: only plan. window_hours: a keyed copy collects the destination's segments
+    with this point-in-time window (None: keeps them). Returns the summary: snapshots copied, expired, objects and
+    bytes, what happened to the destination's head, changed."""
+    c = Copy(src, dst, job, snapshots, provider, keep_last, schedule, now, encryption, window_hours=window_hours)
     planned = c.plan()
     return planned if check else c.run()
 
@@ -455,5 +513,7 @@ def copy_request(p: dict, check_mode: bool = False) -> dict:
         raise StoreError("authenticate needs KMIP access: give kmip_servers, kmip_ca_file and client_cert_file, or "
                          "config_dir on a daemon host.")
     encryption = bool(cfg.get("encryption")) if cfg is not None else None  # None: the source's keyring tells
+    window = (cfg or {}).get("point_in_time_window_hours", segments.DEFAULT_WINDOW_HOURS)
     with kmip.KmipClient(*settings) as client:
-        return copy_snapshots(src, dst, job, snapshots, client, keep_last, schedule, check=check_mode, encryption=encryption)
+        return copy_snapshots(src, dst, job, snapshots, client, keep_last, schedule, check=check_mode, encryption=encryption,
+                              window_hours=float(window or 0))

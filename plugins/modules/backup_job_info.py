@@ -184,6 +184,49 @@ jobs:
             error:
               description: Why the last heartbeat failed (host and cause, never server text), or null.
               type: str
+        segments:
+          description:
+            - Point-in-time health (change segments), null until the job's head is open. Times and counts only, never a
+              namespace name.
+          type: dict
+          contains:
+            enabled:
+              description: Whether the job records change segments (O(kmipbackup.mongodb.backup_job_encryption#module:point_in_time_window_hours) above 0).
+              type: bool
+            timeline:
+              description: The current timeline's id (a resync, a lost resume point or an invalidate starts a new one), or null.
+              type: str
+            sealed_to:
+              description: End (ISO 8601, UTC, whole seconds) of the last segment of the timeline sealed into the store, or null.
+              type: str
+            sealed_cluster_time:
+              description: The same end as a cluster time, C([seconds, increment]).
+              type: list
+              elements: int
+            open_events:
+              description: Change events applied since the open segment began (counted by the running capture).
+              type: int
+            awaiting_seal:
+              description: Closed segments kept in the head because sealing them into the store failed (retried every 30 s).
+              type: int
+            restorable_to:
+              description:
+                - End (ISO 8601, UTC) of the newest restorable range as the store showed it at RV(jobs[].status.segments.store_checked)
+                  (checked after each snapshot and at most every minute after a seal), or null.
+              type: str
+            restorable_cluster_time:
+              description: The same end as a cluster time, C([seconds, increment]).
+              type: list
+              elements: int
+            store_checked:
+              description: When the daemon last read the store's restorable ranges (ISO 8601, UTC), or null.
+              type: str
+            problem:
+              description:
+                - What that check found wrong, or null. The store alone cannot vouch for segments after its newest
+                  snapshot; the daemon compares the store's range with the last segment it sealed and names segments
+                  removed from the store, or the integrity error reading the ranges gave.
+              type: str
         last_error:
           description: The last failure the daemon retries, or null; names a source outage within about a second.
           type: str

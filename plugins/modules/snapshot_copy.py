@@ -30,6 +30,12 @@ description:
     source is authenticated first (catalog head, entries, manifests, every chunk copied), only the chunks the copied
     snapshots reference are copied, and the destination keeps a catalog head of its own, with its own retention
     (O(dest_retention)) and garbage collection.
+  - The job's change segments (point in time) after the oldest snapshot live at the destination are copied with the
+    snapshots, as stored, before the snapshots become visible; each is checked for its format and its chain (the
+    SHA-256 of the segment before it) without keys, and opened with O(authenticate). So the destination restores to a
+    point as the source does. Without O(authenticate) the destination's segments are never deleted; with it they are
+    collected with the job's O(kmipbackup.mongodb.backup_job_encryption#module:point_in_time_window_hours) (24 when the
+    job is not declared on this host).
   - Use one mode per destination, and one copy at a time per destination.
   - See the store format documentation (C(docs/store-format.md), "Copies between stores") for the details.
 author: kmipbackup developers (@kmipbackup)
@@ -217,7 +223,7 @@ objects:
   description: Objects copied (to be copied, in check mode) by kind.
   returned: success
   type: dict
-  sample: {"keyring": 2, "chunks": 118, "manifests": 1, "catalog": 1}
+  sample: {"keyring": 2, "chunks": 118, "segments": 42, "manifests": 1, "catalog": 1}
 bytes:
   description: Bytes copied (to be copied, in check mode).
   returned: success
@@ -234,7 +240,9 @@ dest_only_chunks:
   returned: success
   type: int
 gc:
-  description: The destination's garbage collection after an authenticated copy (chunks and bytes freed).
+  description:
+    - The destination's garbage collection after an authenticated copy (chunks and bytes freed), with C(segments) the
+      change segments' collection (C(segments_deleted), C(bytes_freed), C(segments) kept).
   returned: success, authenticated copies, not check mode
   type: dict
 error_kind:

@@ -1,6 +1,7 @@
 """Unit tests of change segments (real SQLCipher heads and a folder store, no server): seal/open, the chain,
 ranges and gaps, plans, and a replay that rebuilds the head's image at each point byte for byte."""
 import datetime
+import hashlib
 import os
 import time
 
@@ -355,3 +356,50 @@ def test_job_options_checked_and_written_only_when_not_default():
                 {"point_in_time_segment_seconds": "10"}, {"point_in_time_window_hours": True}):
         with pytest.raises(ConfigError, match=list(bad)[0]):
             job_config.normalize_point_in_time(bad)
+
+
+def test_a_snapshot_vouches_for_the_segments_before_its_cut(env):
+    """Each catalog entry records the last sealed segment at its cut (MAC'ed): segments removed from the newest end back
+    past it are named; after the newest snapshot nothing vouches for them (a shorter range); retention is no removal."""
+    _tmp, _provider, js, keys, h = env
+    base, _images = build(env)
+    assert "segment" not in base  # none sealed at the job's first cut: the field is absent
+    later = snap(h, js, keys)
+    cut = later["segment"]
+    segs = segments.list_segments(js)
+    path = lambda s: segments.segment_path(js, s)  # noqa: E731
+    assert (cut["seq"], cut["to"], cut["timeline"]) == (3, [T0 + 30, 2], segs[2]["timeline"])
+    assert cut["sha256"] == hashlib.sha256(js.storage.get(path(segs[2]))).hexdigest()
+    capture(h, [ev("insert", T0 + 40, 1, 7, {"_id": 7})])
+    close_seal(h, js, keys)
+    segs = segments.list_segments(js)
+    saved = {s["seq"]: bytes(js.storage.get(path(s))) for s in segs}
+
+    # the record is authenticated with the entry
+    entry_path = js._p("catalog", later["snapshot_id"] + ".json")
+    entry = js.storage.get(entry_path)
+    js.storage.put_atomic(entry_path, entry.replace(b'"seq":3', b'"seq":2'))
+    with pytest.raises(IntegrityError, match="catalog entry %s" % later["snapshot_id"]):
+        segments.restorable_ranges(js, keys)
+    js.storage.put_atomic(entry_path, entry)
+
+    # the newest segments removed back past the later snapshot's cut: named, for the ranges and for a plan
+    for s in segs[2:]:
+        js.storage.delete(path(s))
+    named = "segment %s/0000000003 is missing" % cut["timeline"]
+    with pytest.raises(IntegrityError, match=named):
+        segments.restorable_ranges(js, keys)
+    with pytest.raises(IntegrityError, match=named):
+        segments.plan_point(js, keys, (T0 + 12, 0))
+    js.storage.put_atomic(path(segs[2]), saved[3])
+    # only after the newest snapshot: the range ends at its cut, documented
+    ranges = segments.restorable_ranges(js, keys)["ranges"]
+    assert ranges[-1]["to"] == {"t": T0 + 30, "i": 2}
+    js.storage.put_atomic(path(segs[3]), saved[4])
+    # a plan from the later snapshot links to its recorded digest
+    plan = segments.plan_point(js, keys, (T0 + 40, 1))
+    assert plan["segments"][0]["seq"] == 4 and plan["segments"][0]["prev_sha256"] == cut["sha256"]
+    # retention removes the oldest first: the cut's segment gone with every earlier one is no removal
+    for s in segs[:3]:
+        js.storage.delete(path(s))
+    assert segments.restorable_ranges(js, keys)["ranges"][-1]["to"] == {"t": T0 + 40, "i": 1}
