@@ -54,7 +54,6 @@ PENDING_MAX_BYTES = 64 << 20  # buffered document writes beyond this are written
 _i32 = struct.Struct("<i")
 
 
-
 # --- which namespaces a backup keeps, and what a resume token says ----------------------------------
 
 EXCLUDED_DBS = ("admin", "config", "local")
@@ -69,6 +68,7 @@ def kept_collection(db: str, coll: str) -> bool:
 def keeps(db: str, ns: str | None) -> bool:
     """Applier's keep: whether a backup keeps namespace ns ("db.coll"), or database db when ns is None."""
     return kept_collection(db, ns.partition(".")[2] if ns else "")
+
 
 def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
     """The cluster time (t, i) a resume token (raw BSON {_data: ...}) stands for, or None when its format is unknown.

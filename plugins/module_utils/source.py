@@ -179,9 +179,6 @@ def monitor_client(source: dict, timeout: float) -> pymongo.MongoClient:
                           % _redact(e, source)) from None
 
 
-
-
-
 def list_namespaces(client: pymongo.MongoClient) -> list:
     """[(ns, info RawBSONDocument from listCollections)] of every namespace a backup keeps."""
     out = []
