@@ -10,10 +10,8 @@ import threading
 import time
 import uuid
 
-import boto3
 import pymongo
 import pytest
-from botocore.config import Config
 
 import workload
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
@@ -22,26 +20,10 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
 from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_restore
 from daemon_helper import DaemonProcess, write_kmip_setup
+from test_objectstore_jobs import bucket_objects, s3
 from snapshot_helpers import drop_standin_phantoms, plaintext_views, restored_image, source_image
 
 PREFIX = "kb/pitr"
-
-
-def s3(srv):
-    return boto3.client("s3", endpoint_url=srv["endpoint"], aws_access_key_id=srv["access_key"],
-                        aws_secret_access_key=srv["secret_key"], region_name="us-east-1",
-                        config=Config(s3={"addressing_style": "path"}))
-
-
-def bucket_objects(srv, bucket):
-    c, out, token = s3(srv), {}, None
-    while True:
-        page = c.list_objects_v2(Bucket=bucket, **({"ContinuationToken": token} if token else {}))
-        for o in page.get("Contents", []):
-            out[o["Key"]] = c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        token = page.get("NextContinuationToken")
-        if not page.get("IsTruncated"):
-            return out
 
 
 def _point(mc, db):
