@@ -117,13 +117,14 @@ def build_document(elements: list) -> bytes:
     return _i32.pack(len(body) + 5) + body + b"\x00"
 
 
-def _find(buf, start, name=None, index=-1):
-    """The element named name (bytes) or at position index of the document or array at buf[start]:
-    (element start, type, value start, value end), or (None, element count, end position, None) when absent."""
+class _Overrun(ValueError):
+    """A document's elements do not end exactly where its length prefix says."""
+
+
+def _walk(buf, pos, end):
+    """(element start, type, end of its name, end of its value) of each element of a document's body buf[pos:end];
+    _Overrun (a ValueError) when the elements do not end exactly at end (a malformed document)."""
     unpack, fixed = _i32.unpack_from, _FIXED_SIZE
-    pos = start + 4
-    end = start + unpack(buf, start)[0] - 1
-    i = 0
     while pos < end:
         t = buf[pos]
         ne = buf.index(0, pos + 1)
@@ -136,10 +137,24 @@ def _find(buf, start, name=None, index=-1):
             vend = ne + 1 + unpack(buf, ne + 1)[0]
         else:
             vend = skip_value(buf, t, ne + 1)
-        if i == index or (name is not None and buf[pos + 1:ne] == name):
-            return pos, t, ne + 1, vend
+        yield pos, t, ne, vend
         pos = vend
-        i += 1
+    if pos != end:
+        raise _Overrun()
+
+
+def _find(buf, start, name=None, index=-1):
+    """The element named name (bytes) or at position index of the document or array at buf[start]:
+    (element start, type, value start, value end), or (None, element count, end position, None) when absent."""
+    end = start + _i32.unpack_from(buf, start)[0] - 1
+    i = 0
+    try:
+        for pos, t, ne, vend in _walk(buf, start + 4, end):
+            if i == index or (name is not None and buf[pos + 1:ne] == name):
+                return pos, t, ne + 1, vend
+            i += 1
+    except _Overrun:
+        pass
     return None, i, end, None
 
 
@@ -265,30 +280,14 @@ def _set_top_level(doc, fields):
             return None
         if name == b"_id":
             raise NotApplicable("an update of _id")
-    unpack, fixed = _i32.unpack_from, _FIXED_SIZE
     found = dict.fromkeys(names)  # name -> (element start, value start, value end) of its first occurrence
     try:
-        size = unpack(doc, 0)[0]
-        pos, end = 4, size - 1
-        while pos < end:
-            t = doc[pos]
-            ne = doc.index(0, pos + 1)
-            n = fixed[t]
-            if n >= 0:
-                vend = ne + 1 + n
-            elif n == -1:
-                vend = ne + 5 + unpack(doc, ne + 1)[0]
-            elif n == -2:
-                vend = ne + 1 + unpack(doc, ne + 1)[0]
-            else:
-                vend = skip_value(doc, t, ne + 1)
+        end = _i32.unpack_from(doc, 0)[0] - 1
+        for pos, _t, ne, vend in _walk(doc, 4, end):
             name = doc[pos + 1:ne]
             if name in found and found[name] is None:
                 found[name] = (pos, ne + 1, vend)
-            pos = vend
     except (ValueError, IndexError, struct.error, HeadError):
-        return None
-    if pos != end:
         return None
     appended = [b"%c%s\x00%s" % (t, name, v) for name, t, v in fields if found[name] is None]
     if len(appended) > 1:
@@ -299,7 +298,7 @@ def _set_top_level(doc, fields):
         prev = ve
     out += (doc[prev:end], *appended, doc[end:])
     new = b"".join(out)
-    return _i32.pack(size + len(new) - len(doc)) + new[4:]
+    return _i32.pack(end + 1 + len(new) - len(doc)) + new[4:]
 
 
 def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
@@ -388,32 +387,19 @@ def _fast_fields(raw: bytes) -> dict | None:
     """{name: (type, value start, value end)} of the top-level fields of event raw that Applier.apply_raw reads, in one
     scan without decoding anything; None when the scan cannot be trusted (a name seen twice, a malformed event): the
     caller then takes the decoding path."""
-    unpack, fixed, want = _i32.unpack_from, _FIXED_SIZE, _FAST_FIELDS
-    out, pos, end = {}, 4, len(raw) - 1
-    if end < 4 or unpack(raw, 0)[0] != end + 1 or raw[end] != 0:
+    out, want, end = {}, _FAST_FIELDS, len(raw) - 1
+    if end < 4 or _i32.unpack_from(raw, 0)[0] != end + 1 or raw[end] != 0:
         return None
     try:
-        while pos < end:
-            t = raw[pos]
-            ne = raw.index(0, pos + 1)
-            n = fixed[t]
-            if n >= 0:
-                vend = ne + 1 + n
-            elif n == -1:
-                vend = ne + 5 + unpack(raw, ne + 1)[0]
-            elif n == -2:
-                vend = ne + 1 + unpack(raw, ne + 1)[0]
-            else:
-                vend = skip_value(raw, t, ne + 1)
+        for pos, t, ne, vend in _walk(raw, 4, end):
             name = raw[pos + 1:ne]
             if name in want:
                 if name in out:
                     return None
                 out[name] = (t, ne + 1, vend)
-            pos = vend
     except (ValueError, struct.error, HeadError):
         return None
-    return out if pos == end else None
+    return out
 
 
 def _timestamp(raw, field):
