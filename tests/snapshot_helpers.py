@@ -68,14 +68,15 @@ def source_image(mc, dbname):
 TRANSIENT_RE = re.compile(r"^(new\d+|moved\d+|made\d+|tmp_drop|ddl_\d+)$")
 
 
-def drop_standin_phantoms(mc, dbname):
+def drop_standin_phantoms(mc, dbname, gone=()):
     """Drop what SecantusDB re-created behind our back: its listCollections mints a UUID for every name it
-    listed, and when a drop lands between the listing and the mint, the mint writes the catalog row back (an
-    empty collection, and no change event). mongod never does this, and no change-stream reader could see it.
-    Only empty collections with a transient workload name qualify, so a collection a head lost still fails."""
+    listed, and when a drop or rename lands between the listing and the mint, the mint writes the catalog row
+    back (an empty collection, and no change event). mongod never does this, and no change-stream reader could
+    see it. Only empty collections with a transient workload name, or a name the test renamed or dropped away
+    for good (`gone`), qualify, so a collection a head lost still fails."""
     db = mc[dbname]
     for name in db.list_collection_names():
-        if TRANSIENT_RE.match(name) and db[name].count_documents({}) == 0:
+        if (TRANSIENT_RE.match(name) or name in gone) and db[name].count_documents({}) == 0:
             db.drop_collection(name)
 
 

@@ -120,7 +120,7 @@ def test_renames_at_random_moments_of_an_initial_sync_lose_nothing(tmp_path, pla
     t.join()
     assert not errors
     drain(h, src)
-    assert_same(h, src, dbname)
+    assert_same(h, src, dbname, gone=names)  # each c<i> was renamed away; the stand-in may mint it back empty
     counts = _head_counts(h, dbname)
     assert sum(counts.get("%s.renamed_%s" % (dbname, n), 0) for n in names) == 7 * 301
     h.close()
