@@ -50,6 +50,9 @@ extends_documentation_fragment:
   - kmipbackup.mongodb.store
   - kmipbackup.mongodb.requirements
 attributes:
+  action:
+    description: Runs through an action plugin, which shows the restore's progress while the task runs (O(progress_file)).
+    support: full
   check_mode:
     support: full
     details:
@@ -203,11 +206,21 @@ options:
     description:
       - Write the restore's progress to this file while it runs, as JSON rewritten atomically every second (documents,
         bytes, their totals, percent, rate, ETA, and C(line), one line for an operator); counts and sizes only, never
-        a namespace name. The file is removed when the restore ends. For a poll while the task runs with C(async), as
-        C(playbooks/restore.yml) does.
+        a namespace name. The file is removed when the restore ends.
+      - The task shows the record's line every O(progress_seconds) while it runs, as C(playbooks/restore.yml) does:
+        the action plugin reads it over the connection with C(cat). Only over the C(local) and C(ssh) connections
+        without become (and for ssh without a password), where a second command may run while the module runs;
+        elsewhere the task says that no progress is shown. With C(async), the task shows nothing: poll with
+        M(kmipbackup.mongodb.restore_progress_info).
       - Its folder must be private to the user the module runs as (mode 0700), or not exist yet (then it is created
         so). Not written in check mode.
     type: path
+  progress_seconds:
+    description:
+      - With O(progress_file), show the restore's progress line every this many seconds while it runs; V(0) shows none.
+    type: float
+    default: 5
+    version_added: 0.2.0
 notes:
   - O(target_mongodb) restores use the target's write concern defaults; documents are inserted as raw BSON, unchanged.
 seealso:
@@ -486,6 +499,7 @@ def argument_spec():
         show_namespaces=dict(type="bool", default=False),
         point_in_time=dict(type="raw"),
         progress_file=dict(type="path"),
+        progress_seconds=dict(type="float", default=5),  # the action plugin's (plugins/action/snapshot_restore.py)
     )
 
 

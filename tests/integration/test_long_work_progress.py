@@ -4,6 +4,8 @@ encrypted job."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -238,8 +240,9 @@ def test_restore_progress_record_names_no_namespace(big_source, enc_store, tmp_p
 
 
 def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store, tmp_path, mongo_server):
-    """restore.yml into MongoDB: progress lines while the restore runs (no namespace name), the rate at the end, the
-    data byte for byte, and the progress record removed."""
+    """restore.yml into MongoDB: progress lines on the playbook's output while the restore task runs (read as the output
+    streams: each line is seen while the restore is held still, before the task ends), no namespace name, the rate at
+    the end, the data byte for byte, and the progress record removed."""
     target_db = "restored%s" % uuid.uuid4().hex[:8]
     progress_dir = str(tmp_path / "progress")
     ev = dict(job="progjob", snapshot="latest", config_dir=enc_store["config_dir"], target_mongodb={"uri": mongo_server["uri"]},
@@ -248,8 +251,8 @@ def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store
     paused, done = [], threading.Event()
 
     def pause_target():
-        """Hold the target server still (SIGSTOP) for 4 s once the restore's record exists, so polls land while the
-        restore runs whatever the machine's speed (an idle machine restores these 80 MB before the first poll)."""
+        """Hold the target server still (SIGSTOP) for 4 s once the restore's record exists, so progress lines come while
+        the restore runs whatever the machine's speed (an idle machine restores these 80 MB in about a second)."""
         while not done.is_set():
             if os.path.isdir(progress_dir) and os.listdir(progress_dir):
                 os.kill(mongo_server["pid"], signal.SIGSTOP)
@@ -257,21 +260,33 @@ def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store
                     paused.append(time.monotonic())
                     done.wait(4)
                 finally:
+                    paused.append(time.monotonic())
                     os.kill(mongo_server["pid"], signal.SIGCONT)
                 return
             time.sleep(0.002)
     t = threading.Thread(target=pause_target)
     t.start()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", ansible.inventory(),
+           os.path.join(ROOT, "playbooks", "restore.yml"), "-e", json.dumps(ev)]
+    seen = []  # (when, line) as the playbook prints them
     try:
-        p = ansible.run_playbook(os.path.join(ROOT, "playbooks", "restore.yml"), extra_vars=ev)
+        with subprocess.Popen(cmd, env=ansible.env(), cwd=ansible.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
+            for ln in proc.stdout:
+                seen.append((time.monotonic(), ln.rstrip("\n")))
+            rc = proc.wait(timeout=300)
     finally:
         done.set()
         t.join()
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-4000:]
-    assert paused, "the restore's progress record never showed"
-    lines = [ln for ln in out.splitlines() if '"msg": "restore of snapshot %s' % enc_store["snapshot_id"] in ln]
-    assert any(" %)" in ln and "document(s)" in ln and "/s" in ln for ln in lines), out[-6000:]
+    out = "\n".join(ln for _t, ln in seen)
+    assert rc == 0, out[-4000:]
+    assert len(paused) == 2, "the restore's progress record never showed"
+    prefix = "[localhost] restore of snapshot %s: " % enc_store["snapshot_id"]
+    lines = [(when, ln) for when, ln in seen if ln.startswith(prefix)]
+    held = [ln for when, ln in lines if paused[0] <= when < paused[1]]
+    assert len(held) >= 2 and all(" %)" in ln and "document(s)" in ln and "/s" in ln for ln in held), out[-6000:]
+    task_end = next(when for when, ln in seen if ln.startswith("TASK [Stop when the restore could not authenticate"))
+    assert all(when < task_end for when, _ln in lines)
     assert "Rate: 80.1 MB and 5000 document(s) in " in out and " document(s)/s" in out, out[-3000:]
     assert big_source["tag"] not in out
     assert os.listdir(progress_dir) == []  # the record is gone, its private folder stays
