@@ -17,6 +17,25 @@ SEPARATOR = "--kmipbackup-progress-record--"
 MISSING = "--kmipbackup-no-results-file--"
 
 
+def look_command(results_file: str, progress_file: str) -> str:
+    """The shell command that prints the async job's results file (or MISSING), SEPARATOR, and the progress record."""
+    r, q = shlex.quote(results_file), shlex.quote(progress_file)
+    return "if [ -e %s ]; then cat -- %s; else echo %s; fi; echo; echo %s; cat -- %s 2>/dev/null; true" % (
+        r, r, MISSING, SEPARATOR, q)
+
+
+def look(action: ActionBase, command: str, results_file: str) -> tuple[tuple[bool, dict | None], str]:
+    """One look over the action's connection: ((finished, the job's result or None), the progress record's text)."""
+    res = action._low_level_execute_command(command)
+    if res["rc"] != 0:
+        raise AnsibleActionFail("Cannot read the restore's async results file %s: %s" % (results_file, res["stderr"].strip()))
+    job, _sep, record = res["stdout"].partition("\n" + SEPARATOR + "\n")
+    if job.strip() == MISSING:
+        raise AnsibleActionFail("The restore's async results file %s is missing: give the results_file its async "
+                                "launch registered, on the same host, as the same user." % results_file)
+    return async_poll.job_state(job), record
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _requires_connection = True
@@ -27,27 +46,13 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         _validation, args = self.validate_argument_spec(argument_spec=async_poll.ARGUMENT_SPEC)
         results_file = self._remote_expand_user(args["results_file"])
-        progress_file = self._remote_expand_user(args["progress_file"])
-        r, q = shlex.quote(results_file), shlex.quote(progress_file)
-        command = ("if [ -e %s ]; then cat -- %s; else echo %s; fi; echo; echo %s; cat -- %s 2>/dev/null; true"
-                   % (r, r, MISSING, SEPARATOR, q))
-
-        def look():
-            res = self._low_level_execute_command(command)
-            if res["rc"] != 0:
-                raise AnsibleActionFail("Cannot read the restore's async results file %s: %s" % (results_file, res["stderr"].strip()))
-            job, _sep, record = res["stdout"].partition("\n" + SEPARATOR + "\n")
-            if job.strip() == MISSING:
-                raise AnsibleActionFail("The restore's async results file %s is missing: give the results_file its async "
-                                        "launch registered, on the same host, as the same user." % results_file)
-            return async_poll.job_state(job), record
-
+        command = look_command(results_file, self._remote_expand_user(args["progress_file"]))
         started = time.monotonic()
         deadline = started + max(args["wait"], 0.0)
-        (finished, data), record = look()
+        (finished, data), record = look(self, command, results_file)
         while not finished and time.monotonic() < deadline:
             time.sleep(min(async_poll.POLL_INTERVAL, max(deadline - time.monotonic(), 0.0)))
-            (finished, data), record = look()
+            (finished, data), record = look(self, command, results_file)
         result.update(changed=False, finished=finished, waited=round(time.monotonic() - started, 2),
                       line="" if finished else async_poll.progress_line(record))
         if finished:

@@ -11,16 +11,19 @@ name; the task's arguments are never shown.
 A second command while the module's runs is only sent where that is known to be safe: the local connection, and ssh
 (each command is its own ssh process, multiplexed over ControlPersist) without a password (sshpass and askpass keep
 the password's pipe on the connection object), both without become (build_become_command keeps the success marker of
-the command being run on the shared become plugin). Elsewhere the restore runs without progress lines, and says so."""
+the command being run on the shared become plugin). Elsewhere the task launches the module in the background (async)
+and polls it one command at a time, as restore_progress_info does: progress everywhere, for about a second more."""
 from __future__ import annotations
 
 import shlex
 import threading
+import time
 
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 from ansible.utils.vars import merge_hash
 
+from ansible_collections.kmipbackup.mongodb.plugins.action import restore_progress_info
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import async_poll
 
 SAFE_TRANSPORTS = ("local", "ssh")
@@ -38,16 +41,17 @@ class ActionModule(ActionBase):
         try:
             every = float(self._task.args.get("progress_seconds", 5))
         except (TypeError, ValueError):
-            raise AnsibleActionFail("progress_seconds must be a number of seconds (0 shows no progress line).")
+            raise AnsibleActionFail("progress_seconds must be a number of seconds (0 shows no progress line).") from None
         watcher = None
         if progress_file and every > 0 and not wrap_async and not self._task.check_mode:
             host = (task_vars or {}).get("inventory_hostname", "?")
             why = self._why_no_second_command()
-            if why:
-                self._display.display("[%s] the restore's progress is not shown: %s" % (host, why))
-            else:
+            if not why:
                 watcher = _Watcher(self, progress_file, every, host)
                 watcher.start()
+            elif not self._connection.has_native_async:
+                self._display.vv("[%s] the restore runs in the background and is polled: %s" % (host, why))
+                return merge_hash(result, self._run_in_background(task_vars, progress_file, every, host))
         try:
             result = merge_hash(result, self._execute_module(task_vars=task_vars, wrap_async=wrap_async))
         finally:
@@ -58,15 +62,42 @@ class ActionModule(ActionBase):
             self._remove_tmp_path(self._connection._shell.tmpdir)
         return result
 
+    def _run_in_background(self, task_vars, progress_file: str, every: float, host: str) -> dict:
+        """The module launched async (until the task's timeout, else a day) and polled from here, one command at a time:
+        its end within POLL_INTERVAL, its progress line every `every` seconds, then its result as a foreground run's."""
+        self._task.async_val = self._task.timeout or 86400
+        try:
+            launch = self._execute_module(task_vars=task_vars, wrap_async=True)
+        finally:
+            self._task.async_val = 0  # the task itself is not async: the executor must not poll it
+        if launch.get("failed") or not launch.get("results_file"):
+            return launch
+        results_file = launch["results_file"]
+        command = restore_progress_info.look_command(results_file, self._remote_expand_user(progress_file))
+        shown = time.monotonic()
+        while True:
+            (finished, data), record = restore_progress_info.look(self, command, results_file)
+            if finished:
+                break
+            if time.monotonic() - shown >= every:
+                self._display.display("[%s] %s" % (host, async_poll.progress_line(record)))
+                shown = time.monotonic()
+            time.sleep(async_poll.POLL_INTERVAL)
+        self._low_level_execute_command("rm -f -- %s" % shlex.quote(results_file))
+        result, warnings = async_poll.outcome(data)
+        for w in warnings:
+            self._display.warning(w)
+        return result
+
     def _why_no_second_command(self) -> str | None:
         """Why a second command may not run over this connection while the module runs, or None when it may."""
         transport = self._connection.transport.rpartition(".")[2]
         if transport not in SAFE_TRANSPORTS:
             return "the %s connection is not known to run two commands at once" % transport
         if self._connection.become:
-            return "with become, one command at a time runs over the connection"
+            return "with become, one command at a time may run over the connection"
         if transport == "ssh" and (self._connection.get_option("password") or self._play_context.password):
-            return "with ssh password authentication, one command at a time runs over the connection"
+            return "with ssh password authentication, one command at a time may run over the connection"
         return None
 
 

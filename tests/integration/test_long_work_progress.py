@@ -239,15 +239,18 @@ def test_restore_progress_record_names_no_namespace(big_source, enc_store, tmp_p
     assert not os.path.exists(p["target_dir"]) and os.listdir(shared) == []
 
 
-def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store, tmp_path, mongo_server):
+@pytest.mark.parametrize("become", [False, True], ids=["side_thread", "become_in_background"])
+def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store, tmp_path, mongo_server, become):
     """restore.yml into MongoDB: progress lines on the playbook's output while the restore task runs (read as the output
     streams: each line is seen while the restore is held still, before the task ends), no namespace name, the rate at
-    the end, the data byte for byte, and the progress record removed."""
+    the end, the data byte for byte, and the progress record removed. Without become a side thread of the task reads
+    the record while the module runs; with become (one command at a time over the connection) the task runs the module
+    in the background and polls it (become to the same user here: the connection still carries a become plugin)."""
     target_db = "restored%s" % uuid.uuid4().hex[:8]
     progress_dir = str(tmp_path / "progress")
     ev = dict(job="progjob", snapshot="latest", config_dir=enc_store["config_dir"], target_mongodb={"uri": mongo_server["uri"]},
               rename_databases={big_source["db"]: target_db}, restore_poll_seconds=1, restore_progress_dir=progress_dir,
-              restore_info_file=str(tmp_path / "restoreInfo.txt"))
+              restore_info_file=str(tmp_path / "restoreInfo.txt"), ansible_become=become)
     paused, done = [], threading.Event()
 
     def pause_target():
@@ -267,7 +270,7 @@ def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store
     t = threading.Thread(target=pause_target)
     t.start()
     cmd = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", ansible.inventory(),
-           os.path.join(ROOT, "playbooks", "restore.yml"), "-e", json.dumps(ev)]
+           os.path.join(ROOT, "playbooks", "restore.yml"), "-e", json.dumps(ev), "-vv"]  # -vv: the results (scanned too), not the arguments
     seen = []  # (when, line) as the playbook prints them
     try:
         with subprocess.Popen(cmd, env=ansible.env(), cwd=ansible.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -287,6 +290,7 @@ def test_restore_playbook_shows_progress_and_rate(ansible, big_source, enc_store
     assert len(held) >= 2 and all(" %)" in ln and "document(s)" in ln and "/s" in ln for ln in held), out[-6000:]
     task_end = next(when for when, ln in seen if ln.startswith("TASK [Stop when the restore could not authenticate"))
     assert all(when < task_end for when, _ln in lines)
+    assert ("the restore runs in the background and is polled: with become" in out) == become
     assert "Rate: 80.1 MB and 5000 document(s) in " in out and " document(s)/s" in out, out[-3000:]
     assert big_source["tag"] not in out
     assert os.listdir(progress_dir) == []  # the record is gone, its private folder stays
