@@ -12,6 +12,7 @@ the medians over the rounds of the wall time, the core time and their difference
 
   . scripts/env.sh && python benchmarks/playbook_overhead.py --rounds 5
   python benchmarks/playbook_overhead.py --progress both --target mongodb
+  python benchmarks/playbook_overhead.py --become  # progress from the background launch and polls (become, ssh passwords)
   # old code against new in the same run: a collection tree of the old code as a second variant
   mkdir -p /tmp/old/ansible_collections/kmipbackup/mongodb && git archive <rev> | tar -x -C $_
   python benchmarks/playbook_overhead.py --variant old=/tmp/old --variant new=.build/collections
@@ -86,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--docs", type=int, default=2000, help="documents in the job (~600 bytes each)")
     ap.add_argument("--target", choices=("dir", "mongodb"), default="dir")
     ap.add_argument("--progress", choices=("on", "off", "both"), default="on", help="restore_progress (default on, as restore.yml)")
+    ap.add_argument("--become", action="store_true", help="with ansible_become=true (to the same user): restore.yml's "
+                    "progress then comes from the restore launched in the background and polled, not from a side thread")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=COLLECTIONS_PATH",
                     help="a collections path holding ansible_collections/kmipbackup/mongodb (default: this tree's .build)")
     ap.add_argument("--work", help="work folder (default a new one under /var/tmp, removed at the end)")
@@ -108,7 +111,8 @@ def main(argv=None):
             pids.append(mongo["pid"])
         root = make_job(work, opts.docs, kmip["port"], pki)
         base = dict(job=JOB, store=root, kmip_servers=["127.0.0.1:%d" % kmip["port"]], kmip_ca_file=pki["ca"],
-                    client_cert_file=pki["clients"]["bench"]["pem"], restore_progress_dir=os.path.join(work, "progress"))
+                    client_cert_file=pki["clients"]["bench"]["pem"], restore_progress_dir=os.path.join(work, "progress"),
+                    ansible_become=opts.become)
         runs = {}
         n = 0
         print("warm-up run, then %d round(s) of %s" % (opts.rounds, ", ".join(

@@ -2,8 +2,8 @@
 # Copyright: kmipbackup developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Reading a background (async) restore: the async job's results file and the restore's progress record, as text
-(restore_progress_info reads them on the restore host: its action plugin over the connection, its module locally).
-No Ansible imports. PRIVATE to the collection."""
+(the action plugins of snapshot_restore and restore_progress_info read them over the connection, the latter's module
+locally). No Ansible imports. PRIVATE to the collection."""
 from __future__ import annotations
 
 import json

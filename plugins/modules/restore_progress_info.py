@@ -17,8 +17,9 @@ description:
     M(ansible.builtin.async_status) would read it. A failed restore fails this module with the restore's message.
   - It only reads, with C(cat) over the connection (an action plugin, so a poll costs a few milliseconds and no
     module run on the host).
-  - C(playbooks/restore.yml) polls its restore with it. It is not in the C(kmipbackup) action group, whose defaults are
-    the store and KMIP options it does not take.
+  - A M(kmipbackup.mongodb.snapshot_restore) task without C(async) shows its progress itself (C(playbooks/restore.yml)
+    runs it so); this module is for a restore launched with C(async). It is not in the C(kmipbackup) action group,
+    whose defaults are the store and KMIP options it does not take.
 author: kmipbackup developers (@kmipbackup)
 extends_documentation_fragment:
   - kmipbackup.mongodb.attributes.INFO_MODULE

@@ -459,6 +459,12 @@ def test_restore_playbook(ansible, lab_job, tmp_path, pki, kmip_server):
     # refused by the restore's checks before anything is written, naming the key
     assert p.returncode != 0 and "cannot use the master key(s) %s" % lab_job["uid"] in out, out[-4000:]
     assert not os.path.exists(str(tmp_path / "denied"))
+    # the same with become: the restore task then runs the module in the background and polls it; its failure is the task's
+    p = ansible.run_playbook(pb, extra_vars=dict(ev, client_cert_file=pki["clients"]["group2"]["pem"], client_cert_password=None,
+                                                 target_dir=str(tmp_path / "denied"), ansible_become=True))
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "cannot use the master key(s) %s" % lab_job["uid"] in out, out[-4000:]
+    assert "TASK [Stop when" not in out and not os.path.exists(str(tmp_path / "denied"))
 
     # allow_unencrypted passes through, default false: a forged unencrypted snapshot is refused, then allowed
     copy = str(tmp_path / "forged-store")
