@@ -207,10 +207,11 @@ options:
       - Write the restore's progress to this file while it runs, as JSON rewritten atomically every second (documents,
         bytes, their totals, percent, rate, ETA, and C(line), one line for an operator); counts and sizes only, never
         a namespace name. The file is removed when the restore ends.
-      - The task shows the record's line every O(progress_seconds) while it runs, as C(playbooks/restore.yml) does:
-        the action plugin reads it over the connection with C(cat). Only over the C(local) and C(ssh) connections
-        without become (and for ssh without a password), where a second command may run while the module runs;
-        elsewhere the task says that no progress is shown. With C(async), the task shows nothing: poll with
+      - The task prints the record's line every O(progress_seconds) while it runs (C(playbooks/restore.yml) does so).
+        The action plugin reads the record over the connection with C(cat), while the module runs over the C(local)
+        and C(ssh) connections without become (and for ssh without a password), where a second command may run
+        beside the module's; elsewhere it runs the module in the background and polls it from the same task, one
+        command at a time. With C(async) the task prints nothing; poll it with
         M(kmipbackup.mongodb.restore_progress_info).
       - Its folder must be private to the user the module runs as (mode 0700), or not exist yet (then it is created
         so). Not written in check mode.
