@@ -65,11 +65,11 @@ class ActionModule(ActionBase):
     def _run_in_background(self, task_vars, progress_file: str, every: float, host: str) -> dict:
         """The module launched async (until the task's timeout, else a day) and polled from here, one command at a time:
         its end within POLL_INTERVAL, its progress line every `every` seconds, then its result as a foreground run's."""
-        self._task.async_val = self._task.timeout or 86400
+        saved, self._task.async_val = self._task.async_val, self._task.timeout or 86400
         try:
             launch = self._execute_module(task_vars=task_vars, wrap_async=True)
         finally:
-            self._task.async_val = 0  # the task itself is not async: the executor must not poll it
+            self._task.async_val = saved  # the task itself is not async: the executor must not poll it
         if launch.get("failed") or not launch.get("results_file"):
             return launch
         results_file = launch["results_file"]
