@@ -12,7 +12,7 @@ A second command while the module's runs is only sent where that is known to be 
 (each command is its own ssh process, multiplexed over ControlPersist) without a password (sshpass and askpass keep
 the password's pipe on the connection object), both without become (build_become_command keeps the success marker of
 the command being run on the shared become plugin). Elsewhere the task launches the module in the background (async)
-and polls it one command at a time, as restore_progress_info does: progress everywhere, for about a second more."""
+and polls it one command at a time, as restore_progress_info does: progress everywhere, at the async launch's cost."""
 from __future__ import annotations
 
 import shlex
