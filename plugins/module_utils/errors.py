@@ -91,6 +91,10 @@ class RestoreError(KmipBackupError):
     """A restore that cannot proceed (target not empty, unreachable, ...)."""
 
 
+class RestoreTimeout(RestoreError):
+    """A restore that ran past its timeout: stopped between two chunks, the target put back as on a tampered chunk."""
+
+
 class UnsafePathError(ConfigError):
     """A folder or file the system would write through is a symbolic link, writable by others, or owned by an
     untrusted user (config_dir, data_dir, the store)."""

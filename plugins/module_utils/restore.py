@@ -40,10 +40,11 @@ import json
 import os
 import shutil
 import stat
+import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, mongo, mongodump
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError, RestoreTimeout, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import atomic_write, ensure_private_dir, fsync_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
@@ -376,6 +377,25 @@ class _Progress:
                 self.meter.add(selected[k][1]["count"], 0)
 
 
+class _Deadline:
+    """A source that stops the restore (RestoreTimeout) once time.monotonic() passes deadline: checked before each
+    run is handed to the writer, so the target is put back as on any failure between two chunks."""
+
+    def __init__(self, source, deadline, seconds):
+        self.source, self.deadline, self.seconds = source, deadline, seconds
+
+    def prepare(self, selected):
+        self.source.prepare(selected)
+
+    def runs(self, selected, name):
+        for k, data in self.source.runs(selected, name):
+            if time.monotonic() > self.deadline:
+                raise RestoreTimeout("The restore ran past its timeout of %s s and was stopped; the target was put back as "
+                                     "it was: restore again with a longer timeout (restore.yml: restore_timeout)."
+                                     % self.seconds)
+            yield k, data
+
+
 def _tmp_sibling(path):
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):  # a missing parent is created 0700; an existing one (/tmp ...) keeps its mode
@@ -661,8 +681,8 @@ def _restore_mongodb(source, job, entry, selected, target, drop, verify, info_te
         raise RestoreError("The restore into MongoDB stopped at namespace %s (%s): the target is incomplete, as recorded in "
                            "%s.%s (_id %s, state incomplete); restore again with drop."
                            % (load.at, _pymongo_summary(e), MARKER_DB, MARKER_COLL, marker_id)) from None
-    except (IntegrityError, StoreError):
-        # a tampered or missing chunk, or the store gone: take back what this restore wrote, then the marker
+    except (IntegrityError, StoreError, RestoreTimeout):
+        # a tampered or missing chunk, the store gone, or the timeout: take back what this restore wrote, then the marker
         load.undo()
         if previous is None:
             marker.delete_one({"_id": marker_id})
@@ -846,10 +866,11 @@ def plan(job_store: JobStore, snapshot: str, keys: Keys, include: list | None = 
 
 def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,
             drop: bool = False, verify: bool = True, kmip_servers: list | None = None, show_namespaces: bool = False,
-            source: SnapshotSource | None = None, progress: Meter | None = None) -> dict:
+            source: SnapshotSource | None = None, progress: Meter | None = None, deadline: tuple | None = None) -> dict:
     """Restore what plan() returned to target; returns a summary dict. Messages name namespaces as #n for an
     encrypted snapshot unless show_namespaces. source: where the documents come from (default: the snapshot's
-    chunks, SnapshotSource); progress (a progress.Meter) counts the documents and bytes as they are written."""
+    chunks, SnapshotSource); progress (a progress.Meter) counts the documents and bytes as they are written;
+    deadline (time.monotonic() value, timeout in s): RestoreTimeout past it, the target put back."""
     _require_bson()
     target = make_target(target)
     info_text = restore_info_text(entry, job_store.job, kmip_servers, selection_digest(selected))
@@ -863,6 +884,8 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
     source.prepare(selected)
     if progress is not None:
         source = _Progress(source, progress)
+    if deadline is not None:
+        source = _Deadline(source, *deadline)
     try:
         run(source, job_store.job, entry, selected, target, drop, verify, info_text, name)
     except OSError as e:

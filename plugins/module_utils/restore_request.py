@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import time
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     config, datadir, job_config, job_status, kmip, progress, restore, segments, storage, store)
@@ -173,6 +174,8 @@ class _Restore:
         self.client = None
         self.keys = self.last_known = None
         self.checked = set()  # master key UIDs whose access was checked
+        timeout = p.get("timeout") or 0  # counted from the module's start: a point's replay counts too
+        self.deadline = (time.monotonic() + timeout, timeout) if timeout > 0 else None
 
     def label(self, entry, i, name):
         return restore.label(entry.get("encryption"), i, name, self.p["show_namespaces"])
@@ -276,7 +279,7 @@ class _Restore:
         what = "restore of snapshot %s" % sid
         with progress.Record(p["progress_file"], what, meter, remove=True) if p.get("progress_file") else contextlib.nullcontext():
             summary = restore.execute(js, keys, entry, selected, target, drop=drop, verify=p["verify"], kmip_servers=servers,
-                                      show_namespaces=p["show_namespaces"], progress=meter)
+                                      show_namespaces=p["show_namespaces"], progress=meter, deadline=self.deadline)
         final = meter.final()
         result.update(seconds=final["seconds"], rate={"docs_per_second": final["docs_per_second"],
                                                       "bytes_per_second": final["bytes_per_second"],

@@ -222,6 +222,14 @@ options:
     type: float
     default: 5
     version_added: 0.2.0
+  timeout:
+    description:
+      - Stop the restore once it has run this many seconds (counted from the module's start, a point's replay
+        included) and fail, putting the target back as on a tampered chunk; V(0) sets no limit.
+      - Use it rather than the task's C(timeout) keyword, which fails the task but leaves the module running on the host.
+    type: int
+    default: 0
+    version_added: 0.2.0
 notes:
   - O(target_mongodb) restores use the target's write concern defaults; documents are inserted as raw BSON, unchanged.
 seealso:
@@ -501,6 +509,7 @@ def argument_spec():
         point_in_time=dict(type="raw"),
         progress_file=dict(type="path"),
         progress_seconds=dict(type="float", default=5),  # the action plugin's (plugins/action/snapshot_restore.py)
+        timeout=dict(type="int", default=0),
     )
 
 

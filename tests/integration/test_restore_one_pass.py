@@ -3,6 +3,7 @@ missing chunk while it writes: the target is put back as it was (what the restor
 by drop left as it was, its marker as before), against a real SecantusDB target, a real SeaweedFS bucket whose server is
 killed mid-restore, and a folder store."""
 import os
+import time
 import uuid
 
 import boto3
@@ -14,7 +15,7 @@ from botocore.config import Config
 
 import kmipbackup_lab as lab
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import objectstore, restore, snapshot, store
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, StoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreTimeout, StoreError
 from snapshot_helpers import LocalKeyProvider, make_head
 
 CANARY = "OnePassCanaryHeron"
@@ -120,6 +121,53 @@ def test_missing_chunk_fails_a_directory_and_an_archive_restore_untouched(job, t
         with pytest.raises(StoreError, match="missing"):
             restore.restore(js, "latest", keys, t)
     assert sorted(os.listdir(str(tmp_path))) == ["h", "store"]  # no target, no temporary sibling left
+
+
+def test_a_restore_past_its_timeout_stops_mid_way_and_puts_the_target_back(job, mongo_server, tmp_path):
+    """snapshot_restore's timeout (restore.yml's restore_timeout): each chunk read takes 0.1 s, the deadline falls
+    after about four of the twelve or more, so the restore stops mid-way; the target is as before, for MongoDB (a
+    drop over a complete restore, a new database) and for a directory and an archive."""
+    js, keys = job["js"], job["keys"]
+    client = pymongo.MongoClient(mongo_server["uri"])
+    db, fresh = ("to%s_%s" % (x, uuid.uuid4().hex[:8]) for x in ("done", "new"))
+    target = restore.MongoTarget(mongo_server["uri"])
+    markers = client[restore.MARKER_DB][restore.MARKER_COLL]
+    reads, read_chunk = [], js.read_chunk
+
+    def slow_read(c, k):
+        reads.append(c["id"])
+        time.sleep(0.1)
+        return read_chunk(c, k)
+
+    def timed(t, **kw):
+        entry, selected = restore.plan(js, "latest", keys, rename=kw.pop("rename", None))
+        del reads[:]
+        js.read_chunk = slow_read
+        try:
+            with pytest.raises(RestoreTimeout, match="ran past its timeout of 7 s .* put back"):
+                restore.execute(js, keys, entry, selected, t, deadline=(time.monotonic() + 0.45, 7), **kw)
+        finally:
+            js.read_chunk = read_chunk
+        every = sum(len(c) for c in job["chunks"].values())
+        assert 2 <= len(reads) < every  # stopped mid-way, not before the start or after the end
+    try:
+        restore.restore(js, "latest", keys, target, rename={"src": db})
+        before, marker_before = image(client, db), markers.find_one({"job": "onepass", "state": "complete"})
+        timed(target, rename={"src": db}, drop=True)
+        assert image(client, db) == before
+        assert markers.find_one({"_id": marker_before["_id"]}) == marker_before
+        n_markers = markers.count_documents({})
+        timed(target, rename={"src": fresh})
+        assert fresh not in client.list_database_names()
+        assert markers.count_documents({}) == n_markers
+        for t in (restore.DirectoryTarget(str(tmp_path / "dir")), restore.ArchiveTarget(str(tmp_path / "dump.archive"))):
+            timed(t)
+        assert sorted(os.listdir(str(tmp_path))) == ["h", "store"]  # no target, no temporary sibling left
+    finally:
+        target.close()
+        for name in (db, fresh):
+            client.drop_database(name)
+        client.close()
 
 
 def test_endpoint_killed_mid_mongodb_restore_from_a_bucket(tmp_path, mongo_server):
