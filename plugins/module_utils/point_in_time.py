@@ -160,6 +160,7 @@ class _LazyWrite:
 
     def __enter__(self) -> _LazyWriter:
         self._h.loading, self._h.undo = [], []
+        self._bases = dict(self._h.bases)  # drops and renames move bases: a rollback puts them back
         return _LazyWriter(self._h, self._t.__enter__())
 
     def __exit__(self, *exc):
@@ -182,6 +183,7 @@ class _LazyWrite:
             base.loaded.discard(index)
             h.loaded_chunks -= 1
         h.loading = []
+        h.bases = self._bases
         if h.undo is False:
             h.broken = True
             return
@@ -383,7 +385,7 @@ class RebuiltStore:
         where = self.ranges[cid]
         if isinstance(where[1], list):
             return self._h.overlay_docs(*where)
-        with self._h.read() as r:
+        with self._h.read(flush=False) as r:  # a spilled namespace's documents are all in the head (rebuild)
             return b"".join(r.read_range(*where)[2])
 
     def read_chunk(self, entry: dict, keys: Keys) -> bytes:
