@@ -19,6 +19,7 @@ from snapshot_helpers import LocalKeyProvider, all_types_docs, make_head, split_
 
 POINT = (1760000100, 7)
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+CANARY = "pitr-overlay-canary-5d1e"
 
 
 def ev(op, db, coll, **fields):
@@ -62,7 +63,7 @@ def transactions():
          upd("over", 299, {"v": "renamed"}), dele("over", 0), upd("big", 1200, {"late": 1}),
          ev("modify", "d", "big", operationDescription={"validator": {"pad": {"$exists": True}}})],
         [ev("create", "d", "fresh", operationDescription={"idIndex": ID_INDEX}),
-         *[ins("fresh", {"_id": i, "pad": "f" * 3000}, **txn) for i in range(300)],
+         *[ins("fresh", {"_id": i, "pad": "f" * 3000}, **txn) for i in range(300)], ins("fresh", {"_id": 1000, "c": CANARY}),
          dele("fresh", 5), upd("fresh", 5, {"a": 1}), ins("fresh", {"_id": 5, "back": True}, **txn),
          ev("rename", "d", "fresh", to={"db": "d", "coll": "fresh2"}), upd("fresh2", 7, {"pad": "renamed"}),
          ev("dropIndexes", "d", "big", operationDescription={"indexes": [{"v": 2, "key": {"pad": 1}, "name": "pad_1"}]}),
@@ -108,7 +109,12 @@ def rebuilt(js, keys, entry, tmp_path, name):
     plan = {"snapshot": entry, "segments": [], "point": POINT}
     out = tmp_path / name
     with point_in_time.rebuild(js, keys, plan, replay=replay_fast, work_dir=str(tmp_path)) as image:
-        spilled = set(image.store._h.spilled)  # pylint: disable=protected-access
+        h = image.store._h  # pylint: disable=protected-access
+        spilled = set(h.spilled)
+        folder = os.path.dirname(h.path)
+        for f in os.listdir(folder):  # what spilled is encrypted: no document, _id or namespace name in plaintext
+            data = open(os.path.join(folder, f), "rb").read()
+            assert CANARY.encode() not in data and b"fresh2" not in data, f
         restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest),
                         restore.DirectoryTarget(str(out)))
         chunks = {n["ns"]: [(c["first"], c["last"], c["count"], c["bytes"], bytes(c["sha256"])) for c in n["chunks"]]
