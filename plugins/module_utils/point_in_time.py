@@ -9,10 +9,13 @@ it; rebuild() then gives the image at the point:
 - a temporary head (SQLCipher under a random key that lives in memory only, in a 0700 folder removed afterwards)
   receives the base snapshot's namespaces, and its documents lazily: a base chunk is loaded the first time the
   replay touches a key in its range (a whole namespace when something scans it), so a point a few events after
-  a large snapshot loads only the chunks those events touch;
+  a large snapshot loads only the chunks those events touch. The documents it loads and the replay writes stay in
+  an in-memory overlay in front of the database (dicts, no SQL per event), which they spill into only past
+  OVERLAY_BYTES or before a scan;
 - segments.replay applies the segments' records up to the point to it with the existing applier;
 - the image is a manifest like a snapshot's, whose chunk entries are the base's untouched chunks (read from the
-  store as a plain restore reads them) and "virtual" chunks: ranges of the temporary head (id "head:<n>"),
+  store as a plain restore reads them) and "virtual" chunks: ranges of the temporary head (id "head:<n>": from
+  the overlay, or from the database for a namespace that spilled),
   cut at about 1 MiB, with their count, size and SHA-256 taken when the manifest is built.
 
 RebuiltStore serves both kinds of chunk to restore.py, so the three targets, include/exclude/rename, the checks
