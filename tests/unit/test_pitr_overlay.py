@@ -110,7 +110,7 @@ def rebuilt(js, keys, entry, tmp_path, name):
     out = tmp_path / name
     with point_in_time.rebuild(js, keys, plan, replay=replay_fast, work_dir=str(tmp_path)) as image:
         h = image.store._h  # pylint: disable=protected-access
-        spilled = set(h.spilled)
+        spilled = {ns_id: bool(h.overlay.get(ns_id)) for ns_id in h.spilled}  # True: merged with the overlay
         folder = os.path.dirname(h.path)
         for f in os.listdir(folder):  # what spilled is encrypted: no document, _id or namespace name in plaintext
             data = open(os.path.join(folder, f), "rb").read()
@@ -129,6 +129,7 @@ def test_overlay_or_spilled_restores_what_a_full_head_holds(setup, tmp_path, mon
         monkeypatch.setattr(point_in_time, "OVERLAY_BYTES", budget)
     out, chunks, spilled = rebuilt(js, keys, entry, tmp_path, "out")
     assert (len(spilled) >= 5) if budget == 0 else (len(spilled) >= 1)  # d.over always (the count), all at 0
+    assert any(spilled.values()) == (budget == 200_000)  # part spilled: head rows and overlay merged
     assert sorted(chunks) == sorted(want)
     for ns, (docs, n) in want.items():
         db, coll = ns.split(".", 1)
@@ -138,9 +139,10 @@ def test_overlay_or_spilled_restores_what_a_full_head_holds(setup, tmp_path, mon
             n["options"], n["indexes"], n["uuid"], coll), ns
     assert not (out / "e").exists() and not (out / "d" / "big.bson").exists() and not (out / "d" / "old.bson").exists()
     assert split_docs((out / "d" / "gone.bson").read_bytes()) == [bson.encode({"_id": 3, "again": True})]
-    if budget is None:  # the same chunk cuts, counts and digests as an image cut from the head's documents
-        monkeypatch.setattr(point_in_time, "OVERLAY_BYTES", 0)
-        assert rebuilt(js, keys, entry, tmp_path, "out0")[1] == chunks
+    if budget is None:  # the same chunk cuts, counts and digests from the overlay, the head, or both merged
+        for other in (0, 200_000):
+            monkeypatch.setattr(point_in_time, "OVERLAY_BYTES", other)
+            assert rebuilt(js, keys, entry, tmp_path, "out%d" % other)[1] == chunks
 
 
 def test_a_rolled_back_transaction_undoes_its_overlay_changes(setup, tmp_path):
