@@ -20,6 +20,7 @@ from a local key provider (a restore makes O(key epochs) KMIP calls, none in the
 (uptime) next to the figures: the machine may be shared.
 """
 import argparse
+import cProfile
 import filecmp
 import hashlib
 import os
@@ -158,6 +159,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the last restore to the point into FILE (pstats)")
     opts = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kmipbackup-pitr-bench-", dir=opts.work or "/var/tmp")
     print("load at start: %s" % open("/proc/loadavg").read().strip(), flush=True)
@@ -200,6 +202,10 @@ def main():
             shutil.rmtree(out, ignore_errors=True)
             rss = reset_peak_rss()
             os.sync()
+            prof = None
+            if opts.profile and k == opts.repeat - 1:
+                prof = cProfile.Profile()
+                prof.enable()
             t = time.perf_counter()
             k_keys = store.Keys(js, provider)
             plan = segments.plan_point(js, k_keys, point)
@@ -211,6 +217,9 @@ def main():
                 loaded = image.loaded_chunks
                 events_done = image.replayed["events"]
             pit_s.append(time.perf_counter() - t)
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(opts.profile)
             if rss:
                 pit_rss.append(peak_rss())
             other_s.append(pit_s[-1] - execute_s[-1] - replay_s[-1])

@@ -9,10 +9,13 @@ it; rebuild() then gives the image at the point:
 - a temporary head (SQLCipher under a random key that lives in memory only, in a 0700 folder removed afterwards)
   receives the base snapshot's namespaces, and its documents lazily: a base chunk is loaded the first time the
   replay touches a key in its range (a whole namespace when something scans it), so a point a few events after
-  a large snapshot loads only the chunks those events touch;
+  a large snapshot loads only the chunks those events touch. The documents it loads and the replay writes stay in
+  an in-memory overlay in front of the database (dicts, no SQL per event), which they spill into only past
+  OVERLAY_BYTES or before a scan;
 - segments.replay applies the segments' records up to the point to it with the existing applier;
 - the image is a manifest like a snapshot's, whose chunk entries are the base's untouched chunks (read from the
-  store as a plain restore reads them) and "virtual" chunks: ranges of the temporary head (id "head:<n>"),
+  store as a plain restore reads them) and "virtual" chunks: ranges of the temporary head (id "head:<n>": from
+  the overlay, or from the database for a namespace that spilled),
   cut at about 1 MiB, with their count, size and SHA-256 taken when the manifest is built.
 
 RebuiltStore serves both kinds of chunk to restore.py, so the three targets, include/exclude/rename, the checks
@@ -45,7 +48,8 @@ except ImportError:  # pragma: no cover (restore.py reports the missing package)
 
 VIRTUAL_PREFIX = "head:"  # never a store chunk id (64 hex digits)
 VIRTUAL_CHUNK_BYTES = 1 << 20
-CACHE_BYTES = 256 << 20  # the temporary head's page cache (SQLite's default of the daemon's heads: 32 MiB)
+OVERLAY_BYTES = 256 << 20  # the temporary head's documents kept in memory (with ENTRY_BYTES each) before they spill into it
+CACHE_BYTES = 64 << 20  # the temporary head's page cache, for what spills (the daemon's heads: 32 MiB)
 
 
 def _after(key: bytes) -> bytes:
@@ -71,13 +75,34 @@ def _never(_id_key, _size):
     return False
 
 
+_ABSENT = object()  # the undo log's "the key was not in the overlay"
+ENTRY_BYTES = 120  # what an overlay entry costs in memory besides its document: key, dict slot, bytes headers
+
+
+def _size(d: dict) -> int:
+    """What the overlay of one namespace holds in memory, about."""
+    return sum(ENTRY_BYTES + len(v or b"") for v in d.values())
+
+
 class RebuildHead(Head):
     """A temporary head that holds a base snapshot lazily (see the module's docs). Its writers load the chunk of
-    every key they read or write, and the whole namespace before a scan; renames and drops carry the base along."""
+    every key they read or write, and the whole namespace before a scan; renames and drops carry the base along.
 
-    def __init__(self, path: str, key: bytes, job_store: JobStore, keys: Keys, manifest: dict) -> None:
+    Documents live in an in-memory overlay, {ns_id: {id_key: raw, or None: deleted}}, in front of the SQLCipher
+    head, which keeps the namespaces (names, options, indexes, position) and only the documents that spill: when
+    the overlay passes overlay_bytes, or before a scan of a namespace, its documents are written to the head and
+    the namespace's reads go on through it (ns_id in `spilled`: its SQL rows count, tombstones mark deletions).
+    Keyed by ns_id, a rename carries the documents as the head's row does. A transaction that rolls back undoes
+    its overlay changes from an undo log; one that spilled on the way leaves the head unusable (a failed replay
+    fails the restore anyway)."""
+
+    def __init__(self, path: str, key: bytes, job_store: JobStore, keys: Keys, manifest: dict,
+                 overlay_bytes: int | None = None) -> None:
         super().__init__(path, key)
-        self._conn.execute("PRAGMA synchronous=OFF")  # a temporary head: a crash discards it anyway
+        # a temporary head (random key in memory only, removed afterwards): a crash discards it anyway, so no syncs.
+        # It keeps Head's WAL: a rollback journal in memory would hold a copy of every page a transaction changes
+        # once documents spilled (peak RSS 940 MB against 576 MB: 100,000 events spread over a 600 MB snapshot)
+        self._conn.execute("PRAGMA synchronous=OFF")
         self._conn.execute("PRAGMA cache_size=-%d" % (CACHE_BYTES >> 10))  # decrypted pages, kept while replay jumps around
         # its image is read by ranges cut by size: no chunk-boundary flags (a keyed hash per document) and no change log
         self._is_boundary = _never
@@ -85,6 +110,12 @@ class RebuildHead(Head):
         self.bases = {}  # ns -> _Base, for namespaces that still have base chunks (loaded or not)
         self.loaded_chunks = 0
         self.loading = []  # (base, chunk index) loaded by the open transaction: forgotten if it rolls back
+        self.overlay, self.overlay_size = {}, 0
+        self.overlay_bytes = OVERLAY_BYTES if overlay_bytes is None else overlay_bytes
+        self.spilled = set()  # ns_ids whose documents the SQL head holds (an over-approximation is harmless)
+        self.undo = None  # the open transaction's [(ns_id, id_key or None for the whole namespace, old value)]; False: lost
+        self.broken = False
+        self._sorted = {}  # sorted_keys()
         with super().write() as w:
             for n in manifest["namespaces"]:
                 w.create_namespace(n["ns"], bytes(n["options"] or EMPTY_BSON), uuid=bytes(n["uuid"]) if n.get("uuid") else None,
@@ -93,15 +124,26 @@ class RebuildHead(Head):
                     self.bases[n["ns"]] = _Base(n)
 
     def write(self) -> _LazyWrite:
+        if self.broken:
+            raise RestoreError("The temporary head of this point-in-time restore is unusable after a failed transaction: restore again.")
         return _LazyWrite(self, super().write())
 
+    @contextlib.contextmanager
+    def read(self, flush: bool = True):
+        """Head.read(), with the overlay written to the head first (flush=False: namespaces only)."""
+        if flush and self.overlay:
+            with self.write() as w:
+                w.spill()
+        with super().read() as r:
+            yield r
+
     def load(self, w, ns: str, index: int) -> None:
-        """Load chunk index of ns's base into the head (untracked: the image is read by ranges, not by changes)."""
+        """Load chunk index of ns's base into the overlay (w: the open transaction's _LazyWriter)."""
         base = self.bases[ns]
         if index in base.loaded:
             return
         plain = self.job_store.read_chunk(base.n["chunks"][index], self.keys)
-        w.upsert_many(ns, [(id_key_from_document(d), d) for d in split_bson_docs(plain)], track=False)
+        w.put_many(w.ns_id(ns), [(id_key_from_document(d), d) for d in split_bson_docs(plain)])
         base.loaded.add(index)
         self.loading.append((base, index))
         self.loaded_chunks += 1
@@ -111,6 +153,21 @@ class RebuildHead(Head):
         for i in range(len(base.lasts) if base else 0):
             self.load(w, ns, i)
 
+    def sorted_keys(self, ns_id: int) -> list:
+        """The overlay's keys of namespace ns_id (deletions too), sorted; kept once the image is cut (it no longer
+        changes: a change under it shows in the chunks' digests)."""
+        if ns_id not in self._sorted:
+            self._sorted[ns_id] = sorted(self.overlay.get(ns_id) or ())
+        return self._sorted[ns_id]
+
+    def overlay_docs(self, ns_id: int, keys: list) -> bytes | None:
+        """The documents of keys (in that order) joined, from the overlay; None when one is no longer there."""
+        d = self.overlay.get(ns_id)
+        try:
+            return b"".join([d[k] for k in keys])
+        except (KeyError, TypeError):
+            return None
+
 
 class _LazyWrite:
     """Head.write()'s transaction, yielding a _LazyWriter."""
@@ -119,19 +176,51 @@ class _LazyWrite:
         self._h, self._t = h, transaction
 
     def __enter__(self) -> _LazyWriter:
-        self._h.loading = []
+        self._h.loading, self._h.undo = [], []
+        self._bases = dict(self._h.bases)  # drops and renames move bases: a rollback puts them back
         return _LazyWriter(self._h, self._t.__enter__())
 
     def __exit__(self, *exc):
-        if exc[0] is not None:  # rolled back: so are the chunks it loaded
-            for base, index in self._h.loading:
-                base.loaded.discard(index)
-                self._h.loaded_chunks -= 1
-        return self._t.__exit__(*exc)
+        try:
+            if exc[0] is not None:
+                self._rolled_back()
+                return self._t.__exit__(*exc)
+            try:
+                return self._t.__exit__(*exc)  # the Applier's buffered writes (before_commit), COMMIT
+            except BaseException:
+                self._rolled_back()
+                raise
+        finally:
+            self._h.undo = None
+
+    def _rolled_back(self):
+        """The transaction rolls back: so do the chunks it loaded and its overlay changes."""
+        h = self._h
+        for base, index in h.loading:
+            base.loaded.discard(index)
+            h.loaded_chunks -= 1
+        h.loading = []
+        h.bases = self._bases
+        if h.undo is False:
+            h.broken = True
+            return
+        for ns_id, key, old in reversed(h.undo):
+            if key is None:  # a namespace's overlay created (old None) or dropped/spilled (old: its dict)
+                if old is None:
+                    h.overlay.pop(ns_id, None)
+                else:
+                    h.overlay[ns_id] = old
+            elif old is _ABSENT:
+                h.overlay[ns_id].pop(key, None)
+            else:
+                h.overlay[ns_id][key] = old
+        h.undo = []
+        h.overlay_size = sum(_size(d) for d in h.overlay.values())
 
 
 class _LazyWriter:
-    """A head Writer (every attribute passes through) that loads base chunks before touching their keys."""
+    """A head Writer (every attribute passes through) that loads base chunks before touching their keys and keeps
+    documents in the head's overlay."""
 
     def __init__(self, h: RebuildHead, w) -> None:
         self._h, self._w = h, w
@@ -139,33 +228,103 @@ class _LazyWriter:
     def __getattr__(self, name):
         return getattr(self._w, name)
 
+    def ns_id(self, ns, create=False):
+        ns_id = self._w._ns_id(ns)  # pylint: disable=protected-access
+        if ns_id is None and create:
+            ns_id = self._w._ensure_ns(ns)  # pylint: disable=protected-access  # implicit creation, as Writer.upsert
+        return ns_id
+
     def _touch(self, ns, id_key):
         base = self._h.bases.get(ns)
         if base is not None:
             i = base.chunk_of(id_key)
             if i is not None and i not in base.loaded:
-                self._h.load(self._w, ns, i)
+                self._h.load(self, ns, i)
+
+    def put_many(self, ns_id, pairs):
+        """Set (id_key, raw or None: deleted) pairs of namespace ns_id in the overlay, with undo entries."""
+        h = self._h
+        d = h.overlay.get(ns_id)
+        if d is None:
+            d = h.overlay[ns_id] = {}
+            if h.undo is not False:
+                h.undo.append((ns_id, None, None))
+        undo = h.undo if h.undo is not False else None
+        size = 0
+        tombstones = ns_id in h.spilled
+        for k, v in pairs:
+            old = d.get(k, _ABSENT)
+            if undo is not None:
+                undo.append((ns_id, k, old))
+            if old is not _ABSENT:
+                size -= ENTRY_BYTES + len(old or b"")
+            if v is None and not tombstones:
+                d.pop(k, None)
+            else:
+                d[k] = v
+                size += ENTRY_BYTES + len(v or b"")
+        h.overlay_size += size
+        if h.overlay_size > h.overlay_bytes:
+            self.spill()
+            h.undo = False  # what it undid is in the head now, in this transaction
+
+    def _stored(self, ns_id, id_key):
+        d = self._h.overlay.get(ns_id)
+        v = d.get(id_key, _ABSENT) if d is not None else _ABSENT
+        if v is not _ABSENT:
+            return v
+        if ns_id in self._h.spilled:
+            row = self._w._c.execute("SELECT doc FROM docs WHERE ns_id=? AND id_key=?", (ns_id, id_key)).fetchone()
+            return row[0] if row else None
+        return None
+
+    def spill(self, only=None):
+        """Write the overlay (of namespace id only, or all) into the head's documents and forget it there."""
+        h, c = self._h, self._w._c
+        for ns_id in [only] if only is not None else list(h.overlay):
+            d = h.overlay.pop(ns_id, None)
+            if d is None:
+                continue
+            if h.undo is not False:
+                h.undo.append((ns_id, None, d))
+            keys = sorted(d)  # in key order: B-tree pages are written once each
+            c.executemany("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, 0)",
+                          [(ns_id, k, d[k]) for k in keys if d[k] is not None])
+            if ns_id in h.spilled:
+                c.executemany("DELETE FROM docs WHERE ns_id=? AND id_key=?", [(ns_id, k) for k in keys if d[k] is None])
+            h.spilled.add(ns_id)
+            h.overlay_size -= _size(d)
+        if only is None:
+            h.overlay_size = 0
 
     def get(self, ns, id_key):
         self._touch(ns, id_key)
-        return self._w.get(ns, id_key)
+        ns_id = self.ns_id(ns)
+        return None if ns_id is None else self._stored(ns_id, bytes(id_key))
 
     def delete(self, ns, id_key):
         self._touch(ns, id_key)
-        return self._w.delete(ns, id_key)
+        ns_id = self.ns_id(ns)
+        if ns_id is None or self._stored(ns_id, bytes(id_key)) is None:
+            return False
+        self.put_many(ns_id, [(bytes(id_key), None)])
+        return True
 
     def upsert(self, ns, id_key, raw):
         self._touch(ns, id_key)
-        return self._w.upsert_many(ns, [(id_key, raw)], track=False)
+        self.put_many(self.ns_id(ns, True), [(bytes(id_key), bytes(raw))])
 
     def upsert_many(self, ns, pairs, track=True):
         pairs = pairs if isinstance(pairs, list) else list(pairs)
         for k, _doc in pairs:
             self._touch(ns, k)
-        return self._w.upsert_many(ns, pairs, track=False)
+        self.put_many(self.ns_id(ns, True), [(bytes(k), bytes(v)) for k, v in pairs])
 
     def _whole(self, ns):
-        self._h.load_all(self._w, ns)
+        self._h.load_all(self, ns)
+        ns_id = self.ns_id(ns)
+        if ns_id is not None:
+            self.spill(ns_id)
 
     def scan(self, ns, start=None, end=None):
         self._whole(ns)
@@ -183,8 +342,18 @@ class _LazyWriter:
         self._whole(ns)
         return self._w.first_key(ns, start)
 
+    def _forget(self, ns):
+        """Drop ns's overlay (its head rows go with the namespace)."""
+        ns_id = self.ns_id(ns)
+        d = self._h.overlay.pop(ns_id, None) if ns_id is not None else None
+        if d is not None:
+            if self._h.undo is not False:
+                self._h.undo.append((ns_id, None, d))
+            self._h.overlay_size -= _size(d)
+
     def drop_namespace(self, ns):
         self._h.bases.pop(ns, None)
+        self._forget(ns)
         return self._w.drop_namespace(ns)
 
     def drop_database(self, db):
@@ -196,6 +365,8 @@ class _LazyWriter:
     def rename(self, ns, to, drop_target=True):
         if ns != to and self._w.has_namespace(ns):  # the documents move with the namespace's row: so does its base
             self._h.bases.pop(to, None)
+            if drop_target:
+                self._forget(to)
             base = self._h.bases.pop(ns, None)
             if base is not None:
                 self._h.bases[to] = base
@@ -203,6 +374,11 @@ class _LazyWriter:
 
     def clear(self):
         self._h.bases.clear()
+        for ns_id in list(self._h.overlay):
+            d = self._h.overlay.pop(ns_id)
+            if self._h.undo is not False:
+                self._h.undo.append((ns_id, None, d))
+        self._h.overlay_size = 0
         return self._w.clear()
 
 
@@ -213,7 +389,8 @@ class RebuiltStore:
     def __init__(self, job_store: JobStore, h: RebuildHead, entry: dict) -> None:
         self._js, self._h = job_store, h
         self.entry = entry
-        self.ranges = {}  # virtual chunk id -> (ns in the head, start, end)
+        # virtual chunk id -> (ns_id, its id_keys) in the overlay, or (ns, start, end) in the head's documents
+        self.ranges = {}
 
     def __getattr__(self, name):
         return getattr(self._js, name)
@@ -222,16 +399,18 @@ class RebuiltStore:
         return self.entry if snapshot_id == self.entry["snapshot_id"] else self._js.catalog_entry(snapshot_id)
 
     def _virtual(self, cid):
-        with self._h.read() as r:
-            ns, start, end = self.ranges[cid]
-            return b"".join(r.read_range(ns, start, end)[2])
+        where = self.ranges[cid]
+        if isinstance(where[1], list):
+            return self._h.overlay_docs(*where)
+        with self._h.read(flush=False) as r:  # a spilled namespace: its head rows merged with its overlay
+            return b"".join(doc for _k, doc in _merged(self._h, r, *where))
 
     def read_chunk(self, entry: dict, keys: Keys) -> bytes:
         cid = entry["id"]
         if not cid.startswith(VIRTUAL_PREFIX):
             return self._js.read_chunk(entry, keys)
         plain = self._virtual(cid)
-        if len(plain) != entry["bytes"] or hashlib.sha256(plain).digest() != bytes(entry["sha256"]):
+        if plain is None or len(plain) != entry["bytes"] or hashlib.sha256(plain).digest() != bytes(entry["sha256"]):
             raise RestoreError("The temporary head of this point-in-time restore changed under it (range %s): restore again." % cid)
         return plain
 
@@ -241,46 +420,78 @@ class RebuiltStore:
         return self._js._open_chunk(cid, keys, expect_key)  # pylint: disable=protected-access
 
 
-def _virtual_chunks(store: RebuiltStore, r, ns: str, start: bytes | None, end: bytes | None) -> list:
-    """Chunk entries for the documents of ns in [start, end) of the head, cut at about VIRTUAL_CHUNK_BYTES."""
+def _merged(h: RebuildHead, r, ns: str, ns_id: int, start: bytes | None, end: bytes | None) -> Iterator[tuple]:
+    """(id_key, raw) pairs of a spilled namespace in [start, end), in id_key order: the head's rows (r, a Reader)
+    with the overlay's over them (a None there deletes)."""
+    d = h.overlay.get(ns_id) or {}
+    keys = h.sorted_keys(ns_id)
+    i = 0 if start is None else bisect.bisect_left(keys, start)
+    n = len(keys) if end is None else bisect.bisect_left(keys, end)
+    for k, doc in r.scan(ns, start, end):
+        while i < n and keys[i] < k:
+            if d.get(keys[i]) is not None:
+                yield keys[i], d[keys[i]]
+            i += 1
+        if i < n and keys[i] == k:
+            doc = d.get(k, doc)
+            i += 1
+        if doc is not None:
+            yield k, doc
+    for k in keys[i:n]:
+        if d.get(k) is not None:
+            yield k, d[k]
+
+
+def _cut(store: RebuiltStore, pairs, where: Callable) -> list:
+    """Chunk entries for (id_key, raw) pairs in id_key order, cut at about VIRTUAL_CHUNK_BYTES; where(first, last,
+    id_keys) says where RebuiltStore reads each one back."""
     out = []
 
-    def emit(first, last, digest, count, size):
+    def emit(keys, digest, size):
         cid = "%s%d" % (VIRTUAL_PREFIX, len(store.ranges))
-        store.ranges[cid] = (ns, first, _after(last))
-        out.append({"id": cid, "key": None, "first": first, "last": last, "count": count, "bytes": size,
+        store.ranges[cid] = where(keys[0], keys[-1], keys)
+        out.append({"id": cid, "key": None, "first": keys[0], "last": keys[-1], "count": len(keys), "bytes": size,
                     "sha256": digest.digest(), "stored": 0})
-    first = last = None
-    digest, count, size = hashlib.sha256(), 0, 0
-    for k, doc in r.scan(ns, start, end):
-        if first is None:
-            first = k
+    keys, digest, size = [], hashlib.sha256(), 0
+    for k, doc in pairs:
         digest.update(doc)
-        count += 1
+        keys.append(k)
         size += len(doc)
-        last = k
         if size >= VIRTUAL_CHUNK_BYTES:
-            emit(first, last, digest, count, size)
-            first, digest, count, size = None, hashlib.sha256(), 0, 0
-    if first is not None:
-        emit(first, last, digest, count, size)
+            emit(keys, digest, size)
+            keys, digest, size = [], hashlib.sha256(), 0
+    if keys:
+        emit(keys, digest, size)
     return out
 
 
-def _namespace(store: RebuiltStore, r, info: dict, base: _Base | None) -> dict:
-    """The manifest entry of one namespace of the rebuilt head: the base's untouched chunks, virtual ones for the rest."""
+def _namespace(store: RebuiltStore, h: RebuildHead, r, info: dict, base: _Base | None) -> dict:
+    """The manifest entry of one namespace of the rebuilt head: the base's untouched chunks, virtual ones for the rest,
+    cut from the overlay (or from the head's documents, when the namespace spilled: r, a Reader of the head)."""
     ns = info["ns"]
+    ns_id = r._ns_id(ns)  # pylint: disable=protected-access
+    if ns_id in h.spilled:
+        def part(start, end):
+            return _cut(store, _merged(h, r, ns, ns_id, start, end), lambda first, last, _keys: (ns, ns_id, first, _after(last)))
+    else:
+        d = h.overlay.get(ns_id, {})
+        live = sorted(k for k, v in d.items() if v is not None)
+
+        def part(start, end):  # [start, end) of the sorted keys, as the head's scan
+            a = 0 if start is None else bisect.bisect_left(live, start)
+            b = len(live) if end is None else bisect.bisect_left(live, end)
+            return _cut(store, ((k, d[k]) for k in live[a:b]), lambda _first, _last, keys: (ns_id, keys))
     if base is None:
-        chunks = _virtual_chunks(store, r, ns, None, None)
+        chunks = part(None, None)
     else:
         chunks, prev = [], None
         for i, c in enumerate(base.n["chunks"]):
             if i in base.loaded:
-                chunks.extend(_virtual_chunks(store, r, ns, None if prev is None else _after(prev), _after(base.lasts[i])))
+                chunks.extend(part(None if prev is None else _after(prev), _after(base.lasts[i])))
             else:
                 chunks.append(c)
             prev = base.lasts[i]
-        chunks.extend(_virtual_chunks(store, r, ns, _after(prev), None))  # inserted past the base's last key
+        chunks.extend(part(_after(prev), None))  # inserted past the base's last key
     return {"ns": ns, "uuid": Binary(bytes(info["uuid"]), 4) if info.get("uuid") else None,
             "options": bytes(info["options"] or EMPTY_BSON), "indexes": [bytes(s) for s in info["indexes"]],
             "incarnation": info["incarnation"], "type": "collection", "chunks": chunks,
@@ -339,8 +550,8 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
         entry.update(snapshot_id=point_id(base["snapshot_id"], plan["point"]), cluster_time=list(plan["point"]),
                      base_snapshot_id=base["snapshot_id"], restore_info_lines=info_lines(plan))
         store = RebuiltStore(job_store, h, entry)
-        with h.read() as r:
-            namespaces = [_namespace(store, r, info, h.bases.get(info["ns"])) for info in r.namespaces()]
+        with h.read(flush=False) as r:
+            namespaces = [_namespace(store, h, r, info, h.bases.get(info["ns"])) for info in r.namespaces()]
         entry.update(doc_count=sum(n["count"] for n in namespaces), data_bytes=sum(n["bytes"] for n in namespaces),
                      namespaces=len(namespaces))
         image_manifest = {"format": 1, "job": job_store.job, "snapshot_id": entry["snapshot_id"],
