@@ -166,6 +166,10 @@ class _Writer:
 
     def abort(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
+        try:  # the chunks written so far get their names (unreferenced: the next GC removes them), no descriptor stays open
+            self.js.storage.sync(self.unsynced)
+        except (OSError, KmipBackupError):
+            pass
 
     def pieces(self, rows):
         """(joined documents, count, first, last) of each chunk of (id_key, raw) rows in order, cut where is_boundary
