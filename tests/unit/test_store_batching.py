@@ -71,3 +71,51 @@ def test_a_failed_fsync_names_nothing_and_leaves_no_temporary_file(tmp_path, mon
     with pytest.raises(OSError):
         fs.sync(["j/a", "j/b"])
     assert os.listdir(str(tmp_path / "j")) == []
+
+
+def test_directory_restore_publishes_only_fsynced_files_and_folders(tmp_path, monkeypatch):
+    """Every file and folder of a directory restore is fsynced before the one rename that publishes it."""
+    import bson
+
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot
+    from snapshot_helpers import LocalKeyProvider, make_head
+    docs = {ns: [{"_id": i, "v": ns * 100} for i in range(50)] for ns in ("d.a", "d.b", "e.c")}
+    h = make_head(str(tmp_path / "h" / "head.db"), docs, key=os.urandom(32))
+    provider = LocalKeyProvider()
+    provider.create("mk")
+    js = store.JobStore(str(tmp_path / "store"), "job")
+    keys = store.Keys(js, provider)
+    e = snapshot.take_snapshot(h, js, keys, "job", "mk", True)
+    h.close()
+    log, fsync, replace = [], os.fsync, os.replace
+
+    def rec_fsync(fd):
+        log.append(("fsync", os.readlink("/proc/self/fd/%d" % fd)))
+        fsync(fd)
+
+    def rec_replace(src, dst, **kw):
+        log.append(("replace", os.fspath(src), os.fspath(dst)))
+        replace(src, dst, **kw)
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "replace", rec_replace)
+    out = str(tmp_path / "out")
+    restore.restore(js, e["snapshot_id"], keys, restore.DirectoryTarget(out))
+    publish = [i for i, c in enumerate(log) if c[0] == "replace" and c[2] == out]
+    assert len(publish) == 1
+    tmp = log[publish[0]][1]
+    synced = {c[1] for c in log[:publish[0]] if c[0] == "fsync"}
+    written = {os.path.join(tmp, os.path.relpath(os.path.join(f, n), out)) for f, _d, names in os.walk(out) for n in names}
+    folders = {os.path.join(tmp, os.path.relpath(f, out)).rstrip("/.") for f, _d, _n in os.walk(out)}
+    info = os.path.join(tmp, restore.RESTORE_INFO)  # written by files.atomic_write: fsynced under a temporary name
+    assert info in written and any(c[0] == "replace" and c[2] == restore.RESTORE_INFO for c in log[:publish[0]])
+    written.discard(info)
+    assert len(written) == 6 and written <= synced, sorted(written - synced)  # 3 x (.bson, .metadata.json)
+    assert folders <= synced, sorted(folders - synced)
+    # a folder's fsync that makes its files' names durable comes after they were all created (and fsynced)
+    last = {c[1]: i for i, c in enumerate(log[:publish[0]]) if c[0] == "fsync"}
+    for path in written:
+        assert last[os.path.dirname(path)] > last[path], path
+    for ns, want in docs.items():
+        db, coll = ns.split(".")
+        with open(os.path.join(out, db, coll + ".bson"), "rb") as f:
+            assert f.read() == b"".join(bson.encode(d) for d in want)
