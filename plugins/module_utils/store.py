@@ -95,15 +95,16 @@ def canonical(obj: dict | list) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-# put_atomic(sync=False) publishes its files in batches of this many bytes: one fsync round (in parallel) per batch
-# instead of one fsync per file on a writer's critical path (an ext4 journal commit each)
+# put_atomic(sync=False) publishes its files in batches of this many bytes: one round of parallel fsyncs per batch
+# instead of an fsync per file on a writer thread's critical path (each a device cache flush, and a journal commit on
+# a journaling file system; concurrent ones share them)
 BATCH_BYTES = 64 << 20
 _FSYNC_THREADS = 16
 
 
 def _publish(batch):
-    """Make a batch of [(fd, temporary name, name)] durable, then give each file its name: fsyncs in parallel (the
-    filesystem commits concurrent fsyncs together), renames only once every fsync succeeded. On any error the
+    """Make a batch of [(fd, temporary name, name)] durable, then give each file its name: fsyncs in parallel,
+    renames only once every fsync succeeded. On any error the
     temporary files are removed (a kill -9 leaves them to clean_temporary)."""
     try:
         if len(batch) > 1:
@@ -183,8 +184,8 @@ class FileStorage:
             ensure_private_dir(f)
 
     def sync(self, paths: list) -> None:
-        """Make earlier put_atomic(sync=False) writes durable: fsync their folders (in parallel: the
-        filesystem commits concurrent fsyncs together)."""
+        """Make earlier put_atomic(sync=False) writes durable: publish the files still waiting for their batch, then
+        fsync the paths' folders (in parallel: the file system flushes concurrent fsyncs together)."""
         self._publish_all()
         folders = sorted({os.path.dirname(self._p(path)) for path in paths})
         if len(folders) <= 1:
