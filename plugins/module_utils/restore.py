@@ -70,6 +70,7 @@ MARKER_COLL = "restoreInfo"
 INSERT_BATCH_BYTES = 8 << 20
 READ_THREADS = 3  # reading, decrypting and decompressing release the GIL; the main thread writes
 SYNC_EVERY = 64 << 20
+FINISHERS = 4  # threads fsyncing a directory restore's finished files (concurrent fsyncs are flushed together)
 READ_AHEAD = 4
 READ_AHEAD_BYTES = 64 << 20  # plaintext being read ahead, at most (plus one chunk)
 DB_NAME_FORBIDDEN = frozenset('/\\. "$\x00')
@@ -538,19 +539,23 @@ def _restore_directory(source, _job, entry, selected, target, drop, verify, info
     tmp = _tmp_sibling(target.path)
     ensure_private_dir(tmp)
     try:
-        # a finished file's fsync overlaps with writing the next one; every 64 MB written a flush starts there too
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-fsync") as finisher:
-            finishing, f, syncing, unsynced, label_i = [], None, [], 0, None
+        # Files are written in place inside tmp (published by one rename once all is durable): a finished file's fsync
+        # runs on a finisher thread, overlapping with writing the next ones; every 64 MB written a flush starts there too
+        with concurrent.futures.ThreadPoolExecutor(FINISHERS, thread_name_prefix="kmipbackup-fsync") as finisher:
+            finishing, f, syncing, unsynced, label_i, folders = [], None, [], 0, None, set()
             try:
                 for k, plain in source.runs(selected, name):
                     i, n, db, coll = selected[k]
                     if f is None:  # the namespace's first run (or its end, when it is empty)
                         label_i = name(i, db, coll)
                         folder = ensure_private_dir(_inside(os.path.join(tmp, db), tmp))
+                        folders.add(folder)
                         base = os.path.join(folder, mongodump.escape_collection_name(coll))
-                        meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll, n.get("type", "collection"))
-                        atomic_write(_inside(base + ".metadata.json", folder), meta.encode("utf-8"))
-                        fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        meta = mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll,
+                                                       n.get("type", "collection")).encode("utf-8")
+                        _write_new(_inside(base + ".metadata.json", folder), meta)
+                        finishing.append(finisher.submit(_finish_file, base + ".metadata.json", len(meta), label_i))
+                        fd = os.open(_inside(base + ".bson", folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                         f, syncing, unsynced = os.fdopen(fd, "wb", buffering=1 << 20), [], 0
                     if plain is not None:
                         f.write(plain)
@@ -569,6 +574,7 @@ def _restore_directory(source, _job, entry, selected, target, drop, verify, info
                     _close(f, syncing, check=False)
             for fin in finishing:
                 fin.result()
+            list(finisher.map(fsync_dir, sorted(folders)))  # the files' names; tmp's own fsync comes with RESTORE_INFO
         atomic_write(os.path.join(tmp, RESTORE_INFO), info_text.encode("utf-8"))
         _replace(tmp, target.path)
     except BaseException:
@@ -590,6 +596,13 @@ def _close(f, syncing, check=True):
             if check:
                 raise
     return None
+
+
+def _write_new(path, data):
+    """A new file in a restore's private tmp folder (no temporary name: the folder is published whole)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _finish_file(path, size, name):

@@ -50,8 +50,8 @@ MAX_BYTES = 4 << 20
 LIST_PAGE = 1000  # keys per listing request of an object store (S3's maximum)
 _CORES = os.cpu_count() or 2
 # Threads reading, sealing and writing chunks: two per core (up to 8), so the cores stay busy while a worker waits for
-# its chunk file's fsync (1-10 ms, against about 10 ms of CPU per chunk); an object store's parallelism when higher (its
-# uploads wait). Each costs about 15 MB of peak RSS (its chunk's copies, its malloc arena): 185 MB at 2 GB with four.
+# the head's pages or for a batch of chunk files to be fsynced (store.BATCH_BYTES); an object store's parallelism when
+# higher (its uploads wait). Each costs about 15 MB of peak RSS (its chunk's copies, its malloc arena): 185 MB at 2 GB with four.
 WORKERS = min(8, 2 * _CORES)
 READERS = min(WORKERS, _CORES + 1)  # of which read the head at once, each on a connection of its own
 READER_CACHE_KIB = 4096  # each reader's page cache: chunks are read once, in key order
@@ -166,6 +166,10 @@ class _Writer:
 
     def abort(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
+        try:  # the chunks written so far get their names (unreferenced: the next GC removes them), no descriptor stays open
+            self.js.storage.sync(self.unsynced)
+        except (OSError, KmipBackupError):
+            pass
 
     def pieces(self, rows):
         """(joined documents, count, first, last) of each chunk of (id_key, raw) rows in order, cut where is_boundary
