@@ -226,20 +226,25 @@ def refresh_namespace(client: pymongo.MongoClient, ns: str) -> dict | None:
     return None
 
 
-def _split_batch(batch):
-    """(id_key, raw) pairs of a raw batch (concatenated BSON documents), without decoding them."""
+def _split_batch(batch, blobs=False):
+    """(id_key, raw) pairs of a raw batch (concatenated BSON documents), without decoding them.
+
+    blobs=True: keys and documents as bytearrays, which sqlcipher3 binds without the adapter lookup it makes for
+    every bytes parameter (an executemany of them takes about half the time)."""
     out, pos, n = [], 0, len(batch)
-    if type(batch) is not bytes:  # pylint: disable=unidiomatic-typecheck
-        batch = bytes(batch)
+    kind = bytearray if blobs else bytes
+    if type(batch) is not kind:  # pylint: disable=unidiomatic-typecheck
+        batch = kind(batch)
+    oid = kind(b"\x35")
     unpack, append, find = _i32.unpack_from, out.append, batch.find
     while pos < n:
         size = unpack(batch, pos)[0]
         end = pos + size
         if find(b"\x07_id\x00", pos + 4, pos + 9) == pos + 4:  # an ObjectId _id first, as mongod stores it
-            append((b"\x35" + batch[pos + 9:pos + 21], batch[pos:end]))
+            append((oid + batch[pos + 9:pos + 21], batch[pos:end]))
         else:
             doc = batch[pos:end]
-            append((id_key_from_document(doc), doc))
+            append((kind(id_key_from_document(doc)), doc))
         pos = end
     return out
 
@@ -405,7 +410,7 @@ def _clone(head, client, names, stop_event=None, progress=None):
             if item is None:
                 break
             ns, batch = item
-            pairs = _split_batch(batch)
+            pairs = _split_batch(batch, blobs=True)
             w.upsert_many(ns, pairs, track=False)
             docs += len(pairs)
             nbytes += len(batch)
