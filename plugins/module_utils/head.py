@@ -19,7 +19,7 @@ import json
 import os
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
@@ -561,18 +561,21 @@ class Writer(Reader):
         self._c.execute("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", (ns_id, id_key, self._seq))
         self._dirty = True
 
-    def upsert_many(self, ns: str, pairs: list, track: bool = True) -> None:
-        """Store many (id_key, raw) pairs of ns in one statement batch. track=False (initial sync into a
-        namespace created in this head generation, whose new incarnation makes a snapshot take it whole)
-        skips the change log."""
+    def upsert_many(self, ns: str, pairs: Iterable, track: bool = True) -> int:
+        """Store many (id_key, raw) pairs of ns in one statement batch; returns how many. track=False (initial sync
+        into a namespace created in this head generation, whose new incarnation makes a snapshot take it whole)
+        skips the change log, and pairs may then be an iterator, bound as it yields (no object per document kept
+        alive, so none for the garbage collector to walk)."""
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
-        pairs = pairs if isinstance(pairs, list) else list(pairs)
+        if track:
+            pairs = pairs if isinstance(pairs, list) else list(pairs)
         isb = self._h._is_boundary
-        self._c.executemany("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
-                            [(ns_id, k, v, 1 if isb(k, len(v)) else 0) for k, v in pairs])
+        n = self._c.executemany("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
+                                ((ns_id, k, v, 1 if isb(k, len(v)) else 0) for k, v in pairs)).rowcount
         if track:
             self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _doc in pairs])
             self._dirty = True
+        return n
 
     def delete(self, ns: str, id_key: bytes) -> bool:
         """Delete (ns, id_key); True when it existed."""

@@ -66,11 +66,22 @@ def split_namespace(ns: str) -> tuple[str, str]:
 
 
 def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = None, batch_size: int | None = None) -> Iterator[bytes]:
-    """Raw batches (concatenated BSON documents) of a find on namespace ns, as pymongo's
-    Collection.find_raw_batches yields them, run as raw find/getMore commands: pymongo's Collection
-    refuses names the server accepts ("a..b", "x."). The cursor is closed (killCursors) when the
-    generator is."""
+    """Raw batches (concatenated BSON documents) of a find on namespace ns. pymongo's
+    Collection.find_raw_batches joins each server batch in C, without an object per document; for
+    names its Collection refuses but the server accepts ("a..b", "x.") the find and getMore run as
+    raw commands instead. The cursor is closed (killCursors) when the generator is."""
+    from pymongo.errors import InvalidName  # pymongo is loaded: client is a MongoClient
     db, coll = split_namespace(ns)
+    try:
+        collection = client[db][coll]
+    except InvalidName:
+        collection = None
+    if collection is not None:
+        with collection.find_raw_batches(query if query is not None else {}, batch_size=int(batch_size or 0)) as cursor:
+            for batch in cursor:
+                if batch:
+                    yield batch
+        return
     cmd = {"find": coll, "filter": query if query is not None else {}}
     if batch_size:
         cmd["batchSize"] = int(batch_size)
