@@ -102,10 +102,19 @@ def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
 def parse_elements(raw: bytes) -> list:
     """[[name bytes, type, value bytes], ...] of a raw BSON document or array."""
     els, pos, end = [], 4, len(raw) - 1
+    fixed, unpack, index = _FIXED_SIZE, _i32.unpack_from, raw.index
     while pos < end:
         t = raw[pos]
-        ne = raw.index(b"\x00", pos + 1)
-        vend = skip_value(raw, t, ne + 1)
+        ne = index(0, pos + 1)
+        n = fixed[t]
+        if n >= 0:
+            vend = ne + 1 + n
+        elif n == -1:
+            vend = ne + 5 + unpack(raw, ne + 1)[0]
+        elif n == -2:
+            vend = ne + 1 + unpack(raw, ne + 1)[0]
+        else:
+            vend = skip_value(raw, t, ne + 1)
         els.append([raw[pos + 1:ne], t, raw[ne + 1:vend]])
         pos = vend
     return els
@@ -264,29 +273,60 @@ def _components(path, disambiguated):
     return path.split("."), False
 
 
+_PLAIN_NAMES = {}  # field name -> whether it is a plain top-level name (_set_top_level; bounded cache)
+
+
+def _plain_name(name):
+    """Whether updatedFields' name names a top-level field: not empty, no dot, UTF-8."""
+    ok = _PLAIN_NAMES.get(name)
+    if ok is None:
+        ok = bool(name) and b"." not in name
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            ok = False
+        if len(_PLAIN_NAMES) > 1000:
+            _PLAIN_NAMES.clear()
+        _PLAIN_NAMES[name] = ok
+    return ok
+
+
 def _set_top_level(doc, fields):
     """What _apply_paths gives for updatedFields fields ([name, type, value]) that only name top-level fields (no dot),
     with nothing removed or truncated, from one scan of the document instead of one per field; None when it does not
     apply (the caller takes _apply_paths, which decides)."""
-    names = [f[0] for f in fields]
-    if len(set(names)) != len(names):
-        return None
-    for name in names:
-        if not name or b"." in name:
-            return None
-        try:
-            name.decode("utf-8")
-        except UnicodeDecodeError:
+    found = {}  # name -> (element start, value start, value end) of its first occurrence
+    for name, _t, _v in fields:
+        if name in found or not _plain_name(name):
             return None
         if name == b"_id":
             raise NotApplicable("an update of _id")
-    found = dict.fromkeys(names)  # name -> (element start, value start, value end) of its first occurrence
+        found[name] = None
+    # one scan of the document (_walk inlined: this runs once per replayed update)
+    fixed, unpack, index = _FIXED_SIZE, _i32.unpack_from, doc.index
     try:
-        end = _i32.unpack_from(doc, 0)[0] - 1
-        for pos, _t, ne, vend in _walk(doc, 4, end):
+        end = unpack(doc, 0)[0] - 1
+        pos = 4
+        while pos < end:
+            t = doc[pos]
+            ne = index(0, pos + 1)
+            n = fixed[t]
+            if n >= 0:
+                vend = ne + 1 + n
+            elif n == -1:
+                vend = ne + 5 + unpack(doc, ne + 1)[0]
+            elif n == -2:
+                vend = ne + 1 + unpack(doc, ne + 1)[0]
+            else:
+                vend = skip_value(doc, t, ne + 1)
             name = doc[pos + 1:ne]
             if name in found and found[name] is None:
                 found[name] = (pos, ne + 1, vend)
+            if vend <= pos:
+                return None
+            pos = vend
+        if pos != end:
+            return None
     except (ValueError, IndexError, struct.error, HeadError):
         return None
     appended = [b"%c%s\x00%s" % (t, name, v) for name, t, v in fields if found[name] is None]
@@ -387,19 +427,35 @@ def _fast_fields(raw: bytes) -> dict | None:
     """{name: (type, value start, value end)} of the top-level fields of event raw that Applier.apply_raw reads, in one
     scan without decoding anything; None when the scan cannot be trusted (a name seen twice, a malformed event): the
     caller then takes the decoding path."""
-    out, want, end = {}, _FAST_FIELDS, len(raw) - 1
+    end = len(raw) - 1
     if end < 4 or _i32.unpack_from(raw, 0)[0] != end + 1 or raw[end] != 0:
         return None
+    # _walk inlined: this runs once per replayed event
+    out, want, fixed, unpack, index, pos = {}, _FAST_FIELDS, _FIXED_SIZE, _i32.unpack_from, raw.index, 4
     try:
-        for pos, t, ne, vend in _walk(raw, 4, end):
+        while pos < end:
+            t = raw[pos]
+            ne = index(0, pos + 1)
+            n = fixed[t]
+            if n >= 0:
+                vend = ne + 1 + n
+            elif n == -1:
+                vend = ne + 5 + unpack(raw, ne + 1)[0]
+            elif n == -2:
+                vend = ne + 1 + unpack(raw, ne + 1)[0]
+            else:
+                vend = skip_value(raw, t, ne + 1)
+            if vend <= pos:
+                return None
             name = raw[pos + 1:ne]
             if name in want:
                 if name in out:
                     return None
                 out[name] = (t, ne + 1, vend)
+            pos = vend
     except (ValueError, struct.error, HeadError):
         return None
-    return out
+    return out if pos == end else None
 
 
 def _timestamp(raw, field):

@@ -234,11 +234,14 @@ class _LazyWriter:
             ns_id = self._w._ensure_ns(ns)  # pylint: disable=protected-access  # implicit creation, as Writer.upsert
         return ns_id
 
+    def has_namespace(self, ns):  # as Writer's, without __getattr__: once per replayed event
+        return self._w._ns_id(ns) is not None  # pylint: disable=protected-access
+
     def _touch(self, ns, id_key):
         base = self._h.bases.get(ns)
         if base is not None:
-            i = base.chunk_of(id_key)
-            if i is not None and i not in base.loaded:
+            i = bisect.bisect_left(base.lasts, id_key)
+            if i < len(base.lasts) and i not in base.loaded:
                 self._h.load(self, ns, i)
 
     def put_many(self, ns_id, pairs):
@@ -298,27 +301,35 @@ class _LazyWriter:
             h.overlay_size = 0
 
     def get(self, ns, id_key):
+        id_key = bytes(id_key)
         self._touch(ns, id_key)
-        ns_id = self.ns_id(ns)
-        return None if ns_id is None else self._stored(ns_id, bytes(id_key))
+        ns_id = self._w._ns_id(ns)  # pylint: disable=protected-access
+        return None if ns_id is None else self._stored(ns_id, id_key)
 
     def delete(self, ns, id_key):
+        id_key = bytes(id_key)
         self._touch(ns, id_key)
-        ns_id = self.ns_id(ns)
-        if ns_id is None or self._stored(ns_id, bytes(id_key)) is None:
+        ns_id = self._w._ns_id(ns)  # pylint: disable=protected-access
+        if ns_id is None or self._stored(ns_id, id_key) is None:
             return False
-        self.put_many(ns_id, [(bytes(id_key), None)])
+        self.put_many(ns_id, [(id_key, None)])
         return True
 
     def upsert(self, ns, id_key, raw):
+        id_key = bytes(id_key)
         self._touch(ns, id_key)
-        self.put_many(self.ns_id(ns, True), [(bytes(id_key), bytes(raw))])
+        self.put_many(self.ns_id(ns, True), [(id_key, bytes(raw))])
 
     def upsert_many(self, ns, pairs, track=True):
-        pairs = pairs if isinstance(pairs, list) else list(pairs)
-        for k, _doc in pairs:
-            self._touch(ns, k)
-        self.put_many(self.ns_id(ns, True), [(bytes(k), bytes(v)) for k, v in pairs])
+        pairs = [(bytes(k), bytes(v)) for k, v in pairs]
+        base = self._h.bases.get(ns)
+        if base is not None:
+            lasts, loaded, n = base.lasts, base.loaded, len(base.lasts)
+            for k, _doc in pairs:
+                i = bisect.bisect_left(lasts, k)
+                if i < n and i not in loaded:
+                    self._h.load(self, ns, i)
+        self.put_many(self.ns_id(ns, True), pairs)
 
     def _whole(self, ns):
         self._h.load_all(self, ns)

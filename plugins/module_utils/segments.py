@@ -559,6 +559,7 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     after = tuple(plan["snapshot"]["cluster_time"])
     refreshes = collections.deque()
     applier = Applier(refresh=lambda ns: refreshes.popleft() if refreshes else None, keep=keeps)
+    apply_raw = applier.apply_raw
     events = records = done = 0
     total = len(plan["segments"])
     for seg, recs in _read_ahead(read_segments(job_store, keys, plan["segments"])):
@@ -583,13 +584,15 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
                         continue
                     raw = bytes(raw)
                     if raw[4:8] != _KB:
-                        refreshes.clear()
+                        if refreshes:
+                            refreshes.clear()
                         j = k
                         while j < n and recs[j][2][4:8] == _KB and RawBSONDocument(bytes(recs[j][2]))["kb"] == "refresh":
                             refreshes.append(_info(RawBSONDocument(bytes(recs[j][2]))))
                             j += 1
-                        applier.apply_raw(w, raw)
-                        applier.recopy = []  # the capture's re-copies follow as "doc" corrections
+                        apply_raw(w, raw)
+                        if applier.recopy:
+                            applier.recopy = []  # the capture's re-copies follow as "doc" corrections
                         events += 1
                     else:
                         doc = RawBSONDocument(raw)
