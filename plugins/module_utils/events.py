@@ -668,18 +668,25 @@ class Applier:
         desc = f.get(b"updateDescription") if op == "update" else (0x03,)
         if key is None or key[0] != 0x03 or desc is None or desc[0] != 0x03 or not w.has_namespace(ns):
             return self.apply(w, RawBSONDocument(raw), catch_up)  # rare (implicit creation) or malformed: as apply() does
-        pending = self._buffer(w)
+        pending = self._pending if self._w is w else self._buffer(w)
         doc = raw[key[1]:key[2]]
         if op == "update":
-            return self._count(self._update_key(w, pending, ns, doc, lambda: raw[desc[1]:desc[2]],
-                                                lambda: _timestamp(raw, f.get(b"clusterTime")), catch_up))
-        if op == "delete":
+            outcome = self._update_key(w, pending, ns, doc, lambda: raw[desc[1]:desc[2]],
+                                       lambda: _timestamp(raw, f.get(b"clusterTime")), catch_up)
+        elif op == "delete":
             ik = id_key_from_document(doc)
             pending.pop((ns, ik), None)
             w.delete(ns, ik)
+            outcome = APPLIED
         else:
-            self._put(pending, ns, id_key_from_document(doc), doc)
-        return self._count(APPLIED)
+            pending[(ns, id_key_from_document(doc))] = doc  # _put inlined
+            self._pending_bytes += len(doc)
+            if self._pending_bytes > PENDING_MAX_BYTES:
+                self.flush()
+            outcome = APPLIED
+        counts = self.counts  # _count inlined
+        counts[outcome] = counts.get(outcome, 0) + 1
+        return outcome
 
     def _kept(self, ev, op):
         if self.keep(*self._ns(ev["ns"])):

@@ -301,10 +301,19 @@ class _LazyWriter:
             h.overlay_size = 0
 
     def get(self, ns, id_key):
-        id_key = bytes(id_key)
-        self._touch(ns, id_key)
+        # _touch and _stored inlined: the applier reads each updated document through here
+        id_key, h = bytes(id_key), self._h
+        base = h.bases.get(ns)
+        if base is not None:
+            i = bisect.bisect_left(base.lasts, id_key)
+            if i < len(base.lasts) and i not in base.loaded:
+                h.load(self, ns, i)
         ns_id = self._w._ns_id(ns)  # pylint: disable=protected-access
-        return None if ns_id is None else self._stored(ns_id, id_key)
+        if ns_id is None:
+            return None
+        d = h.overlay.get(ns_id)
+        v = d.get(id_key, _ABSENT) if d is not None else _ABSENT
+        return self._stored(ns_id, id_key) if v is _ABSENT else v
 
     def delete(self, ns, id_key):
         id_key = bytes(id_key)
