@@ -115,6 +115,8 @@ def parse_elements(raw: bytes) -> list:
             vend = ne + 1 + unpack(raw, ne + 1)[0]
         else:
             vend = skip_value(raw, t, ne + 1)
+        if vend <= pos:
+            raise HeadError("A malformed BSON document (an element of negative length) cannot be parsed.")
         els.append([raw[pos + 1:ne], t, raw[ne + 1:vend]])
         pos = vend
     return els
@@ -146,6 +148,8 @@ def _walk(buf, pos, end):
             vend = ne + 1 + unpack(buf, ne + 1)[0]
         else:
             vend = skip_value(buf, t, ne + 1)
+        if vend <= pos:  # a negative length: it would walk backwards
+            raise _Overrun()
         yield pos, t, ne, vend
         pos = vend
     if pos != end:
@@ -341,11 +345,25 @@ def _set_top_level(doc, fields):
     return _i32.pack(end + 1 + len(new) - len(doc)) + new[4:]
 
 
+_EMPTY_REMOVED_TRUNCATED = b"\x04removedFields\x00\x05\x00\x00\x00\x00\x04truncatedArrays\x00\x05\x00\x00\x00\x00\x00"
+
+
 def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
     """The stored document doc_raw with updateDescription ud_raw (raw BSON) applied; raises NotApplicable.
 
     Works on the bytes: only the elements on the updated paths are located, values are spliced in
     and the enclosing length prefixes adjusted, so everything else keeps its bytes and order."""
+    n = len(ud_raw)
+    if (ud_raw[4:19] == b"\x03updatedFields\x00" and ud_raw[n - len(_EMPTY_REMOVED_TRUNCATED):] == _EMPTY_REMOVED_TRUNCATED
+            and 19 + _i32.unpack_from(ud_raw, 19)[0] == n - len(_EMPTY_REMOVED_TRUNCATED) and _i32.unpack_from(ud_raw, 0)[0] == n):
+        # what mongod sends for $set of fields: {updatedFields: {...}, removedFields: [], truncatedArrays: []}, found by
+        # its bytes (parse_elements would give the same three elements)
+        updated = ud_raw[19:n - len(_EMPTY_REMOVED_TRUNCATED)]
+        if len(updated) > 5:
+            new = _set_top_level(doc_raw, parse_elements(updated))
+            if new is not None:
+                return new
+        return _apply_paths(doc_raw, updated, None, None, None)
     updated = removed = truncated = disambiguated = None
     for name, _t, v in parse_elements(ud_raw):
         if name == b"updatedFields":

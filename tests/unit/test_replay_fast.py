@@ -189,3 +189,40 @@ def test_top_level_sets_in_one_scan_equal_the_path_by_path_splice():
     assert checked > 50
     # dotted, removed, truncated or disambiguated: the general path (the one-scan case declines or is not asked)
     assert events._set_top_level(docs[1], events.parse_elements(bson.encode({"f8.x": 1}))) is None  # pylint: disable=protected-access
+
+
+def _negative_length(raw, name):
+    """raw (BSON) with the int32 length of string field name set so that the element "ends" where it starts: a scan
+    that trusts it reads that element forever."""
+    at = raw.index(b"\x02" + name + b"\x00") + len(name) + 2
+    return raw[:at] + (-(len(name) + 6)).to_bytes(4, "little", signed=True) + raw[at + 4:]
+
+
+def test_negative_lengths_end_the_scans_instead_of_walking_backwards(tmp_path):
+    """The scans (event fields, the one-scan update, the element lists, _walk) refuse an element of negative length
+    instead of reading it forever, and the fast path still fails or applies as apply() does."""
+    doc = bson.encode({"_id": 1, "a": "x" * 70, "b": 2})
+    bad = _negative_length(doc, b"a")
+    fields = events.parse_elements(bson.encode({"b": 3}))
+    assert events._set_top_level(bad, fields) is None  # pylint: disable=protected-access
+    ud = bson.encode({"updatedFields": {"b": 3}, "removedFields": [], "truncatedArrays": []})
+    assert _outcome(events.apply_update_description, bad, ud) == _outcome(
+        events._apply_paths, bad, bson.encode({"b": 3}), None, None, None)  # pylint: disable=protected-access  # and it ends
+    assert _outcome(events.parse_elements, bad) == "HeadError"
+    event = _negative_length(ev("insert", fullDocument={"_id": 8}, note="y" * 70), b"note")
+    assert events._fast_fields(event) is None  # pylint: disable=protected-access
+    slow = run(str(tmp_path / "slow" / "head.db"), [[ins({"_id": 1, "b": 1})], [event]], False)
+    fast = run(str(tmp_path / "fast" / "head.db"), [[ins({"_id": 1, "b": 1})], [event]], True)
+    assert fast[:4] == slow[:4]
+
+
+def test_a_set_of_fields_found_by_its_bytes_equals_the_parsed_description():
+    """apply_update_description's byte-layout case ({updatedFields, removedFields: [], truncatedArrays: []}, as mongod
+    sends a $set) gives what the parsed description gives, and a description laid out otherwise still parses."""
+    doc = bson.encode({"_id": 1, "a": 1, "n": {"x": 1}, "s": "t"})
+    for u in ({"a": 2}, {"a": "x", "n.y": 3}, {}, {"new": 1}, {"new": 1, "other": 2}, {"_id": 5}):
+        exact = bson.encode({"updatedFields": u, "removedFields": [], "truncatedArrays": []})
+        other = bson.encode({"removedFields": [], "updatedFields": u, "truncatedArrays": [], "x": None})
+        general = _outcome(events._apply_paths, doc, bson.encode(u), None, None, None)  # pylint: disable=protected-access
+        assert _outcome(events.apply_update_description, doc, exact) == general
+        assert _outcome(events.apply_update_description, doc, other) == general
