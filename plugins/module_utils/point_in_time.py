@@ -62,13 +62,9 @@ class _Base:
 
     def __init__(self, n: dict) -> None:
         self.n = n
+        # chunk i holds the keys in (last of i-1, last of i]: the one of key is bisect_left(lasts, key), none past the last
         self.lasts = [bytes(c["last"]) for c in n["chunks"]]
         self.loaded = set()
-
-    def chunk_of(self, id_key: bytes) -> int | None:
-        """The index of the chunk whose range holds id_key (chunk i: (last of i-1, last of i]), None past the last."""
-        i = bisect.bisect_left(self.lasts, bytes(id_key))
-        return i if i < len(self.lasts) else None
 
 
 def _never(_id_key, _size):

@@ -159,7 +159,7 @@ def encode_records(rows) -> bytes:
 def decode_records(plain: bytes, name: str = "?") -> list:
     """[(t, i, raw bytes)] of a segment's plaintext; IntegrityError naming the segment when it is malformed."""
     out, pos, n = [], 0, len(plain)
-    view = plain if type(plain) is bytes else memoryview(plain)  # pylint: disable=unidiomatic-typecheck  # bytes: raw copies once
+    view = plain if type(plain) is bytes else memoryview(plain)  # pylint: disable=unidiomatic-typecheck  # the replay wants bytes
     while pos < n:
         if pos + 13 > n:
             raise crypto.integrity_error("segment", name, "has a malformed record")
