@@ -52,6 +52,7 @@ except ImportError as e:  # pragma: no cover
 
 HISTORY_LOST_CODES = (286, 280, 260)  # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken
 CLONE_COMMIT_BYTES = 32 << 20
+CLONE_IDLE_COMMIT_BYTES = 1 << 20  # the least a clone commits while it waits for the source (see _clone)
 CLONE_BATCH_DOCS = 4096  # as many as a plain scan asks for: a short tail of writes after the last batch
 VERIFY_COUNTS = ("checked", "mismatched", "recopied", "removed")  # verify()'s document counts, added up in status
 CATCH_UP_AWAIT_MS = 50  # an empty getMore proves the catch-up complete; no need to wait long for it
@@ -418,7 +419,9 @@ def _clone(head, client, names, stop_event=None, progress=None):
             pending += len(batch)
             if progress is not None:
                 progress.add(n, len(batch))
-            if pending >= CLONE_COMMIT_BYTES:
+            # commit when the source has nothing ready (the writer is idle anyway) or the transaction is large: a clone
+            # from a source slower than the head then ends with a short commit, not with up to CLONE_COMMIT_BYTES
+            if pending >= CLONE_COMMIT_BYTES or (pending >= CLONE_IDLE_COMMIT_BYTES and q.empty()):
                 ctx.__exit__(None, None, None)
                 ctx = head.write()
                 w = ctx.__enter__()
