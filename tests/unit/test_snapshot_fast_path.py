@@ -16,14 +16,15 @@ def docs(n, seed=7):
     return [{"_id": i, "pad": rnd.randbytes(rnd.choice([100, 900, 5000, 20000]))} for i in range(n)]
 
 
-def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES):
+def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES, target_bytes=snapshot.TARGET_BYTES):
     provider = LocalKeyProvider()
     provider.create("mk")
     js = store.JobStore(str(tmp / name), "job")
     if not flagged:
         h.boundary_target = None  # the document-by-document path, same boundary function
     try:
-        e = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, max_bytes=max_bytes)
+        e = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, max_bytes=max_bytes,
+                                   target_bytes=target_bytes)
     finally:
         h.boundary_target = headmod.BOUNDARY_TARGET
     m = js.read_manifest(e["snapshot_id"], store.Keys(js, provider))
@@ -31,12 +32,17 @@ def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES):
 
 
 def test_fast_path_cuts_like_the_row_path_and_restores(tmp_path):
+    """For the head's own target (every flag), a larger one (the flags it keeps: the default) and ranges over
+    max_bytes (cut in the joined bytes; 8 KiB: single documents over it)."""
     h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(1000)}, key=os.urandom(32))
-    for max_bytes in (snapshot.MAX_BYTES, 200 << 10):
-        fast, js, provider = cuts(h, tmp_path, "fast%d" % max_bytes, True, max_bytes)
-        slow, _, _ = cuts(h, tmp_path, "slow%d" % max_bytes, False, max_bytes)
+    assert snapshot.TARGET_BYTES > headmod.BOUNDARY_TARGET
+    for target, max_bytes in ((headmod.BOUNDARY_TARGET, 4 * headmod.BOUNDARY_TARGET), (snapshot.TARGET_BYTES, snapshot.MAX_BYTES),
+                              (snapshot.TARGET_BYTES, 200 << 10), (headmod.BOUNDARY_TARGET, 8 << 10)):
+        fast, js, provider = cuts(h, tmp_path, "fast%d-%d" % (target, max_bytes), True, max_bytes, target)
+        slow, _, _ = cuts(h, tmp_path, "slow%d-%d" % (target, max_bytes), False, max_bytes, target)
         assert fast == slow
-        assert len(fast) > 1 and all(b <= max_bytes for *_x, b in fast)
+        assert len(fast) > 1 and all(b <= max_bytes or n == 1 for *_x, n, b in fast)
+        assert sum(n for *_x, n, _b in fast) == 1000
     restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
     with h.read() as r:
         expect = [raw for _k, raw in r.scan("d.c")]
@@ -94,3 +100,27 @@ def test_read_joined_is_the_key_ordered_join_of_the_range(tmp_path):
             assert got == (keys[i], keys[j - 1], j - i, b"".join(raw for _k, raw in rows[i:j]))
         assert r.read_joined("d.c", keys[5], keys[5]) == (None, None, 0, b"")
         assert r.read_joined("d.none") == (None, None, 0, b"")
+
+
+def test_larger_target_on_a_store_of_smaller_chunks_reuses_them_and_restores(tmp_path):
+    """A store whose last snapshot has the head's 1 MiB chunks (an earlier version's target): the next snapshot (the
+    default, larger target) reuses every chunk whose range holds no change, re-cuts only the changed ones, and
+    restores byte for byte."""
+    h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(1000)}, key=os.urandom(32))
+    provider = LocalKeyProvider()
+    provider.create("mk")
+    js = store.JobStore(str(tmp_path / "store"), "job")
+    e1 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, target_bytes=headmod.BOUNDARY_TARGET,
+                                max_bytes=4 * headmod.BOUNDARY_TARGET)
+    h.mark_snapshotted(e1["change_seq"])
+    assert e1["written_chunks"] >= 4
+    with h.write() as w:
+        raw = bson.encode({"_id": 998, "pad": b"changed"})
+        w.upsert("d.c", rawbson.id_key_from_document(raw), raw)
+    e2 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True)
+    assert e2["reused_chunks"] == e1["written_chunks"] - 1 and e2["written_chunks"] >= 1
+    restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
+    with h.read() as r:
+        expect = [raw for _k, raw in r.scan("d.c")]
+    assert split_docs((tmp_path / "out" / "d" / "c.bson").read_bytes()) == expect
+    assert bson.decode(expect[-2])["pad"] == b"changed"
