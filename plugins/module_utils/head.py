@@ -404,15 +404,21 @@ class Reader:
                    keep: Callable[[bytes, int], bool] | None = None) -> list:
         """Sorted id_keys in [start, end) of the documents flagged as chunk ends (for BOUNDARY_TARGET); with keep, only
         those for which keep(id_key, document size) holds (a larger target's boundaries: a subset of the flagged ones)."""
+        return list(self.iter_boundaries(ns, start, end, keep))
+
+    def iter_boundaries(self, ns: str, start: bytes | None = None, end: bytes | None = None,
+                        keep: Callable[[bytes, int], bool] | None = None) -> Iterator[bytes]:
+        """boundaries() as they are read (keep looks up each flagged document's size: a B-tree seek each)."""
         ns_id = self._ns_id(ns)
         if ns_id is None:
-            return []
+            return
         cols = "id_key" if keep is None else "id_key, length(doc)"
         sql, args = self._range("SELECT %s FROM docs INDEXED BY docs_boundaries WHERE ns_id=? AND bnd = 1" % cols, ns_id, start, end)
         rows = self._c.execute(sql + " ORDER BY id_key", args)
         if keep is None:
-            return [row[0] for row in rows]
-        return [key for key, size in rows if keep(key, size)]
+            yield from (row[0] for row in rows)
+        else:
+            yield from (key for key, size in rows if keep(key, size))
 
     def read_range(self, ns: str, start: bytes | None = None, end: bytes | None = None) -> tuple:
         """(first id_key, last id_key, [raw documents in id_key order]) of ns in [start, end), in three queries."""

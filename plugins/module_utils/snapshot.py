@@ -18,10 +18,10 @@ and write (SQLite, zstd, hashlib, AES-GCM and file I/O release the GIL), so ever
 from __future__ import annotations
 
 import bisect
-import collections
 import concurrent.futures
 import datetime
 import hashlib
+import itertools
 import os
 import queue
 import struct
@@ -88,17 +88,21 @@ class _Writer:
         for r in readers:
             self._readers.put(r)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-chunk")
-        self._inflight = collections.deque()
+        self._inflight = set()
         self._limit = 2 * threads
         self._lock = threading.Lock()
         self._mine = {}  # chunk id -> stored size (None while being written) of chunks this snapshot writes
         self._late = []  # entries waiting for the stored size of a chunk another worker writes
 
     def _submit(self, fn, *args):
+        # waits for any one to finish, not the oldest: a worker publishing a batch of chunk files (store.BATCH_BYTES:
+        # fsyncs) must not hold up the queue while the other workers run dry
         while len(self._inflight) >= self._limit:
-            self._inflight.popleft().result()
+            done, self._inflight = concurrent.futures.wait(self._inflight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                f.result()
         future = self._pool.submit(fn, *args)
-        self._inflight.append(future)
+        self._inflight.add(future)
         return future
 
     def emit(self, plain, count, first, last):
@@ -182,8 +186,8 @@ class _Writer:
     def finish(self):
         """Wait for every chunk; raises what a worker raised."""
         try:
-            while self._inflight:
-                self._inflight.popleft().result()
+            for f in concurrent.futures.as_completed(self._inflight):
+                f.result()
         finally:
             self._pool.shutdown(wait=True)
         for entry in self._late:
@@ -219,9 +223,9 @@ class _Writer:
 
     def cut(self, reader, ns, start, end):
         """Futures of the chunk entries of ns in [start, end): the head's boundary flags give the chunks' ends
-        (read here, through their index), the workers read each chunk's range."""
+        (read here, through their index, and submitted as they are read), the workers read each chunk's range."""
         out, lo = [], start
-        for b in reader.boundaries(ns, start, end, self.keep) + [None]:
+        for b in itertools.chain(reader.iter_boundaries(ns, start, end, self.keep), [None]):  # the first range starts at once
             hi = end if b is None else b + b"\x00"
             out.append(self.range(ns, lo, hi))
             lo = hi
