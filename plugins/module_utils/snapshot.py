@@ -7,8 +7,9 @@ Read transactions on the head, all on one image (head.reads), give the image at 
 cluster time. Per namespace, the documents in id_key order are cut into chunks after documents whose keyed hash of id_key
 falls under size/target (so chunks average target bytes and a boundary depends only on its
 own document), with a hard maximum. The head flags those boundary documents when it writes
-them (for its default target), so a snapshot reads the boundary keys through an index and then
-each chunk's documents with one query: no per-document Python work. Incremental: chunk i of
+them (for its 1 MiB target; a larger target's boundaries are the flagged ones the keyed hash keeps),
+so a snapshot reads the boundary keys through an index and then each chunk's documents with one
+query: no per-document Python work. Incremental: chunk i of
 the previous manifest covers the id_keys (last of chunk i-1, last of chunk i]; only the runs of
 chunks whose range holds a changed id_key are re-read and re-cut, every other chunk is reused
 without reading it. The caller's thread finds the chunks' ranges (boundary flags, the change log);
