@@ -7,8 +7,9 @@ Read transactions on the head, all on one image (head.reads), give the image at 
 cluster time. Per namespace, the documents in id_key order are cut into chunks after documents whose keyed hash of id_key
 falls under size/target (so chunks average target bytes and a boundary depends only on its
 own document), with a hard maximum. The head flags those boundary documents when it writes
-them (for its default target), so a snapshot reads the boundary keys through an index and then
-each chunk's documents with one query: no per-document Python work. Incremental: chunk i of
+them (for its 1 MiB target; a larger target's boundaries are the flagged ones the keyed hash keeps),
+so a snapshot reads the boundary keys through an index and then each chunk's documents with one
+query: no per-document Python work. Incremental: chunk i of
 the previous manifest covers the id_keys (last of chunk i-1, last of chunk i]; only the runs of
 chunks whose range holds a changed id_key are re-read and re-cut, every other chunk is reused
 without reading it. The caller's thread finds the chunks' ranges (boundary flags, the change log);
@@ -18,18 +19,19 @@ and write (SQLite, zstd, hashlib, AES-GCM and file I/O release the GIL), so ever
 from __future__ import annotations
 
 import bisect
-import collections
 import concurrent.futures
 import datetime
 import hashlib
+import itertools
 import os
 import queue
+import struct
 import threading
 from typing import TYPE_CHECKING
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError, SnapshotError, StoreError
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import JobStore, Keys, check_format
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash, new_snapshot_id
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.timeutil import iso, utcnow
@@ -45,8 +47,11 @@ except ImportError as e:  # pragma: no cover
     Binary = None
     BSON_IMPORT_ERROR = e
 
-TARGET_BYTES = 1 << 20
-MAX_BYTES = 4 << 20
+# Chunks average TARGET_BYTES: twice the head's flagged boundary target (head.BOUNDARY_TARGET), so the boundaries are
+# every flagged one that is_boundary keeps; half the chunk files of a 1 MiB target (each file costs the file system
+# an inode), for twice the bytes rewritten per isolated change
+TARGET_BYTES = 2 << 20
+MAX_BYTES = 4 * TARGET_BYTES
 LIST_PAGE = 1000  # keys per listing request of an object store (S3's maximum)
 _CORES = os.cpu_count() or 2
 # Threads reading, sealing and writing chunks: two per core (up to 8), so the cores stay busy while a worker waits for
@@ -56,6 +61,7 @@ WORKERS = min(8, 2 * _CORES)
 READERS = min(WORKERS, _CORES + 1)  # of which read the head at once, each on a connection of its own
 READER_CACHE_KIB = 4096  # each reader's page cache: chunks are read once, in key order
 KINDS = ("scheduled", "on-demand")
+_INT32 = struct.Struct("<i")
 FORMAT = 1
 
 
@@ -69,11 +75,12 @@ class _Writer:
     2 * threads are in flight, so memory stays bounded whatever the snapshot's size."""
 
     def __init__(self, job_store, key_id, key, id_key, is_boundary, max_bytes, readers=(), threads=WORKERS, known=None,
-                 progress=None):
+                 progress=None, keep=None):
         self.js, self.key_id, self.key, self.id_key = job_store, key_id, key, id_key
         self.progress = progress
         self.known = known  # chunk ids the store held when the snapshot began (one listing), else None: ask per chunk
         self.is_boundary = is_boundary
+        self.keep = keep  # which of the head's flagged boundaries end a chunk (None: all)
         self.max_bytes = max_bytes
         self.unsynced = []
         self.written_bytes = 0
@@ -82,17 +89,21 @@ class _Writer:
         for r in readers:
             self._readers.put(r)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-chunk")
-        self._inflight = collections.deque()
+        self._inflight = set()
         self._limit = 2 * threads
         self._lock = threading.Lock()
         self._mine = {}  # chunk id -> stored size (None while being written) of chunks this snapshot writes
         self._late = []  # entries waiting for the stored size of a chunk another worker writes
 
     def _submit(self, fn, *args):
+        # waits for any one to finish, not the oldest: a worker publishing a batch of chunk files (store.BATCH_BYTES:
+        # fsyncs) must not hold up the queue while the other workers run dry
         while len(self._inflight) >= self._limit:
-            self._inflight.popleft().result()
+            done, self._inflight = concurrent.futures.wait(self._inflight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                f.result()
         future = self._pool.submit(fn, *args)
-        self._inflight.append(future)
+        self._inflight.add(future)
         return future
 
     def emit(self, plain, count, first, last):
@@ -101,19 +112,38 @@ class _Writer:
 
     def range(self, ns, lo, hi):
         """A future of the chunk entries for the documents of ns in [lo, hi): one chunk, read by a worker with a
-        reader of its own, or several when the range holds over max_bytes (re-read and cut at max_bytes)."""
+        reader of its own, or several when the range holds over max_bytes (cut at max_bytes)."""
         return self._submit(self._range, ns, lo, hi)
 
     def _range(self, ns, lo, hi):
         reader = self._readers.get()
         try:
             first, last, count, plain = reader.read_joined(ns, lo, hi)
-            if len(plain) > self.max_bytes:
-                del plain
-                return [self._store(*piece) for piece in self.pieces(reader.scan(ns, lo, hi))]
         finally:
             self._readers.put(reader)
+        if len(plain) > self.max_bytes:
+            return [self._store(*piece) for piece in self.split(plain, first, last)]
         return [self._store(plain, count, first, last)] if count else []
+
+    def split(self, plain, first, last):
+        """The pieces (documents, count, first, last) of a range's joined documents (first to last id_key) that
+        hold over max_bytes, cut as pieces() cuts it: before a document that would take a piece over
+        max_bytes (a range's only boundary is its last document). Walks the documents' length prefixes; reads an
+        id_key only where it cuts."""
+        unpack, max_bytes, end = _INT32.unpack_from, self.max_bytes, len(plain)
+        start = prev = pos = n = 0
+        key = first
+        while pos < end:
+            size = unpack(plain, pos)[0]
+            if size < 5 or pos + size > end:
+                raise SnapshotError("The head of job %s holds a damaged document: resync the job "
+                                    "(kmipbackup.mongodb.backup_snapshot action=resync)." % self.js.job)
+            if pos > start and pos + size - start > max_bytes:
+                yield plain[start:pos], n, key, id_key_from_document(plain[prev:pos])
+                start, n, key = pos, 0, id_key_from_document(plain[pos:pos + size])
+            prev, pos, n = pos, pos + size, n + 1
+        if n:
+            yield plain[start:], n, key, last
 
     def written_ids(self) -> set:
         """The ids of the chunks this snapshot wrote (not those it found in the store)."""
@@ -157,8 +187,8 @@ class _Writer:
     def finish(self):
         """Wait for every chunk; raises what a worker raised."""
         try:
-            while self._inflight:
-                self._inflight.popleft().result()
+            for f in concurrent.futures.as_completed(self._inflight):
+                f.result()
         finally:
             self._pool.shutdown(wait=True)
         for entry in self._late:
@@ -194,9 +224,9 @@ class _Writer:
 
     def cut(self, reader, ns, start, end):
         """Futures of the chunk entries of ns in [start, end): the head's boundary flags give the chunks' ends
-        (read here, through their index), the workers read each chunk's range."""
+        (read here, through their index, and submitted as they are read), the workers read each chunk's range."""
         out, lo = [], start
-        for b in reader.boundaries(ns, start, end) + [None]:
+        for b in itertools.chain(reader.iter_boundaries(ns, start, end, self.keep), [None]):  # the first range starts at once
             hi = end if b is None else b + b"\x00"
             out.append(self.range(ns, lo, hi))
             lo = hi
@@ -314,15 +344,18 @@ def take_snapshot(head: Head, job_store: JobStore, keys: Keys, job: str | None =
             prev_manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
         except (StoreError, KmipBackupError):
             prev_manifest = None  # an unreadable base means a full snapshot, never a wrong one
-    flagged = target_bytes == head.boundary_target
     is_boundary = head.boundary_fn(target_bytes)
+    # The head flags the boundaries of its own target; a larger target's are a subset of them (the same keyed hash
+    # under a lower threshold), so they are the flagged ones is_boundary keeps (one keyed hash per flag).
+    flagged = bool(head.boundary_target) and target_bytes >= head.boundary_target
+    keep = is_boundary if flagged and target_bytes != head.boundary_target else None
     known = set(job_store.chunk_ids())  # one listing instead of a request per new chunk
     if progress is not None:
         progress.estimate(base.get("doc_count") if base else None, base.get("data_bytes") if base else head.size())
     threads = max(getattr(job_store.storage, "parallelism", WORKERS), WORKERS)
     try:
         with head.reads(1 + min(threads, READERS), cache_kib=READER_CACHE_KIB) as (r, *readers):
-            writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes, readers, threads, known, progress)
+            writer = _Writer(job_store, key_id, key, id_key, is_boundary, max_bytes, readers, threads, known, progress, keep)
             try:
                 pos = r.position()
                 if not pos.get("consistent") or not pos.get("cluster_time"):

@@ -2,12 +2,15 @@
 cuts exactly the chunks the document-by-document path cuts, including the hard maximum; a head
 written before the flags existed gets them when opened. Real SQLCipher heads, local key provider."""
 import os
+import types
 
 import bson
+import pytest
 import sqlcipher3
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head as headmod, rawbson
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import restore, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import SnapshotError
 from snapshot_helpers import LocalKeyProvider, make_head, split_docs
 
 
@@ -16,14 +19,15 @@ def docs(n, seed=7):
     return [{"_id": i, "pad": rnd.randbytes(rnd.choice([100, 900, 5000, 20000]))} for i in range(n)]
 
 
-def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES):
+def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES, target_bytes=snapshot.TARGET_BYTES):
     provider = LocalKeyProvider()
     provider.create("mk")
     js = store.JobStore(str(tmp / name), "job")
     if not flagged:
         h.boundary_target = None  # the document-by-document path, same boundary function
     try:
-        e = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, max_bytes=max_bytes)
+        e = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, max_bytes=max_bytes,
+                                   target_bytes=target_bytes)
     finally:
         h.boundary_target = headmod.BOUNDARY_TARGET
     m = js.read_manifest(e["snapshot_id"], store.Keys(js, provider))
@@ -31,12 +35,17 @@ def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES):
 
 
 def test_fast_path_cuts_like_the_row_path_and_restores(tmp_path):
-    h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(1000)}, key=os.urandom(32))
-    for max_bytes in (snapshot.MAX_BYTES, 200 << 10):
-        fast, js, provider = cuts(h, tmp_path, "fast%d" % max_bytes, True, max_bytes)
-        slow, _, _ = cuts(h, tmp_path, "slow%d" % max_bytes, False, max_bytes)
+    """For the head's own target (every flag), a larger one (the flags it keeps: the default) and ranges over
+    max_bytes (cut in the joined bytes; 8 KiB: single documents over it)."""
+    h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(2500)}, key=bytes(range(32)))  # fixed: fixed boundaries
+    assert snapshot.TARGET_BYTES > headmod.BOUNDARY_TARGET
+    for target, max_bytes in ((headmod.BOUNDARY_TARGET, 4 * headmod.BOUNDARY_TARGET), (snapshot.TARGET_BYTES, snapshot.MAX_BYTES),
+                              (snapshot.TARGET_BYTES, 200 << 10), (headmod.BOUNDARY_TARGET, 8 << 10)):
+        fast, js, provider = cuts(h, tmp_path, "fast%d-%d" % (target, max_bytes), True, max_bytes, target)
+        slow, _, _ = cuts(h, tmp_path, "slow%d-%d" % (target, max_bytes), False, max_bytes, target)
         assert fast == slow
-        assert len(fast) > 1 and all(b <= max_bytes for *_x, b in fast)
+        assert len(fast) > 1 and all(b <= max_bytes or n == 1 for *_x, n, b in fast)
+        assert sum(n for *_x, n, _b in fast) == 2500
     restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
     with h.read() as r:
         expect = [raw for _k, raw in r.scan("d.c")]
@@ -94,3 +103,42 @@ def test_read_joined_is_the_key_ordered_join_of_the_range(tmp_path):
             assert got == (keys[i], keys[j - 1], j - i, b"".join(raw for _k, raw in rows[i:j]))
         assert r.read_joined("d.c", keys[5], keys[5]) == (None, None, 0, b"")
         assert r.read_joined("d.none") == (None, None, 0, b"")
+
+
+def test_larger_target_on_a_store_of_smaller_chunks_reuses_them_and_restores(tmp_path):
+    """A store whose last snapshot has the head's 1 MiB chunks (an earlier version's target): the next snapshot (the
+    default, larger target) reuses every chunk whose range holds no change, re-cuts only the changed ones, and
+    restores byte for byte."""
+    h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(1000)}, key=bytes(range(32)))
+    provider = LocalKeyProvider()
+    provider.create("mk")
+    js = store.JobStore(str(tmp_path / "store"), "job")
+    e1 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, target_bytes=headmod.BOUNDARY_TARGET,
+                                max_bytes=4 * headmod.BOUNDARY_TARGET)
+    h.mark_snapshotted(e1["change_seq"])
+    assert e1["written_chunks"] >= 4
+    with h.write() as w:
+        raw = bson.encode({"_id": 998, "pad": b"changed"})
+        w.upsert("d.c", rawbson.id_key_from_document(raw), raw)
+    e2 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True)
+    assert e2["reused_chunks"] == e1["written_chunks"] - 1 and e2["written_chunks"] >= 1
+    restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
+    with h.read() as r:
+        expect = [raw for _k, raw in r.scan("d.c")]
+    assert split_docs((tmp_path / "out" / "d" / "c.bson").read_bytes()) == expect
+    assert bson.decode(expect[-2])["pad"] == b"changed"
+
+
+def test_split_cuts_joined_documents_at_max_bytes_and_refuses_damaged_lengths():
+    """Writer.split: the pieces of a range over max_bytes, each ending before the document that would take it over
+    (one document over max_bytes alone), with each piece's first and last id_key; a length prefix that does not
+    fit refuses the snapshot instead of cutting garbage."""
+    raws = [bson.encode({"_id": i, "pad": b"x" * n}) for i, n in enumerate([10, 10, 3000, 10, 10, 10])]
+    ids = [rawbson.id_key_from_document(r) for r in raws]
+    w = types.SimpleNamespace(max_bytes=len(raws[0]) * 2 + 5, js=types.SimpleNamespace(job="j"))
+    pieces = list(snapshot._Writer.split(w, b"".join(raws), ids[0], ids[-1]))
+    assert pieces == [(raws[0] + raws[1], 2, ids[0], ids[1]), (raws[2], 1, ids[2], ids[2]),
+                      (raws[3] + raws[4], 2, ids[3], ids[4]), (raws[5], 1, ids[5], ids[5])]
+    damaged = b"".join(raws)[:-3]
+    with pytest.raises(SnapshotError, match="damaged document"):
+        list(snapshot._Writer.split(w, damaged, ids[0], ids[-1]))
