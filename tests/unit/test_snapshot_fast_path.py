@@ -35,12 +35,12 @@ def cuts(h, tmp, name, flagged, max_bytes=snapshot.MAX_BYTES, target_bytes=snaps
 
 
 def test_fast_path_cuts_like_the_row_path_and_restores(tmp_path):
-    """For the head's own target (every flag), a larger one (the flags it keeps: the default) and ranges over
+    """For the head's own target (every flag), a larger one (the flags it keeps) and ranges over
     max_bytes (cut in the joined bytes; 8 KiB: single documents over it)."""
     h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(2500)}, key=bytes(range(32)))  # fixed: fixed boundaries
-    assert snapshot.TARGET_BYTES > headmod.BOUNDARY_TARGET
-    for target, max_bytes in ((headmod.BOUNDARY_TARGET, 4 * headmod.BOUNDARY_TARGET), (snapshot.TARGET_BYTES, snapshot.MAX_BYTES),
-                              (snapshot.TARGET_BYTES, 200 << 10), (headmod.BOUNDARY_TARGET, 8 << 10)):
+    larger = 2 * headmod.BOUNDARY_TARGET
+    for target, max_bytes in ((headmod.BOUNDARY_TARGET, 4 * headmod.BOUNDARY_TARGET), (larger, 4 * larger),
+                              (larger, 200 << 10), (headmod.BOUNDARY_TARGET, 8 << 10)):
         fast, js, provider = cuts(h, tmp_path, "fast%d-%d" % (target, max_bytes), True, max_bytes, target)
         slow, _, _ = cuts(h, tmp_path, "slow%d-%d" % (target, max_bytes), False, max_bytes, target)
         assert fast == slow
@@ -106,8 +106,8 @@ def test_read_joined_is_the_key_ordered_join_of_the_range(tmp_path):
 
 
 def test_larger_target_on_a_store_of_smaller_chunks_reuses_them_and_restores(tmp_path):
-    """A store whose last snapshot has the head's 1 MiB chunks (an earlier version's target): the next snapshot (the
-    default, larger target) reuses every chunk whose range holds no change, re-cuts only the changed ones, and
+    """A store whose last snapshot has the head's 1 MiB chunks (an earlier version's target): the next snapshot (a
+    larger target) reuses every chunk whose range holds no change, re-cuts only the changed ones, and
     restores byte for byte."""
     h = make_head(str(tmp_path / "h" / "head.db"), {"d.c": docs(1000)}, key=bytes(range(32)))
     provider = LocalKeyProvider()
@@ -120,7 +120,8 @@ def test_larger_target_on_a_store_of_smaller_chunks_reuses_them_and_restores(tmp
     with h.write() as w:
         raw = bson.encode({"_id": 998, "pad": b"changed"})
         w.upsert("d.c", rawbson.id_key_from_document(raw), raw)
-    e2 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True)
+    e2 = snapshot.take_snapshot(h, js, store.Keys(js, provider), "job", "mk", True, target_bytes=2 * headmod.BOUNDARY_TARGET,
+                                max_bytes=8 * headmod.BOUNDARY_TARGET)
     assert e2["reused_chunks"] == e1["written_chunks"] - 1 and e2["written_chunks"] >= 1
     restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(str(tmp_path / "out")))
     with h.read() as r:
