@@ -99,6 +99,10 @@ def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
 
 # --- raw BSON element trees -------------------------------------------------------------------
 
+def _malformed():
+    return HeadError("A malformed BSON document (an element of negative length, or past the document's end) cannot be parsed.")
+
+
 def parse_elements(raw: bytes) -> list:
     """[[name bytes, type, value bytes], ...] of a raw BSON document or array."""
     els, pos, end = [], 4, len(raw) - 1
@@ -111,12 +115,16 @@ def parse_elements(raw: bytes) -> list:
             vend = ne + 1 + n
         elif n == -1:
             vend = ne + 5 + unpack(raw, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
         elif n == -2:
             vend = ne + 1 + unpack(raw, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
         else:
             vend = skip_value(raw, t, ne + 1)
-        if vend <= pos:
-            raise HeadError("A malformed BSON document (an element of negative length) cannot be parsed.")
+        if not pos < vend <= end:
+            raise _malformed()
         els.append([raw[pos + 1:ne], t, raw[ne + 1:vend]])
         pos = vend
     return els
@@ -144,11 +152,15 @@ def _walk(buf, pos, end):
             vend = ne + 1 + n
         elif n == -1:  # string-like: int32 length, then the bytes
             vend = ne + 5 + unpack(buf, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _Overrun()
         elif n == -2:  # document, array, code with scope: the int32 covers the whole value
             vend = ne + 1 + unpack(buf, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _Overrun()
         else:
             vend = skip_value(buf, t, ne + 1)
-        if vend <= pos:  # a negative length: it would walk backwards
+        if not pos < vend <= end:  # a negative length would walk backwards, an overlong one past the end
             raise _Overrun()
         yield pos, t, ne, vend
         pos = vend
@@ -157,8 +169,9 @@ def _walk(buf, pos, end):
 
 
 def _find(buf, start, name=None, index=-1):
-    """The element named name (bytes) or at position index of the document or array at buf[start]:
-    (element start, type, value start, value end), or (None, element count, end position, None) when absent."""
+    """The element named name (bytes) or at position index of the document or array at buf[start] (of the head):
+    (element start, type, value start, value end), or (None, element count, end position, None) when absent. Every
+    element it reads must fit (else the head is damaged: HeadError), so a damaged document never reads as "absent"."""
     end = start + _i32.unpack_from(buf, start)[0] - 1
     i = 0
     try:
@@ -166,18 +179,17 @@ def _find(buf, start, name=None, index=-1):
             if i == index or (name is not None and buf[pos + 1:ne] == name):
                 return pos, t, ne + 1, vend
             i += 1
-    except _Overrun:
-        pass
+    except (ValueError, IndexError, struct.error):  # _Overrun, no name terminator, a length past the buffer
+        raise _damaged() from None
     return None, i, end, None
 
 
 def _names(buf, start):
-    pos, end, out = start + 4, start + _i32.unpack_from(buf, start)[0] - 1, []
-    while pos < end:
-        ne = buf.index(0, pos + 1)
-        out.append(bytes(buf[pos + 1:ne]))
-        pos = skip_value(buf, buf[pos], ne + 1)
-    return out
+    end = start + _i32.unpack_from(buf, start)[0] - 1
+    try:
+        return [bytes(buf[pos + 1:ne]) for pos, _t, ne, _vend in _walk(buf, start + 4, end)]
+    except (ValueError, IndexError, struct.error):
+        raise _damaged() from None
 
 
 def _key(buf, start, is_array, comp, exact, rest):
@@ -295,54 +307,90 @@ def _plain_name(name):
     return ok
 
 
-def _set_top_level(doc, fields):
-    """What _apply_paths gives for updatedFields fields ([name, type, value]) that only name top-level fields (no dot),
-    with nothing removed or truncated, from one scan of the document instead of one per field; None when it does not
-    apply (the caller takes _apply_paths, which decides)."""
-    found = {}  # name -> (element start, value start, value end) of its first occurrence
-    for name, _t, _v in fields:
-        if name in found or not _plain_name(name):
+def _damaged():
+    """The error of a head document whose elements do not fit it: the capture stops (no document written from it)."""
+    return HeadError("A document in the head is damaged (its BSON elements do not fit its length prefix): the head cannot "
+                     "be trusted; resync the job (kmipbackup.mongodb.backup_snapshot with action=resync).")
+
+
+def _set_top_level(doc, updated):
+    """What _apply_paths gives for updatedFields updated (raw BSON) when it only names top-level fields (no dot), with
+    nothing removed or truncated, from one scan of the document instead of one per field; None when it does not apply
+    (the caller takes _apply_paths, which decides). The scans are _walk inlined: this runs once per replayed update."""
+    fixed, unpack, plain = _FIXED_SIZE, _i32.unpack_from, _PLAIN_NAMES
+    want = {}  # name -> its element in updated (type, name and value: what replaces the stored element)
+    index, pos, end = updated.index, 4, len(updated) - 1
+    while pos < end:
+        t = updated[pos]
+        ne = index(0, pos + 1)
+        n = fixed[t]
+        if n >= 0:
+            vend = ne + 1 + n
+        elif n == -2:
+            vend = ne + 1 + unpack(updated, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
+        elif n == -1:
+            vend = ne + 5 + unpack(updated, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
+        else:
+            vend = skip_value(updated, t, ne + 1)
+        if not pos < vend <= end:
+            raise _malformed()
+        name = updated[pos + 1:ne]
+        ok = plain.get(name)
+        if ok is None:
+            ok = _plain_name(name)
+        if not ok or name in want:
             return None
         if name == b"_id":
             raise NotApplicable("an update of _id")
-        found[name] = None
-    # one scan of the document (_walk inlined: this runs once per replayed update)
-    fixed, unpack, index = _FIXED_SIZE, _i32.unpack_from, doc.index
+        want[name] = updated[pos:vend]
+        pos = vend
+    # one scan of the stored document: the first element of each wanted name is replaced where it stands. Every element
+    # it reads must fit the document (a damaged head stops the capture, see _damaged); it stops at the last one it needs
+    out, prev, grow = [], 4, 0
+    index, pos, end = doc.index, 4, len(doc) - 1
     try:
-        end = unpack(doc, 0)[0] - 1
-        pos = 4
         while pos < end:
             t = doc[pos]
             ne = index(0, pos + 1)
             n = fixed[t]
             if n >= 0:
                 vend = ne + 1 + n
-            elif n == -1:
-                vend = ne + 5 + unpack(doc, ne + 1)[0]
             elif n == -2:
                 vend = ne + 1 + unpack(doc, ne + 1)[0]
+                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                    raise _damaged()
+            elif n == -1:
+                vend = ne + 5 + unpack(doc, ne + 1)[0]
+                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                    raise _damaged()
             else:
                 vend = skip_value(doc, t, ne + 1)
+            if not pos < vend <= end:
+                raise _damaged()
             name = doc[pos + 1:ne]
-            if name in found and found[name] is None:
-                found[name] = (pos, ne + 1, vend)
-            if vend <= pos:
-                return None
+            if name in want:
+                el = want.pop(name)
+                out += (doc[prev:pos], el)
+                grow += len(el) - (vend - pos)
+                prev = vend
+                if not want:
+                    break
             pos = vend
-        if pos != end:
-            return None
-    except (ValueError, IndexError, struct.error, HeadError):
-        return None
-    appended = [b"%c%s\x00%s" % (t, name, v) for name, t, v in fields if found[name] is None]
-    if len(appended) > 1:
+        else:
+            if pos != end:
+                raise _damaged()
+    except (ValueError, IndexError, struct.error):
+        raise _damaged() from None
+    if len(want) > 1:
         raise UncertainOrder()  # several new fields: their order is the server's choice
-    out, prev = [], 0
-    for (el, vs, ve), t, v in sorted((found[name], t, v) for name, t, v in fields if found[name] is not None):
-        out += (doc[prev:el], bytes((t,)), doc[el + 1:vs], v)  # in place: the field keeps its name and position
-        prev = ve
-    out += (doc[prev:end], *appended, doc[end:])
-    new = b"".join(out)
-    return _i32.pack(end + 1 + len(new) - len(doc)) + new[4:]
+    for el in want.values():  # a new field: appended
+        grow += len(el)
+    out += (doc[prev:end], *want.values(), b"\x00")
+    return _i32.pack(end + 1 + grow) + b"".join(out)
 
 
 _EMPTY_REMOVED_TRUNCATED = b"\x04removedFields\x00\x05\x00\x00\x00\x00\x04truncatedArrays\x00\x05\x00\x00\x00\x00\x00"
@@ -353,14 +401,16 @@ def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
 
     Works on the bytes: only the elements on the updated paths are located, values are spliced in
     and the enclosing length prefixes adjusted, so everything else keeps its bytes and order."""
+    if len(doc_raw) < 5 or _i32.unpack_from(doc_raw, 0)[0] != len(doc_raw) or doc_raw[-1] != 0:
+        raise _damaged()
     n = len(ud_raw)
-    if (ud_raw[4:19] == b"\x03updatedFields\x00" and ud_raw[n - len(_EMPTY_REMOVED_TRUNCATED):] == _EMPTY_REMOVED_TRUNCATED
+    if (ud_raw[4:19] == b"\x03updatedFields\x00" and ud_raw.endswith(_EMPTY_REMOVED_TRUNCATED)
             and 19 + _i32.unpack_from(ud_raw, 19)[0] == n - len(_EMPTY_REMOVED_TRUNCATED) and _i32.unpack_from(ud_raw, 0)[0] == n):
         # what mongod sends for $set of fields: {updatedFields: {...}, removedFields: [], truncatedArrays: []}, found by
         # its bytes (parse_elements would give the same three elements)
         updated = ud_raw[19:n - len(_EMPTY_REMOVED_TRUNCATED)]
         if len(updated) > 5:
-            new = _set_top_level(doc_raw, parse_elements(updated))
+            new = _set_top_level(doc_raw, updated)
             if new is not None:
                 return new
         return _apply_paths(doc_raw, updated, None, None, None)
@@ -376,7 +426,7 @@ def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
             disambiguated = bson_decode(v)
     if (updated and len(updated) > 5 and disambiguated is None and not (removed and len(removed) > 5)
             and not (truncated and len(truncated) > 5)):
-        new = _set_top_level(doc_raw, parse_elements(updated))
+        new = _set_top_level(doc_raw, updated)
         if new is not None:
             return new
     return _apply_paths(doc_raw, updated, removed, truncated, disambiguated)
@@ -459,8 +509,12 @@ def _fast_fields(raw: bytes) -> dict | None:
                 vend = ne + 1 + n
             elif n == -1:
                 vend = ne + 5 + unpack(raw, ne + 1)[0]
+                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                    return None
             elif n == -2:
                 vend = ne + 1 + unpack(raw, ne + 1)[0]
+                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                    return None
             else:
                 vend = skip_value(raw, t, ne + 1)
             if vend <= pos:
