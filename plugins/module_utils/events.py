@@ -631,7 +631,7 @@ class Applier:
         self._ns_cache = {}
         self._fast_ns = {}  # raw bytes of an event's ns -> ("db.coll", kept): apply_raw
         self._w = None
-        self._pending = {}  # (ns, id_key) -> raw document written in this transaction, not yet in the head
+        self._pending = {}  # {ns: {id_key: raw document}} written in this transaction, not yet in the head
         self._pending_bytes = 0
         self.repair = None  # a CloneRepair while an initial sync catches up
 
@@ -652,7 +652,8 @@ class Applier:
         return hit
 
     def _buffer(self, w):
-        """This transaction's buffer of document writes, flushed (one statement batch per namespace) before COMMIT."""
+        """This transaction's buffer of document writes ({ns: {id_key: raw}}), flushed (one statement batch per namespace)
+        before COMMIT."""
         if self._w is not w:  # a new transaction: what a rolled-back one buffered is gone with it
             self._w, self._pending, self._pending_bytes = w, {}, 0
             w.before_commit.append(lambda: self._w is w and self.flush())
@@ -660,18 +661,19 @@ class Applier:
 
     def flush(self) -> None:
         """Write the buffered documents into the current transaction (before DDL, re-copies and COMMIT)."""
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return
-        by_ns = {}
-        for (ns, ik), doc in self._pending.items():
-            by_ns.setdefault(ns, []).append((ik, doc))
         self._pending, self._pending_bytes = {}, 0
-        for ns, pairs in by_ns.items():
-            pairs.sort()  # in key order: B-tree pages are written once each, not revisited at random
-            self._w.upsert_many(ns, pairs)
+        for ns, docs in pending.items():
+            if docs:  # in key order: B-tree pages are written once each, not revisited at random
+                self._w.upsert_many(ns, sorted(docs.items()))
 
     def _put(self, pending, ns, ik, doc):
-        pending[(ns, ik)] = doc
+        docs = pending.get(ns)
+        if docs is None:
+            docs = pending[ns] = {}
+        docs[ik] = doc
         self._pending_bytes += len(doc)
         if self._pending_bytes > PENDING_MAX_BYTES:
             self.flush()
@@ -686,7 +688,9 @@ class Applier:
             return self._count(IGNORED)
         pending = self._buffer(w)
         if op == "update":
-            return self._count(self._update(w, pending, ev, catch_up))
+            ns, dkey = self._ns(ev["ns"])[1], _raw(ev["documentKey"])
+            return self._count(self._update(w, pending, ns, dkey, lambda: _raw(ev["updateDescription"]), catch_up,
+                                            lambda: ev.get("clusterTime")))
         if op in ("insert", "replace"):
             ns = self._ns(ev["ns"])[1]
             full = _raw(ev["fullDocument"])
@@ -697,7 +701,9 @@ class Applier:
         if op == "delete":
             ns = self._ns(ev["ns"])[1]
             ik = id_key_from_document(_raw(ev["documentKey"]))
-            pending.pop((ns, ik), None)
+            docs = pending.get(ns)
+            if docs:
+                docs.pop(ik, None)
             w.delete(ns, ik)
             return self._count(APPLIED)
         handler = getattr(self, "_ddl_" + op, None)
@@ -714,7 +720,8 @@ class Applier:
         """apply() of an event given as raw BSON bytes, with the same outcome, head writes and recopy: inserts, replaces,
         updates and deletes in a namespace the head has are read straight from the bytes (one scan of the top level;
         the namespace and keep() cached by the bytes of the event's ns, so keep must depend on its arguments only);
-        every other event goes through apply(RawBSONDocument(raw))."""
+        every other event goes through apply(RawBSONDocument(raw)). Inlined where apply() calls helpers: this runs once
+        per replayed event."""
         if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
             raw = bytes(raw)
         f = _fast_fields(raw)
@@ -736,26 +743,44 @@ class Applier:
         ns, kept = hit
         if not kept:
             return self._count(IGNORED)
-        key = f.get(b"fullDocument" if op in ("insert", "replace") else b"documentKey")
-        desc = f.get(b"updateDescription") if op == "update" else (0x03,)
-        if key is None or key[0] != 0x03 or desc is None or desc[0] != 0x03 or not w.has_namespace(ns):
+        if op == "update":
+            key, desc = f.get(b"documentKey"), f.get(b"updateDescription")
+            if desc is None or desc[0] != 0x03:
+                key = None
+        else:
+            key = f.get(b"fullDocument" if op != "delete" else b"documentKey")
+        if key is None or key[0] != 0x03 or not w.has_namespace(ns):
             return self.apply(w, RawBSONDocument(raw), catch_up)  # rare (implicit creation) or malformed: as apply() does
         pending = self._pending if self._w is w else self._buffer(w)
+        docs = pending.get(ns)
+        if docs is None:
+            docs = pending[ns] = {}
         doc = raw[key[1]:key[2]]
-        if op == "update":
-            outcome = self._update_key(w, pending, ns, doc, lambda: raw[desc[1]:desc[2]],
-                                       lambda: _timestamp(raw, f.get(b"clusterTime")), catch_up)
+        ik = id_key_from_document(doc)
+        if op == "update":  # _update inlined
+            stored = docs.get(ik)
+            if stored is None:
+                stored = w.get(ns, ik)
+            try:
+                if stored is None:
+                    raise NotApplicable("a missing document")
+                new = apply_update_description(stored, raw[desc[1]:desc[2]])
+            except (NotApplicable, UncertainOrder) as e:
+                outcome = self._not_applied(docs, ns, ik, doc, e, catch_up, _timestamp(raw, f.get(b"clusterTime")))
+            else:
+                docs[ik] = new
+                self._pending_bytes += len(new)
+                outcome = APPLIED
         elif op == "delete":
-            ik = id_key_from_document(doc)
-            pending.pop((ns, ik), None)
+            docs.pop(ik, None)
             w.delete(ns, ik)
             outcome = APPLIED
         else:
-            pending[(ns, id_key_from_document(doc))] = doc  # _put inlined
+            docs[ik] = doc
             self._pending_bytes += len(doc)
-            if self._pending_bytes > PENDING_MAX_BYTES:
-                self.flush()
             outcome = APPLIED
+        if self._pending_bytes > PENDING_MAX_BYTES:
+            self.flush()
         counts = self.counts  # _count inlined
         counts[outcome] = counts.get(outcome, 0) + 1
         return outcome
@@ -765,15 +790,12 @@ class Applier:
             return True
         return op == "rename" and self.keep(*_ns(_rename_target(ev)))  # into a kept namespace: what the refresh finds
 
-    def _update(self, w, pending, ev, catch_up):
-        return self._update_key(w, pending, self._ns(ev["ns"])[1], _raw(ev["documentKey"]),
-                                lambda: _raw(ev["updateDescription"]), lambda: ev.get("clusterTime"), catch_up)
-
-    def _update_key(self, w, pending, ns, dkey, description, cluster_time, catch_up):
+    def _update(self, w, pending, ns, dkey, description, catch_up, cluster_time):
         """An update of the document with documentKey dkey (raw) in ns; description() and cluster_time() give the
         event's updateDescription (raw) and clusterTime when they are needed."""
         ik = id_key_from_document(dkey)
-        stored = pending.get((ns, ik))
+        docs = pending.get(ns)
+        stored = docs.get(ik) if docs else None
         if stored is None:
             stored = w.get(ns, ik)
         try:
@@ -781,13 +803,19 @@ class Applier:
                 raise NotApplicable("a missing document")
             new = apply_update_description(stored, description())
         except (NotApplicable, UncertainOrder) as e:
-            if catch_up and isinstance(e, NotApplicable):
-                return SKIPPED  # the clone read a later version; later events bring it on
-            pending.pop((ns, ik), None)  # the caller re-reads it from the source
-            self.recopy.append((ns, dkey, cluster_time()))
-            return RECOPY
+            return self._not_applied(docs, ns, ik, dkey, e, catch_up, cluster_time())
         self._put(pending, ns, ik, new)
         return APPLIED
+
+    def _not_applied(self, docs, ns, ik, dkey, e, catch_up, cluster_time):
+        """The outcome of an update that does not apply (e): skipped in an initial sync's catch-up (the clone read a
+        later version; later events bring it on), else re-copied from the source (the caller re-reads it)."""
+        if catch_up and isinstance(e, NotApplicable):
+            return SKIPPED
+        if docs:
+            docs.pop(ik, None)
+        self.recopy.append((ns, dkey, cluster_time))
+        return RECOPY
 
     def _refresh_into(self, w, ns, uuid=None):
         if self.refresh is None:
