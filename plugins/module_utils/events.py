@@ -488,46 +488,52 @@ def _rename_target(ev):
 
 
 _FAST_OPS = {b"insert": "insert", b"replace": "replace", b"update": "update", b"delete": "delete"}
-_FAST_FIELDS = frozenset((b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription", b"clusterTime"))
+_FAST_FIELDS = (b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription", b"clusterTime")
+_OP, _NS, _KEY, _FULL, _DESC, _CT = range(6)  # _event_fields' slots
+_FAST_SLOTS = {name: i for i, name in enumerate(_FAST_FIELDS)}
 
 
-def _fast_fields(raw: bytes) -> dict | None:
-    """{name: (type, value start, value end)} of the top-level fields of event raw that Applier.apply_raw reads, in one
-    scan without decoding anything; None when the scan cannot be trusted (a name seen twice, a malformed event): the
-    caller then takes the decoding path."""
+def _event_fields(raw: bytes) -> list | None:
+    """[(type, value start, value end) or None] of the top-level fields of event raw that Applier.apply_raw reads, in
+    _FAST_FIELDS order, from one scan that decodes nothing; None when the scan cannot be trusted (a name seen twice, a
+    malformed event): the caller then takes the decoding path. _walk inlined: this runs once per replayed event."""
     end = len(raw) - 1
     if end < 4 or _i32.unpack_from(raw, 0)[0] != end + 1 or raw[end] != 0:
         return None
-    # _walk inlined: this runs once per replayed event
-    out, want, fixed, unpack, index, pos = {}, _FAST_FIELDS, _FIXED_SIZE, _i32.unpack_from, raw.index, 4
+    out, slots, fixed, unpack, index, pos = [None] * 6, _FAST_SLOTS, _FIXED_SIZE, _i32.unpack_from, raw.index, 4
     try:
         while pos < end:
-            t = raw[pos]
             ne = index(0, pos + 1)
-            n = fixed[t]
-            if n >= 0:
+            n = fixed[raw[pos]]
+            if n == -2:  # a document first: most of an event's fields are
+                vend = ne + 1 + unpack(raw, ne + 1)[0]
+                if vend < ne + 6:
+                    return None
+            elif n >= 0:
                 vend = ne + 1 + n
             elif n == -1:
                 vend = ne + 5 + unpack(raw, ne + 1)[0]
-                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
-                    return None
-            elif n == -2:
-                vend = ne + 1 + unpack(raw, ne + 1)[0]
-                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                if vend < ne + 6:
                     return None
             else:
-                vend = skip_value(raw, t, ne + 1)
-            if vend <= pos:
-                return None
-            name = raw[pos + 1:ne]
-            if name in want:
-                if name in out:
+                vend = skip_value(raw, raw[pos], ne + 1)
+                if vend <= pos:
                     return None
-                out[name] = (t, ne + 1, vend)
+            slot = slots.get(raw[pos + 1:ne])
+            if slot is not None:
+                if out[slot] is not None:
+                    return None
+                out[slot] = (raw[pos], ne + 1, vend)
             pos = vend
     except (ValueError, struct.error, HeadError):
         return None
     return out if pos == end else None
+
+
+def _fast_fields(raw: bytes) -> dict | None:
+    """_event_fields as {name: (type, value start, value end)} of the fields present."""
+    f = _event_fields(raw)
+    return None if f is None else {name: v for name, v in zip(_FAST_FIELDS, f, strict=True) if v is not None}
 
 
 def _timestamp(raw, field):
@@ -724,10 +730,10 @@ class Applier:
         per replayed event."""
         if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
             raw = bytes(raw)
-        f = _fast_fields(raw)
-        op = f.get(b"operationType") if f else None
+        f = _event_fields(raw)
+        op = f[_OP] if f else None
         op = _FAST_OPS.get(raw[op[1] + 4:op[2] - 1]) if op is not None and op[0] == 0x02 else None
-        nsf = f.get(b"ns") if op else None
+        nsf = f[_NS] if op else None
         if nsf is None or nsf[0] != 0x03:
             return self.apply(w, RawBSONDocument(raw), catch_up)
         ns_raw = raw[nsf[1]:nsf[2]]
@@ -744,11 +750,11 @@ class Applier:
         if not kept:
             return self._count(IGNORED)
         if op == "update":
-            key, desc = f.get(b"documentKey"), f.get(b"updateDescription")
+            key, desc = f[_KEY], f[_DESC]
             if desc is None or desc[0] != 0x03:
                 key = None
         else:
-            key = f.get(b"fullDocument" if op != "delete" else b"documentKey")
+            key = f[_FULL if op != "delete" else _KEY]
         if key is None or key[0] != 0x03 or not w.has_namespace(ns):
             return self.apply(w, RawBSONDocument(raw), catch_up)  # rare (implicit creation) or malformed: as apply() does
         pending = self._pending if self._w is w else self._buffer(w)
@@ -766,7 +772,7 @@ class Applier:
                     raise NotApplicable("a missing document")
                 new = apply_update_description(stored, raw[desc[1]:desc[2]])
             except (NotApplicable, UncertainOrder) as e:
-                outcome = self._not_applied(docs, ns, ik, doc, e, catch_up, _timestamp(raw, f.get(b"clusterTime")))
+                outcome = self._not_applied(docs, ns, ik, doc, e, catch_up, _timestamp(raw, f[_CT]))
             else:
                 docs[ik] = new
                 self._pending_bytes += len(new)
