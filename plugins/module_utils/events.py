@@ -99,6 +99,10 @@ def token_time(token_raw: bytes | None) -> tuple[int, int] | None:
 
 # --- raw BSON element trees -------------------------------------------------------------------
 
+def _malformed():
+    return HeadError("A malformed BSON document (an element of negative length, or past the document's end) cannot be parsed.")
+
+
 def parse_elements(raw: bytes) -> list:
     """[[name bytes, type, value bytes], ...] of a raw BSON document or array."""
     els, pos, end = [], 4, len(raw) - 1
@@ -111,12 +115,16 @@ def parse_elements(raw: bytes) -> list:
             vend = ne + 1 + n
         elif n == -1:
             vend = ne + 5 + unpack(raw, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
         elif n == -2:
             vend = ne + 1 + unpack(raw, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
         else:
             vend = skip_value(raw, t, ne + 1)
-        if vend <= pos:
-            raise HeadError("A malformed BSON document (an element of negative length) cannot be parsed.")
+        if not pos < vend <= end:
+            raise _malformed()
         els.append([raw[pos + 1:ne], t, raw[ne + 1:vend]])
         pos = vend
     return els
@@ -144,11 +152,15 @@ def _walk(buf, pos, end):
             vend = ne + 1 + n
         elif n == -1:  # string-like: int32 length, then the bytes
             vend = ne + 5 + unpack(buf, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _Overrun()
         elif n == -2:  # document, array, code with scope: the int32 covers the whole value
             vend = ne + 1 + unpack(buf, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _Overrun()
         else:
             vend = skip_value(buf, t, ne + 1)
-        if vend <= pos:  # a negative length: it would walk backwards
+        if not pos < vend <= end:  # a negative length would walk backwards, an overlong one past the end
             raise _Overrun()
         yield pos, t, ne, vend
         pos = vend
@@ -157,8 +169,9 @@ def _walk(buf, pos, end):
 
 
 def _find(buf, start, name=None, index=-1):
-    """The element named name (bytes) or at position index of the document or array at buf[start]:
-    (element start, type, value start, value end), or (None, element count, end position, None) when absent."""
+    """The element named name (bytes) or at position index of the document or array at buf[start] (of the head):
+    (element start, type, value start, value end), or (None, element count, end position, None) when absent. Every
+    element it reads must fit (else the head is damaged: HeadError), so a damaged document never reads as "absent"."""
     end = start + _i32.unpack_from(buf, start)[0] - 1
     i = 0
     try:
@@ -166,18 +179,17 @@ def _find(buf, start, name=None, index=-1):
             if i == index or (name is not None and buf[pos + 1:ne] == name):
                 return pos, t, ne + 1, vend
             i += 1
-    except _Overrun:
-        pass
+    except (ValueError, IndexError, struct.error):  # _Overrun, no name terminator, a length past the buffer
+        raise _damaged() from None
     return None, i, end, None
 
 
 def _names(buf, start):
-    pos, end, out = start + 4, start + _i32.unpack_from(buf, start)[0] - 1, []
-    while pos < end:
-        ne = buf.index(0, pos + 1)
-        out.append(bytes(buf[pos + 1:ne]))
-        pos = skip_value(buf, buf[pos], ne + 1)
-    return out
+    end = start + _i32.unpack_from(buf, start)[0] - 1
+    try:
+        return [bytes(buf[pos + 1:ne]) for pos, _t, ne, _vend in _walk(buf, start + 4, end)]
+    except (ValueError, IndexError, struct.error):
+        raise _damaged() from None
 
 
 def _key(buf, start, is_array, comp, exact, rest):
@@ -295,54 +307,90 @@ def _plain_name(name):
     return ok
 
 
-def _set_top_level(doc, fields):
-    """What _apply_paths gives for updatedFields fields ([name, type, value]) that only name top-level fields (no dot),
-    with nothing removed or truncated, from one scan of the document instead of one per field; None when it does not
-    apply (the caller takes _apply_paths, which decides)."""
-    found = {}  # name -> (element start, value start, value end) of its first occurrence
-    for name, _t, _v in fields:
-        if name in found or not _plain_name(name):
+def _damaged():
+    """The error of a head document whose elements do not fit it: the capture stops (no document written from it)."""
+    return HeadError("A document in the head is damaged (its BSON elements do not fit its length prefix): the head cannot "
+                     "be trusted; resync the job (kmipbackup.mongodb.backup_snapshot with action=resync).")
+
+
+def _set_top_level(doc, updated):
+    """What _apply_paths gives for updatedFields updated (raw BSON) when it only names top-level fields (no dot), with
+    nothing removed or truncated, from one scan of the document instead of one per field; None when it does not apply
+    (the caller takes _apply_paths, which decides). The scans are _walk inlined: this runs once per replayed update."""
+    fixed, unpack, plain = _FIXED_SIZE, _i32.unpack_from, _PLAIN_NAMES
+    want = {}  # name -> its element in updated (type, name and value: what replaces the stored element)
+    index, pos, end = updated.index, 4, len(updated) - 1
+    while pos < end:
+        t = updated[pos]
+        ne = index(0, pos + 1)
+        n = fixed[t]
+        if n >= 0:
+            vend = ne + 1 + n
+        elif n == -2:
+            vend = ne + 1 + unpack(updated, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
+        elif n == -1:
+            vend = ne + 5 + unpack(updated, ne + 1)[0]
+            if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                raise _malformed()
+        else:
+            vend = skip_value(updated, t, ne + 1)
+        if not pos < vend <= end:
+            raise _malformed()
+        name = updated[pos + 1:ne]
+        ok = plain.get(name)
+        if ok is None:
+            ok = _plain_name(name)
+        if not ok or name in want:
             return None
         if name == b"_id":
             raise NotApplicable("an update of _id")
-        found[name] = None
-    # one scan of the document (_walk inlined: this runs once per replayed update)
-    fixed, unpack, index = _FIXED_SIZE, _i32.unpack_from, doc.index
+        want[name] = updated[pos:vend]
+        pos = vend
+    # one scan of the stored document: the first element of each wanted name is replaced where it stands. Every element
+    # it reads must fit the document (a damaged head stops the capture, see _damaged); it stops at the last one it needs
+    out, prev, grow = [], 4, 0
+    index, pos, end = doc.index, 4, len(doc) - 1
     try:
-        end = unpack(doc, 0)[0] - 1
-        pos = 4
         while pos < end:
             t = doc[pos]
             ne = index(0, pos + 1)
             n = fixed[t]
             if n >= 0:
                 vend = ne + 1 + n
-            elif n == -1:
-                vend = ne + 5 + unpack(doc, ne + 1)[0]
             elif n == -2:
                 vend = ne + 1 + unpack(doc, ne + 1)[0]
+                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                    raise _damaged()
+            elif n == -1:
+                vend = ne + 5 + unpack(doc, ne + 1)[0]
+                if vend < ne + 6:  # a length below the least a value of its type takes (negative, say)
+                    raise _damaged()
             else:
                 vend = skip_value(doc, t, ne + 1)
+            if not pos < vend <= end:
+                raise _damaged()
             name = doc[pos + 1:ne]
-            if name in found and found[name] is None:
-                found[name] = (pos, ne + 1, vend)
-            if vend <= pos:
-                return None
+            if name in want:
+                el = want.pop(name)
+                out += (doc[prev:pos], el)
+                grow += len(el) - (vend - pos)
+                prev = vend
+                if not want:
+                    break
             pos = vend
-        if pos != end:
-            return None
-    except (ValueError, IndexError, struct.error, HeadError):
-        return None
-    appended = [b"%c%s\x00%s" % (t, name, v) for name, t, v in fields if found[name] is None]
-    if len(appended) > 1:
+        else:
+            if pos != end:
+                raise _damaged()
+    except (ValueError, IndexError, struct.error):
+        raise _damaged() from None
+    if len(want) > 1:
         raise UncertainOrder()  # several new fields: their order is the server's choice
-    out, prev = [], 0
-    for (el, vs, ve), t, v in sorted((found[name], t, v) for name, t, v in fields if found[name] is not None):
-        out += (doc[prev:el], bytes((t,)), doc[el + 1:vs], v)  # in place: the field keeps its name and position
-        prev = ve
-    out += (doc[prev:end], *appended, doc[end:])
-    new = b"".join(out)
-    return _i32.pack(end + 1 + len(new) - len(doc)) + new[4:]
+    for el in want.values():  # a new field: appended
+        grow += len(el)
+    out += (doc[prev:end], *want.values(), b"\x00")
+    return _i32.pack(end + 1 + grow) + b"".join(out)
 
 
 _EMPTY_REMOVED_TRUNCATED = b"\x04removedFields\x00\x05\x00\x00\x00\x00\x04truncatedArrays\x00\x05\x00\x00\x00\x00\x00"
@@ -353,14 +401,16 @@ def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
 
     Works on the bytes: only the elements on the updated paths are located, values are spliced in
     and the enclosing length prefixes adjusted, so everything else keeps its bytes and order."""
+    if len(doc_raw) < 5 or _i32.unpack_from(doc_raw, 0)[0] != len(doc_raw) or doc_raw[-1] != 0:
+        raise _damaged()
     n = len(ud_raw)
-    if (ud_raw[4:19] == b"\x03updatedFields\x00" and ud_raw[n - len(_EMPTY_REMOVED_TRUNCATED):] == _EMPTY_REMOVED_TRUNCATED
+    if (ud_raw[4:19] == b"\x03updatedFields\x00" and ud_raw.endswith(_EMPTY_REMOVED_TRUNCATED)
             and 19 + _i32.unpack_from(ud_raw, 19)[0] == n - len(_EMPTY_REMOVED_TRUNCATED) and _i32.unpack_from(ud_raw, 0)[0] == n):
         # what mongod sends for $set of fields: {updatedFields: {...}, removedFields: [], truncatedArrays: []}, found by
         # its bytes (parse_elements would give the same three elements)
         updated = ud_raw[19:n - len(_EMPTY_REMOVED_TRUNCATED)]
         if len(updated) > 5:
-            new = _set_top_level(doc_raw, parse_elements(updated))
+            new = _set_top_level(doc_raw, updated)
             if new is not None:
                 return new
         return _apply_paths(doc_raw, updated, None, None, None)
@@ -376,7 +426,7 @@ def apply_update_description(doc_raw: bytes, ud_raw: bytes) -> bytes:
             disambiguated = bson_decode(v)
     if (updated and len(updated) > 5 and disambiguated is None and not (removed and len(removed) > 5)
             and not (truncated and len(truncated) > 5)):
-        new = _set_top_level(doc_raw, parse_elements(updated))
+        new = _set_top_level(doc_raw, updated)
         if new is not None:
             return new
     return _apply_paths(doc_raw, updated, removed, truncated, disambiguated)
@@ -438,42 +488,52 @@ def _rename_target(ev):
 
 
 _FAST_OPS = {b"insert": "insert", b"replace": "replace", b"update": "update", b"delete": "delete"}
-_FAST_FIELDS = frozenset((b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription", b"clusterTime"))
+_FAST_FIELDS = (b"operationType", b"ns", b"documentKey", b"fullDocument", b"updateDescription", b"clusterTime")
+_OP, _NS, _KEY, _FULL, _DESC, _CT = range(6)  # _event_fields' slots
+_FAST_SLOTS = {name: i for i, name in enumerate(_FAST_FIELDS)}
 
 
-def _fast_fields(raw: bytes) -> dict | None:
-    """{name: (type, value start, value end)} of the top-level fields of event raw that Applier.apply_raw reads, in one
-    scan without decoding anything; None when the scan cannot be trusted (a name seen twice, a malformed event): the
-    caller then takes the decoding path."""
+def _event_fields(raw: bytes) -> list | None:
+    """[(type, value start, value end) or None] of the top-level fields of event raw that Applier.apply_raw reads, in
+    _FAST_FIELDS order, from one scan that decodes nothing; None when the scan cannot be trusted (a name seen twice, a
+    malformed event): the caller then takes the decoding path. _walk inlined: this runs once per replayed event."""
     end = len(raw) - 1
     if end < 4 or _i32.unpack_from(raw, 0)[0] != end + 1 or raw[end] != 0:
         return None
-    # _walk inlined: this runs once per replayed event
-    out, want, fixed, unpack, index, pos = {}, _FAST_FIELDS, _FIXED_SIZE, _i32.unpack_from, raw.index, 4
+    out, slots, fixed, unpack, index, pos = [None] * 6, _FAST_SLOTS, _FIXED_SIZE, _i32.unpack_from, raw.index, 4
     try:
         while pos < end:
-            t = raw[pos]
             ne = index(0, pos + 1)
-            n = fixed[t]
-            if n >= 0:
+            n = fixed[raw[pos]]
+            if n == -2:  # a document first: most of an event's fields are
+                vend = ne + 1 + unpack(raw, ne + 1)[0]
+                if vend < ne + 6:
+                    return None
+            elif n >= 0:
                 vend = ne + 1 + n
             elif n == -1:
                 vend = ne + 5 + unpack(raw, ne + 1)[0]
-            elif n == -2:
-                vend = ne + 1 + unpack(raw, ne + 1)[0]
-            else:
-                vend = skip_value(raw, t, ne + 1)
-            if vend <= pos:
-                return None
-            name = raw[pos + 1:ne]
-            if name in want:
-                if name in out:
+                if vend < ne + 6:
                     return None
-                out[name] = (t, ne + 1, vend)
+            else:
+                vend = skip_value(raw, raw[pos], ne + 1)
+                if vend <= pos:
+                    return None
+            slot = slots.get(raw[pos + 1:ne])
+            if slot is not None:
+                if out[slot] is not None:
+                    return None
+                out[slot] = (raw[pos], ne + 1, vend)
             pos = vend
     except (ValueError, struct.error, HeadError):
         return None
     return out if pos == end else None
+
+
+def _fast_fields(raw: bytes) -> dict | None:
+    """_event_fields as {name: (type, value start, value end)} of the fields present."""
+    f = _event_fields(raw)
+    return None if f is None else {name: v for name, v in zip(_FAST_FIELDS, f, strict=True) if v is not None}
 
 
 def _timestamp(raw, field):
@@ -577,7 +637,7 @@ class Applier:
         self._ns_cache = {}
         self._fast_ns = {}  # raw bytes of an event's ns -> ("db.coll", kept): apply_raw
         self._w = None
-        self._pending = {}  # (ns, id_key) -> raw document written in this transaction, not yet in the head
+        self._pending = {}  # {ns: {id_key: raw document}} written in this transaction, not yet in the head
         self._pending_bytes = 0
         self.repair = None  # a CloneRepair while an initial sync catches up
 
@@ -598,7 +658,8 @@ class Applier:
         return hit
 
     def _buffer(self, w):
-        """This transaction's buffer of document writes, flushed (one statement batch per namespace) before COMMIT."""
+        """This transaction's buffer of document writes ({ns: {id_key: raw}}), flushed (one statement batch per namespace)
+        before COMMIT."""
         if self._w is not w:  # a new transaction: what a rolled-back one buffered is gone with it
             self._w, self._pending, self._pending_bytes = w, {}, 0
             w.before_commit.append(lambda: self._w is w and self.flush())
@@ -606,18 +667,19 @@ class Applier:
 
     def flush(self) -> None:
         """Write the buffered documents into the current transaction (before DDL, re-copies and COMMIT)."""
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return
-        by_ns = {}
-        for (ns, ik), doc in self._pending.items():
-            by_ns.setdefault(ns, []).append((ik, doc))
         self._pending, self._pending_bytes = {}, 0
-        for ns, pairs in by_ns.items():
-            pairs.sort()  # in key order: B-tree pages are written once each, not revisited at random
-            self._w.upsert_many(ns, pairs)
+        for ns, docs in pending.items():
+            if docs:  # in key order: B-tree pages are written once each, not revisited at random
+                self._w.upsert_many(ns, sorted(docs.items()))
 
     def _put(self, pending, ns, ik, doc):
-        pending[(ns, ik)] = doc
+        docs = pending.get(ns)
+        if docs is None:
+            docs = pending[ns] = {}
+        docs[ik] = doc
         self._pending_bytes += len(doc)
         if self._pending_bytes > PENDING_MAX_BYTES:
             self.flush()
@@ -632,7 +694,9 @@ class Applier:
             return self._count(IGNORED)
         pending = self._buffer(w)
         if op == "update":
-            return self._count(self._update(w, pending, ev, catch_up))
+            ns, dkey = self._ns(ev["ns"])[1], _raw(ev["documentKey"])
+            return self._count(self._update(w, pending, ns, dkey, lambda: _raw(ev["updateDescription"]), catch_up,
+                                            lambda: ev.get("clusterTime")))
         if op in ("insert", "replace"):
             ns = self._ns(ev["ns"])[1]
             full = _raw(ev["fullDocument"])
@@ -643,7 +707,9 @@ class Applier:
         if op == "delete":
             ns = self._ns(ev["ns"])[1]
             ik = id_key_from_document(_raw(ev["documentKey"]))
-            pending.pop((ns, ik), None)
+            docs = pending.get(ns)
+            if docs:
+                docs.pop(ik, None)
             w.delete(ns, ik)
             return self._count(APPLIED)
         handler = getattr(self, "_ddl_" + op, None)
@@ -660,13 +726,14 @@ class Applier:
         """apply() of an event given as raw BSON bytes, with the same outcome, head writes and recopy: inserts, replaces,
         updates and deletes in a namespace the head has are read straight from the bytes (one scan of the top level;
         the namespace and keep() cached by the bytes of the event's ns, so keep must depend on its arguments only);
-        every other event goes through apply(RawBSONDocument(raw))."""
+        every other event goes through apply(RawBSONDocument(raw)). Inlined where apply() calls helpers: this runs once
+        per replayed event."""
         if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
             raw = bytes(raw)
-        f = _fast_fields(raw)
-        op = f.get(b"operationType") if f else None
+        f = _event_fields(raw)
+        op = f[_OP] if f else None
         op = _FAST_OPS.get(raw[op[1] + 4:op[2] - 1]) if op is not None and op[0] == 0x02 else None
-        nsf = f.get(b"ns") if op else None
+        nsf = f[_NS] if op else None
         if nsf is None or nsf[0] != 0x03:
             return self.apply(w, RawBSONDocument(raw), catch_up)
         ns_raw = raw[nsf[1]:nsf[2]]
@@ -682,26 +749,44 @@ class Applier:
         ns, kept = hit
         if not kept:
             return self._count(IGNORED)
-        key = f.get(b"fullDocument" if op in ("insert", "replace") else b"documentKey")
-        desc = f.get(b"updateDescription") if op == "update" else (0x03,)
-        if key is None or key[0] != 0x03 or desc is None or desc[0] != 0x03 or not w.has_namespace(ns):
+        if op == "update":
+            key, desc = f[_KEY], f[_DESC]
+            if desc is None or desc[0] != 0x03:
+                key = None
+        else:
+            key = f[_FULL if op != "delete" else _KEY]
+        if key is None or key[0] != 0x03 or not w.has_namespace(ns):
             return self.apply(w, RawBSONDocument(raw), catch_up)  # rare (implicit creation) or malformed: as apply() does
         pending = self._pending if self._w is w else self._buffer(w)
+        docs = pending.get(ns)
+        if docs is None:
+            docs = pending[ns] = {}
         doc = raw[key[1]:key[2]]
-        if op == "update":
-            outcome = self._update_key(w, pending, ns, doc, lambda: raw[desc[1]:desc[2]],
-                                       lambda: _timestamp(raw, f.get(b"clusterTime")), catch_up)
+        ik = id_key_from_document(doc)
+        if op == "update":  # _update inlined
+            stored = docs.get(ik)
+            if stored is None:
+                stored = w.get(ns, ik)
+            try:
+                if stored is None:
+                    raise NotApplicable("a missing document")
+                new = apply_update_description(stored, raw[desc[1]:desc[2]])
+            except (NotApplicable, UncertainOrder) as e:
+                outcome = self._not_applied(docs, ns, ik, doc, e, catch_up, _timestamp(raw, f[_CT]))
+            else:
+                docs[ik] = new
+                self._pending_bytes += len(new)
+                outcome = APPLIED
         elif op == "delete":
-            ik = id_key_from_document(doc)
-            pending.pop((ns, ik), None)
+            docs.pop(ik, None)
             w.delete(ns, ik)
             outcome = APPLIED
         else:
-            pending[(ns, id_key_from_document(doc))] = doc  # _put inlined
+            docs[ik] = doc
             self._pending_bytes += len(doc)
-            if self._pending_bytes > PENDING_MAX_BYTES:
-                self.flush()
             outcome = APPLIED
+        if self._pending_bytes > PENDING_MAX_BYTES:
+            self.flush()
         counts = self.counts  # _count inlined
         counts[outcome] = counts.get(outcome, 0) + 1
         return outcome
@@ -711,15 +796,12 @@ class Applier:
             return True
         return op == "rename" and self.keep(*_ns(_rename_target(ev)))  # into a kept namespace: what the refresh finds
 
-    def _update(self, w, pending, ev, catch_up):
-        return self._update_key(w, pending, self._ns(ev["ns"])[1], _raw(ev["documentKey"]),
-                                lambda: _raw(ev["updateDescription"]), lambda: ev.get("clusterTime"), catch_up)
-
-    def _update_key(self, w, pending, ns, dkey, description, cluster_time, catch_up):
+    def _update(self, w, pending, ns, dkey, description, catch_up, cluster_time):
         """An update of the document with documentKey dkey (raw) in ns; description() and cluster_time() give the
         event's updateDescription (raw) and clusterTime when they are needed."""
         ik = id_key_from_document(dkey)
-        stored = pending.get((ns, ik))
+        docs = pending.get(ns)
+        stored = docs.get(ik) if docs else None
         if stored is None:
             stored = w.get(ns, ik)
         try:
@@ -727,13 +809,19 @@ class Applier:
                 raise NotApplicable("a missing document")
             new = apply_update_description(stored, description())
         except (NotApplicable, UncertainOrder) as e:
-            if catch_up and isinstance(e, NotApplicable):
-                return SKIPPED  # the clone read a later version; later events bring it on
-            pending.pop((ns, ik), None)  # the caller re-reads it from the source
-            self.recopy.append((ns, dkey, cluster_time()))
-            return RECOPY
+            return self._not_applied(docs, ns, ik, dkey, e, catch_up, cluster_time())
         self._put(pending, ns, ik, new)
         return APPLIED
+
+    def _not_applied(self, docs, ns, ik, dkey, e, catch_up, cluster_time):
+        """The outcome of an update that does not apply (e): skipped in an initial sync's catch-up (the clone read a
+        later version; later events bring it on), else re-copied from the source (the caller re-reads it)."""
+        if catch_up and isinstance(e, NotApplicable):
+            return SKIPPED
+        if docs:
+            docs.pop(ik, None)
+        self.recopy.append((ns, dkey, cluster_time))
+        return RECOPY
 
     def _refresh_into(self, w, ns, uuid=None):
         if self.refresh is None:

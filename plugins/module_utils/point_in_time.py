@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -65,6 +66,20 @@ class _Base:
         # chunk i holds the keys in (last of i-1, last of i]: the one of key is bisect_left(lasts, key), none past the last
         self.lasts = [bytes(c["last"]) for c in n["chunks"]]
         self.loaded = set()
+
+    def touch(self, w: _LazyWriter, ns: str, keys) -> None:
+        """Load (w: the open transaction's _LazyWriter; ns: this base's namespace now) the chunks that hold keys
+        (a sequence of id_keys, bytes) and are not loaded yet; a key past the last chunk has none."""
+        lasts = self.lasts
+        if len(keys) == 1:  # a read or a delete: once per replayed event
+            i = bisect.bisect_left(lasts, keys[0])
+            if i < len(lasts) and i not in self.loaded:
+                w._h.load(w, ns, i)  # pylint: disable=protected-access
+            return
+        needed = set(map(bisect.bisect_left, itertools.repeat(lasts), keys))  # a flush: thousands of keys, in C
+        needed.discard(len(lasts))
+        for i in sorted(needed - self.loaded):
+            w._h.load(w, ns, i)  # pylint: disable=protected-access
 
 
 def _never(_id_key, _size):
@@ -236,9 +251,7 @@ class _LazyWriter:
     def _touch(self, ns, id_key):
         base = self._h.bases.get(ns)
         if base is not None:
-            i = bisect.bisect_left(base.lasts, id_key)
-            if i < len(base.lasts) and i not in base.loaded:
-                self._h.load(self, ns, i)
+            base.touch(self, ns, (id_key,))
 
     def put_many(self, ns_id, pairs):
         """Set (id_key, raw or None: deleted) pairs of namespace ns_id in the overlay, with undo entries."""
@@ -301,9 +314,7 @@ class _LazyWriter:
         id_key, h = bytes(id_key), self._h
         base = h.bases.get(ns)
         if base is not None:
-            i = bisect.bisect_left(base.lasts, id_key)
-            if i < len(base.lasts) and i not in base.loaded:
-                h.load(self, ns, i)
+            base.touch(self, ns, (id_key,))
         ns_id = self._w._ns_id(ns)  # pylint: disable=protected-access
         if ns_id is None:
             return None
@@ -328,12 +339,8 @@ class _LazyWriter:
     def upsert_many(self, ns, pairs, track=True):
         pairs = [(bytes(k), bytes(v)) for k, v in pairs]
         base = self._h.bases.get(ns)
-        if base is not None:
-            lasts, loaded, n = base.lasts, base.loaded, len(base.lasts)
-            for k, _doc in pairs:
-                i = bisect.bisect_left(lasts, k)
-                if i < n and i not in loaded:
-                    self._h.load(self, ns, i)
+        if base is not None and pairs:
+            base.touch(self, ns, [k for k, _doc in pairs])
         self.put_many(self.ns_id(ns, True), pairs)
 
     def _whole(self, ns):
