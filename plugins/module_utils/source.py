@@ -303,9 +303,10 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
     if start_token is None:
         raise SourceError("The source's change stream returned no start point: it cannot be used for a consistent backup.")
     namespaces = list_namespaces(client)
+    estimating = None
     if progress is not None:
         progress.phase = "clone"
-        _estimate_later(client, namespaces, progress)
+        estimating = _estimate_later(client, namespaces, progress)
     metas = [(ns, _info_to_head(client, ns, info)) for ns, info in namespaces]
     # the clone's reader starts now: the source prepares its first batch while the head is made ready
     reader = _Reader(client, [ns for ns, meta in metas if meta["type"] == "collection"], stop_event)
@@ -349,6 +350,8 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
             cap.run_once(max_time=2.0)
     finally:
         cap.close()
+    if estimating is not None and not (stop_event is not None and stop_event.is_set()):
+        estimating.join()  # the totals the finished sync reports; waits only where dbStats took longer than the sync
     return {"docs": docs, "bytes": nbytes, "namespaces": len(namespaces), "seconds": time.monotonic() - t0,
             "clone_seconds": clone_seconds, "events": cap.stats["events"], "recloned": recloned}
 
@@ -368,15 +371,17 @@ def estimate_totals(client: pymongo.MongoClient, namespaces: list) -> tuple[int 
     return docs, nbytes
 
 
-def _estimate_later(client: pymongo.MongoClient, namespaces: list, progress: Meter) -> None:
-    """estimate_totals on a side thread, into progress when it answers: dbStats can take seconds (a server that counts
-    by scanning) and the clone need not wait for it; progress shows no percent until then."""
+def _estimate_later(client: pymongo.MongoClient, namespaces: list, progress: Meter) -> threading.Thread:
+    """estimate_totals on a side thread (returned), into progress when it answers: dbStats can take seconds (a server
+    that counts by scanning) and the clone need not wait for it; progress shows no percent until then."""
     def run():
         try:
             progress.estimate(*estimate_totals(client, namespaces))
         except Exception:  # pylint: disable=broad-except  # progress is advisory: the sync goes on without totals
             pass
-    threading.Thread(target=run, name="kmipbackup-estimate", daemon=True).start()
+    thread = threading.Thread(target=run, name="kmipbackup-estimate", daemon=True)
+    thread.start()
+    return thread
 
 
 def _majority_reached(client: pymongo.MongoClient, t: tuple[int, int] | None, hello: dict) -> bool:
