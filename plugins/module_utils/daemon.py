@@ -556,9 +556,9 @@ class JobRunner(threading.Thread):
         client = source.connect(self.cfg["source"])
         try:
             if source.needs_initial_sync(self.head):
-                self.set_status(state="PROVISIONING", consistent=False, last_error=None)
                 LOG.info("job %s: initial sync of generation %d", self.job, self.generation)
                 with self._progress("initial_sync") as meter:
+                    self.set_status(state="PROVISIONING", consistent=False, last_error=None)  # shows the sync started
                     stats = source.initial_sync(self.head, client, stop_event=self.stop_event, progress=meter)
                 self.check_stop()
                 self.status["initial_syncs"] = self.status.get("initial_syncs", 0) + 1

@@ -35,8 +35,6 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.mongo import (
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document
 
 if TYPE_CHECKING:  # annotations only: the source code fills the Head it is given
-    from bson.timestamp import Timestamp
-
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head, Writer
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.progress import Meter
 
@@ -44,10 +42,11 @@ try:
     import pymongo
     from bson import encode as bson_encode
     from bson.raw_bson import RawBSONDocument
+    from bson.timestamp import Timestamp
     from pymongo import errors as mongo_errors
     PYMONGO_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover
-    pymongo = mongo_errors = RawBSONDocument = bson_encode = None
+    pymongo = mongo_errors = RawBSONDocument = bson_encode = Timestamp = None
     PYMONGO_IMPORT_ERROR = e
 
 HISTORY_LOST_CODES = (286, 280, 260)  # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken
@@ -55,7 +54,10 @@ CLONE_COMMIT_BYTES = 32 << 20
 CLONE_IDLE_COMMIT_BYTES = 1 << 20  # the least a clone commits while it waits for the source (see _clone)
 CLONE_BATCH_DOCS = 4096  # as many as a plain scan asks for: a short tail of writes after the last batch
 VERIFY_COUNTS = ("checked", "mismatched", "recopied", "removed")  # verify()'s document counts, added up in status
-CATCH_UP_AWAIT_MS = 50  # an empty getMore proves the catch-up complete; no need to wait long for it
+# an empty getMore proves the catch-up complete once the majority read proved its end committed (_majority_reached):
+# the wait adds nothing to that proof; without it, a longer wait gives a lagging majority point time to pass the end
+CATCH_UP_AWAIT_MS = 1
+CATCH_UP_UNPROVEN_AWAIT_MS = 50
 # a clone cursor ended by DDL: NamespaceNotFound, CursorNotFound, QueryPlanKilled, CursorKilled
 DDL_INTERRUPTED_CODES = (26, 43, 175, 237)
 # a snapshot read at a cluster time the server cannot serve: SnapshotTooOld, SnapshotUnavailable, InvalidOptions,
@@ -148,9 +150,10 @@ def _safe(e):
     return "%s%s" % (type(e).__name__, " code %s%s" % (code, " %s" % name if name else "") if code is not None else "")
 
 
-def _cluster_time(client):
-    """An upper bound of every operation committed so far: the cluster time the source gossips."""
-    reply = client.admin.command("hello")
+def _cluster_time(client, reply=None):
+    """An upper bound of every operation committed so far: the cluster time the source gossips (in reply, a hello
+    reply, when given)."""
+    reply = reply if reply is not None else client.admin.command("hello")
     times = [t for t in ((reply.get("$clusterTime") or {}).get("clusterTime"), reply.get("operationTime")) if t is not None]
     return max((t.time, t.inc) for t in times) if times else None
 
@@ -294,37 +297,38 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
 
     Returns {"docs", "bytes", "namespaces", "seconds", "clone_seconds", "events", "recloned"}."""
     t0 = time.monotonic()
-    with head.write() as w:
-        w.clear()
-        w.set_sync_state({"phase": "clone"})
     stream = _open_stream(client)
-    start_token = stream.resume_token
+    start_token = stream.resume_token  # the aggregate's postBatchResumeToken: no getMore needed
     stream.close()
     if start_token is None:
         raise SourceError("The source's change stream returned no start point: it cannot be used for a consistent backup.")
-    start_raw = _raw_token(start_token)
-    with head.write() as w:
-        w.set_position(start_raw, None, False)
-        w.set_sync_state({"phase": "clone"})
     namespaces = list_namespaces(client)
-    with head.write() as w:
-        for ns, info in namespaces:
-            meta = _info_to_head(client, ns, info)
-            w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+    estimating = None
     if progress is not None:
         progress.phase = "clone"
-        progress.estimate(*estimate_totals(client, namespaces))
+        estimating = _estimate_later(client, namespaces, progress)
+    metas = [(ns, _info_to_head(client, ns, info)) for ns, info in namespaces]
+    # the clone's reader starts now: the source prepares its first batch while the head is made ready
+    reader = _Reader(client, [ns for ns, meta in metas if meta["type"] == "collection"], stop_event)
+    try:
+        with head.write() as w:  # one transaction: the old head's content, or a head ready for the clone
+            w.clear()
+            w.set_position(_raw_token(start_token), None, False)
+            w.set_sync_state({"phase": "clone"})
+            for ns, meta in metas:
+                w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
+    except BaseException:
+        reader.cancel()
+        raise
     t_clone = time.monotonic()
-    docs, nbytes, interrupted = _clone(head, client, [ns for ns, info in namespaces
-                                                      if info.get("type", "collection") == "collection"], stop_event, progress)
+    docs, nbytes, interrupted = _clone(head, reader, progress)
     clone_seconds = time.monotonic() - t_clone
     if progress is not None:
         progress.phase = "catch_up"
-    end_time = _cluster_time(client)
+    cap = Capture(head, client, max_await_ms=CATCH_UP_AWAIT_MS)
+    end_time = _catch_up_to(cap, client)
     with head.write() as w:
         w.set_sync_state({"phase": "catch_up", "clone_end": list(end_time) if end_time else None})
-    cap = Capture(head, client, max_await_ms=CATCH_UP_AWAIT_MS)
-    cap.catch_up_until = end_time
     cap.applier.repair = CloneRepair(reclone=interrupted)
     deadline = time.monotonic() + catch_up_timeout
     recloned = 0
@@ -341,11 +345,13 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
                 d, b, interrupted = _reclone(head, client, names, stop_event, progress)
                 docs, nbytes, recloned = docs + d, nbytes + b, recloned + len(names)
                 cap.applier.repair = CloneRepair(scope=names, reclone=interrupted)
-                cap.catch_up_until = _cluster_time(client)
+                _catch_up_to(cap, client)
                 continue
             cap.run_once(max_time=2.0)
     finally:
         cap.close()
+    if estimating is not None and not (stop_event is not None and stop_event.is_set()):
+        estimating.join()  # the totals the finished sync reports; waits only where dbStats took longer than the sync
     return {"docs": docs, "bytes": nbytes, "namespaces": len(namespaces), "seconds": time.monotonic() - t0,
             "clone_seconds": clone_seconds, "events": cap.stats["events"], "recloned": recloned}
 
@@ -365,6 +371,47 @@ def estimate_totals(client: pymongo.MongoClient, namespaces: list) -> tuple[int 
     return docs, nbytes
 
 
+def _estimate_later(client: pymongo.MongoClient, namespaces: list, progress: Meter) -> threading.Thread:
+    """estimate_totals on a side thread (returned), into progress when it answers: dbStats can take seconds (a server
+    that counts by scanning) and the clone need not wait for it; progress shows no percent until then."""
+    def run():
+        try:
+            progress.estimate(*estimate_totals(client, namespaces))
+        except Exception:  # pylint: disable=broad-except  # progress is advisory: the sync goes on without totals
+            pass
+    thread = threading.Thread(target=run, name="kmipbackup-estimate", daemon=True)
+    thread.start()
+    return thread
+
+
+def _majority_reached(client: pymongo.MongoClient, t: tuple[int, int] | None, hello: dict) -> bool:
+    """Wait until the source's majority-committed point reaches cluster time t: a majority read with afterClusterTime
+    t, which the server answers only then (causal consistency). Change streams return majority-committed changes
+    only, so after this an empty batch proves every change up to t delivered, however short the wait for it was.
+    False when it cannot tell: a sharded cluster (hello from a mongos; its stream merges the shards'), or a server
+    that refuses the read."""
+    if t is None or hello.get("msg") == "isdbgrid":
+        return False
+    try:
+        client.admin.command({"find": "kmipbackup_catch_up", "filter": {}, "limit": 1, "singleBatch": True,
+                              "readConcern": {"level": "majority", "afterClusterTime": Timestamp(*t)}})
+    except mongo_errors.OperationFailure:
+        return False
+    return True
+
+
+def _catch_up_to(cap: Capture, client: pymongo.MongoClient) -> tuple[int, int] | None:
+    """Make cap catch up to the source's current cluster time (returned), waiting for an empty batch only briefly
+    where the majority read proved that time committed (else CATCH_UP_UNPROVEN_AWAIT_MS, as long as before)."""
+    hello = client.admin.command("hello")
+    cap.catch_up_until = t = _cluster_time(client, hello)
+    ms = CATCH_UP_AWAIT_MS if _majority_reached(client, t, hello) else CATCH_UP_UNPROVEN_AWAIT_MS
+    if ms != cap.max_await_ms:
+        cap.close()  # the stream's wait is set when it opens: reopened from the head's token
+        cap.max_await_ms = ms
+    return t
+
+
 def _reclone(head, client, names, stop_event=None, progress=None):
     """Replace names in the head with the source's current namespaces (options, indexes, documents), or drop
     them where the source no longer has them. Returns _clone's (docs, bytes, interrupted)."""
@@ -374,43 +421,60 @@ def _reclone(head, client, names, stop_event=None, progress=None):
             w.drop_namespace(ns)
             if meta is not None:
                 w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
-    return _clone(head, client, [ns for ns, meta in metas.items() if meta is not None and meta["type"] == "collection"],
-                  stop_event, progress)
+    names = [ns for ns, meta in metas.items() if meta is not None and meta["type"] == "collection"]
+    return _clone(head, _Reader(client, names, stop_event), progress)
 
 
-def _clone(head, client, names, stop_event=None, progress=None):
-    """Copy every document of names into head: a reader thread fetches raw batches while this thread writes.
+class _Reader:
+    """Raw batches of every document of names, fetched by a thread into a bounded queue: (ns, batch) items, then
+    None. interrupted lists the namespaces whose cursor a DDL ended (re-cloned after the catch-up)."""
 
-    Returns (docs, bytes, [namespaces whose clone a DDL interrupted])."""
-    q = queue.Queue(maxsize=8)
-    failure, interrupted = [], []
+    def __init__(self, client: pymongo.MongoClient, names: list, stop_event: threading.Event | None = None) -> None:
+        self.queue = queue.Queue(maxsize=8)
+        self.failure, self.interrupted = [], []
+        self._stops = [e for e in (stop_event, threading.Event()) if e is not None]
+        self.thread = threading.Thread(target=self._run, args=(client, names), name="kmipbackup-clone", daemon=True)
+        self.thread.start()
 
-    def reader():
+    def _run(self, client, names):
         try:
             for ns in names:
                 try:
                     for batch in find_raw_batches(client, ns, {}, batch_size=CLONE_BATCH_DOCS):
-                        q.put((ns, batch))
-                        if stop_event is not None and stop_event.is_set():
+                        self.queue.put((ns, batch))
+                        if any(e.is_set() for e in self._stops):
                             return
                 except mongo_errors.OperationFailure as e:
                     if e.code not in DDL_INTERRUPTED_CODES:
                         raise
-                    interrupted.append(ns)  # dropped or renamed under the cursor: re-cloned after the catch-up
+                    self.interrupted.append(ns)  # dropped or renamed under the cursor
         except BaseException as e:  # handed to the writer thread
-            failure.append(e)
+            self.failure.append(e)
         finally:
-            q.put(None)
+            self.queue.put(None)
 
-    thread = threading.Thread(target=reader, name="kmipbackup-clone", daemon=True)
-    thread.start()
+    def cancel(self) -> None:
+        """Stop the thread (after the batch it is fetching) and wait for it."""
+        self._stops[-1].set()
+        while self.queue.get() is not None:
+            pass
+        self.thread.join()
+
+
+def _clone(head, reader, progress=None):
+    """Copy every document reader fetches into head: the reader's thread fetches raw batches while this thread writes.
+
+    Returns (docs, bytes, [namespaces whose clone a DDL interrupted])."""
+    q = reader.queue
     docs = nbytes = pending = 0
+    done = False
     ctx = head.write()
     w = ctx.__enter__()
     try:
         while True:
             item = q.get()
             if item is None:
+                done = True
                 break
             ns, batch = item
             n = w.upsert_many(ns, _iter_batch(batch, blobs=True), track=False)
@@ -431,13 +495,16 @@ def _clone(head, client, names, stop_event=None, progress=None):
         ctx.__exit__(type(e), e, e.__traceback__)
         raise
     finally:
-        thread.join()
-    if failure:
-        e = failure[0]
+        if done:
+            reader.thread.join()
+        else:
+            reader.cancel()  # the writer failed: a reader blocked on the full queue would wait forever
+    if reader.failure:
+        e = reader.failure[0]
         if isinstance(e, mongo_errors.PyMongoError):
             raise SourceError("Cloning from the source failed (%s): the daemon restarts the initial sync." % _safe(e)) from None
         raise e
-    return docs, nbytes, interrupted
+    return docs, nbytes, reader.interrupted
 
 
 class Capture:

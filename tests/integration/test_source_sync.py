@@ -349,3 +349,33 @@ def test_connect_errors_are_clear(dead_port, mongo_server):
     c = source.connect({"uri": mongo_server["uri"]})
     assert kind(c) == "replica_set"
     c.close()
+
+
+def test_writes_just_before_the_clone_end_are_in_the_head_when_the_sync_returns(tmp_path, plain, src, monkeypatch):
+    """The catch-up's end T is read after these writes; a majority read at T (the stand-in: a replica set) lets the
+    catch-up trust an empty batch after a 1 ms wait: the head the sync returns already holds them, byte for byte,
+    with no further capture."""
+    dbname = unique("clone_end")
+    db = plain[dbname]
+    db.c.insert_many([{"_id": i, "v": "before"} for i in range(50)])
+    real_catch_up_to, awaits = source._catch_up_to, []
+
+    def writes_first(cap, client):
+        db.c.insert_many([{"_id": 1000 + i, "v": "late"} for i in range(20)])
+        db.c.update_one({"_id": 3}, {"$set": {"v": "changed late"}})
+        db.late.insert_one({"_id": "new collection"})
+        t = real_catch_up_to(cap, client)
+        awaits.append(cap.max_await_ms)
+        return t
+    monkeypatch.setattr(source, "_catch_up_to", writes_first)
+    h = new_head(tmp_path)
+    try:
+        source.initial_sync(h, src)
+        assert h.position()["consistent"] and h.position()["sync"] is None
+        assert awaits == [source.CATCH_UP_AWAIT_MS]
+        assert source._majority_reached(src, source._cluster_time(src), src.admin.command("hello"))
+        assert_same(h, src, dbname)
+        assert h_count(h, dbname + ".c") == 70 and h_count(h, dbname + ".late") == 1
+    finally:
+        h.close()
+        plain.drop_database(dbname)
