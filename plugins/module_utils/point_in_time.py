@@ -536,6 +536,38 @@ _MSG = struct.Struct("<BIIQQ32s")  # kind, namespace index, range index, count, 
 _FEED = struct.Struct("<IIQ")  # namespace index, range index, bytes: a base chunk's plaintext to the replay process
 _PART, _RANGE_END, _NS_END, _DONE, _ERROR, _TOUCHED, _FALLBACK = 1, 2, 3, 4, 5, 6, 7
 _WITH_DATA = (_PART, _ERROR, _TOUCHED, _FALLBACK)
+_OP = struct.Struct("<IIBII")  # namespace index, range index, op, key length, payload length (_NONE: none)
+_NONE = 0xFFFFFFFF
+
+
+def _pack_ops(groups: dict) -> bytes:
+    """prescan's groups as bytes, for the replay process (_unpack_ops)."""
+    out, pack = [], _OP.pack
+    for (j, r), ops in groups.items():
+        for kind, key, payload in ops:
+            out.append(pack(j, r, kind, len(key), _NONE if payload is None else len(payload)))
+            out.append(key)
+            if payload:
+                out.append(payload)
+    return b"".join(out)
+
+
+def _unpack_ops(blob: bytes) -> dict:
+    groups, pos, n, unpack, size = {}, 0, len(blob), _OP.unpack_from, _OP.size
+    while pos < n:
+        j, r, kind, kl, pl = unpack(blob, pos)
+        pos += size
+        key = blob[pos:pos + kl]
+        pos += kl
+        payload = None
+        if pl != _NONE:
+            payload = blob[pos:pos + pl]
+            pos += pl
+        ops = groups.get((j, r))
+        if ops is None:
+            ops = groups[(j, r)] = []
+        ops.append((kind, key, payload))
+    return groups
 PREREAD_THREADS = 3
 
 
@@ -617,9 +649,10 @@ def _read_exact(f, size: int) -> bytes | None:
 
 def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> None:
     """The replay process; never returns. It pre-scans records[half:] (the parent scans records[:half] meanwhile) and
-    sends which ranges they touch (or why the fast path cannot be taken), then scans records[:half] too, and for each
-    namespace in order replays each touched range (its base chunk's plaintext comes from the parent on inp) and sends
-    it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES), then the namespace's totals."""
+    sends which ranges they touch (or why the fast path cannot be taken), then takes the parent's pre-scan of
+    records[:half] from inp, and for each namespace in order replays each touched range (its base chunk's plaintext
+    comes from the parent on inp too) and sends it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES), then the
+    namespace's totals."""
     code = 1
     out = os.fdopen(out_fd, "wb", buffering=1 << 20)
     try:
@@ -635,10 +668,15 @@ def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> N
         pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
         send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), b"") + pairs)
         out.flush()
-        groups, _why = prescan(records[:half], manifest)  # the parent stops this process when it falls back there
+        base = os.fdopen(inp, "rb", buffering=1 << 20)
+        head = _read_exact(base, _FEED.size)  # the parent's pre-scan of records[:half]: they come first
+        blob = _read_exact(base, _FEED.unpack(head)[2]) if head is not None else None
+        if blob is None:
+            raise EOFError("the parent's pre-scan")
+        groups = _unpack_ops(blob)
+        del blob
         for jr, ops in later.items():
             groups.setdefault(jr, []).extend(ops)
-        base = os.fdopen(inp, "rb", buffering=1 << 20)
         for j, n in enumerate(manifest["namespaces"]):
             chunks, entries = n["chunks"], []
             for r in range(len(chunks) + 1):
@@ -733,14 +771,19 @@ class _Fast:
         pairs = struct.unpack("<%dI" % (len(data) // 4), data)
         self.touched = set(first) | {(pairs[x], pairs[x + 1]) for x in range(0, len(pairs), 2)}
         loads = sorted((j, r) for j, r in self.touched if r < len(self.base_chunks[j]))
-        self.feeder = threading.Thread(target=self._feed, args=(loads,), name="kmipbackup-pitr-feed", daemon=True)
+        ops = _pack_ops(first)
+        self.feeder = threading.Thread(target=self._feed, args=(ops, loads), name="kmipbackup-pitr-feed", daemon=True)
         self.feeder.start()
         self.loaded = len(loads)
         return None
 
-    def _feed(self, loads: list) -> None:
-        """The touched base chunks to the replay process, in its order (a thread: reads release the GIL)."""
+    def _feed(self, ops: bytes, loads: list) -> None:
+        """The parent's pre-scan, then the touched base chunks to the replay process, in its order (a thread: reads and
+        writes release the GIL)."""
         try:
+            self.feed.write(_FEED.pack(_NONE, _NONE, len(ops)))
+            self.feed.write(ops)
+            del ops
             with concurrent.futures.ThreadPoolExecutor(PREREAD_THREADS, thread_name_prefix="kmipbackup-pitr") as pool:
                 todo, ahead = iter(loads), collections.deque()
                 while True:
