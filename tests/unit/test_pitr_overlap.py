@@ -6,79 +6,14 @@ killed mid-way, or one whose totals do not add up, fails the restore with the ta
 is named before anything is forked or written; no plaintext in the restore's temporary files. Real SQLCipher heads,
 a folder store, a local key provider."""
 import os
-import random
 import signal
 
-import bson
 import pytest
-from bson import Timestamp
-from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, point_in_time, restore, segments, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import point_in_time, restore, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
-from snapshot_helpers import LocalKeyProvider, all_types_docs, canary_hits, make_head, read_archive, split_docs
-
-T0 = 1760000000
-CANARY = "pitr-overlap-canary-9c41"
-
-
-def raw(d):
-    return RawBSONDocument(bson.encode(d))
-
-
-def ev(op, coll, ct, db="d", **fields):
-    return raw(dict({"_id": {"_data": "%d.%d" % ct}, "operationType": op, "clusterTime": Timestamp(*ct),
-                     "ns": {"db": db, "coll": coll}}, **fields))
-
-
-def upd(coll, ct, _id, fields, removed=(), db="d"):
-    return ev("update", coll, ct, db=db, documentKey={"_id": _id},
-              updateDescription={"updatedFields": fields, "removedFields": list(removed), "truncatedArrays": []})
-
-
-def base_namespaces():
-    rnd = random.Random(5)
-    return {"d.big": [{"_id": i, "pad": rnd.randbytes(700), "tag": CANARY} for i in range(2000)],
-            "d.types": all_types_docs(CANARY),
-            "d.quiet": [{"_id": i} for i in range(50)],
-            "e.other": [{"_id": i, "v": CANARY} for i in range(300)]}
-
-
-def window_events(t):
-    """Inserts (in the middle, past the end, 1.2 MB of them), replaces, updates (every BSON type kept), deletes,
-    and an event on a namespace the backup does not keep; one cluster time each group, from T0 + t."""
-    types = all_types_docs(CANARY)
-    groups = [
-        [ev("insert", "big", (t, 1), documentKey={"_id": 1000.5}, fullDocument={"_id": 1000.5, "new": CANARY}),
-         upd("big", (t, 1), 10, {"pad": "short", "x.y": 1}), ev("delete", "big", (t, 1), documentKey={"_id": 1999})],
-        [ev("replace", "big", (t + 1, 1), documentKey={"_id": 500}, fullDocument={"_id": 500, "replaced": True}),
-         upd("types", (t + 1, 1), 7, {"int32": 5}, removed=["code"]),
-         upd("types", (t + 1, 1), types[3]["_id"], {"nested.deep.0.x.1.y": "changed"}),
-         ev("delete", "big", (t + 1, 1), documentKey={"_id": 0}),
-         ev("insert", "x", (t + 1, 1), db="config", documentKey={"_id": 1}, fullDocument={"_id": 1})],
-        [ev("insert", "big", (t + 2, 1), documentKey={"_id": 10 ** 6 + k}, fullDocument={"_id": 10 ** 6 + k, "pad": "p" * 3000})
-         for k in range(400)],
-        [upd("other", (t + 3, 1), 3, {"v": "updated"}, db="e"), ev("delete", "other", (t + 3, 1), db="e", documentKey={"_id": 4}),
-         upd("big", (t + 3, 1), 10 ** 6 + 7, {"pad": "q"})],
-    ]
-    return groups
-
-
-def captured(h, evs, ct):
-    """What source.Capture does with segments on: apply the events and log them in the same transaction."""
-    a = events.Applier(keep=events.keeps)
-    with h.write() as w:
-        for e in evs:
-            a.apply(w, e)
-        a.flush()
-        w.log_records([(ct[0], ct[1], e.raw) for e in evs])
-        w.set_position(b"token", list(ct), True)
-
-
-def image_of(h):
-    with h.read() as r:
-        return {n["ns"]: [doc for _k, doc in r.scan(n["ns"])] for n in r.namespaces()}
-
+from pitr_overlap_helpers import CANARY, build_lab
+from snapshot_helpers import canary_hits, read_archive, split_docs
 
 def restored_dir(out):
     got = {}
@@ -101,31 +36,9 @@ def info(path):
 
 @pytest.fixture
 def lab(tmp_path):
-    provider = LocalKeyProvider()
-    provider.create("mk")
-    js = store.JobStore(str(tmp_path / "store"), "job")
-    keys = store.Keys(js, provider)
-    h = make_head(str(tmp_path / "h" / "head.db"), base_namespaces(), key=os.urandom(32), cluster_time=(T0, 1))
-    h.record_segments = True
-    base = snapshot.take_snapshot(h, js, keys, "job", "mk", True, max_bytes=64 << 10)
-    h.mark_snapshotted(base["change_seq"])
-    images = {}
-    for n, group in enumerate(window_events(T0 + 1)):
-        ct = (T0 + 1 + n, 1)
-        captured(h, group, ct)
-        images[ct] = image_of(h)
-        if n % 2 == 1:
-            segments.close(h)
-            segments.seal_closed(h, js, keys, "mk")
-    ddl_ct = (T0 + 10, 1)
-    captured(h, [ev("createIndexes", "big", ddl_ct, operationDescription={"indexes": [{"v": 2, "key": {"tag": 1},
-                                                                                      "name": "tag_1"}]}),
-                 upd("big", ddl_ct, 20, {"pad": "after the index"})], ddl_ct)
-    images[ddl_ct] = image_of(h)
-    segments.close(h)
-    segments.seal_closed(h, js, keys, "mk")
-    yield {"js": js, "keys": keys, "images": images, "tmp": tmp_path, "base": base, "ddl": ddl_ct}
-    h.close()
+    lab = build_lab(tmp_path)
+    yield lab
+    lab["head"].close()
 
 
 def restore_point(lab, point, out, overlap=True, target="directory", **select):
