@@ -568,6 +568,8 @@ def _unpack_ops(blob: bytes) -> dict:
             ops = groups[(j, r)] = []
         ops.append((kind, key, payload))
     return groups
+
+
 PREREAD_THREADS = 3
 
 
@@ -740,6 +742,7 @@ class _Fast:
         self.pid = self.pipe = self.feed = self.feeder = self.image = self.entry = None
         self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
         self.finished, self.done, self.used, self.status, self.feed_error = set(), False, False, None, None
+        self.loaded = 0  # touched base chunks
 
     def start(self) -> str | None:
         """Fork the replay process and pre-scan the first half of the window while it scans the second; None when
@@ -761,6 +764,7 @@ class _Fast:
         os.close(feed_r)
         self.pipe, self.feed = os.fdopen(rfd, "rb", buffering=1 << 20), os.fdopen(feed_w, "wb", buffering=0)
         first, why = prescan(self.records[:half], self.manifest)
+        self.records = None  # the child has its copy
         if first is None:
             return why
         kind, _j, _r, data = self._message()
@@ -995,6 +999,7 @@ def _fast_image(job_store: JobStore, keys: Keys, plan: dict, manifest: dict, rec
     image = Image(entry, fast.manifest, store, {"events": events_n, "records": len(records), "segments": used}, fast.loaded)
     image.path, image.child_pid = "overlap", fast.pid
     return image, None
+
 
 def point_id(base_snapshot_id: str, point: tuple) -> str:
     """The id a point-in-time restore goes by (restoreInfo, the MongoDB target's marker): base snapshot and point."""

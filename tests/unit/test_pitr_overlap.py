@@ -34,9 +34,9 @@ def info(path):
     return [line for line in open(path).read().splitlines() if not line.startswith("Restored:")]
 
 
-@pytest.fixture
-def lab(tmp_path):
-    lab = build_lab(tmp_path)
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = build_lab(tmp_path_factory.mktemp("overlap"))
     yield lab
     lab["head"].close()
 
@@ -122,10 +122,33 @@ def test_a_replay_process_whose_totals_do_not_add_up_is_refused(lab, monkeypatch
 def test_a_tampered_segment_is_named_before_anything_is_forked_or_written(lab):
     segs = segments.list_segments(lab["js"])
     path = os.path.join(str(lab["tmp"] / "store"), "job", "segments", segs[0]["name"])
-    blob = bytearray(open(path, "rb").read())
+    saved = open(path, "rb").read()
+    blob = bytearray(saved)
     blob[-30] ^= 1
     open(path, "wb").write(bytes(blob))
     out = str(lab["tmp"] / "tampered")
-    with pytest.raises(IntegrityError, match=segs[0]["name"]):
-        restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    try:
+        with pytest.raises(IntegrityError, match=segs[0]["name"]):
+            restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    finally:
+        open(path, "wb").write(saved)
+    assert not os.path.exists(out)
+
+
+def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
+    js, keys = lab["js"], lab["keys"]
+    manifest = js.read_manifest(lab["base"]["snapshot_id"], keys)
+    big = [n for n in manifest["namespaces"] if n["ns"] == "d.big"][0]
+    cid = big["chunks"][0]["id"]  # holds _id 10, which the window updates: fed to the replay process by the parent
+    path = [os.path.join(d, f) for d, _s, fs in os.walk(str(lab["tmp"] / "store")) for f in fs if f == cid][0]
+    saved = open(path, "rb").read()
+    blob = bytearray(saved)
+    blob[-30] ^= 1
+    open(path, "wb").write(bytes(blob))
+    out = str(lab["tmp"] / "bad-base")
+    try:
+        with pytest.raises(IntegrityError, match=cid):
+            restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    finally:
+        open(path, "wb").write(saved)
     assert not os.path.exists(out)
