@@ -136,6 +136,13 @@ def peak_rss():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def cpu():
+    """CPU seconds of this process (all threads) and of its reaped children (the replay process): less sensitive to
+    a shared machine's load than wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def same_tree(a, b):
     for db in sorted(os.listdir(a)):
         if not os.path.isdir(os.path.join(a, db)):
@@ -162,6 +169,8 @@ def main():
     ap.add_argument("--profile", metavar="FILE", help="cProfile the last restore to the point into FILE (pstats)")
     ap.add_argument("--sequential", action="store_true",
                     help="the sequential path (replay into a temporary head, then restore) instead of the fast path")
+    ap.add_argument("--compare", action="store_true",
+                    help="time the sequential path too, in each run after the fast one (same load), and check its output")
     opts = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kmipbackup-pitr-bench-", dir=opts.work or "/var/tmp")
     print("load at start: %s" % open("/proc/loadavg").read().strip(), flush=True)
@@ -184,7 +193,8 @@ def main():
               % (entry["doc_count"], entry["data_bytes"] / 1e6, len(rows), opts.mix,
                  len(segments.list_segments(js)), time.perf_counter() - t0), flush=True)
 
-        plain_s, pit_s, replay_s, replay_cpu, execute_s, other_s, pit_rss, loaded = [], [], [], [], [], [], [], 0
+        plain_s, pit_s, replay_s, replay_cpu, execute_s, other_s, pit_rss, loaded, seq_s = [], [], [], [], [], [], [], 0, []
+        plain_cpu, pit_cpu, seq_cpu = [], [], []
 
         def timed_replay(*a, **kw):
             t1, c1 = time.perf_counter(), time.process_time()
@@ -196,9 +206,10 @@ def main():
             out = os.path.join(work, "plain")
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # neither restore pays for writing back what the one before it wrote
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu()
             restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(out))
             plain_s.append(time.perf_counter() - t)
+            plain_cpu.append(cpu() - c)
 
             out = os.path.join(work, "pit")
             shutil.rmtree(out, ignore_errors=True)
@@ -208,7 +219,7 @@ def main():
             if opts.profile and k == opts.repeat - 1:
                 prof = cProfile.Profile()
                 prof.enable()
-            t, child0 = time.perf_counter(), os.times()
+            t, child0, c = time.perf_counter(), os.times(), cpu()
             k_keys = store.Keys(js, provider)
             plan = segments.plan_point(js, k_keys, point)
             with point_in_time.rebuild(js, k_keys, plan, replay=timed_replay if opts.sequential else None, work_dir=work) as image:
@@ -220,6 +231,7 @@ def main():
                 events_done = image.replayed["events"]
                 path = image.path
             pit_s.append(time.perf_counter() - t)
+            pit_cpu.append(cpu() - c)
             child1 = os.times()
             if path == "overlap":  # the replay runs in a child process: its CPU (reaped), and the time before execute
                 replay_cpu.append(child1.children_user + child1.children_system - child0.children_user - child0.children_system)
@@ -234,6 +246,19 @@ def main():
                   "%d chunks loaded)" % (k + 1, plain_s[-1], pit_s[-1], path,
                                          "before the restore starts" if path == "overlap" else "replay", replay_s[-1],
                                          replay_cpu[-1], events_done, loaded), flush=True)
+            if opts.compare:
+                out = os.path.join(work, "seq")
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+                t, c = time.perf_counter(), cpu()
+                k_keys = store.Keys(js, provider)
+                plan = segments.plan_point(js, k_keys, point)
+                with point_in_time.rebuild(js, k_keys, plan, work_dir=work, overlap=False) as image:
+                    restore.execute(image.store, k_keys, image.entry, restore.select_namespaces(image.manifest),
+                                    restore.DirectoryTarget(out))
+                seq_s.append(time.perf_counter() - t)
+                seq_cpu.append(cpu() - c)
+                print("         sequential path %.2f s" % seq_s[-1], flush=True)
 
         expected_head = os.path.join(work, "expected", "head.db")
         os.makedirs(os.path.dirname(expected_head))
@@ -241,6 +266,8 @@ def main():
         apply_all(expected_head, rows)
         write_dump_dir(expected_head, os.path.join(work, "expected-dump"))
         same = same_tree(os.path.join(work, "expected-dump"), os.path.join(work, "pit"))
+        if opts.compare:
+            same = same and same_tree(os.path.join(work, "expected-dump"), os.path.join(work, "seq"))
         chunks = sum(len(n["chunks"]) for n in js.read_manifest(entry["snapshot_id"], keys)["namespaces"])
         p, q, r = statistics.median(plain_s), statistics.median(pit_s), statistics.median(replay_s)
         print()
@@ -251,6 +278,12 @@ def main():
         print("| plain restore to a directory (median of %d) | %.2f s |" % (opts.repeat, p))
         print("| restore to the point, same target (median) | %.2f s |" % q)
         print("| restore to the point / plain restore | **%.2fx** (goal <= 1.5x) |" % (q / p))
+        if seq_s:
+            print("| the sequential path (temporary head; same runs, median) | %.2f s: %.2fx the plain restore |"
+                  % (statistics.median(seq_s), statistics.median(seq_s) / p))
+        print("| CPU seconds, all threads and processes (median): plain restore, restore to the point%s | %s |"
+              % (", sequential path" if seq_cpu else "",
+                 ", ".join("%.2f" % statistics.median(x) for x in (plain_cpu, pit_cpu, seq_cpu) if x)))
         if path == "overlap":
             print("| fast path: read + authenticate segments, pre-scan, read touched chunks, fork (before the restore starts; "
                   "median) | %.2f s |" % r)

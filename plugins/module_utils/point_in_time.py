@@ -710,6 +710,7 @@ def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> N
                     entries.append({"count": b - a, "bytes": len(data), "sha256": digest})
                     a = b
                 send(_MSG.pack(_RANGE_END, j, r, 0, 0, b""))
+                out.flush()  # the parent may be waiting for this range now
             send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
                            bytes.fromhex(namespace_hash(entries))))
         send(_MSG.pack(_DONE, 0, 0, 0, 0, b""))
