@@ -4,7 +4,15 @@
 """Restoring to a point in time (no Ansible imports). PRIVATE to the collection.
 
 segments.plan_point picks the newest snapshot at or before the point (the base) and the change segments after
-it; rebuild() then gives the image at the point:
+it; rebuild() reads and authenticates every one of them, then gives the image at the point by one of two paths.
+
+The fast path, for a window of inserts, replaces, updates, deletes and document corrections on the base's namespaces
+(prescan): a forked process replays each touched base chunk's key range on its own, in memory, in restore order, and
+streams the results over a pipe while restore.execute restores the untouched chunks (_ChildSource); each range is
+hashed and counted by the parent, each namespace's totals checked at its end, the child's exit status before anything
+is published. docs/internals.md, "Restore to a point", has the protocol.
+
+The sequential path, for everything else:
 
 - a temporary head (SQLCipher under a random key that lives in memory only, in a 0700 folder removed afterwards)
   receives the base snapshot's namespaces, and its documents lazily: a base chunk is loaded the first time the

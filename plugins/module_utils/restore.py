@@ -308,7 +308,10 @@ class SnapshotSource:
     opens and decompresses the next ones across namespace boundaries (the store's parallelism for an object store,
     whose reads wait on the network) while the caller writes, with at most READ_AHEAD_BYTES of plaintext in flight.
     An IntegrityError (tampered chunk or manifest) or StoreError (missing chunk, endpoint gone) comes out of the
-    iteration at the chunk it concerns, so writers must leave the target as they promise when it does."""
+    iteration at the chunk it concerns, so writers must leave the target as they promise when it does.
+    A subclass changes what is read (_items, _fetch, _take) and checks totals known only at a namespace's end (_end,
+    which may set the namespace's count, bytes and hash then) or at the very end (_done): point_in_time's fast path.
+    Writers therefore read a namespace's totals only after its end, and restoreInfo only once the source is read."""
 
     def __init__(self, job_store: JobStore, keys: Keys, snapshot_id: str, verify: bool = True) -> None:
         self.job_store, self.keys, self.snapshot_id, self.verify = job_store, keys, snapshot_id, verify
