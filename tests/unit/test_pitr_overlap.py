@@ -152,3 +152,14 @@ def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
     finally:
         open(path, "wb").write(saved)
     assert not os.path.exists(out)
+
+
+def test_a_fallback_found_by_the_parent_stops_the_replay_process(lab, monkeypatch):
+    parent, real = os.getpid(), point_in_time.prescan
+    monkeypatch.setattr(point_in_time, "prescan", lambda records, manifest: (
+        (None, "the parent's half says no") if os.getpid() == parent else real(records, manifest)))
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    out = str(lab["tmp"] / "parent-fallback")
+    image, _s = restore_point(lab, point, out)
+    assert (image.path, image.why) == ("sequential", "the parent's half says no")
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
