@@ -784,16 +784,17 @@ class _Fast:
         pairs = struct.unpack("<%dI" % (len(data) // 4), data)
         self.touched = set(first) | {(pairs[x], pairs[x + 1]) for x in range(0, len(pairs), 2)}
         loads = sorted((j, r) for j, r in self.touched if r < len(self.base_chunks[j]))
-        ops = _pack_ops(first)
-        self.feeder = threading.Thread(target=self._feed, args=(ops, loads), name="kmipbackup-pitr-feed", daemon=True)
+        self.feeder = threading.Thread(target=self._feed, args=(first, loads), name="kmipbackup-pitr-feed", daemon=True)
         self.feeder.start()
         self.loaded = len(loads)
         return None
 
-    def _feed(self, ops: bytes, loads: list) -> None:
-        """The parent's pre-scan, then the touched base chunks to the replay process, in its order (a thread: reads and
-        writes release the GIL)."""
+    def _feed(self, first: dict, loads: list) -> None:
+        """The parent's pre-scan (packed here, while the restore starts), then the touched base chunks to the replay
+        process, in its order (a thread: reads and writes release the GIL)."""
         try:
+            ops = _pack_ops(first)
+            del first
             self.feed.write(_FEED.pack(_NONE, _NONE, len(ops)))
             self.feed.write(ops)
             del ops
