@@ -1,7 +1,6 @@
 """Shared by the point-in-time fast-path tests (unit: tests/unit/test_pitr_overlap.py; MongoDB target:
 tests/integration/test_pitr_overlap_mongo.py): a head with a base snapshot and sealed segments of insert, replace,
-update and delete events (then one DDL event), the image the head held at each point, and a restore run in a fresh
-process (spawn: no threads there, so the fast path forks)."""
+update and delete events (then one DDL event), the image the head held at each point, and a restore into MongoDB."""
 import os
 import random
 
@@ -104,8 +103,8 @@ def build_lab(tmp_path):
 
 
 def restore_to_mongodb(store_root, provider, point, uri, rename, kill=False):
-    """In a fresh process (multiprocessing spawn): restore point into MongoDB at uri, databases renamed; kill: SIGKILL
-    the replay process first. Returns (image path, error class name or None)."""
+    """Restore point into MongoDB at uri, databases renamed; kill: SIGKILL the replay process first. Returns (image path,
+    "error class: message" or None)."""
     import signal  # pylint: disable=import-outside-toplevel
     js = store.JobStore(store_root, "job")
     keys = store.Keys(js, provider)

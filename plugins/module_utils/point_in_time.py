@@ -44,6 +44,7 @@ import signal
 import struct
 import tempfile
 import threading
+import zlib
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, events, restore, segments
@@ -540,7 +541,10 @@ def _namespace(store: RebuiltStore, h: RebuildHead, r, info: dict, base: _Base |
 _PUT, _DEL, _UPD = 0, 1, 2
 _OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
 _KB = b"\x02kb\x00"  # a correction's first element (segments)
-_MSG = struct.Struct("<BIIQQ32s")  # kind, namespace index, range index, count, bytes, SHA-256; then bytes of data
+# kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
+# The child computes no SHA-256: zlib takes no lock another thread of the parent could have held at the fork (OpenSSL's
+# hashlib does); the parent hashes what it receives for the manifest and checks the child's CRCs against it.
+_MSG = struct.Struct("<BIIQQI")
 _FEED = struct.Struct("<IIQ")  # namespace index, range index, bytes: a base chunk's plaintext to the replay process
 _PART, _RANGE_END, _NS_END, _DONE, _ERROR, _TOUCHED, _FALLBACK = 1, 2, 3, 4, 5, 6, 7
 _WITH_DATA = (_PART, _ERROR, _TOUCHED, _FALLBACK)
@@ -671,12 +675,12 @@ def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> N
         later, why = prescan(records[half:], manifest)
         if later is None:
             what = why.encode("utf-8")
-            send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), b"") + what)
+            send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
             out.flush()
             code = 0
             return
         pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
-        send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), b"") + pairs)
+        send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), 0) + pairs)
         out.flush()
         base = os.fdopen(inp, "rb", buffering=1 << 20)
         head = _read_exact(base, _FEED.size)  # the parent's pre-scan of records[:half]: they come first
@@ -712,22 +716,22 @@ def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> N
                         size += len(docs[keys[b]])
                         b += 1
                     data = b"".join([docs[k] for k in keys[a:b]])
-                    digest = hashlib.sha256(data).digest()
-                    send(_MSG.pack(_PART, j, r, b - a, len(data), digest))
+                    crc = zlib.crc32(data)
+                    send(_MSG.pack(_PART, j, r, b - a, len(data), crc))
                     send(data)
-                    entries.append({"count": b - a, "bytes": len(data), "sha256": digest})
+                    entries.append({"count": b - a, "bytes": len(data), "crc": crc})
                     a = b
-                send(_MSG.pack(_RANGE_END, j, r, 0, 0, b""))
+                send(_MSG.pack(_RANGE_END, j, r, 0, 0, 0))
                 out.flush()  # the parent may be waiting for this range now
             send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
-                           bytes.fromhex(namespace_hash(entries))))
-        send(_MSG.pack(_DONE, 0, 0, 0, 0, b""))
+                           _combine([c["crc"] for c in entries if "crc" in c])))
+        send(_MSG.pack(_DONE, 0, 0, 0, 0, 0))
         out.flush()
         code = 0
     except BaseException as e:  # pylint: disable=broad-except  # reported by kind only: a message could hold data
         try:
             what = type(e).__name__.encode("ascii", "replace")
-            out.write(_MSG.pack(_ERROR, 0, 0, 0, len(what), b"") + what)
+            out.write(_MSG.pack(_ERROR, 0, 0, 0, len(what), 0) + what)
             out.flush()
         except BaseException:  # pylint: disable=broad-except  # the parent sees the pipe end
             pass
@@ -755,7 +759,9 @@ class _Fast:
 
     def start(self) -> str | None:
         """Fork the replay process and pre-scan the first half of the window while it scans the second; None when
-        the fast path runs (then feed it), else why not (the child is stopped)."""
+        the fast path runs (then feed it), else why not (the child is stopped). None of this module's threads run at
+        the fork; another library's may (a MongoDB client's monitors), which is safe because the child takes no lock
+        such a thread could hold: no OpenSSL (CRC-32 from zlib), no store, KMIP, logging or shared file object."""
         half = len(self.records) // 2
         rfd, wfd = os.pipe()
         feed_r, feed_w = os.pipe()
@@ -837,7 +843,7 @@ class _Fast:
         head = self.pipe.read(_MSG.size)
         if len(head) < _MSG.size:
             raise self._died()
-        kind, j, r, count, size, digest = _MSG.unpack(head)
+        kind, j, r, count, size, crc = _MSG.unpack(head)
         data = self.pipe.read(size) if kind in _WITH_DATA else None  # (a namespace's end: size is its total)
         if data is not None and len(data) < size:
             raise self._died()
@@ -846,13 +852,14 @@ class _Fast:
                 self.feeder.join()
             raise self._error("the replay process raised %s" % data.decode("ascii", "replace"))
         if kind == _PART:
-            if hashlib.sha256(data).digest() != digest or _count_docs(data) != count:
+            if zlib.crc32(data) != crc or _count_docs(data) != count:
                 raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"],
                                              "has a range whose documents do not match what the replay process says")
             self.parts.setdefault((j, r), []).append({"id": "%s%d.%d" % (VIRTUAL_PREFIX, j, r), "key": None, "count": count,
-                                                      "bytes": size, "sha256": digest, "stored": 0})
+                                                      "bytes": size, "sha256": hashlib.sha256(data).digest(), "stored": 0,
+                                                      "crc": crc})
         elif kind == _NS_END:
-            self.claims[j] = (count, size, digest.hex())
+            self.claims[j] = (count, size, crc)
         elif kind == _DONE:
             self.done = True
         return kind, j, r, data
@@ -882,11 +889,13 @@ class _Fast:
                     chunks.extend(self.parts.get((j, r), []))
                 elif r < len(self.base_chunks[j]):
                     chunks.append(self.base_chunks[j][r])
-            mine = (sum(c["count"] for c in chunks), sum(c["bytes"] for c in chunks), namespace_hash(chunks))
+            mine = (sum(c["count"] for c in chunks), sum(c["bytes"] for c in chunks),
+                    _combine([c["crc"] for c in chunks if "crc" in c]))
             if mine != self.claims[j]:
                 raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"], "does not add up to the totals "
                                              "the replay process gives for namespace #%d" % (j + 1))
-            n.update(chunks=chunks, count=mine[0], bytes=mine[1], hash=mine[2], stored=sum(c.get("stored", 0) for c in chunks))
+            n.update(chunks=chunks, count=mine[0], bytes=mine[1], hash=namespace_hash(chunks),
+                     stored=sum(c.get("stored", 0) for c in chunks))
             self.finished.add(j)
         return n
 
@@ -925,6 +934,11 @@ class _Fast:
         else:
             self.feed.close()
         self.pipe.close()
+
+
+def _combine(crcs: list) -> int:
+    """One CRC-32 for a namespace's parts, from theirs in order."""
+    return zlib.crc32(struct.pack("<%dI" % len(crcs), *crcs))
 
 
 def _count_docs(data: bytes) -> int:
@@ -1061,8 +1075,6 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
     if read is not None:
         records, used = segments.window(plan, read)
         image, why = None, None if overlap else "overlap is off"
-        if why is None and threading.active_count() > 1:
-            why = "other threads run in this process (no fork then)"
         if why is None:
             image, why = _fast_image(job_store, keys, plan, manifest, records, used)
         if image is not None:
