@@ -1078,6 +1078,7 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
         if why is None:
             image, why = _fast_image(job_store, keys, plan, manifest, records, used)
         if image is not None:
+            read = records = None  # the child has its copy: not kept through the restore
             if progress is not None:
                 progress(image.replayed["events"], used, len(plan["segments"]))
             try:
