@@ -136,6 +136,13 @@ def peak_rss():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def cpu():
+    """CPU seconds of this process (all threads) and of its reaped children (the replay process): less sensitive to
+    a shared machine's load than wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def same_tree(a, b):
     for db in sorted(os.listdir(a)):
         if not os.path.isdir(os.path.join(a, db)):
@@ -160,6 +167,10 @@ def main():
     ap.add_argument("--work", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the last restore to the point into FILE (pstats)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="the sequential path (replay into a temporary head, then restore) instead of the fast path")
+    ap.add_argument("--compare", action="store_true",
+                    help="time the sequential path too, in each run after the fast one (same load), and check its output")
     opts = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kmipbackup-pitr-bench-", dir=opts.work or "/var/tmp")
     print("load at start: %s" % open("/proc/loadavg").read().strip(), flush=True)
@@ -182,7 +193,8 @@ def main():
               % (entry["doc_count"], entry["data_bytes"] / 1e6, len(rows), opts.mix,
                  len(segments.list_segments(js)), time.perf_counter() - t0), flush=True)
 
-        plain_s, pit_s, replay_s, replay_cpu, execute_s, other_s, pit_rss, loaded = [], [], [], [], [], [], [], 0
+        plain_s, pit_s, replay_s, replay_cpu, execute_s, other_s, pit_rss, loaded, seq_s = [], [], [], [], [], [], [], 0, []
+        plain_cpu, pit_cpu, seq_cpu = [], [], []
 
         def timed_replay(*a, **kw):
             t1, c1 = time.perf_counter(), time.process_time()
@@ -194,9 +206,10 @@ def main():
             out = os.path.join(work, "plain")
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # neither restore pays for writing back what the one before it wrote
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu()
             restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(out))
             plain_s.append(time.perf_counter() - t)
+            plain_cpu.append(cpu() - c)
 
             out = os.path.join(work, "pit")
             shutil.rmtree(out, ignore_errors=True)
@@ -206,25 +219,46 @@ def main():
             if opts.profile and k == opts.repeat - 1:
                 prof = cProfile.Profile()
                 prof.enable()
-            t = time.perf_counter()
+            t, child0, c = time.perf_counter(), os.times(), cpu()
             k_keys = store.Keys(js, provider)
             plan = segments.plan_point(js, k_keys, point)
-            with point_in_time.rebuild(js, k_keys, plan, replay=timed_replay, work_dir=work) as image:
+            with point_in_time.rebuild(js, k_keys, plan, replay=timed_replay if opts.sequential else None, work_dir=work) as image:
                 t_built = time.perf_counter()
                 restore.execute(image.store, k_keys, image.entry, restore.select_namespaces(image.manifest),
                                 restore.DirectoryTarget(out))
                 execute_s.append(time.perf_counter() - t_built)
                 loaded = image.loaded_chunks
                 events_done = image.replayed["events"]
+                path = image.path
             pit_s.append(time.perf_counter() - t)
+            pit_cpu.append(cpu() - c)
+            child1 = os.times()
+            if path == "overlap":  # the replay runs in a child process: its CPU (reaped), and the time before execute
+                replay_cpu.append(child1.children_user + child1.children_system - child0.children_user - child0.children_system)
+                replay_s.append(t_built - t)
             if prof is not None:
                 prof.disable()
                 prof.dump_stats(opts.profile)
             if rss:
                 pit_rss.append(peak_rss())
             other_s.append(pit_s[-1] - execute_s[-1] - replay_s[-1])
-            print("  run %d: plain restore %.2f s, restore to the point %.2f s (replay %.2f s, %.2f s CPU, %d events, %d chunks "
-                  "loaded)" % (k + 1, plain_s[-1], pit_s[-1], replay_s[-1], replay_cpu[-1], events_done, loaded), flush=True)
+            print("  run %d: plain restore %.2f s, restore to the point %.2f s (%s path; %s %.2f s, replay %.2f s CPU, %d events, "
+                  "%d chunks loaded)" % (k + 1, plain_s[-1], pit_s[-1], path,
+                                         "before the restore starts" if path == "overlap" else "replay", replay_s[-1],
+                                         replay_cpu[-1], events_done, loaded), flush=True)
+            if opts.compare:
+                out = os.path.join(work, "seq")
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+                t, c = time.perf_counter(), cpu()
+                k_keys = store.Keys(js, provider)
+                plan = segments.plan_point(js, k_keys, point)
+                with point_in_time.rebuild(js, k_keys, plan, work_dir=work, overlap=False) as image:
+                    restore.execute(image.store, k_keys, image.entry, restore.select_namespaces(image.manifest),
+                                    restore.DirectoryTarget(out))
+                seq_s.append(time.perf_counter() - t)
+                seq_cpu.append(cpu() - c)
+                print("         sequential path %.2f s" % seq_s[-1], flush=True)
 
         expected_head = os.path.join(work, "expected", "head.db")
         os.makedirs(os.path.dirname(expected_head))
@@ -232,6 +266,8 @@ def main():
         apply_all(expected_head, rows)
         write_dump_dir(expected_head, os.path.join(work, "expected-dump"))
         same = same_tree(os.path.join(work, "expected-dump"), os.path.join(work, "pit"))
+        if opts.compare:
+            same = same and same_tree(os.path.join(work, "expected-dump"), os.path.join(work, "seq"))
         chunks = sum(len(n["chunks"]) for n in js.read_manifest(entry["snapshot_id"], keys)["namespaces"])
         p, q, r = statistics.median(plain_s), statistics.median(pit_s), statistics.median(replay_s)
         print()
@@ -242,11 +278,23 @@ def main():
         print("| plain restore to a directory (median of %d) | %.2f s |" % (opts.repeat, p))
         print("| restore to the point, same target (median) | %.2f s |" % q)
         print("| restore to the point / plain restore | **%.2fx** (goal <= 1.5x) |" % (q / p))
-        print("| replay (authenticate, decompress, apply into the temporary head; median) | %.2f s: **%.0f events/s** "
-              "(goal >= 20,000) |" % (r, len(rows) / r))
-        print("| replay CPU (process, all threads; median) | %.2f s: %.0f events per CPU second |"
-              % (statistics.median(replay_cpu), len(rows) / statistics.median(replay_cpu)))
-        print("| of which: restoring the rebuilt image (restore.execute; median) | %.2f s (%.2fx the plain restore) |"
+        if seq_s:
+            print("| the sequential path (temporary head; same runs, median) | %.2f s: %.2fx the plain restore |"
+                  % (statistics.median(seq_s), statistics.median(seq_s) / p))
+        print("| CPU seconds, all threads and processes (median): plain restore, restore to the point%s | %s |"
+              % (", sequential path" if seq_cpu else "",
+                 ", ".join("%.2f" % statistics.median(x) for x in (plain_cpu, pit_cpu, seq_cpu) if x)))
+        if path == "overlap":
+            print("| fast path: read + authenticate segments, pre-scan, read touched chunks, fork (before the restore starts; "
+                  "median) | %.2f s |" % r)
+            print("| replay in the child process, CPU (median; runs while the untouched chunks are restored) | %.2f s: %.0f "
+                  "events per CPU second |" % (statistics.median(replay_cpu), len(rows) / statistics.median(replay_cpu)))
+        else:
+            print("| replay (authenticate, decompress, apply into the temporary head; median) | %.2f s: **%.0f events/s** "
+                  "(goal >= 20,000) |" % (r, len(rows) / r))
+            print("| replay CPU (process, all threads; median) | %.2f s: %.0f events per CPU second |"
+                  % (statistics.median(replay_cpu), len(rows) / statistics.median(replay_cpu)))
+        print("| of which: restore.execute (fast path: with the replay alongside; median) | %.2f s (%.2fx the plain restore) |"
               % (statistics.median(execute_s), statistics.median(execute_s) / p))
         print("| of which: planning, temporary head, image manifest, cleanup (median) | %.2f s |" % statistics.median(other_s))
         print("| base chunks loaded into the temporary head | %d of %d |" % (loaded, chunks))

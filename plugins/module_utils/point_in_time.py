@@ -4,7 +4,15 @@
 """Restoring to a point in time (no Ansible imports). PRIVATE to the collection.
 
 segments.plan_point picks the newest snapshot at or before the point (the base) and the change segments after
-it; rebuild() then gives the image at the point:
+it; rebuild() reads and authenticates every one of them, then gives the image at the point by one of two paths.
+
+The fast path, for a window of inserts, replaces, updates, deletes and document corrections on the base's namespaces
+(prescan): a forked process replays each touched base chunk's key range on its own, in memory, in restore order, and
+streams the results over a pipe while restore.execute restores the untouched chunks (_ChildSource); each range is
+hashed and counted by the parent, each namespace's totals checked at its end, the child's exit status before anything
+is published. docs/internals.md, "Restore to a point", has the protocol.
+
+The sequential path, for everything else:
 
 - a temporary head (SQLCipher under a random key that lives in memory only, in a 0700 folder removed afterwards)
   receives the base snapshot's namespaces, and its documents lazily: a base chunk is loaded the first time the
@@ -25,16 +33,23 @@ and restoreInfo are restore.py's own, unchanged.
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import contextlib
+import gc
 import hashlib
 import itertools
 import os
 import shutil
+import signal
+import struct
 import tempfile
+import threading
+import zlib
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import segments
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, events, restore, segments
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import NotApplicable, RestoreError, UncertainOrder
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document, split_bson_docs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
@@ -44,8 +59,9 @@ if TYPE_CHECKING:
 
 try:
     from bson.binary import Binary
+    from bson.raw_bson import RawBSONDocument
 except ImportError:  # pragma: no cover (restore.py reports the missing package)
-    Binary = None
+    Binary = RawBSONDocument = None
 
 VIRTUAL_PREFIX = "head:"  # never a store chunk id (64 hex digits)
 VIRTUAL_CHUNK_BYTES = 1 << 20
@@ -412,11 +428,16 @@ class RebuiltStore:
     def __init__(self, job_store: JobStore, h: RebuildHead, entry: dict) -> None:
         self._js, self._h = job_store, h
         self.entry = entry
+        self.fast = None  # the fast path's _Fast: restore.execute then reads through restore_source
         # virtual chunk id -> (ns_id, its id_keys) in the overlay, or (ns, start, end) in the head's documents
         self.ranges = {}
 
     def __getattr__(self, name):
         return getattr(self._js, name)
+
+    def restore_source(self, keys: Keys, verify: bool = True) -> restore.SnapshotSource | None:
+        """The source restore.execute reads a fast-path image through (None: the image's chunks, as a snapshot's)."""
+        return _ChildSource(self.fast, keys, verify) if self.fast is not None else None
 
     def catalog_entry(self, snapshot_id: str) -> dict:
         return self.entry if snapshot_id == self.entry["snapshot_id"] else self._js.catalog_entry(snapshot_id)
@@ -522,6 +543,495 @@ def _namespace(store: RebuiltStore, h: RebuildHead, r, info: dict, base: _Base |
             "stored": sum(c.get("stored", 0) for c in chunks), "hash": namespace_hash(chunks)}
 
 
+# ---- the fast path: replay in a child process while the untouched chunks are restored -------------------------
+
+_PUT, _DEL, _UPD = 0, 1, 2
+_OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
+_KB = b"\x02kb\x00"  # a correction's first element (segments)
+# kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
+# The child computes no SHA-256: zlib takes no lock another thread of the parent could have held at the fork (OpenSSL's
+# hashlib does); the parent hashes what it receives for the manifest and checks the child's CRCs against it.
+_MSG = struct.Struct("<BIIQQI")
+_FEED = struct.Struct("<IIQ")  # namespace index, range index, bytes: a base chunk's plaintext to the replay process
+_PART, _RANGE_END, _NS_END, _DONE, _ERROR, _TOUCHED, _FALLBACK = 1, 2, 3, 4, 5, 6, 7
+_WITH_DATA = (_PART, _ERROR, _TOUCHED, _FALLBACK)
+_OP = struct.Struct("<IIBII")  # namespace index, range index, op, key length, payload length (_NONE: none)
+_NONE = 0xFFFFFFFF
+
+
+def _pack_ops(groups: dict) -> bytes:
+    """prescan's groups as bytes, for the replay process (_unpack_ops)."""
+    out, pack = [], _OP.pack
+    for (j, r), ops in groups.items():
+        for kind, key, payload in ops:
+            out.append(pack(j, r, kind, len(key), _NONE if payload is None else len(payload)))
+            out.append(key)
+            if payload:
+                out.append(payload)
+    return b"".join(out)
+
+
+def _unpack_ops(blob: bytes) -> dict:
+    groups, pos, n, unpack, size = {}, 0, len(blob), _OP.unpack_from, _OP.size
+    while pos < n:
+        j, r, kind, kl, pl = unpack(blob, pos)
+        pos += size
+        key = blob[pos:pos + kl]
+        pos += kl
+        payload = None
+        if pl != _NONE:
+            payload = blob[pos:pos + pl]
+            pos += pl
+        ops = groups.get((j, r))
+        if ops is None:
+            ops = groups[(j, r)] = []
+        ops.append((kind, key, payload))
+    return groups
+
+
+PREREAD_THREADS = 3
+
+
+def prescan(records: list, manifest: dict) -> tuple[dict | None, str | None]:
+    """({(namespace index, range index): [(op, id_key, payload)]}, None) for the window's records (segments.window),
+    grouped by the base chunk whose key range each one falls in (range index len(chunks): past the last chunk), in
+    order; (None, why) when the window holds anything the fast path does not replay: a DDL event, a namespace
+    correction, an event on a namespace the base does not have (implicit creation) or one the scan cannot read.
+    Documents are independent of each other under insert/replace/update/delete, so each range replays on its own."""
+    where = {n["ns"]: (j, [bytes(c["last"]) for c in n["chunks"]]) for j, n in enumerate(manifest["namespaces"])
+             if n.get("type", "collection") == "collection"}
+    fast_fields, keeps, bisect_left = events._fast_fields, events.keeps, bisect.bisect_left  # pylint: disable=protected-access
+    groups, ns_of = {}, {}
+    for _t, _i, raw in records:
+        raw = bytes(raw)
+        if raw[4:8] == _KB:
+            try:
+                doc = RawBSONDocument(raw)
+                kind = doc["kb"]
+                if kind != "doc":
+                    return None, "a correction of a namespace (%s) in the window" % kind
+                ns, key, new = doc["ns"], bytes(doc["key"]), doc["doc"]
+            except Exception:  # pylint: disable=broad-except  # the sequential replay reports it
+                return None, "a correction the scan cannot read"
+            op = (_PUT, key, bytes(new.raw)) if new is not None else (_DEL, key, None)
+        else:
+            f = fast_fields(raw)
+            opf = f.get(b"operationType") if f else None
+            kind = _OPS.get(raw[opf[1] + 4:opf[2] - 1]) if opf is not None and opf[0] == 0x02 else None
+            nsf = f.get(b"ns") if kind is not None else None
+            if nsf is None or nsf[0] != 0x03:
+                return None, "an event other than insert, replace, update or delete (or one the scan cannot read)"
+            ns_raw = raw[nsf[1]:nsf[2]]
+            ns = ns_of.get(ns_raw, _ABSENT)
+            if ns is _ABSENT:
+                d = RawBSONDocument(ns_raw)
+                db, coll = d.get("db"), d.get("coll")
+                if not isinstance(db, str) or not isinstance(coll, str):
+                    return None, "an event the scan cannot read"
+                ns = ns_of[ns_raw] = "%s.%s" % (db, coll) if keeps(db, "%s.%s" % (db, coll)) else None
+            if ns is None:
+                continue  # a namespace the backup does not keep: the applier ignores it
+            keyf = f.get(b"fullDocument" if kind == _PUT else b"documentKey")
+            descf = f.get(b"updateDescription") if kind == _UPD else (0x03,)
+            if keyf is None or keyf[0] != 0x03 or descf is None or descf[0] != 0x03:
+                return None, "an event the scan cannot read"
+            doc = raw[keyf[1]:keyf[2]]
+            op = (kind, id_key_from_document(doc), doc if kind == _PUT else raw[descf[1]:descf[2]] if kind == _UPD else None)
+        w = where.get(ns)
+        if w is None:
+            return None, "an event on a namespace the base snapshot does not have"
+        groups.setdefault((w[0], bisect_left(w[1], op[1])), []).append(op)
+    return groups, None
+
+
+def _replay_range(plain: bytes | None, ops: list) -> dict:
+    """{id_key: raw} of one key range: the base chunk's documents (plain) with ops applied as the applier applies them."""
+    docs = {id_key_from_document(d): d for d in split_bson_docs(plain)} if plain else {}
+    update = events.apply_update_description
+    for kind, key, payload in ops:
+        if kind == _PUT:
+            docs[key] = payload
+        elif kind == _DEL:
+            docs.pop(key, None)
+        else:
+            stored = docs.get(key)
+            if stored is not None:
+                try:
+                    docs[key] = update(stored, payload)
+                except (NotApplicable, UncertainOrder):
+                    pass  # the capture re-copied the document from the source: its "doc" correction follows in the range
+    return docs
+
+
+def _read_exact(f, size: int) -> bytes | None:
+    data = f.read(size)
+    return data if len(data) == size else None
+
+
+def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> None:
+    """The replay process; never returns. It pre-scans records[half:] (the parent scans records[:half] meanwhile) and
+    sends which ranges they touch (or why the fast path cannot be taken), then takes the parent's pre-scan of
+    records[:half] from inp, and for each namespace in order replays each touched range (its base chunk's plaintext
+    comes from the parent on inp too) and sends it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES), then the
+    namespace's totals."""
+    code = 1
+    out = os.fdopen(out_fd, "wb", buffering=1 << 20)
+    try:
+        gc.disable()  # short-lived, and its objects form no cycles
+        send = out.write
+        later, why = prescan(records[half:], manifest)
+        if later is None:
+            what = why.encode("utf-8")
+            send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
+            out.flush()
+            code = 0
+            return
+        pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
+        send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), 0) + pairs)
+        out.flush()
+        base = os.fdopen(inp, "rb", buffering=1 << 20)
+        head = _read_exact(base, _FEED.size)  # the parent's pre-scan of records[:half]: they come first
+        blob = _read_exact(base, _FEED.unpack(head)[2]) if head is not None else None
+        if blob is None:
+            raise EOFError("the parent's pre-scan")
+        groups = _unpack_ops(blob)
+        del blob
+        for jr, ops in later.items():
+            groups.setdefault(jr, []).extend(ops)
+        for j, n in enumerate(manifest["namespaces"]):
+            chunks, entries = n["chunks"], []
+            for r in range(len(chunks) + 1):
+                ops = groups.get((j, r))
+                if ops is None:
+                    if r < len(chunks):
+                        entries.append(chunks[r])
+                    continue
+                plain = None
+                if r < len(chunks):  # the base chunk, from the parent (it reads the store)
+                    head = _read_exact(base, _FEED.size)
+                    if head is None or _FEED.unpack(head)[:2] != (j, r):
+                        raise EOFError("base chunk")
+                    plain = _read_exact(base, _FEED.unpack(head)[2])
+                    if plain is None:
+                        raise EOFError("base chunk")
+                docs = _replay_range(plain, ops)
+                keys = sorted(docs)
+                a = 0
+                while a < len(keys):
+                    b, size = a, 0
+                    while b < len(keys) and size < VIRTUAL_CHUNK_BYTES:
+                        size += len(docs[keys[b]])
+                        b += 1
+                    data = b"".join([docs[k] for k in keys[a:b]])
+                    crc = zlib.crc32(data)
+                    send(_MSG.pack(_PART, j, r, b - a, len(data), crc))
+                    send(data)
+                    entries.append({"count": b - a, "bytes": len(data), "crc": crc})
+                    a = b
+                send(_MSG.pack(_RANGE_END, j, r, 0, 0, 0))
+                out.flush()  # the parent may be waiting for this range now
+            send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
+                           _combine([c["crc"] for c in entries if "crc" in c])))
+        send(_MSG.pack(_DONE, 0, 0, 0, 0, 0))
+        out.flush()
+        code = 0
+    except BaseException as e:  # pylint: disable=broad-except  # reported by kind only: a message could hold data
+        try:
+            what = type(e).__name__.encode("ascii", "replace")
+            out.write(_MSG.pack(_ERROR, 0, 0, 0, len(what), 0) + what)
+            out.flush()
+        except BaseException:  # pylint: disable=broad-except  # the parent sees the pipe end
+            pass
+    finally:
+        os._exit(code)  # pylint: disable=protected-access  # nothing of the parent's (atexit, buffers, tempdirs) runs here
+
+
+def _status_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.waitstatus_to_exitcode(status)
+
+
+class _Fast:
+    """The parent's side of the fast path: the replay process, the pipe it sends on (checked as it is read) and the
+    thread that feeds it the touched base chunks."""
+
+    def __init__(self, job_store: JobStore, keys: Keys, manifest: dict, records: list) -> None:
+        self.job_store, self.keys, self.manifest, self.records = job_store, keys, manifest, records
+        self.base_chunks = [list(n["chunks"]) for n in manifest["namespaces"]]
+        self.pid = self.pipe = self.feed = self.feeder = self.image = self.entry = None
+        self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
+        self.finished, self.done, self.used, self.status, self.feed_error = set(), False, False, None, None
+        self.loaded = 0  # touched base chunks
+
+    def start(self) -> str | None:
+        """Fork the replay process and pre-scan the first half of the window while it scans the second; None when
+        the fast path runs (then feed it), else why not (the child is stopped). None of this module's threads run at
+        the fork; another library's may (a MongoDB client's monitors), which is safe because the child takes no lock
+        such a thread could hold: no OpenSSL (CRC-32 from zlib), no store, KMIP, logging or shared file object."""
+        half = len(self.records) // 2
+        rfd, wfd = os.pipe()
+        feed_r, feed_w = os.pipe()
+        gc.freeze()  # the collector then leaves the objects both processes share alone: fewer copy-on-write faults
+        try:
+            self.pid = os.fork()
+        finally:
+            if self.pid != 0:
+                gc.unfreeze()
+        if self.pid == 0:  # pragma: no cover (the child)
+            os.close(rfd)
+            os.close(feed_w)
+            _child(feed_r, wfd, self.manifest, self.records, half)
+        os.close(wfd)
+        os.close(feed_r)
+        self.pipe, self.feed = os.fdopen(rfd, "rb", buffering=1 << 20), os.fdopen(feed_w, "wb", buffering=0)
+        first, why = prescan(self.records[:half], self.manifest)
+        self.records = None  # the child has its copy
+        if first is None:
+            return why
+        kind, _j, _r, data = self._message()
+        if kind == _FALLBACK:
+            return data.decode("utf-8", "replace")
+        if kind != _TOUCHED:
+            raise self._error("the replay process said something unexpected")
+        pairs = struct.unpack("<%dI" % (len(data) // 4), data)
+        self.touched = set(first) | {(pairs[x], pairs[x + 1]) for x in range(0, len(pairs), 2)}
+        loads = sorted((j, r) for j, r in self.touched if r < len(self.base_chunks[j]))
+        self.feeder = threading.Thread(target=self._feed, args=(first, loads), name="kmipbackup-pitr-feed", daemon=True)
+        self.feeder.start()
+        self.loaded = len(loads)
+        return None
+
+    def _feed(self, first: dict, loads: list) -> None:
+        """The parent's pre-scan (packed here, while the restore starts), then the touched base chunks to the replay
+        process, in its order (a thread: reads and writes release the GIL)."""
+        try:
+            ops = _pack_ops(first)
+            del first
+            self.feed.write(_FEED.pack(_NONE, _NONE, len(ops)))
+            self.feed.write(ops)
+            del ops
+            with concurrent.futures.ThreadPoolExecutor(PREREAD_THREADS, thread_name_prefix="kmipbackup-pitr") as pool:
+                todo, ahead = iter(loads), collections.deque()
+                while True:
+                    while len(ahead) < 2 * PREREAD_THREADS:  # a few chunks in flight, not the whole snapshot
+                        jr = next(todo, None)
+                        if jr is None:
+                            break
+                        ahead.append((jr, pool.submit(self.job_store.read_chunk, self.base_chunks[jr[0]][jr[1]], self.keys)))
+                    if not ahead:
+                        break
+                    (j, r), f = ahead.popleft()
+                    plain = f.result()
+                    self.feed.write(_FEED.pack(j, r, len(plain)))
+                    self.feed.write(plain)
+        except BrokenPipeError:
+            pass  # the child ended: the parent learns why from its pipe
+        except BaseException as e:  # pylint: disable=broad-except  # a tampered base chunk: raised by the parent
+            self.feed_error = e
+        finally:
+            try:
+                self.feed.close()
+            except OSError:
+                pass
+
+    def _error(self, what: str) -> Exception:
+        if self.feed_error is not None:
+            return self.feed_error  # what stopped the child: a base chunk that did not authenticate, the store gone
+        return RestoreError("The replay of this point-in-time restore failed (%s); nothing was published and the target was "
+                            "put back as it was: restore again." % what)
+
+    def _died(self):
+        if self.feeder is not None:
+            self.feeder.join()
+        return self._error("the replay process ended without its result: %s" % _status_text(self.wait()))
+
+    def _message(self):
+        head = self.pipe.read(_MSG.size)
+        if len(head) < _MSG.size:
+            raise self._died()
+        kind, j, r, count, size, crc = _MSG.unpack(head)
+        data = self.pipe.read(size) if kind in _WITH_DATA else None  # (a namespace's end: size is its total)
+        if data is not None and len(data) < size:
+            raise self._died()
+        if kind == _ERROR:
+            if self.feeder is not None:
+                self.feeder.join()
+            raise self._error("the replay process raised %s" % data.decode("ascii", "replace"))
+        if kind == _PART:
+            if zlib.crc32(data) != crc or _count_docs(data) != count:
+                raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"],
+                                             "has a range whose documents do not match what the replay process says")
+            self.parts.setdefault((j, r), []).append({"id": "%s%d.%d" % (VIRTUAL_PREFIX, j, r), "key": None, "count": count,
+                                                      "bytes": size, "sha256": hashlib.sha256(data).digest(), "stored": 0,
+                                                      "crc": crc})
+        elif kind == _NS_END:
+            self.claims[j] = (count, size, crc)
+        elif kind == _DONE:
+            self.done = True
+        return kind, j, r, data
+
+    def range_parts(self, j: int, r: int) -> list:
+        """[(entry, data)] of touched range r of namespace j: the child's next messages for it (others' are counted)."""
+        out = []
+        while True:
+            kind, jj, rr, data = self._message()
+            if (jj, rr) == (j, r) and kind == _PART:
+                out.append((self.parts[(j, r)][-1], data))
+            elif (jj, rr) == (j, r) and kind == _RANGE_END:
+                return out
+            elif kind == _DONE:
+                raise self._error("the replay process skipped a range")
+
+    def finish_namespace(self, j: int) -> dict:
+        """Namespace j's manifest entry with its final chunks and totals, once the child sent them all and they agree."""
+        while j not in self.claims:
+            if self._message()[0] == _DONE:
+                raise self._error("the replay process skipped a namespace")
+        n = self.manifest["namespaces"][j]
+        if j not in self.finished:
+            chunks = []
+            for r in range(len(self.base_chunks[j]) + 1):
+                if (j, r) in self.touched:
+                    chunks.extend(self.parts.get((j, r), []))
+                elif r < len(self.base_chunks[j]):
+                    chunks.append(self.base_chunks[j][r])
+            mine = (sum(c["count"] for c in chunks), sum(c["bytes"] for c in chunks),
+                    _combine([c["crc"] for c in chunks if "crc" in c]))
+            if mine != self.claims[j]:
+                raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"], "does not add up to the totals "
+                                             "the replay process gives for namespace #%d" % (j + 1))
+            n.update(chunks=chunks, count=mine[0], bytes=mine[1], hash=namespace_hash(chunks),
+                     stored=sum(c.get("stored", 0) for c in chunks))
+            self.finished.add(j)
+        return n
+
+    def finish(self) -> None:
+        """Every namespace's totals (the image's, for restoreInfo) and the child's clean exit, before anything is
+        published."""
+        while not self.done:
+            self._message()
+        for j in range(len(self.manifest["namespaces"])):
+            self.finish_namespace(j)
+        status = self.wait()
+        self.feeder.join()
+        if self.feed_error is not None:
+            raise self.feed_error
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            raise self._error("the replay process ended with %s" % _status_text(status))
+        namespaces = self.manifest["namespaces"]
+        self.entry.update(doc_count=sum(n["count"] for n in namespaces), data_bytes=sum(n["bytes"] for n in namespaces))
+
+    def wait(self) -> int:
+        if self.status is None:
+            self.status = os.waitpid(self.pid, 0)[1]
+        return self.status
+
+    def close(self) -> None:
+        if self.pid is None:
+            return
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # not needed (never read, or a failed restore): it holds plaintext
+            except ProcessLookupError:
+                pass
+            self.wait()
+        if self.feeder is not None:
+            self.feeder.join()  # the child is gone: its writes fail at once
+        else:
+            self.feed.close()
+        self.pipe.close()
+
+
+def _combine(crcs: list) -> int:
+    """One CRC-32 for a namespace's parts, from theirs in order."""
+    return zlib.crc32(struct.pack("<%dI" % len(crcs), *crcs))
+
+
+def _count_docs(data: bytes) -> int:
+    count, pos, n, unpack = 0, 0, len(data), struct.Struct("<i").unpack_from
+    while pos < n:
+        size = unpack(data, pos)[0]
+        if size < 5:
+            return -1
+        pos += size
+        count += 1
+    return count if pos == n else -1
+
+
+class _ChildSource(restore.SnapshotSource):
+    """restore.py's source for a fast-path image: the base's untouched chunks read from the store as a plain restore
+    reads them (same threads, same checks) and, in their place, the touched ranges as the replay process sends them;
+    a namespace's totals are checked (and set in its manifest entry) at its end, the child's exit status at the end."""
+
+    def __init__(self, fast: _Fast, keys: Keys, verify: bool) -> None:
+        super().__init__(fast.job_store, keys, fast.entry["snapshot_id"], verify)
+        self.fast = fast
+
+    def prepare(self, selected):
+        if self.fast.used:
+            raise RestoreError("This point-in-time image was restored already: rebuild it to restore it again.")
+        self.fast.used = True
+        super().prepare([(i, {"chunks": self.fast.base_chunks[i - 1]}, db, coll) for i, _n, db, coll in selected])
+
+    def _items(self, selected):
+        out = []
+        for k, (i, _n, _db, _coll) in enumerate(selected):
+            chunks = self.fast.base_chunks[i - 1]
+            for r in range(len(chunks) + 1):
+                if (i - 1, r) in self.fast.touched:
+                    out.append((k, {"range": (i - 1, r), "bytes": 0}))
+                elif r < len(chunks):
+                    out.append((k, chunks[r]))
+        return out
+
+    def _fetch(self, pool, c):
+        return None if "range" in c else super()._fetch(pool, c)
+
+    def _take(self, c, fetched):
+        return self.fast.range_parts(*c["range"]) if "range" in c else super()._take(c, fetched)
+
+    def _end(self, selected, k, counts, hashes, name):
+        self.fast.finish_namespace(selected[k][0] - 1)
+        return super()._end(selected, k, counts, hashes, name)
+
+    def _done(self, selected, name):
+        self.fast.finish()
+
+
+def _fast_image(job_store: JobStore, keys: Keys, plan: dict, manifest: dict, records: list, used: int) -> tuple[Image | None, str | None]:
+    """(the image restore.execute reads through _ChildSource, None) with the replay process running, or (None, why
+    the fast path is not taken)."""
+    for key_id in sorted({c["key"] for n in manifest["namespaces"] for c in n["chunks"] if c.get("key")}):
+        keys.key(key_id)  # every data key unwrapped before the fork: neither process asks the KMIP server mid-way
+    fast = _Fast(job_store, keys, manifest, records)
+    base = plan["snapshot"]
+    fast.entry = entry = dict(base)
+    entry.update(snapshot_id=point_id(base["snapshot_id"], plan["point"]), cluster_time=list(plan["point"]),
+                 base_snapshot_id=base["snapshot_id"], restore_info_lines=info_lines(plan))
+    try:
+        why = fast.start()
+    except BaseException:
+        fast.close()
+        raise
+    if why is not None:
+        fast.close()
+        return None, why
+    fast.manifest = {"format": 1, "job": job_store.job, "snapshot_id": entry["snapshot_id"], "cluster_time": list(plan["point"]),
+                     "namespaces": [{"ns": n["ns"], "uuid": n.get("uuid"), "options": bytes(n["options"] or EMPTY_BSON),
+                                     "indexes": [bytes(s) for s in n["indexes"]], "incarnation": n.get("incarnation"),
+                                     "type": n.get("type", "collection"), "chunks": list(n["chunks"]),
+                                     # the base's totals until the namespace's end (_Fast.finish_namespace)
+                                     "count": n["count"], "bytes": n["bytes"], "stored": n.get("stored", 0),
+                                     "hash": n["hash"]} for n in manifest["namespaces"]]}
+    store = RebuiltStore(job_store, None, entry)
+    store.fast = fast
+    events_n = sum(1 for _t, _i, raw in records if raw[4:8] != _KB)
+    image = Image(entry, fast.manifest, store, {"events": events_n, "records": len(records), "segments": used}, fast.loaded)
+    image.path, image.child_pid = "overlap", fast.pid
+    return image, None
+
+
 def point_id(base_snapshot_id: str, point: tuple) -> str:
     """The id a point-in-time restore goes by (restoreInfo, the MongoDB target's marker): base snapshot and point."""
     return "%s@%d.%d" % (base_snapshot_id, point[0], point[1])
@@ -553,22 +1063,45 @@ class Image:
     def __init__(self, entry, manifest, store, replayed, loaded_chunks):
         self.entry, self.manifest, self.store = entry, manifest, store
         self.replayed, self.loaded_chunks = replayed, loaded_chunks
+        self.path, self.why, self.child_pid = "sequential", None, None  # which path rebuilt it, and why not the fast one
 
 
 @contextlib.contextmanager
 def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None = None, work_dir: str | None = None,
-            progress: Callable | None = None) -> Iterator[Image]:
-    """The image at plan["point"] (segments.plan_point's plan): base snapshot loaded lazily into a temporary
-    encrypted head, segments replayed (replay: segments.replay), manifest built. The head and its folder are removed
-    when the context ends."""
-    replay = replay or segments.replay
+            progress: Callable | None = None, overlap: bool = True) -> Iterator[Image]:
+    """The image at plan["point"] (segments.plan_point's plan). Every segment is read and authenticated first. Then,
+    when the window holds only inserts, replaces, updates, deletes and document corrections on the base's namespaces
+    (prescan) and overlap is on, the fast path: a forked process replays each touched key range while
+    restore.execute restores the untouched chunks (image.path "overlap"). Otherwise (image.why says why) the base
+    snapshot is loaded lazily into a temporary encrypted head, the segments replayed (replay: segments.replay) and the
+    manifest built (image.path "sequential"). The child, or the head and its folder, are gone when the context ends."""
     base = plan["snapshot"]
     manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
+    read = list(segments.read_segments(job_store, keys, plan["segments"])) if replay is None else None
+    why = "a replay function was given" if replay is not None else None
+    if read is not None:
+        records, used = segments.window(plan, read)
+        image, why = None, None if overlap else "overlap is off"
+        if why is None:
+            image, why = _fast_image(job_store, keys, plan, manifest, records, used)
+        if image is not None:
+            read = records = None  # the child has its copy: not kept through the restore
+            if progress is not None:
+                progress(image.replayed["events"], used, len(plan["segments"]))
+            try:
+                yield image
+            finally:
+                image.store.fast.close()
+            return
+    replay = replay or segments.replay
     folder = tempfile.mkdtemp(prefix="kmipbackup-pitr-", dir=work_dir)  # 0700
     h = None
     try:
         h = RebuildHead(os.path.join(folder, "head.db"), os.urandom(32), job_store, keys, manifest)
-        replayed = replay(h, job_store, keys, plan, progress=progress)
+        if read is not None:
+            replayed = replay(h, job_store, keys, plan, progress=progress, read=read)
+        else:
+            replayed = replay(h, job_store, keys, plan, progress=progress)
         entry = dict(base)
         entry.update(snapshot_id=point_id(base["snapshot_id"], plan["point"]), cluster_time=list(plan["point"]),
                      base_snapshot_id=base["snapshot_id"], restore_info_lines=info_lines(plan))
@@ -579,7 +1112,9 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
                      namespaces=len(namespaces))
         image_manifest = {"format": 1, "job": job_store.job, "snapshot_id": entry["snapshot_id"],
                           "cluster_time": list(plan["point"]), "namespaces": namespaces}
-        yield Image(entry, image_manifest, store, replayed, h.loaded_chunks)
+        image = Image(entry, image_manifest, store, replayed, h.loaded_chunks)
+        image.why = why
+        yield image
     finally:
         if h is not None:
             h.close()

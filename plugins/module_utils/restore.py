@@ -36,6 +36,7 @@ import collections
 import concurrent.futures
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -307,7 +308,10 @@ class SnapshotSource:
     opens and decompresses the next ones across namespace boundaries (the store's parallelism for an object store,
     whose reads wait on the network) while the caller writes, with at most READ_AHEAD_BYTES of plaintext in flight.
     An IntegrityError (tampered chunk or manifest) or StoreError (missing chunk, endpoint gone) comes out of the
-    iteration at the chunk it concerns, so writers must leave the target as they promise when it does."""
+    iteration at the chunk it concerns, so writers must leave the target as they promise when it does.
+    A subclass changes what is read (_items, _fetch, _take) and checks totals known only at a namespace's end (_end,
+    which may set the namespace's count, bytes and hash then) or at the very end (_done): point_in_time's fast path.
+    Writers therefore read a namespace's totals only after its end, and restoreInfo only once the source is read."""
 
     def __init__(self, job_store: JobStore, keys: Keys, snapshot_id: str, verify: bool = True) -> None:
         self.job_store, self.keys, self.snapshot_id, self.verify = job_store, keys, snapshot_id, verify
@@ -317,10 +321,25 @@ class SnapshotSource:
         for key_id in sorted({c["key"] for _i, n, _db, _coll in selected for c in n["chunks"] if c.get("key")}):
             self.keys.key(key_id)
 
+    def _items(self, selected):
+        """(k, chunk entry) in restore order: what runs() reads (_fetch) and hands out (_take)."""
+        return [(k, c) for k, (_i, n, _db, _coll) in enumerate(selected) for c in n["chunks"]]
+
+    def _fetch(self, pool, c):
+        """What _take gets the data of item c from: a read on the pool."""
+        return pool.submit(self.job_store.read_chunk, c, self.keys)
+
+    def _take(self, c, fetched):
+        """[(entry, data)] of item c once it is its turn: here the chunk read by _fetch, checked against c by read_chunk."""
+        return [(c, fetched.result())]
+
+    def _done(self, selected, name):
+        """After the last namespace's end (a source whose totals come late checks them here)."""
+
     def runs(self, selected: list, name: Callable[[int, str, str], str]) -> Iterator[tuple[int, bytes | None]]:
         threads = getattr(self.job_store.storage, "parallelism", READ_THREADS)
         ahead = max(READ_AHEAD, 2 * threads)
-        todo = iter([(k, c) for k, (_i, n, _db, _coll) in enumerate(selected) for c in n["chunks"]])
+        todo = iter(self._items(selected))
         counts, hashes = [0] * len(selected), [[] for _k in selected]
         pending, inflight, ended, more = collections.deque(), 0, 0, True
         pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kmipbackup-restore")
@@ -331,7 +350,7 @@ class SnapshotSource:
                     if c is None:
                         more = False
                         break
-                    pending.append((k, c, pool.submit(self.job_store.read_chunk, c, self.keys)))
+                    pending.append((k, c, self._fetch(pool, c)))
                     inflight += c["bytes"]
                 if not pending:
                     break
@@ -340,13 +359,14 @@ class SnapshotSource:
                 while ended < k:
                     yield self._end(selected, ended, counts, hashes, name)
                     ended += 1
-                data = f.result()
-                counts[k] += c["count"]
-                hashes[k].append({"sha256": c["sha256"]})
-                yield k, data
+                for part, data in self._take(c, f):
+                    counts[k] += part["count"]
+                    hashes[k].append({"sha256": part["sha256"]})
+                    yield k, data
             while ended < len(selected):
                 yield self._end(selected, ended, counts, hashes, name)
                 ended += 1
+            self._done(selected, name)
         finally:  # an error or an abandoned iteration: reads not started are dropped, running ones awaited
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -534,7 +554,7 @@ def _inside(path, root):
     return path
 
 
-def _restore_directory(source, _job, entry, selected, target, drop, verify, info_text, name):
+def _restore_directory(source, _job, entry, selected, target, drop, verify, info, name):
     check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     ensure_private_dir(tmp)
@@ -575,7 +595,7 @@ def _restore_directory(source, _job, entry, selected, target, drop, verify, info
             for fin in finishing:
                 fin.result()
             list(finisher.map(fsync_dir, sorted(folders)))  # the files' names; tmp's own fsync comes with RESTORE_INFO
-        atomic_write(os.path.join(tmp, RESTORE_INFO), info_text.encode("utf-8"))
+        atomic_write(os.path.join(tmp, RESTORE_INFO), info().encode("utf-8"))
         _replace(tmp, target.path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -621,7 +641,7 @@ def _finish_file(path, size, name):
                            "writer, or a full disk?); restore again." % (name, got, size))
 
 
-def _restore_archive(source, _job, entry, selected, target, drop, verify, info_text, name):
+def _restore_archive(source, _job, entry, selected, target, drop, verify, info, name):
     check_file_target(target.path, drop, target.force, target.protected, target.kind)
     tmp = _tmp_sibling(target.path)
     try:
@@ -629,8 +649,8 @@ def _restore_archive(source, _job, entry, selected, target, drop, verify, info_t
         with os.fdopen(fd, "wb", buffering=1 << 20) as f, \
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-fsync") as finisher:
             w, syncing = mongodump.ArchiveWriter(f), []
-            w.prelude([(db, coll, mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll,
-                                                          n.get("type", "collection")), n["bytes"]) for _i, n, db, coll in selected])
+            prelude = _prelude(selected)
+            f.write(prelude)
             crc, unsynced = mongodump.Crc64(), 0
             for k, plain in source.runs(selected, name):
                 _i, _n, db, coll = selected[k]
@@ -646,15 +666,29 @@ def _restore_archive(source, _job, entry, selected, target, drop, verify, info_t
                     syncing.append(finisher.submit(os.fdatasync, f.fileno()))
                     unsynced = 0
             f.flush()
+            final = _prelude(selected)
+            if final != prelude:  # a point-in-time source knows the sizes only now: same length (Int64 sizes)
+                if len(final) != len(prelude):
+                    raise RestoreError("The archive's prelude changed length while the restore ran: restore again.")
+                os.pwrite(f.fileno(), final, 0)
             for done in syncing:
                 done.result()
             os.fsync(f.fileno())
-        atomic_write(target.info_path, info_text.encode("utf-8"))
+        atomic_write(target.info_path, info().encode("utf-8"))
         _replace(tmp, target.path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _prelude(selected):
+    """The archive's prelude (namespaces, metadata, sizes) as bytes."""
+    buf = io.BytesIO()
+    mongodump.ArchiveWriter(buf).prelude([(db, coll, mongodump.metadata_json(n["options"], n["indexes"], n.get("uuid"), coll,
+                                                                             n.get("type", "collection")), n["bytes"])
+                                          for _i, n, db, coll in selected])
+    return buf.getvalue()
 
 
 def _index_specs(n):
@@ -668,7 +702,7 @@ def _index_specs(n):
     return out
 
 
-def _restore_mongodb(source, job, entry, selected, target, drop, verify, info_text, name):
+def _restore_mongodb(source, job, entry, selected, target, drop, verify, info, name):
     for i, _n, db, coll in selected:  # before anything is read from or written to the target
         problem = mongodb_name_problem(db, coll)
         if problem:
@@ -685,7 +719,7 @@ def _restore_mongodb(source, job, entry, selected, target, drop, verify, info_te
     previous = marker.find_one({"_id": marker_id})
     marker.replace_one({"_id": marker_id}, {"_id": marker_id, "job": job, "snapshot_id": entry["snapshot_id"],
                                             "selection": selection, "state": "incomplete", "started": iso(utcnow()),
-                                            "restoreInfo": info_text}, upsert=True)
+                                            "restoreInfo": info()}, upsert=True)
     load = _MongoLoad(client, selected, drop, verify, name)
     try:
         load.run(source)
@@ -705,7 +739,8 @@ def _restore_mongodb(source, job, entry, selected, target, drop, verify, info_te
     except BaseException:
         load.discard_staging()
         raise
-    marker.update_one({"_id": marker_id}, {"$set": {"state": "complete", "finished": iso(utcnow())}})
+    info_text = info()  # a point-in-time source knows the image's totals only now
+    marker.update_one({"_id": marker_id}, {"$set": {"state": "complete", "finished": iso(utcnow()), "restoreInfo": info_text}})
     if target.restore_info_path:
         try:
             atomic_write(target.restore_info_path, info_text.encode("utf-8"))
@@ -886,12 +921,17 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
     deadline (time.monotonic() value, timeout in s): RestoreTimeout past it, the target put back."""
     _require_bson()
     target = make_target(target)
-    info_text = restore_info_text(entry, job_store.job, kmip_servers, selection_digest(selected))
+    digest = selection_digest(selected)
+
+    def info():  # at the end too: a source may know the image's totals only once it is read (point_in_time)
+        return restore_info_text(entry, job_store.job, kmip_servers, digest)
     run = {"directory": _restore_directory, "archive": _restore_archive, "mongodb": _restore_mongodb}[target.kind]
     encryption = bool(entry.get("encryption"))
 
     def name(i, db, coll):
         return label(encryption, i, "%s.%s" % (db, coll), show_namespaces)
+    if source is None and getattr(job_store, "restore_source", None) is not None:
+        source = job_store.restore_source(keys, verify)  # a rebuilt point-in-time image's own (None: its chunks)
     if source is None:
         source = SnapshotSource(job_store, keys, entry["snapshot_id"], verify)
     source.prepare(selected)
@@ -900,7 +940,7 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
     if deadline is not None:
         source = _Deadline(source, *deadline)
     try:
-        run(source, job_store.job, entry, selected, target, drop, verify, info_text, name)
+        run(source, job_store.job, entry, selected, target, drop, verify, info, name)
     except OSError as e:
         raise _os_error(e, "The restore to %s" % target.describe()) from None
     except Exception as e:
@@ -912,7 +952,7 @@ def execute(job_store: JobStore, keys: Keys, entry: dict, selected: list, target
             "encryption": entry.get("encryption"), "master_key_uids": entry.get("master_key_uids") or [],
             "target": target.kind, "namespaces": len(selected),
             "documents": sum(n["count"] for _i, n, _d, _c in selected), "bytes": sum(n["bytes"] for _i, n, _d, _c in selected),
-            "restore_info": info_text}
+            "restore_info": info()}
 
 
 def restore(job_store: JobStore, snapshot: str, keys: Keys, target: str | DirectoryTarget | ArchiveTarget | MongoTarget,

@@ -288,8 +288,9 @@ class _Restore:
             raise IntegrityError("Snapshot %s was resolved for %s, but %s was restored: the store changed during the restore; "
                                  "restore again and find out who changed the store." % (sid, p["snapshot"], summary["snapshot_id"]),
                                  kind="catalog entry", object_id=sid)
-        for ns in result["namespaces"]:
-            ns["verified"] = p["verify"]
+        for k, ns in enumerate(result["namespaces"]):  # a point-in-time image's totals are final only now
+            ns.update(verified=p["verify"], count=selected[k][1]["count"], bytes=selected[k][1]["bytes"])
+        result.update(documents=summary["documents"], bytes=summary["bytes"])
         result.update(restore_info_text=summary["restore_info"],
                       verify={"enabled": p["verify"], "namespaces_verified": len(selected) if p["verify"] else 0})
         result["changed"] = True

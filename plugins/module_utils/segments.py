@@ -545,12 +545,31 @@ def _read_ahead(items: Iterator) -> Iterator:
             yield item
 
 
+def window(plan: dict, read: list) -> tuple[list, int]:
+    """([(t, i, raw)] the replay applies, segments it uses) from read, the plan's segments as read_segments yields
+    them: every record after the snapshot's cluster time up to and including the point, in order (replay's rule: a
+    record at its segment's start and the snapshot's time is a correction made after a cut there)."""
+    point, after = tuple(plan["point"]), tuple(plan["snapshot"]["cluster_time"])
+    out, used = [], 0
+    for seg, recs in read:
+        used += 1
+        start = tuple(seg["from"])
+        for t, i, raw in recs:
+            ct = (t, i)
+            if ct > point:
+                return out, used
+            if ct > after or (ct == after and start == after):
+                out.append((t, i, raw))
+    return out, used
+
+
 def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Callable | None = None,
-           batch_records: int = 20000) -> dict:
+           batch_records: int = 20000, read: list | None = None) -> dict:
     """Apply the plan's segments to head (holding the plan's snapshot): every record after the snapshot's cluster time
     up to and including plan["point"], in transactions of about batch_records records (whole cluster times), with the
     same Applier as the capture for events and upsert/delete for corrections. Each segment is authenticated and
-    chain-checked before anything of it is applied. The head's position becomes the point (consistent).
+    chain-checked before anything of it is applied (read: the plan's segments already read, as read_segments yields
+    them). The head's position becomes the point (consistent).
     progress(events, segments done, segments total) after each segment. Returns {"events", "records", "segments"}."""
     # pylint: disable=import-outside-toplevel
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier, keeps
@@ -562,7 +581,7 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     apply_raw = applier.apply_raw
     events = records = done = 0
     total = len(plan["segments"])
-    for seg, recs in _read_ahead(read_segments(job_store, keys, plan["segments"])):
+    for seg, recs in read if read is not None else _read_ahead(read_segments(job_store, keys, plan["segments"])):
         # a record at its segment's start is a correction made after that boundary (head verification): it belongs
         # after a snapshot cut there
         start = tuple(seg["from"])

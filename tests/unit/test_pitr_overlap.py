@@ -1,0 +1,165 @@
+"""The fast path of a point-in-time restore (point_in_time: the replay in a forked process while restore.execute
+restores the base's untouched chunks): through real sealed segments, it must restore byte for byte what the
+sequential path (a temporary head) restores and what the capture's own head held at the point, to a directory and an
+archive, with include/exclude; a DDL event in the window takes the sequential path (and says why); a replay process
+killed mid-way, or one whose totals do not add up, fails the restore with the target untouched; a tampered segment
+is named before anything is forked or written; no plaintext in the restore's temporary files. Real SQLCipher heads,
+a folder store, a local key provider."""
+import os
+import signal
+
+import pytest
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import point_in_time, restore, segments
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
+from pitr_overlap_helpers import CANARY, build_lab
+from snapshot_helpers import canary_hits, read_archive, split_docs
+
+def restored_dir(out):
+    got = {}
+    for db in sorted(os.listdir(out)):
+        if os.path.isdir(os.path.join(out, db)):
+            for f in sorted(os.listdir(os.path.join(out, db))):
+                if f.endswith(".bson"):
+                    got["%s.%s" % (db, f[:-5])] = split_docs(open(os.path.join(out, db, f), "rb").read())
+    return got
+
+
+def files(out):
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _s, fs in os.walk(out) for f in fs if f != restore.RESTORE_INFO}
+
+
+def info(path):
+    return [line for line in open(path).read().splitlines() if not line.startswith("Restored:")]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = build_lab(tmp_path_factory.mktemp("overlap"))
+    yield lab
+    lab["head"].close()
+
+
+def restore_point(lab, point, out, overlap=True, target="directory", **select):
+    js, keys = lab["js"], lab["keys"]
+    plan = segments.plan_point(js, keys, point)
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(lab["tmp"]), overlap=overlap) as image:
+        selected = restore.select_namespaces(image.manifest, **select)
+        t = restore.DirectoryTarget(out) if target == "directory" else restore.ArchiveTarget(out)
+        summary = restore.execute(image.store, keys, image.entry, selected, t)
+        return image, summary
+
+
+def test_fast_path_restores_what_the_head_held_and_what_the_sequential_path_restores(lab):
+    images, tmp = lab["images"], lab["tmp"]
+    for k, point in enumerate(sorted(p for p in images if p < lab["ddl"])):
+        fast, summary = restore_point(lab, point, str(tmp / ("fast%d" % k)))
+        slow, summary_slow = restore_point(lab, point, str(tmp / ("slow%d" % k)), overlap=False)
+        assert (fast.path, fast.why, slow.path, slow.why) == ("overlap", None, "sequential", "overlap is off"), fast.why
+        assert restored_dir(str(tmp / ("fast%d" % k))) == {ns: docs for ns, docs in images[point].items() if docs}, point
+        assert files(str(tmp / ("fast%d" % k))) == files(str(tmp / ("slow%d" % k)))  # metadata too, byte for byte
+        # restoreInfo (documents, bytes of the whole image) and the summary: as the sequential path's
+        assert info(str(tmp / ("fast%d" % k) / restore.RESTORE_INFO)) == info(str(tmp / ("slow%d" % k) / restore.RESTORE_INFO))
+        assert {x: summary[x] for x in ("documents", "bytes", "snapshot_id")} == {
+            x: summary_slow[x] for x in ("documents", "bytes", "snapshot_id")}
+        assert fast.replayed == slow.replayed and fast.loaded_chunks <= slow.loaded_chunks + 1
+        assert [(n["count"], n["hash"]) for n in fast.manifest["namespaces"]] == [
+            (n["count"], n["hash"]) for n in slow.manifest["namespaces"]]
+    point = max(p for p in images if p < lab["ddl"])
+    # an archive, byte for byte (its prelude's sizes are known only at the end); include/exclude
+    restore_point(lab, point, str(tmp / "fast.archive"), target="archive")
+    restore_point(lab, point, str(tmp / "slow.archive"), overlap=False, target="archive")
+    assert open(str(tmp / "fast.archive"), "rb").read() == open(str(tmp / "slow.archive"), "rb").read()
+    _h, _c, docs, _crc = read_archive(str(tmp / "fast.archive"))
+    assert docs["d.big"] == images[point]["d.big"]
+    out = str(tmp / "some")
+    image, summary = restore_point(lab, point, out, include=["d.*"], exclude=["d.quiet"])
+    assert image.path == "overlap" and summary["namespaces"] == 2
+    assert restored_dir(out) == {ns: images[point][ns] for ns in ("d.big", "d.types")}
+    slow_out = str(tmp / "some-slow")
+    restore_point(lab, point, slow_out, overlap=False, include=["d.*"], exclude=["d.quiet"])
+    assert info(os.path.join(out, restore.RESTORE_INFO)) == info(os.path.join(slow_out, restore.RESTORE_INFO))
+    assert canary_hits(str(tmp / "store"), CANARY) == []
+    assert not [p for p in tmp.iterdir() if p.name.startswith("kmipbackup-pitr-")]  # the fast path writes no temporary head
+
+
+def test_a_ddl_event_in_the_window_takes_the_sequential_path(lab):
+    out = str(lab["tmp"] / "ddl")
+    image, _s = restore_point(lab, lab["ddl"], out)
+    assert image.path == "sequential" and "other than insert" in image.why
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][lab["ddl"]].items() if docs}
+
+
+def test_a_killed_replay_process_fails_the_restore_and_writes_nothing(lab):
+    js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    plan = segments.plan_point(js, keys, point)
+    out = str(tmp / "killed")
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp)) as image:
+        assert image.path == "overlap"
+        os.kill(image.child_pid, signal.SIGKILL)  # blocked on its pipe: 1.2 MB of inserts past the end are not read yet
+        with pytest.raises(RestoreError, match="killed by signal 9"):
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
+    assert not os.path.exists(out) and [p.name for p in tmp.iterdir() if p.name.startswith(".killed")] == []
+    archive = str(tmp / "killed.archive")
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp)) as image:
+        os.kill(image.child_pid, signal.SIGKILL)
+        with pytest.raises(RestoreError, match="killed by signal 9"):
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.ArchiveTarget(archive))
+    assert not os.path.exists(archive) and not os.path.exists(archive + "." + restore.RESTORE_INFO)
+
+
+def test_a_replay_process_whose_totals_do_not_add_up_is_refused(lab, monkeypatch):
+    parent, real = os.getpid(), point_in_time._combine
+    monkeypatch.setattr(point_in_time, "_combine", lambda crcs: real(crcs) ^ 1 if os.getpid() != parent else real(crcs))
+    out = str(lab["tmp"] / "lies")
+    with pytest.raises(IntegrityError, match="does not add up"):
+        restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    assert not os.path.exists(out)
+
+
+def test_a_tampered_segment_is_named_before_anything_is_forked_or_written(lab):
+    segs = segments.list_segments(lab["js"])
+    path = os.path.join(str(lab["tmp"] / "store"), "job", "segments", segs[0]["name"])
+    saved = open(path, "rb").read()
+    blob = bytearray(saved)
+    blob[-30] ^= 1
+    open(path, "wb").write(bytes(blob))
+    out = str(lab["tmp"] / "tampered")
+    try:
+        with pytest.raises(IntegrityError, match=segs[0]["name"]):
+            restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    finally:
+        open(path, "wb").write(saved)
+    assert not os.path.exists(out)
+
+
+def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
+    js, keys = lab["js"], lab["keys"]
+    manifest = js.read_manifest(lab["base"]["snapshot_id"], keys)
+    big = [n for n in manifest["namespaces"] if n["ns"] == "d.big"][0]
+    cid = big["chunks"][0]["id"]  # holds _id 10, which the window updates: fed to the replay process by the parent
+    path = [os.path.join(d, f) for d, _s, fs in os.walk(str(lab["tmp"] / "store")) for f in fs if f == cid][0]
+    saved = open(path, "rb").read()
+    blob = bytearray(saved)
+    blob[-30] ^= 1
+    open(path, "wb").write(bytes(blob))
+    out = str(lab["tmp"] / "bad-base")
+    try:
+        with pytest.raises(IntegrityError, match=cid):
+            restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    finally:
+        open(path, "wb").write(saved)
+    assert not os.path.exists(out)
+
+
+def test_a_fallback_found_by_the_parent_stops_the_replay_process(lab, monkeypatch):
+    parent, real = os.getpid(), point_in_time.prescan
+    monkeypatch.setattr(point_in_time, "prescan", lambda records, manifest: (
+        (None, "the parent's half says no") if os.getpid() == parent else real(records, manifest)))
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    out = str(lab["tmp"] / "parent-fallback")
+    image, _s = restore_point(lab, point, out)
+    assert (image.path, image.why) == ("sequential", "the parent's half says no")
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
