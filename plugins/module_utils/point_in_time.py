@@ -590,6 +590,7 @@ def _unpack_ops(blob: bytes) -> dict:
 
 
 PREREAD_THREADS = 3
+FAST_WINDOW_BYTES = 512 << 20  # the most of a window's change records (raw BSON) the fast path holds in memory
 
 
 def prescan(records: list, manifest: dict) -> tuple[dict | None, str | None]:
@@ -1077,9 +1078,18 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
     manifest built (image.path "sequential"). The child, or the head and its folder, are gone when the context ends."""
     base = plan["snapshot"]
     manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
-    read = list(segments.read_segments(job_store, keys, plan["segments"])) if replay is None else None
     why = "a replay function was given" if replay is not None else None
-    if read is not None:
+    read = None
+    if replay is None:
+        # the fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially
+        rest, read, size = segments.read_segments(job_store, keys, plan["segments"]), [], 0
+        for item in rest:
+            read.append(item)
+            size += sum(len(r[2]) for r in item[1])
+            if size > FAST_WINDOW_BYTES:
+                why, read = "the window holds more than %d MiB of changes" % (FAST_WINDOW_BYTES >> 20), itertools.chain(read, rest)
+                break
+    if read is not None and why is None:
         records, used = segments.window(plan, read)
         image, why = None, None if overlap else "overlap is off"
         if why is None:

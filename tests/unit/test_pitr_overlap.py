@@ -163,3 +163,14 @@ def test_a_fallback_found_by_the_parent_stops_the_replay_process(lab, monkeypatc
     image, _s = restore_point(lab, point, out)
     assert (image.path, image.why) == ("sequential", "the parent's half says no")
     assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
+
+
+def test_a_window_larger_than_the_fast_paths_memory_streams_sequentially(lab, monkeypatch):
+    """Past FAST_WINDOW_BYTES of change records the fast path (which holds the window in memory) is not taken: the
+    rest of the segments stream into the sequential replay, with the same result."""
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    monkeypatch.setattr(point_in_time, "FAST_WINDOW_BYTES", 1)
+    out = str(lab["tmp"] / "capped")
+    image, _summary = restore_point(lab, point, out)
+    assert image.path == "sequential" and "MiB of changes" in image.why
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
