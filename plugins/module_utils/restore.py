@@ -16,8 +16,8 @@ written and fsynced before they are renamed into place, so a failure leaves the 
 A MongoDB restore inserts as it reads: namespaces it creates are created, namespaces it replaces
 (drop) load into staging collections renamed over them only once every chunk has been read and
 verified, and a tampered or missing chunk (or a store gone mid-way) makes it drop what it created
-and the staging collections, so the target is left as it was. Indexes are built after each
-collection's data, on a few threads while the next collections load. Its progress is recorded in
+and the staging collections, so the target is left as it was. Indexes are built once all the
+data is in, a few collections at a time (as mongorestore does). Its progress is recorded in
 the marker collection kmipbackup_restore.restoreInfo (state incomplete until the restore is
 verified), keyed by job, snapshot and a digest of the namespaces restored, so one snapshot can go
 to several databases.
@@ -754,9 +754,8 @@ class _MongoLoad:
     added to: a namespace that exists in the target is replaced (drop) by loading a staging collection in its database
     (STAGING_PREFIX + random hex) renamed over it at the end; one that does not exist is created. So when a chunk
     turns out tampered or missing, undo() puts the target back: it drops what was created and the staging
-    collections, and empties an existing empty collection that was inserted into. Indexes are built after each
-    collection's data, as mongorestore does, on INDEX_THREADS threads while the next namespaces load; views are
-    created at the end."""
+    collections, and empties an existing empty collection that was inserted into. Indexes are built after all the
+    data, as mongorestore does, INDEX_THREADS collections at a time; views are created at the end."""
 
     def __init__(self, client, selected, drop, verify, name):
         self.client, self.selected, self.drop, self.verify, self.name = client, selected, drop, verify, name
@@ -789,42 +788,43 @@ class _MongoLoad:
         return coll
 
     def run(self, source):
+        loaded, current, into, batch, batch_bytes, inserted = [], None, None, [], 0, 0
+        for k, plain in source.runs(self.selected, self.name):
+            i, n, db, coll = self.selected[k]
+            if k != current:
+                current, self.at = k, self.name(i, db, coll)
+                into, batch, batch_bytes, inserted = self._open(k), [], 0, 0
+            if into is None:
+                continue
+            database = self.client[db]
+            if plain is None:
+                if batch:
+                    inserted += _insert(database, into, batch, inserted)
+                if self.verify and inserted != n["count"]:
+                    raise RestoreError("Verification failed: the target acknowledged %d documents of namespace %s "
+                                       "where the snapshot has %d; restore again with drop." % (inserted, self.at, n["count"]))
+                loaded.append((k, into))
+                continue
+            for doc in bson.decode_all(plain, self.codec):
+                size = len(doc.raw)
+                if batch and (batch_bytes + size > INSERT_BATCH_BYTES or len(batch) >= INSERT_BATCH_DOCS):
+                    inserted += _insert(database, into, batch, inserted)  # a command stays under 16 MB + one document
+                    batch, batch_bytes = [], 0
+                batch.append(doc)
+                batch_bytes += size
+        # the indexes once every document is in (as mongorestore's RestoreIndexes): an index build running beside the
+        # inserts competes with them for the server, and a chunk found tampered late costs no index build to undo
         with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS, thread_name_prefix="kmipbackup-index") as indexer:
-            building, current, into, batch, batch_bytes, inserted = [], None, None, [], 0, 0
-            try:
-                for k, plain in source.runs(self.selected, self.name):
-                    i, n, db, coll = self.selected[k]
-                    if k != current:
-                        current, self.at = k, self.name(i, db, coll)
-                        into, batch, batch_bytes, inserted = self._open(k), [], 0, 0
-                    if into is None:
-                        continue
-                    database = self.client[db]
-                    if plain is None:
-                        if batch:
-                            inserted += _insert(database, into, batch, inserted)
-                        if self.verify and inserted != n["count"]:
-                            raise RestoreError("Verification failed: the target acknowledged %d documents of namespace %s "
-                                               "where the snapshot has %d; restore again with drop." % (inserted, self.at, n["count"]))
-                        building.append((k, indexer.submit(self._complete, k, into)))
-                        continue
-                    for doc in bson.decode_all(plain, self.codec):
-                        size = len(doc.raw)
-                        if batch and (batch_bytes + size > INSERT_BATCH_BYTES or len(batch) >= INSERT_BATCH_DOCS):
-                            inserted += _insert(database, into, batch, inserted)  # a command stays under 16 MB + one document
-                            batch, batch_bytes = [], 0
-                        batch.append(doc)
-                        batch_bytes += size
-            finally:
-                concurrent.futures.wait([f for _k, f in building])
-            for k, f in building:
-                i, _n, db, coll = self.selected[k]
-                self.at = self.name(i, db, coll)
-                f.result()
+            building = [(k, indexer.submit(self._complete, k, into)) for k, into in loaded]
+            concurrent.futures.wait([f for _k, f in building])
+        for k, f in building:
+            i, _n, db, coll = self.selected[k]
+            self.at = self.name(i, db, coll)
+            f.result()
         self._finish()
 
     def _complete(self, k, into):
-        """After a collection's data (on an index thread, while the next ones load): its indexes, then its count."""
+        """After the data (on an index thread): a collection's indexes, then its count."""
         i, n, db, coll = self.selected[k]
         database = self.client[db]
         specs = _index_specs(n)

@@ -113,6 +113,57 @@ def test_each_chunk_read_once_and_a_tampered_chunk_mid_mongodb_restore_puts_the_
         client.close()
 
 
+class Commands(pymongo.monitoring.CommandListener):
+    """The names of the commands a client sends, in order (with the collection of an insert or createIndexes)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def started(self, event):
+        name = event.command_name
+        self.sent.append((name, event.command.get(name)) if name in ("insert", "createIndexes") else (name, None))
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def test_indexes_are_built_once_every_document_is_in_and_not_at_all_when_a_late_chunk_is_tampered(job, mongo_server):
+    js, keys = job["js"], job["keys"]
+    client = pymongo.MongoClient(mongo_server["uri"])
+    db, other = ("ix%s_%s" % (x, uuid.uuid4().hex[:8]) for x in ("done", "bad"))
+    commands = Commands()
+    target = restore.MongoTarget(mongo_server["uri"], event_listeners=[commands])
+    try:
+        restore.restore(js, "latest", keys, target, rename={"src": db})
+        names = [name for name, _coll in commands.sent]
+        inserts = [k for k, (name, _coll) in enumerate(commands.sent) if name == "insert"]
+        builds = [k for k, (name, _coll) in enumerate(commands.sent) if name == "createIndexes"]
+        # every collection's inserts come before the first index build (as mongorestore: indexes after all the data)
+        assert {coll for name, coll in commands.sent if name == "insert"} == {"a", "b", "c"}
+        assert builds and max(inserts) < min(builds), names
+        assert image(client, db)["b"][1] == ["_id_", "tag_1"]
+
+        del commands.sent[:]
+        cid, untamper = tamper(job, "src.c", len(job["chunks"]["src.c"]) - 1)  # the last chunk of the last namespace
+        try:
+            with pytest.raises(IntegrityError) as e:
+                restore.restore(js, "latest", keys, target, rename={"src": other})
+        finally:
+            untamper()
+        assert e.value.object_id == cid
+        assert ("insert", "a") in commands.sent and ("insert", "b") in commands.sent  # found late: a and b were loaded ...
+        assert not [c for c in commands.sent if c[0] == "createIndexes"]  # ... but no index was built for nothing
+        assert other not in client.list_database_names()
+    finally:
+        target.close()
+        for name in (db, other):
+            client.drop_database(name)
+        client.close()
+
+
 def test_missing_chunk_fails_a_directory_and_an_archive_restore_untouched(job, tmp_path):
     js, keys = job["js"], job["keys"]
     cid = job["chunks"]["src.c"][1]
