@@ -9,7 +9,7 @@ from bson import Timestamp
 from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events, point_in_time, restore, segments, snapshot, store
-from snapshot_helpers import LocalKeyProvider, all_types_docs, make_head
+from snapshot_helpers import LocalKeyProvider, all_types_docs, image_of, make_head
 
 T0 = 1760000000
 CANARY = "pitr-overlap-canary-9c41"
@@ -66,11 +66,6 @@ def captured(h, evs, ct):
         a.flush()
         w.log_records([(ct[0], ct[1], e.raw) for e in evs])
         w.set_position(b"token", list(ct), True)
-
-
-def image_of(h):
-    with h.read() as r:
-        return {n["ns"]: [doc for _k, doc in r.scan(n["ns"])] for n in r.namespaces()}
 
 
 def build_lab(tmp_path):

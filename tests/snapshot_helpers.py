@@ -115,6 +115,23 @@ def split_docs(blob):
     return rawbson.split_bson_docs(blob)
 
 
+
+def restored_dir(out):
+    """{db.coll: [raw documents]} of a mongodump directory's .bson files."""
+    got = {}
+    for db in sorted(os.listdir(out)):
+        if os.path.isdir(os.path.join(out, db)):
+            for f in sorted(os.listdir(os.path.join(out, db))):
+                if f.endswith(".bson"):
+                    got["%s.%s" % (db, f[:-5])] = split_docs(open(os.path.join(out, db, f), "rb").read())
+    return got
+
+
+def image_of(h):
+    """{ns: [raw documents in key order]} of a head."""
+    with h.read() as r:
+        return {n["ns"]: [doc for _k, doc in r.scan(n["ns"])] for n in r.namespaces()}
+
 def read_archive(path):
     """Parse a mongodump archive per mongo-tools' spec: (header, [collection metadata], {ns: [raw docs]}, {ns: crc})."""
     data = open(path, "rb").read()

@@ -13,16 +13,7 @@ import pytest
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import point_in_time, restore, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
 from pitr_overlap_helpers import CANARY, build_lab
-from snapshot_helpers import canary_hits, read_archive, split_docs
-
-def restored_dir(out):
-    got = {}
-    for db in sorted(os.listdir(out)):
-        if os.path.isdir(os.path.join(out, db)):
-            for f in sorted(os.listdir(os.path.join(out, db))):
-                if f.endswith(".bson"):
-                    got["%s.%s" % (db, f[:-5])] = split_docs(open(os.path.join(out, db, f), "rb").read())
-    return got
+from snapshot_helpers import canary_hits, read_archive, restored_dir
 
 
 def files(out):

@@ -14,7 +14,7 @@ from bson.raw_bson import RawBSONDocument
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     events, mongodump, point_in_time, rawbson, restore, snapshot, store)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
-from snapshot_helpers import LocalKeyProvider, all_types_docs, make_head, read_archive, split_docs
+from snapshot_helpers import LocalKeyProvider, all_types_docs, image_of, make_head, read_archive, restored_dir, split_docs
 
 POINT = (1760000100, 7)
 
@@ -166,21 +166,6 @@ def captured(h, evs):
 
 def at(e, t, i):
     return raw(dict(bson.decode(e.raw), clusterTime=Timestamp(t, i)))
-
-
-def image_of(h):
-    with h.read() as r:
-        return {n["ns"]: [doc for _k, doc in r.scan(n["ns"])] for n in r.namespaces()}
-
-
-def restored_dir(out):
-    got = {}
-    for db in sorted(os.listdir(out)):
-        if os.path.isdir(os.path.join(out, db)):
-            for f in sorted(os.listdir(os.path.join(out, db))):
-                if f.endswith(".bson"):
-                    got["%s.%s" % (db, f[:-5])] = split_docs(open(os.path.join(out, db, f), "rb").read())
-    return got
 
 
 def test_restore_to_every_point_through_sealed_segments_with_a_rotation(tmp_path):
