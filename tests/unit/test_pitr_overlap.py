@@ -110,13 +110,19 @@ def test_a_replay_process_whose_totals_do_not_add_up_is_refused(lab, monkeypatch
     assert not os.path.exists(out)
 
 
-def test_a_tampered_segment_is_named_before_anything_is_forked_or_written(lab):
-    segs = segments.list_segments(lab["js"])
-    path = os.path.join(str(lab["tmp"] / "store"), "job", "segments", segs[0]["name"])
+def flip_a_byte(path):
+    """Flip one bit of a stored object near its end (its ciphertext or tag); its original bytes are returned."""
     saved = open(path, "rb").read()
     blob = bytearray(saved)
     blob[-30] ^= 1
     open(path, "wb").write(bytes(blob))
+    return saved
+
+
+def test_a_tampered_segment_is_named_before_anything_is_forked_or_written(lab):
+    segs = segments.list_segments(lab["js"])
+    path = os.path.join(str(lab["tmp"] / "store"), "job", "segments", segs[0]["name"])
+    saved = flip_a_byte(path)
     out = str(lab["tmp"] / "tampered")
     try:
         with pytest.raises(IntegrityError, match=segs[0]["name"]):
@@ -132,10 +138,7 @@ def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
     big = [n for n in manifest["namespaces"] if n["ns"] == "d.big"][0]
     cid = big["chunks"][0]["id"]  # holds _id 10, which the window updates: fed to the replay process by the parent
     path = [os.path.join(d, f) for d, _s, fs in os.walk(str(lab["tmp"] / "store")) for f in fs if f == cid][0]
-    saved = open(path, "rb").read()
-    blob = bytearray(saved)
-    blob[-30] ^= 1
-    open(path, "wb").write(bytes(blob))
+    saved = flip_a_byte(path)
     out = str(lab["tmp"] / "bad-base")
     try:
         with pytest.raises(IntegrityError, match=cid):
