@@ -815,8 +815,7 @@ class _MongoLoad:
         # the indexes once every document is in (as mongorestore's RestoreIndexes): an index build running beside the
         # inserts competes with them for the server, and a chunk found tampered late costs no index build to undo
         with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS, thread_name_prefix="kmipbackup-index") as indexer:
-            building = [(k, indexer.submit(self._complete, k, into)) for k, into in loaded]
-            concurrent.futures.wait([f for _k, f in building])
+            building = [(k, indexer.submit(self._complete, k, into)) for k, into in loaded]  # leaving waits for all
         for k, f in building:
             i, _n, db, coll = self.selected[k]
             self.at = self.name(i, db, coll)
