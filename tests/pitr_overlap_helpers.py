@@ -68,15 +68,17 @@ def captured(h, evs, ct):
         w.set_position(b"token", list(ct), True)
 
 
-def build_lab(tmp_path):
-    """{"js", "keys", "provider", "images": {point: image}, "tmp", "base", "ddl": the DDL event's point, "head"}."""
-    provider = LocalKeyProvider()
-    provider.create("mk")
+def build_lab(tmp_path, provider=None, uid="mk"):
+    """{"js", "keys", "provider", "images": {point: image}, "tmp", "base", "ddl": the DDL event's point, "head"}; keys
+    from provider (a KmipClient) under master key uid, or from a local key provider."""
+    if provider is None:
+        provider = LocalKeyProvider()
+        provider.create(uid)
     js = store.JobStore(str(tmp_path / "store"), "job")
     keys = store.Keys(js, provider)
     h = make_head(str(tmp_path / "h" / "head.db"), base_namespaces(), key=os.urandom(32), cluster_time=(T0, 1))
     h.record_segments = True
-    base = snapshot.take_snapshot(h, js, keys, "job", "mk", True, max_bytes=64 << 10)
+    base = snapshot.take_snapshot(h, js, keys, "job", uid, True, max_bytes=64 << 10)
     h.mark_snapshotted(base["change_seq"])
     images = {}
     for n, group in enumerate(window_events(T0 + 1)):
@@ -85,14 +87,14 @@ def build_lab(tmp_path):
         images[ct] = image_of(h)
         if n % 2 == 1:
             segments.close(h)
-            segments.seal_closed(h, js, keys, "mk")
+            segments.seal_closed(h, js, keys, uid)
     ddl_ct = (T0 + 10, 1)
     captured(h, [ev("createIndexes", "big", ddl_ct, operationDescription={"indexes": [{"v": 2, "key": {"tag": 1},
                                                                                       "name": "tag_1"}]}),
                  upd("big", ddl_ct, 20, {"pad": "after the index"})], ddl_ct)
     images[ddl_ct] = image_of(h)
     segments.close(h)
-    segments.seal_closed(h, js, keys, "mk")
+    segments.seal_closed(h, js, keys, uid)
     return {"js": js, "keys": keys, "provider": provider, "images": images, "tmp": tmp_path, "base": base, "ddl": ddl_ct,
             "head": h}
 

@@ -7,10 +7,14 @@ segments.plan_point picks the newest snapshot at or before the point (the base) 
 it; rebuild() reads and authenticates every one of them, then gives the image at the point by one of two paths.
 
 The fast path, for a window of inserts, replaces, updates, deletes and document corrections on the base's namespaces
-(prescan): a forked process replays each touched base chunk's key range on its own, in memory, in restore order, and
-streams the results over a pipe while restore.execute restores the untouched chunks (_ChildSource); each range is
-hashed and counted by the parent, each namespace's totals checked at its end, the child's exit status before anything
-is published. docs/internals.md, "Restore to a point", has the protocol.
+(pitr_replay.prescan): a replay process replays each touched base chunk's key range on its own, in memory, in restore
+order, and streams the results over a pipe while restore.execute restores the untouched chunks (_ChildSource); each
+range is hashed and counted by the parent, each namespace's totals checked at its end, the child's exit status before
+anything is published. The replay process is a fresh interpreter (pitr_replay.main), started before the segments are
+read so that its start-up overlaps their reading; it holds no key and touches no store or file: it is sent the
+base's chunk layout (last keys, counts, sizes), the window's records (once every segment authenticated) and the
+touched base chunks' plaintext. The parent waits for it at most child_timeout seconds at a time, and kills it on any
+failure. docs/internals.md, "Restore to a point", has the protocol.
 
 The sequential path, for everything else:
 
@@ -36,20 +40,22 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
-import gc
 import hashlib
 import itertools
+import json
 import os
+import select
 import shutil
-import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import zlib
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, events, restore, segments
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import NotApplicable, RestoreError, UncertainOrder
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, pitr_replay, restore, segments
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document, split_bson_docs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
@@ -64,7 +70,7 @@ except ImportError:  # pragma: no cover (restore.py reports the missing package)
     Binary = RawBSONDocument = None
 
 VIRTUAL_PREFIX = "head:"  # never a store chunk id (64 hex digits)
-VIRTUAL_CHUNK_BYTES = 1 << 20
+VIRTUAL_CHUNK_BYTES = pitr_replay.VIRTUAL_CHUNK_BYTES  # the replay process cuts its ranges alike
 OVERLAY_BYTES = 256 << 20  # the temporary head's documents kept in memory (with ENTRY_BYTES each) before they spill into it
 CACHE_BYTES = 64 << 20  # the temporary head's page cache, for what spills (the daemon's heads: 32 MiB)
 
@@ -543,274 +549,101 @@ def _namespace(store: RebuiltStore, h: RebuildHead, r, info: dict, base: _Base |
             "stored": sum(c.get("stored", 0) for c in chunks), "hash": namespace_hash(chunks)}
 
 
-# ---- the fast path: replay in a child process while the untouched chunks are restored -------------------------
-
-_PUT, _DEL, _UPD = 0, 1, 2
-_OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
-_KB = b"\x02kb\x00"  # a correction's first element (segments)
-# kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
-# The child computes no SHA-256: zlib takes no lock another thread of the parent could have held at the fork (OpenSSL's
-# hashlib does); the parent hashes what it receives for the manifest and checks the child's CRCs against it.
-_MSG = struct.Struct("<BIIQQI")
-_FEED = struct.Struct("<IIQ")  # namespace index, range index, bytes: a base chunk's plaintext to the replay process
-_PART, _RANGE_END, _NS_END, _DONE, _ERROR, _TOUCHED, _FALLBACK = 1, 2, 3, 4, 5, 6, 7
-_WITH_DATA = (_PART, _ERROR, _TOUCHED, _FALLBACK)
-_OP = struct.Struct("<IIBII")  # namespace index, range index, op, key length, payload length (_NONE: none)
-_NONE = 0xFFFFFFFF
-
-
-def _pack_ops(groups: dict) -> bytes:
-    """prescan's groups as bytes, for the replay process (_unpack_ops)."""
-    out, pack = [], _OP.pack
-    for (j, r), ops in groups.items():
-        for kind, key, payload in ops:
-            out.append(pack(j, r, kind, len(key), _NONE if payload is None else len(payload)))
-            out.append(key)
-            if payload:
-                out.append(payload)
-    return b"".join(out)
-
-
-def _unpack_ops(blob: bytes) -> dict:
-    groups, pos, n, unpack, size = {}, 0, len(blob), _OP.unpack_from, _OP.size
-    while pos < n:
-        j, r, kind, kl, pl = unpack(blob, pos)
-        pos += size
-        key = blob[pos:pos + kl]
-        pos += kl
-        payload = None
-        if pl != _NONE:
-            payload = blob[pos:pos + pl]
-            pos += pl
-        ops = groups.get((j, r))
-        if ops is None:
-            ops = groups[(j, r)] = []
-        ops.append((kind, key, payload))
-    return groups
-
+# ---- the fast path: replay in a spawned process while the untouched chunks are restored --------------------------
 
 PREREAD_THREADS = 3
 FAST_WINDOW_BYTES = 512 << 20  # the most of a window's change records (raw BSON) the fast path holds in memory
+CHILD_TIMEOUT = 300.0  # seconds the parent waits for the replay process's next message (or its exit) before it kills it
 
 
-def prescan(records: list, manifest: dict) -> tuple[dict | None, str | None]:
-    """({(namespace index, range index): [(op, id_key, payload)]}, None) for the window's records (segments.window),
-    grouped by the base chunk whose key range each one falls in (range index len(chunks): past the last chunk), in
-    order; (None, why) when the window holds anything the fast path does not replay: a DDL event, a namespace
-    correction, an event on a namespace the base does not have (implicit creation) or one the scan cannot read.
-    Documents are independent of each other under insert/replace/update/delete, so each range replays on its own."""
-    where = {n["ns"]: (j, [bytes(c["last"]) for c in n["chunks"]]) for j, n in enumerate(manifest["namespaces"])
-             if n.get("type", "collection") == "collection"}
-    fast_fields, keeps, bisect_left = events._fast_fields, events.keeps, bisect.bisect_left  # pylint: disable=protected-access
-    groups, ns_of = {}, {}
-    for _t, _i, raw in records:
-        raw = bytes(raw)
-        if raw[4:8] == _KB:
-            try:
-                doc = RawBSONDocument(raw)
-                kind = doc["kb"]
-                if kind != "doc":
-                    return None, "a correction of a namespace (%s) in the window" % kind
-                ns, key, new = doc["ns"], bytes(doc["key"]), doc["doc"]
-            except Exception:  # pylint: disable=broad-except  # the sequential replay reports it
-                return None, "a correction the scan cannot read"
-            op = (_PUT, key, bytes(new.raw)) if new is not None else (_DEL, key, None)
-        else:
-            f = fast_fields(raw)
-            opf = f.get(b"operationType") if f else None
-            kind = _OPS.get(raw[opf[1] + 4:opf[2] - 1]) if opf is not None and opf[0] == 0x02 else None
-            nsf = f.get(b"ns") if kind is not None else None
-            if nsf is None or nsf[0] != 0x03:
-                return None, "an event other than insert, replace, update or delete (or one the scan cannot read)"
-            ns_raw = raw[nsf[1]:nsf[2]]
-            ns = ns_of.get(ns_raw, _ABSENT)
-            if ns is _ABSENT:
-                d = RawBSONDocument(ns_raw)
-                db, coll = d.get("db"), d.get("coll")
-                if not isinstance(db, str) or not isinstance(coll, str):
-                    return None, "an event the scan cannot read"
-                ns = ns_of[ns_raw] = "%s.%s" % (db, coll) if keeps(db, "%s.%s" % (db, coll)) else None
-            if ns is None:
-                continue  # a namespace the backup does not keep: the applier ignores it
-            keyf = f.get(b"fullDocument" if kind == _PUT else b"documentKey")
-            descf = f.get(b"updateDescription") if kind == _UPD else (0x03,)
-            if keyf is None or keyf[0] != 0x03 or descf is None or descf[0] != 0x03:
-                return None, "an event the scan cannot read"
-            doc = raw[keyf[1]:keyf[2]]
-            op = (kind, id_key_from_document(doc), doc if kind == _PUT else raw[descf[1]:descf[2]] if kind == _UPD else None)
-        w = where.get(ns)
-        if w is None:
-            return None, "an event on a namespace the base snapshot does not have"
-        groups.setdefault((w[0], bisect_left(w[1], op[1])), []).append(op)
-    return groups, None
+def _status_text(returncode: int) -> str:
+    return "killed by signal %d" % -returncode if returncode < 0 else "exit status %d" % returncode
 
 
-def _replay_range(plain: bytes | None, ops: list) -> dict:
-    """{id_key: raw} of one key range: the base chunk's documents (plain) with ops applied as the applier applies them."""
-    docs = {id_key_from_document(d): d for d in split_bson_docs(plain)} if plain else {}
-    update = events.apply_update_description
-    for kind, key, payload in ops:
-        if kind == _PUT:
-            docs[key] = payload
-        elif kind == _DEL:
-            docs.pop(key, None)
-        else:
-            stored = docs.get(key)
-            if stored is not None:
-                try:
-                    docs[key] = update(stored, payload)
-                except (NotApplicable, UncertainOrder):
-                    pass  # the capture re-copied the document from the source: its "doc" correction follows in the range
-    return docs
-
-
-def _read_exact(f, size: int) -> bytes | None:
-    data = f.read(size)
-    return data if len(data) == size else None
-
-
-def _child(inp: int, out_fd: int, manifest: dict, records: list, half: int) -> None:
-    """The replay process; never returns. It pre-scans records[half:] (the parent scans records[:half] meanwhile) and
-    sends which ranges they touch (or why the fast path cannot be taken), then takes the parent's pre-scan of
-    records[:half] from inp, and for each namespace in order replays each touched range (its base chunk's plaintext
-    comes from the parent on inp too) and sends it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES), then the
-    namespace's totals."""
-    code = 1
-    out = os.fdopen(out_fd, "wb", buffering=1 << 20)
-    try:
-        gc.disable()  # short-lived, and its objects form no cycles
-        send = out.write
-        later, why = prescan(records[half:], manifest)
-        if later is None:
-            what = why.encode("utf-8")
-            send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
-            out.flush()
-            code = 0
-            return
-        pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
-        send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), 0) + pairs)
-        out.flush()
-        base = os.fdopen(inp, "rb", buffering=1 << 20)
-        head = _read_exact(base, _FEED.size)  # the parent's pre-scan of records[:half]: they come first
-        blob = _read_exact(base, _FEED.unpack(head)[2]) if head is not None else None
-        if blob is None:
-            raise EOFError("the parent's pre-scan")
-        groups = _unpack_ops(blob)
-        del blob
-        for jr, ops in later.items():
-            groups.setdefault(jr, []).extend(ops)
-        for j, n in enumerate(manifest["namespaces"]):
-            chunks, entries = n["chunks"], []
-            for r in range(len(chunks) + 1):
-                ops = groups.get((j, r))
-                if ops is None:
-                    if r < len(chunks):
-                        entries.append(chunks[r])
-                    continue
-                plain = None
-                if r < len(chunks):  # the base chunk, from the parent (it reads the store)
-                    head = _read_exact(base, _FEED.size)
-                    if head is None or _FEED.unpack(head)[:2] != (j, r):
-                        raise EOFError("base chunk")
-                    plain = _read_exact(base, _FEED.unpack(head)[2])
-                    if plain is None:
-                        raise EOFError("base chunk")
-                docs = _replay_range(plain, ops)
-                keys = sorted(docs)
-                a = 0
-                while a < len(keys):
-                    b, size = a, 0
-                    while b < len(keys) and size < VIRTUAL_CHUNK_BYTES:
-                        size += len(docs[keys[b]])
-                        b += 1
-                    data = b"".join([docs[k] for k in keys[a:b]])
-                    crc = zlib.crc32(data)
-                    send(_MSG.pack(_PART, j, r, b - a, len(data), crc))
-                    send(data)
-                    entries.append({"count": b - a, "bytes": len(data), "crc": crc})
-                    a = b
-                send(_MSG.pack(_RANGE_END, j, r, 0, 0, 0))
-                out.flush()  # the parent may be waiting for this range now
-            send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
-                           _combine([c["crc"] for c in entries if "crc" in c])))
-        send(_MSG.pack(_DONE, 0, 0, 0, 0, 0))
-        out.flush()
-        code = 0
-    except BaseException as e:  # pylint: disable=broad-except  # reported by kind only: a message could hold data
-        try:
-            what = type(e).__name__.encode("ascii", "replace")
-            out.write(_MSG.pack(_ERROR, 0, 0, 0, len(what), 0) + what)
-            out.flush()
-        except BaseException:  # pylint: disable=broad-except  # the parent sees the pipe end
-            pass
-    finally:
-        os._exit(code)  # pylint: disable=protected-access  # nothing of the parent's (atexit, buffers, tempdirs) runs here
-
-
-def _status_text(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return "killed by signal %d" % os.WTERMSIG(status)
-    return "exit status %d" % os.waitstatus_to_exitcode(status)
+class _Silent(Exception):
+    """The replay process sent nothing within the timeout."""
 
 
 class _Fast:
-    """The parent's side of the fast path: the replay process, the pipe it sends on (checked as it is read) and the
-    thread that feeds it the touched base chunks."""
+    """The parent's side of the fast path: the replay process (a fresh interpreter running pitr_replay.main), the pipe
+    it sends on (read with a timeout, checked as it is read) and the threads that feed it."""
 
-    def __init__(self, job_store: JobStore, keys: Keys, manifest: dict, records: list) -> None:
-        self.job_store, self.keys, self.manifest, self.records = job_store, keys, manifest, records
-        self.base_chunks = [list(n["chunks"]) for n in manifest["namespaces"]]
-        self.pid = self.pipe = self.feed = self.feeder = self.image = self.entry = None
+    def __init__(self, job_store: JobStore, keys: Keys, timeout: float = CHILD_TIMEOUT) -> None:
+        self.job_store, self.keys, self.timeout = job_store, keys, timeout
+        self.manifest = self.base_chunks = self.entry = None
+        self.proc = self.pid = self.poll = self.sender = self.feeder = None
         self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
         self.finished, self.done, self.used, self.status, self.feed_error = set(), False, False, None, None
         self.loaded = 0  # touched base chunks
 
-    def start(self) -> str | None:
-        """Fork the replay process and pre-scan the first half of the window while it scans the second; None when
-        the fast path runs (then feed it), else why not (the child is stopped). None of this module's threads run at
-        the fork; another library's may (a MongoDB client's monitors), which is safe because the child takes no lock
-        such a thread could hold: no OpenSSL (CRC-32 from zlib), no store, KMIP, logging or shared file object."""
-        half = len(self.records) // 2
-        rfd, wfd = os.pipe()
-        feed_r, feed_w = os.pipe()
-        gc.freeze()  # the collector then leaves the objects both processes share alone: fewer copy-on-write faults
+    def spawn(self) -> str | None:
+        """Start the replay process: a fresh interpreter that imports pitr_replay as this process does (its sys.path
+        in the environment, the only variable passed) and waits for its input; its start-up overlaps the reading of
+        the segments. None, or why it could not start."""
+        if not sys.executable:
+            return "no Python interpreter to start the replay process with"
         try:
-            self.pid = os.fork()
-        finally:
-            if self.pid != 0:
-                gc.unfreeze()
-        if self.pid == 0:  # pragma: no cover (the child)
-            os.close(rfd)
-            os.close(feed_w)
-            _child(feed_r, wfd, self.manifest, self.records, half)
-        os.close(wfd)
-        os.close(feed_r)
-        self.pipe, self.feed = os.fdopen(rfd, "rb", buffering=1 << 20), os.fdopen(feed_w, "wb", buffering=0)
-        first, why = prescan(self.records[:half], self.manifest)
-        self.records = None  # the child has its copy
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with  # close() ends it
+                [sys.executable, "-I", "-S", "-c", pitr_replay.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, close_fds=True, bufsize=0, env={pitr_replay.PATH_VARIABLE: json.dumps(sys.path)})
+        except OSError as e:
+            return "the replay process could not be started (%s)" % type(e).__name__
+        self.pid = self.proc.pid
+        self.poll = select.poll()
+        self.poll.register(self.proc.stdout.fileno(), select.POLLIN)
+        return None
+
+    def start(self, manifest: dict, records: list) -> str | None:
+        """Send the replay process the base's layout and the second half of the window's records, and pre-scan the
+        first half while it scans the second; None when the fast path runs (then feed it), else why not."""
+        self.manifest = manifest
+        self.base_chunks = [list(n["chunks"]) for n in manifest["namespaces"]]
+        half = len(records) // 2
+        blobs = [pitr_replay.layout(manifest), b"".join([r[2] for r in records[half:]])]
+        self.sender = self._thread(self._send, blobs)
+        first, why = pitr_replay.prescan([r[2] for r in records[:half]], manifest)
+        del records, blobs
         if first is None:
             return why
         kind, _j, _r, data = self._message()
-        if kind == _FALLBACK:
+        if kind == pitr_replay._FALLBACK:  # pylint: disable=protected-access
             return data.decode("utf-8", "replace")
-        if kind != _TOUCHED:
+        if kind != pitr_replay._TOUCHED:  # pylint: disable=protected-access
             raise self._error("the replay process said something unexpected")
         pairs = struct.unpack("<%dI" % (len(data) // 4), data)
         self.touched = set(first) | {(pairs[x], pairs[x + 1]) for x in range(0, len(pairs), 2)}
         loads = sorted((j, r) for j, r in self.touched if r < len(self.base_chunks[j]))
-        self.feeder = threading.Thread(target=self._feed, args=(first, loads), name="kmipbackup-pitr-feed", daemon=True)
-        self.feeder.start()
+        self.feeder = self._thread(self._feed, first, loads)
         self.loaded = len(loads)
         return None
+
+    def _thread(self, target, *args):
+        t = threading.Thread(target=target, args=args, name="kmipbackup-pitr-feed", daemon=True)
+        t.start()
+        return t
+
+    def _write(self, j: int, r: int, data: bytes) -> None:
+        for part in (pitr_replay._FEED.pack(j, r, len(data)), data):  # pylint: disable=protected-access
+            view = memoryview(part)
+            while view:
+                view = view[self.proc.stdin.write(view):]  # an unbuffered pipe: a write may be partial
+
+    def _send(self, blobs: list) -> None:
+        """The layout and the records (a thread: the parent pre-scans meanwhile, and a stopped child cannot block it)."""
+        try:
+            for data in blobs:
+                self._write(pitr_replay._NONE, pitr_replay._NONE, data)  # pylint: disable=protected-access
+        except OSError:
+            pass  # the child ended: the parent learns why from its pipe
 
     def _feed(self, first: dict, loads: list) -> None:
         """The parent's pre-scan (packed here, while the restore starts), then the touched base chunks to the replay
         process, in its order (a thread: reads and writes release the GIL)."""
         try:
-            ops = _pack_ops(first)
+            ops = pitr_replay.pack_ops(first)
             del first
-            self.feed.write(_FEED.pack(_NONE, _NONE, len(ops)))
-            self.feed.write(ops)
+            self.sender.join()  # the records first
+            self._write(pitr_replay._NONE, pitr_replay._NONE, ops)  # pylint: disable=protected-access
             del ops
             with concurrent.futures.ThreadPoolExecutor(PREREAD_THREADS, thread_name_prefix="kmipbackup-pitr") as pool:
                 todo, ahead = iter(loads), collections.deque()
@@ -823,16 +656,15 @@ class _Fast:
                     if not ahead:
                         break
                     (j, r), f = ahead.popleft()
-                    plain = f.result()
-                    self.feed.write(_FEED.pack(j, r, len(plain)))
-                    self.feed.write(plain)
+                    self._write(j, r, f.result())
         except BrokenPipeError:
             pass  # the child ended: the parent learns why from its pipe
         except BaseException as e:  # pylint: disable=broad-except  # a tampered base chunk: raised by the parent
             self.feed_error = e
         finally:
+            self.sender.join()
             try:
-                self.feed.close()
+                self.proc.stdin.close()  # its input ends: a child still waiting for a base chunk reports EOFError
             except OSError:
                 pass
 
@@ -842,33 +674,50 @@ class _Fast:
         return RestoreError("The replay of this point-in-time restore failed (%s); nothing was published and the target was "
                             "put back as it was: restore again." % what)
 
-    def _died(self):
+    def _read(self, size: int) -> bytes | None:
+        """size bytes from the child (None: its output ended first); _Silent when it sends nothing for timeout s."""
+        parts, fd = [], self.proc.stdout.fileno()
+        while size:
+            if not self.poll.poll(int(self.timeout * 1000)):
+                raise _Silent()
+            data = os.read(fd, size)  # never more than asked for: nothing to keep for the next read
+            if not data:
+                return None
+            parts.append(data)
+            size -= len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _ended(self, what: str, grace: float = 1) -> Exception:
+        """The child ended early (grace: the seconds its exit may take) or stopped answering (0): make sure it is
+        gone, then say why."""
+        self.stop(grace)
         if self.feeder is not None:
             self.feeder.join()
-        return self._error("the replay process ended without its result: %s" % _status_text(self.wait()))
+        return self._error(what % _status_text(self.status))
 
     def _message(self):
-        head = self.pipe.read(_MSG.size)
-        if len(head) < _MSG.size:
-            raise self._died()
-        kind, j, r, count, size, crc = _MSG.unpack(head)
-        data = self.pipe.read(size) if kind in _WITH_DATA else None  # (a namespace's end: size is its total)
-        if data is not None and len(data) < size:
-            raise self._died()
-        if kind == _ERROR:
-            if self.feeder is not None:
-                self.feeder.join()
-            raise self._error("the replay process raised %s" % data.decode("ascii", "replace"))
-        if kind == _PART:
-            if zlib.crc32(data) != crc or _count_docs(data) != count:
+        try:
+            head = self._read(pitr_replay._MSG.size)  # pylint: disable=protected-access
+            if head is None:
+                raise self._ended("the replay process ended without its result: %s")
+            kind, j, r, count, size, crc = pitr_replay._MSG.unpack(head)  # pylint: disable=protected-access
+            data = self._read(size) if kind in pitr_replay._WITH_DATA else None  # pylint: disable=protected-access
+        except _Silent:
+            raise self._ended("the replay process sent nothing for %g s and was stopped (%%s)" % self.timeout, 0) from None
+        if data is None and kind in pitr_replay._WITH_DATA:  # pylint: disable=protected-access
+            raise self._ended("the replay process ended without its result: %s")
+        if kind == pitr_replay._ERROR:  # pylint: disable=protected-access
+            raise self._ended("the replay process raised %s (%%s)" % data.decode("ascii", "replace"))
+        if kind == pitr_replay._PART:  # pylint: disable=protected-access
+            if zlib.crc32(data) != crc or pitr_replay.count_docs(data) != count:
                 raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"],
                                              "has a range whose documents do not match what the replay process says")
             self.parts.setdefault((j, r), []).append({"id": "%s%d.%d" % (VIRTUAL_PREFIX, j, r), "key": None, "count": count,
                                                       "bytes": size, "sha256": hashlib.sha256(data).digest(), "stored": 0,
                                                       "crc": crc})
-        elif kind == _NS_END:
+        elif kind == pitr_replay._NS_END:  # pylint: disable=protected-access
             self.claims[j] = (count, size, crc)
-        elif kind == _DONE:
+        elif kind == pitr_replay._DONE:  # pylint: disable=protected-access
             self.done = True
         return kind, j, r, data
 
@@ -877,17 +726,17 @@ class _Fast:
         out = []
         while True:
             kind, jj, rr, data = self._message()
-            if (jj, rr) == (j, r) and kind == _PART:
+            if (jj, rr) == (j, r) and kind == pitr_replay._PART:  # pylint: disable=protected-access
                 out.append((self.parts[(j, r)][-1], data))
-            elif (jj, rr) == (j, r) and kind == _RANGE_END:
+            elif (jj, rr) == (j, r) and kind == pitr_replay._RANGE_END:  # pylint: disable=protected-access
                 return out
-            elif kind == _DONE:
+            elif kind == pitr_replay._DONE:  # pylint: disable=protected-access
                 raise self._error("the replay process skipped a range")
 
     def finish_namespace(self, j: int) -> dict:
         """Namespace j's manifest entry with its final chunks and totals, once the child sent them all and they agree."""
         while j not in self.claims:
-            if self._message()[0] == _DONE:
+            if self._message()[0] == pitr_replay._DONE:  # pylint: disable=protected-access
                 raise self._error("the replay process skipped a namespace")
         n = self.manifest["namespaces"][j]
         if j not in self.finished:
@@ -898,7 +747,7 @@ class _Fast:
                 elif r < len(self.base_chunks[j]):
                     chunks.append(self.base_chunks[j][r])
             mine = (sum(c["count"] for c in chunks), sum(c["bytes"] for c in chunks),
-                    _combine([c["crc"] for c in chunks if "crc" in c]))
+                    pitr_replay.combine([c["crc"] for c in chunks if "crc" in c]))
             if mine != self.claims[j]:
                 raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"], "does not add up to the totals "
                                              "the replay process gives for namespace #%d" % (j + 1))
@@ -914,50 +763,37 @@ class _Fast:
             self._message()
         for j in range(len(self.manifest["namespaces"])):
             self.finish_namespace(j)
-        status = self.wait()
+        try:
+            self.status = self.proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            raise self._ended("the replay process did not exit after its result (%s)") from None
         self.feeder.join()
         if self.feed_error is not None:
             raise self.feed_error
-        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-            raise self._error("the replay process ended with %s" % _status_text(status))
+        if self.status != 0:
+            raise self._error("the replay process ended with %s" % _status_text(self.status))
         namespaces = self.manifest["namespaces"]
         self.entry.update(doc_count=sum(n["count"] for n in namespaces), data_bytes=sum(n["bytes"] for n in namespaces))
 
-    def wait(self) -> int:
-        if self.status is None:
-            self.status = os.waitpid(self.pid, 0)[1]
-        return self.status
-
-    def close(self) -> None:
-        if self.pid is None:
-            return
+    def stop(self, grace: float = 0) -> None:
+        """The child gone (killed unless it exits within grace seconds: it holds plaintext) and reaped."""
         if self.status is None:
             try:
-                os.kill(self.pid, signal.SIGKILL)  # not needed (never read, or a failed restore): it holds plaintext
-            except ProcessLookupError:
-                pass
-            self.wait()
-        if self.feeder is not None:
-            self.feeder.join()  # the child is gone: its writes fail at once
-        else:
-            self.feed.close()
-        self.pipe.close()
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.status = self.proc.wait()
 
-
-def _combine(crcs: list) -> int:
-    """One CRC-32 for a namespace's parts, from theirs in order."""
-    return zlib.crc32(struct.pack("<%dI" % len(crcs), *crcs))
-
-
-def _count_docs(data: bytes) -> int:
-    count, pos, n, unpack = 0, 0, len(data), struct.Struct("<i").unpack_from
-    while pos < n:
-        size = unpack(data, pos)[0]
-        if size < 5:
-            return -1
-        pos += size
-        count += 1
-    return count if pos == n else -1
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        self.stop()
+        for t in (self.sender, self.feeder):
+            if t is not None:
+                t.join()  # the child is gone: their writes fail at once
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.proc = None
 
 
 class _ChildSource(restore.SnapshotSource):
@@ -1000,23 +836,18 @@ class _ChildSource(restore.SnapshotSource):
         self.fast.finish()
 
 
-def _fast_image(job_store: JobStore, keys: Keys, plan: dict, manifest: dict, records: list, used: int) -> tuple[Image | None, str | None]:
-    """(the image restore.execute reads through _ChildSource, None) with the replay process running, or (None, why
-    the fast path is not taken)."""
+def _fast_image(fast: _Fast, plan: dict, manifest: dict, records: list, used: int) -> tuple[Image | None, str | None]:
+    """(the image restore.execute reads through _ChildSource, None) with the replay process (fast.spawn()ed) running,
+    or (None, why the fast path is not taken)."""
+    job_store, keys = fast.job_store, fast.keys
     for key_id in sorted({c["key"] for n in manifest["namespaces"] for c in n["chunks"] if c.get("key")}):
-        keys.key(key_id)  # every data key unwrapped before the fork: neither process asks the KMIP server mid-way
-    fast = _Fast(job_store, keys, manifest, records)
+        keys.key(key_id)  # every data key unwrapped before the restore starts: no KMIP call mid-way
     base = plan["snapshot"]
     fast.entry = entry = dict(base)
     entry.update(snapshot_id=point_id(base["snapshot_id"], plan["point"]), cluster_time=list(plan["point"]),
                  base_snapshot_id=base["snapshot_id"], restore_info_lines=info_lines(plan))
-    try:
-        why = fast.start()
-    except BaseException:
-        fast.close()
-        raise
+    why = fast.start(manifest, records)
     if why is not None:
-        fast.close()
         return None, why
     fast.manifest = {"format": 1, "job": job_store.job, "snapshot_id": entry["snapshot_id"], "cluster_time": list(plan["point"]),
                      "namespaces": [{"ns": n["ns"], "uuid": n.get("uuid"), "options": bytes(n["options"] or EMPTY_BSON),
@@ -1027,7 +858,7 @@ def _fast_image(job_store: JobStore, keys: Keys, plan: dict, manifest: dict, rec
                                      "hash": n["hash"]} for n in manifest["namespaces"]]}
     store = RebuiltStore(job_store, None, entry)
     store.fast = fast
-    events_n = sum(1 for _t, _i, raw in records if raw[4:8] != _KB)
+    events_n = sum(1 for _t, _i, raw in records if raw[4:8] != pitr_replay._KB)  # pylint: disable=protected-access
     image = Image(entry, fast.manifest, store, {"events": events_n, "records": len(records), "segments": used}, fast.loaded)
     image.path, image.child_pid = "overlap", fast.pid
     return image, None
@@ -1069,40 +900,45 @@ class Image:
 
 @contextlib.contextmanager
 def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None = None, work_dir: str | None = None,
-            progress: Callable | None = None, overlap: bool = True) -> Iterator[Image]:
+            progress: Callable | None = None, overlap: bool = True, child_timeout: float = CHILD_TIMEOUT) -> Iterator[Image]:
     """The image at plan["point"] (segments.plan_point's plan). Every segment is read and authenticated first. Then,
     when the window holds only inserts, replaces, updates, deletes and document corrections on the base's namespaces
-    (prescan) and overlap is on, the fast path: a forked process replays each touched key range while
-    restore.execute restores the untouched chunks (image.path "overlap"). Otherwise (image.why says why) the base
-    snapshot is loaded lazily into a temporary encrypted head, the segments replayed (replay: segments.replay) and the
-    manifest built (image.path "sequential"). The child, or the head and its folder, are gone when the context ends."""
+    (prescan) and overlap is on, the fast path: a replay process (a fresh interpreter, started before the segments are
+    read) replays each touched key range while restore.execute restores the untouched chunks (image.path "overlap");
+    child_timeout: how long the restore waits for its next message before it kills it and fails. Otherwise (image.why
+    says why) the base snapshot is loaded lazily into a temporary encrypted head, the segments replayed (replay:
+    segments.replay) and the manifest built (image.path "sequential"). The child, or the head and its folder, are gone
+    when the context ends."""
     base = plan["snapshot"]
-    manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
-    why = "a replay function was given" if replay is not None else None
-    read = None
-    if replay is None:
-        # the fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially
-        rest, read, size = segments.read_segments(job_store, keys, plan["segments"]), [], 0
-        for item in rest:
-            read.append(item)
-            size += sum(len(r[2]) for r in item[1])
-            if size > FAST_WINDOW_BYTES:
-                why, read = "the window holds more than %d MiB of changes" % (FAST_WINDOW_BYTES >> 20), itertools.chain(read, rest)
-                break
-    if read is not None and why is None:
-        records, used = segments.window(plan, read)
-        image, why = None, None if overlap else "overlap is off"
-        if why is None:
-            image, why = _fast_image(job_store, keys, plan, manifest, records, used)
-        if image is not None:
-            read = records = None  # the child has its copy: not kept through the restore
-            if progress is not None:
-                progress(image.replayed["events"], used, len(plan["segments"]))
-            try:
+    fast = _Fast(job_store, keys, child_timeout) if replay is None and overlap else None
+    # its interpreter starts while the manifest and segments are read; it is sent nothing before they all authenticated
+    why = "a replay function was given" if replay is not None else None if overlap else "overlap is off"
+    why = fast.spawn() if fast is not None else why
+    try:
+        manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
+        read = None
+        if replay is None:
+            # the fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially
+            rest, read, size = segments.read_segments(job_store, keys, plan["segments"]), [], 0
+            for item in rest:
+                read.append(item)
+                size += sum(len(r[2]) for r in item[1])
+                if size > FAST_WINDOW_BYTES:
+                    why = why or "the window holds more than %d MiB of changes" % (FAST_WINDOW_BYTES >> 20)
+                    read = itertools.chain(read, rest)
+                    break
+        if read is not None and why is None:
+            records, used = segments.window(plan, read)
+            image, why = _fast_image(fast, plan, manifest, records, used)
+            if image is not None:
+                read = records = None  # the child has its copy: not kept through the restore
+                if progress is not None:
+                    progress(image.replayed["events"], used, len(plan["segments"]))
                 yield image
-            finally:
-                image.store.fast.close()
-            return
+                return
+    finally:
+        if fast is not None:
+            fast.close()  # not taken, or done: the replay process is gone before the sequential path runs
     replay = replay or segments.replay
     folder = tempfile.mkdtemp(prefix="kmipbackup-pitr-", dir=work_dir)  # 0700
     h = None

@@ -342,7 +342,7 @@ class _Restore:
                 return self._restore(point_in_time.RebuiltStore(js, None, entry), keys, entry, selected, target, settings, result)
             with point_in_time.rebuild(js, keys, plan) as image:
                 selected = restore.select_namespaces(image.manifest, p["include"], p["exclude"], p["rename_databases"])
-                result["replayed"] = dict(image.replayed, loaded_chunks=image.loaded_chunks)
+                result["replayed"] = dict(image.replayed, loaded_chunks=image.loaded_chunks, path=image.path)
                 return self._restore(image.store, keys, image.entry, selected, target, settings, result)
         finally:
             if target.kind == "mongodb":

@@ -351,6 +351,12 @@ replayed:
     loaded_chunks:
       description: Chunks of the base snapshot loaded into the temporary head because the replay touched them.
       type: int
+    path:
+      description: How the image at the point was rebuilt. V(overlap) when the changes after the base snapshot are
+        only inserts, replaces, updates and deletes on its collections (a separate replay process replays the touched
+        key ranges while the untouched chunks are restored), V(sequential) otherwise (a temporary encrypted head).
+      type: str
+      sample: overlap
 snapshot_requested:
   description: The O(snapshot) asked for (an id or V(latest)).
   returned: always

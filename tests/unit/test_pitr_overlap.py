@@ -5,12 +5,15 @@ archive, with include/exclude; a DDL event in the window takes the sequential pa
 killed mid-way, or one whose totals do not add up, fails the restore with the target untouched; a tampered segment
 is named before anything is forked or written; no plaintext in the restore's temporary files. Real SQLCipher heads,
 a folder store, a local key provider."""
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import point_in_time, restore, segments
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import pitr_replay, point_in_time, restore, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
 from pitr_overlap_helpers import CANARY, build_lab
 from snapshot_helpers import canary_hits, read_archive, restored_dir
@@ -102,8 +105,8 @@ def test_a_killed_replay_process_fails_the_restore_and_writes_nothing(lab):
 
 
 def test_a_replay_process_whose_totals_do_not_add_up_is_refused(lab, monkeypatch):
-    parent, real = os.getpid(), point_in_time._combine
-    monkeypatch.setattr(point_in_time, "_combine", lambda crcs: real(crcs) ^ 1 if os.getpid() != parent else real(crcs))
+    real = pitr_replay.combine  # the parent's side: the child (another interpreter) claims the real combination
+    monkeypatch.setattr(pitr_replay, "combine", lambda crcs: real(crcs) ^ 1)
     out = str(lab["tmp"] / "lies")
     with pytest.raises(IntegrityError, match="does not add up"):
         restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
@@ -149,9 +152,7 @@ def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
 
 
 def test_a_fallback_found_by_the_parent_stops_the_replay_process(lab, monkeypatch):
-    parent, real = os.getpid(), point_in_time.prescan
-    monkeypatch.setattr(point_in_time, "prescan", lambda records, manifest: (
-        (None, "the parent's half says no") if os.getpid() == parent else real(records, manifest)))
+    monkeypatch.setattr(pitr_replay, "prescan", lambda raws, manifest: (None, "the parent's half says no"))  # the parent's only
     point = max(p for p in lab["images"] if p < lab["ddl"])
     out = str(lab["tmp"] / "parent-fallback")
     image, _s = restore_point(lab, point, out)
@@ -168,3 +169,77 @@ def test_a_window_larger_than_the_fast_paths_memory_streams_sequentially(lab, mo
     image, _summary = restore_point(lab, point, out)
     assert image.path == "sequential" and "MiB of changes" in image.why
     assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+def test_a_replay_process_killed_or_hung_mid_stream_fails_the_restore_and_the_target_is_put_back(lab, monkeypatch, sig):
+    """After the child sent its first range (1.2 MB of inserts past the end are still to come): killed, the restore
+    names its signal; stopped (hung), the parent gives up after child_timeout, kills it and says so. Either way the
+    target is put back, and the child is gone."""
+    js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
+    real = point_in_time._Fast.range_parts
+
+    def range_parts(fast, j, r):
+        out = real(fast, j, r)
+        if not signalled:
+            os.kill(fast.pid, sig)
+            signalled.append((j, r))
+        return out
+    monkeypatch.setattr(point_in_time._Fast, "range_parts", range_parts)
+    signalled = []
+    plan = segments.plan_point(js, keys, max(p for p in lab["images"] if p < lab["ddl"]))
+    for target in ("directory", "archive"):
+        del signalled[:]
+        out = str(tmp / ("mid-stream-%d-%s" % (sig, target)))
+        t = restore.DirectoryTarget(out) if target == "directory" else restore.ArchiveTarget(out)
+        with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp), child_timeout=0.5) as image:
+            assert image.path == "overlap"
+            want = "killed by signal 9" if sig == signal.SIGKILL else r"sent nothing for 0\.5 s and was stopped \(killed by signal 9\)"
+            with pytest.raises(RestoreError, match=want):
+                restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), t)
+            assert signalled
+            with pytest.raises(ProcessLookupError):
+                os.kill(image.child_pid, 0)  # reaped
+        assert not os.path.exists(out) and not [p for p in tmp.iterdir() if p.name.startswith(".mid-stream")]
+        assert not os.path.exists(out + "." + restore.RESTORE_INFO)
+
+
+class RecordingPopen(subprocess.Popen):
+    """subprocess.Popen that records its arguments and every byte written to the child's standard input."""
+    seen = []
+
+    def __init__(self, args, **kw):
+        super().__init__(args, **kw)
+        sent = []
+        RecordingPopen.seen.append((args, kw, sent))
+        stdin = self.stdin
+
+        class Tee:
+            def write(self, data):
+                sent.append(bytes(data))
+                return stdin.write(data)
+
+            def close(self):
+                stdin.close()
+        self.stdin = Tee()
+
+
+def test_the_replay_process_is_a_fresh_interpreter_given_no_key(lab, monkeypatch):
+    """What the child gets (argv, environment, every byte of its input) holds no data key, chunk-id key or master key,
+    raw or hex; its environment is only the parent's sys.path; no standard error, no inherited descriptors."""
+    RecordingPopen.seen = []
+    monkeypatch.setattr(point_in_time.subprocess, "Popen", RecordingPopen)
+    out = str(lab["tmp"] / "no-keys")
+    image, _summary = restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    assert image.path == "overlap"
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][max(p for p in lab["images"] if p < lab["ddl"])].items() if docs}
+    (args, kw, sent), = RecordingPopen.seen
+    assert args[:4] == [sys.executable, "-I", "-S", "-c"] and len(args) == 5
+    assert list(kw["env"]) == [pitr_replay.PATH_VARIABLE] and json.loads(kw["env"][pitr_replay.PATH_VARIABLE]) == sys.path
+    assert kw["close_fds"] and kw["stderr"] == subprocess.DEVNULL and not kw.get("pass_fds")
+    secrets = list(lab["keys"]._cache.values()) + list(lab["provider"].masters.values())
+    assert len(secrets) >= 3 and all(len(k) == 32 for k in secrets)  # the snapshot's data key, chunk-id key, master key
+    given = b"\0".join([a.encode() for a in args] + [(k + "=" + v).encode() for k, v in kw["env"].items()] + sent)
+    assert sum(map(len, sent)) > 1 << 20  # the records and the touched base chunks went through here
+    for k in secrets:
+        assert k not in given and k.hex().encode() not in given and k.hex().upper().encode() not in given

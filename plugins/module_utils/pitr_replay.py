@@ -1,0 +1,264 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The replay process of a point-in-time restore's fast path (no Ansible imports). PRIVATE to the collection.
+
+point_in_time._Fast starts it as a fresh interpreter (spawn(): `python -I -S -c BOOTSTRAP`, standard input and output
+as the two pipes, standard error to /dev/null, an environment holding only the parent's sys.path, so that it imports
+this module the way the parent did: from PYTHONPATH in tests, from AnsiballZ's zip in a module run). It imports only
+this module, events and rawbson (no store, KMIP, crypto, SQLCipher or pymongo client), and it is given only what it
+replays: the base's namespaces with their chunks' last keys, counts and sizes, and the window's change records; the
+touched base chunks' plaintext later, from the parent, which reads and authenticates them. No key, no store, no file.
+
+Protocol (little-endian; docs/internals.md, "Restore to a point"). Parent to child, each as _FEED + data: the layout
+(BSON: namespaces with ns, type and chunks [{last, count, bytes}]), the second half of the window's records (raw
+BSON, concatenated), the parent's pre-scan of the first half (_pack_ops), then each touched base chunk's plaintext
+(_FEED with its namespace and range index) in restore order. Child to parent, each as _MSG (+ data): _TOUCHED (the
+ranges its half touches) or _FALLBACK (why not the fast path), then per namespace its touched ranges' _PARTs (cut as
+virtual chunks are, with count and CRC-32) each closed by _RANGE_END, the namespace's totals (_NS_END), and _DONE;
+or _ERROR with an exception's type name only (a message could hold data). The child exits when its input ends early
+(the parent is gone) or when writing fails."""
+from __future__ import annotations
+
+import bisect
+import gc
+import os
+import struct
+import zlib
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import NotApplicable, UncertainOrder
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document, split_bson_docs
+
+try:
+    import bson
+    from bson.raw_bson import RawBSONDocument
+except ImportError:  # pragma: no cover (restore.py reports the missing package)
+    bson = RawBSONDocument = None
+
+VIRTUAL_CHUNK_BYTES = 1 << 20  # the size virtual chunks (a rebuilt image's ranges) are cut at
+
+_PUT, _DEL, _UPD = 0, 1, 2
+_OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
+_KB = b"\x02kb\x00"  # a correction's first element (segments)
+# kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
+# CRC-32 (zlib): cheap; the parent hashes what it receives with SHA-256 for the manifest and checks the CRCs against it.
+_MSG = struct.Struct("<BIIQQI")
+_FEED = struct.Struct("<IIQ")  # namespace index, range index (_NONE, _NONE: not a base chunk), bytes: parent to child
+_PART, _RANGE_END, _NS_END, _DONE, _ERROR, _TOUCHED, _FALLBACK = 1, 2, 3, 4, 5, 6, 7
+_WITH_DATA = (_PART, _ERROR, _TOUCHED, _FALLBACK)
+_OP = struct.Struct("<IIBII")  # namespace index, range index, op, key length, payload length (_NONE: none)
+_NONE = 0xFFFFFFFF
+_ABSENT = object()
+
+PATH_VARIABLE = "KMIPBACKUP_PITR_SYS_PATH"  # the parent's sys.path (JSON): the child's only environment variable
+# what the child runs (python -I -S -c): sys.path as the parent's, then main(); no site, no user site, no PYTHON* variables
+BOOTSTRAP = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop(%r)); "
+             "from %s import main; main()" % (PATH_VARIABLE, __name__))
+
+
+def layout(manifest: dict) -> bytes:
+    """What the child knows of the base snapshot's manifest (BSON): each namespace's name, type and chunks' last key,
+    count and size; no chunk id, key id or digest."""
+    return bson.encode({"namespaces": [{"ns": n["ns"], "type": n.get("type", "collection"),
+                                        "chunks": [{"last": bytes(c["last"]), "count": c["count"], "bytes": c["bytes"]}
+                                                   for c in n["chunks"]]} for n in manifest["namespaces"]]})
+
+
+def pack_ops(groups: dict) -> bytes:
+    """prescan's groups as bytes, for the replay process (unpack_ops)."""
+    out, pack = [], _OP.pack
+    for (j, r), ops in groups.items():
+        for kind, key, payload in ops:
+            out.append(pack(j, r, kind, len(key), _NONE if payload is None else len(payload)))
+            out.append(key)
+            if payload:
+                out.append(payload)
+    return b"".join(out)
+
+
+def unpack_ops(blob: bytes) -> dict:
+    groups, pos, n, unpack, size = {}, 0, len(blob), _OP.unpack_from, _OP.size
+    while pos < n:
+        j, r, kind, kl, pl = unpack(blob, pos)
+        pos += size
+        key = blob[pos:pos + kl]
+        pos += kl
+        payload = None
+        if pl != _NONE:
+            payload = blob[pos:pos + pl]
+            pos += pl
+        ops = groups.get((j, r))
+        if ops is None:
+            ops = groups[(j, r)] = []
+        ops.append((kind, key, payload))
+    return groups
+
+
+def prescan(raws, manifest: dict) -> tuple[dict | None, str | None]:
+    """({(namespace index, range index): [(op, id_key, payload)]}, None) for the window's records (their raw BSON, in
+    order), grouped by the base chunk whose key range each one falls in (range index len(chunks): past the last chunk),
+    in order; (None, why) when the window holds anything the fast path does not replay: a DDL event, a namespace
+    correction, an event on a namespace the base does not have (implicit creation) or one the scan cannot read.
+    Documents are independent of each other under insert/replace/update/delete, so each range replays on its own."""
+    where = {n["ns"]: (j, [bytes(c["last"]) for c in n["chunks"]]) for j, n in enumerate(manifest["namespaces"])
+             if n.get("type", "collection") == "collection"}
+    fast_fields, keeps, bisect_left = events._fast_fields, events.keeps, bisect.bisect_left  # pylint: disable=protected-access
+    groups, ns_of = {}, {}
+    for raw in raws:
+        raw = bytes(raw)
+        if raw[4:8] == _KB:
+            try:
+                doc = RawBSONDocument(raw)
+                kind = doc["kb"]
+                if kind != "doc":
+                    return None, "a correction of a namespace (%s) in the window" % kind
+                ns, key, new = doc["ns"], bytes(doc["key"]), doc["doc"]
+            except Exception:  # pylint: disable=broad-except  # the sequential replay reports it
+                return None, "a correction the scan cannot read"
+            op = (_PUT, key, bytes(new.raw)) if new is not None else (_DEL, key, None)
+        else:
+            f = fast_fields(raw)
+            opf = f.get(b"operationType") if f else None
+            kind = _OPS.get(raw[opf[1] + 4:opf[2] - 1]) if opf is not None and opf[0] == 0x02 else None
+            nsf = f.get(b"ns") if kind is not None else None
+            if nsf is None or nsf[0] != 0x03:
+                return None, "an event other than insert, replace, update or delete (or one the scan cannot read)"
+            ns_raw = raw[nsf[1]:nsf[2]]
+            ns = ns_of.get(ns_raw, _ABSENT)
+            if ns is _ABSENT:
+                d = RawBSONDocument(ns_raw)
+                db, coll = d.get("db"), d.get("coll")
+                if not isinstance(db, str) or not isinstance(coll, str):
+                    return None, "an event the scan cannot read"
+                ns = ns_of[ns_raw] = "%s.%s" % (db, coll) if keeps(db, "%s.%s" % (db, coll)) else None
+            if ns is None:
+                continue  # a namespace the backup does not keep: the applier ignores it
+            keyf = f.get(b"fullDocument" if kind == _PUT else b"documentKey")
+            descf = f.get(b"updateDescription") if kind == _UPD else (0x03,)
+            if keyf is None or keyf[0] != 0x03 or descf is None or descf[0] != 0x03:
+                return None, "an event the scan cannot read"
+            doc = raw[keyf[1]:keyf[2]]
+            op = (kind, id_key_from_document(doc), doc if kind == _PUT else raw[descf[1]:descf[2]] if kind == _UPD else None)
+        w = where.get(ns)
+        if w is None:
+            return None, "an event on a namespace the base snapshot does not have"
+        groups.setdefault((w[0], bisect_left(w[1], op[1])), []).append(op)
+    return groups, None
+
+
+def replay_range(plain: bytes | None, ops: list) -> dict:
+    """{id_key: raw} of one key range: the base chunk's documents (plain) with ops applied as the applier applies them."""
+    docs = {id_key_from_document(d): d for d in split_bson_docs(plain)} if plain else {}
+    update = events.apply_update_description
+    for kind, key, payload in ops:
+        if kind == _PUT:
+            docs[key] = payload
+        elif kind == _DEL:
+            docs.pop(key, None)
+        else:
+            stored = docs.get(key)
+            if stored is not None:
+                try:
+                    docs[key] = update(stored, payload)
+                except (NotApplicable, UncertainOrder):
+                    pass  # the capture re-copied the document from the source: its "doc" correction follows in the range
+    return docs
+
+
+def combine(crcs: list) -> int:
+    """One CRC-32 for a namespace's parts, from theirs in order."""
+    return zlib.crc32(struct.pack("<%dI" % len(crcs), *crcs))
+
+
+def count_docs(data: bytes) -> int:
+    count, pos, n, unpack = 0, 0, len(data), struct.Struct("<i").unpack_from
+    while pos < n:
+        size = unpack(data, pos)[0]
+        if size < 5:
+            return -1
+        pos += size
+        count += 1
+    return count if pos == n else -1
+
+
+def _read_exact(f, size: int) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError("the parent's input ended")  # the parent is gone, or stopped the fast path
+    return data
+
+
+def _read_fed(f, where: tuple = (_NONE, _NONE)) -> bytes:
+    """The data of the parent's next _FEED record, which must be for where."""
+    j, r, size = _FEED.unpack(_read_exact(f, _FEED.size))
+    if (j, r) != where:
+        raise EOFError("the parent's input is out of order")
+    return _read_exact(f, size)
+
+
+def main() -> None:
+    """The replay process (never returns). It reads the layout and records[half:] and pre-scans them (the parent
+    scans records[:half] meanwhile), sends which ranges they touch (or why the fast path cannot be taken), then takes
+    the parent's pre-scan of records[:half], and for each namespace in order replays each touched range (its base
+    chunk's plaintext comes from the parent too) and sends it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES),
+    then the namespace's totals."""
+    code = 1
+    out = os.fdopen(1, "wb", buffering=1 << 20)
+    try:
+        gc.disable()  # short-lived, and its objects form no cycles
+        inp = os.fdopen(0, "rb", buffering=1 << 20)
+        send = out.write
+        manifest = bson.decode(_read_fed(inp))
+        later, why = prescan(split_bson_docs(_read_fed(inp)), manifest)
+        if later is None:
+            what = why.encode("utf-8")
+            send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
+            out.flush()
+            code = 0
+            return
+        pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
+        send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), 0) + pairs)
+        out.flush()
+        groups = unpack_ops(_read_fed(inp))  # the parent's pre-scan of records[:half]: its operations come first
+        for jr, ops in later.items():
+            groups.setdefault(jr, []).extend(ops)
+        for j, n in enumerate(manifest["namespaces"]):
+            chunks, entries = n["chunks"], []
+            for r in range(len(chunks) + 1):
+                ops = groups.get((j, r))
+                if ops is None:
+                    if r < len(chunks):
+                        entries.append(chunks[r])
+                    continue
+                plain = _read_fed(inp, (j, r)) if r < len(chunks) else None  # the base chunk, from the parent
+                docs = replay_range(plain, ops)
+                keys = sorted(docs)
+                a = 0
+                while a < len(keys):
+                    b, size = a, 0
+                    while b < len(keys) and size < VIRTUAL_CHUNK_BYTES:
+                        size += len(docs[keys[b]])
+                        b += 1
+                    data = b"".join([docs[k] for k in keys[a:b]])
+                    crc = zlib.crc32(data)
+                    send(_MSG.pack(_PART, j, r, b - a, len(data), crc))
+                    send(data)
+                    entries.append({"count": b - a, "bytes": len(data), "crc": crc})
+                    a = b
+                send(_MSG.pack(_RANGE_END, j, r, 0, 0, 0))
+                out.flush()  # the parent may be waiting for this range now
+            send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
+                           combine([c["crc"] for c in entries if "crc" in c])))
+        send(_MSG.pack(_DONE, 0, 0, 0, 0, 0))
+        out.flush()
+        code = 0
+    except BaseException as e:  # pylint: disable=broad-except  # reported by kind only: a message could hold data
+        try:
+            what = type(e).__name__.encode("ascii", "replace")
+            out.write(_MSG.pack(_ERROR, 0, 0, 0, len(what), 0) + what)
+            out.flush()
+        except BaseException:  # pylint: disable=broad-except  # the parent sees the pipe end
+            pass
+    finally:
+        os._exit(code)  # pylint: disable=protected-access  # no interpreter teardown: nothing to clean up
