@@ -1,5 +1,5 @@
 """The point-in-time fast path into a real MongoDB-wire target (SecantusDB), from this process (whose pymongo
-clients keep monitor threads running while the replay process forks): the target then holds, document for document
+clients keep monitor threads running while the replay process is started): the target then holds, document for document
 and byte for byte, what the capture's head held at the point; a replay process killed mid-way fails the restore and
 leaves no trace of it in the target."""
 import uuid

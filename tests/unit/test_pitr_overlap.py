@@ -1,10 +1,11 @@
-"""The fast path of a point-in-time restore (point_in_time: the replay in a forked process while restore.execute
-restores the base's untouched chunks): through real sealed segments, it must restore byte for byte what the
-sequential path (a temporary head) restores and what the capture's own head held at the point, to a directory and an
-archive, with include/exclude; a DDL event in the window takes the sequential path (and says why); a replay process
-killed mid-way, or one whose totals do not add up, fails the restore with the target untouched; a tampered segment
-is named before anything is forked or written; no plaintext in the restore's temporary files. Real SQLCipher heads,
-a folder store, a local key provider."""
+"""The fast path of a point-in-time restore (point_in_time: the replay in a spawned process, pitr_replay, while
+restore.execute restores the base's untouched chunks): through real sealed segments, it must restore byte for byte what
+the sequential path (a temporary head) restores and what the capture's own head held at the point, to a directory and
+an archive, with include/exclude; a DDL event in the window takes the sequential path (and says why); a replay process
+killed or stopped (hung) before or mid-way, or one whose totals do not add up, fails the restore with the target put
+back; a tampered segment is named before the replay process is sent anything and before anything is written; the
+replay process is a fresh interpreter given no key; no plaintext in the restore's temporary files. Real SQLCipher
+heads, a folder store, a local key provider."""
 import json
 import os
 import signal
@@ -122,7 +123,9 @@ def flip_a_byte(path):
     return saved
 
 
-def test_a_tampered_segment_is_named_before_anything_is_forked_or_written(lab):
+def test_a_tampered_segment_is_named_before_anything_is_sent_or_written(lab, monkeypatch):
+    RecordingPopen.seen = []
+    monkeypatch.setattr(point_in_time.subprocess, "Popen", RecordingPopen)
     segs = segments.list_segments(lab["js"])
     path = os.path.join(str(lab["tmp"] / "store"), "job", "segments", segs[0]["name"])
     saved = flip_a_byte(path)
@@ -133,6 +136,8 @@ def test_a_tampered_segment_is_named_before_anything_is_forked_or_written(lab):
     finally:
         open(path, "wb").write(saved)
     assert not os.path.exists(out)
+    (_args, _kw, sent), = RecordingPopen.seen  # started early, stopped unsent
+    assert sent == []
 
 
 def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
@@ -174,8 +179,8 @@ def test_a_window_larger_than_the_fast_paths_memory_streams_sequentially(lab, mo
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
 def test_a_replay_process_killed_or_hung_mid_stream_fails_the_restore_and_the_target_is_put_back(lab, monkeypatch, sig):
     """After the child sent its first range (1.2 MB of inserts past the end are still to come): killed, the restore
-    names its signal; stopped (hung), the parent gives up after child_timeout, kills it and says so. Either way the
-    target is put back, and the child is gone."""
+    names its signal; stopped (hung), the parent gives up after its timeout (rebuild's child_timeout, lowered to 0.5 s
+    once the child is stopped), kills it and says so. Either way the target is put back, and the child is gone."""
     js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
     real = point_in_time._Fast.range_parts
 
@@ -184,6 +189,7 @@ def test_a_replay_process_killed_or_hung_mid_stream_fails_the_restore_and_the_ta
         if not signalled:
             os.kill(fast.pid, sig)
             signalled.append((j, r))
+            fast.timeout = 0.5  # rebuild's child_timeout, made short only now: a loaded machine may be slow before
         return out
     monkeypatch.setattr(point_in_time._Fast, "range_parts", range_parts)
     signalled = []
@@ -192,8 +198,8 @@ def test_a_replay_process_killed_or_hung_mid_stream_fails_the_restore_and_the_ta
         del signalled[:]
         out = str(tmp / ("mid-stream-%d-%s" % (sig, target)))
         t = restore.DirectoryTarget(out) if target == "directory" else restore.ArchiveTarget(out)
-        with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp), child_timeout=0.5) as image:
-            assert image.path == "overlap"
+        with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp), child_timeout=60) as image:
+            assert image.path == "overlap" and image.store.fast.timeout == 60
             want = "killed by signal 9" if sig == signal.SIGKILL else r"sent nothing for 0\.5 s and was stopped \(killed by signal 9\)"
             with pytest.raises(RestoreError, match=want):
                 restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), t)
