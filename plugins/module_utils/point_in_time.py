@@ -65,9 +65,8 @@ if TYPE_CHECKING:
 
 try:
     from bson.binary import Binary
-    from bson.raw_bson import RawBSONDocument
 except ImportError:  # pragma: no cover (restore.py reports the missing package)
-    Binary = RawBSONDocument = None
+    Binary = None
 
 VIRTUAL_PREFIX = "head:"  # never a store chunk id (64 hex digits)
 VIRTUAL_CHUNK_BYTES = pitr_replay.VIRTUAL_CHUNK_BYTES  # the replay process cuts its ranges alike
@@ -571,7 +570,7 @@ class _Fast:
     def __init__(self, job_store: JobStore, keys: Keys, timeout: float = CHILD_TIMEOUT) -> None:
         self.job_store, self.keys, self.timeout = job_store, keys, timeout
         self.manifest = self.base_chunks = self.entry = None
-        self.proc = self.pid = self.poll = self.sender = self.feeder = None
+        self.proc = self.pid = self.poll = self.sender = self.feeder = self.ended = None
         self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
         self.finished, self.done, self.used, self.status, self.feed_error = set(), False, False, None, None
         self.loaded = 0  # touched base chunks
@@ -605,7 +604,10 @@ class _Fast:
         del records, blobs
         if first is None:
             return why
-        kind, _j, _r, data = self._message()
+        try:
+            kind, _j, _r, data = self._message()
+        except RestoreError:  # it could not start (no usable interpreter, an import failed) or died: nothing is lost yet
+            return "the replay process failed before its pre-scan: %s" % self.ended
         if kind == pitr_replay._FALLBACK:  # pylint: disable=protected-access
             return data.decode("utf-8", "replace")
         if kind != pitr_replay._TOUCHED:  # pylint: disable=protected-access
@@ -693,7 +695,8 @@ class _Fast:
         self.stop(grace)
         if self.feeder is not None:
             self.feeder.join()
-        return self._error(what % _status_text(self.status))
+        self.ended = what % _status_text(self.status)
+        return self._error(self.ended)
 
     def _message(self):
         try:

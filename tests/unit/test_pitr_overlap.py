@@ -165,6 +165,18 @@ def test_a_fallback_found_by_the_parent_stops_the_replay_process(lab, monkeypatc
     assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
 
 
+def test_a_replay_process_that_cannot_start_leaves_the_restore_to_the_sequential_path(lab, monkeypatch):
+    """A child that fails before its pre-scan (here: its bootstrap exits at once, as a failed import would) has been
+    sent nothing but the layout and records, and nothing was written: the sequential path restores, and says why."""
+    monkeypatch.setattr(pitr_replay, "BOOTSTRAP", "import os; os._exit(3)")
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    out = str(lab["tmp"] / "no-child")
+    image, _s = restore_point(lab, point, out)
+    assert (image.path, image.why) == ("sequential", "the replay process failed before its pre-scan: the replay process "
+                                                      "ended without its result: exit status 3")
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
+
+
 def test_a_window_larger_than_the_fast_paths_memory_streams_sequentially(lab, monkeypatch):
     """Past FAST_WINDOW_BYTES of change records the fast path (which holds the window in memory) is not taken: the
     rest of the segments stream into the sequential replay, with the same result."""
