@@ -530,12 +530,6 @@ def _event_fields(raw: bytes) -> list | None:
     return out if pos == end else None
 
 
-def _fast_fields(raw: bytes) -> dict | None:
-    """_event_fields as {name: (type, value start, value end)} of the fields present."""
-    f = _event_fields(raw)
-    return None if f is None else {name: v for name, v in zip(_FAST_FIELDS, f, strict=True) if v is not None}
-
-
 def _timestamp(raw, field):
     """The Timestamp at field (type, start, end) of raw, as a decoder gives it (None when absent)."""
     if field is None:

@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover (restore.py reports the missing package)
 VIRTUAL_CHUNK_BYTES = 1 << 20  # the size virtual chunks (a rebuilt image's ranges) are cut at
 
 _PUT, _DEL, _UPD = 0, 1, 2
+_F_OP, _F_NS, _F_KEY, _F_FULL, _F_DESC = events._OP, events._NS, events._KEY, events._FULL, events._DESC  # pylint: disable=protected-access
 _OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
 _KB = b"\x02kb\x00"  # a correction's first element (segments)
 # kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
@@ -103,10 +104,11 @@ def prescan(raws, manifest: dict) -> tuple[dict | None, str | None]:
     Documents are independent of each other under insert/replace/update/delete, so each range replays on its own."""
     where = {n["ns"]: (j, [bytes(c["last"]) for c in n["chunks"]]) for j, n in enumerate(manifest["namespaces"])
              if n.get("type", "collection") == "collection"}
-    fast_fields, keeps, bisect_left = events._fast_fields, events.keeps, bisect.bisect_left  # pylint: disable=protected-access
-    groups, ns_of = {}, {}
+    scan, keeps, bisect_left = events._event_fields, events.keeps, bisect.bisect_left  # pylint: disable=protected-access
+    groups, where_of = {}, {}  # where_of: the bytes of an event's ns -> where[ns], or None (a namespace not kept)
     for raw in raws:
-        raw = bytes(raw)
+        if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
+            raw = bytes(raw)
         if raw[4:8] == _KB:
             try:
                 doc = RawBSONDocument(raw)
@@ -116,34 +118,42 @@ def prescan(raws, manifest: dict) -> tuple[dict | None, str | None]:
                 ns, key, new = doc["ns"], bytes(doc["key"]), doc["doc"]
             except Exception:  # pylint: disable=broad-except  # the sequential replay reports it
                 return None, "a correction the scan cannot read"
+            w = where.get(ns)
+            if w is None:
+                return None, "an event on a namespace the base snapshot does not have"
             op = (_PUT, key, bytes(new.raw)) if new is not None else (_DEL, key, None)
         else:
-            f = fast_fields(raw)
-            opf = f.get(b"operationType") if f else None
+            f = scan(raw)  # the applier's own scan (Applier.apply_raw): both read an event alike
+            opf = f[_F_OP] if f else None
             kind = _OPS.get(raw[opf[1] + 4:opf[2] - 1]) if opf is not None and opf[0] == 0x02 else None
-            nsf = f.get(b"ns") if kind is not None else None
+            nsf = f[_F_NS] if kind is not None else None
             if nsf is None or nsf[0] != 0x03:
                 return None, "an event other than insert, replace, update or delete (or one the scan cannot read)"
             ns_raw = raw[nsf[1]:nsf[2]]
-            ns = ns_of.get(ns_raw, _ABSENT)
-            if ns is _ABSENT:
+            w = where_of.get(ns_raw, _ABSENT)
+            if w is _ABSENT:
                 d = RawBSONDocument(ns_raw)
                 db, coll = d.get("db"), d.get("coll")
                 if not isinstance(db, str) or not isinstance(coll, str):
                     return None, "an event the scan cannot read"
-                ns = ns_of[ns_raw] = "%s.%s" % (db, coll) if keeps(db, "%s.%s" % (db, coll)) else None
-            if ns is None:
+                ns = "%s.%s" % (db, coll)
+                w = where_of[ns_raw] = where.get(ns, _ABSENT) if keeps(db, ns) else None
+            if w is None:
                 continue  # a namespace the backup does not keep: the applier ignores it
-            keyf = f.get(b"fullDocument" if kind == _PUT else b"documentKey")
-            descf = f.get(b"updateDescription") if kind == _UPD else (0x03,)
+            if w is _ABSENT:
+                return None, "an event on a namespace the base snapshot does not have"
+            keyf = f[_F_FULL if kind == _PUT else _F_KEY]
+            descf = f[_F_DESC] if kind == _UPD else (0x03,)
             if keyf is None or keyf[0] != 0x03 or descf is None or descf[0] != 0x03:
                 return None, "an event the scan cannot read"
             doc = raw[keyf[1]:keyf[2]]
             op = (kind, id_key_from_document(doc), doc if kind == _PUT else raw[descf[1]:descf[2]] if kind == _UPD else None)
-        w = where.get(ns)
-        if w is None:
-            return None, "an event on a namespace the base snapshot does not have"
-        groups.setdefault((w[0], bisect_left(w[1], op[1])), []).append(op)
+        jr = (w[0], bisect_left(w[1], op[1]))
+        ops = groups.get(jr)
+        if ops is None:
+            groups[jr] = [op]
+        else:
+            ops.append(op)
     return groups, None
 
 

@@ -35,7 +35,7 @@ import io
 import re
 import struct
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import (
@@ -511,38 +511,48 @@ def _check_chain(job_store, segs):
     return None
 
 
+READ_AHEAD = 2  # segments read, authenticated, decompressed and split at once (file or S3 reads, AES-GCM and zstd release the GIL)
+
+
+def _read_one(job_store: JobStore, keys: Keys, s: dict) -> tuple[bytes, bytes, list]:
+    """(predecessor digest it names, its own digest, its records) of stored segment s, authenticated."""
+    path = segment_path(job_store, s)
+    if not job_store.storage.exists(path):
+        raise crypto.integrity_error("segment", s["name"], "is missing (removed from the store)")
+    blob = bytes(job_store.storage.get(path))
+    plain, prev = open_segment(job_store.job, s, blob, keys)
+    return prev, hashlib.sha256(blob).digest(), decode_records(plain, s["name"])
+
+
 def read_segments(job_store: JobStore, keys: Keys, segs: list):
     """Yield (segment metadata, [(t, i, raw)]) for segs in order, each authenticated and chain-checked before it is
-    yielded: IntegrityError naming the segment (missing, modified, from another job or place, out of order)."""
+    yielded: IntegrityError naming the segment (missing, modified, from another job or place, out of order). The next
+    READ_AHEAD segments are read on side threads while the caller uses this one; errors come out in order, at the
+    segment they concern (an order error before that segment's own)."""
     expect = _check_chain(job_store, segs) if segs else None
-    last = None
-    for s in segs:
-        if last is not None and (s["timeline"] != last["timeline"] or s["seq"] != last["seq"] + 1 or s["from"] != last["to"]):
-            raise crypto.integrity_error("segment", s["name"], "does not follow segment %s" % last["name"])
-        path = segment_path(job_store, s)
-        if not job_store.storage.exists(path):
-            raise crypto.integrity_error("segment", s["name"], "is missing (removed from the store)")
-        blob = bytes(job_store.storage.get(path))
-        plain, prev = open_segment(job_store.job, s, blob, keys)
-        if expect is not None and prev != expect:
-            raise crypto.integrity_error("segment", s["name"], "does not chain to its predecessor (a segment was replaced, "
-                                         "reordered or replayed)")
-        expect, last = hashlib.sha256(blob).digest(), s
-        yield s, decode_records(plain, s["name"])
-
-
-def _read_ahead(items: Iterator) -> Iterator:
-    """items, each next one produced on a side thread while the caller uses the current one: the next segment is read,
-    authenticated, decompressed and split while the replay applies this one (AES-GCM and zstd release the GIL). Errors
-    come out in order, at the item they concern."""
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments") as pool:
-        ahead = pool.submit(next, items, None)
-        while True:
-            item = ahead.result()
-            if item is None:
-                return
-            ahead = pool.submit(next, items, None)
-            yield item
+    last, todo, ahead = None, iter(segs), collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="kmipbackup-segments") as pool:
+        try:
+            while True:
+                while len(ahead) < READ_AHEAD:
+                    s = next(todo, None)
+                    if s is None:
+                        break
+                    ahead.append((s, pool.submit(_read_one, job_store, keys, s)))
+                if not ahead:
+                    return
+                s, f = ahead.popleft()
+                if last is not None and (s["timeline"] != last["timeline"] or s["seq"] != last["seq"] + 1 or s["from"] != last["to"]):
+                    raise crypto.integrity_error("segment", s["name"], "does not follow segment %s" % last["name"])
+                prev, digest, recs = f.result()
+                if expect is not None and prev != expect:
+                    raise crypto.integrity_error("segment", s["name"], "does not chain to its predecessor (a segment was "
+                                                 "replaced, reordered or replayed)")
+                expect, last = digest, s
+                yield s, recs
+        finally:
+            for _s, f in ahead:
+                f.cancel()
 
 
 def window(plan: dict, read: list) -> tuple[list, int]:
@@ -581,7 +591,7 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     apply_raw = applier.apply_raw
     events = records = done = 0
     total = len(plan["segments"])
-    for seg, recs in read if read is not None else _read_ahead(read_segments(job_store, keys, plan["segments"])):
+    for seg, recs in read if read is not None else read_segments(job_store, keys, plan["segments"]):
         # a record at its segment's start is a correction made after that boundary (head verification): it belongs
         # after a snapshot cut there
         start = tuple(seg["from"])

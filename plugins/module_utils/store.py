@@ -842,6 +842,7 @@ class Keys:
         self.encryption = bool(encryption)
         self._cache = {}
         self._records = {}
+        self._lock = threading.Lock()
 
     def _record(self, key_id):
         rec = self._records.get(key_id)
@@ -860,34 +861,40 @@ class Keys:
             return None
         key = self._cache.get(key_id)
         if key is None:
-            if self.provider is None:
-                raise StoreError("Key %s is needed but no KMIP client was given: configure the KMIP client certificate "
-                                 "for this job." % key_id)
-            rec = self._record(key_id)
-            wrapped = rec.get("wrapped")
-            if not isinstance(wrapped, dict):
-                raise crypto.integrity_error("keyring entry", key_id, "has no wrapped key")
-            if str(wrapped.get("master_key_uid")) != str(rec.get("master_key_uid")):
-                # checked before any KMIP call: the record's MAC can only be checked once it is unwrapped
-                raise crypto.integrity_error("keyring entry", key_id, "names master key %s but its wrapped key names %s"
-                                             % (rec.get("master_key_uid"), wrapped.get("master_key_uid")))
-            try:
-                key = self.provider.unwrap(wrapped)
-            except IntegrityError as e:
-                if e.kind != "wrapped_key":
-                    raise
-                # the KMIP layer only knows the master key; name the store object that holds the bad record
-                raise IntegrityError(
-                    "The snapshot store's keyring entry %s (%s) cannot be used: %s. If it was modified or damaged, restore "
-                    "the keyring from a copy of the store and find out who changed the store."
-                    % (key_id, self.job_store.keyring_path(key_id), str(e).rstrip(".")),
-                    kind="keyring entry", object_id=key_id) from None
-            if not isinstance(key, (bytes, bytearray)) or len(key) != crypto.KEY_BYTES:
-                raise crypto.integrity_error("keyring entry", key_id, "does not unwrap to a data key")
-            self.job_store.verify_key_record(rec, bytes(key))
-            key = bytes(key)
-            self._cache[key_id] = key
+            with self._lock:  # one unwrap per key even when threads ask at once (a KMIP session is not shared)
+                key = self._cache.get(key_id)
+                if key is None:
+                    key = self._cache[key_id] = self._unwrap(key_id)
         return key
+
+    def _unwrap(self, key_id: str) -> bytes:
+        """The data key key_id, unwrapped by the provider and checked against its keyring record."""
+        if self.provider is None:
+            raise StoreError("Key %s is needed but no KMIP client was given: configure the KMIP client certificate "
+                             "for this job." % key_id)
+        rec = self._record(key_id)
+        wrapped = rec.get("wrapped")
+        if not isinstance(wrapped, dict):
+            raise crypto.integrity_error("keyring entry", key_id, "has no wrapped key")
+        if str(wrapped.get("master_key_uid")) != str(rec.get("master_key_uid")):
+            # checked before any KMIP call: the record's MAC can only be checked once it is unwrapped
+            raise crypto.integrity_error("keyring entry", key_id, "names master key %s but its wrapped key names %s"
+                                         % (rec.get("master_key_uid"), wrapped.get("master_key_uid")))
+        try:
+            key = self.provider.unwrap(wrapped)
+        except IntegrityError as e:
+            if e.kind != "wrapped_key":
+                raise
+            # the KMIP layer only knows the master key; name the store object that holds the bad record
+            raise IntegrityError(
+                "The snapshot store's keyring entry %s (%s) cannot be used: %s. If it was modified or damaged, restore "
+                "the keyring from a copy of the store and find out who changed the store."
+                % (key_id, self.job_store.keyring_path(key_id), str(e).rstrip(".")),
+                kind="keyring entry", object_id=key_id) from None
+        if not isinstance(key, (bytes, bytearray)) or len(key) != crypto.KEY_BYTES:
+            raise crypto.integrity_error("keyring entry", key_id, "does not unwrap to a data key")
+        self.job_store.verify_key_record(rec, bytes(key))
+        return bytes(key)
 
     def master_key_uid(self, key_id: str) -> str | None:
         if key_id in (None, "none"):

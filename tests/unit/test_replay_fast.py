@@ -209,7 +209,7 @@ def test_negative_lengths_end_the_scans_instead_of_walking_backwards(tmp_path):
         events._apply_paths, bad, bson.encode({"b": 3}), None, None, None) == "HeadError"  # pylint: disable=protected-access
     assert _outcome(events.parse_elements, bad) == "HeadError"
     event = _negative_length(ev("insert", fullDocument={"_id": 8}, note="y" * 70), b"note")
-    assert events._fast_fields(event) is None  # pylint: disable=protected-access
+    assert events._event_fields(event) is None  # pylint: disable=protected-access
     slow = run(str(tmp_path / "slow" / "head.db"), [[ins({"_id": 1, "b": 1})], [event]], False)
     fast = run(str(tmp_path / "fast" / "head.db"), [[ins({"_id": 1, "b": 1})], [event]], True)
     assert fast[:4] == slow[:4]

@@ -384,3 +384,36 @@ def test_archive_restore_and_idempotence(env):
         restore.restore(js, "latest", store.Keys(js, provider), target)
     restore.restore(js, "latest", store.Keys(js, provider), target, drop=True)
     assert len(read_archive(str(arch))[1]) == 2
+
+
+def test_threads_asking_for_one_key_at_once_unwrap_it_once(env):
+    """Keys.key from several threads at once (segments and chunks are read on side threads) makes one provider call
+    per key: a KMIP session is not shared between threads, and every thread gets the same key."""
+    import threading
+    import time
+    _tmp, provider, js = env
+    sid, _cid = store.Keys(js, provider).epoch_for("mk1")
+    inside, overlap = [0], [False]
+    lock = threading.Lock()
+    unwrap = provider.unwrap
+
+    def slow_unwrap(wrapped):
+        with lock:
+            inside[0] += 1
+            overlap[0] |= inside[0] > 1
+        time.sleep(0.05)  # long enough for the other threads to ask meanwhile
+        try:
+            return unwrap(wrapped)
+        finally:
+            with lock:
+                inside[0] -= 1
+    provider.unwrap = slow_unwrap
+    keys, got = store.Keys(js, provider), []
+    calls = provider.calls
+    threads = [threading.Thread(target=lambda: got.append(keys.key(sid))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert provider.calls - calls == 1 and not overlap[0]
+    assert len(got) == 6 and len(set(got)) == 1 and len(got[0]) == crypto.KEY_BYTES
