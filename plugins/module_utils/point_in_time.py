@@ -51,11 +51,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, pitr_replay, restore, segments
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError, RestoreTimeout
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document, split_bson_docs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
@@ -560,15 +561,15 @@ def _status_text(returncode: int) -> str:
 
 
 class _Silent(Exception):
-    """The replay process sent nothing within the timeout."""
+    """The replay process sent nothing within the timeout (args[0]: True when the restore's deadline cut the wait short)."""
 
 
 class _Fast:
     """The parent's side of the fast path: the replay process (a fresh interpreter running pitr_replay.main), the pipe
     it sends on (read with a timeout, checked as it is read) and the threads that feed it."""
 
-    def __init__(self, job_store: JobStore, keys: Keys, timeout: float = CHILD_TIMEOUT) -> None:
-        self.job_store, self.keys, self.timeout = job_store, keys, timeout
+    def __init__(self, job_store: JobStore, keys: Keys, timeout: float = CHILD_TIMEOUT, deadline: tuple | None = None) -> None:
+        self.job_store, self.keys, self.timeout, self.deadline = job_store, keys, timeout, deadline
         self.manifest = self.base_chunks = self.entry = None
         self.proc = self.pid = self.poll = self.sender = self.feeder = self.ended = None
         self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
@@ -680,8 +681,11 @@ class _Fast:
         """size bytes from the child (None: its output ended first); _Silent when it sends nothing for timeout s."""
         parts, fd = [], self.proc.stdout.fileno()
         while size:
-            if not self.poll.poll(int(self.timeout * 1000)):
-                raise _Silent()
+            wait, late = self.timeout, False
+            if self.deadline is not None and self.deadline[0] - time.monotonic() < wait:  # the restore's own timeout:
+                wait, late = max(0.0, self.deadline[0] - time.monotonic()), True  # no wait on the child outlasts it
+            if not self.poll.poll(int(wait * 1000)):
+                raise _Silent(late)
             data = os.read(fd, size)  # never more than asked for: nothing to keep for the next read
             if not data:
                 return None
@@ -705,7 +709,12 @@ class _Fast:
                 raise self._ended("the replay process ended without its result: %s")
             kind, j, r, count, size, crc = pitr_replay._MSG.unpack(head)  # pylint: disable=protected-access
             data = self._read(size) if kind in pitr_replay._WITH_DATA else None  # pylint: disable=protected-access
-        except _Silent:
+        except _Silent as e:
+            if e.args[0]:  # the restore's deadline, not the child's silence, ended the wait
+                self._ended("the restore's timeout passed (%s)", 0)
+                raise RestoreTimeout("The restore ran past its timeout of %s s and was stopped; the target was put back as it "
+                                     "was: restore again with a longer timeout (restore.yml: restore_timeout)."
+                                     % self.deadline[1]) from None
             raise self._ended("the replay process sent nothing for %g s and was stopped (%%s)" % self.timeout, 0) from None
         if data is None and kind in pitr_replay._WITH_DATA:  # pylint: disable=protected-access
             raise self._ended("the replay process ended without its result: %s")
@@ -903,17 +912,19 @@ class Image:
 
 @contextlib.contextmanager
 def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None = None, work_dir: str | None = None,
-            progress: Callable | None = None, overlap: bool = True, child_timeout: float = CHILD_TIMEOUT) -> Iterator[Image]:
+            progress: Callable | None = None, overlap: bool = True, child_timeout: float = CHILD_TIMEOUT,
+            deadline: tuple | None = None) -> Iterator[Image]:
     """The image at plan["point"] (segments.plan_point's plan). Every segment is read and authenticated first. Then,
     when the window holds only inserts, replaces, updates, deletes and document corrections on the base's namespaces
     (prescan) and overlap is on, the fast path: a replay process (a fresh interpreter, started before the segments are
     read) replays each touched key range while restore.execute restores the untouched chunks (image.path "overlap");
-    child_timeout: how long the restore waits for its next message before it kills it and fails. Otherwise (image.why
+    child_timeout: how long the restore waits for its next message before it kills it and fails; deadline (as
+    restore.execute's: time.monotonic() value, timeout in s): no such wait goes past it (RestoreTimeout). Otherwise (image.why
     says why) the base snapshot is loaded lazily into a temporary encrypted head, the segments replayed (replay:
     segments.replay) and the manifest built (image.path "sequential"). The child, or the head and its folder, are gone
     when the context ends."""
     base = plan["snapshot"]
-    fast = _Fast(job_store, keys, child_timeout) if replay is None and overlap else None
+    fast = _Fast(job_store, keys, child_timeout, deadline) if replay is None and overlap else None
     # its interpreter starts while the manifest and segments are read; it is sent nothing before they all authenticated
     why = "a replay function was given" if replay is not None else None if overlap else "overlap is off"
     why = fast.spawn() if fast is not None else why

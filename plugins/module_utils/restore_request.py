@@ -340,7 +340,7 @@ class _Restore:
                                                expect_encryption, last_known=self.last_known)
                 entry = dict(entry, snapshot_id=restore_id)
                 return self._restore(point_in_time.RebuiltStore(js, None, entry), keys, entry, selected, target, settings, result)
-            with point_in_time.rebuild(js, keys, plan) as image:
+            with point_in_time.rebuild(js, keys, plan, deadline=self.deadline) as image:
                 selected = restore.select_namespaces(image.manifest, p["include"], p["exclude"], p["rename_databases"])
                 result["replayed"] = dict(image.replayed, loaded_chunks=image.loaded_chunks, path=image.path)
                 return self._restore(image.store, keys, image.entry, selected, target, settings, result)

@@ -11,11 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import pitr_replay, point_in_time, restore, segments
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, RestoreError, RestoreTimeout
 from pitr_overlap_helpers import CANARY, build_lab
 from snapshot_helpers import canary_hits, read_archive, restored_dir
 
@@ -220,6 +221,34 @@ def test_a_replay_process_killed_or_hung_mid_stream_fails_the_restore_and_the_ta
                 os.kill(image.child_pid, 0)  # reaped
         assert not os.path.exists(out) and not [p for p in tmp.iterdir() if p.name.startswith(".mid-stream")]
         assert not os.path.exists(out + "." + restore.RESTORE_INFO)
+
+
+def test_a_hung_replay_process_does_not_hold_the_restore_past_its_timeout(lab, monkeypatch):
+    """The restore's own timeout (restore_request passes its deadline to rebuild) bounds every wait on the replay
+    process, not only the gaps between runs: a child stopped after its first range, with the deadline passing 0.5 s
+    later and the per-message timeout at 60 s, ends the restore with RestoreTimeout at the deadline; the child is
+    killed and the target put back."""
+    js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
+    real, stopped = point_in_time._Fast.range_parts, []
+
+    def range_parts(fast, j, r):
+        out = real(fast, j, r)
+        if not stopped:
+            os.kill(fast.pid, signal.SIGSTOP)
+            stopped.append(time.monotonic())
+            fast.deadline = (stopped[0] + 0.5, 7)  # set only now: a loaded machine may be slow before
+        return out
+    monkeypatch.setattr(point_in_time._Fast, "range_parts", range_parts)
+    plan = segments.plan_point(js, keys, max(p for p in lab["images"] if p < lab["ddl"]))
+    out = str(tmp / "past-deadline")
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp), child_timeout=60, deadline=(time.monotonic() + 3600, 3600)) as image:
+        assert image.path == "overlap" and image.store.fast.deadline[1] == 3600
+        with pytest.raises(RestoreTimeout, match=r"ran past its timeout of 7 s"):
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
+        assert stopped and time.monotonic() - stopped[0] < 30  # at the deadline, not after the 60 s message timeout
+        with pytest.raises(ProcessLookupError):
+            os.kill(image.child_pid, 0)  # killed and reaped
+    assert not os.path.exists(out) and not os.path.exists(out + "." + restore.RESTORE_INFO)
 
 
 class RecordingPopen(subprocess.Popen):
