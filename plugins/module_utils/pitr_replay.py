@@ -23,7 +23,9 @@ from __future__ import annotations
 import bisect
 import gc
 import os
+import queue
 import struct
+import threading
 import zlib
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events
@@ -37,6 +39,7 @@ except ImportError:  # pragma: no cover (restore.py reports the missing package)
     bson = RawBSONDocument = None
 
 VIRTUAL_CHUNK_BYTES = 1 << 20  # the size virtual chunks (a rebuilt image's ranges) are cut at
+AHEAD_BYTES = 256 << 20  # replayed ranges the child may hold while the parent has not read them yet
 
 _PUT, _DEL, _UPD = 0, 1, 2
 _F_OP, _F_NS, _F_KEY, _F_FULL, _F_DESC = events._OP, events._NS, events._KEY, events._FULL, events._DESC  # pylint: disable=protected-access
@@ -207,29 +210,78 @@ def _read_fed(f, where: tuple = (_NONE, _NONE)) -> bytes:
     return _read_exact(f, size)
 
 
+class _Sender:
+    """The child's output, written to the parent by a thread with up to AHEAD_BYTES queued: the child replays the next
+    touched ranges while the parent still restores the untouched chunks before them, instead of waiting on a full pipe
+    (64 KiB) for the parent to reach each range. A failed write (the parent is gone) is raised at the next send."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.out, self.limit = os.fdopen(fd, "wb", buffering=1 << 20), limit
+        self.queue, self.queued, self.error = queue.SimpleQueue(), 0, None
+        self.room = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def send(self, data: bytes) -> None:
+        with self.room:
+            while self.queued > self.limit and self.error is None:
+                self.room.wait()
+            if self.error is not None:
+                raise self.error
+            self.queued += len(data)
+        self.queue.put(data)
+
+    def close(self) -> None:
+        """Every message written, then the output closed (raises what a write raised)."""
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            self.out.close()
+        except OSError:
+            pass  # the write that failed already says why
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = self.queue.get()
+                if data is None:
+                    self.out.flush()
+                    return
+                self.out.write(data)
+                with self.room:
+                    self.queued -= len(data)
+                    self.room.notify()
+                if self.queue.empty():
+                    self.out.flush()  # nothing more yet: the parent may be waiting for this
+        except BaseException as e:  # pylint: disable=broad-except  # the main thread raises it
+            with self.room:
+                self.error = e
+                self.room.notify_all()
+
+
 def main() -> None:
     """The replay process (never returns). It reads the layout and records[half:] and pre-scans them (the parent
     scans records[:half] meanwhile), sends which ranges they touch (or why the fast path cannot be taken), then takes
     the parent's pre-scan of records[:half], and for each namespace in order replays each touched range (its base
     chunk's plaintext comes from the parent too) and sends it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES),
     then the namespace's totals."""
-    code = 1
-    out = os.fdopen(1, "wb", buffering=1 << 20)
+    code, out = 1, _Sender(1, AHEAD_BYTES)
     try:
         gc.disable()  # short-lived, and its objects form no cycles
         inp = os.fdopen(0, "rb", buffering=1 << 20)
-        send = out.write
+        send = out.send
         manifest = bson.decode(_read_fed(inp))
         later, why = prescan(split_bson_docs(_read_fed(inp)), manifest)
         if later is None:
             what = why.encode("utf-8")
             send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
-            out.flush()
+            out.close()
             code = 0
             return
         pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
         send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), 0) + pairs)
-        out.flush()
         groups = unpack_ops(_read_fed(inp))  # the parent's pre-scan of records[:half]: its operations come first
         for jr, ops in later.items():
             groups.setdefault(jr, []).extend(ops)
@@ -257,17 +309,16 @@ def main() -> None:
                     entries.append({"count": b - a, "bytes": len(data), "crc": crc})
                     a = b
                 send(_MSG.pack(_RANGE_END, j, r, 0, 0, 0))
-                out.flush()  # the parent may be waiting for this range now
             send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
                            combine([c["crc"] for c in entries if "crc" in c])))
         send(_MSG.pack(_DONE, 0, 0, 0, 0, 0))
-        out.flush()
+        out.close()
         code = 0
     except BaseException as e:  # pylint: disable=broad-except  # reported by kind only: a message could hold data
         try:
             what = type(e).__name__.encode("ascii", "replace")
-            out.write(_MSG.pack(_ERROR, 0, 0, 0, len(what), 0) + what)
-            out.flush()
+            out.send(_MSG.pack(_ERROR, 0, 0, 0, len(what), 0) + what)
+            out.close()
         except BaseException:  # pylint: disable=broad-except  # the parent sees the pipe end
             pass
     finally:
