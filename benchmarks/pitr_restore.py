@@ -6,6 +6,7 @@ plain restore of that snapshot, to a mongodump directory, in the same run.
 
   . scripts/env.sh && python benchmarks/pitr_restore.py                       # 1 GB snapshot, 100,000 events
   python benchmarks/pitr_restore.py --size-mb 200 --events 20000 --repeat 1   # a quick look
+  python benchmarks/pitr_restore.py --fresh    # each restore in a fresh process, as the snapshot_restore module runs one
 
 The job's data is bench.py's (order-like documents, 4 collections, time-ordered ObjectIds). The events are change
 events as a change stream delivers them (raw BSON), sealed into segments of --segment-events events with the
@@ -23,10 +24,12 @@ import argparse
 import cProfile
 import filecmp
 import hashlib
+import json
 import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -156,6 +159,41 @@ def same_tree(a, b):
     return True
 
 
+def fresh_restore(spec):
+    """One restore in this (fresh) process, as the snapshot_restore module runs one: spec {"kind": "plain" or "point",
+    "work", "master" (hex: the benchmark's local master key), "point"}; its measurements as JSON on stdout."""
+    provider = LocalKeys()
+    provider.master = bytes.fromhex(spec["master"])
+    js = store.JobStore(os.path.join(spec["work"], "store"), JOB)
+    out = os.path.join(spec["work"], "plain" if spec["kind"] == "plain" else "pit")
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    res = {}
+    t, c = time.perf_counter(), cpu()
+    keys = store.Keys(js, provider)
+    if spec["kind"] == "plain":
+        restore.restore(js, "latest", keys, restore.DirectoryTarget(out))
+    else:
+        plan = segments.plan_point(js, keys, tuple(spec["point"]))
+        with point_in_time.rebuild(js, keys, plan, work_dir=spec["work"]) as image:
+            t_built = time.perf_counter()
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
+            res.update(execute=time.perf_counter() - t_built, before=t_built - t, path=image.path,
+                       events=image.replayed["events"], loaded=image.loaded_chunks)
+    child = os.times()
+    res.update(seconds=time.perf_counter() - t, cpu=cpu() - c, child_cpu=child.children_user + child.children_system,
+               rss_kib=peak_rss())
+    print(json.dumps(res))
+
+
+def run_fresh(kind, work, provider, point):
+    """fresh_restore in a new interpreter (this script with --child): its measurements."""
+    spec = {"kind": kind, "work": work, "master": provider.master.hex(), "point": list(point)}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], input=json.dumps(spec).encode(),
+                          stdout=subprocess.PIPE, check=True)
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=1024)
@@ -169,9 +207,14 @@ def main():
     ap.add_argument("--profile", metavar="FILE", help="cProfile the last restore to the point into FILE (pstats)")
     ap.add_argument("--sequential", action="store_true",
                     help="the sequential path (replay into a temporary head, then restore) instead of the fast path")
+    ap.add_argument("--fresh", action="store_true",
+                    help="run each restore in a fresh process (as the snapshot_restore module runs one) instead of in this "
+                         "long-lived one, which holds the benchmark's own data (about 500 MB)")
     ap.add_argument("--compare", action="store_true",
                     help="time the sequential path too, in each run after the fast one (same load), and check its output")
     opts = ap.parse_args()
+    if opts.fresh and (opts.sequential or opts.compare or opts.profile):
+        ap.error("--fresh measures the default (fast) path: leave out --sequential, --compare and --profile")
     work = tempfile.mkdtemp(prefix="kmipbackup-pitr-bench-", dir=opts.work or "/var/tmp")
     print("load at start: %s" % open("/proc/loadavg").read().strip(), flush=True)
     try:
@@ -203,6 +246,23 @@ def main():
             replay_cpu.append(time.process_time() - c1)  # the process's CPU (all threads): less sensitive to load
             return r
         for k in range(opts.repeat):
+            if opts.fresh:
+                r = run_fresh("plain", work, provider, point)
+                plain_s.append(r["seconds"])
+                plain_cpu.append(r["cpu"])
+                r = run_fresh("point", work, provider, point)
+                pit_s.append(r["seconds"])
+                pit_cpu.append(r["cpu"])
+                execute_s.append(r["execute"])
+                path, events_done, loaded = r["path"], r["events"], r["loaded"]
+                replay_s.append(r["before"] if path == "overlap" else r["seconds"] - r["execute"])
+                replay_cpu.append(r["child_cpu"])
+                pit_rss.append(r["rss_kib"])
+                other_s.append(0.0)
+                print("  run %d (fresh processes): plain restore %.2f s, restore to the point %.2f s (%s path; before the "
+                      "restore starts %.2f s, replay process %.2f s CPU, %d events, %d chunks loaded)"
+                      % (k + 1, plain_s[-1], pit_s[-1], path, replay_s[-1], replay_cpu[-1], events_done, loaded), flush=True)
+                continue
             out = os.path.join(work, "plain")
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # neither restore pays for writing back what the one before it wrote
@@ -285,7 +345,7 @@ def main():
               % (", sequential path" if seq_cpu else "",
                  ", ".join("%.2f" % statistics.median(x) for x in (plain_cpu, pit_cpu, seq_cpu) if x)))
         if path == "overlap":
-            print("| fast path: read + authenticate segments, pre-scan, read touched chunks, fork (before the restore starts; "
+            print("| fast path: read + authenticate segments, pre-scan, start the replay process (before the restore starts; "
                   "median) | %.2f s |" % r)
             print("| replay in the child process, CPU (median; runs while the untouched chunks are restored) | %.2f s: %.0f "
                   "events per CPU second |" % (statistics.median(replay_cpu), len(rows) / statistics.median(replay_cpu)))
@@ -308,4 +368,7 @@ def main():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--child"]:
+        fresh_restore(json.loads(sys.stdin.read()))
+        sys.exit(0)
     sys.exit(main())
