@@ -10,11 +10,14 @@ this module, events and rawbson (no store, KMIP, crypto, SQLCipher or pymongo cl
 replays: the base's namespaces with their chunks' last keys, counts and sizes, and the window's change records; the
 touched base chunks' plaintext later, from the parent, which reads and authenticates them. No key, no store, no file.
 
-Protocol (little-endian; docs/internals.md, "Restore to a point"). Parent to child, each as _FEED + data: the layout
-(BSON: namespaces with ns, type and chunks [{last, count, bytes}]), the second half of the window's records (raw
-BSON, concatenated), the parent's pre-scan of the first half (_pack_ops), then each touched base chunk's plaintext
-(_FEED with its namespace and range index) in restore order. Child to parent, each as _MSG (+ data): _TOUCHED (the
-ranges its half touches) or _FALLBACK (why not the fast path), then per namespace its touched ranges' _PARTs (cut as
+Protocol (little-endian; docs/internals.md, "Restore to a point"). The window is cut into parts, two per segment: the
+first half of its records (an even part) is the parent's to pre-scan, the second half (odd) the child's. Parent to
+child, each as _FEED + data: the layout (BSON: namespaces with ns, type and chunks [{last, count, bytes}]), sent with
+the first segment that authenticated; the child's parts' records (_RECORDS, part index: raw BSON, concatenated), as the
+segments are read; an empty _NONE record (the records end); the parent's pre-scan of its parts (_PRESCANNED, part index:
+pack_ops), an empty _NONE record; then each touched base chunk's plaintext (_FEED with its namespace and range index)
+in restore order. Child to parent, each as _MSG (+ data): _TOUCHED (the ranges its parts touch) or _FALLBACK (why
+not the fast path: sent as soon as it finds it), then per namespace its touched ranges' _PARTs (cut as
 virtual chunks are, with count and CRC-32) each closed by _RANGE_END, the namespace's totals (_NS_END), and _DONE;
 or _ERROR with an exception's type name only (a message could hold data). The child exits when its input ends early
 (the parent is gone) or when writing fails."""
@@ -40,6 +43,7 @@ except ImportError:  # pragma: no cover (restore.py reports the missing package)
 
 VIRTUAL_CHUNK_BYTES = 1 << 20  # the size virtual chunks (a rebuilt image's ranges) are cut at
 AHEAD_BYTES = 256 << 20  # replayed ranges the child may hold while the parent has not read them yet
+RESTORE_NICENESS = 10  # added to the child's niceness once the restore starts (it replays in the writer's spare time)
 
 _PUT, _DEL, _UPD = 0, 1, 2
 _F_OP, _F_NS, _F_KEY, _F_FULL, _F_DESC = events._OP, events._NS, events._KEY, events._FULL, events._DESC  # pylint: disable=protected-access
@@ -48,11 +52,13 @@ _KB = b"\x02kb\x00"  # a correction's first element (segments)
 # kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
 # CRC-32 (zlib): cheap; the parent hashes what it receives with SHA-256 for the manifest and checks the CRCs against it.
 _MSG = struct.Struct("<BIIQQI")
-_FEED = struct.Struct("<IIQ")  # namespace index, range index (_NONE, _NONE: not a base chunk), bytes: parent to child
+_FEED = struct.Struct("<IIQ")  # namespace index, range index (_NONE, _NONE: not a base chunk; see _RECORDS), bytes: parent to child
 _PART, _RANGE_END, _NS_END, _DONE, _ERROR, _TOUCHED, _FALLBACK = 1, 2, 3, 4, 5, 6, 7
 _WITH_DATA = (_PART, _ERROR, _TOUCHED, _FALLBACK)
 _OP = struct.Struct("<IIBII")  # namespace index, range index, op, key length, payload length (_NONE: none)
 _NONE = 0xFFFFFFFF
+_RECORDS, _PRESCANNED = 0xFFFFFFFE, 0xFFFFFFFD  # _FEED's namespace index for a part of the window (its index as range index):
+# its records (raw BSON, concatenated: one of the child's parts), or the parent's pre-scan of it (pack_ops)
 _ABSENT = object()
 
 PATH_VARIABLE = "KMIPBACKUP_PITR_SYS_PATH"  # the parent's sys.path (JSON): the child's only environment variable
@@ -202,12 +208,18 @@ def _read_exact(f, size: int) -> bytes:
     return data
 
 
+def _read_feed(f) -> tuple:
+    """(namespace index, range index, data) of the parent's next _FEED record."""
+    j, r, size = _FEED.unpack(_read_exact(f, _FEED.size))
+    return j, r, _read_exact(f, size)
+
+
 def _read_fed(f, where: tuple = (_NONE, _NONE)) -> bytes:
     """The data of the parent's next _FEED record, which must be for where."""
-    j, r, size = _FEED.unpack(_read_exact(f, _FEED.size))
+    j, r, data = _read_feed(f)
     if (j, r) != where:
         raise EOFError("the parent's input is out of order")
-    return _read_exact(f, size)
+    return data
 
 
 class _Sender:
@@ -262,9 +274,10 @@ class _Sender:
 
 
 def main() -> None:
-    """The replay process (never returns). It reads the layout and records[half:] and pre-scans them (the parent
-    scans records[:half] meanwhile), sends which ranges they touch (or why the fast path cannot be taken), then takes
-    the parent's pre-scan of records[:half], and for each namespace in order replays each touched range (its base
+    """The replay process (never returns). It reads the layout and pre-scans its parts of the window as they come
+    (the parent scans its own meanwhile), sends which ranges they touch (or why the fast path cannot be taken), then
+    takes the parent's pre-scan of its parts, puts each range's operations in the window's order (by part), and for
+    each namespace in order replays each touched range (its base
     chunk's plaintext comes from the parent too) and sends it cut as virtual chunks are (about VIRTUAL_CHUNK_BYTES),
     then the namespace's totals."""
     code, out = 1, _Sender(1, AHEAD_BYTES)
@@ -273,18 +286,43 @@ def main() -> None:
         inp = os.fdopen(0, "rb", buffering=1 << 20)
         send = out.send
         manifest = bson.decode(_read_fed(inp))
-        later, why = prescan(split_bson_docs(_read_fed(inp)), manifest)
-        if later is None:
-            what = why.encode("utf-8")
-            send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
-            out.close()
-            code = 0
-            return
-        pairs = struct.pack("<%dI" % (2 * len(later)), *[x for jr in sorted(later) for x in jr])
-        send(_MSG.pack(_TOUCHED, 0, 0, len(later), len(pairs), 0) + pairs)
-        groups = unpack_ops(_read_fed(inp))  # the parent's pre-scan of records[:half]: its operations come first
-        for jr, ops in later.items():
-            groups.setdefault(jr, []).extend(ops)
+        parts = {}  # part index -> its operations grouped by range: the child's odd parts, the parent's even ones
+        while True:  # the child's parts of the window, as the parent reads the segments
+            j, r, data = _read_feed(inp)
+            if j == _NONE:
+                break
+            if j != _RECORDS:
+                raise EOFError("the parent's input is out of order")
+            groups, why = prescan(split_bson_docs(data), manifest)
+            if groups is None:
+                what = why.encode("utf-8")
+                send(_MSG.pack(_FALLBACK, 0, 0, 0, len(what), 0) + what)
+                out.close()
+                code = 0
+                return
+            parts[r] = groups
+        touched = sorted({jr for groups in parts.values() for jr in groups})
+        pairs = struct.pack("<%dI" % (2 * len(touched)), *[x for jr in touched for x in jr])
+        send(_MSG.pack(_TOUCHED, 0, 0, len(touched), len(pairs), 0) + pairs)
+        try:
+            os.nice(RESTORE_NICENESS)  # the restore starts: its writer sets the pace, so this process gives way to it
+        except OSError:
+            pass
+        while True:  # the parent's parts, pre-scanned by the parent
+            j, r, data = _read_feed(inp)
+            if j == _NONE:
+                break
+            if j != _PRESCANNED:
+                raise EOFError("the parent's input is out of order")
+            parts[r] = unpack_ops(data)
+        groups = {}
+        for k in sorted(parts):  # each range's operations in the window's order
+            for jr, ops in parts[k].items():
+                have = groups.get(jr)
+                if have is None:
+                    groups[jr] = ops
+                else:
+                    have.extend(ops)
         for j, n in enumerate(manifest["namespaces"]):
             chunks, entries = n["chunks"], []
             for r in range(len(chunks) + 1):

@@ -12,8 +12,9 @@ order, and streams the results over a pipe while restore.execute restores the un
 range is hashed and counted by the parent, each namespace's totals checked at its end, the child's exit status before
 anything is published. The replay process is a fresh interpreter (pitr_replay.main), started before the segments are
 read so that its start-up overlaps their reading; it holds no key and touches no store or file: it is sent the
-base's chunk layout (last keys, counts, sizes), the window's records (once every segment authenticated) and the
-touched base chunks' plaintext. The parent waits for it at most child_timeout seconds at a time, and kills it on any
+base's chunk layout (last keys, counts, sizes), half of each segment's records in the window (once that segment
+authenticated and chain-checked: both processes pre-scan while the next segments are read; a later segment that fails
+stops the restore and the child) and the touched base chunks' plaintext. The parent waits for it at most child_timeout seconds at a time, and kills it on any
 failure. docs/internals.md, "Restore to a point", has the protocol.
 
 The sequential path, for everything else:
@@ -44,6 +45,7 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import select
 import shutil
 import struct
@@ -571,10 +573,11 @@ class _Fast:
     def __init__(self, job_store: JobStore, keys: Keys, timeout: float = CHILD_TIMEOUT, deadline: tuple | None = None) -> None:
         self.job_store, self.keys, self.timeout, self.deadline = job_store, keys, timeout, deadline
         self.manifest = self.base_chunks = self.entry = None
-        self.proc = self.pid = self.poll = self.sender = self.feeder = self.ended = None
+        self.proc = self.pid = self.poll = self.sender = self.feeder = self.ended = self.outbox = None
         self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
         self.finished, self.done, self.used, self.status, self.feed_error = set(), False, False, None, None
         self.loaded = 0  # touched base chunks
+        self.fed = None  # (a base chunk read from the store is awaited, when the last one came): see _store_slow
 
     def spawn(self) -> str | None:
         """Start the replay process: a fresh interpreter that imports pitr_replay as this process does (its sys.path
@@ -593,18 +596,41 @@ class _Fast:
         self.poll.register(self.proc.stdout.fileno(), select.POLLIN)
         return None
 
-    def start(self, manifest: dict, records: list) -> str | None:
-        """Send the replay process the base's layout and the second half of the window's records, and pre-scan the
-        first half while it scans the second; None when the fast path runs (then feed it), else why not."""
+    def begin(self, manifest: dict) -> None:
+        """Get ready to pre-scan the window segment by segment (add), against the base's manifest."""
         self.manifest = manifest
         self.base_chunks = [list(n["chunks"]) for n in manifest["namespaces"]]
-        half = len(records) // 2
-        blobs = [pitr_replay.layout(manifest), b"".join([r[2] for r in records[half:]])]
-        self.sender = self._thread(self._send, blobs)
-        first, why = pitr_replay.prescan([r[2] for r in records[:half]], manifest)
-        del records, blobs
-        if first is None:
+        self.outbox = queue.SimpleQueue()
+        self.mine, self.next_part, self.records, self.events = [], 0, 0, 0
+
+    def add(self, records: list) -> str | None:
+        """One segment's records in the window ([(t, i, raw)], authenticated and chain-checked): the second half goes to
+        the replay process (a sender thread writes it) and the parent pre-scans the first half meanwhile, so both
+        pre-scan while the next segments are read. None, or why the fast path cannot be taken."""
+        if self.sender is None:  # nothing goes to the child before the first segment authenticated
+            self.sender = self._thread(self._send)
+            self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, [pitr_replay.layout(self.manifest)]))  # pylint: disable=protected-access
+        k, half = self.next_part, len(records) // 2
+        self.next_part += 2
+        self.records += len(records)
+        self.events += sum(1 for _t, _i, raw in records if raw[4:8] != pitr_replay._KB)  # pylint: disable=protected-access
+        if half < len(records):  # part k + 1, the child's: joined and written by the sender thread
+            self.outbox.put((pitr_replay._RECORDS, k + 1, [r[2] for r in records[half:]]))  # pylint: disable=protected-access
+        groups, why = pitr_replay.prescan([r[2] for r in records[:half]], self.manifest)
+        if groups is None:
             return why
+        if groups:
+            self.mine.append((k, groups))
+        return None
+
+    def end_scan(self) -> str | None:
+        """The window's last segment added: the replay process's answer, which ranges its parts touch (or why not the
+        fast path); with them the touched set, and the feeder thread started. None when the fast path runs."""
+        if self.sender is None:  # an empty window: the layout alone
+            self.sender = self._thread(self._send)
+            self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, [pitr_replay.layout(self.manifest)]))  # pylint: disable=protected-access
+        self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, []))  # pylint: disable=protected-access  # the records end
+        self.outbox.put(None)
         try:
             kind, _j, _r, data = self._message()
         except RestoreError:  # it could not start (no usable interpreter, an import failed) or died: nothing is lost yet
@@ -614,9 +640,11 @@ class _Fast:
         if kind != pitr_replay._TOUCHED:  # pylint: disable=protected-access
             raise self._error("the replay process said something unexpected")
         pairs = struct.unpack("<%dI" % (len(data) // 4), data)
-        self.touched = set(first) | {(pairs[x], pairs[x + 1]) for x in range(0, len(pairs), 2)}
+        self.touched = {(pairs[x], pairs[x + 1]) for x in range(0, len(pairs), 2)}
+        for _k, groups in self.mine:
+            self.touched.update(groups)
         loads = sorted((j, r) for j, r in self.touched if r < len(self.base_chunks[j]))
-        self.feeder = self._thread(self._feed, first, loads)
+        self.feeder = self._thread(self._feed, loads)
         self.loaded = len(loads)
         return None
 
@@ -631,23 +659,30 @@ class _Fast:
             while view:
                 view = view[self.proc.stdin.write(view):]  # an unbuffered pipe: a write may be partial
 
-    def _send(self, blobs: list) -> None:
-        """The layout and the records (a thread: the parent pre-scans meanwhile, and a stopped child cannot block it)."""
-        try:
-            for data in blobs:
-                self._write(pitr_replay._NONE, pitr_replay._NONE, data)  # pylint: disable=protected-access
-        except OSError:
-            pass  # the child ended: the parent learns why from its pipe
+    def _send(self) -> None:
+        """The layout and the child's parts of the records, as add() queues them, until None (a thread: the parent
+        pre-scans meanwhile, and a stopped child cannot block it). Once a write fails (the child ended: the parent
+        learns why from its pipe) the rest is dropped."""
+        gone = False
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                return
+            if not gone:
+                try:
+                    self._write(item[0], item[1], b"".join(item[2]))
+                except OSError:
+                    gone = True
 
-    def _feed(self, first: dict, loads: list) -> None:
-        """The parent's pre-scan (packed here, while the restore starts), then the touched base chunks to the replay
-        process, in its order (a thread: reads and writes release the GIL)."""
+    def _feed(self, loads: list) -> None:
+        """The parent's parts of the pre-scan (packed here, while the restore starts), then the touched base chunks to
+        the replay process, in its order (a thread: reads and writes release the GIL)."""
         try:
-            ops = pitr_replay.pack_ops(first)
-            del first
             self.sender.join()  # the records first
-            self._write(pitr_replay._NONE, pitr_replay._NONE, ops)  # pylint: disable=protected-access
-            del ops
+            for k, groups in self.mine:
+                self._write(pitr_replay._PRESCANNED, k, pitr_replay.pack_ops(groups))  # pylint: disable=protected-access
+            self.mine = None
+            self._write(pitr_replay._NONE, pitr_replay._NONE, b"")  # pylint: disable=protected-access
             with concurrent.futures.ThreadPoolExecutor(PREREAD_THREADS, thread_name_prefix="kmipbackup-pitr") as pool:
                 todo, ahead = iter(loads), collections.deque()
                 while True:
@@ -659,12 +694,17 @@ class _Fast:
                     if not ahead:
                         break
                     (j, r), f = ahead.popleft()
-                    self._write(j, r, f.result())
+                    self.fed = (True, None)  # the child may wait on this read: its silence is not counted meanwhile
+                    data = f.result()
+                    self.fed = (False, time.monotonic())
+                    self._write(j, r, data)
+                    del data
         except BrokenPipeError:
             pass  # the child ended: the parent learns why from its pipe
         except BaseException as e:  # pylint: disable=broad-except  # a tampered base chunk: raised by the parent
             self.feed_error = e
         finally:
+            self.fed = (False, time.monotonic())  # no read awaited any more (one that failed too)
             self.sender.join()
             try:
                 self.proc.stdin.close()  # its input ends: a child still waiting for a base chunk reports EOFError
@@ -685,6 +725,8 @@ class _Fast:
             if self.deadline is not None and self.deadline[0] - time.monotonic() < wait:  # the restore's own timeout:
                 wait, late = max(0.0, self.deadline[0] - time.monotonic()), True  # no wait on the child outlasts it
             if not self.poll.poll(int(wait * 1000)):
+                if not late and self._store_slow():
+                    continue  # the child may be waiting for a base chunk the store is slow to give: its silence counts later
                 raise _Silent(late)
             data = os.read(fd, size)  # never more than asked for: nothing to keep for the next read
             if not data:
@@ -692,6 +734,11 @@ class _Fast:
             parts.append(data)
             size -= len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _store_slow(self) -> bool:
+        """Whether the feeder is reading a base chunk from the store, or finished one within the last timeout s."""
+        fed = self.fed
+        return fed is not None and (fed[0] or time.monotonic() - fed[1] < self.timeout)
 
     def _ended(self, what: str, grace: float = 1) -> Exception:
         """The child ended early (grace: the seconds its exit may take) or stopped answering (0): make sure it is
@@ -799,6 +846,8 @@ class _Fast:
     def close(self) -> None:
         if self.proc is None:
             return
+        if self.outbox is not None:
+            self.outbox.put(None)  # a sender still waiting for parts ends (the fast path was not taken)
         self.stop()
         for t in (self.sender, self.feeder):
             if t is not None:
@@ -848,9 +897,9 @@ class _ChildSource(restore.SnapshotSource):
         self.fast.finish()
 
 
-def _fast_image(fast: _Fast, plan: dict, manifest: dict, records: list, used: int) -> tuple[Image | None, str | None]:
-    """(the image restore.execute reads through _ChildSource, None) with the replay process (fast.spawn()ed) running,
-    or (None, why the fast path is not taken)."""
+def _fast_image(fast: _Fast, plan: dict, manifest: dict, used: int) -> tuple[Image | None, str | None]:
+    """(the image restore.execute reads through _ChildSource, None) with the replay process (fast.spawn()ed, every
+    segment of the window add()ed) running, or (None, why the fast path is not taken)."""
     job_store, keys = fast.job_store, fast.keys
     for key_id in sorted({c["key"] for n in manifest["namespaces"] for c in n["chunks"] if c.get("key")}):
         keys.key(key_id)  # every data key unwrapped before the restore starts: no KMIP call mid-way
@@ -858,7 +907,7 @@ def _fast_image(fast: _Fast, plan: dict, manifest: dict, records: list, used: in
     fast.entry = entry = dict(base)
     entry.update(snapshot_id=point_id(base["snapshot_id"], plan["point"]), cluster_time=list(plan["point"]),
                  base_snapshot_id=base["snapshot_id"], restore_info_lines=info_lines(plan))
-    why = fast.start(manifest, records)
+    why = fast.end_scan()
     if why is not None:
         return None, why
     fast.manifest = {"format": 1, "job": job_store.job, "snapshot_id": entry["snapshot_id"], "cluster_time": list(plan["point"]),
@@ -870,8 +919,7 @@ def _fast_image(fast: _Fast, plan: dict, manifest: dict, records: list, used: in
                                      "hash": n["hash"]} for n in manifest["namespaces"]]}
     store = RebuiltStore(job_store, None, entry)
     store.fast = fast
-    events_n = sum(1 for _t, _i, raw in records if raw[4:8] != pitr_replay._KB)  # pylint: disable=protected-access
-    image = Image(entry, fast.manifest, store, {"events": events_n, "records": len(records), "segments": used}, fast.loaded)
+    image = Image(entry, fast.manifest, store, {"events": fast.events, "records": fast.records, "segments": used}, fast.loaded)
     image.path, image.child_pid = "overlap", fast.pid
     return image, None
 
@@ -932,20 +980,36 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
         manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
         read = None
         if replay is None:
-            # the fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially
-            rest, read, size = segments.read_segments(job_store, keys, plan["segments"]), [], 0
-            for item in rest:
-                read.append(item)
-                size += sum(len(r[2]) for r in item[1])
+            # each segment is pre-scanned (fast.add) as soon as it is read and authenticated, while the next are read.
+            # The fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially
+            rest, read, size, used = segments.read_segments(job_store, keys, plan["segments"]), [], 0, 0
+            if why is None:
+                fast.begin(manifest)
+
+            def kept():
+                nonlocal size
+                for item in rest:
+                    read.append(item)  # what the sequential path replays if the fast one is not taken
+                    size += sum(len(r[2]) for r in item[1])
+                    yield item
+            src = kept()
+            for _seg, recs in segments.window_parts(plan, src):
                 if size > FAST_WINDOW_BYTES:
-                    why = why or "the window holds more than %d MiB of changes" % (FAST_WINDOW_BYTES >> 20)
-                    read = itertools.chain(read, rest)
                     break
+                used += 1
+                if why is None:
+                    why = fast.add(recs)
+            else:
+                for _item in src:  # any segment of the plan past the point's record: authenticated all the same
+                    if size > FAST_WINDOW_BYTES:
+                        break
+            if size > FAST_WINDOW_BYTES:
+                why = why or "the window holds more than %d MiB of changes" % (FAST_WINDOW_BYTES >> 20)
+                read = itertools.chain(read, rest)
         if read is not None and why is None:
-            records, used = segments.window(plan, read)
-            image, why = _fast_image(fast, plan, manifest, records, used)
+            image, why = _fast_image(fast, plan, manifest, used)
             if image is not None:
-                read = records = None  # the child has its copy: not kept through the restore
+                read = None  # the child has its copy: not kept through the restore
                 if progress is not None:
                     progress(image.replayed["events"], used, len(plan["segments"]))
                 yield image

@@ -3,7 +3,8 @@ restore.execute restores the base's untouched chunks): through real sealed segme
 the sequential path (a temporary head) restores and what the capture's own head held at the point, to a directory and
 an archive, with include/exclude; a DDL event in the window takes the sequential path (and says why); a replay process
 killed or stopped (hung) before or mid-way, or one whose totals do not add up, fails the restore with the target put
-back; a tampered segment is named before the replay process is sent anything and before anything is written; the
+back; a tampered segment is named before anything of it reaches the replay process (the first: before it is sent
+anything) and before anything is written; the
 replay process is a fresh interpreter given no key; no plaintext in the restore's temporary files. Real SQLCipher
 heads, a folder store, a local key provider."""
 import json
@@ -11,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -141,6 +143,37 @@ def test_a_tampered_segment_is_named_before_anything_is_sent_or_written(lab, mon
     assert sent == []
 
 
+def test_a_tampered_later_segment_is_named_and_none_of_it_reaches_the_replay_process(lab, monkeypatch):
+    """The segments are pre-scanned as they are read, so the child gets the parts of the segments that authenticated
+    before a later one fails: that one is named, nothing of it reaches the child, the child is stopped and reaped, and
+    nothing is written."""
+    RecordingPopen.seen, RecordingPopen.procs = [], []
+    monkeypatch.setattr(point_in_time.subprocess, "Popen", RecordingPopen)
+    js, keys = lab["js"], lab["keys"]
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    plan = segments.plan_point(js, keys, point)
+    assert len(plan["segments"]) >= 2
+    last = plan["segments"][-1]
+    read = list(segments.read_segments(js, keys, plan["segments"]))  # before the tampering: each segment's records
+    earlier = [bytes(raw) for _s, recs in read[:-1] for _t, _i, raw in recs]
+    its = [bytes(raw) for _t, _i, raw in read[-1][1]]
+    assert its and not set(its) & set(earlier)
+    saved = flip_a_byte(os.path.join(str(lab["tmp"] / "store"), "job", "segments", last["name"]))
+    out = str(lab["tmp"] / "tampered-later")
+    try:
+        with pytest.raises(IntegrityError, match=last["name"]):
+            restore_point(lab, point, out)
+    finally:
+        open(os.path.join(str(lab["tmp"] / "store"), "job", "segments", last["name"]), "wb").write(saved)
+    assert not os.path.exists(out)
+    (_args, _kw, sent), = RecordingPopen.seen
+    given = b"".join(sent)
+    assert any(raw in given for raw in earlier)  # the segments before it were pre-scanned as they came
+    assert not any(raw in given for raw in its)
+    proc, = RecordingPopen.procs
+    assert proc.returncode is not None  # stopped and reaped
+
+
 def test_a_tampered_touched_base_chunk_is_named_and_nothing_is_written(lab):
     js, keys = lab["js"], lab["keys"]
     manifest = js.read_manifest(lab["base"]["snapshot_id"], keys)
@@ -186,6 +219,34 @@ def test_a_window_larger_than_the_fast_paths_memory_streams_sequentially(lab, mo
     out = str(lab["tmp"] / "capped")
     image, _summary = restore_point(lab, point, out)
     assert image.path == "sequential" and "MiB of changes" in image.why
+    assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
+
+
+def test_a_slow_store_read_of_a_touched_base_chunk_is_not_taken_for_a_silent_replay_process(lab, monkeypatch):
+    """The child waits for the base chunks the parent reads from the store: while such a read is slow (here 2 s, four
+    times the child's timeout), the child's silence is the store's, so the restore waits instead of killing it."""
+    js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
+    fasts, slow = [], []
+    real_feed, real_read = point_in_time._Fast._feed, js.read_chunk
+
+    def feed(fast, loads):
+        fast.timeout = 0.5  # made short only now: a loaded machine may be slow to start the child
+        fasts.append(fast)
+        return real_feed(fast, loads)
+
+    def read_chunk(entry, keys_):
+        data = real_read(entry, keys_)
+        if threading.current_thread().name.startswith("kmipbackup-pitr") and not slow:
+            slow.append(entry["id"])
+            time.sleep(2)
+            fasts[0].timeout = 60  # past the slow read: a loaded machine may be slow to replay
+        return data
+    monkeypatch.setattr(point_in_time._Fast, "_feed", feed)
+    monkeypatch.setattr(js, "read_chunk", read_chunk)
+    point = max(p for p in lab["images"] if p < lab["ddl"])
+    out = str(tmp / "slow-store")
+    image, _summary = restore_point(lab, point, out)
+    assert image.path == "overlap" and slow and fasts
     assert restored_dir(out) == {ns: docs for ns, docs in lab["images"][point].items() if docs}
 
 
@@ -253,12 +314,13 @@ def test_a_hung_replay_process_does_not_hold_the_restore_past_its_timeout(lab, m
 
 class RecordingPopen(subprocess.Popen):
     """subprocess.Popen that records its arguments and every byte written to the child's standard input."""
-    seen = []
+    seen, procs = [], []
 
     def __init__(self, args, **kw):
         super().__init__(args, **kw)
         sent = []
         RecordingPopen.seen.append((args, kw, sent))
+        RecordingPopen.procs.append(self)
         stdin = self.stdin
 
         class Tee:
