@@ -15,8 +15,10 @@ segments module's own sealing and chain, after the snapshot's cluster time:
                           of each collection, 10% deletes among them: what an order system does;
   --mix uniform:          the same, with updates and deletes spread uniformly over every document (worst case: the
                           replay touches nearly every chunk, so the whole snapshot is loaded into the temporary head).
-Plain restore and restore-to-point alternate, --repeat times; medians are printed. The point-in-time output is
-checked byte for byte against the snapshot's head with the same events applied by the capture's applier. Keys come
+Plain restore and restore-to-point alternate, --repeat times; medians are printed. --settle S waits S seconds after
+removing the previous output before each timed restore, so that both write into the same kind of pages (settle()).
+The point-in-time output is checked byte for byte against the snapshot's head with the same events applied by the
+capture's applier. Keys come
 from a local key provider (a restore makes O(key epochs) KMIP calls, none in the timed loop). Say the load
 (uptime) next to the figures: the machine may be shared.
 """
@@ -139,6 +141,18 @@ def peak_rss():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def settle(out, seconds):
+    """Remove the previous run's output, flush, then wait seconds before the timed restore starts. On a VM whose balloon
+    driver reports free pages to the host, the pages a removal frees go back to the host within a second or so, and
+    writing into them again costs more (benchmarks/page_reuse.py: 1 GB in 0.3 s at once, 1.1 s four seconds later). A
+    restore that writes at once (the plain one) may so get cheaper pages than one that reads and pre-scans first (the
+    restore to a point): --settle 3 puts both on the same footing. Measured here, it slowed both alike (the ratio's
+    median moved from 2.03x to 2.05-2.14x), so it is not the default."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # neither restore pays for writing back what the one before it wrote
+    time.sleep(seconds)
+
+
 def cpu():
     """CPU seconds of this process (all threads) and of its reaped children (the replay process): less sensitive to
     a shared machine's load than wall time."""
@@ -166,8 +180,7 @@ def fresh_restore(spec):
     provider.master = bytes.fromhex(spec["master"])
     js = store.JobStore(os.path.join(spec["work"], "store"), JOB)
     out = os.path.join(spec["work"], "plain" if spec["kind"] == "plain" else "pit")
-    shutil.rmtree(out, ignore_errors=True)
-    os.sync()
+    settle(out, spec["settle"])
     res = {}
     t, c = time.perf_counter(), cpu()
     keys = store.Keys(js, provider)
@@ -186,9 +199,9 @@ def fresh_restore(spec):
     print(json.dumps(res))
 
 
-def run_fresh(kind, work, provider, point):
+def run_fresh(kind, work, provider, point, settle_s):
     """fresh_restore in a new interpreter (this script with --child): its measurements."""
-    spec = {"kind": kind, "work": work, "master": provider.master.hex(), "point": list(point)}
+    spec = {"kind": kind, "work": work, "master": provider.master.hex(), "point": list(point), "settle": settle_s}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], input=json.dumps(spec).encode(),
                           stdout=subprocess.PIPE, check=True)
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -203,6 +216,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long after removing the previous output before each timed restore (see settle())")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the last restore to the point into FILE (pstats)")
     ap.add_argument("--sequential", action="store_true",
@@ -216,7 +231,8 @@ def main():
     if opts.fresh and (opts.sequential or opts.compare or opts.profile):
         ap.error("--fresh measures the default (fast) path: leave out --sequential, --compare and --profile")
     work = tempfile.mkdtemp(prefix="kmipbackup-pitr-bench-", dir=opts.work or "/var/tmp")
-    print("load at start: %s" % open("/proc/loadavg").read().strip(), flush=True)
+    print("load at start: %s; each timed restore starts %g s after the previous output was removed (--settle)"
+          % (open("/proc/loadavg").read().strip(), opts.settle), flush=True)
     try:
         gen = Generator(opts.seed)
         total_docs = int(opts.size_mb * 1e6 / 600)
@@ -247,10 +263,10 @@ def main():
             return r
         for k in range(opts.repeat):
             if opts.fresh:
-                r = run_fresh("plain", work, provider, point)
+                r = run_fresh("plain", work, provider, point, opts.settle)
                 plain_s.append(r["seconds"])
                 plain_cpu.append(r["cpu"])
-                r = run_fresh("point", work, provider, point)
+                r = run_fresh("point", work, provider, point, opts.settle)
                 pit_s.append(r["seconds"])
                 pit_cpu.append(r["cpu"])
                 execute_s.append(r["execute"])
@@ -264,17 +280,15 @@ def main():
                       % (k + 1, plain_s[-1], pit_s[-1], path, replay_s[-1], replay_cpu[-1], events_done, loaded), flush=True)
                 continue
             out = os.path.join(work, "plain")
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()  # neither restore pays for writing back what the one before it wrote
+            settle(out, opts.settle)
             t, c = time.perf_counter(), cpu()
             restore.restore(js, "latest", store.Keys(js, provider), restore.DirectoryTarget(out))
             plain_s.append(time.perf_counter() - t)
             plain_cpu.append(cpu() - c)
 
             out = os.path.join(work, "pit")
-            shutil.rmtree(out, ignore_errors=True)
+            settle(out, opts.settle)
             rss = reset_peak_rss()
-            os.sync()
             prof = None
             if opts.profile and k == opts.repeat - 1:
                 prof = cProfile.Profile()
@@ -308,8 +322,7 @@ def main():
                                          replay_cpu[-1], events_done, loaded), flush=True)
             if opts.compare:
                 out = os.path.join(work, "seq")
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()
+                settle(out, opts.settle)
                 t, c = time.perf_counter(), cpu()
                 k_keys = store.Keys(js, provider)
                 plan = segments.plan_point(js, k_keys, point)

@@ -14,8 +14,9 @@ anything is published. The replay process is a fresh interpreter (pitr_replay.ma
 read so that its start-up overlaps their reading; it holds no key and touches no store or file: it is sent the
 base's chunk layout (last keys, counts, sizes), half of each segment's records in the window (once that segment
 authenticated and chain-checked: both processes pre-scan while the next segments are read; a later segment that fails
-stops the restore and the child) and the touched base chunks' plaintext. The parent waits for it at most child_timeout seconds at a time, and kills it on any
-failure. docs/internals.md, "Restore to a point", has the protocol.
+stops the restore and the child) and the touched base chunks' plaintext. The parent waits for it at most
+child_timeout seconds at a time (not counting a store read it waits on), and kills it on any failure.
+docs/internals.md, "Restore to a point", has the protocol.
 
 The sequential path, for everything else:
 
