@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover (restore.py reports the missing package)
 
 VIRTUAL_CHUNK_BYTES = 1 << 20  # the size virtual chunks (a rebuilt image's ranges) are cut at
 AHEAD_BYTES = 256 << 20  # replayed ranges the child may hold while the parent has not read them yet
-RESTORE_NICENESS = 10  # added to the child's niceness once the restore starts (it replays in the writer's spare time)
 
 _PUT, _DEL, _UPD = 0, 1, 2
 _F_OP, _F_NS, _F_KEY, _F_FULL, _F_DESC = events._OP, events._NS, events._KEY, events._FULL, events._DESC  # pylint: disable=protected-access
@@ -304,10 +303,6 @@ def main() -> None:
         touched = sorted({jr for groups in parts.values() for jr in groups})
         pairs = struct.pack("<%dI" % (2 * len(touched)), *[x for jr in touched for x in jr])
         send(_MSG.pack(_TOUCHED, 0, 0, len(touched), len(pairs), 0) + pairs)
-        try:
-            os.nice(RESTORE_NICENESS)  # the restore starts: its writer sets the pace, so this process gives way to it
-        except OSError:
-            pass
         while True:  # the parent's parts, pre-scanned by the parent
             j, r, data = _read_feed(inp)
             if j == _NONE:

@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import queue
 import select
@@ -574,11 +575,11 @@ class _Fast:
     def __init__(self, job_store: JobStore, keys: Keys, timeout: float = CHILD_TIMEOUT, deadline: tuple | None = None) -> None:
         self.job_store, self.keys, self.timeout, self.deadline = job_store, keys, timeout, deadline
         self.manifest = self.base_chunks = self.entry = None
-        self.proc = self.pid = self.poll = self.sender = self.feeder = self.ended = self.outbox = None
+        self.proc = self.pid = self.stdin = self.poll = self.sender = self.feeder = self.ended = self.outbox = None
         self.touched, self.parts, self.claims = set(), {}, {}  # parts: (j, r) -> [entry]; claims: j -> the child's totals
         self.finished, self.done, self.used, self.status, self.feed_error = set(), False, False, None, None
         self.loaded = 0  # touched base chunks
-        self.fed = None  # (a base chunk read from the store is awaited, when the last one came): see _store_slow
+        self.fed = None  # (a base chunk read from the store is awaited, when the last one came): see _read
 
     def spawn(self) -> str | None:
         """Start the replay process: a fresh interpreter that imports pitr_replay as this process does (its sys.path
@@ -592,7 +593,7 @@ class _Fast:
                 stderr=subprocess.DEVNULL, close_fds=True, bufsize=0, env={pitr_replay.PATH_VARIABLE: json.dumps(sys.path)})
         except OSError as e:
             return "the replay process could not be started (%s)" % type(e).__name__
-        self.pid = self.proc.pid
+        self.pid, self.stdin = self.proc.pid, self.proc.stdin  # stdin: the threads' own, as close() may drop proc first
         self.poll = select.poll()
         self.poll.register(self.proc.stdout.fileno(), select.POLLIN)
         return None
@@ -634,6 +635,8 @@ class _Fast:
         self.outbox.put(None)
         try:
             kind, _j, _r, data = self._message()
+        except RestoreTimeout:
+            raise  # the restore's own deadline passed: not a reason to start over sequentially
         except RestoreError:  # it could not start (no usable interpreter, an import failed) or died: nothing is lost yet
             return "the replay process failed before its pre-scan: %s" % self.ended
         if kind == pitr_replay._FALLBACK:  # pylint: disable=protected-access
@@ -658,7 +661,7 @@ class _Fast:
         for part in (pitr_replay._FEED.pack(j, r, len(data)), data):  # pylint: disable=protected-access
             view = memoryview(part)
             while view:
-                view = view[self.proc.stdin.write(view):]  # an unbuffered pipe: a write may be partial
+                view = view[self.stdin.write(view):]  # an unbuffered pipe: a write may be partial
 
     def _send(self) -> None:
         """The layout and the child's parts of the records, as add() queues them, until None (a thread: the parent
@@ -684,7 +687,8 @@ class _Fast:
                 self._write(pitr_replay._PRESCANNED, k, pitr_replay.pack_ops(groups))  # pylint: disable=protected-access
             self.mine = None
             self._write(pitr_replay._NONE, pitr_replay._NONE, b"")  # pylint: disable=protected-access
-            with concurrent.futures.ThreadPoolExecutor(PREREAD_THREADS, thread_name_prefix="kmipbackup-pitr") as pool:
+            pool = concurrent.futures.ThreadPoolExecutor(PREREAD_THREADS, thread_name_prefix="kmipbackup-pitr")
+            try:
                 todo, ahead = iter(loads), collections.deque()
                 while True:
                     while len(ahead) < 2 * PREREAD_THREADS:  # a few chunks in flight, not the whole snapshot
@@ -700,6 +704,8 @@ class _Fast:
                     self.fed = (False, time.monotonic())
                     self._write(j, r, data)
                     del data
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)  # stopped early: reads in flight are not waited for
         except BrokenPipeError:
             pass  # the child ended: the parent learns why from its pipe
         except BaseException as e:  # pylint: disable=broad-except  # a tampered base chunk: raised by the parent
@@ -708,7 +714,7 @@ class _Fast:
             self.fed = (False, time.monotonic())  # no read awaited any more (one that failed too)
             self.sender.join()
             try:
-                self.proc.stdin.close()  # its input ends: a child still waiting for a base chunk reports EOFError
+                self.stdin.close()  # its input ends: a child still waiting for a base chunk reports EOFError
             except OSError:
                 pass
 
@@ -719,34 +725,43 @@ class _Fast:
                             "put back as it was: restore again." % what)
 
     def _read(self, size: int) -> bytes | None:
-        """size bytes from the child (None: its output ended first); _Silent when it sends nothing for timeout s."""
+        """size bytes from the child (None: its output ended first); _Silent when it sends nothing for timeout s, counted
+        from the later of this call, its last bytes and the last base chunk it was sent, and not while the feeder waits
+        for a base chunk from the store (the child may be waiting for it: a slow store is not a hung child)."""
         parts, fd = [], self.proc.stdout.fileno()
+        since = time.monotonic()
         while size:
-            wait, late = self.timeout, False
-            if self.deadline is not None and self.deadline[0] - time.monotonic() < wait:  # the restore's own timeout:
-                wait, late = max(0.0, self.deadline[0] - time.monotonic()), True  # no wait on the child outlasts it
-            if not self.poll.poll(int(wait * 1000)):
-                if not late and self._store_slow():
-                    continue  # the child may be waiting for a base chunk the store is slow to give: its silence counts later
+            now, fed = time.monotonic(), self.fed
+            if fed is not None:
+                since = now if fed[0] else max(since, fed[1])
+            wait, late = since + self.timeout - now, False
+            if self.deadline is not None and self.deadline[0] - now < wait:  # the restore's own timeout:
+                wait, late = self.deadline[0] - now, True  # no wait on the child outlasts it
+            if not self.poll.poll(max(0, math.ceil(wait * 1000))):
+                fed = self.fed
+                if not late and fed is not None and (fed[0] or fed[1] > since):
+                    continue  # a base chunk came from the store meanwhile, or is still coming: the silence counts later
+                if wait > 0 and time.monotonic() < since + self.timeout and not late:
+                    continue  # woken early
                 raise _Silent(late)
             data = os.read(fd, size)  # never more than asked for: nothing to keep for the next read
             if not data:
                 return None
             parts.append(data)
             size -= len(data)
+            since = time.monotonic()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _store_slow(self) -> bool:
-        """Whether the feeder is reading a base chunk from the store, or finished one within the last timeout s."""
-        fed = self.fed
-        return fed is not None and (fed[0] or time.monotonic() - fed[1] < self.timeout)
+    def _remaining(self) -> float | None:
+        """Seconds to the restore's deadline (None: no deadline)."""
+        return None if self.deadline is None else max(0.0, self.deadline[0] - time.monotonic())
 
     def _ended(self, what: str, grace: float = 1) -> Exception:
         """The child ended early (grace: the seconds its exit may take) or stopped answering (0): make sure it is
         gone, then say why."""
         self.stop(grace)
         if self.feeder is not None:
-            self.feeder.join()
+            self.feeder.join(self._remaining())  # it may be in a store read that outlasts the restore's deadline
         self.ended = what % _status_text(self.status)
         return self._error(self.ended)
 
@@ -852,10 +867,12 @@ class _Fast:
         self.stop()
         for t in (self.sender, self.feeder):
             if t is not None:
-                t.join()  # the child is gone: their writes fail at once
-        self.proc.stdin.close()
+                t.join(self._remaining())  # the child is gone: their writes fail at once (a store read may not end)
+        if self.feeder is None or not self.feeder.is_alive():
+            self.stdin.close()  # else the feeder's own finally closes it, once its store read ends
         self.proc.stdout.close()
         self.proc = None
+        self.mine = self.outbox = None  # the pre-scan is not kept through a sequential replay
 
 
 class _ChildSource(restore.SnapshotSource):

@@ -149,6 +149,8 @@ def test_a_tampered_later_segment_is_named_and_none_of_it_reaches_the_replay_pro
     nothing is written."""
     RecordingPopen.seen, RecordingPopen.procs = [], []
     monkeypatch.setattr(point_in_time.subprocess, "Popen", RecordingPopen)
+    added, real_add = [], point_in_time._Fast.add
+    monkeypatch.setattr(point_in_time._Fast, "add", lambda fast, records: (added.append(len(records)), real_add(fast, records))[1])
     js, keys = lab["js"], lab["keys"]
     point = max(p for p in lab["images"] if p < lab["ddl"])
     plan = segments.plan_point(js, keys, point)
@@ -166,9 +168,9 @@ def test_a_tampered_later_segment_is_named_and_none_of_it_reaches_the_replay_pro
     finally:
         open(os.path.join(str(lab["tmp"] / "store"), "job", "segments", last["name"]), "wb").write(saved)
     assert not os.path.exists(out)
+    assert len(added) == len(read) - 1 and sum(added) > 0  # the segments before it were pre-scanned as they came
     (_args, _kw, sent), = RecordingPopen.seen
     given = b"".join(sent)
-    assert any(raw in given for raw in earlier)  # the segments before it were pre-scanned as they came
     assert not any(raw in given for raw in its)
     proc, = RecordingPopen.procs
     assert proc.returncode is not None  # stopped and reaped
@@ -310,6 +312,55 @@ def test_a_hung_replay_process_does_not_hold_the_restore_past_its_timeout(lab, m
         with pytest.raises(ProcessLookupError):
             os.kill(image.child_pid, 0)  # killed and reaped
     assert not os.path.exists(out) and not os.path.exists(out + "." + restore.RESTORE_INFO)
+
+
+def test_a_store_read_that_hangs_does_not_hold_the_restore_past_its_timeout(lab, monkeypatch):
+    """A touched base chunk whose store read outlasts the restore's deadline (here 6 s against 1 s): the restore ends
+    with RestoreTimeout at the deadline, not when the read returns, the child is killed and the target put back."""
+    js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
+    real_read, fasts, slow = js.read_chunk, [], []
+    real_feed = point_in_time._Fast._feed
+
+    def feed(fast, loads):
+        fast.deadline = (time.monotonic() + 1, 9)  # set only now: a loaded machine may be slow to start the child
+        fasts.append(fast)
+        return real_feed(fast, loads)
+
+    def read_chunk(entry, keys_):
+        if threading.current_thread().name.startswith("kmipbackup-pitr") and not slow:
+            slow.append(time.monotonic())
+            time.sleep(6)
+        return real_read(entry, keys_)
+    monkeypatch.setattr(point_in_time._Fast, "_feed", feed)
+    monkeypatch.setattr(js, "read_chunk", read_chunk)
+    plan = segments.plan_point(js, keys, max(p for p in lab["images"] if p < lab["ddl"]))
+    out = str(tmp / "hung-store")
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp), child_timeout=60, deadline=(time.monotonic() + 3600, 3600)) as image:
+        assert image.path == "overlap"
+        with pytest.raises(RestoreTimeout, match=r"ran past its timeout of 9 s"):
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
+        assert slow and time.monotonic() - fasts[0].deadline[0] < 3  # at the deadline, not when the read returns
+    assert time.monotonic() - fasts[0].deadline[0] < 3  # leaving the context does not wait for the read either
+    with pytest.raises(ProcessLookupError):
+        os.kill(image.child_pid, 0)  # killed and reaped
+    assert not os.path.exists(out) and not os.path.exists(out + "." + restore.RESTORE_INFO)
+
+
+@pytest.mark.parametrize("how", ["ddl", "cap"])
+def test_the_pre_scan_is_not_held_through_a_sequential_replay(lab, monkeypatch, how):
+    """When the fast path is given up after some segments were pre-scanned (a DDL event, the memory cap), what the
+    parent pre-scanned is dropped with the replay process, not held while the sequential path replays."""
+    js, keys, fasts = lab["js"], lab["keys"], []
+    real = point_in_time._Fast.begin
+    monkeypatch.setattr(point_in_time._Fast, "begin", lambda f, m: (fasts.append(f), real(f, m))[1])
+    point = lab["ddl"] if how == "ddl" else max(p for p in lab["images"] if p < lab["ddl"])
+    plan = segments.plan_point(js, keys, point)
+    if how == "cap":
+        first = next(iter(segments.read_segments(js, keys, plan["segments"])))
+        monkeypatch.setattr(point_in_time, "FAST_WINDOW_BYTES", sum(len(r[2]) for r in first[1]))
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(lab["tmp"])) as image:
+        assert image.path == "sequential" and fasts[0].proc is None
+        assert not fasts[0].mine
 
 
 class RecordingPopen(subprocess.Popen):
