@@ -227,7 +227,7 @@ def test_a_window_larger_than_the_fast_paths_memory_streams_sequentially(lab, mo
 def test_a_slow_store_read_of_a_touched_base_chunk_is_not_taken_for_a_silent_replay_process(lab, monkeypatch):
     """The child waits for the base chunks the parent reads from the store: while such a read is slow (here 2 s, four
     times the child's timeout), the child's silence is the store's, so the restore waits instead of killing it."""
-    js, keys, tmp = lab["js"], lab["keys"], lab["tmp"]
+    js, tmp = lab["js"], lab["tmp"]
     fasts, slow = [], []
     real_feed, real_read = point_in_time._Fast._feed, js.read_chunk
 
