@@ -609,9 +609,7 @@ class _Fast:
         """One segment's records in the window ([(t, i, raw)], authenticated and chain-checked): the second half goes to
         the replay process (a sender thread writes it) and the parent pre-scans the first half meanwhile, so both
         pre-scan while the next segments are read. None, or why the fast path cannot be taken."""
-        if self.sender is None:  # nothing goes to the child before the first segment authenticated
-            self.sender = self._thread(self._send)
-            self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, [pitr_replay.layout(self.manifest)]))  # pylint: disable=protected-access
+        self._start_sender()  # with the first segment that authenticated: nothing goes to the child before
         k, half = self.next_part, len(records) // 2
         self.next_part += 2
         self.records += len(records)
@@ -625,12 +623,16 @@ class _Fast:
             self.mine.append((k, groups))
         return None
 
+    def _start_sender(self) -> None:
+        """The sender thread started, the layout first in its queue (once)."""
+        if self.sender is None:
+            self.sender = self._thread(self._send)
+            self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, [pitr_replay.layout(self.manifest)]))  # pylint: disable=protected-access
+
     def end_scan(self) -> str | None:
         """The window's last segment added: the replay process's answer, which ranges its parts touch (or why not the
         fast path); with them the touched set, and the feeder thread started. None when the fast path runs."""
-        if self.sender is None:  # an empty window: the layout alone
-            self.sender = self._thread(self._send)
-            self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, [pitr_replay.layout(self.manifest)]))  # pylint: disable=protected-access
+        self._start_sender()  # an empty window: the layout alone
         self.outbox.put((pitr_replay._NONE, pitr_replay._NONE, []))  # pylint: disable=protected-access  # the records end
         self.outbox.put(None)
         try:

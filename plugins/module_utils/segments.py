@@ -555,20 +555,11 @@ def read_segments(job_store: JobStore, keys: Keys, segs: list):
                 f.cancel()
 
 
-def window(plan: dict, read: list) -> tuple[list, int]:
-    """([(t, i, raw)] the replay applies, segments it uses) from read, the plan's segments as read_segments yields
-    them: every record after the snapshot's cluster time up to and including the point, in order (replay's rule: a
-    record at its segment's start and the snapshot's time is a correction made after a cut there)."""
-    out, used = [], 0
-    for _seg, recs in window_parts(plan, read):
-        out.extend(recs)
-        used += 1
-    return out, used
-
-
 def window_parts(plan: dict, read):
-    """window() one segment at a time: (segment, its records in the window) for each segment it uses, as read yields
-    them (nothing of a segment after the one that holds the point is taken from read)."""
+    """(segment, [(t, i, raw)] of its records the replay applies) for each segment it uses, from read, the plan's
+    segments as read_segments yields them: every record after the snapshot's cluster time up to and including the
+    point, in order (replay's rule: a record at its segment's start and the snapshot's time is a correction made after
+    a cut there). Nothing of a segment after the one that holds the point is taken from read."""
     point, after = tuple(plan["point"]), tuple(plan["snapshot"]["cluster_time"])
     for seg, recs in read:
         start, out = tuple(seg["from"]), []
