@@ -739,12 +739,10 @@ class _Fast:
             wait, late = since + self.timeout - now, False
             if self.deadline is not None and self.deadline[0] - now < wait:  # the restore's own timeout:
                 wait, late = self.deadline[0] - now, True  # no wait on the child outlasts it
-            if not self.poll.poll(max(0, math.ceil(wait * 1000))):
+            if not self.poll.poll(max(0, math.ceil(wait * 1000))):  # rounded up: an empty poll means wait has passed
                 fed = self.fed
                 if not late and fed is not None and (fed[0] or fed[1] > since):
                     continue  # a base chunk came from the store meanwhile, or is still coming: the silence counts later
-                if wait > 0 and time.monotonic() < since + self.timeout and not late:
-                    continue  # woken early
                 raise _Silent(late)
             data = os.read(fd, size)  # never more than asked for: nothing to keep for the next read
             if not data:
