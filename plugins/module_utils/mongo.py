@@ -10,6 +10,7 @@ raw BSON and run as commands, so names pymongo's Collection refuses ("a..b", "x.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Iterator
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import KmipBackupError
@@ -65,11 +66,13 @@ def split_namespace(ns: str) -> tuple[str, str]:
     return db, coll
 
 
-def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = None, batch_size: int | None = None) -> Iterator[bytes]:
+def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = None, batch_size: int | None = None,
+                     read_concern: dict | None = None) -> Iterator[bytes]:
     """Raw batches (concatenated BSON documents) of a find on namespace ns. pymongo's
     Collection.find_raw_batches joins each server batch in C, without an object per document; for
     names its Collection refuses but the server accepts ("a..b", "x.") the find and getMore run as
-    raw commands instead. The cursor is closed (killCursors) when the generator is."""
+    raw commands instead. The cursor is closed (killCursors) when the generator is. read_concern: the
+    find's readConcern document ({"level", "afterClusterTime"}), else the server's default."""
     from pymongo.errors import InvalidName  # pymongo is loaded: client is a MongoClient
     db, coll = split_namespace(ns)
     try:
@@ -77,7 +80,16 @@ def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = 
     except InvalidName:
         collection = None
     if collection is not None:
-        with collection.find_raw_batches(query if query is not None else {}, batch_size=int(batch_size or 0)) as cursor:
+        with contextlib.ExitStack() as stack:
+            session = None
+            if read_concern:
+                from pymongo.read_concern import ReadConcern
+                collection = collection.with_options(read_concern=ReadConcern(read_concern["level"]))
+                if read_concern.get("afterClusterTime") is not None:  # pymongo sends it from a causal session's time
+                    session = stack.enter_context(client.start_session(causal_consistency=True))
+                    session.advance_operation_time(read_concern["afterClusterTime"])
+            cursor = stack.enter_context(collection.find_raw_batches(query if query is not None else {},
+                                                                      batch_size=int(batch_size or 0), session=session))
             for batch in cursor:
                 if batch:
                     yield batch
@@ -85,6 +97,8 @@ def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = 
     cmd = {"find": coll, "filter": query if query is not None else {}}
     if batch_size:
         cmd["batchSize"] = int(batch_size)
+    if read_concern:
+        cmd["readConcern"] = dict(read_concern)
     group = int(batch_size or 1000)
     with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
         buf = []
@@ -97,20 +111,26 @@ def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = 
             yield b"".join(buf)
 
 
-def find_one_raw(client: pymongo.MongoClient, ns: str, query: dict, projection: dict | None = None) -> RawBSONDocument | None:
+def find_one_raw(client: pymongo.MongoClient, ns: str, query: dict, projection: dict | None = None,
+                 read_concern: dict | None = None) -> RawBSONDocument | None:
     """The first document (RawBSONDocument) matching query in namespace ns, or None; a raw find command."""
     db, coll = split_namespace(ns)
     cmd = {"find": coll, "filter": query, "limit": 1, "singleBatch": True}
     if projection is not None:
         cmd["projection"] = projection
+    if read_concern:
+        cmd["readConcern"] = dict(read_concern)
     with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
         for doc in cursor:
             return doc
     return None
 
 
-def aggregate_raw(client: pymongo.MongoClient, ns: str, pipeline: list) -> list:
+def aggregate_raw(client: pymongo.MongoClient, ns: str, pipeline: list, read_concern: dict | None = None) -> list:
     """The RawBSONDocuments an aggregation pipeline on namespace ns returns; a raw aggregate command."""
     db, coll = split_namespace(ns)
-    with client[db].cursor_command({"aggregate": coll, "pipeline": pipeline, "cursor": {}}, codec_options=RAW) as cursor:
+    cmd = {"aggregate": coll, "pipeline": pipeline, "cursor": {}}
+    if read_concern:
+        cmd["readConcern"] = dict(read_concern)
+    with client[db].cursor_command(cmd, codec_options=RAW) as cursor:
         return list(cursor)

@@ -63,6 +63,10 @@ DDL_INTERRUPTED_CODES = (26, 43, 175, 237)
 # a snapshot read at a cluster time the server cannot serve: SnapshotTooOld, SnapshotUnavailable, InvalidOptions,
 # IllegalOperation, NotImplemented (older servers, mongos without snapshot reads)
 SNAPSHOT_READ_UNAVAILABLE_CODES = (239, 246, 72, 20, 238)
+# the head copies from the source at majority read concern, as the stream delivers only majority-committed changes (a
+# rolled-back write copied at "local" would stay: no event takes it out); ReadConcernMajorityNotEnabled (a 4.x server
+# with enableMajorityReadConcern off): read at the server's default there
+MAJORITY_UNAVAILABLE_CODES = (148,)
 _i32 = struct.Struct("<i")
 
 
@@ -302,6 +306,7 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
     stream.close()
     if start_token is None:
         raise SourceError("The source's change stream returned no start point: it cannot be used for a consistent backup.")
+    after = _cluster_time(client)  # at or past the stream's start: the clone reads what is committed up to it, at least
     namespaces = list_namespaces(client)
     estimating = None
     if progress is not None:
@@ -309,7 +314,7 @@ def initial_sync(head: Head, client: pymongo.MongoClient, catch_up_timeout: floa
         estimating = _estimate_later(client, namespaces, progress)
     metas = [(ns, _info_to_head(client, ns, info)) for ns, info in namespaces]
     # the clone's reader starts now: the source prepares its first batch while the head is made ready
-    reader = _Reader(client, [ns for ns, meta in metas if meta["type"] == "collection"], stop_event)
+    reader = _Reader(client, [ns for ns, meta in metas if meta["type"] == "collection"], stop_event, after)
     try:
         with head.write() as w:  # one transaction: the old head's content, or a head ready for the clone
             w.clear()
@@ -422,14 +427,49 @@ def _reclone(head, client, names, stop_event=None, progress=None):
             if meta is not None:
                 w.create_namespace(ns, meta["options"], uuid=meta["uuid"], indexes=meta["indexes"])
     names = [ns for ns, meta in metas.items() if meta is not None and meta["type"] == "collection"]
-    return _clone(head, _Reader(client, names, stop_event), progress)
+    return _clone(head, _Reader(client, names, stop_event, _cluster_time(client)), progress)
+
+
+def _majority(after: tuple[int, int] | None = None) -> dict:
+    """A majority readConcern; with after (a cluster time), one the server answers only once its majority point has
+    passed it (causal consistency: a write before it is seen once committed, even by a just elected primary)."""
+    return {"level": "majority"} if after is None else {"level": "majority", "afterClusterTime": Timestamp(*after)}
+
+
+def _committed_batches(client, ns, query, batch_size=None, after=None):
+    """find_raw_batches at majority read concern (_majority(after)); at the server's default where the server has
+    majority reads off (refused before the first batch)."""
+    started = False
+    try:
+        for batch in find_raw_batches(client, ns, query, batch_size, read_concern=_majority(after)):
+            started = True
+            yield batch
+    except mongo_errors.OperationFailure as e:
+        if started or e.code not in MAJORITY_UNAVAILABLE_CODES:
+            raise
+        yield from find_raw_batches(client, ns, query, batch_size)
+
+
+def _committed(read, *args):
+    """read(*args) at majority read concern (its read_concern argument); at the server's default where the server has
+    majority reads off."""
+    try:
+        return read(*args, read_concern=_majority())
+    except mongo_errors.OperationFailure as e:
+        if e.code not in MAJORITY_UNAVAILABLE_CODES:
+            raise
+        return read(*args)
 
 
 class _Reader:
     """Raw batches of every document of names, fetched by a thread into a bounded queue: (ns, batch) items, then
-    None. interrupted lists the namespaces whose cursor a DDL ended (re-cloned after the catch-up)."""
+    None. interrupted lists the namespaces whose cursor a DDL ended (re-cloned after the catch-up). after: the source's
+    cluster time read once the change stream that follows the clone was opened. Every read waits for the majority point
+    to pass it, so a write from before the stream's start is in the clone once committed; a rolled-back write is not."""
 
-    def __init__(self, client: pymongo.MongoClient, names: list, stop_event: threading.Event | None = None) -> None:
+    def __init__(self, client: pymongo.MongoClient, names: list, stop_event: threading.Event | None = None,
+                 after: tuple[int, int] | None = None) -> None:
+        self.after = after
         self.queue = queue.Queue(maxsize=8)
         self.failure, self.interrupted = [], []
         self._stops = [e for e in (stop_event, threading.Event()) if e is not None]
@@ -440,7 +480,7 @@ class _Reader:
         try:
             for ns in names:
                 try:
-                    for batch in find_raw_batches(client, ns, {}, batch_size=CLONE_BATCH_DOCS):
+                    for batch in _committed_batches(client, ns, {}, CLONE_BATCH_DOCS, self.after):
                         self.queue.put((ns, batch))
                         if any(e.is_set() for e in self._stops):
                             return
@@ -738,7 +778,7 @@ def recopy_document(w: Writer, client: pymongo.MongoClient, ns: str, doc_key_raw
                 raise
             at = None
     if at is None:
-        doc = find_one_raw(client, ns, _id_filter(doc_key_raw))
+        doc = _committed(find_one_raw, client, ns, _id_filter(doc_key_raw))
     ik = id_key_from_document(doc_key_raw)
     if doc is None:
         w.delete(ns, ik)
@@ -780,13 +820,13 @@ def verify(head: Head, client: pymongo.MongoClient, sample: int = 100, full: boo
             with head.read() as r:
                 head_keys = (k for k, _doc in r.scan(ns))
                 _verify_keys(head, client, ns, _chunks(head_keys, 500), counts)
-            for batch in find_raw_batches(client, ns, {}, batch_size=2000):
+            for batch in _committed_batches(client, ns, {}, 2000):
                 _verify_source_batch(head, ns, _split_batch(batch), counts)
         else:
             with head.read() as r:
                 probes = _head_probes(r, ns, sample)
             _verify_keys(head, client, ns, [probes], counts)
-            docs = aggregate_raw(client, ns, [{"$sample": {"size": int(sample)}}])
+            docs = _committed(aggregate_raw, client, ns, [{"$sample": {"size": int(sample)}}])
             _verify_source_batch(head, ns, [(id_key_from_document(d.raw), bytes(d.raw)) for d in docs], counts)
     return counts
 
@@ -846,7 +886,7 @@ def _verify_keys(head, client, ns, key_chunks, counts):
         ids = [_id_value_raw(d) for _key, d in docs]
         query = _in_filter(ids)
         src = {}
-        for batch in find_raw_batches(client, ns, query):
+        for batch in _committed_batches(client, ns, query):
             for k, d in _split_batch(batch):
                 src[k] = d
         fixes = []

@@ -44,9 +44,9 @@ def _sync_watching_commits(mongo_server, tmp_path, monkeypatch, coll, idle_commi
     monkeypatch.setattr(source, "CLONE_IDLE_COMMIT_BYTES", idle_commit_bytes)
     real, seen = source.find_raw_batches, []
 
-    def slow(client, name, query=None, batch_size=None):
+    def slow(client, name, query=None, batch_size=None, read_concern=None):
         delivered = 0
-        for batch in real(client, name, query, batch_size=batch_size):
+        for batch in real(client, name, query, batch_size=batch_size, read_concern=read_concern):
             if name == ns and delivered:
                 deadline = time.monotonic() + wait
                 while _count(path, key, ns) < delivered and time.monotonic() < deadline:
