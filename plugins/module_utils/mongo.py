@@ -88,8 +88,8 @@ def find_raw_batches(client: pymongo.MongoClient, ns: str, query: dict | None = 
                 if read_concern.get("afterClusterTime") is not None:  # pymongo sends it from a causal session's time
                     session = stack.enter_context(client.start_session(causal_consistency=True))
                     session.advance_operation_time(read_concern["afterClusterTime"])
-            cursor = stack.enter_context(collection.find_raw_batches(query if query is not None else {},
-                                                                      batch_size=int(batch_size or 0), session=session))
+            cursor = stack.enter_context(collection.find_raw_batches(
+                query if query is not None else {}, batch_size=int(batch_size or 0), session=session))
             for batch in cursor:
                 if batch:
                     yield batch
