@@ -399,7 +399,7 @@ def _majority_reached(client: pymongo.MongoClient, t: tuple[int, int] | None, he
         return False
     try:
         client.admin.command({"find": "kmipbackup_catch_up", "filter": {}, "limit": 1, "singleBatch": True,
-                              "readConcern": {"level": "majority", "afterClusterTime": Timestamp(*t)}})
+                              "readConcern": _majority(t)})
     except mongo_errors.OperationFailure:
         return False
     return True
