@@ -25,7 +25,6 @@ from a local key provider (a restore makes O(key epochs) KMIP calls, none in the
 import argparse
 import cProfile
 import filecmp
-import hashlib
 import json
 import os
 import random
@@ -49,7 +48,7 @@ from bench import HEAD_KEY, JOB, build_head, write_dump_dir  # noqa: E402
 from data import Generator, namespaces  # noqa: E402
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (  # noqa: E402
-    crypto, events as events_mod, head, point_in_time, restore, segments, snapshot, store)
+    events as events_mod, head, point_in_time, restore, segments, snapshot, store)
 
 T0 = 1760000000
 
@@ -99,30 +98,35 @@ def make_events(gen, total_docs, n, mix, seed):
     return out
 
 
-def write_segments(js, keys, rows, per_segment):
-    """Seal rows into one timeline of segments after T0.1, chained, as the daemon's seal_closed does."""
-    key_id = keys.epoch_for("mk")[0]
-    key = keys.key(key_id)
-    timeline, prev, frm = "20251009T083320Z-0badf00d", segments.NO_PREDECESSOR, (T0, 1)
-    for seq, s in enumerate(range(0, len(rows), per_segment), 1):
-        part = rows[s:s + per_segment]
-        to = (part[-1][0], part[-1][1])
-        meta = {"timeline": timeline, "seq": seq, "from": frm, "to": to, "name": segments.segment_name(timeline, seq, frm, to)}
-        blob = segments.seal_segment(js.job, meta, crypto.compress(segments.encode_records(part)), key_id, key, prev)
-        js.storage.put_atomic(segments.segment_path(js, meta), blob)
-        prev, frm = hashlib.sha256(blob).digest(), to
-
-
-def apply_all(head_path, rows):
-    """The expected image: the same events applied by the capture's applier to a copy of the head."""
+def capture_segments(head_path, js, keys, rows, per_segment, post_images=True):
+    """The daemon's way to segments: the events applied to the head (a copy of the snapshot's) by the capture's
+    applier and logged in the same transactions (2,000 events each), the segment closed every per_segment events
+    (head.Writer.close_segment: with post-images unless post_images is False) and sealed into the store. The head
+    is then the expected image."""
     h = head.Head(head_path, HEAD_KEY)
-    a = events_mod.Applier()
-    for s in range(0, len(rows), 20000):
-        with h.write() as w:
-            for _t, _i, raw in rows[s:s + 20000]:
-                a.apply(w, RawBSONDocument(raw))
-    h.checkpoint()
-    h.close()
+    h.record_segments = True
+    if not post_images:
+        h_writer_posts = head.Writer._post_images  # pylint: disable=protected-access
+        head.Writer._post_images = lambda self: None  # pylint: disable=protected-access
+    try:
+        a = events_mod.Applier()
+        for s in range(0, len(rows), per_segment):
+            part = rows[s:s + per_segment]
+            for b in range(0, len(part), 2000):
+                batch = part[b:b + 2000]
+                with h.write() as w:
+                    for _t, _i, raw in batch:
+                        a.apply(w, RawBSONDocument(raw))
+                    a.flush()
+                    w.log_records(batch)
+                    w.set_position(b"bench-token", [batch[-1][0], batch[-1][1]], True)
+            segments.close(h)
+            segments.seal_closed(h, js, keys, "mk")
+        h.checkpoint()
+    finally:
+        if not post_images:
+            head.Writer._post_images = h_writer_posts  # pylint: disable=protected-access
+        h.close()
 
 
 def reset_peak_rss():
@@ -219,6 +223,9 @@ def main():
     ap.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
                     help="wait this long after removing the previous output before each timed restore (see settle())")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-post-images", action="store_true",
+                    help="segments without post-images (as the daemon writes for a segment with DDL in it): the restore "
+                         "replays every event")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the last restore to the point into FILE (pstats)")
     ap.add_argument("--sequential", action="store_true",
                     help="the sequential path (replay into a temporary head, then restore) instead of the fast path")
@@ -244,9 +251,13 @@ def main():
         keys = store.Keys(js, provider)
         h = head.Head(head_path, HEAD_KEY)
         entry = snapshot.take_snapshot(h, js, keys, JOB, "mk", True)
+        h.mark_snapshotted(entry["change_seq"])
         h.close()
         rows = make_events(gen, total_docs, opts.events, opts.mix, opts.seed)
-        write_segments(js, keys, rows, opts.segment_events)
+        expected_head = os.path.join(work, "expected", "head.db")
+        os.makedirs(os.path.dirname(expected_head))
+        shutil.copy(head_path, expected_head)
+        capture_segments(expected_head, js, keys, rows, opts.segment_events, not opts.no_post_images)
         point = (rows[-1][0], rows[-1][1])
         print("%d documents, %.1f MB of BSON in the snapshot; %d events (%s) in %d segments; ready in %.0f s"
               % (entry["doc_count"], entry["data_bytes"] / 1e6, len(rows), opts.mix,
@@ -333,10 +344,6 @@ def main():
                 seq_cpu.append(cpu() - c)
                 print("         sequential path %.2f s" % seq_s[-1], flush=True)
 
-        expected_head = os.path.join(work, "expected", "head.db")
-        os.makedirs(os.path.dirname(expected_head))
-        shutil.copy(head_path, expected_head)
-        apply_all(expected_head, rows)
         write_dump_dir(expected_head, os.path.join(work, "expected-dump"))
         same = same_tree(os.path.join(work, "expected-dump"), os.path.join(work, "pit"))
         if opts.compare:

@@ -25,7 +25,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, split_bson_docs
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import decode_records, encode_records
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import decode_records, encode_records, post_records
 
 try:
     import sqlcipher3
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS namespaces (ns_id INTEGER PRIMARY KEY, ns TEXT NOT NU
     options BLOB NOT NULL, indexes BLOB NOT NULL, incarnation INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (ns_id INTEGER NOT NULL, id_key BLOB NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (ns_id, id_key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS changes_seq ON changes (seq);
 CREATE TABLE IF NOT EXISTS position (one INTEGER PRIMARY KEY CHECK (one = 1), resume_token BLOB,
     ct_t INTEGER, ct_i INTEGER, consistent INTEGER NOT NULL DEFAULT 0, sync TEXT);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -105,8 +106,8 @@ class Head:
             # Only a head missing part of its schema is written to here: opening a head the daemon is
             # writing (a second reader) then needs no write lock at all.
             have = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master")}
-            if not {"docs", "namespaces", "changes", "position", "meta", "docs_boundaries", "seg_records", "seg_state",
-                    "seg_closed", "seg_chain"} <= have:
+            if not {"docs", "namespaces", "changes", "changes_seq", "position", "meta", "docs_boundaries", "seg_records",
+                    "seg_state", "seg_closed", "seg_chain"} <= have:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.executescript(_SCHEMA)
                 # incarnations unique across head files too, so a new head never reuses an old snapshot's numbers
@@ -235,6 +236,8 @@ class Head:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.execute("DELETE FROM changes WHERE seq <= ?", (int(change_seq),))
+                # the open segment's post-images (Writer.close_segment) need every change since it opened
+                _set_meta(self._conn, "forget_seq", max(int(change_seq), _meta(self._conn, "forget_seq") or 0))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -318,6 +321,15 @@ class Head:
             os.fsync(f.fileno())
         if progress is not None:
             progress(os.path.getsize(dest), total)
+
+
+def _meta(conn, name):
+    row = conn.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _set_meta(conn, name, value):
+    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, int(value)))
 
 
 def _segment_state(conn):
@@ -494,6 +506,11 @@ class Writer(Reader):
         if self._dirty:
             self._c.execute("UPDATE meta SET value=? WHERE name='change_seq'", (self._seq,))
 
+    def _namespace_changed(self):
+        """A change the change log does not list document by document (a namespace created, altered, dropped or renamed,
+        an untracked bulk load): the open segment gets no post-images (close_segment)."""
+        _set_meta(self._c, "ns_seq", self._seq)
+
     def _next_incarnation(self):
         self._c.execute("UPDATE meta SET value = value + 1 WHERE name='incarnation'")
         return self._c.execute("SELECT value FROM meta WHERE name='incarnation'").fetchone()[0]
@@ -517,6 +534,7 @@ class Writer(Reader):
 
     def create_namespace(self, ns: str, options_raw: bytes, uuid: bytes | None = None, indexes: list | None = None) -> int:
         """Create ns (a no-op apart from options/uuid when it exists). Returns its ns_id."""
+        self._namespace_changed()
         ns_id = self._ns_id(ns)
         if ns_id is not None:
             self._c.execute("UPDATE namespaces SET options=?, uuid=coalesce(?, uuid) WHERE ns_id=?",
@@ -530,10 +548,12 @@ class Writer(Reader):
         return cur.lastrowid
 
     def set_options(self, ns: str, options_raw: bytes) -> None:
+        self._namespace_changed()
         self._c.execute("UPDATE namespaces SET options=? WHERE ns_id=?", (bytes(options_raw), self._ensure_ns(ns)))
 
     def set_indexes(self, ns: str, specs: list) -> None:
         """Replace the index specs of ns with specs (raw BSON documents)."""
+        self._namespace_changed()
         self._c.execute("UPDATE namespaces SET indexes=? WHERE ns_id=?", (_join_specs(specs), self._ensure_ns(ns)))
 
     def drop_namespace(self, ns: str) -> bool:
@@ -541,6 +561,7 @@ class Writer(Reader):
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return False
+        self._namespace_changed()
         for table in ("docs", "changes", "namespaces"):
             self._c.execute("DELETE FROM %s WHERE ns_id=?" % table, (ns_id,))
         self._cache.pop(ns, None)
@@ -561,6 +582,7 @@ class Writer(Reader):
             return False
         if ns == to:
             return True
+        self._namespace_changed()
         if drop_target:
             self.drop_namespace(to)
         self._c.execute("UPDATE namespaces SET ns=?, incarnation=? WHERE ns_id=?", (to, self._next_incarnation(), ns_id))
@@ -591,6 +613,8 @@ class Writer(Reader):
         if track:
             self._c.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?)", [(ns_id, k, self._seq) for k, _doc in pairs])
             self._dirty = True
+        else:
+            self._namespace_changed()
         return n
 
     def delete(self, ns: str, id_key: bytes) -> bool:
@@ -650,6 +674,7 @@ class Writer(Reader):
         timeline = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(4).hex()
         self._c.execute("UPDATE seg_state SET timeline=?, next_seq=1, from_t=?, from_i=?, opened=? WHERE one=1",
                         (timeline, int(start[0]), int(start[1]), time.time()))
+        _set_meta(self._c, "seg_open_seq", self._seq - 1)  # this transaction's changes are the segment's
         return timeline
 
     def close_segment(self, to: tuple, final: bool = False) -> int | None:
@@ -660,12 +685,31 @@ class Writer(Reader):
         if state["timeline"] is None or (tuple(to) <= state["from"] and not (final and state["records"])):
             return None
         to = max(tuple(to), state["from"])
+        posts = None if final else self._post_images()
+        if posts:
+            self._c.execute("INSERT INTO seg_records (seg, t, i, recs) VALUES (NULL, ?, ?, ?)",
+                            to + (crypto.compress(encode_records([to + (r,) for r in posts])),))
         cur = self._c.execute("INSERT INTO seg_closed (timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?)",
                               (state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
         self._c.execute("UPDATE seg_records SET seg=? WHERE seg IS NULL", (cur.lastrowid,))
         self._c.execute("UPDATE seg_state SET next_seq=next_seq + 1, from_t=?, from_i=?, opened=? WHERE one=1",
                         to + (time.time(),))
+        self._dirty = True  # the next segment's changes get a later seq than any of this one's
+        _set_meta(self._c, "seg_open_seq", self._seq)
         return cur.lastrowid
+
+    def _post_images(self) -> list | None:
+        """The open segment's post-images (segments.post_records): every document the change log lists as changed
+        since the segment opened, as the head holds it now (or deleted). A restore to this segment's end or later
+        applies them instead of replaying its events one by one. None when the change log cannot say: the segment
+        opened before the head kept its start, a snapshot's mark_snapshotted forgot changes of it, or a namespace-level
+        change (DDL, a re-clone) happened in it; a restore then replays its events."""
+        opened = _meta(self._c, "seg_open_seq")
+        if opened is None or (_meta(self._c, "forget_seq") or 0) > opened or (_meta(self._c, "ns_seq") or 0) > opened:
+            return None
+        return post_records(self._c.execute(
+            "SELECT n.ns, c.id_key, d.doc FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id "
+            "LEFT JOIN docs d ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY n.ns, c.id_key", (opened,)))
 
     def end_timeline(self) -> None:
         """End the current timeline where the head last was complete (a resync, a lost resume point): its open

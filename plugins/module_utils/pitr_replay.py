@@ -48,6 +48,8 @@ _PUT, _DEL, _UPD = 0, 1, 2
 _F_OP, _F_NS, _F_KEY, _F_FULL, _F_DESC = events._OP, events._NS, events._KEY, events._FULL, events._DESC  # pylint: disable=protected-access
 _OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
 _KB = b"\x02kb\x00"  # a correction's first element (segments)
+_POST = b"\x05\x00\x00\x00post\x00"  # after _KB: a post-image record (segments.post_records)
+_POST_ENTRY = struct.Struct("<II")  # id_key length, document length (_NONE: deleted)
 # kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
 # CRC-32 (zlib): cheap; the parent hashes what it receives with SHA-256 for the manifest and checks the CRCs against it.
 _MSG = struct.Struct("<BIIQQI")
@@ -118,6 +120,19 @@ def prescan(raws, manifest: dict) -> tuple[dict | None, str | None]:
         if type(raw) is not bytes:  # pylint: disable=unidiomatic-typecheck
             raw = bytes(raw)
         if raw[4:8] == _KB:
+            if raw[8:17] == _POST:  # a segment's post-images: many documents' state at its end
+                post = _post_ops(raw, where)
+                if isinstance(post, str):
+                    return None, post
+                j, lasts, ops = post
+                for op in ops:
+                    jr = (j, bisect_left(lasts, op[1]))
+                    have = groups.get(jr)
+                    if have is None:
+                        groups[jr] = [op]
+                    else:
+                        have.append(op)
+                continue
             try:
                 doc = RawBSONDocument(raw)
                 kind = doc["kb"]
@@ -163,6 +178,36 @@ def prescan(raws, manifest: dict) -> tuple[dict | None, str | None]:
         else:
             ops.append(op)
     return groups, None
+
+
+def _post_ops(raw: bytes, where: dict) -> tuple | str:
+    """(namespace index, its chunks' last keys, [op]) of a post-image record (segments.post_records: a PUT or DEL per
+    document, in id_key order), or why the fast path cannot use it."""
+    try:
+        doc = RawBSONDocument(raw)
+        ns, packed = doc["ns"], bytes(doc["docs"])
+    except Exception:  # pylint: disable=broad-except  # the sequential replay skips post-images
+        return "post-images the scan cannot read"
+    w = where.get(ns)
+    if w is None:
+        return "an event on a namespace the base snapshot does not have"
+    out, pos, n, unpack = [], 0, len(packed), _POST_ENTRY.unpack_from
+    try:
+        while pos < n:
+            kl, dl = unpack(packed, pos)
+            pos += 8
+            key = packed[pos:pos + kl]
+            pos += kl
+            if dl == _NONE:
+                out.append((_DEL, key, None))
+            else:
+                out.append((_PUT, key, packed[pos:pos + dl]))
+                pos += dl
+    except struct.error:
+        return "post-images the scan cannot read"
+    if pos != n:
+        return "post-images the scan cannot read"
+    return w[0], w[1], out
 
 
 def replay_range(plain: bytes | None, ops: list) -> dict:

@@ -610,10 +610,15 @@ class _Fast:
         the replay process (a sender thread writes it) and the parent pre-scans the first half meanwhile, so both
         pre-scan while the next segments are read. None, or why the fast path cannot be taken."""
         self._start_sender()  # with the first segment that authenticated: nothing goes to the child before
-        k, half = self.next_part, len(records) // 2
-        self.next_part += 2
         self.records += len(records)
         self.events += sum(1 for _t, _i, raw in records if raw[4:8] != pitr_replay._KB)  # pylint: disable=protected-access
+        posts = len(records)
+        while posts and segments.is_post(records[posts - 1][2]):
+            posts -= 1
+        k, half = self.next_part, len(records) // 2
+        if posts < len(records):  # the segment ends in the window: its post-images stand for its records, and the
+            records, half = records[posts:], 0  # replay process scans them all (about 1 us a document) while this one reads
+        self.next_part += 2
         if half < len(records):  # part k + 1, the child's: joined and written by the sender thread
             self.outbox.put((pitr_replay._RECORDS, k + 1, [r[2] for r in records[half:]]))  # pylint: disable=protected-access
         groups, why = pitr_replay.prescan([r[2] for r in records[:half]], self.manifest)

@@ -24,6 +24,12 @@ A correction record is a document whose first field is "kb" (events start with "
   {"kb": "ns", "ns", "info": {"options", "indexes", "uuid"} or null (dropped)}
   {"kb": "refresh", "ns", "info": ... or null}: what the source said when applying the event before
   it re-read the namespace (Applier.refresh), so a replay applies the event exactly as the head did.
+  {"kb": "post", "ns", "docs": binary}: post-images, the segment's last records (at its end's cluster time): every
+  document of ns changed in the segment as the head held it at the segment's end, in id_key order, packed as
+  (uint32 id_key length, uint32 document length or 0xFFFFFFFF: deleted, id_key, document) little-endian. The head writes
+  them when it closes a segment whose changes its change log lists one by one (head.Writer.close_segment); a restore
+  to the segment's end or later may apply them instead of the segment's events (point_in_time, pitr_replay.prescan);
+  the sequential replay skips them (the events before them made the same state).
 """
 from __future__ import annotations
 
@@ -144,6 +150,40 @@ def correction(kind: str, ns: str, key: bytes | None = None, doc: bytes | None =
                     "uuid": Binary(bytes(info["uuid"])) if info.get("uuid") is not None else None}
         body = {"kb": kind, "ns": ns, "info": info}
     return bson.encode(body)
+
+
+POST_RECORD_BYTES = 4 << 20  # a post-image record's packed documents, at most (one document may take it over)
+_POST_ENTRY = struct.Struct("<II")
+POST_DELETED = 0xFFFFFFFF
+
+
+def post_records(rows) -> list:
+    """Post-image records (raw BSON, see the module doc) of (ns, id_key, raw document or None: deleted) rows in (ns,
+    id_key) order: one or more per namespace, each holding at most about POST_RECORD_BYTES."""
+    _require_bson()
+    out, ns, parts, size, pack = [], None, [], 0, _POST_ENTRY.pack
+
+    def flush():
+        if parts:
+            out.append(bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))}))
+    for row_ns, key, doc in rows:
+        if row_ns != ns or size >= POST_RECORD_BYTES:
+            flush()
+            ns, parts, size = row_ns, [], 0
+        key = bytes(key)
+        if doc is None:
+            parts += (pack(len(key), POST_DELETED), key)
+        else:
+            parts += (pack(len(key), len(doc)), key, doc)
+            size += len(doc)
+        size += 8 + len(key)
+    flush()
+    return out
+
+
+def is_post(raw: bytes) -> bool:
+    """Whether raw (a record) is a post-image record."""
+    return raw[4:17] == _KB + b"\x05\x00\x00\x00post\x00"
 
 
 def is_correction(raw: bytes) -> bool:
