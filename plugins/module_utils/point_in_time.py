@@ -603,7 +603,7 @@ class _Fast:
         self.manifest = manifest
         self.base_chunks = [list(n["chunks"]) for n in manifest["namespaces"]]
         self.outbox = queue.SimpleQueue()
-        self.mine, self.next_part, self.records, self.events = [], 0, 0, 0
+        self.mine, self.next_part, self.records, self.events, self.post_images = [], 0, 0, 0, 0
 
     def add(self, records: list) -> str | None:
         """One segment's records in the window ([(t, i, raw)], authenticated and chain-checked): the second half goes to
@@ -618,6 +618,7 @@ class _Fast:
         k, half = self.next_part, len(records) // 2
         if posts < len(records):  # the segment ends in the window: its post-images stand for its records, and the
             records, half = records[posts:], 0  # replay process scans them all (about 1 us a document) while this one reads
+            self.post_images += 1
         self.next_part += 2
         if half < len(records):  # part k + 1, the child's: joined and written by the sender thread
             self.outbox.put((pitr_replay._RECORDS, k + 1, [r[2] for r in records[half:]]))  # pylint: disable=protected-access
@@ -942,7 +943,8 @@ def _fast_image(fast: _Fast, plan: dict, manifest: dict, used: int) -> tuple[Ima
                                      "hash": n["hash"]} for n in manifest["namespaces"]]}
     store = RebuiltStore(job_store, None, entry)
     store.fast = fast
-    image = Image(entry, fast.manifest, store, {"events": fast.events, "records": fast.records, "segments": used}, fast.loaded)
+    replayed = {"events": fast.events, "records": fast.records, "segments": used, "post_images": fast.post_images}
+    image = Image(entry, fast.manifest, store, replayed, fast.loaded)
     image.path, image.child_pid = "overlap", fast.pid
     return image, None
 

@@ -348,6 +348,11 @@ replayed:
     segments:
       description: Segments read.
       type: int
+    post_images:
+      description: Segments applied by their post-images (the documents they changed, as the daemon's head held them at
+        the segment's end) instead of event by event; only on the V(overlap) path.
+      type: int
+      returned: when path is V(overlap)
     loaded_chunks:
       description: Chunks of the base snapshot loaded into the temporary head because the replay touched them.
       type: int

@@ -14,12 +14,12 @@ from bson.raw_bson import RawBSONDocument
 
 import workload
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    ansible_module, restore_request,
+    ansible_module, point_in_time, restore, restore_request,
     files, head, job_config, job_requests, master_keys, objectstore, rawbson, segments, snapshot, source, store, timeutil)
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError
 from ansible_collections.kmipbackup.mongodb.plugins.modules import snapshot_info
 from daemon_helper import DaemonProcess, write_kmip_setup
-from snapshot_helpers import drop_standin_phantoms, plaintext_views
+from snapshot_helpers import drop_standin_phantoms, plaintext_views, restored_dir
 from test_source_sync import source_image
 
 
@@ -106,7 +106,7 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
         _capture_until_idle(cap, h)
         snaps = [snapshot.take_snapshot(h, js, keys, js.job, uid, True)]
         load = workload.Workload(plain[dbname], seed=7)
-        points = []
+        points, ends = [], []
         for round_ in range(3):
             stop = threading.Event()
             thread = load.run_in_thread(stop)
@@ -114,7 +114,8 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
             while time.monotonic() < t_end:
                 cap.run_once(max_time=0.3)
                 if segments.due(h, 0.5):
-                    segments.close(h)
+                    if segments.close(h) is not None:  # what the head holds at the segment's end
+                        ends.append((tuple(h.closed_segments()[-1]["to"]), head_image(h, dbname)))
                     segments.seal_closed(h, js, keys, uid)
             stop.set()
             thread.join()
@@ -163,6 +164,18 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
             finally:
                 rebuilt.close()
             assert result["segments"] == len(plan["segments"])
+        # a restore to a segment's end (the fast path applies its post-images, or replays its events when DDL kept the
+        # head from writing them) gives what the head held then, document for document
+        used = 0
+        for n, (end, held) in enumerate(ends):
+            out = str(tmp_path / ("end%d" % n))
+            plan = segments.plan_point(js, keys, {"t": end[0], "i": end[1]})
+            with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp_path)) as image:
+                restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest, include=[dbname + ".*"]),
+                                restore.DirectoryTarget(out))
+                used += image.replayed.get("post_images", 0)
+            assert restored_dir(out) == {ns: [doc for _k, doc in docs] for ns, (docs, _i, _o) in held.items()}, end
+        assert len(ends) >= 3 and used >= 1, (len(ends), used)
     finally:
         h.close()
         src.close()

@@ -1,0 +1,157 @@
+"""Post-images (segments.post_records, head.Writer.close_segment): a closed segment ends with the documents its events
+changed, as the head held them at the segment's end, and nothing else; none when the head's change log cannot list
+them (DDL, an untracked bulk load, a forget inside the segment, a timeline's end); the fast path of a restore to the
+segment's end applies them (and gives what the head held), the sequential path skips them. Real SQLCipher heads, sealed
+segments in a folder store, a local key provider."""
+import os
+
+import bson
+import pytest
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
+    pitr_replay, point_in_time, rawbson, restore, segments, snapshot, store)
+from pitr_overlap_helpers import T0, base_namespaces, captured, ev, upd, window_events
+from snapshot_helpers import LocalKeyProvider, image_of, make_head, restored_dir
+
+
+@pytest.fixture
+def job(tmp_path):
+    provider = LocalKeyProvider()
+    provider.create("mk")
+    js = store.JobStore(str(tmp_path / "store"), "job")
+    keys = store.Keys(js, provider)
+    h = make_head(str(tmp_path / "h" / "head.db"), base_namespaces(), key=os.urandom(32), cluster_time=(T0, 1))
+    h.record_segments = True
+    base = snapshot.take_snapshot(h, js, keys, "job", "mk", True, max_bytes=64 << 10)
+    h.mark_snapshotted(base["change_seq"])
+    yield {"js": js, "keys": keys, "head": h, "tmp": tmp_path}
+    h.close()
+
+
+def close_and_read(job):
+    """Close the open segment, seal it, and read back its records (authenticated) as the restore does."""
+    assert segments.close(job["head"]) is not None
+    sealed = segments.seal_closed(job["head"], job["js"], job["keys"], "mk")
+    (seg, recs), = segments.read_segments(job["js"], job["keys"], sealed)
+    return seg, [bytes(r[2]) for r in recs]
+
+
+def posts_of(raws):
+    """{ns: {id_key: raw document or None}} of a segment's post-image records (decoded the replay process's way)."""
+    out = {}
+    for raw in raws:
+        if segments.is_post(raw):
+            ns = bson.decode(raw)["ns"]
+            _j, _lasts, ops = pitr_replay._post_ops(raw, {ns: (0, [])})  # pylint: disable=protected-access
+            assert not isinstance(ops, str), ops
+            for kind, key, doc in ops:
+                assert key not in out.setdefault(ns, {})
+                out[ns][key] = doc if kind == pitr_replay._PUT else None  # pylint: disable=protected-access
+    return out
+
+
+def test_post_images_are_the_heads_documents_at_the_segment_end_for_exactly_the_keys_its_events_changed(job):
+    h = job["head"]
+    groups = window_events(T0 + 1)
+    before = image_of(h)
+    for n, group in enumerate(groups):
+        captured(h, group, (T0 + 1 + n, 1))
+    seg, raws = close_and_read(job)
+    at_end = {ns: {rawbson.id_key_from_document(d): d for d in docs} for ns, docs in image_of(h).items()}
+    posts = posts_of(raws)
+    # the post-images come last, after every event, at the segment's end
+    first_post = min(k for k, r in enumerate(raws) if segments.is_post(r))
+    assert all(segments.is_post(r) for r in raws[first_post:]) and first_post == sum(len(g) for g in groups)
+    # exactly the keys the kept events touched (the config.x insert is not kept), each as the head holds it
+    touched = {}
+    for group in groups:
+        for e in group:
+            d = bson.decode(e.raw)
+            ns = "%s.%s" % (d["ns"]["db"], d["ns"]["coll"])
+            if ns != "config.x":
+                touched.setdefault(ns, set()).add(rawbson.id_key_from_value(d["documentKey"]["_id"]))
+    assert all(set(keys) <= touched[ns] for ns, keys in posts.items())
+    for ns, keys in posts.items():
+        for key, doc in keys.items():
+            assert doc == at_end[ns].get(key), (ns, key)
+    # every document that changed is among them (an update the applier could not apply changed nothing: the capture
+    # re-copies such a document from the source, and that write is listed too)
+    was = {ns: {rawbson.id_key_from_document(d): d for d in docs} for ns, docs in before.items()}
+    for ns in set(was) | set(at_end):
+        for key in set(was.get(ns, {})) | set(at_end.get(ns, {})):
+            if was.get(ns, {}).get(key) != at_end.get(ns, {}).get(key):
+                assert key in posts.get(ns, {}), (ns, key)
+    # and they change something: deletes among them, documents that differ from the base
+    assert any(doc is None for keys in posts.values() for doc in keys.values())
+    assert any(doc is not None and doc not in before[ns] for ns, keys in posts.items() for doc in keys.values())
+    assert sum(len(keys) for keys in posts.values()) > 400  # the 400 inserts past the end among them
+    # the next segment starts empty: its post-images list only what changed after this one's end
+    captured(h, [upd("big", (T0 + 20, 1), 42, {"pad": "later"})], (T0 + 20, 1))
+    _seg, raws = close_and_read(job)
+    assert {ns: list(keys) for ns, keys in posts_of(raws).items()} == {"d.big": [rawbson.id_key_from_value(42)]}
+
+
+def _ddl(job):
+    captured(job["head"], [ev("createIndexes", "big", (T0 + 2, 1), operationDescription={
+        "indexes": [{"v": 2, "key": {"tag": 1}, "name": "tag_1"}]})], (T0 + 2, 1))
+
+
+def _untracked_load(job):
+    with job["head"].write() as w:  # what a re-clone does: documents copied in bulk, not listed in the change log
+        doc = bson.encode({"_id": 10 ** 7, "recloned": True})
+        w.upsert_many("d.quiet", [(rawbson.id_key_from_document(doc), doc)], track=False)
+
+
+def _forget(job):
+    h = job["head"]
+    with h.read() as r:
+        seq = r._c.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0]  # pylint: disable=protected-access
+    h.mark_snapshotted(seq)  # a snapshot's forget that reaches into the open segment
+
+
+@pytest.mark.parametrize("inside", [None, _ddl, _untracked_load, _forget])
+def test_no_post_images_when_the_change_log_cannot_list_the_segments_changes(job, inside):
+    h = job["head"]
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"}), ev("delete", "big", (T0 + 1, 1), documentKey={"_id": 4})], (T0 + 1, 1))
+    if inside is not None:
+        inside(job)
+    captured(h, [upd("big", (T0 + 3, 1), 5, {"pad": "y"})], (T0 + 3, 1))
+    _seg, raws = close_and_read(job)
+    assert any(segments.is_post(r) for r in raws) is (inside is None)
+    # the next segment has them again
+    captured(h, [upd("big", (T0 + 4, 1), 6, {"pad": "z"})], (T0 + 4, 1))
+    _seg, raws = close_and_read(job)
+    assert list(posts_of(raws)) == ["d.big"]
+
+
+def test_a_timeline_that_ends_closes_its_last_segment_without_post_images(job):
+    h = job["head"]
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))
+    with h.write() as w:
+        w.end_timeline()
+    sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
+    (_seg, recs), = segments.read_segments(job["js"], job["keys"], sealed)
+    assert recs and not any(segments.is_post(bytes(r[2])) for r in recs)
+
+
+def test_a_restore_to_the_segment_end_applies_its_post_images_and_gives_what_the_head_held(job):
+    h, js, keys, tmp = job["head"], job["js"], job["keys"], job["tmp"]
+    for n, group in enumerate(window_events(T0 + 1)):
+        captured(h, group, (T0 + 1 + n, 1))
+    seg, _raws = close_and_read(job)
+    held = {ns: docs for ns, docs in image_of(h).items() if docs and not ns.startswith("config.")}
+    point = tuple(seg["to"])
+    for overlap in (True, False):
+        out = str(tmp / ("out-%s" % overlap))
+        plan = segments.plan_point(js, keys, point)
+        with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp), overlap=overlap) as image:
+            restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest),
+                            restore.DirectoryTarget(out))
+            assert image.path == ("overlap" if overlap else "sequential")
+            assert image.replayed.get("post_images", 0) == (1 if overlap else 0)
+        assert restored_dir(out) == held
+    # one record before the end: the segment's events, not its post-images
+    last_event = max((t, i) for t, i, _r in next(iter(segments.read_segments(js, keys, [seg])))[1]
+                     if (t, i) < point)
+    with point_in_time.rebuild(js, keys, segments.plan_point(js, keys, last_event), work_dir=str(tmp)) as image:
+        assert image.path == "overlap" and image.replayed["post_images"] == 0
