@@ -8,7 +8,8 @@
 A fresh SecantusDB gets a head by initial sync (the resume point), then N change events (half inserts of ~1 KB
 documents, then updates of nested and top-level fields, every tenth a delete). Each round copies that head twice and runs
 source.Capture from the same resume point until the stream is idle: once without segments, once with them (the events,
-logged in the same head transactions, then the segment closed and sealed into a folder store: zstd + AES-256-GCM), the
+logged in the same head transactions; in change application a segment closed, with its post-images, and sealed into a
+folder store every --segment-events events, as the daemon does every minute: zstd + AES-256-GCM), the
 order alternating between rounds so a load change on the shared machine hits both alike. It prints events/s for each,
 the best round of each and their ratio, the same for the CPU seconds the capturing process used (steadier than wall
 time on a shared machine: the server's own work is the same in both), and the replay rate of the sealed segment.
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tools"), os.path.join(ROOT, ".build", "collections")]
 
 HEAD_KEY = bytes(range(32))  # the benchmark's heads are throwaway
+SEGMENT_EVENTS = 10000  # change application closes and seals a segment every this many events (--segment-events)
 
 
 class LocalWrap:
@@ -110,7 +112,7 @@ def record(uri, base_head, n):
     return out
 
 
-def apply_run(base_head, work, name, uri, recorded, segments_on, provider):
+def apply_run(base_head, work, name, uri, recorded, segments_on, provider, segment_events=SEGMENT_EVENTS):
     """source.Capture's transactions over recorded events (no server): events, wall and CPU seconds, with closing and
     sealing the segment when segments_on."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
@@ -125,9 +127,13 @@ def apply_run(base_head, work, name, uri, recorded, segments_on, provider):
     cap = source.Capture(h, client)
     stream = RecordedStream(recorded)
     t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
-    more = True
+    more, next_close = True, segment_events
     while more:
         _n, more = cap._one_transaction(stream, float("inf"))  # pylint: disable=protected-access
+        if segments_on and cap.stats["events"] >= next_close:  # as the daemon closes one every minute
+            segments.close(h)  # with post-images (head.Writer.close_segment) when nothing namespace-level happened in it
+            segments.seal_closed(h, js, keys, "bench-mk")
+            next_close += segment_events
     if segments_on:
         segments.close(h)
         segments.seal_closed(h, js, keys, "bench-mk")
@@ -159,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="end-to-end capture rounds (each mode), server-bound")
     ap.add_argument("--apply-rounds", type=int, default=6, help="change application rounds (each mode), no server")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--segment-events", type=int, default=SEGMENT_EVENTS,
+                    help="change application: close and seal a segment every N events (the daemon: every minute)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--keep", action="store_true")
     opts = ap.parse_args(argv)
@@ -184,7 +192,7 @@ def main(argv=None):
         for r in range(opts.apply_rounds):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
                 n, wall, cpu, main_cpu = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"), mongo["uri"],
-                                                   recorded, on, provider)
+                                                   recorded, on, provider, opts.segment_events)
                 for k, sec in (("wall", wall), ("thread", main_cpu), ("process", cpu)):
                     app[k][on].append(n / sec)
                 print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s; CPU: applying thread %.2f s, process %.2f s" % (

@@ -98,8 +98,8 @@ def seed(db, n=300, big=False):
 class Workload:
     """A random, reproducible mix of operations on one database."""
 
-    def __init__(self, db, seed=1):
-        self.db = db
+    def __init__(self, db, seed=1, ddl=True):
+        self.db, self.with_ddl = db, ddl
         self.rnd = random.Random(seed)
         self.ops = 0
         self.next_i = 10 ** 6
@@ -129,7 +129,8 @@ class Workload:
         elif r < 0.88:
             coll.update_many({"tags": "common", "i": {"$mod": [7, self.rnd.randint(0, 6)]}}, {"$inc": {"counter": 1}})
         elif r < 0.90:
-            self.ddl()
+            if self.with_ddl:
+                self.ddl()
         else:
             coll.update_one({"_id": _id, "arr.1": {"$exists": True}}, {"$set": {"arr.$[]": "all"}})
         self.ops += 1

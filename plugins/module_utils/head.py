@@ -323,6 +323,9 @@ class Head:
             progress(os.path.getsize(dest), total)
 
 
+POST_FRAME_BYTES = 16 << 20  # post-images compressed into one head row (zstd frame) at a time
+
+
 def _meta(conn, name):
     row = conn.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
     return row[0] if row else None
@@ -685,10 +688,8 @@ class Writer(Reader):
         if state["timeline"] is None or (tuple(to) <= state["from"] and not (final and state["records"])):
             return None
         to = max(tuple(to), state["from"])
-        posts = None if final else self._post_images()
-        if posts:
-            self._c.execute("INSERT INTO seg_records (seg, t, i, recs) VALUES (NULL, ?, ?, ?)",
-                            to + (crypto.compress(encode_records([to + (r,) for r in posts])),))
+        if not final:
+            self._log_post_images(to)
         cur = self._c.execute("INSERT INTO seg_closed (timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?)",
                               (state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
         self._c.execute("UPDATE seg_records SET seg=? WHERE seg IS NULL", (cur.lastrowid,))
@@ -698,18 +699,28 @@ class Writer(Reader):
         _set_meta(self._c, "seg_open_seq", self._seq)
         return cur.lastrowid
 
-    def _post_images(self) -> list | None:
-        """The open segment's post-images (segments.post_records): every document the change log lists as changed
-        since the segment opened, as the head holds it now (or deleted). A restore to this segment's end or later
-        applies them instead of replaying its events one by one. None when the change log cannot say: the segment
-        opened before the head kept its start, a snapshot's mark_snapshotted forgot changes of it, or a namespace-level
-        change (DDL, a re-clone) happened in it; a restore then replays its events."""
+    def _log_post_images(self, to: tuple) -> None:
+        """Append the open segment's post-images (segments.post_records), at cluster time `to`, to its records: every
+        document the change log lists as changed since the segment opened, as the head holds it now (or deleted), a
+        zstd frame per POST_FRAME_BYTES so that a large segment is never held in memory whole. A restore to this
+        segment's end or later applies them instead of replaying its events one by one. None when the change log cannot
+        say: the segment opened before the head kept its start, a snapshot's mark_snapshotted forgot changes of it, or a
+        namespace-level change (DDL, a re-clone) happened in it; a restore then replays its events."""
         opened = _meta(self._c, "seg_open_seq")
         if opened is None or (_meta(self._c, "forget_seq") or 0) > opened or (_meta(self._c, "ns_seq") or 0) > opened:
-            return None
-        return post_records(self._c.execute(
+            return
+        rows = self._c.execute(
             "SELECT n.ns, c.id_key, d.doc FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id "
-            "LEFT JOIN docs d ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY n.ns, c.id_key", (opened,)))
+            "LEFT JOIN docs d ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY n.ns, c.id_key", (opened,))
+        frame, size = [], 0
+        for rec in post_records(rows):
+            frame.append(to + (rec,))
+            size += len(rec)
+            if size >= POST_FRAME_BYTES:
+                self.log_frames([to + (crypto.compress(encode_records(frame)),)])
+                frame, size = [], 0
+        if frame:
+            self.log_frames([to + (crypto.compress(encode_records(frame)),)])
 
     def end_timeline(self) -> None:
         """End the current timeline where the head last was complete (a resync, a lost resume point): its open

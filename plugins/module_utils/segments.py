@@ -157,28 +157,24 @@ _POST_ENTRY = struct.Struct("<II")
 POST_DELETED = 0xFFFFFFFF
 
 
-def post_records(rows) -> list:
-    """Post-image records (raw BSON, see the module doc) of (ns, id_key, raw document or None: deleted) rows in (ns,
-    id_key) order: one or more per namespace, each holding at most about POST_RECORD_BYTES."""
+def post_records(rows):
+    """Post-image records (raw BSON, see the module doc), yielded one at a time, of (ns, id_key, raw document or None:
+    deleted) rows in (ns, id_key) order: one or more per namespace, each holding at most about POST_RECORD_BYTES."""
     _require_bson()
-    out, ns, parts, size, pack = [], None, [], 0, _POST_ENTRY.pack
-
-    def flush():
-        if parts:
-            out.append(bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))}))
+    ns, parts, size, pack = None, [], 0, _POST_ENTRY.pack
     for row_ns, key, doc in rows:
-        if row_ns != ns or size >= POST_RECORD_BYTES:
-            flush()
-            ns, parts, size = row_ns, [], 0
-        key = bytes(key)
+        if parts and (row_ns != ns or size >= POST_RECORD_BYTES):
+            yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
+            parts, size = [], 0
+        ns, key = row_ns, bytes(key)
         if doc is None:
             parts += (pack(len(key), POST_DELETED), key)
         else:
             parts += (pack(len(key), len(doc)), key, doc)
             size += len(doc)
         size += 8 + len(key)
-    flush()
-    return out
+    if parts:
+        yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
 
 
 def is_post(raw: bytes) -> bool:
@@ -200,15 +196,17 @@ def decode_records(plain: bytes, name: str = "?") -> list:
     """[(t, i, raw bytes)] of a segment's plaintext; IntegrityError naming the segment when it is malformed."""
     out, pos, n = [], 0, len(plain)
     view = plain if type(plain) is bytes else memoryview(plain)  # pylint: disable=unidiomatic-typecheck  # the replay wants bytes
+    append, ct, size_of = out.append, _CT.unpack_from, _I32.unpack_from  # once per record of every segment a restore reads
     while pos < n:
         if pos + 13 > n:
             raise crypto.integrity_error("segment", name, "has a malformed record")
-        t, i = _CT.unpack_from(plain, pos)
-        size = _I32.unpack_from(plain, pos + 8)[0]
-        if size < 5 or pos + 8 + size > n:
+        t, i = ct(plain, pos)
+        pos += 8
+        end = pos + size_of(plain, pos)[0]
+        if end < pos + 5 or end > n:
             raise crypto.integrity_error("segment", name, "has a malformed record")
-        out.append((t, i, view[pos + 8:pos + 8 + size]))
-        pos += 8 + size
+        append((t, i, view[pos:end]))
+        pos = end
     return out
 
 

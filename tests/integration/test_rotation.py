@@ -39,8 +39,10 @@ def wait_applied(d, job, session, timeout=60):
     """Wait until the daemon's head has applied everything up to the session's last operation."""
     t = session.operation_time
     assert t is not None
-    d.wait_status(job, lambda s: s.get("consistent") and s.get("cluster_time") and tuple(s["cluster_time"]) >= (t.time, t.inc),
-                  timeout=timeout)
+    # complete_cluster_time, not cluster_time (the last event applied): the stand-in may answer with an operationTime
+    # past the session's last write (a later tick of its clock), which no event ever reaches
+    d.wait_status(job, lambda s: s.get("consistent") and s.get("complete_cluster_time")
+                  and tuple(s["complete_cluster_time"]) >= (t.time, t.inc), timeout=timeout)
 
 
 def snapshot(dd, job):

@@ -9,7 +9,7 @@ import bson
 import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    pitr_replay, point_in_time, rawbson, restore, segments, snapshot, store)
+    head, pitr_replay, point_in_time, rawbson, restore, segments, snapshot, store)
 from pitr_overlap_helpers import T0, base_namespaces, captured, ev, upd, window_events
 from snapshot_helpers import LocalKeyProvider, image_of, make_head, restored_dir
 
@@ -50,13 +50,28 @@ def posts_of(raws):
     return out
 
 
-def test_post_images_are_the_heads_documents_at_the_segment_end_for_exactly_the_keys_its_events_changed(job):
+@pytest.mark.parametrize("small", [False, True])
+def test_post_images_are_the_heads_documents_at_the_segment_end_for_exactly_the_keys_its_events_changed(job, small, monkeypatch):
     h = job["head"]
+    if small:  # many records a namespace and many head rows (zstd frames): a large segment is never held whole
+        monkeypatch.setattr(segments, "POST_RECORD_BYTES", 50_000)
+        monkeypatch.setattr(head, "POST_FRAME_BYTES", 200_000)
     groups = window_events(T0 + 1)
     before = image_of(h)
     for n, group in enumerate(groups):
         captured(h, group, (T0 + 1 + n, 1))
-    seg, raws = close_and_read(job)
+    assert segments.close(h) is not None
+    closed = h.closed_segments()[-1]["seg"]
+    frames = h.segment_frames(closed)
+    with h.read() as r:  # the head rows: one per transaction (4), then the post-images' frames
+        rows = r._c.execute("SELECT count(*) FROM seg_records WHERE seg=?", (closed,)).fetchone()[0]  # pylint: disable=protected-access
+    assert (rows > len(groups) + 3) if small else (rows == len(groups) + 1), rows
+    sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
+    (seg, recs), = segments.read_segments(job["js"], job["keys"], sealed)
+    raws = [bytes(r[2]) for r in recs]
+    n_posts = sum(1 for r in raws if segments.is_post(r))
+    assert (n_posts > 25) is small and all(len(r) < 60_000 + 4000 for r in raws if small and segments.is_post(r))
+    assert len(segments.decode_records(segments.decompress_frames(frames))) == len(raws)
     at_end = {ns: {rawbson.id_key_from_document(d): d for d in docs} for ns, docs in image_of(h).items()}
     posts = posts_of(raws)
     # the post-images come last, after every event, at the segment's end
