@@ -14,7 +14,9 @@ log remembers which (namespace, id_key) changed since the last snapshot.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import threading
@@ -25,7 +27,7 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, split_bson_docs
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import decode_records, encode_records, post_records
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import POST_DELETED, decode_records, encode_records, post_records
 
 try:
     import sqlcipher3
@@ -116,6 +118,9 @@ class Head:
         self._ns_cache = {}
         # point in time (segments.py): when True, Writer.log_records keeps change records for the open segment
         self.record_segments = False
+        # post-images of closed segments, built on a side thread from a read transaction pinned at the close's commit
+        # (Writer.close_segment), sealed after the segment's records (segment_frames), dropped once it is sealed
+        self._posts, self._post_pending, self._post_pool = {}, None, None
 
     def _add_boundary_flags(self):
         """Flag chunk boundaries in a head written before the flags existed (once), and index the flags."""
@@ -158,6 +163,9 @@ class Head:
 
     def close(self) -> None:
         with self._lock:
+            if self._post_pool is not None:  # post-images not stored yet are dropped: their segments are sealed without
+                self._post_pool.shutdown(wait=True, cancel_futures=True)
+                self._post_pool, self._posts = None, {}
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -180,9 +188,27 @@ class Head:
                 w._finish()
                 conn.execute("COMMIT")
             except BaseException:
+                self._post_pending = None
                 conn.execute("ROLLBACK")
                 self._ns_cache.clear()
                 raise
+            if self._post_pending is not None:  # still under the lock: no write lands before the builder's image is pinned
+                self._start_post_images(*self._post_pending)
+                self._post_pending = None
+
+    def _start_post_images(self, seg: int, opened: int, to: tuple) -> None:
+        """Build closed segment seg's post-images on a side thread, from a read transaction on a connection of its own
+        pinned at the state just committed (the segment's end): the capture goes on meanwhile."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()  # pins the image
+        except BaseException:
+            conn.close()
+            raise
+        if self._post_pool is None:
+            self._post_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-post-images")
+        self._posts[seg] = self._post_pool.submit(_post_image_frames, conn, opened, to)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:
@@ -257,10 +283,18 @@ class Head:
         return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
 
     def segment_frames(self, seg: int) -> bytes:
-        """The records of a closed segment, in apply order, as zstd frames back to back (one per transaction)."""
+        """The records of a closed segment, in apply order, as zstd frames back to back (one per transaction); then its
+        post-images, when this process built them since it closed the segment (waits for the builder). They are kept in
+        memory only, until the segment is sealed: a segment closed before a restart is sealed without them (they are
+        optional), and segments._existing keeps a stored copy that has them."""
         with self._lock:
+            future = self._posts.get(seg)
             rows = self._conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
-        return b"".join(bytes(r[0]) for r in rows)
+        try:
+            posts = future.result() if future is not None else []
+        except Exception:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
+            posts = []
+        return b"".join([bytes(r[0]) for r in rows] + [f[2] for f in posts])
 
     def segment_chain(self, timeline: str) -> tuple | None:
         """(seq, digest) of the last sealed segment of timeline, or None."""
@@ -270,6 +304,8 @@ class Head:
 
     def segment_sealed(self, seg: int, timeline: str, seq: int, digest: bytes) -> None:
         """A closed segment is durable in the store: forget its records, remember its digest (the next one's link)."""
+        with self._lock:
+            self._posts.pop(seg, None)
         with self.write() as w:
             w._c.execute("DELETE FROM seg_records WHERE seg=?", (seg,))
             w._c.execute("DELETE FROM seg_closed WHERE seg=?", (seg,))
@@ -323,7 +359,34 @@ class Head:
             progress(os.path.getsize(dest), total)
 
 
-POST_FRAME_BYTES = 16 << 20  # post-images compressed into one head row (zstd frame) at a time
+POST_FRAME_BYTES = 16 << 20  # post-images compressed into one zstd frame at a time
+POST_MAX_BYTES = 64 << 20  # a closed segment's compressed post-images, at most (else it has none)
+
+
+def _post_image_frames(conn, opened: int, to: tuple) -> list:
+    """[(t, i, zstd frame)] of the post-image records (segments.post_records) of the changes after sequence opened, read
+    on conn (a read transaction pinned at the segment's end, closed here), a frame per POST_FRAME_BYTES."""
+    try:
+        # each entry packed by SQLite (segments.post_records: lengths big-endian, 0xFFFFFFFF for a deleted document): a
+        # row is one bytes object, no Python work per document but the fetch. || on BLOBs gives TEXT with the same bytes.
+        # By ns_id, not name: the name's order would sort the joined rows again (a third of the query's time)
+        rows = conn.execute(
+            "SELECT n.ns, CAST(unhex(printf('%%08x%%08x', length(c.id_key), coalesce(length(d.doc), %d))) || c.id_key "
+            "|| coalesce(d.doc, x'') AS BLOB) FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id LEFT JOIN docs d "
+            "ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY c.ns_id, c.id_key" % POST_DELETED, (opened,))
+        out, frame, size, kept = [], [], 0, 0
+        for rec in itertools.chain(post_records(rows), [None]):
+            if rec is not None:
+                frame.append(tuple(to) + (rec,))
+                size += len(rec)
+            if frame and (rec is None or size >= POST_FRAME_BYTES):
+                out.append(tuple(to) + (crypto.compress(encode_records(frame)),))
+                frame, size, kept = [], 0, kept + len(out[-1][2])
+                if kept > POST_MAX_BYTES:
+                    return []  # held in memory until the seal: a segment this large is replayed event by event
+        return out
+    finally:
+        conn.close()
 
 
 def _meta(conn, name):
@@ -688,8 +751,7 @@ class Writer(Reader):
         if state["timeline"] is None or (tuple(to) <= state["from"] and not (final and state["records"])):
             return None
         to = max(tuple(to), state["from"])
-        if not final:
-            self._log_post_images(to)
+        posts = None if final else self._post_images_from()
         cur = self._c.execute("INSERT INTO seg_closed (timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?)",
                               (state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
         self._c.execute("UPDATE seg_records SET seg=? WHERE seg IS NULL", (cur.lastrowid,))
@@ -697,30 +759,20 @@ class Writer(Reader):
                         to + (time.time(),))
         self._dirty = True  # the next segment's changes get a later seq than any of this one's
         _set_meta(self._c, "seg_open_seq", self._seq)
+        if posts is not None:
+            self._h._post_pending = (cur.lastrowid, posts, to)  # pylint: disable=protected-access  # built after COMMIT
         return cur.lastrowid
 
-    def _log_post_images(self, to: tuple) -> None:
-        """Append the open segment's post-images (segments.post_records), at cluster time `to`, to its records: every
-        document the change log lists as changed since the segment opened, as the head holds it now (or deleted), a
-        zstd frame per POST_FRAME_BYTES so that a large segment is never held in memory whole. A restore to this
+    def _post_images_from(self) -> int | None:
+        """The change sequence the open segment started after, when its post-images can be built: every document the
+        change log lists as changed since then, as the head holds it at the segment's end (or deleted); a restore to this
         segment's end or later applies them instead of replaying its events one by one. None when the change log cannot
         say: the segment opened before the head kept its start, a snapshot's mark_snapshotted forgot changes of it, or a
         namespace-level change (DDL, a re-clone) happened in it; a restore then replays its events."""
         opened = _meta(self._c, "seg_open_seq")
         if opened is None or (_meta(self._c, "forget_seq") or 0) > opened or (_meta(self._c, "ns_seq") or 0) > opened:
-            return
-        rows = self._c.execute(
-            "SELECT n.ns, c.id_key, d.doc FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id "
-            "LEFT JOIN docs d ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY n.ns, c.id_key", (opened,))
-        frame, size = [], 0
-        for rec in post_records(rows):
-            frame.append(to + (rec,))
-            size += len(rec)
-            if size >= POST_FRAME_BYTES:
-                self.log_frames([to + (crypto.compress(encode_records(frame)),)])
-                frame, size = [], 0
-        if frame:
-            self.log_frames([to + (crypto.compress(encode_records(frame)),)])
+            return None
+        return opened
 
     def end_timeline(self) -> None:
         """End the current timeline where the head last was complete (a resync, a lost resume point): its open

@@ -49,7 +49,7 @@ _F_OP, _F_NS, _F_KEY, _F_FULL, _F_DESC = events._OP, events._NS, events._KEY, ev
 _OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
 _KB = b"\x02kb\x00"  # a correction's first element (segments)
 _POST = b"\x05\x00\x00\x00post\x00"  # after _KB: a post-image record (segments.post_records)
-_POST_ENTRY = struct.Struct("<II")  # id_key length, document length (_NONE: deleted)
+_POST_ENTRY = struct.Struct(">II")  # id_key length, document length (_NONE: deleted)
 # kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
 # CRC-32 (zlib): cheap; the parent hashes what it receives with SHA-256 for the manifest and checks the CRCs against it.
 _MSG = struct.Struct("<BIIQQI")

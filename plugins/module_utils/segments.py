@@ -26,7 +26,7 @@ A correction record is a document whose first field is "kb" (events start with "
   it re-read the namespace (Applier.refresh), so a replay applies the event exactly as the head did.
   {"kb": "post", "ns", "docs": binary}: post-images, the segment's last records (at its end's cluster time): every
   document of ns changed in the segment as the head held it at the segment's end, in id_key order, packed as
-  (uint32 id_key length, uint32 document length or 0xFFFFFFFF: deleted, id_key, document) little-endian. The head writes
+  (uint32 id_key length, uint32 document length or 0xFFFFFFFF: deleted, id_key, document), the lengths big-endian. The head writes
   them when it closes a segment whose changes its change log lists one by one (head.Writer.close_segment); a restore
   to the segment's end or later may apply them instead of the segment's events (point_in_time, pitr_replay.prescan);
   the sequential replay skips them (the events before them made the same state).
@@ -153,26 +153,21 @@ def correction(kind: str, ns: str, key: bytes | None = None, doc: bytes | None =
 
 
 POST_RECORD_BYTES = 4 << 20  # a post-image record's packed documents, at most (one document may take it over)
-_POST_ENTRY = struct.Struct("<II")
-POST_DELETED = 0xFFFFFFFF
+POST_DELETED = 0xFFFFFFFF  # a post-image entry's document length for a deleted document
 
 
 def post_records(rows):
-    """Post-image records (raw BSON, see the module doc), yielded one at a time, of (ns, id_key, raw document or None:
-    deleted) rows in (ns, id_key) order: one or more per namespace, each holding at most about POST_RECORD_BYTES."""
+    """Post-image records (raw BSON, see the module doc), yielded one at a time, of (ns, packed entry) rows grouped by ns,
+    in id_key order within it (head.Writer packs each entry in SQL): one or more per namespace, each holding at most about POST_RECORD_BYTES."""
     _require_bson()
-    ns, parts, size, pack = None, [], 0, _POST_ENTRY.pack
-    for row_ns, key, doc in rows:
+    ns, parts, size = None, [], 0
+    for row_ns, entry in rows:
         if parts and (row_ns != ns or size >= POST_RECORD_BYTES):
             yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
             parts, size = [], 0
-        ns, key = row_ns, bytes(key)
-        if doc is None:
-            parts += (pack(len(key), POST_DELETED), key)
-        else:
-            parts += (pack(len(key), len(doc)), key, doc)
-            size += len(doc)
-        size += 8 + len(key)
+        ns = row_ns
+        parts.append(entry)
+        size += len(entry)
     if parts:
         yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
 
@@ -368,7 +363,15 @@ def _existing(job_store, meta, path, frames, prev, keys):
         got, got_prev = open_segment(job_store.job, meta, blob, keys)
     except (IntegrityError, StoreError):
         return None
-    return bytes(blob) if got_prev == prev and got == decompress_frames(frames, meta["name"]) else None
+    want = decompress_frames(frames, meta["name"])
+    if got_prev != prev or not got.startswith(want):
+        return None
+    # the same records; a copy sealed before a restart may also end with post-images this run did not build again
+    try:
+        rest = decode_records(got[len(want):], meta["name"])
+    except IntegrityError:
+        return None
+    return bytes(blob) if all(is_post(r[2]) for r in rest) else None
 
 
 def collect(job_store: JobStore, keys: Keys, window_hours: float, now: datetime.datetime | None = None,
