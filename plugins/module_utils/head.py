@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import H
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, split_bson_docs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import POST_DELETED, decode_records, encode_records, post_records
+
+LOG = logging.getLogger("kmipbackup.head")
 
 try:
     import sqlcipher3
@@ -163,9 +166,10 @@ class Head:
 
     def close(self) -> None:
         with self._lock:
-            if self._post_pool is not None:  # post-images not stored yet are dropped: their segments are sealed without
-                self._post_pool.shutdown(wait=True, cancel_futures=True)
-                self._post_pool, self._posts = None, {}
+            if self._post_pool is not None:  # post-images not sealed yet are dropped: their segments are sealed without
+                self._drop_post_images(list(self._posts))
+                self._post_pool.shutdown(wait=True)
+                self._post_pool = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -192,23 +196,36 @@ class Head:
                 conn.execute("ROLLBACK")
                 self._ns_cache.clear()
                 raise
-            if self._post_pending is not None:  # still under the lock: no write lands before the builder's image is pinned
-                self._start_post_images(*self._post_pending)
-                self._post_pending = None
+            pending, self._post_pending = self._post_pending, None  # taken once: never started for a later state
+            if pending is not None:  # still under the lock: no write lands before the builder's image is pinned
+                self._start_post_images(*pending)
 
     def _start_post_images(self, seg: int, opened: int, to: tuple) -> None:
         """Build closed segment seg's post-images on a side thread, from a read transaction on a connection of its own
-        pinned at the state just committed (the segment's end): the capture goes on meanwhile."""
-        conn = self._connect()
+        pinned at the state just committed (the segment's end): the capture goes on meanwhile. When that cannot start
+        (no connection: too many open files, say), the segment has none: they are optional, and the close committed."""
+        conn = None
         try:
+            conn = self._connect()
             conn.execute("BEGIN")
             conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()  # pins the image
-        except BaseException:
-            conn.close()
-            raise
-        if self._post_pool is None:
-            self._post_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-post-images")
-        self._posts[seg] = self._post_pool.submit(_post_image_frames, conn, opened, to)
+            if self._post_pool is None:
+                self._post_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-post-images")
+            if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
+                self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
+            self._posts[seg] = (self._post_pool.submit(_post_image_frames, conn, opened, to), conn)
+        except Exception as e:  # pylint: disable=broad-except
+            LOG.warning("post-images of a closed change segment not built (%s): a restore replays its events", type(e).__name__)
+            if conn is not None:
+                conn.close()
+
+    def _drop_post_images(self, segs: list) -> None:
+        """Forget the post-images of segs (their segments are sealed without them); a builder not started yet is cancelled
+        and its pinned connection closed (a running one closes its own)."""
+        for seg in segs:
+            future, conn = self._posts.pop(seg)
+            if future.cancel():
+                conn.close()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:
@@ -288,11 +305,12 @@ class Head:
         memory only, until the segment is sealed: a segment closed before a restart is sealed without them (they are
         optional), and segments._existing keeps a stored copy that has them."""
         with self._lock:
-            future = self._posts.get(seg)
+            future = self._posts.get(seg, (None, None))[0]
             rows = self._conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
         try:
             posts = future.result() if future is not None else []
-        except Exception:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
+        except Exception as e:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
+            LOG.warning("post-images of a closed change segment failed (%s): a restore replays its events", type(e).__name__)
             posts = []
         return b"".join([bytes(r[0]) for r in rows] + [f[2] for f in posts])
 
@@ -361,6 +379,7 @@ class Head:
 
 POST_FRAME_BYTES = 16 << 20  # post-images compressed into one zstd frame at a time
 POST_MAX_BYTES = 64 << 20  # a closed segment's compressed post-images, at most (else it has none)
+POST_PENDING_MAX = 4  # closed segments whose post-images wait in memory for their seal, at most (the oldest are dropped)
 
 
 def _post_image_frames(conn, opened: int, to: tuple) -> list:
@@ -564,6 +583,7 @@ class Writer(Reader):
         self._cache = head._ns_cache
         self._seq = conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()[0] + 1
         self._dirty = False
+        self._closed = False  # close_segment scheduled post-images: no change may follow in this transaction
         self.before_commit = []  # callables run just before COMMIT (writes buffered by their owner, e.g. events.Applier)
 
     def _finish(self):
@@ -575,7 +595,15 @@ class Writer(Reader):
     def _namespace_changed(self):
         """A change the change log does not list document by document (a namespace created, altered, dropped or renamed,
         an untracked bulk load): the open segment gets no post-images (close_segment)."""
+        self._changing()
         _set_meta(self._c, "ns_seq", self._seq)
+
+    def _changing(self):
+        """A change in this transaction: refused after close_segment scheduled post-images in it (they are built at its
+        COMMIT, so they would show the change, and the next segment's would not list it: its sequence is the close's)."""
+        if self._closed:
+            raise HeadError("A change after a change segment was closed in the same transaction: close segments in "
+                            "a transaction of their own.")
 
     def _next_incarnation(self):
         self._c.execute("UPDATE meta SET value = value + 1 WHERE name='incarnation'")
@@ -659,6 +687,7 @@ class Writer(Reader):
 
     def upsert(self, ns: str, id_key: bytes, raw: bytes) -> None:
         """Store raw (BSON bytes) under (ns, id_key) and record the change."""
+        self._changing()
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
         self._c.execute("INSERT OR REPLACE INTO docs (ns_id, id_key, doc, bnd) VALUES (?, ?, ?, ?)",
                         (ns_id, id_key, raw, 1 if self._h._is_boundary(id_key, len(raw)) else 0))
@@ -670,6 +699,7 @@ class Writer(Reader):
         into a namespace created in this head generation, whose new incarnation makes a snapshot take it whole)
         skips the change log, and pairs may then be an iterator, bound as it yields (no object per document kept
         alive, so none for the garbage collector to walk)."""
+        self._changing()
         ns_id = self._ns_id(ns) or self._ensure_ns(ns)
         if track:
             pairs = pairs if isinstance(pairs, list) else list(pairs)
@@ -685,6 +715,7 @@ class Writer(Reader):
 
     def delete(self, ns: str, id_key: bytes) -> bool:
         """Delete (ns, id_key); True when it existed."""
+        self._changing()
         ns_id = self._ns_id(ns)
         if ns_id is None:
             return False
@@ -761,6 +792,7 @@ class Writer(Reader):
         _set_meta(self._c, "seg_open_seq", self._seq)
         if posts is not None:
             self._h._post_pending = (cur.lastrowid, posts, to)  # pylint: disable=protected-access  # built after COMMIT
+            self._closed = True
         return cur.lastrowid
 
     def _post_images_from(self) -> int | None:

@@ -340,7 +340,7 @@ replayed:
   type: dict
   contains:
     events:
-      description: Change events applied.
+      description: Change events in the window, those of segments applied by their post-images included.
       type: int
     records:
       description: Records applied (events and the daemon's corrections of its head).

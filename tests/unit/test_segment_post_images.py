@@ -4,12 +4,13 @@ them (DDL, an untracked bulk load, a forget inside the segment, a timeline's end
 segment's end applies them (and gives what the head held), the sequential path skips them. Real SQLCipher heads, sealed
 segments in a folder store, a local key provider."""
 import os
+import threading
 
 import bson
 import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    head, pitr_replay, point_in_time, rawbson, restore, segments, snapshot, store)
+    errors, head, pitr_replay, point_in_time, rawbson, restore, segments, snapshot, store)
 from pitr_overlap_helpers import T0, base_namespaces, captured, ev, upd, window_events
 from snapshot_helpers import LocalKeyProvider, image_of, make_head, restored_dir
 
@@ -215,3 +216,55 @@ def test_post_images_over_the_cap_are_dropped_and_the_segment_restores_from_its_
         restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
         assert (image.path, image.replayed["post_images"]) == ("overlap", 0)
     assert restored_dir(out) == {ns: docs for ns, docs in image_of(h).items() if docs and not ns.startswith("config.")}
+
+
+def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job, monkeypatch):
+    """The post-images are pinned at the close's commit: writes made while the side thread still works are not in them."""
+    h = job["head"]
+    release, real = threading.Event(), head._post_image_frames  # pylint: disable=protected-access
+
+    def held(*a):
+        assert release.wait(30)
+        return real(*a)
+    monkeypatch.setattr(head, "_post_image_frames", held)
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "at the end"})], (T0 + 1, 1))
+    assert segments.close(h) is not None
+    at_end = {rawbson.id_key_from_document(d): d for d in image_of(h)["d.big"]}
+    captured(h, [upd("big", (T0 + 2, 1), 3, {"pad": "later"}), ev("delete", "big", (T0 + 2, 1), documentKey={"_id": 4})],
+             (T0 + 2, 1))
+    release.set()
+    sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
+    (_s, recs), = segments.read_segments(job["js"], job["keys"], sealed[:1])
+    posts = posts_of([bytes(r[2]) for r in recs])
+    key = rawbson.id_key_from_value(3)
+    assert posts == {"d.big": {key: at_end[key]}} and b"later" not in at_end[key]
+
+
+def test_a_builder_that_cannot_start_leaves_the_segment_without_post_images_and_nothing_pending(job, monkeypatch):
+    h = job["head"]
+    real = h._connect  # pylint: disable=protected-access
+
+    def fail():
+        monkeypatch.setattr(h, "_connect", real)
+        raise errors.HeadError("too many open files")
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))
+    monkeypatch.setattr(h, "_connect", fail)
+    assert segments.close(h) is not None  # the close committed: no error
+    captured(h, [upd("big", (T0 + 2, 1), 5, {"pad": "y"})], (T0 + 2, 1))  # starts nothing for the closed segment
+    assert h._post_pending is None and not h._posts  # pylint: disable=protected-access
+    sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
+    (_s, recs), = segments.read_segments(job["js"], job["keys"], sealed)
+    assert recs and not any(segments.is_post(bytes(r[2])) for r in recs)
+    _seg, raws = close_and_read(job)  # the next one has its own, only its own
+    assert list(posts_of(raws)["d.big"]) == [rawbson.id_key_from_value(5)]
+
+
+def test_no_change_after_a_close_in_the_same_transaction(job):
+    h = job["head"]
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))
+    with pytest.raises(errors.HeadError, match="same transaction"):
+        with h.write() as w:
+            w.close_segment((T0 + 1, 1))
+            w.delete("d.big", rawbson.id_key_from_value(7))
+    assert not h.closed_segments() and h._post_pending is None  # pylint: disable=protected-access  # rolled back
+    assert segments.close(h) is not None
