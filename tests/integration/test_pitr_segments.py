@@ -153,7 +153,9 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
         snaps.append(snapshot.take_snapshot(h, js, keys, js.job, uid, True))
         crud_from = len(ends)
         stop = threading.Event()
-        thread = workload.Workload(plain[dbname], seed=11, ddl=False).run_in_thread(stop)
+        crud = workload.Workload(plain[dbname], seed=11, ddl=False)
+        crud.next_i = load.next_i + 10 ** 5  # new documents' unique "i" past the first load's
+        thread = crud.run_in_thread(stop)
         t_end = time.monotonic() + 2.0
         while time.monotonic() < t_end or len(ends) < crud_from + 2:
             cap.run_once(max_time=0.3)
@@ -163,6 +165,7 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
                 segments.seal_closed(h, js, keys, uid)
         stop.set()
         thread.join()
+        assert crud.ops > 10, crud.ops
         _capture_until_idle(cap, h)
         segments.close(h)
         sealed = segments.seal_closed(h, js, keys, uid)
