@@ -106,8 +106,8 @@ def capture_segments(head_path, js, keys, rows, per_segment, post_images=True):
     h = head.Head(head_path, HEAD_KEY)
     h.record_segments = True
     if not post_images:
-        h_writer_posts = head.Writer._post_images  # pylint: disable=protected-access
-        head.Writer._post_images = lambda self: None  # pylint: disable=protected-access
+        h_writer_posts = head.Writer._post_images_from  # pylint: disable=protected-access
+        head.Writer._post_images_from = lambda self: None  # pylint: disable=protected-access
     try:
         a = events_mod.Applier()
         for s in range(0, len(rows), per_segment):
@@ -125,7 +125,7 @@ def capture_segments(head_path, js, keys, rows, per_segment, post_images=True):
         h.checkpoint()
     finally:
         if not post_images:
-            head.Writer._post_images = h_writer_posts  # pylint: disable=protected-access
+            head.Writer._post_images_from = h_writer_posts  # pylint: disable=protected-access
         h.close()
 
 
