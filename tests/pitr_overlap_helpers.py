@@ -68,9 +68,10 @@ def captured(h, evs, ct):
         w.set_position(b"token", list(ct), True)
 
 
-def build_lab(tmp_path, provider=None, uid="mk"):
-    """{"js", "keys", "provider", "images": {point: image}, "tmp", "base", "ddl": the DDL event's point, "head"}; keys
-    from provider (a KmipClient) under master key uid, or from a local key provider."""
+def segment_job(tmp_path, provider=None, uid="mk"):
+    """{"js", "keys", "provider", "head", "base", "tmp"}: a head of base_namespaces() at T0 recording segments, its
+    snapshot (64 KiB chunks) in a folder store, the snapshot's changes forgotten; keys from provider (a KmipClient)
+    under master key uid, or from a local key provider."""
     if provider is None:
         provider = LocalKeyProvider()
         provider.create(uid)
@@ -80,6 +81,13 @@ def build_lab(tmp_path, provider=None, uid="mk"):
     h.record_segments = True
     base = snapshot.take_snapshot(h, js, keys, "job", uid, True, max_bytes=64 << 10)
     h.mark_snapshotted(base["change_seq"])
+    return {"js": js, "keys": keys, "provider": provider, "head": h, "base": base, "tmp": tmp_path}
+
+
+def build_lab(tmp_path, provider=None, uid="mk"):
+    """segment_job's, plus "images": {point: image} and "ddl": the DDL event's point."""
+    lab = segment_job(tmp_path, provider, uid)
+    js, keys, h = lab["js"], lab["keys"], lab["head"]
     images = {}
     for n, group in enumerate(window_events(T0 + 1)):
         ct = (T0 + 1 + n, 1)
@@ -95,8 +103,8 @@ def build_lab(tmp_path, provider=None, uid="mk"):
     images[ddl_ct] = image_of(h)
     segments.close(h)
     segments.seal_closed(h, js, keys, uid)
-    return {"js": js, "keys": keys, "provider": provider, "images": images, "tmp": tmp_path, "base": base, "ddl": ddl_ct,
-            "head": h}
+    lab.update(images=images, ddl=ddl_ct)
+    return lab
 
 
 def restore_to_mongodb(store_root, provider, point, uri, rename, kill=False):

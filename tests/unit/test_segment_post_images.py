@@ -3,30 +3,22 @@ changed, as the head held them at the segment's end, and nothing else; none when
 them (DDL, an untracked bulk load, a forget inside the segment, a timeline's end); the fast path of a restore to the
 segment's end applies them (and gives what the head held), the sequential path skips them. Real SQLCipher heads, sealed
 segments in a folder store, a local key provider."""
-import os
 import threading
 
 import bson
 import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    errors, head, pitr_replay, point_in_time, rawbson, restore, segments, snapshot, store)
-from pitr_overlap_helpers import T0, base_namespaces, captured, ev, upd, window_events
-from snapshot_helpers import LocalKeyProvider, image_of, make_head, restored_dir
+    errors, head, pitr_replay, point_in_time, rawbson, restore, segments)
+from pitr_overlap_helpers import T0, captured, ev, segment_job, upd, window_events
+from snapshot_helpers import image_of, restored_dir
 
 
 @pytest.fixture
 def job(tmp_path):
-    provider = LocalKeyProvider()
-    provider.create("mk")
-    js = store.JobStore(str(tmp_path / "store"), "job")
-    keys = store.Keys(js, provider)
-    h = make_head(str(tmp_path / "h" / "head.db"), base_namespaces(), key=os.urandom(32), cluster_time=(T0, 1))
-    h.record_segments = True
-    base = snapshot.take_snapshot(h, js, keys, "job", "mk", True, max_bytes=64 << 10)
-    h.mark_snapshotted(base["change_seq"])
-    yield {"js": js, "keys": keys, "head": h, "tmp": tmp_path}
-    h.close()
+    job = segment_job(tmp_path)
+    yield job
+    job["head"].close()
 
 
 def close_and_read(job):
