@@ -137,8 +137,10 @@ def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mon
                 _capture_until_idle(cap, h)
                 assert cap.stats["recopied"] >= 5
                 assert source.verify(h, src, full=True)["recopied"] >= 1
-            _capture_until_idle(cap, h)
+            # a phantom the stand-in minted during the load is dropped before the head catches up: verification
+            # (round 0) may have healed it into the head, and the drop's event takes it out again
             drop_standin_phantoms(src, dbname)
+            _capture_until_idle(cap, h)
             fingerprint = source_image(src, dbname)
             assert head_image(h, dbname) == fingerprint
             point = source.current_cluster_time(src, {"uri": mongo_server["uri"]})
