@@ -299,9 +299,9 @@ class Head:
             rows = self._conn.execute("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg").fetchall()
         return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
 
-    def segment_frames(self, seg: int) -> bytes:
-        """The records of a closed segment, in apply order, as zstd frames back to back (one per transaction); then its
-        post-images, when this process built them since it closed the segment (waits for the builder). They are kept in
+    def segment_frames(self, seg: int) -> tuple[bytes, bytes]:
+        """(the records of a closed segment, in apply order, as zstd frames back to back (one per transaction); its
+        post-images' frames, b"" unless this process built them since it closed the segment (waits for the builder)). They are kept in
         memory only, until the segment is sealed: a segment closed before a restart is sealed without them (they are
         optional), and segments._existing keeps a stored copy that has them."""
         with self._lock:
@@ -312,7 +312,7 @@ class Head:
         except Exception as e:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
             LOG.warning("post-images of a closed change segment failed (%s): a restore replays its events", type(e).__name__)
             posts = []
-        return b"".join([bytes(r[0]) for r in rows] + [f[2] for f in posts])
+        return b"".join([bytes(r[0]) for r in rows]), b"".join([f[2] for f in posts])
 
     def segment_chain(self, timeline: str) -> tuple | None:
         """(seq, digest) of the last sealed segment of timeline, or None."""

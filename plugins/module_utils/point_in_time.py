@@ -1003,19 +1003,23 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
     why = fast.spawn() if fast is not None else why
     try:
         manifest = job_store.read_manifest(base["snapshot_id"], keys, base.get("manifest_sha256"))
-        read = None
+        read, partial = None, False  # partial: a segment was read without its events
         if replay is None:
             # each segment is pre-scanned (fast.add) as soon as it is read and authenticated, while the next are read.
-            # The fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially
-            rest, read, size, used = segments.read_segments(job_store, keys, plan["segments"]), [], 0, 0
+            # The fast path holds the window's records in memory: past FAST_WINDOW_BYTES the rest streams, sequentially.
+            # It applies the post-images of the segments that end by the point: of those, only they are read
+            point = tuple(plan["point"])
+            posts_for = frozenset(s["name"] for s in plan["segments"] if tuple(s["to"]) <= point) if why is None else frozenset()
+            rest, read, size, used = segments.read_segments(job_store, keys, plan["segments"], posts_for), [], 0, 0
             if why is None:
                 fast.begin(manifest)
 
             def kept():
-                nonlocal size
+                nonlocal size, partial
                 for item in rest:
                     read.append(item)  # what the sequential path replays if the fast one is not taken
                     size += sum(len(r[2]) for r in item[1])
+                    partial = partial or item[0].get("posts_only", False)
                     yield item
             src = kept()
             for _seg, recs in segments.window_parts(plan, src):
@@ -1039,6 +1043,9 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
                     progress(image.replayed["events"], used, len(plan["segments"]))
                 yield image
                 return
+        if partial:  # the sequential path replays events: segments.replay reads every segment whole
+            rest.close()
+            read = None
     finally:
         if fast is not None:
             fast.close()  # not taken, or done: the replay process is gone before the sequential path runs

@@ -30,6 +30,9 @@ A correction record is a document whose first field is "kb" (events start with "
   them when it closes a segment whose changes its change log lists one by one (head.Writer.close_segment); a restore
   to the segment's end or later may apply them instead of the segment's events (point_in_time, pitr_replay.prescan);
   the sequential replay skips them (the events before them made the same state).
+  A segment with post-images ends with a zstd skippable frame (POST_TRAILER: magic 0x184D2A5B, size 12, "KBPI", uint64
+  little-endian) giving the offset of their first frame in the compressed stream, so a reader that applies them
+  decompresses only them (read_segments' posts_for); a plain zstd reader skips it.
 """
 from __future__ import annotations
 
@@ -154,6 +157,22 @@ def correction(kind: str, ns: str, key: bytes | None = None, doc: bytes | None =
 
 POST_RECORD_BYTES = 4 << 20  # a post-image record's packed documents, at most (one document may take it over)
 POST_DELETED = 0xFFFFFFFF  # a post-image entry's document length for a deleted document
+POST_TRAILER = struct.Struct("<II4sQ")  # a zstd skippable frame: magic, payload size, tag, where the post-images start
+_TRAILER_HEAD = (0x184D2A5B, 12, b"KBPI")
+
+
+def post_trailer(offset: int) -> bytes:
+    """The skippable frame a segment's compressed records end with when post-images start at offset (see the module doc)."""
+    return POST_TRAILER.pack(*_TRAILER_HEAD, offset)
+
+
+def post_offset(compressed: bytes) -> int | None:
+    """Where a segment's post-image frames start in its compressed records (post_trailer), or None when it has none."""
+    end = len(compressed) - POST_TRAILER.size
+    if end <= 0:
+        return None
+    *head, offset = POST_TRAILER.unpack_from(compressed, end)
+    return offset if tuple(head) == _TRAILER_HEAD and 0 < offset < end else None
 
 
 def post_records(rows):
@@ -245,6 +264,12 @@ def seal_segment(job: str, meta: dict, frames: bytes, key_id: str, key: bytes | 
 
 def open_segment(job: str, meta: dict, blob: bytes, keys: Keys) -> tuple[bytes, bytes]:
     """(plaintext, predecessor digest) of a stored segment, authenticated; IntegrityError naming it."""
+    compressed, prev = _open_sealed(job, meta, blob, keys)
+    return decompress_frames(compressed, meta["name"]), prev
+
+
+def _open_sealed(job, meta, blob, keys):
+    """(the records' zstd frames, predecessor digest) of a stored segment, authenticated."""
     name = meta["name"]
     if blob[:4] != MAGIC or len(blob) < 5:
         raise crypto.integrity_error("segment", name, "has an unknown format")
@@ -258,8 +283,7 @@ def open_segment(job: str, meta: dict, blob: bytes, keys: Keys) -> tuple[bytes, 
         raise crypto.integrity_error("segment", name, "has an unknown format")
     if keys.encryption and key_id in ("", "none"):
         raise crypto.integrity_error("segment", name, "names no data key (unencrypted) in an encrypted job")
-    compressed = crypto.open_sealed(keys.key(key_id), blob[37 + n:], _aad(job, meta, key_id, prev), "segment", name)
-    return decompress_frames(compressed, name), prev
+    return crypto.open_sealed(keys.key(key_id), blob[37 + n:], _aad(job, meta, key_id, prev), "segment", name), prev
 
 
 def list_segments(job_store: JobStore) -> list:
@@ -343,7 +367,8 @@ def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str
         else:  # cannot happen: seals are in order and the link is kept with each
             raise StoreError("The head's change segments of timeline %s lost their chain before segment %d: the daemon "
                              "starts a new timeline." % (c["timeline"], c["seq"]))
-        frames = head.segment_frames(c["seg"])
+        records, posts = head.segment_frames(c["seg"])
+        frames = records + posts + post_trailer(len(records)) if posts else records
         path = segment_path(job_store, meta)
         blob = _existing(job_store, meta, path, frames, prev, keys)
         if blob is None:
@@ -555,21 +580,31 @@ def _check_chain(job_store, segs):
 READ_AHEAD = 2  # segments read, authenticated, decompressed and split at once (file or S3 reads, AES-GCM and zstd release the GIL)
 
 
-def _read_one(job_store: JobStore, keys: Keys, s: dict) -> tuple[bytes, bytes, list]:
-    """(predecessor digest it names, its own digest, its records) of stored segment s, authenticated."""
-    path = segment_path(job_store, s)
+def _read_one(job_store: JobStore, keys: Keys, s: dict, posts_only: bool) -> tuple[bytes, bytes, list, bool]:
+    """(predecessor digest it names, its own digest, its records, whether they are its post-images only) of stored
+    segment s, authenticated; posts_only: only its post-images when it has them (its other frames are not
+    decompressed)."""
+    path, name = segment_path(job_store, s), s["name"]
     if not job_store.storage.exists(path):
-        raise crypto.integrity_error("segment", s["name"], "is missing (removed from the store)")
+        raise crypto.integrity_error("segment", name, "is missing (removed from the store)")
     blob = bytes(job_store.storage.get(path))
-    plain, prev = open_segment(job_store.job, s, blob, keys)
-    return prev, hashlib.sha256(blob).digest(), decode_records(plain, s["name"])
+    compressed, prev = _open_sealed(job_store.job, s, blob, keys)
+    start = post_offset(compressed) if posts_only else None
+    if start is None:
+        return prev, hashlib.sha256(blob).digest(), decode_records(decompress_frames(compressed, name), name), False
+    recs = decode_records(decompress_frames(compressed[start:-POST_TRAILER.size], name), name)
+    if not recs or not all(is_post(r[2]) and (r[0], r[1]) == tuple(s["to"]) for r in recs):
+        raise crypto.integrity_error("segment", name, "has malformed post-images")
+    return prev, hashlib.sha256(blob).digest(), recs, True
 
 
-def read_segments(job_store: JobStore, keys: Keys, segs: list):
+def read_segments(job_store: JobStore, keys: Keys, segs: list, posts_for: frozenset = frozenset()):
     """Yield (segment metadata, [(t, i, raw)]) for segs in order, each authenticated and chain-checked before it is
     yielded: IntegrityError naming the segment (missing, modified, from another job or place, out of order). The next
     READ_AHEAD segments are read on side threads while the caller uses this one; errors come out in order, at the
-    segment they concern (an order error before that segment's own)."""
+    segment they concern (an order error before that segment's own). posts_for: names of segments whose post-images
+    the caller applies instead of their events: of those that have them, only those are read, and their metadata comes
+    with "posts_only": True."""
     expect = _check_chain(job_store, segs) if segs else None
     last, todo, ahead = None, iter(segs), collections.deque()
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="kmipbackup-segments") as pool:
@@ -579,18 +614,18 @@ def read_segments(job_store: JobStore, keys: Keys, segs: list):
                     s = next(todo, None)
                     if s is None:
                         break
-                    ahead.append((s, pool.submit(_read_one, job_store, keys, s)))
+                    ahead.append((s, pool.submit(_read_one, job_store, keys, s, s["name"] in posts_for)))
                 if not ahead:
                     return
                 s, f = ahead.popleft()
                 if last is not None and (s["timeline"] != last["timeline"] or s["seq"] != last["seq"] + 1 or s["from"] != last["to"]):
                     raise crypto.integrity_error("segment", s["name"], "does not follow segment %s" % last["name"])
-                prev, digest, recs = f.result()
+                prev, digest, recs, posts_only = f.result()
                 if expect is not None and prev != expect:
                     raise crypto.integrity_error("segment", s["name"], "does not chain to its predecessor (a segment was "
                                                  "replaced, reordered or replayed)")
                 expect, last = digest, s
-                yield s, recs
+                yield (dict(s, posts_only=True) if posts_only else s), recs
         finally:
             for _s, f in ahead:
                 f.cancel()

@@ -340,10 +340,11 @@ replayed:
   type: dict
   contains:
     events:
-      description: Change events in the window, those of segments applied by their post-images included.
+      description: Change events replayed. A segment applied by its post-images is read without its events, which are
+        not counted here.
       type: int
     records:
-      description: Records applied (events and the daemon's corrections of its head).
+      description: Records applied (events, the daemon's corrections of its head, post-image records).
       type: int
     segments:
       description: Segments read.

@@ -56,17 +56,19 @@ def test_post_images_are_the_heads_documents_at_the_segment_end_for_exactly_the_
         captured(h, group, (T0 + 1 + n, 1))
     assert segments.close(h) is not None
     closed = h.closed_segments()[-1]["seg"]
-    frames = h.segment_frames(closed)  # waits for the post-images' builder (a side thread): they follow the records
+    records, post_frames = h.segment_frames(closed)  # waits for the post-images' builder (a side thread)
     with h.read() as r:  # the head keeps the records only, a row per transaction; the post-images are in memory
         rows = r._c.execute("SELECT recs FROM seg_records WHERE seg=?", (closed,)).fetchall()  # pylint: disable=protected-access
-    assert len(rows) == len(groups) and frames.startswith(b"".join(bytes(x[0]) for x in rows)) and len(frames) > sum(
-        len(x[0]) for x in rows)
+    assert len(rows) == len(groups) and records == b"".join(bytes(x[0]) for x in rows) and post_frames
     sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
     (seg, recs), = segments.read_segments(job["js"], job["keys"], sealed)
     raws = [bytes(r[2]) for r in recs]
     n_posts = sum(1 for r in raws if segments.is_post(r))
     assert (n_posts > 25) is small and all(len(r) < 60_000 + 4000 for r in raws if small and segments.is_post(r))
-    assert len(segments.decode_records(segments.decompress_frames(frames))) == len(raws)
+    assert len(segments.decode_records(segments.decompress_frames(records + post_frames))) == len(raws)
+    # a reader that applies the post-images reads only them: the sealed stream ends with where they start
+    (seg_posts, only), = segments.read_segments(job["js"], job["keys"], sealed, posts_for=frozenset([seg["name"]]))
+    assert seg_posts["posts_only"] and "posts_only" not in seg and [bytes(r[2]) for r in only] == [r for r in raws if segments.is_post(r)]
     at_end = {ns: {rawbson.id_key_from_document(d): d for d in docs} for ns, docs in image_of(h).items()}
     posts = posts_of(raws)
     # the post-images come last, after every event, at the segment's end
@@ -165,6 +167,32 @@ def test_a_restore_to_the_segment_end_applies_its_post_images_and_gives_what_the
                      if (t, i) < point)
     with point_in_time.rebuild(js, keys, segments.plan_point(js, keys, last_event), work_dir=str(tmp)) as image:
         assert image.path == "overlap" and image.replayed["post_images"] == 0
+
+
+def test_a_window_that_ends_in_ddl_reads_the_post_imaged_segments_again_whole_for_the_sequential_replay(job, monkeypatch):
+    h, js, keys, tmp = job["head"], job["js"], job["keys"], job["tmp"]
+    for n, group in enumerate(window_events(T0 + 1)):
+        captured(h, group, (T0 + 1 + n, 1))
+    first, raws = close_and_read(job)
+    assert any(segments.is_post(r) for r in raws)
+    captured(h, [ev("createIndexes", "big", (T0 + 30, 1), operationDescription={
+        "indexes": [{"v": 2, "key": {"tag": 1}, "name": "tag_1"}]}), upd("big", (T0 + 30, 2), 7, {"pad": "after"})],
+        (T0 + 30, 2))
+    second, _raws = close_and_read(job)
+    held = {ns: docs for ns, docs in image_of(h).items() if docs and not ns.startswith("config.")}
+    reads = []
+    real = segments.read_segments
+    monkeypatch.setattr(segments, "read_segments",
+                        lambda *a, **k: reads.append(a[3] if len(a) > 3 else k.get("posts_for", frozenset())) or real(*a, **k))
+    out = str(tmp / "out")
+    plan = segments.plan_point(js, keys, (T0 + 30, 2))
+    with point_in_time.rebuild(js, keys, plan, work_dir=str(tmp)) as image:
+        restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
+        # the pre-scan read the first segment's post-images alone (the second has none), then found the DDL: the
+        # sequential replay read both whole
+        assert (image.path, reads) == ("sequential", [frozenset([first["name"], second["name"]]), frozenset()]), image.why
+        assert image.replayed["segments"] == 2 and image.replayed["events"] > 2
+    assert restored_dir(out) == held
 
 
 def test_a_restart_between_the_seal_and_forgetting_the_records_keeps_the_sealed_copy_with_its_post_images(job, monkeypatch):

@@ -134,6 +134,38 @@ def test_seal_open_round_trip_and_binding(env):
         segments.open_segment("job1", meta, null, keys)
 
 
+def test_a_post_image_trailer_is_skipped_by_plain_readers_and_names_only_post_images(env):
+    _tmp, _provider, js, keys, _h = env
+    keys.epoch_for("mk1")
+    meta = segments._meta("20261130T120000Z-0a0b0c0d", 1, (T0, 1), (T0 + 9, 4))
+    event = segments.encode_records([(T0 + 1, 2, bson.encode({"_id": 1, "a": CANARY}))])
+    post = segments.encode_records([(T0 + 9, 4, raw) for raw in segments.post_records([("d.c", b"\x00" * 9)])])
+    frames = crypto.compress(event) + crypto.compress(post)
+
+    def read(stream, posts_only):
+        path = segments.segment_path(js, meta)
+        js.storage.put_atomic(path, segments.seal_segment(js.job, meta, stream, "snapshot-1", keys.key("snapshot-1"),
+                                                          segments.NO_PREDECESSOR))
+        (got, recs), = segments.read_segments(js, keys, [meta], frozenset([meta["name"]]) if posts_only else frozenset())
+        return got.get("posts_only", False), segments.encode_records([(t, i, bytes(r)) for t, i, r in recs])
+    with_trailer = frames + segments.post_trailer(len(crypto.compress(event)))
+    assert segments.post_offset(with_trailer) == len(crypto.compress(event)) and segments.post_offset(frames) is None
+    assert segments.decompress_frames(with_trailer) == event + post  # a plain zstd reader skips the trailer
+    assert read(with_trailer, False) == (False, event + post)
+    assert read(with_trailer, True) == (True, post)
+    assert read(frames, True) == (False, event + post)  # no trailer: read whole
+    # a trailer that points at anything but post-images (only a key holder can seal one): refused, naming the segment
+    for wrong in (0, 3, len(frames)):
+        stream = frames + segments.post_trailer(wrong)
+        if segments.post_offset(stream) is None:
+            assert read(stream, True) == (False, event + post)
+            continue
+        with pytest.raises(IntegrityError, match="segment %s (has malformed post-images|does not decompress)" % meta["name"]):
+            read(stream, True)
+    with pytest.raises(IntegrityError, match="segment %s has malformed post-images" % meta["name"]):
+        read(crypto.compress(event) + crypto.compress(event) + segments.post_trailer(len(crypto.compress(event))), True)
+
+
 def test_parse_point():
     assert segments.parse_point({"t": 5, "i": 6}) == (5, 6)
     assert segments.parse_point([5, 6]) == (5, 6)
