@@ -50,6 +50,7 @@ _OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
 _KB = b"\x02kb\x00"  # a correction's first element (segments)
 _POST = b"\x05\x00\x00\x00post\x00"  # after _KB: a post-image record (segments.post_records)
 _POST_ENTRY = struct.Struct(">II")  # id_key length, document length (_NONE: deleted)
+_I32 = struct.Struct("<i")
 # kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
 # CRC-32 (zlib): cheap; the parent hashes what it receives with SHA-256 for the manifest and checks the CRCs against it.
 _MSG = struct.Struct("<BIIQQI")
@@ -210,23 +211,109 @@ def _post_ops(raw: bytes, where: dict) -> tuple | str:
     return w[0], w[1], out
 
 
-def replay_range(plain: bytes | None, ops: list) -> dict:
-    """{id_key: raw} of one key range: the base chunk's documents (plain) with ops applied as the applier applies them."""
-    docs = {id_key_from_document(d): d for d in split_bson_docs(plain)} if plain else {}
-    update = events.apply_update_description
+def replay_parts(plain: bytes | None, ops: list, limit: int = VIRTUAL_CHUNK_BYTES) -> list:
+    """[(count, data)] of one key range: the base chunk's documents (plain, in key order) with ops applied as the
+    applier applies them, in key order, cut as virtual chunks are (a part ends with the document that takes it to
+    limit bytes). Only documents next to a change are looked at: the rest are copied as runs of the base's bytes."""
+    data = plain or b""
+    offs = _offsets(data)  # offs[i]: where base document i starts; offs[-1]: the end
+    n = len(offs) - 1
+    view = memoryview(data)
+
+    def key_at(i):
+        o = offs[i]
+        if data[o + 4] == 0x07 and data[o + 5:o + 9] == b"_id\x00":  # id_key_from_document's own first case, inlined
+            return b"\x35" + data[o + 9:o + 21]
+        return id_key_from_document(data[o:offs[i + 1]])
+    # every base document's key, when the changes are dense enough that reading them all costs less than searching
+    keys = [key_at(i) for i in range(n)] if len(ops) * max(n, 1).bit_length() > n else None
+    changed = _changes(ops, lambda key: _base_doc(data, offs, key_at, keys, key))
+    order = sorted(changed)
+    pieces, at = [], 0  # runs (first, end) of unchanged base documents, and new documents (bytes)
+    for key in order:
+        i = bisect.bisect_left(keys, key, at) if keys is not None else bisect.bisect_left(range(n), key, at, key=key_at)
+        if i > at:
+            pieces.append((at, i))
+        same = i < n and (keys[i] if keys is not None else key_at(i)) == key
+        at = i + 1 if same else i
+        if changed[key] is not None:
+            pieces.append(changed[key])
+    if at < n:
+        pieces.append((at, n))
+    return _cut(view, offs, pieces, limit)
+
+
+def _offsets(data: bytes) -> list:
+    """Where each document of data (BSON documents back to back) starts, then len(data)."""
+    offs, pos, end, size = [], 0, len(data), _I32.unpack_from
+    append = offs.append
+    while pos < end:
+        append(pos)
+        step = size(data, pos)[0]
+        if step < 5:
+            raise ValueError("a base chunk that does not split into documents")
+        pos += step
+    if pos != end:
+        raise ValueError("a base chunk that does not split into documents")
+    append(end)
+    return offs
+
+
+def _base_doc(data, offs, key_at, keys, key):
+    """The base document with id_key key, or None."""
+    n = len(offs) - 1
+    i = bisect.bisect_left(keys, key) if keys is not None else bisect.bisect_left(range(n), key, key=key_at)
+    if i < n and (keys[i] if keys is not None else key_at(i)) == key:
+        return data[offs[i]:offs[i + 1]]
+    return None
+
+
+def _changes(ops: list, base_doc) -> dict:
+    """{id_key: its document after ops (in order), or None: deleted} of the keys ops change; base_doc(key) gives a
+    base document an update applies to. An update of a missing document, or one that does not apply, changes nothing
+    (the capture re-copied the document from the source: its "doc" correction follows in the range)."""
+    changed, update = {}, events.apply_update_description
     for kind, key, payload in ops:
         if kind == _PUT:
-            docs[key] = payload
+            changed[key] = payload
         elif kind == _DEL:
-            docs.pop(key, None)
+            changed[key] = None
         else:
-            stored = docs.get(key)
+            stored = changed[key] if key in changed else base_doc(key)
             if stored is not None:
                 try:
-                    docs[key] = update(stored, payload)
+                    changed[key] = update(stored, payload)
                 except (NotApplicable, UncertainOrder):
-                    pass  # the capture re-copied the document from the source: its "doc" correction follows in the range
-    return docs
+                    pass
+    return changed
+
+
+def _cut(view, offs: list, pieces: list, limit: int) -> list:
+    """[(count, data)] of pieces (runs (first, end) of base documents in view, or documents) cut as virtual chunks are."""
+    out, buf, count, size = [], [], 0, 0
+    for piece in pieces:
+        if type(piece) is tuple:  # pylint: disable=unidiomatic-typecheck
+            a, e = piece
+            while a < e:
+                b = bisect.bisect_left(offs, limit - size + offs[a], a + 1, e + 1)  # the document that reaches limit
+                stop = min(b, e)
+                buf.append(view[offs[a]:offs[stop]])
+                count += stop - a
+                size += offs[stop] - offs[a]
+                a = stop
+                if b <= e:
+                    out.append((count, b"".join(buf)))
+                    buf, count, size = [], 0, 0
+        else:
+            buf.append(piece)
+            count += 1
+            size += len(piece)
+            if size >= limit:
+                out.append((count, b"".join(buf)))
+                buf, count, size = [], 0, 0
+    if count:
+        out.append((count, b"".join(buf)))
+    return out
 
 
 def combine(crcs: list) -> int:
@@ -372,20 +459,11 @@ def main() -> None:
                         entries.append(chunks[r])
                     continue
                 plain = _read_fed(inp, (j, r)) if r < len(chunks) else None  # the base chunk, from the parent
-                docs = replay_range(plain, ops)
-                keys = sorted(docs)
-                a = 0
-                while a < len(keys):
-                    b, size = a, 0
-                    while b < len(keys) and size < VIRTUAL_CHUNK_BYTES:
-                        size += len(docs[keys[b]])
-                        b += 1
-                    data = b"".join([docs[k] for k in keys[a:b]])
+                for count, data in replay_parts(plain, ops):
                     crc = zlib.crc32(data)
-                    send(_MSG.pack(_PART, j, r, b - a, len(data), crc))
+                    send(_MSG.pack(_PART, j, r, count, len(data), crc))
                     send(data)
-                    entries.append({"count": b - a, "bytes": len(data), "crc": crc})
-                    a = b
+                    entries.append({"count": count, "bytes": len(data), "crc": crc})
                 send(_MSG.pack(_RANGE_END, j, r, 0, 0, 0))
             send(_MSG.pack(_NS_END, j, 0, sum(c["count"] for c in entries), sum(c["bytes"] for c in entries),
                            combine([c["crc"] for c in entries if "crc" in c])))
