@@ -1034,7 +1034,10 @@ def rebuild(job_store: JobStore, keys: Keys, plan: dict, replay: Callable | None
                         break
             if size > FAST_WINDOW_BYTES:
                 why = why or "the window holds more than %d MiB of changes" % (FAST_WINDOW_BYTES >> 20)
-                read = itertools.chain(read, rest)
+                if posts_for:  # the rest would come as post-images alone: read every segment whole (below)
+                    partial = True
+                else:
+                    read = itertools.chain(read, rest)
         if read is not None and why is None:
             image, why = _fast_image(fast, plan, manifest, used)
             if image is not None:

@@ -72,6 +72,7 @@ DEFAULT_SEGMENT_SECONDS = 60
 DEFAULT_WINDOW_HOURS = 24
 _CT = struct.Struct(">II")
 _I32 = struct.Struct("<i")
+_I32U = struct.Struct("<I")
 _KB = b"\x02kb\x00"  # a correction's first element: a string named "kb"
 MAX_INC = 0xFFFFFFFF
 
@@ -167,12 +168,52 @@ def post_trailer(offset: int) -> bytes:
 
 
 def post_offset(compressed: bytes) -> int | None:
-    """Where a segment's post-image frames start in its compressed records (post_trailer), or None when it has none."""
+    """Where a segment's post-image frames start in its compressed records (post_trailer), or None when it has none.
+    The trailer counts only as the stream's last frame with the offset at a frame boundary, found by walking the frames
+    from the start: a record's own bytes (a raw zstd block ends with them) can look like a trailer, never like that."""
     end = len(compressed) - POST_TRAILER.size
     if end <= 0:
         return None
     *head, offset = POST_TRAILER.unpack_from(compressed, end)
-    return offset if tuple(head) == _TRAILER_HEAD and 0 < offset < end else None
+    if tuple(head) != _TRAILER_HEAD or not 0 < offset < end:
+        return None
+    starts = _frame_starts(compressed)
+    return offset if starts is not None and starts[-1] == end and offset in starts else None
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_FCS_SIZES, _DICT_SIZES = (0, 2, 4, 8), (0, 1, 2, 4)
+
+
+def _frame_starts(data: bytes) -> list | None:
+    """Where each zstd frame of data starts (RFC 8878: frame headers and block headers only, nothing decompressed),
+    or None when data is not a whole number of frames."""
+    starts, pos, n = [], 0, len(data)
+    try:
+        while pos < n:
+            starts.append(pos)
+            magic = _I32U.unpack_from(data, pos)[0]
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
+                pos += 8 + _I32U.unpack_from(data, pos + 4)[0]
+                continue
+            if magic != _ZSTD_MAGIC:
+                return None
+            fhd = data[pos + 4]
+            single = fhd >> 5 & 1
+            fcs = _FCS_SIZES[fhd >> 6] or single
+            pos += 5 + (0 if single else 1) + _DICT_SIZES[fhd & 3] + fcs
+            while True:
+                block = int.from_bytes(data[pos:pos + 3], "little")
+                kind, size = block >> 1 & 3, block >> 3
+                if kind == 3 or pos + 3 > n:
+                    return None
+                pos += 3 + (1 if kind == 1 else size)
+                if block & 1:
+                    break
+            pos += 4 if fhd & 4 else 0
+    except (IndexError, struct.error):
+        return None
+    return starts if pos == n else None
 
 
 def post_records(rows):
@@ -668,6 +709,9 @@ def replay(head: Head, job_store: JobStore, keys: Keys, plan: dict, progress: Ca
     events = records = done = 0
     total = len(plan["segments"])
     for seg, recs in read if read is not None else read_segments(job_store, keys, plan["segments"]):
+        if seg.get("posts_only"):  # its events were not read: replaying it would drop them
+            raise KmipBackupError("A change segment read as its post-images alone was given to the event-by-event "
+                                  "replay; nothing was published: restore again.")
         # a record at its segment's start is a correction made after that boundary (head verification): it belongs
         # after a snapshot cut there
         start = tuple(seg["from"])

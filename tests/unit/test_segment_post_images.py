@@ -195,6 +195,43 @@ def test_a_window_that_ends_in_ddl_reads_the_post_imaged_segments_again_whole_fo
     assert restored_dir(out) == held
 
 
+def test_a_window_over_the_fast_paths_limit_reads_the_post_imaged_segments_whole_for_the_sequential_replay(job, monkeypatch):
+    h, js, keys, tmp = job["head"], job["js"], job["keys"], job["tmp"]
+    # the first segment has no post-images (DDL in it) and takes the window over the fast path's limit; the second has
+    # post-images and ends by the point: the sequential replay must get its events
+    captured(h, [ev("createIndexes", "big", (T0 + 1, 1), operationDescription={
+        "indexes": [{"v": 2, "key": {"tag": 1}, "name": "tag_1"}]}), upd("big", (T0 + 1, 2), 7, {"pad": "s1"})], (T0 + 1, 2))
+    _first, raws = close_and_read(job)
+    assert not any(segments.is_post(r) for r in raws)
+    for n, group in enumerate(window_events(T0 + 10)):
+        captured(h, group, (T0 + 10 + n, 1))
+    second, raws = close_and_read(job)
+    assert any(segments.is_post(r) for r in raws)
+    held = {ns: docs for ns, docs in image_of(h).items() if docs and not ns.startswith("config.")}
+    monkeypatch.setattr(point_in_time, "FAST_WINDOW_BYTES", 1)  # stands for a first segment of over 512 MiB
+    out = str(tmp / "out")
+    with point_in_time.rebuild(js, keys, segments.plan_point(js, keys, tuple(second["to"])), work_dir=str(tmp)) as image:
+        restore.execute(image.store, keys, image.entry, restore.select_namespaces(image.manifest), restore.DirectoryTarget(out))
+        assert image.path == "sequential" and "more than" in image.why and image.replayed["events"] > 100
+    assert restored_dir(out) == held
+
+
+def test_the_event_by_event_replay_refuses_a_segment_read_as_its_post_images_alone(job):
+    h, js, keys, tmp = job["head"], job["js"], job["keys"], job["tmp"]
+    for n, group in enumerate(window_events(T0 + 1)):
+        captured(h, group, (T0 + 1 + n, 1))
+    seg, _raws = close_and_read(job)
+    plan = segments.plan_point(js, keys, tuple(seg["to"]))
+    read = list(segments.read_segments(js, keys, plan["segments"], frozenset([seg["name"]])))
+    assert read[0][0]["posts_only"]
+    rebuilt = head.Head(str(tmp / "r" / "head.db"), bytes(32))
+    try:
+        with pytest.raises(errors.KmipBackupError, match="post-images alone"):
+            segments.replay(rebuilt, js, keys, plan, read=read)
+    finally:
+        rebuilt.close()
+
+
 def test_a_restart_between_the_seal_and_forgetting_the_records_keeps_the_sealed_copy_with_its_post_images(job, monkeypatch):
     h, js, keys = job["head"], job["js"], job["keys"]
     captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))

@@ -8,6 +8,7 @@ import time
 import bson
 import pytest
 from bson import Timestamp
+from bson.binary import Binary
 from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, rawbson, segments, snapshot, store
@@ -164,6 +165,36 @@ def test_a_post_image_trailer_is_skipped_by_plain_readers_and_names_only_post_im
             read(stream, True)
     with pytest.raises(IntegrityError, match="segment %s has malformed post-images" % meta["name"]):
         read(crypto.compress(event) + crypto.compress(event) + segments.post_trailer(len(crypto.compress(event))), True)
+
+
+def test_a_record_that_ends_like_a_trailer_is_not_taken_for_one(env):
+    """A segment without post-images whose last record ends with bytes a user chose (an insert with a random BinData _id:
+    zstd stores the incompressible block raw, so the stream ends with them) that spell a post-image frame and a trailer
+    pointing at it: the frame walk finds no frame there, and the segment is read whole."""
+    _tmp, _provider, js, keys, _h = env
+    keys.epoch_for("mk1")
+    to = (T0 + 9, 4)
+    meta = segments._meta("20261130T120000Z-0a0b0c0d", 1, (T0, 1), to)
+    forged = crypto.compress(segments.encode_records([to + (next(segments.post_records([("admin.system.users", b"\x00" * 9)])),)]))
+    noise = os.urandom(300_000)
+
+    def stream(offset):
+        tail = forged + segments.post_trailer(offset)  # its last two bytes are zeros: a document's and its _id's ends
+        event = bson.encode({"operationType": "insert", "documentKey": {"_id": Binary(noise + tail[:-2])}})
+        return crypto.compress(segments.encode_records([to + (event,)]))
+    offset = 0
+    for _ in range(10):  # the offset the forged frame lands at, once the stream's length is stable
+        compressed = stream(offset)
+        offset, was = len(compressed) - segments.POST_TRAILER.size - len(forged), offset
+        if offset == was:
+            break
+    assert compressed.endswith(forged + segments.post_trailer(offset))  # it does look like a trailer
+    assert segments.post_offset(compressed) is None
+    path = segments.segment_path(js, meta)
+    js.storage.put_atomic(path, segments.seal_segment(js.job, meta, compressed, "snapshot-1", keys.key("snapshot-1"),
+                                                      segments.NO_PREDECESSOR))
+    (got, recs), = segments.read_segments(js, keys, [meta], frozenset([meta["name"]]))
+    assert "posts_only" not in got and [bytes(raw)[4:18] for _t, _i, raw in recs] == [b"\x02operationType"]
 
 
 def test_parse_point():
@@ -435,3 +466,16 @@ def test_a_snapshot_vouches_for_the_segments_before_its_cut(env):
     for s in segs[:3]:
         js.storage.delete(path(s))
     assert segments.restorable_ranges(js, keys)["ranges"][-1]["to"] == {"t": T0 + 40, "i": 1}
+
+
+def test_the_frame_walk_finds_every_frame_of_any_zstd_stream_and_refuses_a_cut_one():
+    import zstandard
+    parts = [zstandard.ZstdCompressor(**kw).compress(data)
+             for kw in ({}, {"write_checksum": True}, {"write_content_size": False}, {"level": -1}, {"level": 19})
+             for data in (b"", b"x" * 10, os.urandom(300_000), b"ab" * 300_000)]  # raw, RLE and compressed blocks
+    streaming = zstandard.ZstdCompressor().compressobj()
+    parts.append(streaming.compress(os.urandom(200_000) + b"z" * 200_000) + streaming.flush())  # no content size
+    parts.append(segments.post_trailer(7))  # a skippable frame
+    stream = b"".join(parts)
+    assert segments._frame_starts(stream) == [sum(len(p) for p in parts[:k]) for k in range(len(parts))]
+    assert segments._frame_starts(stream[:-1]) is None and segments._frame_starts(stream + b"\x00") is None
