@@ -633,7 +633,7 @@ def _read_one(job_store: JobStore, keys: Keys, s: dict, posts_only: bool) -> tup
     start = post_offset(compressed) if posts_only else None
     if start is None:
         return prev, hashlib.sha256(blob).digest(), decode_records(decompress_frames(compressed, name), name), False
-    recs = decode_records(decompress_frames(compressed[start:-POST_TRAILER.size], name), name)
+    recs = decode_records(decompress_frames(compressed[start:len(compressed) - POST_TRAILER.size], name), name)
     if not recs or not all(is_post(r[2]) and (r[0], r[1]) == tuple(s["to"]) for r in recs):
         raise crypto.integrity_error("segment", name, "has malformed post-images")
     return prev, hashlib.sha256(blob).digest(), recs, True
