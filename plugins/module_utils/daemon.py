@@ -394,7 +394,7 @@ class JobRunner(threading.Thread):
         if self.head.record_segments and segments.due(self.head, seconds):
             self._close_segment()
         if time.monotonic() >= self._seal_retry and self.head.closed_segments():
-            self._segments_seal()
+            self._segments_seal(wait=False)  # a segment whose post-images are still being built waits for a later tick
         self._segments_status()
 
     def _close_segment(self):
@@ -406,7 +406,7 @@ class JobRunner(threading.Thread):
             self._close_segment()
         self._segments_seal(js, keys)
 
-    def _segments_seal(self, js=None, keys=None):
+    def _segments_seal(self, js=None, keys=None, wait=True):
         if not self.head.closed_segments():
             return
         try:
@@ -414,7 +414,7 @@ class JobRunner(threading.Thread):
                 self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
             if js is None:
                 js, keys = self._job_store()
-            sealed = segments.seal_closed(self.head, js, keys, self.cfg.get("master_key_uid"))
+            sealed = segments.seal_closed(self.head, js, keys, self.cfg.get("master_key_uid"), wait)
             self._seal_retry = 0.0
             if sealed:
                 LOG.debug("job %s: %d change segments sealed", self.job, len(sealed))

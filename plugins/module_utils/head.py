@@ -14,7 +14,6 @@ log remembers which (namespace, id_key) changed since the last snapshot.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -24,7 +23,7 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, post_images, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HeadError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.files import ensure_private_dir
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, split_bson_docs
@@ -119,11 +118,38 @@ class Head:
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)", (time.time_ns() // 1000,))
                 self._add_boundary_flags()
         self._ns_cache = {}
-        # point in time (segments.py): when True, Writer.log_records keeps change records for the open segment
-        self.record_segments = False
-        # post-images of closed segments, built on a side thread from a read transaction pinned at the close's commit
-        # (Writer.close_segment), sealed after the segment's records (segment_frames), dropped once it is sealed
-        self._posts, self._post_pending, self._post_pool = {}, None, None
+        # post-images of closed segments: seg -> frames, or None while the builder process (post_images.py) builds them
+        # from a read pinned at the close's commit (Writer.close_segment); sealed after the segment's records
+        # (segment_frames), dropped once it is sealed
+        self._posts, self._post_pending, self._builder = {}, None, None
+        self._record_segments = False
+
+    @property
+    def record_segments(self) -> bool:
+        """Point in time (segments.py): when True, Writer.log_records keeps change records for the open segment."""
+        return self._record_segments
+
+    @record_segments.setter
+    def record_segments(self, on: bool) -> None:
+        self._record_segments = bool(on)
+        with self._lock:
+            if on:  # its start-up overlaps the capture up to the first close, which then waits for nothing but the pin
+                self._post_image_builder()
+            elif self._builder is not None:
+                self._builder.close()
+                self._builder = None
+
+    def _post_image_builder(self):
+        """The running builder process (started now if it is not), or None when it cannot start."""
+        if self._builder is None or not self._builder.alive():
+            if self._builder is not None:
+                self._builder.close()
+            try:
+                self._builder = post_images.Builder.start(self.path, self._key_hex)
+            except OSError as e:
+                self._builder = None
+                LOG.warning("the post-image builder did not start (%s): restores replay closed segments' events", type(e).__name__)
+        return self._builder
 
     def _add_boundary_flags(self):
         """Flag chunk boundaries in a head written before the flags existed (once), and index the flags."""
@@ -166,10 +192,10 @@ class Head:
 
     def close(self) -> None:
         with self._lock:
-            if self._post_pool is not None:  # post-images not sealed yet are dropped: their segments are sealed without
-                self._drop_post_images(list(self._posts))
-                self._post_pool.shutdown(wait=True)
-                self._post_pool = None
+            self._posts.clear()  # post-images not sealed yet are dropped: their segments are sealed without
+            if self._builder is not None:
+                self._builder.close()
+                self._builder = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -201,31 +227,38 @@ class Head:
                 self._start_post_images(*pending)
 
     def _start_post_images(self, seg: int, opened: int, to: tuple) -> None:
-        """Build closed segment seg's post-images on a side thread, from a read transaction on a connection of its own
-        pinned at the state just committed (the segment's end): the capture goes on meanwhile. When that cannot start
-        (no connection: too many open files, say), the segment has none: they are optional, and the close committed."""
-        conn = None
-        try:
-            conn = self._connect()
-            conn.execute("BEGIN")
-            conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()  # pins the image
-            if self._post_pool is None:
-                self._post_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-post-images")
-            if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
-                self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
-            self._posts[seg] = (self._post_pool.submit(_post_image_frames, conn, opened, to), conn)
-        except Exception as e:  # pylint: disable=broad-except
-            LOG.warning("post-images of a closed change segment not built (%s): a restore replays its events", type(e).__name__)
-            if conn is not None:
-                conn.close()
+        """Ask the post-image builder (a process: post_images.py, started the first time) for closed segment seg's
+        post-images, read on the state just committed (the segment's end): once its read is pinned, the capture goes on
+        while it builds them on another core. When it cannot (it does not start, or it still builds an earlier
+        segment's), the segment has none: they are optional, and the close committed."""
+        b = self._builder
+        if b is not None and b.asked is not None:
+            if not b.ready():
+                LOG.debug("post-images of a closed change segment not built: the builder is still on an earlier one")
+                return
+            self._take_post_images()
+        b = self._post_image_builder()
+        if b is None:
+            return
+        if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
+            self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
+        if b.ask(seg, opened, to, post_image_limits()):
+            self._posts[seg] = None  # asked: the answer is read when it is ready or needed
+        else:
+            LOG.warning("post-images of a closed change segment not built (the builder ended): a restore replays its events")
+
+    def _take_post_images(self) -> None:
+        """Read the builder's answer (waits for the build); kept for its segment unless that was dropped meanwhile."""
+        seg = self._builder.asked
+        frames = self._builder.answer()
+        if seg in self._posts:
+            self._posts[seg] = frames
 
     def _drop_post_images(self, segs: list) -> None:
-        """Forget the post-images of segs (their segments are sealed without them); a builder not started yet is cancelled
-        and its pinned connection closed (a running one closes its own)."""
+        """Forget the post-images of segs (their segments are sealed without them); an answer still being built is
+        read and discarded before the builder is asked again."""
         for seg in segs:
-            future, conn = self._posts.pop(seg)
-            if future.cancel():
-                conn.close()
+            self._posts.pop(seg, None)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:
@@ -299,19 +332,24 @@ class Head:
             rows = self._conn.execute("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg").fetchall()
         return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
 
+    def post_images_pending(self, seg: int) -> bool:
+        """Whether closed segment seg's post-images are still being built (segment_frames would wait for them)."""
+        with self._lock:
+            return seg in self._posts and self._posts[seg] is None and self._builder is not None and not self._builder.ready()
+
     def segment_frames(self, seg: int) -> tuple[bytes, bytes]:
         """(the records of a closed segment, in apply order, as zstd frames back to back (one per transaction); its
         post-images' frames, b"" unless this process built them since it closed the segment (waits for the builder)). They are kept in
         memory only, until the segment is sealed: a segment closed before a restart is sealed without them (they are
         optional), and segments._existing keeps a stored copy that has them."""
         with self._lock:
-            future = self._posts.get(seg, (None, None))[0]
+            if seg in self._posts and self._posts[seg] is None:
+                if self._builder is not None and self._builder.asked == seg:
+                    self._take_post_images()
+                else:
+                    self._posts.pop(seg)
+            posts = self._posts.get(seg) or []
             rows = self._conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
-        try:
-            posts = future.result() if future is not None else []
-        except Exception as e:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
-            LOG.warning("post-images of a closed change segment failed (%s): a restore replays its events", type(e).__name__)
-            posts = []
         return b"".join([bytes(r[0]) for r in rows]), b"".join([f[2] for f in posts])
 
     def segment_chain(self, timeline: str) -> tuple | None:
@@ -382,30 +420,37 @@ POST_MAX_BYTES = 64 << 20  # a closed segment's compressed post-images, at most 
 POST_PENDING_MAX = 4  # closed segments whose post-images wait in memory for their seal, at most (the oldest are dropped)
 
 
+def post_image_limits() -> tuple:
+    """The sizes post-images are built to: (record, frame, most); the builder process is given this process's."""
+    return segments.POST_RECORD_BYTES, POST_FRAME_BYTES, POST_MAX_BYTES
+
+
+def set_post_image_limits(limits) -> None:
+    global POST_FRAME_BYTES, POST_MAX_BYTES  # pylint: disable=global-statement  # the builder process
+    segments.POST_RECORD_BYTES, POST_FRAME_BYTES, POST_MAX_BYTES = limits
+
+
 def _post_image_frames(conn, opened: int, to: tuple) -> list:
     """[(t, i, zstd frame)] of the post-image records (segments.post_records) of the changes after sequence opened, read
-    on conn (a read transaction pinned at the segment's end, closed here), a frame per POST_FRAME_BYTES."""
-    try:
-        # each entry packed by SQLite (segments.post_records: lengths big-endian, 0xFFFFFFFF for a deleted document): a
-        # row is one bytes object, no Python work per document but the fetch. || on BLOBs gives TEXT with the same bytes.
-        # By ns_id, not name: the name's order would sort the joined rows again (a third of the query's time)
-        rows = conn.execute(
-            "SELECT n.ns, CAST(unhex(printf('%%08x%%08x', length(c.id_key), coalesce(length(d.doc), %d))) || c.id_key "
-            "|| coalesce(d.doc, x'') AS BLOB) FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id LEFT JOIN docs d "
-            "ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY c.ns_id, c.id_key" % POST_DELETED, (opened,))
-        out, frame, size, kept = [], [], 0, 0
-        for rec in itertools.chain(post_records(rows), [None]):
-            if rec is not None:
-                frame.append(tuple(to) + (rec,))
-                size += len(rec)
-            if frame and (rec is None or size >= POST_FRAME_BYTES):
-                out.append(tuple(to) + (crypto.compress(encode_records(frame)),))
-                frame, size, kept = [], 0, kept + len(out[-1][2])
-                if kept > POST_MAX_BYTES:
-                    return []  # held in memory until the seal: a segment this large is replayed event by event
-        return out
-    finally:
-        conn.close()
+    on conn (a read transaction pinned at the segment's end: post_images.main), a frame per POST_FRAME_BYTES."""
+    # each entry packed by SQLite (segments.post_records: lengths big-endian, 0xFFFFFFFF for a deleted document): a
+    # row is one bytes object, no Python work per document but the fetch. || on BLOBs gives TEXT with the same bytes.
+    # By ns_id, not name: the name's order would sort the joined rows again (a third of the query's time)
+    rows = conn.execute(
+        "SELECT n.ns, CAST(unhex(printf('%%08x%%08x', length(c.id_key), coalesce(length(d.doc), %d))) || c.id_key "
+        "|| coalesce(d.doc, x'') AS BLOB) FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id LEFT JOIN docs d "
+        "ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY c.ns_id, c.id_key" % POST_DELETED, (opened,))
+    out, frame, size, kept = [], [], 0, 0
+    for rec in itertools.chain(post_records(rows), [None]):
+        if rec is not None:
+            frame.append(tuple(to) + (rec,))
+            size += len(rec)
+        if frame and (rec is None or size >= POST_FRAME_BYTES):
+            out.append(tuple(to) + (crypto.compress(encode_records(frame)),))
+            frame, size, kept = [], 0, kept + len(out[-1][2])
+            if kept > POST_MAX_BYTES:
+                return []  # held in memory until the seal: a segment this large is replayed event by event
+    return out
 
 
 def _meta(conn, name):

@@ -41,6 +41,7 @@ import concurrent.futures
 import datetime
 import hashlib
 import io
+import itertools
 import re
 import struct
 import time
@@ -71,6 +72,7 @@ NO_PREDECESSOR = b"\x00" * 32
 DEFAULT_SEGMENT_SECONDS = 60
 DEFAULT_WINDOW_HOURS = 24
 _CT = struct.Struct(">II")
+RECORD_TIME = _CT  # a record's header in a segment's plaintext: its cluster time (t, i) (encode_records)
 _I32 = struct.Struct("<i")
 _I32U = struct.Struct("<I")
 _KB = b"\x02kb\x00"  # a correction's first element: a string named "kb"
@@ -386,12 +388,15 @@ def due(head: Head, seconds: float, now: float | None = None) -> bool:
     return state["timeline"] is not None and state["opened"] is not None and (now or time.time()) - state["opened"] >= seconds
 
 
-def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None) -> list:
+def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None, wait: bool = True) -> list:
     """Put every closed segment into the store, oldest first, sealed under the current epoch's snapshot key and chained
     to its predecessor; forget each one's records once it is durable. Idempotent after a crash between the put and
-    the forget (an equal object already in place is kept). Returns the sealed segments' metadata."""
+    the forget (an equal object already in place is kept). Returns the sealed segments' metadata. wait False: stop at
+    the first segment whose post-images are still being built (the capture goes on meanwhile; a later call seals it)."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils.store import check_format  # pylint: disable=import-outside-toplevel
     closed = head.closed_segments()
+    if not wait:
+        closed = list(itertools.takewhile(lambda c: not head.post_images_pending(c["seg"]), closed))
     if not closed:
         return []
     check_format(job_store.storage, create=True)

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import config, crypto
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import correction, encode_records
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.segments import RECORD_TIME, correction
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import HistoryLostError, SourceError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import (
     EXCLUDED_DBS, IGNORED, Applier, CloneRepair, kept_collection, keeps, merge_fragments, parse_elements)
@@ -567,7 +567,7 @@ class Capture:
         self.catch_up_until = None  # clone end time during an initial sync: events up to it apply idempotently
         self.reclone_due = False    # the catch-up passed its end, but namespaces must be re-cloned first
         self.applier = Applier(refresh=self._refresh, keep=keeps)
-        self._log = None  # this transaction's change-segment records [(t, i, raw)] while the head records segments
+        self._log = None  # this transaction's change-segment records (a _SegmentLog) while the head records segments
         self._log_ct = None
         self.stream = None
         self.stats = {"events": 0, "transactions": 0, "recopied": 0}
@@ -579,7 +579,7 @@ class Capture:
         no source to ask)."""
         info = refresh_namespace(self.client, ns)
         if self._log is not None:
-            self._log.append(self._log_ct + (correction("refresh", ns, info=info),))
+            self._log.add(self._log_ct, correction("refresh", ns, info=info))
         return info
 
     def close(self) -> None:
@@ -657,10 +657,8 @@ class Capture:
         pos = self.head.position()
         last_ct = tuple(pos["cluster_time"]) if pos["cluster_time"] else None
         count, started = 0, time.monotonic()
-        # change segments keep what a consistent head applies (not an initial sync's catch-up); every LOG_CHUNK records
-        # are compressed on a side thread (zstd releases the GIL) while the next events are applied
-        log = self._log = [] if self.head.record_segments and self.catch_up_until is None else None
-        frames, sent = [], 0
+        # change segments keep what a consistent head applies (not an initial sync's catch-up)
+        log = self._log = _SegmentLog() if self.head.record_segments and self.catch_up_until is None else None
         with self.head.write() as w:
             token, consistent, more, proof = None, False, True, None
             while True:
@@ -681,13 +679,12 @@ class Capture:
                 if log is None:
                     self.applier.apply(w, ev, catch_up=self._catch_up(ct, ev))
                 else:
-                    mark, self._log_ct = len(log), ct
+                    mark, self._log_ct = len(log.buf), ct
                     if self.applier.apply(w, ev, catch_up=False) != IGNORED:
-                        log.insert(mark, ct + (ev.raw,))  # before the refreshes it caused
+                        log.add(ct, ev.raw, mark)  # before the refreshes it caused
                 self._recopy(w)
-                if log is not None and len(log) - sent >= LOG_CHUNK:
-                    frames.append(_compress_later(log[sent:]))
-                    sent = len(log)
+                if log is not None and len(log.buf) >= LOG_CHUNK_BYTES:
+                    log.cut()
                 count += 1
                 token, last_ct = bytes(ev["_id"].raw), ct
                 if count >= 4 * self.max_batch_events or now >= deadline + 5 * self.max_batch_seconds:
@@ -703,10 +700,8 @@ class Capture:
                         self.catch_up_until = self.applier.repair = None
                 else:
                     consistent = False
-            if log is not None and len(log) > sent:
-                frames.append(_compress_later(log[sent:]))
-            if frames:  # before set_position: a new timeline starts where the head was
-                w.log_frames([(f[0], f[1], f[2].result()) for f in frames])
+            if log is not None:  # before set_position: a new timeline starts where the head was
+                w.log_frames(log.frames())
             self._log = None
             if token is not None or consistent != pos["consistent"]:
                 w.set_position(token if token is not None else pos["resume_token"], last_ct, consistent)
@@ -727,25 +722,44 @@ class Capture:
         for ns, dkey, at in self.applier.recopy:
             ik, doc = recopy_document(w, self.client, ns, dkey, at=at)
             if self._log is not None:
-                self._log.append(self._log_ct + (correction("doc", ns, ik, doc),))
+                self._log.add(self._log_ct, correction("doc", ns, ik, doc))
             self.stats["recopied"] += 1
         self.applier.recopy = []
 
 
-LOG_CHUNK = 2000  # change-segment records per zstd frame
+LOG_CHUNK_BYTES = 2 << 20  # change-segment records per zstd frame, about
 _compressor = []
 
 
-def _frame(rows):
-    return crypto.compress(encode_records(rows))
+class _SegmentLog:
+    """One transaction's change-segment records, encoded as they come (segments.encode_records' bytes: no object per
+    record), cut into zstd frames of about LOG_CHUNK_BYTES that one side thread compresses while the next events are
+    applied (zstd releases the GIL: the side thread holds it for nothing else)."""
 
+    def __init__(self):
+        self.buf, self.last, self._frames = bytearray(), None, []
 
-def _compress_later(rows):
-    """(t, i of the last row, a future of the zstd frame of rows): framed and compressed on one side thread, which
-    runs while the capture thread is in SQLite or zstd (both release the GIL)."""
-    if not _compressor:
-        _compressor.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments"))
-    return rows[-1][0], rows[-1][1], _compressor[0].submit(_frame, rows)
+    def add(self, ct: tuple, raw: bytes, at: int | None = None) -> None:
+        """Record raw at cluster time ct, at offset at of the buffer (before records added since: the refreshes and
+        re-copies an event caused follow it) or at the end."""
+        rec = RECORD_TIME.pack(*ct) + raw
+        if at is None or at == len(self.buf):
+            self.buf += rec
+        else:
+            self.buf[at:at] = rec
+        self.last = ct
+
+    def cut(self) -> None:
+        if self.buf:
+            if not _compressor:
+                _compressor.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments"))
+            self._frames.append(self.last + (_compressor[0].submit(crypto.compress, bytes(self.buf)),))
+            self.buf = bytearray()
+
+    def frames(self) -> list:
+        """[(t, i of the last record, zstd frame)] of every record, in order (waits for the side thread)."""
+        self.cut()
+        return [(t, i, f.result()) for t, i, f in self._frames]
 
 
 def _raw_token(token):

@@ -90,7 +90,7 @@ def _capture_until_idle(cap, h, timeout=60):
 @pytest.mark.parametrize("kind", ["folder", "bucket"])
 def test_capture_under_load_replays_each_point_byte_for_byte(kind, tmp_path, mongo_server, kmip_setup, request, monkeypatch):
     s3_server = request.getfixturevalue("s3_server") if kind == "bucket" else None
-    monkeypatch.setattr(source, "LOG_CHUNK", 7)  # several zstd frames per transaction, compressed on the side thread
+    monkeypatch.setattr(source, "LOG_CHUNK_BYTES", 4000)  # several zstd frames per transaction, compressed on the side thread
     _config_dir, client, uid = kmip_setup
     dbname = "pitr_%s" % uuid.uuid4().hex[:8]
     plain = pymongo.MongoClient(mongo_server["uri"])

@@ -3,13 +3,14 @@ changed, as the head held them at the segment's end, and nothing else; none when
 them (DDL, an untracked bulk load, a forget inside the segment, a timeline's end); the fast path of a restore to the
 segment's end applies them (and gives what the head held), the sequential path skips them. Real SQLCipher heads, sealed
 segments in a folder store, a local key provider."""
-import threading
+import os
+import signal
 
 import bson
 import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    errors, head, pitr_replay, point_in_time, rawbson, restore, segments)
+    errors, head, pitr_replay, point_in_time, post_images, rawbson, restore, segments)
 from pitr_overlap_helpers import T0, captured, ev, segment_job, upd, window_events
 from snapshot_helpers import image_of, restored_dir
 
@@ -275,21 +276,22 @@ def test_post_images_over_the_cap_are_dropped_and_the_segment_restores_from_its_
     assert restored_dir(out) == {ns: docs for ns, docs in image_of(h).items() if docs and not ns.startswith("config.")}
 
 
-def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job, monkeypatch):
-    """The post-images are pinned at the close's commit: writes made while the side thread still works are not in them."""
+def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job):
+    """The post-images are pinned at the close's commit: writes made while the builder process still works (here: it
+    is stopped) are not in them."""
     h = job["head"]
-    release, real = threading.Event(), head._post_image_frames  # pylint: disable=protected-access
-
-    def held(*a):
-        assert release.wait(30)
-        return real(*a)
-    monkeypatch.setattr(head, "_post_image_frames", held)
     captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "at the end"})], (T0 + 1, 1))
     assert segments.close(h) is not None
-    at_end = {rawbson.id_key_from_document(d): d for d in image_of(h)["d.big"]}
-    captured(h, [upd("big", (T0 + 2, 1), 3, {"pad": "later"}), ev("delete", "big", (T0 + 2, 1), documentKey={"_id": 4})],
-             (T0 + 2, 1))
-    release.set()
+    builder = h._builder.proc  # pylint: disable=protected-access
+    os.kill(builder.pid, signal.SIGSTOP)  # pinned (close returned): it builds nothing until the writes below are in
+    try:
+        at_end = {rawbson.id_key_from_document(d): d for d in image_of(h)["d.big"]}
+        captured(h, [upd("big", (T0 + 2, 1), 3, {"pad": "later"}), ev("delete", "big", (T0 + 2, 1), documentKey={"_id": 4})],
+                 (T0 + 2, 1))
+        assert h.post_images_pending(h.closed_segments()[0]["seg"])
+        assert segments.seal_closed(h, job["js"], job["keys"], "mk", wait=False) == []  # the tick's seal waits for them
+    finally:
+        os.kill(builder.pid, signal.SIGCONT)
     sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
     (_s, recs), = segments.read_segments(job["js"], job["keys"], sealed[:1])
     posts = posts_of([bytes(r[2]) for r in recs])
@@ -297,23 +299,51 @@ def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job, monkey
     assert posts == {"d.big": {key: at_end[key]}} and b"later" not in at_end[key]
 
 
-def test_a_builder_that_cannot_start_leaves_the_segment_without_post_images_and_nothing_pending(job, monkeypatch):
+def test_the_builder_process_gets_the_key_on_its_input_only(job):
     h = job["head"]
-    real = h._connect  # pylint: disable=protected-access
-
-    def fail():
-        monkeypatch.setattr(h, "_connect", real)
-        raise errors.HeadError("too many open files")
     captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))
-    monkeypatch.setattr(h, "_connect", fail)
-    assert segments.close(h) is not None  # the close committed: no error
-    captured(h, [upd("big", (T0 + 2, 1), 5, {"pad": "y"})], (T0 + 2, 1))  # starts nothing for the closed segment
-    assert h._post_pending is None and not h._posts  # pylint: disable=protected-access
+    assert segments.close(h) is not None
+    proc = h._builder.proc  # pylint: disable=protected-access
+    pid = proc.pid
+    key_hex = h._key_hex.encode()  # pylint: disable=protected-access
+    for what in ("cmdline", "environ"):
+        with open("/proc/%d/%s" % (pid, what), "rb") as f:
+            seen = f.read()
+        assert seen and key_hex not in seen.lower() and bytes.fromhex(key_hex.decode()) not in seen
+    h.close()  # ends the builder: its input ends
+    assert proc.returncode is not None  # exited (1 when its answer found the pipe closed)
+
+
+@pytest.mark.parametrize("how", ["no start", "answer lost", "killed before the close"])
+def test_a_builder_that_cannot_start_or_fails_leaves_the_segment_without_post_images(job, monkeypatch, how):
+    """Post-images are optional: without them the segment is sealed with its records (a restore replays them), the
+    capture goes on, and the next segment has its own from a new builder."""
+    h = job["head"]
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))
+    first = h._builder.proc  # pylint: disable=protected-access  # started when the head began recording segments
+    if how == "no start":  # the builder ended; a new one cannot start
+        def fail(*_a):
+            monkeypatch.undo()
+            raise OSError("too many open files")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        monkeypatch.setattr(post_images.Builder, "start", classmethod(lambda cls, *a: fail()))
+        assert segments.close(h) is not None  # the close committed: no error
+        assert h._builder is None and not h._posts  # pylint: disable=protected-access
+    elif how == "answer lost":  # pinned, then its pipe breaks before the answer is read
+        assert segments.close(h) is not None
+        first.stdout.close()
+    else:  # the builder died between segments: the close starts another
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert segments.close(h) is not None and h._builder.proc is not first  # pylint: disable=protected-access
+    captured(h, [upd("big", (T0 + 2, 1), 5, {"pad": "y"})], (T0 + 2, 1))
     sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
     (_s, recs), = segments.read_segments(job["js"], job["keys"], sealed)
-    assert recs and not any(segments.is_post(bytes(r[2])) for r in recs)
-    _seg, raws = close_and_read(job)  # the next one has its own, only its own
+    assert recs and any(segments.is_post(bytes(r[2])) for r in recs) is (how == "killed before the close")
+    _seg, raws = close_and_read(job)  # the next one has its own (a new builder where it ended), only its own
     assert list(posts_of(raws)["d.big"]) == [rawbson.id_key_from_value(5)]
+    assert first.poll() is not None
 
 
 def test_no_change_after_a_close_in_the_same_transaction(job):

@@ -1,0 +1,177 @@
+# -*- coding: utf-8 -*-
+# Copyright: kmipbackup developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The post-image builder: a process that builds closed change segments' post-images (no Ansible imports). PRIVATE
+to the collection.
+
+Why a process: building a segment's post-images reads every document it changed from the head (SQLite releases the
+GIL for each row, and the builder takes it back for each): on a thread of the capturing process the two threads hand
+the GIL to each other thousands of times per segment, and the capture slowed by more than the build cost. In a process
+of its own the build runs on another core and the capture only waits for the pin (a round trip).
+
+Head starts it (Builder.start) the first time it closes a segment that gets post-images, as point_in_time starts the
+replay process: a fresh interpreter (`python -I -S -c BOOTSTRAP`), standard input and output as two pipes, standard
+error to /dev/null, an environment holding only the parent's sys.path. It opens the head as a second reader; the head's
+path and key come on standard input (never in its arguments or environment), and it keeps its connection.
+
+Protocol (little-endian): parent to child: _HELLO (length) + JSON {"path", "key" (hex, or null)}, once; then per
+segment _ASK (change sequence the segment opened after, t, i of its end, the sizes to build to). Child to parent: per _ASK, one byte _PINNED
+(its read transaction is open on the state just committed: the parent holds the head's lock until then, so no write
+lands before) or _FAILED; after _PINNED the answer: _ANSWER (status, frame count), then per frame _FRAME (t, i,
+length) + a zstd frame of post-image records (head._post_image_frames). Status 0: no post-images (they are
+optional). The child exits when its input ends or a write fails."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+
+_HELLO = struct.Struct("<I")
+_ASK = struct.Struct("<qIIQQQ")  # opened, t, i; the sizes to build to: record, frame, most (head.post_image_limits)
+_ANSWER = struct.Struct("<BI")
+_FRAME = struct.Struct("<IIQ")
+_PINNED, _FAILED, _BUILT = b"P", b"F", 1
+PIN_TIMEOUT = 60.0  # seconds the capture waits for the builder's pin at most (then: no post-images, builder ended)
+
+PATH_VARIABLE = "KMIPBACKUP_POST_IMAGES_SYS_PATH"  # the parent's sys.path (JSON): the child's only environment variable
+BOOTSTRAP = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop(%r)); "
+             "from %s import main; main()" % (PATH_VARIABLE, __name__))
+
+
+def _read_exact(f, size: int) -> bytes:
+    """size bytes from an unbuffered pipe (a read may return fewer); EOFError when it ends first."""
+    data = f.read(size)
+    if data is not None and len(data) == size:
+        return data
+    buf = bytearray(data or b"")
+    while len(buf) < size:
+        more = f.read(size - len(buf))
+        if not more:
+            raise EOFError("the post-image builder's pipe ended")
+        buf += more
+    return bytes(buf)
+
+
+class Builder:
+    """The parent's end: one question at a time (ask), its answer read once ready (answer)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.asked = proc, None  # asked: what the unread answer is for (the caller's tag)
+
+    @classmethod
+    def start(cls, path: str, key_hex: str | None) -> Builder:
+        """A started builder for the head at path (OSError when it cannot start)."""
+        if not sys.executable:
+            raise OSError("no Python interpreter to start the post-image builder with")
+        proc = subprocess.Popen(  # pylint: disable=consider-using-with  # close() ends it
+            [sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, close_fds=True, bufsize=0, env={PATH_VARIABLE: json.dumps(sys.path)})
+        hello = json.dumps({"path": path, "key": key_hex}).encode("utf-8")
+        try:
+            proc.stdin.write(_HELLO.pack(len(hello)) + hello)  # a few hundred bytes: one write to a pipe
+        except OSError:
+            cls(proc).close()
+            raise
+        return cls(proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def ask(self, tag, opened: int, to: tuple, limits: tuple) -> bool:
+        """Ask for the post-images of the changes after sequence opened, as the head holds them now, built to limits
+        (head.post_image_limits()); returns once the builder's read is pinned (True), or False when it could not (the
+        builder is then ended)."""
+        try:
+            self.proc.stdin.write(_ASK.pack(opened, int(to[0]), int(to[1]), *limits))
+            if not self._readable(PIN_TIMEOUT) or _read_exact(self.proc.stdout, 1) != _PINNED:
+                raise EOFError("the post-image builder did not pin its read")
+        except (OSError, EOFError, ValueError):
+            self.close()
+            return False
+        self.asked = tag
+        return True
+
+    def ready(self) -> bool:
+        """Whether the answer asked for can be read without waiting for the build."""
+        return self.asked is not None and self._readable(0)
+
+    def answer(self) -> list:
+        """[(t, i, zstd frame)] of the question asked (waits for the build), [] when it failed."""
+        self.asked = None
+        try:
+            status, count = _ANSWER.unpack(_read_exact(self.proc.stdout, _ANSWER.size))
+            frames = []
+            for _n in range(count):
+                t, i, size = _FRAME.unpack(_read_exact(self.proc.stdout, _FRAME.size))
+                frames.append((t, i, _read_exact(self.proc.stdout, size)))
+            return frames if status == _BUILT else []
+        except (OSError, EOFError, ValueError, struct.error):
+            self.close()
+            return []
+
+    def _readable(self, timeout: float) -> bool:
+        return bool(select.select([self.proc.stdout], [], [], timeout)[0])  # unbuffered: nothing waits in Python
+
+    def close(self) -> None:
+        """End the builder (its input ends; killed if it does not exit at once)."""
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.asked = None
+
+
+def main() -> None:
+    """The builder process (never returns): open the head, then answer each question until the input ends."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head  # pylint: disable=import-outside-toplevel
+    inp, out = os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=1 << 20)
+    code = 1
+    try:
+        hello = json.loads(_read_exact(inp, _HELLO.unpack(_read_exact(inp, _HELLO.size))[0]))
+        key = bytes.fromhex(hello["key"]) if hello["key"] is not None else None
+        h = head.Head(hello["path"], key)
+        del key, hello
+        conn = h._conn  # pylint: disable=protected-access
+        while True:
+            try:
+                opened, t, i, *limits = _ASK.unpack(_read_exact(inp, _ASK.size))
+                head.set_post_image_limits(limits)
+            except EOFError:  # the head closed: its input ended
+                code = 0
+                break
+            try:
+                conn.execute("BEGIN")
+                conn.execute("SELECT value FROM meta WHERE name='change_seq'").fetchone()  # pins the image
+            except Exception:  # pylint: disable=broad-except
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                out.write(_FAILED)
+                out.flush()
+                continue
+            out.write(_PINNED)
+            out.flush()
+            try:
+                frames = head._post_image_frames(conn, opened, (t, i))  # pylint: disable=protected-access
+                status = _BUILT
+            except Exception:  # pylint: disable=broad-except  # optional: the segment is replayed event by event
+                frames, status = [], 0
+            finally:
+                conn.execute("ROLLBACK")
+            out.write(_ANSWER.pack(status, len(frames)))
+            for ft, fi, frame in frames:
+                out.write(_FRAME.pack(ft, fi, len(frame)))
+                out.write(frame)
+            out.flush()
+    except (OSError, EOFError, ValueError):
+        pass
+    finally:
+        os._exit(code)  # pylint: disable=protected-access
