@@ -231,21 +231,24 @@ class Head:
         post-images, read on the state just committed (the segment's end): once its read is pinned, the capture goes on
         while it builds them on another core. When it cannot (it does not start, or it still builds an earlier
         segment's), the segment has none: they are optional, and the close committed."""
-        b = self._builder
-        if b is not None and b.asked is not None:
-            if not b.ready():
-                LOG.debug("post-images of a closed change segment not built: the builder is still on an earlier one")
+        try:  # after the COMMIT: nothing here may fail the write
+            b = self._builder
+            if b is not None and b.asked is not None:
+                if not b.ready():
+                    LOG.debug("post-images of a closed change segment not built: the builder is still on an earlier one")
+                    return
+                self._take_post_images()
+            b = self._post_image_builder()
+            if b is None:
                 return
-            self._take_post_images()
-        b = self._post_image_builder()
-        if b is None:
-            return
-        if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
-            self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
-        if b.ask(seg, opened, to, post_image_limits()):
-            self._posts[seg] = None  # asked: the answer is read when it is ready or needed
-        else:
-            LOG.warning("post-images of a closed change segment not built (the builder ended): a restore replays its events")
+            if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
+                self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
+            if b.ask(seg, opened, to, post_image_limits()):
+                self._posts[seg] = None  # asked: the answer is read when it is ready or needed
+            else:
+                LOG.warning("post-images of a closed change segment not built (the builder ended): a restore replays its events")
+        except Exception as e:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
+            LOG.warning("post-images of a closed change segment not built (%s): a restore replays its events", type(e).__name__)
 
     def _take_post_images(self) -> None:
         """Read the builder's answer (waits for the build); kept for its segment unless that was dropped meanwhile."""

@@ -28,6 +28,7 @@ import select
 import struct
 import subprocess
 import sys
+import time
 
 _HELLO = struct.Struct("<I")
 _ASK = struct.Struct("<qIIQQQ")  # opened, t, i; the sizes to build to: record, frame, most (head.post_image_limits)
@@ -35,19 +36,21 @@ _ANSWER = struct.Struct("<BI")
 _FRAME = struct.Struct("<IIQ")
 _PINNED, _FAILED, _BUILT = b"P", b"F", 1
 PIN_TIMEOUT = 60.0  # seconds the capture waits for the builder's pin at most (then: no post-images, builder ended)
+BUILD_TIMEOUT = 120.0  # seconds a build may take from its question (then: no post-images, builder ended): a stalled
+# builder must not hold back the seal of its segment and of every later one
 
 PATH_VARIABLE = "KMIPBACKUP_POST_IMAGES_SYS_PATH"  # the parent's sys.path (JSON): the child's only environment variable
 BOOTSTRAP = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop(%r)); "
              "from %s import main; main()" % (PATH_VARIABLE, __name__))
 
 
-def _read_exact(f, size: int) -> bytes:
-    """size bytes from an unbuffered pipe (a read may return fewer); EOFError when it ends first."""
-    data = f.read(size)
-    if data is not None and len(data) == size:
-        return data
-    buf = bytearray(data or b"")
+def _read_exact(f, size: int, wait=None) -> bytes:
+    """size bytes from an unbuffered pipe (a read may return fewer); EOFError when it ends first, or when wait (a
+    function: whether the pipe became readable in time) says it did not."""
+    buf = bytearray()
     while len(buf) < size:
+        if wait is not None and not wait():
+            raise EOFError("the post-image builder did not answer in time")
         more = f.read(size - len(buf))
         if not more:
             raise EOFError("the post-image builder's pipe ended")
@@ -59,7 +62,9 @@ class Builder:
     """The parent's end: one question at a time (ask), its answer read once ready (answer)."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc, self.asked = proc, None  # asked: what the unread answer is for (the caller's tag)
+        self.proc, self.asked, self.deadline = proc, None, 0.0  # asked: what the unread answer is for (the caller's tag)
+        self._poll = select.poll()  # not select(): no limit on the descriptor's number
+        self._poll.register(proc.stdout.fileno(), select.POLLIN)
 
     @classmethod
     def start(cls, path: str, key_hex: str | None) -> Builder:
@@ -73,7 +78,7 @@ class Builder:
         try:
             proc.stdin.write(_HELLO.pack(len(hello)) + hello)  # a few hundred bytes: one write to a pipe
         except OSError:
-            cls(proc).close()
+            cls(proc).close(kill=True)
             raise
         return cls(proc)
 
@@ -88,41 +93,51 @@ class Builder:
             self.proc.stdin.write(_ASK.pack(opened, int(to[0]), int(to[1]), *limits))
             if not self._readable(PIN_TIMEOUT) or _read_exact(self.proc.stdout, 1) != _PINNED:
                 raise EOFError("the post-image builder did not pin its read")
-        except (OSError, EOFError, ValueError):
-            self.close()
+        except (OSError, EOFError, ValueError, struct.error):
+            self.close(kill=True)
             return False
-        self.asked = tag
+        self.asked, self.deadline = tag, time.monotonic() + BUILD_TIMEOUT
         return True
 
     def ready(self) -> bool:
-        """Whether the answer asked for can be read without waiting for the build."""
-        return self.asked is not None and self._readable(0)
+        """Whether the answer asked for can be read without waiting for the build (or its time is up: answer() then
+        gives up at once)."""
+        return self.asked is not None and (self._readable(0) or time.monotonic() >= self.deadline)
 
     def answer(self) -> list:
-        """[(t, i, zstd frame)] of the question asked (waits for the build), [] when it failed."""
+        """[(t, i, zstd frame)] of the question asked (waits for the build, until BUILD_TIMEOUT after the question),
+        [] when it failed or timed out (the builder is then ended)."""
         self.asked = None
+
+        def in_time():
+            return self._readable(max(0.0, self.deadline - time.monotonic()))
         try:
-            status, count = _ANSWER.unpack(_read_exact(self.proc.stdout, _ANSWER.size))
+            out = self.proc.stdout
+            status, count = _ANSWER.unpack(_read_exact(out, _ANSWER.size, in_time))
             frames = []
             for _n in range(count):
-                t, i, size = _FRAME.unpack(_read_exact(self.proc.stdout, _FRAME.size))
-                frames.append((t, i, _read_exact(self.proc.stdout, size)))
+                t, i, size = _FRAME.unpack(_read_exact(out, _FRAME.size, in_time))
+                frames.append((t, i, _read_exact(out, size, in_time)))
             return frames if status == _BUILT else []
         except (OSError, EOFError, ValueError, struct.error):
-            self.close()
+            self.close(kill=True)
             return []
 
     def _readable(self, timeout: float) -> bool:
-        return bool(select.select([self.proc.stdout], [], [], timeout)[0])  # unbuffered: nothing waits in Python
+        """Whether the pipe has data or ended (unbuffered: nothing waits in Python), waiting up to timeout seconds."""
+        return bool(self._poll.poll(int(timeout * 1000)))
 
-    def close(self) -> None:
-        """End the builder (its input ends; killed if it does not exit at once)."""
+    def close(self, kill: bool = False) -> None:
+        """End the builder: its input ends, and it is killed if it does not exit within 5 s, or at once with kill (it
+        failed to answer)."""
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
             except OSError:
                 pass
         try:
+            if kill:
+                raise subprocess.TimeoutExpired(self.proc.args, 0)
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()

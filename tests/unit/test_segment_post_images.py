@@ -5,6 +5,10 @@ segment's end applies them (and gives what the head held), the sequential path s
 segments in a folder store, a local key provider."""
 import os
 import signal
+import struct
+import subprocess
+import sys
+import time
 
 import bson
 import pytest
@@ -277,8 +281,8 @@ def test_post_images_over_the_cap_are_dropped_and_the_segment_restores_from_its_
 
 
 def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job):
-    """The post-images are pinned at the close's commit: writes made while the builder process still works (here: it
-    is stopped) are not in them."""
+    """The post-images are pinned at the close's commit: writes made after it are not in them, whether the builder
+    (stopped here as soon as the close returns) had built them before or builds them after."""
     h = job["head"]
     captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "at the end"})], (T0 + 1, 1))
     assert segments.close(h) is not None
@@ -288,8 +292,6 @@ def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job):
         at_end = {rawbson.id_key_from_document(d): d for d in image_of(h)["d.big"]}
         captured(h, [upd("big", (T0 + 2, 1), 3, {"pad": "later"}), ev("delete", "big", (T0 + 2, 1), documentKey={"_id": 4})],
                  (T0 + 2, 1))
-        assert h.post_images_pending(h.closed_segments()[0]["seg"])
-        assert segments.seal_closed(h, job["js"], job["keys"], "mk", wait=False) == []  # the tick's seal waits for them
     finally:
         os.kill(builder.pid, signal.SIGCONT)
     sealed = segments.seal_closed(h, job["js"], job["keys"], "mk")
@@ -297,6 +299,54 @@ def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job):
     posts = posts_of([bytes(r[2]) for r in recs])
     key = rawbson.id_key_from_value(3)
     assert posts == {"d.big": {key: at_end[key]}} and b"later" not in at_end[key]
+
+
+def test_the_ticks_seal_waits_for_post_images_still_being_built(job, monkeypatch):
+    h = job["head"]
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "x"})], (T0 + 1, 1))
+    first = segments.close(h)
+    captured(h, [upd("big", (T0 + 2, 1), 5, {"pad": "y"})], (T0 + 2, 1))
+    assert segments.close(h) is not None and len(h.closed_segments()) == 2
+    monkeypatch.setattr(type(h), "post_images_pending", lambda self, seg: seg == first)  # the first one still building
+    assert segments.seal_closed(h, job["js"], job["keys"], "mk", wait=False) == []  # in order: the second waits too
+    assert len(h.closed_segments()) == 2
+    monkeypatch.undo()
+    assert [s["seq"] for s in segments.seal_closed(h, job["js"], job["keys"], "mk")] == [1, 2]  # waits for the builds
+
+
+# A stand-in for the builder process (post_images.main's protocol, first steps only): it takes the hello and one
+# question, says it pinned, then never answers.
+_SILENT_BUILDER = """
+import struct, sys, time
+inp = sys.stdin.buffer
+n = struct.unpack("<I", inp.read(4))[0]; inp.read(n)
+inp.read(struct.calcsize("<qIIQQQ"))
+sys.stdout.buffer.write(b"P"); sys.stdout.buffer.flush()
+time.sleep(600)
+"""
+
+
+def test_a_build_that_does_not_answer_in_time_gives_none_and_ends_the_builder(monkeypatch):
+    monkeypatch.setattr(post_images, "BUILD_TIMEOUT", 0.5)
+    proc = subprocess.Popen([sys.executable, "-c", _SILENT_BUILDER], stdin=subprocess.PIPE,  # pylint: disable=consider-using-with
+                            stdout=subprocess.PIPE, bufsize=0)
+    b = post_images.Builder(proc)
+    proc.stdin.write(struct.pack("<I", 2) + b"{}")
+    assert b.ask(7, 0, (1, 1), head.post_image_limits()) and b.asked == 7
+    assert not b.ready()  # pinned, building
+    time.sleep(0.6)
+    assert b.ready()  # its time is up: answer() gives up at once
+    started = time.monotonic()
+    assert b.answer() == [] and time.monotonic() - started < 2 and proc.poll() is not None and b.asked is None
+
+
+def test_a_builder_that_does_not_pin_in_time_is_ended(monkeypatch):
+    monkeypatch.setattr(post_images, "PIN_TIMEOUT", 0.5)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdin=subprocess.PIPE,  # pylint: disable=consider-using-with
+                            stdout=subprocess.PIPE, bufsize=0)
+    started = time.monotonic()
+    assert not post_images.Builder(proc).ask(7, 0, (1, 1), head.post_image_limits())
+    assert time.monotonic() - started < 3 and proc.poll() is not None
 
 
 def test_the_builder_process_gets_the_key_on_its_input_only(job):

@@ -60,7 +60,8 @@ def env(tmp_path):
     keys = store.Keys(js, provider)
     h = make_head(str(tmp_path / "head" / "head.db"), {NS: [{"_id": 0, "v": CANARY}]}, key=os.urandom(32), cluster_time=(T0, 1))
     h.record_segments = True
-    return tmp_path, provider, js, keys, h
+    yield tmp_path, provider, js, keys, h
+    h.close()  # ends its post-image builder process
 
 
 def snap(h, js, keys, mk="mk1"):
