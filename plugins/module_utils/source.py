@@ -742,11 +742,11 @@ class _SegmentLog:
     def add(self, ct: tuple, raw: bytes, at: int | None = None) -> None:
         """Record raw at cluster time ct, at offset at of the buffer (before records added since: the refreshes and
         re-copies an event caused follow it) or at the end."""
-        rec = RECORD_TIME.pack(*ct) + raw
         if at is None or at == len(self.buf):
-            self.buf += rec
+            self.buf += RECORD_TIME.pack(*ct)
+            self.buf += raw
         else:
-            self.buf[at:at] = rec
+            self.buf[at:at] = RECORD_TIME.pack(*ct) + raw
         self.last = ct
 
     def cut(self) -> None:
