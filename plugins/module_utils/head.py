@@ -428,14 +428,11 @@ def post_image_limits() -> tuple:
     return segments.POST_RECORD_BYTES, POST_FRAME_BYTES, POST_MAX_BYTES
 
 
-def set_post_image_limits(limits) -> None:
-    global POST_FRAME_BYTES, POST_MAX_BYTES  # pylint: disable=global-statement  # the builder process
-    segments.POST_RECORD_BYTES, POST_FRAME_BYTES, POST_MAX_BYTES = limits
-
-
-def _post_image_frames(conn, opened: int, to: tuple) -> list:
+def _post_image_frames(conn, opened: int, to: tuple, limits: tuple) -> list:
     """[(t, i, zstd frame)] of the post-image records (segments.post_records) of the changes after sequence opened, read
-    on conn (a read transaction pinned at the segment's end: post_images.main), a frame per POST_FRAME_BYTES."""
+    on conn (a read transaction pinned at the segment's end: post_images.main), built to limits (post_image_limits():
+    records of about record bytes, a frame per frame bytes, none at all over most bytes compressed)."""
+    record_bytes, frame_bytes, most_bytes = limits
     # each entry packed by SQLite (segments.post_records: lengths big-endian, 0xFFFFFFFF for a deleted document): a
     # row is one bytes object, no Python work per document but the fetch. || on BLOBs gives TEXT with the same bytes.
     # By ns_id, not name: the name's order would sort the joined rows again (a third of the query's time)
@@ -444,14 +441,14 @@ def _post_image_frames(conn, opened: int, to: tuple) -> list:
         "|| coalesce(d.doc, x'') AS BLOB) FROM changes c JOIN namespaces n ON n.ns_id = c.ns_id LEFT JOIN docs d "
         "ON d.ns_id = c.ns_id AND d.id_key = c.id_key WHERE c.seq > ? ORDER BY c.ns_id, c.id_key" % POST_DELETED, (opened,))
     out, frame, size, kept = [], [], 0, 0
-    for rec in itertools.chain(post_records(rows), [None]):
+    for rec in itertools.chain(post_records(rows, record_bytes), [None]):
         if rec is not None:
             frame.append(tuple(to) + (rec,))
             size += len(rec)
-        if frame and (rec is None or size >= POST_FRAME_BYTES):
+        if frame and (rec is None or size >= frame_bytes):
             out.append(tuple(to) + (crypto.compress(encode_records(frame)),))
             frame, size, kept = [], 0, kept + len(out[-1][2])
-            if kept > POST_MAX_BYTES:
+            if kept > most_bytes:
                 return []  # held in memory until the seal: a segment this large is replayed event by event
     return out
 

@@ -5,8 +5,8 @@
 
 point_in_time._Fast starts it as a fresh interpreter (spawn(): `python -I -S -c BOOTSTRAP`, standard input and output
 as the two pipes, standard error to /dev/null, an environment holding only the parent's sys.path, so that it imports
-this module the way the parent did: from PYTHONPATH in tests, from AnsiballZ's zip in a module run). It imports only
-this module, events and rawbson (no store, KMIP, crypto, SQLCipher or pymongo client), and it is given only what it
+this module the way the parent did: from PYTHONPATH in tests, from AnsiballZ's zip in a module run; child_process). It
+imports only this module, events, rawbson and child_process (no store, KMIP, crypto, SQLCipher or pymongo client), and it is given only what it
 replays: the base's namespaces with their chunks' last keys, counts and sizes, and the window's change records; the
 touched base chunks' plaintext later, from the parent, which reads and authenticates them. No key, no store, no file.
 
@@ -31,7 +31,7 @@ import struct
 import threading
 import zlib
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import events
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import child_process, events
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import NotApplicable, UncertainOrder
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document, split_bson_docs
 
@@ -63,10 +63,8 @@ _RECORDS, _PRESCANNED = 0xFFFFFFFE, 0xFFFFFFFD  # _FEED's namespace index for a 
 # its records (raw BSON, concatenated: one of the child's parts), or the parent's pre-scan of it (pack_ops)
 _ABSENT = object()
 
-PATH_VARIABLE = "KMIPBACKUP_PITR_SYS_PATH"  # the parent's sys.path (JSON): the child's only environment variable
-# what the child runs (python -I -S -c): sys.path as the parent's, then main(); no site, no user site, no PYTHON* variables
-BOOTSTRAP = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop(%r)); "
-             "from %s import main; main()" % (PATH_VARIABLE, __name__))
+PATH_VARIABLE = child_process.PATH_VARIABLE  # the parent's sys.path (JSON): the child's only environment variable
+BOOTSTRAP = child_process.bootstrap(__name__)  # what the child runs (python -I -S -c): sys.path as the parent's, then main()
 
 
 def layout(manifest: dict) -> bytes:

@@ -44,7 +44,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import itertools
-import json
 import math
 import os
 import queue
@@ -52,14 +51,13 @@ import select
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import zlib
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, pitr_replay, restore, segments
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import child_process, crypto, pitr_replay, restore, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError, RestoreTimeout
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document, split_bson_docs
@@ -585,14 +583,10 @@ class _Fast:
         """Start the replay process: a fresh interpreter that imports pitr_replay as this process does (its sys.path
         in the environment, the only variable passed) and waits for its input; its start-up overlaps the reading of
         the segments. None, or why it could not start."""
-        if not sys.executable:
-            return "no Python interpreter to start the replay process with"
         try:
-            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with  # close() ends it
-                [sys.executable, "-I", "-S", "-c", pitr_replay.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, close_fds=True, bufsize=0, env={pitr_replay.PATH_VARIABLE: json.dumps(sys.path)})
+            self.proc = child_process.spawn(pitr_replay.BOOTSTRAP)  # close() ends it
         except OSError as e:
-            return "the replay process could not be started (%s)" % type(e).__name__
+            return "the replay process could not be started (%s)" % (e.strerror or type(e).__name__)
         self.pid, self.stdin = self.proc.pid, self.proc.stdin  # stdin: the threads' own, as close() may drop proc first
         self.poll = select.poll()
         self.poll.register(self.proc.stdout.fileno(), select.POLLIN)

@@ -9,9 +9,9 @@ GIL for each row, and the builder takes it back for each): on a thread of the ca
 the GIL to each other thousands of times per segment, and the capture slowed by more than the build cost. In a process
 of its own the build runs on another core and the capture only waits for the pin (a round trip).
 
-Head starts it (Builder.start) the first time it closes a segment that gets post-images, as point_in_time starts the
-replay process: a fresh interpreter (`python -I -S -c BOOTSTRAP`), standard input and output as two pipes, standard
-error to /dev/null, an environment holding only the parent's sys.path. It opens the head as a second reader; the head's
+Head starts it (Builder.start) when it begins recording segments, as point_in_time starts the replay process
+(child_process.spawn: a fresh interpreter, two pipes, standard error to /dev/null, an environment holding only the
+parent's sys.path). It opens the head as a second reader; the head's
 path and key come on standard input (never in its arguments or environment), and it keeps its connection.
 
 Protocol (little-endian): parent to child: _HELLO (length) + JSON {"path", "key" (hex, or null)}, once; then per
@@ -27,8 +27,9 @@ import os
 import select
 import struct
 import subprocess
-import sys
 import time
+
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import child_process
 
 _HELLO = struct.Struct("<I")
 _ASK = struct.Struct("<qIIQQQ")  # opened, t, i; the sizes to build to: record, frame, most (head.post_image_limits)
@@ -39,9 +40,7 @@ PIN_TIMEOUT = 60.0  # seconds the capture waits for the builder's pin at most (t
 BUILD_TIMEOUT = 120.0  # seconds a build may take from its question (then: no post-images, builder ended): a stalled
 # builder must not hold back the seal of its segment and of every later one
 
-PATH_VARIABLE = "KMIPBACKUP_POST_IMAGES_SYS_PATH"  # the parent's sys.path (JSON): the child's only environment variable
-BOOTSTRAP = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop(%r)); "
-             "from %s import main; main()" % (PATH_VARIABLE, __name__))
+BOOTSTRAP = child_process.bootstrap(__name__)
 
 
 def _read_exact(f, size: int, wait=None) -> bytes:
@@ -69,11 +68,7 @@ class Builder:
     @classmethod
     def start(cls, path: str, key_hex: str | None) -> Builder:
         """A started builder for the head at path (OSError when it cannot start)."""
-        if not sys.executable:
-            raise OSError("no Python interpreter to start the post-image builder with")
-        proc = subprocess.Popen(  # pylint: disable=consider-using-with  # close() ends it
-            [sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, close_fds=True, bufsize=0, env={PATH_VARIABLE: json.dumps(sys.path)})
+        proc = child_process.spawn(BOOTSTRAP)  # close() ends it
         hello = json.dumps({"path": path, "key": key_hex}).encode("utf-8")
         try:
             proc.stdin.write(_HELLO.pack(len(hello)) + hello)  # a few hundred bytes: one write to a pipe
@@ -159,7 +154,6 @@ def main() -> None:
         while True:
             try:
                 opened, t, i, *limits = _ASK.unpack(_read_exact(inp, _ASK.size))
-                head.set_post_image_limits(limits)
             except EOFError:  # the head closed: its input ended
                 code = 0
                 break
@@ -175,7 +169,7 @@ def main() -> None:
             out.write(_PINNED)
             out.flush()
             try:
-                frames = head._post_image_frames(conn, opened, (t, i))  # pylint: disable=protected-access
+                frames = head._post_image_frames(conn, opened, (t, i), tuple(limits))  # pylint: disable=protected-access
                 status = _BUILT
             except Exception:  # pylint: disable=broad-except  # optional: the segment is replayed event by event
                 frames, status = [], 0

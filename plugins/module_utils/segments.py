@@ -218,13 +218,15 @@ def _frame_starts(data: bytes) -> list | None:
     return starts if pos == n else None
 
 
-def post_records(rows):
+def post_records(rows, record_bytes: int | None = None):
     """Post-image records (raw BSON, see the module doc), yielded one at a time, of (ns, packed entry) rows grouped by ns,
-    in id_key order within it (head.Writer packs each entry in SQL): one or more per namespace, each holding at most about POST_RECORD_BYTES."""
+    in id_key order within it (head.Writer packs each entry in SQL): one or more per namespace, each holding at most
+    about record_bytes (default POST_RECORD_BYTES)."""
     _require_bson()
+    record_bytes = POST_RECORD_BYTES if record_bytes is None else record_bytes
     ns, parts, size = None, [], 0
     for row_ns, entry in rows:
-        if parts and (row_ns != ns or size >= POST_RECORD_BYTES):
+        if parts and (row_ns != ns or size >= record_bytes):
             yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
             parts, size = [], 0
         ns = row_ns
