@@ -119,9 +119,17 @@ def record(uri, base_head, n):
 
 
 def apply_run(base_head, work, name, uri, recorded, segments_on, provider, segment_events=SEGMENT_EVENTS):
-    """source.Capture's transactions over recorded events (no server): events, wall seconds, CPU seconds (this process
-    and the post-image builder process), CPU seconds of the applying thread; with closing and sealing the segments
-    when segments_on."""
+    """source.Capture's transactions over recorded events (no server), in the steady state of a daemon that has run a
+    while: events, wall seconds, CPU seconds (this process and the post-image builder process), CPU seconds of the
+    applying thread, and (segments_on) the seconds of the drain after the timed run.
+
+    Untimed, both modes: the first WARMUP_EVENTS (they create the collection: that segment has no post-images; closed
+    and sealed), then segment_events more and, with segments, a close: the timed run starts as the daemon's minute
+    after a close does, with that segment's post-images being built. Timed: the rest, with a close every
+    segment_events and after each the daemon tick's seal pass (segments.Sealer: on a thread of its own, segments whose
+    post-images are built), then every segment closed so far sealed (waiting for the last pass and build) and the last
+    events' close. So the timed run holds one close, one seal and one post-image build per segment it closes; untimed
+    after it, the drain (the last segment's build and seal, which the daemon never waits for)."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
     folder = os.path.join(work, name)
     os.makedirs(folder)
@@ -132,31 +140,47 @@ def apply_run(base_head, work, name, uri, recorded, segments_on, provider, segme
     keys = store.Keys(js, provider)
     client = source.connect({"uri": uri, "connect_timeout": 10})  # the Applier asks it once, for the new collection
     cap = source.Capture(h, client)
-    # untimed, both modes: the first events (they create the collection: a segment with that has no post-images), then
-    # a segment closed and sealed, as in a daemon that has been running: the timed segments are steady-state ones
-    warm = RecordedStream(recorded[:WARMUP_EVENTS])
-    while cap._one_transaction(warm, float("inf"))[1]:  # pylint: disable=protected-access
-        pass
+    sealer = segments.Sealer()
+
+    def tick():  # as the daemon's: close (every minute there), collect the last seal pass, start one
+        segments.close(h)  # with post-images (head.Writer.close_segment) when nothing namespace-level happened in it
+        sealer.collect(wait=False)
+        if not sealer.busy():
+            keys.key(keys.epoch_for("bench-mk")[0])
+            sealer.start(h, js, keys, "bench-mk")
+
+    def apply(stream, close_every=None):
+        more, next_close = True, cap.stats["events"] + (close_every or 0)
+        while more:
+            _n, more = cap._one_transaction(stream, float("inf"))  # pylint: disable=protected-access
+            if close_every and cap.stats["events"] >= next_close:
+                tick()
+                next_close += close_every
+    apply(RecordedStream(recorded[:WARMUP_EVENTS]))
     if segments_on:
         segments.close(h)
         segments.seal_closed(h, js, keys, "bench-mk")
+    apply(RecordedStream(recorded[WARMUP_EVENTS:WARMUP_EVENTS + segment_events]))
+    if segments_on:
+        segments.close(h)  # its post-images are built while the timed events are applied
     warmed = cap.stats["events"]
-    stream = RecordedStream(recorded[WARMUP_EVENTS:])
-    k0 = _children_cpu()
+    builder = h._builder.proc.pid if segments_on and h._builder is not None else None  # pylint: disable=protected-access
+    k0 = _process_cpu(builder)
     t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
-    more, next_close = True, warmed + segment_events
-    while more:
-        _n, more = cap._one_transaction(stream, float("inf"))  # pylint: disable=protected-access
-        if segments_on and cap.stats["events"] >= next_close:  # as the daemon closes one every minute
-            segments.close(h)  # with post-images (head.Writer.close_segment) when nothing namespace-level happened in it
-            segments.seal_closed(h, js, keys, "bench-mk", wait=False)  # as the daemon's tick: built ones only
-            next_close += segment_events
-    if segments_on:
-        segments.close(h)
+    apply(RecordedStream(recorded[WARMUP_EVENTS + segment_events:]), segment_events if segments_on else None)
+    if segments_on:  # every segment closed before the last events sealed here (one seal per segment), then their close
+        sealer.collect()
         segments.seal_closed(h, js, keys, "bench-mk")
-    out = [cap.stats["events"] - warmed, time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0]
-    h.close()  # ends the post-image builder process: its CPU is counted with the process's
-    out[2] += _children_cpu() - k0
+        segments.close(h)
+    out = [cap.stats["events"] - warmed, time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0, 0.0]
+    out[2] += _process_cpu(builder) - k0
+    if segments_on:
+        t1 = time.perf_counter()
+        sealer.collect()  # the drain
+        segments.seal_closed(h, js, keys, "bench-mk")
+        out[4] = time.perf_counter() - t1
+        sealer.close()
+    h.close()
     client.close()
     return tuple(out)
 
@@ -166,10 +190,16 @@ def _median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
-def _children_cpu():
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+def _process_cpu(pid):
+    """CPU seconds another process (the post-image builder) has used so far, 0.0 without one."""
+    if pid is None:
+        return 0.0
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # it ended (a failed build): its CPU is lost to the figure, and the run has fewer post-images
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def replay_rate(work, base_head, run):
@@ -220,12 +250,13 @@ def main(argv=None):
         app = {k: {False: [], True: []} for k in ("wall", "thread", "process")}
         for r in range(opts.apply_rounds):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
-                n, wall, cpu, main_cpu = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"), mongo["uri"],
-                                                   recorded, on, provider, opts.segment_events)
+                n, wall, cpu, main_cpu, drain = apply_run(base, work, "a%d-%s" % (r, "seg" if on else "plain"),
+                                                          mongo["uri"], recorded, on, provider, opts.segment_events)
                 for k, sec in (("wall", wall), ("thread", main_cpu), ("process", cpu)):
                     app[k][on].append(n / sec)
-                print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s; CPU: applying thread %.2f s, process %.2f s" % (
-                    r, "on" if on else "off", n, wall, n / wall, main_cpu, cpu), flush=True)
+                print("round %d, segments %-3s: %d events in %.2f s = %.0f ev/s; CPU: applying thread %.2f s, process %.2f s%s" % (
+                    r, "on" if on else "off", n, wall, n / wall, main_cpu, cpu,
+                    "; then the drain (untimed) %.2f s" % drain if on else ""), flush=True)
         for k, what in (("wall", "wall-clock ev/s"), ("thread", "ev per CPU-s of the applying thread (the throughput limit "
                                                                  "with a core free for compression)"),
                         ("process", "ev per CPU-s of the whole process (compression thread and post-image builder included)")):
@@ -238,6 +269,8 @@ def main(argv=None):
         print("(issue 12 wants with/without >= 0.90; single rounds on a shared VM swing by up to 1.4x: read the medians)",
               flush=True)
         del recorded
+        if opts.rounds < 1:
+            return
         print("end-to-end capture from the server:", flush=True)
         rates = {False: [], True: []}
         cpu_rates = {False: [], True: []}

@@ -63,13 +63,18 @@ def derive(key: bytes, label: str) -> bytes:
     return hmac.new(key, b"kmipbackup derive " + label.encode("ascii"), hashlib.sha256).digest()
 
 
-def seal(key: bytes | None, plaintext: bytes, aad: bytes) -> bytes:
-    """nonce || AES-256-GCM(key, plaintext, aad); key None: the null cipher (checksum || plaintext)."""
+def seal(key: bytes | None, plaintext: bytes, aad: bytes, prefix: bytes = b"") -> bytes | bytearray:
+    """prefix || nonce || AES-256-GCM(key, plaintext, aad); key None: prefix || the null cipher (checksum ||
+    plaintext). The ciphertext is written into the result in place (a segment is many MB: no copy of it)."""
     if key is None:
-        return hashlib.sha256(aad + b"\x00" + plaintext).digest() + plaintext
+        return b"".join((prefix, hashlib.sha256(aad + b"\x00" + plaintext).digest(), plaintext))
     _require_cryptography()
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+    start = len(prefix) + NONCE_BYTES
+    out = bytearray(start + len(plaintext) + 16)
+    out[:start] = prefix + nonce
+    AESGCM(key).encrypt_into(nonce, plaintext, aad, memoryview(out)[start:])
+    return out
 
 
 def open_sealed(key: bytes | None, blob: bytes, aad: bytes, kind: str = "object", object_id: str | None = None) -> bytes:

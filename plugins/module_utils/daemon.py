@@ -178,6 +178,8 @@ class JobRunner(threading.Thread):
         self._idle_read_at = None  # monotonic start of the last capture read that found the stream idle
         self._waits = {}           # on-demand snapshot requests waiting for the head: {rid: {...}}
         self._seal_retry = 0.0     # monotonic time before which a failed segment seal is not retried
+        self._sealer = segments.Sealer()  # the tick's seal passes, on a thread of their own
+        self._sealing = None       # (JobStore, Keys) of the pass the sealer runs
         self._events_at_close = 0  # status "events" when the open segment began (its events: those since)
         self._store_check = 0.0    # monotonic time of the next comparison of the store's range with the head (segments)
         self._store_range = {"restorable_to": None, "restorable_cluster_time": None, "store_checked": None, "problem": None}
@@ -318,6 +320,8 @@ class JobRunner(threading.Thread):
                 self.monitor.join(timeout=2 * HEARTBEAT_TIMEOUT + HEARTBEAT_EVERY)
 
     def _close(self):
+        self._sealer.close()  # a pass still running uses the head and the KMIP session
+        self._sealing = None
         for obj in (self.head, self.kmip):
             close = getattr(obj, "close", None)
             if close:
@@ -362,6 +366,7 @@ class JobRunner(threading.Thread):
             self.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _reset_head(self):
+        self._seal_collect()
         with self.head.write() as w:
             w.clear()
         self._complete = None
@@ -376,6 +381,7 @@ class JobRunner(threading.Thread):
     def _segments_start(self, rotated):
         """After the head opens: record segments when the job keeps a window; seal what a previous run closed or left
         open (a key rotation or a restart closes the open segment; a kill -9 loses nothing: the records are in the head)."""
+        self._seal_collect()
         _seconds, window = self._pitr()
         self.head.record_segments = window > 0
         if window <= 0 and self.head.segment_state()["timeline"] is not None:
@@ -393,8 +399,9 @@ class JobRunner(threading.Thread):
             self._segments_start(False)  # the option changed: picked up live
         if self.head.record_segments and segments.due(self.head, seconds):
             self._close_segment()
-        if time.monotonic() >= self._seal_retry and self.head.closed_segments():
-            self._segments_seal(wait=False)  # a segment whose post-images are still being built waits for a later tick
+        self._seal_collect(wait=False)
+        if not self._sealer.busy() and time.monotonic() >= self._seal_retry and self.head.closed_segments():
+            self._segments_seal(wait=False)  # a segment whose post-images are still being built waits for a later pass
         self._segments_status()
 
     def _close_segment(self):
@@ -407,6 +414,9 @@ class JobRunner(threading.Thread):
         self._segments_seal(js, keys)
 
     def _segments_seal(self, js=None, keys=None, wait=True):
+        """Seal the closed segments: now (wait), or (not wait: the tick) in a pass on the sealer's thread, collected
+        by a later tick (_seal_collect). A pass still running is collected first: passes seal in order, one at a time."""
+        self._seal_collect()
         if not self.head.closed_segments():
             return
         try:
@@ -414,16 +424,43 @@ class JobRunner(threading.Thread):
                 self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
             if js is None:
                 js, keys = self._job_store()
-            sealed = segments.seal_closed(self.head, js, keys, self.cfg.get("master_key_uid"), wait)
-            self._seal_retry = 0.0
-            if sealed:
-                LOG.debug("job %s: %d change segments sealed", self.job, len(sealed))
-            if time.monotonic() >= self._store_check:
-                self._segments_check_store(js, keys)
+            if not wait:
+                keys.key(keys.epoch_for(self.cfg.get("master_key_uid"))[0])  # unwrapped here: KMIP stays on this thread
+                self._sealer.start(self.head, js, keys, self.cfg.get("master_key_uid"))
+                self._sealing = (js, keys)
+                return
+            self._sealed(segments.seal_closed(self.head, js, keys, self.cfg.get("master_key_uid")), js, keys)
         except KmipBackupError as e:
-            self._seal_retry = time.monotonic() + 30
-            self.set_status(last_error="sealing change segments failed (kept in the head, retried): %s" % _safe(e, self.cfg))
-            LOG.warning("job %s: sealing change segments failed; retrying in 30 s", self.job)
+            self._seal_failed(e)
+
+    def _seal_collect(self, wait=True):
+        """The sealer's pass, once finished (wait: waits for it): its outcome reported as a seal done here is."""
+        if not self._sealer.busy():
+            return
+        js, keys = self._sealing
+        try:
+            sealed = self._sealer.collect(wait)
+        except KmipBackupError as e:
+            sealed = e
+        finally:
+            if not self._sealer.busy():
+                self._sealing = None
+        if isinstance(sealed, KmipBackupError):
+            self._seal_failed(sealed)
+        elif sealed is not None:
+            self._sealed(sealed, js, keys)
+
+    def _sealed(self, sealed, js, keys):
+        self._seal_retry = 0.0
+        if sealed:
+            LOG.debug("job %s: %d change segments sealed", self.job, len(sealed))
+        if time.monotonic() >= self._store_check:
+            self._segments_check_store(js, keys)
+
+    def _seal_failed(self, e):
+        self._seal_retry = time.monotonic() + 30
+        self.set_status(last_error="sealing change segments failed (kept in the head, retried): %s" % _safe(e, self.cfg))
+        LOG.warning("job %s: sealing change segments failed; retrying in 30 s", self.job)
 
     def _segments_check_store(self, js, keys):
         """After a seal at most every STORE_CHECK_EVERY seconds (or 10 segments), and after each snapshot: the newest

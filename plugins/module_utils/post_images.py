@@ -40,6 +40,7 @@ PIN_TIMEOUT = 60.0  # seconds the capture waits for the builder's pin at most (t
 BUILD_TIMEOUT = 120.0  # seconds a build may take from its question (then: no post-images, builder ended): a stalled
 # builder must not hold back the seal of its segment and of every later one
 
+BUILDER_NICE = 5  # the builder runs at a lower CPU priority than the capture: its work can wait (BUILD_TIMEOUT), the capture cannot
 BOOTSTRAP = child_process.bootstrap(__name__)
 
 
@@ -144,6 +145,7 @@ def main() -> None:
     """The builder process (never returns): open the head, then answer each question until the input ends."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head  # pylint: disable=import-outside-toplevel
     inp, out = os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=1 << 20)
+    os.nice(BUILDER_NICE)
     code = 1
     try:
         hello = json.loads(_read_exact(inp, _HELLO.unpack(_read_exact(inp, _HELLO.size))[0]))

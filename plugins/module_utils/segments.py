@@ -218,22 +218,41 @@ def _frame_starts(data: bytes) -> list | None:
     return starts if pos == n else None
 
 
-def post_records(rows, record_bytes: int | None = None):
-    """Post-image records (raw BSON, see the module doc), yielded one at a time, of (ns, packed entry) rows grouped by ns,
-    in id_key order within it (head.Writer packs each entry in SQL): one or more per namespace, each holding at most
-    about record_bytes (default POST_RECORD_BYTES)."""
-    _require_bson()
+_POST_ENTRY = struct.Struct(">II")  # a post-image entry's id_key length, document length (POST_DELETED: deleted)
+_POST_HEAD = _KB + _I32.pack(5) + b"post\x00\x02ns\x00"  # a post-image record's BSON after its length, up to the ns
+
+
+def post_plaintexts(rows, to: tuple, record_bytes: int | None = None, frame_bytes: int = 16 << 20):
+    """Plaintexts (encode_records' bytes, each record at cluster time to) of the post-image records (see the module doc)
+    of rows (ns, id_key, document or None: deleted) grouped by ns, in id_key order within it: one or more records per
+    namespace, each holding at most about record_bytes (default POST_RECORD_BYTES) of entries, a plaintext per about
+    frame_bytes. Each record is the bytes bson.encode({"kb": "post", "ns": ns, "docs": Binary(entries)}) gives, joined
+    once from its parts: no copy per document but the join."""
     record_bytes = POST_RECORD_BYTES if record_bytes is None else record_bytes
-    ns, parts, size = None, [], 0
-    for row_ns, entry in rows:
-        if parts and (row_ns != ns or size >= record_bytes):
-            yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
+    stamp, entry = _CT.pack(*to), _POST_ENTRY.pack
+    ns, parts, size, frame, frame_size = None, [], 0, [], 0
+    for row_ns, key, doc in itertools.chain(rows, [(None, None, None)]):
+        if parts and (row_ns != ns or size >= record_bytes or key is None):
+            name = ns.encode("utf-8")
+            total = 4 + len(_POST_HEAD) + 4 + len(name) + 1 + 1 + 5 + 4 + 1 + size + 1
+            frame += (stamp, _I32.pack(total), _POST_HEAD, _I32.pack(len(name) + 1), name, b"\x00\x05docs\x00",
+                      _I32.pack(size), b"\x00")
+            frame += parts
+            frame.append(b"\x00")
+            frame_size += size
             parts, size = [], 0
+            if frame_size >= frame_bytes or key is None:
+                yield b"".join(frame)
+                frame, frame_size = [], 0
+        if key is None:
+            break
         ns = row_ns
-        parts.append(entry)
-        size += len(entry)
-    if parts:
-        yield bson.encode({"kb": "post", "ns": ns, "docs": Binary(b"".join(parts))})
+        if doc is None:
+            parts += (entry(len(key), POST_DELETED), key)
+            size += 8 + len(key)
+        else:
+            parts += (entry(len(key), len(doc)), key, doc)
+            size += 8 + len(key) + len(doc)
 
 
 def is_post(raw: bytes) -> bool:
@@ -304,7 +323,7 @@ def seal_segment(job: str, meta: dict, frames: bytes, key_id: str, key: bytes | 
     """The stored bytes of a segment (see the module doc); frames: its records as zstd frames (crypto.compress of
     encode_records, one or more back to back)."""
     kid = key_id.encode("ascii")
-    return MAGIC + bytes([len(kid)]) + kid + bytes(prev) + crypto.seal(key, frames, _aad(job, meta, key_id, prev))
+    return crypto.seal(key, frames, _aad(job, meta, key_id, prev), MAGIC + bytes([len(kid)]) + kid + bytes(prev))
 
 
 def open_segment(job: str, meta: dict, blob: bytes, keys: Keys) -> tuple[bytes, bytes]:
@@ -416,7 +435,7 @@ def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str
             raise StoreError("The head's change segments of timeline %s lost their chain before segment %d: the daemon "
                              "starts a new timeline." % (c["timeline"], c["seq"]))
         records, posts = head.segment_frames(c["seg"])
-        frames = records + posts + post_trailer(len(records)) if posts else records
+        frames = b"".join((records, posts, post_trailer(len(records)))) if posts else records
         path = segment_path(job_store, meta)
         blob = _existing(job_store, meta, path, frames, prev, keys)
         if blob is None:
@@ -425,6 +444,46 @@ def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str
         head.segment_sealed(c["seg"], c["timeline"], c["seq"], hashlib.sha256(blob).digest())
         out.append(dict(meta, stored=len(blob)))
     return out
+
+
+class Sealer:
+    """seal_closed passes (wait=False, as the daemon's tick) on a thread of their own, one at a time: the capture goes on
+    while segments are read, encrypted and written (a bucket's upload takes seconds). The caller unwraps the current
+    epoch's key before a pass (Keys.key: the KMIP session stays on its thread) and collects each pass (collect) before
+    anything else touches the head's segments or closes it: a snapshot's or a rotation's own seal, a reset, a stop."""
+
+    def __init__(self) -> None:
+        self._pool, self._pass = None, None
+
+    def busy(self) -> bool:
+        """Whether a pass has started and not been collected."""
+        return self._pass is not None
+
+    def start(self, head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None) -> None:
+        if self._pass is not None:
+            raise RuntimeError("a seal pass is already running: collect it first")
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-seal")
+        self._pass = self._pool.submit(seal_closed, head, job_store, keys, master_key_uid, False)
+
+    def collect(self, wait: bool = True) -> list | None:
+        """What the pass sealed (seal_closed's list; its error is raised here), once; None when no pass ran, or (wait
+        False) it is still running."""
+        done = self._pass
+        if done is None or (not wait and not done.done()):
+            return None
+        self._pass = None
+        return done.result()
+
+    def close(self) -> None:
+        """Wait for a pass still running (its error is dropped: its segments stay closed in the head) and end the thread."""
+        try:
+            self.collect()
+        except Exception:  # pylint: disable=broad-except  # sealed again at the next start
+            pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _existing(job_store, meta, path, frames, prev, keys):

@@ -16,6 +16,16 @@ def test_seal_round_trip_and_nonce():
 
 
 @pytest.mark.parametrize("key", [crypto.new_key(), None], ids=["aes-gcm", "null"])
+def test_seal_after_a_prefix_is_the_prefix_then_the_sealed_blob(key):
+    plain = os.urandom(100_000)
+    blob = crypto.seal(key, plain, b"aad", b"HEAD\x01")
+    assert blob[:5] == b"HEAD\x01" and len(blob) == 5 + len(crypto.seal(key, plain, b"aad"))
+    assert crypto.open_sealed(key, blob[5:], b"aad") == plain
+    with pytest.raises(IntegrityError):
+        crypto.open_sealed(key, blob[5:], b"other")
+
+
+@pytest.mark.parametrize("key", [crypto.new_key(), None], ids=["aes-gcm", "null"])
 def test_tamper_and_wrong_aad_fail_naming_object(key):
     blob = bytearray(crypto.seal(key, b"payload" * 10, b"chunk|job|abc"))
     assert crypto.open_sealed(key, bytes(blob), b"chunk|job|abc") == b"payload" * 10

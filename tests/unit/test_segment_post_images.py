@@ -1,4 +1,4 @@
-"""Post-images (segments.post_records, head.Writer.close_segment): a closed segment ends with the documents its events
+"""Post-images (segments.post_plaintexts, head.Writer.close_segment): a closed segment ends with the documents its events
 changed, as the head held them at the segment's end, and nothing else; none when the head's change log cannot list
 them (DDL, an untracked bulk load, a forget inside the segment, a timeline's end); the fast path of a restore to the
 segment's end applies them (and gives what the head held), the sequential path skips them. Real SQLCipher heads, sealed
@@ -360,6 +360,8 @@ def test_the_builder_process_gets_the_key_on_its_input_only(job):
         with open("/proc/%d/%s" % (pid, what), "rb") as f:
             seen = f.read()
         assert seen and key_hex not in seen.lower() and bytes.fromhex(key_hex.decode()) not in seen
+    with open("/proc/%d/stat" % pid) as f:  # it runs below the capture's CPU priority (it has answered: it is set)
+        assert int(f.read().rsplit(")", 1)[1].split()[16]) == os.getpriority(os.PRIO_PROCESS, 0) + post_images.BUILDER_NICE
     h.close()  # ends the builder: its input ends
     assert proc.returncode is not None  # exited (1 when its answer found the pipe closed)
 

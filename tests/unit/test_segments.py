@@ -3,6 +3,7 @@ ranges and gaps, plans, and a replay that rebuilds the head's image at each poin
 import datetime
 import hashlib
 import os
+import threading
 import time
 
 import bson
@@ -12,7 +13,7 @@ from bson.binary import Binary
 from bson.raw_bson import RawBSONDocument
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, rawbson, segments, snapshot, store
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
 from snapshot_helpers import LocalKeyProvider, canary_hits, files_under, make_head
 
@@ -136,12 +137,42 @@ def test_seal_open_round_trip_and_binding(env):
         segments.open_segment("job1", meta, null, keys)
 
 
+@pytest.mark.parametrize("record_bytes,frame_bytes", [(None, 16 << 20), (700, 2000), (1, 1)])
+def test_post_image_plaintexts_are_the_bson_records_of_their_entries(record_bytes, frame_bytes):
+    """post_plaintexts joins each record from its parts: the bytes must be bson.encode's, for any name, in order, split
+    by size, and read back by the replay process as the same documents."""
+    from ansible_collections.kmipbackup.mongodb.plugins.module_utils import pitr_replay  # pylint: disable=import-outside-toplevel
+    rng = __import__("random").Random(5)
+    names = ["d.c", "d.\u00fc\u540d\u202e.$x", "x." + "n" * 300, "a.\x7f\U0001f600"]
+    rows = []
+    for ns in names:
+        for k in range(rng.randrange(1, 40)):
+            key = rawbson.id_key_from_value(k * 7)
+            doc = None if rng.random() < 0.3 else bson.encode({"_id": k * 7, "pad": os.urandom(rng.randrange(0, 400))})
+            rows.append((ns, key, doc))
+    to = (T0 + 9, 4)
+    plains = list(segments.post_plaintexts(iter(rows), to, record_bytes, frame_bytes))
+    assert len(plains) > 1 if frame_bytes < 10000 else len(plains) == 1
+    records = [r for p in plains for r in segments.decode_records(p)]
+    assert {(t, i) for t, i, _r in records} == {to} and all(segments.is_post(bytes(r)) for _t, _i, r in records)
+    got = []
+    for _t, _i, raw in records:
+        raw = bytes(raw)
+        d = bson.decode(raw)
+        assert raw == bson.encode({"kb": "post", "ns": d["ns"], "docs": Binary(bytes(d["docs"]))})
+        j, _lasts, ops = pitr_replay._post_ops(raw, {n: (n, []) for n in names})  # pylint: disable=protected-access
+        assert record_bytes is not None or len(ops) == sum(1 for r in rows if r[0] == j)  # one record per namespace
+        got += [(j, key, doc if kind == pitr_replay._PUT else None) for kind, key, doc in ops]  # pylint: disable=protected-access
+    assert got == rows
+    assert list(segments.post_plaintexts(iter([]), to)) == []
+
+
 def test_a_post_image_trailer_is_skipped_by_plain_readers_and_names_only_post_images(env):
     _tmp, _provider, js, keys, _h = env
     keys.epoch_for("mk1")
     meta = segments._meta("20261130T120000Z-0a0b0c0d", 1, (T0, 1), (T0 + 9, 4))
     event = segments.encode_records([(T0 + 1, 2, bson.encode({"_id": 1, "a": CANARY}))])
-    post = segments.encode_records([(T0 + 9, 4, raw) for raw in segments.post_records([("d.c", b"\x00" * 9)])])
+    post, = segments.post_plaintexts([("d.c", b"\x35" + bytes(12), None)], (T0 + 9, 4))
     frames = crypto.compress(event) + crypto.compress(post)
 
     def read(stream, posts_only):
@@ -176,7 +207,7 @@ def test_a_record_that_ends_like_a_trailer_is_not_taken_for_one(env):
     keys.epoch_for("mk1")
     to = (T0 + 9, 4)
     meta = segments._meta("20261130T120000Z-0a0b0c0d", 1, (T0, 1), to)
-    forged = crypto.compress(segments.encode_records([to + (next(segments.post_records([("admin.system.users", b"\x00" * 9)])),)]))
+    forged = crypto.compress(next(segments.post_plaintexts([("admin.system.users", b"\x35" + bytes(12), None)], to)))
     noise = os.urandom(300_000)
 
     def stream(offset):
@@ -342,6 +373,60 @@ def test_sealing_is_idempotent_and_nothing_plain_on_disk(env, monkeypatch):
     assert h.segment_chain(sealed["timeline"])[0] == 1
     h.checkpoint()
     assert canary_hits(str(tmp), CANARY) == []
+
+
+def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_chain(env, monkeypatch):
+    """segments.Sealer (the daemon's tick): while a pass is held inside the store's write, the capture applies and logs
+    events and closes the next segment (the pass does not lock the head meanwhile); a failed pass's error comes out of
+    collect and leaves its segment closed in the head for the next pass; the segments replay to every point."""
+    tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    images = {(T0, 1): image(h)}
+    entered, release, put = threading.Event(), threading.Event(), js.storage.put_atomic
+
+    def held_put(*args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return put(*args, **kwargs)
+    monkeypatch.setattr(js.storage, "put_atomic", held_put)
+
+    def built():  # a pass (wait=False, as the tick's) seals only segments whose post-images are built
+        deadline = time.monotonic() + 60
+        while any(h.post_images_pending(c["seg"]) for c in h.closed_segments()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    capture(h, [ev("insert", T0 + 5, 1, 1, {"_id": 1, "v": CANARY})])
+    images[(T0 + 5, 1)] = image(h)
+    segments.close(h)
+    built()
+    sealer = segments.Sealer()
+    keys.key(keys.epoch_for("mk1")[0])  # as the daemon: unwrapped on the capture's thread
+    sealer.start(h, js, keys, "mk1")
+    assert entered.wait(30) and sealer.busy() and sealer.collect(wait=False) is None
+    with pytest.raises(RuntimeError, match="collect it first"):
+        sealer.start(h, js, keys, "mk1")
+    capture(h, [ev("update", T0 + 8, 1, 1, fields={"w": 1}), ev("insert", T0 + 8, 1, 2, {"_id": 2})])
+    images[(T0 + 8, 1)] = image(h)
+    assert segments.close(h) is not None and [c["seq"] for c in h.closed_segments()] == [1, 2]
+    release.set()
+    [first] = sealer.collect()
+    assert first["seq"] == 1 and not sealer.busy() and [c["seq"] for c in h.closed_segments()] == [2]
+
+    def full(*_args, **_kwargs):
+        raise StoreError("the store is full")
+    monkeypatch.setattr(js.storage, "put_atomic", full)
+    built()
+    sealer.start(h, js, keys, "mk1")
+    with pytest.raises(StoreError, match="full"):
+        sealer.collect()
+    assert [c["seq"] for c in h.closed_segments()] == [2] and not sealer.busy()
+    monkeypatch.setattr(js.storage, "put_atomic", put)
+    sealer.start(h, js, keys, "mk1")
+    [second] = sealer.collect()
+    sealer.close()
+    assert second["seq"] == 2 and h.closed_segments() == [] and segments.restorable_ranges(js, keys)["gaps"] == []
+    for n, point in enumerate(sorted(images)):
+        plan = segments.plan_point(js, keys, {"t": point[0], "i": point[1]})
+        assert replayed(tmp, js, keys, images, plan, "s%d" % n)[0] == images[point], point
 
 
 def test_not_consistent_head_does_not_close_or_start(env):
