@@ -3,18 +3,21 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """What change segments cost the capture (issue 12): change capture with and without segments, same run, same events.
 
-  . scripts/env.sh; python benchmarks/pitr.py [--events N] [--rounds R]
+  . scripts/env.sh; python benchmarks/pitr.py [--events N] [--apply-rounds R] [--rounds R]
 
 A fresh SecantusDB gets a head by initial sync (the resume point), then N change events (half inserts of ~1 KB
-documents, then updates of nested and top-level fields, every tenth a delete). Each round copies that head twice and runs
-source.Capture from the same resume point until the stream is idle: once without segments, once with them (the events,
-logged in the same head transactions; in change application a segment closed, with its post-images (built by the
-post-image builder process), and sealed into a folder store every --segment-events events, as the daemon does every
-minute: zstd + AES-256-GCM), the order alternating between rounds so a load change on the shared machine hits both
-alike. Change application first applies WARMUP_EVENTS untimed (with segments: closed and sealed), so the timed segments
-are steady-state ones. It prints events/s for each, the best round of each, the medians and the median of each round's
-ratio, the same for the CPU seconds of the applying thread and of the process (with the post-image builder's), and the
-replay rate of the sealed segments into a head.
+documents, then updates of nested and top-level fields, every tenth a delete). Change application (apply_run) copies
+that head twice per round and runs source.Capture's transactions over the recorded events: once without segments, once
+with them, the order alternating between rounds so a load change on the shared machine hits both alike. Both first
+apply WARMUP_EVENTS and then --segment-events more untimed; with segments, a close after each, so the timed run starts
+as a daemon's minute does: the previous segment's post-images being built by the builder process. Timed: the rest of
+the events; with segments, a close every --segment-events events (the daemon: every minute) and after each the daemon
+tick's seal pass on its thread (segments.Sealer: zstd + AES-256-GCM into a folder store), then every segment closed so
+far sealed and the last events' segment closed. The timed run so holds one close, one seal and one post-image build per
+segment; the last segment's build and seal (the drain, which the daemon never waits for) are timed apart and printed.
+It prints events/s for each run, the best round of each, the medians and the median of each round's ratio, the same
+for the CPU seconds of the applying thread and of the process (with the builder's, read from /proc), and with --rounds
+the end-to-end capture from the server and the replay rate of the sealed segments into a head.
 The data keys are wrapped by a local AES key wrap (no KMIP server: one unwrap per run, nothing KMIP is measured).
 """
 import argparse

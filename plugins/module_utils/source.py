@@ -753,7 +753,7 @@ class _SegmentLog:
         if self.buf:
             if not _compressor:
                 _compressor.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-segments"))
-            self._frames.append(self.last + (_compressor[0].submit(crypto.compress, bytes(self.buf)),))
+            self._frames.append(self.last + (_compressor[0].submit(crypto.compress, self.buf),))  # the side thread's now
             self.buf = bytearray()
 
     def frames(self) -> list:
