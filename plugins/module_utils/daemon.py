@@ -400,8 +400,11 @@ class JobRunner(threading.Thread):
         if self.head.record_segments and segments.due(self.head, seconds):
             self._close_segment()
         self._seal_collect(wait=False)
-        if not self._sealer.busy() and time.monotonic() >= self._seal_retry and self.head.closed_segments():
-            self._segments_seal(wait=False)  # a segment whose post-images are still being built waits for a later pass
+        closed = self.head.closed_segments()
+        # a segment whose post-images are still being built waits for a later tick (nothing is unwrapped meanwhile)
+        if (closed and not self._sealer.busy() and time.monotonic() >= self._seal_retry
+                and not self.head.post_images_pending(closed[0]["seg"])):
+            self._segments_seal(wait=False)
         self._segments_status()
 
     def _close_segment(self):
@@ -421,7 +424,7 @@ class JobRunner(threading.Thread):
             return
         try:
             if self.cfg.get("encryption") and self.kmip is None:
-                self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
+                self.kmip = self._kmip_client()
             if js is None:
                 js, keys = self._job_store()
             if not wait:
@@ -440,12 +443,12 @@ class JobRunner(threading.Thread):
         js, keys = self._sealing
         try:
             sealed = self._sealer.collect(wait)
-        except KmipBackupError as e:
+        except Exception as e:  # pylint: disable=broad-except  # any failure of the pass: retried, never the caller's
             sealed = e
         finally:
             if not self._sealer.busy():
                 self._sealing = None
-        if isinstance(sealed, KmipBackupError):
+        if isinstance(sealed, Exception):
             self._seal_failed(sealed)
         elif sealed is not None:
             self._sealed(sealed, js, keys)
@@ -527,7 +530,7 @@ class JobRunner(threading.Thread):
         while True:
             self.check_stop()
             try:
-                self.kmip = self.kmip or master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
+                self.kmip = self.kmip or self._kmip_client()
                 _finish_rekey(self.head_path)
                 record = files.read_json(path)
                 if record is None:
@@ -578,6 +581,11 @@ class JobRunner(threading.Thread):
         last = {"finished": timeutil.iso(timeutil.utcnow()), "seconds": round(seconds, 1), "head_bytes": self.head.size()}
         self.set_status(rekey=None, last_rekey=last)
         LOG.info("job %s: head re-encrypted under the new master key in %.1fs", self.job, seconds)
+
+    def _kmip_client(self):
+        """The job's KMIP client, one call at a time: the sealer's thread may unwrap an older epoch's key (a segment
+        stored before a crash) while this thread uses the session."""
+        return _OneCallAtATime(master_keys.kmip_client(self.d.config_dir, self.cfg["group"]))
 
     def _drop_kmip(self):
         if self.kmip is not None:
@@ -761,7 +769,7 @@ class JobRunner(threading.Thread):
         kind = "on-demand" if on_demand else "scheduled"
         started = time.monotonic()
         if self.cfg.get("encryption") and self.kmip is None:
-            self.kmip = master_keys.kmip_client(self.d.config_dir, self.cfg["group"])
+            self.kmip = self._kmip_client()
         js, keys = self._job_store()
         self._segments_close(js, keys)  # the snapshot's cluster time is a segment boundary
         now = timeutil.utcnow()
@@ -835,6 +843,23 @@ def _finish_rekey(head_path):
         os.replace(new_key, os.path.join(head_path, "headkey.json"))
         files.fsync_dir(head_path)
     datadir.remove_tree(folder)
+
+
+class _OneCallAtATime:
+    """A client whose methods are called under one lock (a KMIP session is not shared between threads)."""
+
+    def __init__(self, client) -> None:
+        self._client, self._lock = client, threading.Lock()
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+        return call
 
 
 def _safe(err, cfg):

@@ -44,6 +44,7 @@ import io
 import itertools
 import re
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -450,10 +451,11 @@ class Sealer:
     """seal_closed passes (wait=False, as the daemon's tick) on a thread of their own, one at a time: the capture goes on
     while segments are read, encrypted and written (a bucket's upload takes seconds). The caller unwraps the current
     epoch's key before a pass (Keys.key: the KMIP session stays on its thread) and collects each pass (collect) before
-    anything else touches the head's segments or closes it: a snapshot's or a rotation's own seal, a reset, a stop."""
+    anything else touches the head's segments or closes it: a snapshot's or a rotation's own seal, a reset, a stop.
+    A pass's thread is a daemon thread: a runner given up at exit does not hold the process."""
 
     def __init__(self) -> None:
-        self._pool, self._pass = None, None
+        self._pass = None  # (thread, outcome: {"sealed": list} or {"error": exception})
 
     def busy(self) -> bool:
         """Whether a pass has started and not been collected."""
@@ -462,28 +464,38 @@ class Sealer:
     def start(self, head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None) -> None:
         if self._pass is not None:
             raise RuntimeError("a seal pass is already running: collect it first")
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmipbackup-seal")
-        self._pass = self._pool.submit(seal_closed, head, job_store, keys, master_key_uid, False)
+        outcome = {}
+
+        def run():
+            try:
+                outcome["sealed"] = seal_closed(head, job_store, keys, master_key_uid, False)
+            except BaseException as e:  # pylint: disable=broad-except  # raised by collect, on the caller's thread
+                outcome["error"] = e
+        thread = threading.Thread(target=run, name="kmipbackup-seal", daemon=True)
+        thread.start()
+        self._pass = (thread, outcome)
 
     def collect(self, wait: bool = True) -> list | None:
         """What the pass sealed (seal_closed's list; its error is raised here), once; None when no pass ran, or (wait
         False) it is still running."""
-        done = self._pass
-        if done is None or (not wait and not done.done()):
+        if self._pass is None:
             return None
+        thread, outcome = self._pass
+        if not wait and thread.is_alive():
+            return None
+        thread.join()
         self._pass = None
-        return done.result()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["sealed"]
 
     def close(self) -> None:
-        """Wait for a pass still running (its error is dropped: its segments stay closed in the head) and end the thread."""
+        """Wait for a pass still running (its error is dropped: its segments stay closed in the head, sealed again
+        at the next start)."""
         try:
             self.collect()
-        except Exception:  # pylint: disable=broad-except  # sealed again at the next start
+        except Exception:  # pylint: disable=broad-except
             pass
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 def _existing(job_store, meta, path, frames, prev, keys):
