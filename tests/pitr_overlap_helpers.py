@@ -3,6 +3,7 @@ tests/integration/test_pitr_overlap_mongo.py): a head with a base snapshot and s
 update and delete events (then one DDL event), the image the head held at each point, and a restore into MongoDB."""
 import os
 import random
+import time
 
 import bson
 from bson import Timestamp
@@ -127,3 +128,11 @@ def restore_to_mongodb(store_root, provider, point, uri, rename, kill=False):
             return image.path, None
     finally:
         target.close()
+
+
+def wait_post_images_built(h, timeout=60.0):
+    """Wait until no closed segment of head h has post-images still being built (a seal pass, wait=False as the
+    daemon's tick, seals only built ones)."""
+    deadline = time.monotonic() + timeout
+    while any(h.post_images_pending(c["seg"]) for c in h.closed_segments()) and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -450,7 +450,8 @@ def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str
 class Sealer:
     """seal_closed passes (wait=False, as the daemon's tick) on a thread of their own, one at a time: the capture goes on
     while segments are read, encrypted and written (a bucket's upload takes seconds). The caller unwraps the current
-    epoch's key before a pass (Keys.key: the KMIP session stays on its thread) and collects each pass (collect) before
+    epoch's key before a pass (Keys.key; a pass may still unwrap an older epoch's key, so a KMIP client shared with
+    the caller must take one call at a time: daemon._OneCallAtATime) and collects each pass (collect) before
     anything else touches the head's segments or closes it: a snapshot's or a rotation's own seal, a reset, a stop.
     A pass's thread is a daemon thread: a runner given up at exit does not hold the process."""
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import daemon, segments, store
-from pitr_overlap_helpers import T0, captured, segment_job, upd
+from pitr_overlap_helpers import T0, captured, segment_job, upd, wait_post_images_built
 
 
 class _Daemon:  # what JobRunner reads of its daemon here
@@ -29,9 +29,7 @@ def runner(tmp_path):
 def _closed_and_built(h, n):
     captured(h, [upd("big", (T0 + n, 1), n, {"pad": "x%d" % n})], (T0 + n, 1))
     assert segments.close(h) is not None
-    deadline = time.monotonic() + 60
-    while h.post_images_pending(h.closed_segments()[-1]["seg"]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_post_images_built(h)
 
 
 def test_a_tick_starts_a_pass_only_for_built_post_images_and_a_later_tick_collects_it(runner, monkeypatch):

@@ -15,6 +15,7 @@ from bson.raw_bson import RawBSONDocument
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, rawbson, segments, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
+from pitr_overlap_helpers import wait_post_images_built
 from snapshot_helpers import LocalKeyProvider, canary_hits, files_under, make_head
 
 NS = "shop.orders"
@@ -390,14 +391,10 @@ def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_
         return put(*args, **kwargs)
     monkeypatch.setattr(js.storage, "put_atomic", held_put)
 
-    def built():  # a pass (wait=False, as the tick's) seals only segments whose post-images are built
-        deadline = time.monotonic() + 60
-        while any(h.post_images_pending(c["seg"]) for c in h.closed_segments()) and time.monotonic() < deadline:
-            time.sleep(0.01)
     capture(h, [ev("insert", T0 + 5, 1, 1, {"_id": 1, "v": CANARY})])
     images[(T0 + 5, 1)] = image(h)
     segments.close(h)
-    built()
+    wait_post_images_built(h)
     sealer = segments.Sealer()
     keys.key(keys.epoch_for("mk1")[0])  # as the daemon: unwrapped on the capture's thread
     sealer.start(h, js, keys, "mk1")
@@ -414,7 +411,7 @@ def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_
     def full(*_args, **_kwargs):
         raise StoreError("the store is full")
     monkeypatch.setattr(js.storage, "put_atomic", full)
-    built()
+    wait_post_images_built(h)
     sealer.start(h, js, keys, "mk1")
     with pytest.raises(StoreError, match="full"):
         sealer.collect()
