@@ -685,8 +685,11 @@ class JobRunner(threading.Thread):
             if self.status.get("state") != "STARTED":  # an initial sync can take hours: say so now, as before
                 raise SnapshotError("job %s has no consistent head yet: wait for status STARTED and try again"
                                     % self.job)
-            w = self._waits[rid] = {"picked": now, "deadline": now + _wait_budget(rid, req), "target": None}
+            budget = _wait_budget(rid, req)
+            w = self._waits[rid] = {"picked": now, "deadline": now + budget, "target": None}
             self.monitor.poke()
+            LOG.info("job %s: snapshot request %s waits for the head to reach the source's cluster time (at most %.0f s)",
+                     self.job, rid, budget)
         if w["target"] is None:
             reading = self.monitor.reading_after(w["picked"])
             if reading is not None:

@@ -99,6 +99,10 @@ def lab(tmp_path_factory, pki, kmip_server, mongo_server, s3_server):
             pt = _point(mc, db)
             points.append({"point": pt, "image": source_image(mc, dbname)})
             if ddl is ddl_a:  # a write after the point, so the snapshot's cluster time is after it
+                # a segment through the point sealed first: the snapshot's cut closes a later one (the timeline holds
+                # two or more before it, whatever the load on the machine)
+                d.wait_status(job, lambda st, pt=pt: tuple((st.get("segments") or {}).get("sealed_cluster_time")
+                                                           or (0, 0)) >= pt, timeout=30)
                 db[collname].insert_one({"_id": "kbsegid%s-mid" % tag, "v": value})
                 second = _snapshot(data_dir, job)["id"]  # a segment boundary between the two points
         db[collname].insert_one({"_id": "kbsegid%s-after" % tag, "v": value})  # coverage past the last point

@@ -17,7 +17,7 @@ from bson.raw_bson import RawBSONDocument
 import kmipbackup_lab as lab
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
-    datadir, files, head, job_config, job_requests, master_keys, restore, source, store, timeutil)
+    daemon, datadir, files, head, job_config, job_requests, master_keys, restore, source, store, timeutil)
 from daemon_helper import DaemonProcess, write_kmip_setup
 
 RAW = CodecOptions(document_class=RawBSONDocument)
@@ -181,13 +181,28 @@ def test_backup_snapshot_waits_for_the_head_or_fails_naming_the_lag(dirs, pki, k
         d.wait_status(job, lambda st: st.get("last_snapshot"), timeout=60)  # the first scheduled snapshot, due at once
         load.start()
         runs = []
-        with head_stalled(config_dir, data_dir, cfg):
-            catalog = [e["snapshot_id"] for e in js.catalog()]
-            t = threading.Thread(target=lambda: runs.append(ansible.run([dict(task, **{
-                "kmipbackup.mongodb.backup_snapshot": dict(task["kmipbackup.mongodb.backup_snapshot"], timeout=20)})])))
+        catalog = [e["snapshot_id"] for e in js.catalog()]
+        t = threading.Thread(target=lambda: runs.append(ansible.run([dict(task, **{
+            "kmipbackup.mongodb.backup_snapshot": dict(task["kmipbackup.mongodb.backup_snapshot"], timeout=30)})])))
+        with head_stalled(config_dir, data_dir, cfg):  # the load goes on while the head cannot apply: it falls behind
             t.start()
             assert timeutil.wait_for(lambda: job_requests.pending_requests(data_dir, job), 60, 0.05), "no request"
-            time.sleep(14)  # the request waits for the stalled head while the load goes on: ~2 s of budget left
+            rid, req = job_requests.pending_requests(data_dir, job)[0]
+            deadline = time.monotonic() + daemon._wait_budget(rid, req)  # when the daemon stops waiting for its head
+            time.sleep(12)
+        # released: one capture round, then the daemon picks the request up and pokes its heartbeat, which reads the
+        # source's cluster time (the log says when). Then the daemon is frozen until its deadline has passed, so the head
+        # cannot reach that time in the budget however fast it applies (the head's lock would wait for the capture's
+        # batches while it catches up)
+        picked = "snapshot request %s waits for the head" % rid
+        assert timeutil.wait_for(lambda: picked in d.log_tail(200), 30, 0.02), d.log_tail()
+        time.sleep(0.5)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            assert time.monotonic() < deadline - 2, "the request was picked up too late to test the lag"
+            time.sleep(max(0.0, deadline + 0.5 - time.monotonic()))
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
         t.join(120)
         r = runs[0]
         assert r[0].get("failed") and r[0]["request_id"], r.output[-3000:]
