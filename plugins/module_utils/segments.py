@@ -390,6 +390,9 @@ def cut_segment(head: Head) -> dict | None:
     records no timeline or has sealed none of it yet (a segment still in the head could be lost with the host, so it is
     never vouched for). The analysis then requires the store to hold it (_check_cuts)."""
     state = head.segment_state()
+    # the closed segments before the chain: a seal pass on its own thread (Sealer) may move the chain on meanwhile, and
+    # the segment after the chain's last one is still in a list read before it (closes happen on the caller's thread)
+    closed = head.closed_segments()
     link = head.segment_chain(state["timeline"]) if state["timeline"] is not None else None
     if link is None or state["from"] is None:
         return None
@@ -397,7 +400,7 @@ def cut_segment(head: Head) -> dict | None:
     if seq == state["next_seq"] - 1:
         to = state["from"]
     else:  # closed segments await sealing: the last sealed one ends where the next one starts
-        nxt = [c["from"] for c in head.closed_segments() if c["timeline"] == state["timeline"] and c["seq"] == seq + 1]
+        nxt = [c["from"] for c in closed if c["timeline"] == state["timeline"] and c["seq"] == seq + 1]
         if not nxt:
             return None
         to = nxt[0]

@@ -426,6 +426,41 @@ def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_
         assert replayed(tmp, js, keys, images, plan, "s%d" % n)[0] == images[point], point
 
 
+def test_a_cut_read_while_a_seal_pass_moves_the_chain_names_a_sealed_segment(env, monkeypatch):
+    """cut_segment (what a snapshot records, and the status's sealed_to) read on the capture's thread while the sealer's
+    pass seals the next segment between its reads of the chain and of the closed segments: it still names the last
+    segment it saw sealed, with its stored object's digest and its end, never None."""
+    _tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    for n in (1, 2, 3):
+        capture(h, [ev("insert", T0 + 5 * n, 1, n, {"_id": n})])
+        if n == 1:
+            close_seal(h, js, keys)
+        else:
+            segments.close(h)
+    wait_post_images_built(h)
+    second, third = h.closed_segments()
+    read_chain, passes = h.segment_chain, []
+
+    def chain_then_a_pass(timeline):
+        link = read_chain(timeline)
+        if not passes:  # the pass seals the second segment (the third's post-images are "still being built")
+            passes.append(None)
+            with monkeypatch.context() as m:
+                m.setattr(h, "segment_chain", read_chain)
+                m.setattr(h, "post_images_pending", lambda seg: seg == third["seg"])
+                passes[0] = segments.seal_closed(h, js, keys, "mk1", wait=False)
+        return link
+    monkeypatch.setattr(h, "segment_chain", chain_then_a_pass)
+    cut = segments.cut_segment(h)
+    assert [[s["seq"] for s in p] for p in passes] == [[2]] and [c["seq"] for c in h.closed_segments()] == [3]
+    [first] = [s for s in segments.list_segments(js) if s["seq"] == 1]
+    digest = hashlib.sha256(js.storage.get(segments.segment_path(js, first))).hexdigest()
+    assert cut == {"timeline": second["timeline"], "seq": 1, "to": list(second["from"]), "sha256": digest}, cut
+    monkeypatch.undo()
+    assert segments.cut_segment(h)["seq"] == 2
+
+
 def test_not_consistent_head_does_not_close_or_start(env):
     tmp, _provider, js, keys, h = env
     with h.write() as w:
