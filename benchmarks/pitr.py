@@ -11,10 +11,12 @@ that head twice per round and runs source.Capture's transactions over the record
 with them, the order alternating between rounds so a load change on the shared machine hits both alike. Both first
 apply WARMUP_EVENTS and then --segment-events more untimed; with segments, a close after each, so the timed run starts
 as a daemon's minute does: the previous segment's post-images being built by the builder process. Timed: the rest of
-the events; with segments, a close every --segment-events events (the daemon: every minute) and after each the daemon
-tick's seal pass on its thread (segments.Sealer: zstd + AES-256-GCM into a folder store), then every segment closed so
-far sealed and the last events' segment closed. The timed run so holds one close, one seal and one post-image build per
-segment; the last segment's build and seal (the drain, which the daemon never waits for) are timed apart and printed.
+the events; with segments, the daemon's tick every TICK_SECONDS (after each capture round, as the daemon's), which
+closes a segment every --segment-events events (the daemon: every minute) and starts a seal pass on its thread once
+the oldest closed segment's post-images are built (segments.Sealer: AES-256-GCM into a folder store; the pass takes the
+builder's answer), then every segment closed so far sealed and the last events' segment closed. The timed run so
+holds one close, one seal and one post-image build per segment; the last segment's build and seal (the drain, which
+the daemon never waits for) are timed apart and printed.
 It prints events/s for each run, the best round of each, the medians and the median of each round's ratio, the same
 for the CPU seconds of the applying thread and of the process (with the builder's, read from /proc), and with --rounds
 the end-to-end capture from the server and the replay rate of the sealed segments into a head.
@@ -37,6 +39,7 @@ HEAD_KEY = bytes(range(32))  # the benchmark's heads are throwaway
 # the seal count 60 times as much as there, and three times per round of 60,000 events
 SEGMENT_EVENTS = 20000
 WARMUP_EVENTS = 2000  # applied (and with segments, closed and sealed) before each timed change application
+TICK_SECONDS = 0.5  # with segments, the daemon's tick runs after each capture round (source.Capture.run_once, 0.5 s)
 
 
 class LocalWrap:
@@ -128,10 +131,10 @@ def apply_run(base_head, work, name, uri, recorded, segments_on, provider, segme
 
     Untimed, both modes: the first WARMUP_EVENTS (they create the collection: that segment has no post-images; closed
     and sealed), then segment_events more and, with segments, a close: the timed run starts as the daemon's minute
-    after a close does, with that segment's post-images being built. Timed: the rest, with a close every
-    segment_events and after each the daemon tick's seal pass (segments.Sealer: on a thread of its own, segments whose
-    post-images are built), then every segment closed so far sealed (waiting for the last pass and build) and the last
-    events' close. So the timed run holds one close, one seal and one post-image build per segment it closes; untimed
+    after a close does, with that segment's post-images being built. Timed: the rest, with the daemon's tick every
+    TICK_SECONDS of applying: a close every segment_events, and a seal pass (segments.Sealer: on a thread of its own)
+    started once the oldest closed segment's post-images are built; then every segment closed so far sealed (waiting
+    for the last pass and build) and the last events' close. So the timed run holds one close, one seal and one post-image build per segment it closes; untimed
     after it, the drain (the last segment's build and seal, which the daemon never waits for)."""
     from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments, source, store
     folder = os.path.join(work, name)
@@ -145,20 +148,25 @@ def apply_run(base_head, work, name, uri, recorded, segments_on, provider, segme
     cap = source.Capture(h, client)
     sealer = segments.Sealer()
 
-    def tick():  # as the daemon's: close (every minute there), collect the last seal pass, start one
-        segments.close(h)  # with post-images (head.Writer.close_segment) when nothing namespace-level happened in it
+    def tick(close):  # the daemon's (JobRunner._segments_tick), after each capture round: a close (every minute there),
+        # the last seal pass collected, and one started once the oldest closed segment's post-images are built
+        if close:
+            segments.close(h)  # with post-images (head.Writer.close_segment) when nothing namespace-level happened in it
         sealer.collect(wait=False)
-        if not sealer.busy():
+        closed = h.closed_segments()
+        if closed and not sealer.busy() and not h.post_images_pending(closed[0]["seg"]):
             keys.key(keys.epoch_for("bench-mk")[0])
             sealer.start(h, js, keys, "bench-mk")
 
     def apply(stream, close_every=None):
-        more, next_close = True, cap.stats["events"] + (close_every or 0)
+        more, next_close, next_tick = True, cap.stats["events"] + (close_every or 0), time.monotonic() + TICK_SECONDS
         while more:
             _n, more = cap._one_transaction(stream, float("inf"))  # pylint: disable=protected-access
-            if close_every and cap.stats["events"] >= next_close:
-                tick()
-                next_close += close_every
+            if close_every and (cap.stats["events"] >= next_close or time.monotonic() >= next_tick):
+                close = cap.stats["events"] >= next_close
+                tick(close)
+                next_close += close_every if close else 0
+                next_tick = time.monotonic() + TICK_SECONDS
     apply(RecordedStream(recorded[:WARMUP_EVENTS]))
     if segments_on:
         segments.close(h)

@@ -121,6 +121,7 @@ class Head:
         # from a read pinned at the close's commit (Writer.close_segment); sealed after the segment's records
         # (segment_frames), dropped once it is sealed
         self._posts, self._post_pending, self._builder = {}, None, None
+        self._reading = False  # segment_frames reads the builder's answer outside the lock: nothing is asked meanwhile
         self._record_segments = False
 
     @property
@@ -231,6 +232,9 @@ class Head:
         while it builds them on another core. When it cannot (it does not start, or it still builds an earlier
         segment's), the segment has none: they are optional, and the close committed."""
         try:  # after the COMMIT: nothing here may fail the write
+            if self._reading:
+                LOG.debug("post-images of a closed change segment not built: the builder's last answer is being read")
+                return
             b = self._builder
             if b is not None and b.asked is not None:
                 if not b.ready():
@@ -345,13 +349,31 @@ class Head:
         memory only, until the segment is sealed: a segment closed before a restart is sealed without them (they are
         optional), and segments._existing keeps a stored copy that has them."""
         with self._lock:
-            if seg in self._posts and self._posts[seg] is None:
-                if self._builder is not None and self._builder.asked == seg:
-                    self._take_post_images()
-                else:
-                    self._posts.pop(seg)
+            b = self._builder
+            take = seg in self._posts and self._posts[seg] is None and b is not None and b.asked == seg
+            if take:
+                self._reading = True
+            elif seg in self._posts and self._posts[seg] is None:
+                self._posts.pop(seg)
+        if take:  # megabytes through a pipe from a builder below the capture's priority: read outside the lock
+            frames = []
+            try:
+                frames = b.answer()
+            finally:
+                with self._lock:
+                    self._reading = False
+                    if seg in self._posts:
+                        self._posts[seg] = frames
+        with self._lock:
             posts = self._posts.get(seg) or []
-            rows = self._conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
+        # the records on a connection of their own, not under the lock the capture writes under: a seal pass runs beside
+        # the capture (segments.Sealer), and a segment's records are megabytes of pages to read and decrypt. A closed
+        # segment's rows change only when it is sealed, by the caller, after this read.
+        conn = self._connect()
+        try:
+            rows = conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
+        finally:
+            conn.close()
         return b"".join([bytes(r[0]) for r in rows]), b"".join([f[2] for f in posts])
 
     def segment_chain(self, timeline: str) -> tuple | None:

@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import bson
@@ -15,7 +16,7 @@ import pytest
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import (
     errors, head, pitr_replay, point_in_time, post_images, rawbson, restore, segments)
-from pitr_overlap_helpers import T0, captured, ev, segment_job, upd, window_events
+from pitr_overlap_helpers import T0, captured, ev, segment_job, upd, wait_post_images_built, window_events
 from snapshot_helpers import image_of, restored_dir
 
 
@@ -299,6 +300,45 @@ def test_the_builder_reads_the_segment_end_while_the_capture_goes_on(job):
     posts = posts_of([bytes(r[2]) for r in recs])
     key = rawbson.id_key_from_value(3)
     assert posts == {"d.big": {key: at_end[key]}} and b"later" not in at_end[key]
+
+
+def test_a_seal_pass_reads_the_builders_answer_without_holding_up_the_capture(job, monkeypatch):
+    """The pass (segments.Sealer's thread) reads the builder's answer outside the head's lock: held inside that read
+    here, the capture still writes and closes the next segment, which then has no post-images (nothing is asked of
+    the builder while its answer is read: the protocol stays in step); both segments are sealed with their records,
+    the first with its post-images, and the builder answers the segment after."""
+    h = job["head"]
+    captured(h, [upd("big", (T0 + 1, 1), 3, {"pad": "first"})], (T0 + 1, 1))
+    assert segments.close(h) is not None
+    wait_post_images_built(h)
+    at_end = {rawbson.id_key_from_document(d): d for d in image_of(h)["d.big"]}
+    reading, release, answer = threading.Event(), threading.Event(), post_images.Builder.answer
+
+    def held_answer(self):
+        reading.set()
+        assert release.wait(30)
+        return answer(self)
+    monkeypatch.setattr(post_images.Builder, "answer", held_answer)
+    sealed = []
+    seal = threading.Thread(target=lambda: sealed.extend(segments.seal_closed(h, job["js"], job["keys"], "mk")))
+    seal.start()
+    try:
+        assert reading.wait(30)
+        captured(h, [upd("big", (T0 + 2, 1), 3, {"pad": "second"})], (T0 + 2, 1))  # the lock is free
+        assert segments.close(h) is not None and not h.post_images_pending(h.closed_segments()[-1]["seg"])
+    finally:
+        release.set()
+        seal.join(30)
+    monkeypatch.undo()
+    assert [s["seq"] for s in sealed] == [1]
+    sealed += segments.seal_closed(h, job["js"], job["keys"], "mk")
+    (_a, first), (_b, second) = segments.read_segments(job["js"], job["keys"], sealed)
+    key = rawbson.id_key_from_value(3)
+    assert posts_of([bytes(r[2]) for r in first]) == {"d.big": {key: at_end[key]}}
+    assert posts_of([bytes(r[2]) for r in second]) == {} and len(second) == 1 and b"second" in bytes(second[0][2])
+    captured(h, [upd("big", (T0 + 3, 1), 3, {"pad": "third"})], (T0 + 3, 1))
+    _seg, raws = close_and_read(job)
+    assert b"third" in posts_of(raws)["d.big"][key]
 
 
 def test_the_ticks_seal_waits_for_post_images_still_being_built(job, monkeypatch):
