@@ -153,8 +153,7 @@ def apply_run(base_head, work, name, uri, recorded, segments_on, provider, segme
         if close:
             segments.close(h)  # with post-images (head.Writer.close_segment) when nothing namespace-level happened in it
         sealer.collect(wait=False)
-        closed = h.closed_segments()
-        if closed and not sealer.busy() and not h.post_images_pending(closed[0]["seg"]):
+        if not sealer.busy() and segments.sealable(h):
             keys.key(keys.epoch_for("bench-mk")[0])
             sealer.start(h, js, keys, "bench-mk")
 

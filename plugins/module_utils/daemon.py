@@ -179,7 +179,6 @@ class JobRunner(threading.Thread):
         self._waits = {}           # on-demand snapshot requests waiting for the head: {rid: {...}}
         self._seal_retry = 0.0     # monotonic time before which a failed segment seal is not retried
         self._sealer = segments.Sealer()  # the tick's seal passes, on a thread of their own
-        self._sealing = None       # (JobStore, Keys) of the pass the sealer runs
         self._events_at_close = 0  # status "events" when the open segment began (its events: those since)
         self._store_check = 0.0    # monotonic time of the next comparison of the store's range with the head (segments)
         self._store_range = {"restorable_to": None, "restorable_cluster_time": None, "store_checked": None, "problem": None}
@@ -321,7 +320,6 @@ class JobRunner(threading.Thread):
 
     def _close(self):
         self._sealer.close()  # a pass still running uses the head and the KMIP session
-        self._sealing = None
         for obj in (self.head, self.kmip):
             close = getattr(obj, "close", None)
             if close:
@@ -400,10 +398,7 @@ class JobRunner(threading.Thread):
         if self.head.record_segments and segments.due(self.head, seconds):
             self._close_segment()
         self._seal_collect(wait=False)
-        closed = self.head.closed_segments()
-        # a segment whose post-images are still being built waits for a later tick (nothing is unwrapped meanwhile)
-        if (closed and not self._sealer.busy() and time.monotonic() >= self._seal_retry
-                and not self.head.post_images_pending(closed[0]["seg"])):
+        if not self._sealer.busy() and time.monotonic() >= self._seal_retry and segments.sealable(self.head):
             self._segments_seal(wait=False)
         self._segments_status()
 
@@ -430,7 +425,6 @@ class JobRunner(threading.Thread):
             if not wait:
                 keys.key(keys.epoch_for(self.cfg.get("master_key_uid"))[0])  # unwrapped here: KMIP stays on this thread
                 self._sealer.start(self.head, js, keys, self.cfg.get("master_key_uid"))
-                self._sealing = (js, keys)
                 return
             self._sealed(segments.seal_closed(self.head, js, keys, self.cfg.get("master_key_uid")), js, keys)
         except KmipBackupError as e:
@@ -440,14 +434,11 @@ class JobRunner(threading.Thread):
         """The sealer's pass, once finished (wait: waits for it): its outcome reported as a seal done here is."""
         if not self._sealer.busy():
             return
-        js, keys = self._sealing
+        js, keys = self._sealer.target()
         try:
             sealed = self._sealer.collect(wait)
         except Exception as e:  # pylint: disable=broad-except  # any failure of the pass: retried, never the caller's
             sealed = e
-        finally:
-            if not self._sealer.busy():
-                self._sealing = None
         if isinstance(sealed, Exception):
             self._seal_failed(sealed)
         elif sealed is not None:

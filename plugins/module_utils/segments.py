@@ -413,6 +413,13 @@ def due(head: Head, seconds: float, now: float | None = None) -> bool:
     return state["timeline"] is not None and state["opened"] is not None and (now or time.time()) - state["opened"] >= seconds
 
 
+def sealable(head: Head) -> bool:
+    """Whether a seal pass (seal_closed, wait=False: the daemon's tick) would seal anything now: a segment is closed and
+    the oldest one's post-images are built (it waits for a later tick otherwise, and nothing is unwrapped meanwhile)."""
+    closed = head.closed_segments()
+    return bool(closed) and not head.post_images_pending(closed[0]["seg"])
+
+
 def seal_closed(head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None, wait: bool = True) -> list:
     """Put every closed segment into the store, oldest first, sealed under the current epoch's snapshot key and chained
     to its predecessor; forget each one's records once it is durable. Idempotent after a crash between the put and
@@ -459,11 +466,15 @@ class Sealer:
     A pass's thread is a daemon thread: a runner given up at exit does not hold the process."""
 
     def __init__(self) -> None:
-        self._pass = None  # (thread, outcome: {"sealed": list} or {"error": exception})
+        self._pass = None  # (thread, outcome: {"sealed": list} or {"error": exception}, job store, keys)
 
     def busy(self) -> bool:
         """Whether a pass has started and not been collected."""
         return self._pass is not None
+
+    def target(self) -> tuple | None:
+        """(job store, keys) of the pass started and not collected, or None."""
+        return self._pass[2:] if self._pass is not None else None
 
     def start(self, head: Head, job_store: JobStore, keys: Keys, master_key_uid: str | None) -> None:
         if self._pass is not None:
@@ -477,14 +488,14 @@ class Sealer:
                 outcome["error"] = e
         thread = threading.Thread(target=run, name="kmipbackup-seal", daemon=True)
         thread.start()
-        self._pass = (thread, outcome)
+        self._pass = (thread, outcome, job_store, keys)
 
     def collect(self, wait: bool = True) -> list | None:
         """What the pass sealed (seal_closed's list; its error is raised here), once; None when no pass ran, or (wait
         False) it is still running."""
         if self._pass is None:
             return None
-        thread, outcome = self._pass
+        thread, outcome = self._pass[:2]
         if not wait and thread.is_alive():
             return None
         thread.join()
