@@ -376,6 +376,25 @@ def test_sealing_is_idempotent_and_nothing_plain_on_disk(env, monkeypatch):
     assert canary_hits(str(tmp), CANARY) == []
 
 
+def test_a_sealed_segment_s_records_are_freed_without_rewriting_them_and_secure_delete_stays_on(env):
+    """The forget after a seal frees the records' pages without zeroing them (they stay the head key's ciphertext; the
+    store keeps the same records sealed): zeroing wrote every freed page to the WAL again. Every other delete still
+    zeroes what it frees."""
+    _tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    rnd = os.urandom
+    capture(h, [ev("insert", T0 + 5, n, 100 + n, {"_id": 100 + n, "b": Binary(rnd(20000))}) for n in range(1, 101)])
+    segments.close(h)
+    wait_post_images_built(h)
+    records = len(h.segment_frames(h.closed_segments()[0]["seg"])[0])
+    assert records > 1_900_000  # incompressible: the records' pages hold about as much
+    h.checkpoint()  # an empty WAL: what the seal writes is what it adds
+    segments.seal_closed(h, js, keys, "mk1")
+    wal = os.path.getsize(h.path + "-wal")
+    assert wal < records // 4, "the seal wrote %d bytes to the WAL for %d bytes of records" % (wal, records)
+    assert h._conn.execute("PRAGMA secure_delete").fetchone()[0] == 1  # pylint: disable=protected-access
+
+
 def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_chain(env, monkeypatch):
     """segments.Sealer (the daemon's tick): while a pass is held inside the store's write, the capture applies and logs
     events and closes the next segment (the pass does not lock the head meanwhile); a failed pass's error comes out of
