@@ -83,8 +83,8 @@ def _join_specs(specs):
 
 class _FairLock:
     """A reentrant lock granted in the order it was asked for. threading.RLock lets the thread that releases it take it
-    back at once, so a seal pass or a status read would wait behind many of the capture's back-to-back transactions;
-    here the capture queues behind them, and it commits early while one waits (Head.wanted)."""
+    back at once, so a seal pass or a status read waited behind many of the capture's back-to-back transactions; here
+    it waits for the one in progress, and the capture's next one queues behind it."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -113,10 +113,6 @@ class _FairLock:
                 self._owner = None
                 if self._queue:
                     self._cond.notify_all()
-
-    def waiting(self) -> bool:
-        """Whether a thread waits for the lock (read without it: a hint)."""
-        return bool(self._queue)
 
     def __enter__(self) -> bool:
         return self.acquire()
@@ -168,11 +164,6 @@ class Head:
         self._posts, self._post_pending, self._builder = {}, None, None
         self._reading = False  # segment_frames reads the builder's answer outside the lock: nothing is asked meanwhile
         self._record_segments = False
-
-    def wanted(self) -> bool:
-        """Whether another thread waits for the head (a seal pass, a status read): the capture then commits at its next
-        cluster-time boundary, so that thread waits for one short transaction, not for a batch of 20,000 events."""
-        return self._lock.waiting()
 
     @property
     def record_segments(self) -> bool:

@@ -672,8 +672,7 @@ class Capture:
                 ct = (ctv.time, ctv.inc)
                 now = time.monotonic()
                 if count and last_ct is not None and ct > last_ct and (
-                        count >= self.max_batch_events or now - started >= self.max_batch_seconds or now >= deadline
-                        or self.head.wanted()):
+                        count >= self.max_batch_events or now - started >= self.max_batch_seconds or now >= deadline):
                     self._carry = ev  # a later cluster time proves last_ct complete: commit a consistent image
                     consistent, proof = True, ct
                     break
