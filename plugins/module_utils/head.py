@@ -98,8 +98,13 @@ class _FairLock:
                 return True
             if self._owner is not None or self._queue:
                 self._queue.append(me)
-                while self._owner is not None or self._queue[0] != me:
-                    self._cond.wait()
+                try:
+                    while self._owner is not None or self._queue[0] != me:
+                        self._cond.wait()
+                except BaseException:  # interrupted (a signal handler raised): not in line any more
+                    self._queue.remove(me)
+                    self._cond.notify_all()
+                    raise
                 self._queue.popleft()
             self._owner, self._depth = me, 1
             return True
@@ -429,8 +434,8 @@ class Head:
             self._posts.pop(seg, None)
         with self.write() as w:
             # its pages are freed without zeroing them (secure_delete stays on for every other delete): they hold what
-            # the store now keeps sealed for the window, as ciphertext under the head key, and the next records reuse
-            # them. Zeroing wrote each freed page twice more (the WAL, then the checkpoint): 2.4 MB per 20,000 events,
+            # the store now keeps sealed for the window (under the head key when the job is encrypted), and the next
+            # records reuse them. Zeroing wrote each freed page twice more (the WAL, then the checkpoint): 2.4 MB per 20,000 events,
             # on the lock the capture writes under.
             secure = w._c.execute("PRAGMA secure_delete").fetchone()[0]
             w._c.execute("PRAGMA secure_delete=0")

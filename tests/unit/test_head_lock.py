@@ -37,3 +37,30 @@ def test_a_thread_waiting_for_the_head_gets_it_before_the_writer_s_next_transact
         w.upsert("d.c", rawbson.id_key_from_value(2), bson.encode({"_id": 2}))
     reader.join(10)
     assert order == ["reader", "writer"]
+
+
+def test_a_waiter_interrupted_leaves_the_line(h):
+    """A thread interrupted while it waits (a signal handler raising in it) must not keep its place: the threads
+    behind it would wait for ever."""
+    lock = h._lock  # pylint: disable=protected-access
+    lock.acquire()
+    failed = []
+
+    def interrupted():
+        def boom():
+            raise KeyboardInterrupt
+        lock._cond.wait = lambda *a: boom()  # pylint: disable=protected-access  # the wait raises, as a signal handler's exception
+        try:
+            lock.acquire()
+        except KeyboardInterrupt:
+            failed.append(True)
+    t = threading.Thread(target=interrupted)
+    t.start()
+    t.join(10)
+    del lock._cond.wait  # pylint: disable=protected-access
+    lock.release()
+    got = threading.Event()
+    other = threading.Thread(target=lambda: (h.position(), got.set()))
+    other.start()
+    other.join(10)
+    assert failed and got.is_set() and not lock._queue  # pylint: disable=protected-access
