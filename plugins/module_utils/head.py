@@ -168,6 +168,11 @@ class Head:
         # (segment_frames), dropped once it is sealed
         self._posts, self._post_pending, self._builder = {}, None, None
         self._reading = False  # segment_frames reads the builder's answer outside the lock: nothing is asked meanwhile
+        # _posts, _builder and _reading have a lock of their own, taken inside the head's by the capture (after a close's
+        # commit) and alone by a seal pass, which reads the closed segments on a connection of its own (_committed): a
+        # pass then takes the head's lock once per segment (segment_sealed), not behind every transaction of the capture
+        self._posts_lock = threading.Lock()
+        self._side, self._side_lock = None, threading.Lock()
         self._record_segments = False
 
     @property
@@ -178,7 +183,7 @@ class Head:
     @record_segments.setter
     def record_segments(self, on: bool) -> None:
         self._record_segments = bool(on)
-        with self._lock:
+        with self._posts_lock:
             if on:  # its start-up overlaps the capture up to the first close, which then waits for nothing but the pin
                 self._post_image_builder()
             elif self._builder is not None:
@@ -186,7 +191,7 @@ class Head:
                 self._builder = None
 
     def _post_image_builder(self):
-        """The running builder process (started now if it is not), or None when it cannot start."""
+        """The running builder process (started now if it is not), or None when it cannot start (_posts_lock held)."""
         if self._builder is None or not self._builder.alive():
             if self._builder is not None:
                 self._builder.close()
@@ -238,10 +243,15 @@ class Head:
 
     def close(self) -> None:
         with self._lock:
-            self._posts.clear()  # post-images not sealed yet are dropped: their segments are sealed without
-            if self._builder is not None:
-                self._builder.close()
-                self._builder = None
+            with self._posts_lock:
+                self._posts.clear()  # post-images not sealed yet are dropped: their segments are sealed without
+                if self._builder is not None:
+                    self._builder.close()
+                    self._builder = None
+            with self._side_lock:
+                if self._side is not None:
+                    self._side.close()
+                    self._side = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -277,30 +287,32 @@ class Head:
         post-images, read on the state just committed (the segment's end): once its read is pinned, the capture goes on
         while it builds them on another core. When it cannot (it does not start, or it still builds an earlier
         segment's), the segment has none: they are optional, and the close committed."""
-        try:  # after the COMMIT: nothing here may fail the write
-            if self._reading:
-                LOG.debug("post-images of a closed change segment not built: the builder's last answer is being read")
-                return
-            b = self._builder
-            if b is not None and b.asked is not None:
-                if not b.ready():
-                    LOG.debug("post-images of a closed change segment not built: the builder is still on an earlier one")
+        with self._posts_lock:
+            try:  # after the COMMIT: nothing here may fail the write
+                if self._reading:
+                    LOG.debug("post-images of a closed change segment not built: the builder's last answer is being read")
                     return
-                self._take_post_images()
-            b = self._post_image_builder()
-            if b is None:
-                return
-            if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
-                self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
-            if b.ask(seg, opened, to, post_image_limits()):
-                self._posts[seg] = None  # asked: the answer is read when it is ready or needed
-            else:
-                LOG.warning("post-images of a closed change segment not built (the builder ended): a restore replays its events")
-        except Exception as e:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
-            LOG.warning("post-images of a closed change segment not built (%s): a restore replays its events", type(e).__name__)
+                b = self._builder
+                if b is not None and b.asked is not None:
+                    if not b.ready():
+                        LOG.debug("post-images of a closed change segment not built: the builder is still on an earlier one")
+                        return
+                    self._take_post_images()
+                b = self._post_image_builder()
+                if b is None:
+                    return
+                if len(self._posts) >= POST_PENDING_MAX:  # segments not sealed (the store unreachable): memory stays bounded
+                    self._drop_post_images(sorted(self._posts)[:len(self._posts) - POST_PENDING_MAX + 1])
+                if b.ask(seg, opened, to, post_image_limits()):
+                    self._posts[seg] = None  # asked: the answer is read when it is ready or needed
+                else:
+                    LOG.warning("post-images of a closed change segment not built (the builder ended): a restore replays its events")
+            except Exception as e:  # pylint: disable=broad-except  # optional: the segment's records are complete without them
+                LOG.warning("post-images of a closed change segment not built (%s): a restore replays its events", type(e).__name__)
 
     def _take_post_images(self) -> None:
-        """Read the builder's answer (waits for the build); kept for its segment unless that was dropped meanwhile."""
+        """Read the builder's answer (waits for the build); kept for its segment unless that was dropped meanwhile
+        (_posts_lock held)."""
         seg = self._builder.asked
         frames = self._builder.answer()
         if seg in self._posts:
@@ -377,16 +389,24 @@ class Head:
         with self._lock:
             return _segment_state(self._conn)
 
+    def _committed(self, sql: str, args: tuple = ()) -> list:
+        """Rows of a read of the last committed state, on a connection of its own: not under the head's lock, so not
+        behind the capture's transaction in progress (closed segments, their records and the chain change only at a
+        commit)."""
+        with self._side_lock:
+            if self._side is None:
+                self._side = self._connect()
+            return self._side.execute(sql, args).fetchall()
+
     def closed_segments(self) -> list:
-        """Segments closed but not yet sealed into the store, oldest first:
+        """Segments closed but not yet sealed into the store, oldest first (as last committed):
         [{"seg", "timeline", "seq", "from" (t, i), "to" (t, i)}]."""
-        with self._lock:
-            rows = self._conn.execute("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg").fetchall()
+        rows = self._committed("SELECT seg, timeline, seq, from_t, from_i, to_t, to_i FROM seg_closed ORDER BY seg")
         return [{"seg": r[0], "timeline": r[1], "seq": r[2], "from": (r[3], r[4]), "to": (r[5], r[6])} for r in rows]
 
     def post_images_pending(self, seg: int) -> bool:
         """Whether closed segment seg's post-images are still being built (segment_frames would wait for them)."""
-        with self._lock:
+        with self._posts_lock:
             return seg in self._posts and self._posts[seg] is None and self._builder is not None and not self._builder.ready()
 
     def segment_frames(self, seg: int) -> tuple[bytes, bytes]:
@@ -394,7 +414,7 @@ class Head:
         post-images' frames, b"" unless this process built them since it closed the segment (waits for the builder)). They are kept in
         memory only, until the segment is sealed: a segment closed before a restart is sealed without them (they are
         optional), and segments._existing keeps a stored copy that has them."""
-        with self._lock:
+        with self._posts_lock:
             b = self._builder
             take = seg in self._posts and self._posts[seg] is None and b is not None and b.asked == seg
             if take:
@@ -406,31 +426,25 @@ class Head:
             try:
                 frames = b.answer()
             finally:
-                with self._lock:
+                with self._posts_lock:
                     self._reading = False
                     if seg in self._posts:
                         self._posts[seg] = frames
-        with self._lock:
+        with self._posts_lock:
             posts = self._posts.get(seg) or []
-        # the records on a connection of their own, not under the lock the capture writes under: a seal pass runs beside
-        # the capture (segments.Sealer), and a segment's records are megabytes of pages to read and decrypt. A closed
-        # segment's rows change only when it is sealed, by the caller, after this read.
-        conn = self._connect()
-        try:
-            rows = conn.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)).fetchall()
-        finally:
-            conn.close()
+        # a seal pass runs beside the capture (segments.Sealer), and a segment's records are megabytes of pages to read
+        # and decrypt. A closed segment's rows change only when it is sealed, by the caller, after this read.
+        rows = self._committed("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,))
         return b"".join([bytes(r[0]) for r in rows]), b"".join([f[2] for f in posts])
 
     def segment_chain(self, timeline: str) -> tuple | None:
-        """(seq, digest) of the last sealed segment of timeline, or None."""
-        with self._lock:
-            row = self._conn.execute("SELECT seq, digest FROM seg_chain WHERE timeline=?", (timeline,)).fetchone()
+        """(seq, digest) of the last sealed segment of timeline (as last committed), or None."""
+        row = next(iter(self._committed("SELECT seq, digest FROM seg_chain WHERE timeline=?", (timeline,))), None)
         return (row[0], bytes(row[1])) if row else None
 
     def segment_sealed(self, seg: int, timeline: str, seq: int, digest: bytes) -> None:
         """A closed segment is durable in the store: forget its records, remember its digest (the next one's link)."""
-        with self._lock:
+        with self._posts_lock:
             self._posts.pop(seg, None)
         with self.write() as w:
             # its pages are freed without zeroing them (secure_delete stays on for every other delete): they hold what

@@ -445,6 +445,33 @@ def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_
         assert replayed(tmp, js, keys, images, plan, "s%d" % n)[0] == images[point], point
 
 
+def test_a_seal_pass_puts_the_segment_while_the_capture_holds_the_head(env, monkeypatch):
+    """A pass reads the closed segments, the chain, the records and the post-images without the head's lock, so the
+    segment reaches the store while the capture's transaction is open (it waited behind each of them before); it takes
+    the lock once, after the put, to forget the records."""
+    tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    capture(h, [ev("insert", T0 + 5, 1, 1, {"_id": 1, "v": CANARY})])
+    segments.close(h)
+    wait_post_images_built(h)
+    put, stored = js.storage.put_atomic, threading.Event()
+
+    def put_and_tell(*args, **kwargs):
+        put(*args, **kwargs)
+        stored.set()
+    monkeypatch.setattr(js.storage, "put_atomic", put_and_tell)
+    keys.key(keys.epoch_for("mk1")[0])
+    sealer = segments.Sealer()
+    with h.write() as w:  # the capture's transaction, held open
+        w.upsert(NS, rawbson.id_key_from_value(2), bson.encode({"_id": 2}))
+        sealer.start(h, js, keys, "mk1")
+        assert stored.wait(30), "the pass did not reach the store while the capture held the head"
+        assert sealer.collect(wait=False) is None  # it waits for the lock to forget the records
+    [sealed] = sealer.collect()
+    assert sealed["seq"] == 1 and h.closed_segments() == [] and h.segment_state()["records"] == 0
+    assert [p for p in files_under(str(tmp / "store")) if "/segments/" in p]
+
+
 def test_a_cut_read_while_a_seal_pass_moves_the_chain_names_a_sealed_segment(env, monkeypatch):
     """cut_segment (what a snapshot records, and the status's sealed_to) read on the capture's thread while the sealer's
     pass seals the next segment between its reads of the chain and of the closed segments: it still names the last
