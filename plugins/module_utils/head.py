@@ -320,7 +320,7 @@ class Head:
 
     def _drop_post_images(self, segs: list) -> None:
         """Forget the post-images of segs (their segments are sealed without them); an answer still being built is
-        read and discarded before the builder is asked again."""
+        read and discarded before the builder is asked again (_posts_lock held)."""
         for seg in segs:
             self._posts.pop(seg, None)
 
