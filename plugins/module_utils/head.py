@@ -546,11 +546,27 @@ def _set_meta(conn, name, value):
     conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, int(value)))
 
 
-def _segment_state(conn):
+def _segment_state(conn, writing=False):
     row = conn.execute("SELECT timeline, next_seq, from_t, from_i, opened FROM seg_state WHERE one=1").fetchone()
-    n = conn.execute("SELECT count(*) FROM seg_records WHERE seg IS NULL").fetchone()[0]
+    n = conn.execute("SELECT count(*) FROM seg_records WHERE seg=? OR seg IS NULL",
+                     (_open_segment_id(conn, writing),)).fetchone()[0]
     return {"timeline": row[0], "next_seq": row[1], "from": (row[2], row[3]) if row[2] is not None else None,
             "opened": row[4], "records": n}
+
+
+def _open_segment_id(conn, writing=False):
+    """The id the open segment's records carry (its seg_closed row's when it closes): given when they are written, so
+    a close rewrites no record (an UPDATE rewrites whole rows: megabytes per segment). Ids only grow. A head written
+    before the ids (its open records have none) is given one by the first writer (writing: in its transaction); a
+    reader counts its records without (_segment_state)."""
+    seg = _meta(conn, "seg_open")
+    if seg is None:
+        seg = 1 + max(conn.execute("SELECT max(seg) FROM seg_closed").fetchone()[0] or 0,
+                      conn.execute("SELECT max(seg) FROM seg_records").fetchone()[0] or 0)
+        if writing:
+            conn.execute("UPDATE seg_records SET seg=? WHERE seg IS NULL", (seg,))
+            _set_meta(conn, "seg_open", seg)
+    return seg
 
 
 def _position(conn):
@@ -881,18 +897,19 @@ class Writer(Reader):
         """log_records for records the caller compressed already: [(t, i of the last record, zstd frame of
         segments.encode_records(records))], in apply order."""
         if frames and self._h.record_segments and self._segment_open() is not None:
-            self._c.executemany("INSERT INTO seg_records (seg, t, i, recs) VALUES (NULL, ?, ?, ?)", frames)
+            seg = _open_segment_id(self._c, True)
+            self._c.executemany("INSERT INTO seg_records (seg, t, i, recs) VALUES (?, ?, ?, ?)", [(seg,) + f for f in frames])
 
     def _segment_open(self):
         """The open segment's state, starting a timeline at the head's position when none is open; None when the head
         is not consistent then."""
-        state = _segment_state(self._c)
+        state = _segment_state(self._c, True)
         if state["timeline"] is None:
             pos = _position(self._c)
             if not pos["consistent"] or not pos["cluster_time"]:
                 return None
             self.start_timeline(tuple(pos["cluster_time"]))
-            state = _segment_state(self._c)
+            state = _segment_state(self._c, True)
         return state
 
     def start_timeline(self, start: tuple) -> str:
@@ -907,22 +924,23 @@ class Writer(Reader):
         """Close the open segment at cluster time `to` (inclusive; a boundary the caller knows complete): its records
         await sealing (Head.closed_segments). None when there is no timeline or the head has not moved past the
         segment's start (its corrections, if any, stay open); final (the timeline ends): closed if it holds records."""
-        state = _segment_state(self._c)
+        state = _segment_state(self._c, True)
         if state["timeline"] is None or (tuple(to) <= state["from"] and not (final and state["records"])):
             return None
         to = max(tuple(to), state["from"])
         posts = None if final else self._post_images_from()
-        cur = self._c.execute("INSERT INTO seg_closed (timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?)",
-                              (state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
-        self._c.execute("UPDATE seg_records SET seg=? WHERE seg IS NULL", (cur.lastrowid,))
+        seg = _open_segment_id(self._c, True)
+        self._c.execute("INSERT INTO seg_closed (seg, timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (seg, state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
+        _set_meta(self._c, "seg_open", seg + 1)
         self._c.execute("UPDATE seg_state SET next_seq=next_seq + 1, from_t=?, from_i=?, opened=? WHERE one=1",
                         to + (time.time(),))
         self._dirty = True  # the next segment's changes get a later seq than any of this one's
         _set_meta(self._c, "seg_open_seq", self._seq)
         if posts is not None:
-            self._h._post_pending = (cur.lastrowid, posts, to)  # pylint: disable=protected-access  # built after COMMIT
+            self._h._post_pending = (seg, posts, to)  # pylint: disable=protected-access  # built after COMMIT
             self._closed = True
-        return cur.lastrowid
+        return seg
 
     def _post_images_from(self) -> int | None:
         """The change sequence the open segment started after, when its post-images can be built: every document the
@@ -939,21 +957,22 @@ class Writer(Reader):
         """End the current timeline where the head last was complete (a resync, a lost resume point): its open
         records are closed into a last segment (a run of one cluster time cut short is left out), and the next
         record starts a new timeline."""
-        state = _segment_state(self._c)
+        state = _segment_state(self._c, True)
         if state["timeline"] is None:
             return
         pos = _position(self._c)
         if pos["cluster_time"] and not pos["consistent"]:
             cut = tuple(pos["cluster_time"])
-            for row_pos, recs in self._c.execute("SELECT pos, recs FROM seg_records WHERE seg IS NULL AND (t > ? OR (t = ? AND i >= ?))",
-                                                 (cut[0], cut[0], cut[1])).fetchall():
+            seg = _open_segment_id(self._c, True)
+            for row_pos, recs in self._c.execute("SELECT pos, recs FROM seg_records WHERE seg=? AND (t > ? OR (t = ? AND i >= ?))",
+                                                 (seg, cut[0], cut[0], cut[1])).fetchall():
                 keep = [(t, i, bytes(r)) for t, i, r in decode_records(crypto.decompress(recs, "head segment records")) if (t, i) < cut]
                 if keep:
                     self._c.execute("UPDATE seg_records SET t=?, i=?, recs=? WHERE pos=?",
                                     (keep[-1][0], keep[-1][1], crypto.compress(encode_records(keep)), row_pos))
                 else:
                     self._c.execute("DELETE FROM seg_records WHERE pos=?", (row_pos,))
-            last = self._c.execute("SELECT t, i FROM seg_records WHERE seg IS NULL ORDER BY pos DESC LIMIT 1").fetchone()
+            last = self._c.execute("SELECT t, i FROM seg_records WHERE seg=? ORDER BY pos DESC LIMIT 1", (seg,)).fetchone()
             to = tuple(last) if last else state["from"]
         else:
             to = tuple(pos["cluster_time"]) if pos["cluster_time"] else state["from"]

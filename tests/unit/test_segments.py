@@ -395,6 +395,52 @@ def test_a_sealed_segment_s_records_are_freed_without_rewriting_them_and_secure_
     assert h._conn.execute("PRAGMA secure_delete").fetchone()[0] == 1  # pylint: disable=protected-access
 
 
+def test_a_close_rewrites_none_of_the_segment_s_records(env):
+    """The open segment's records carry its id from the start: closing it writes its seg_closed row and the state, not
+    the records again (an UPDATE of their id rewrote every row: as many bytes of WAL as records)."""
+    _tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    capture(h, [ev("insert", T0 + 4, 1, 99, {"_id": 99})])
+    before = segments.close(h)  # not sealed: the next segment's id takes a byte in its rows (an id 1 took none)
+    capture(h, [ev("insert", T0 + 5, n, 100 + n, {"_id": 100 + n, "b": Binary(os.urandom(20000))}) for n in range(1, 101)])
+    h.checkpoint()  # an empty WAL: what the close writes is what it adds
+    seg = segments.close(h)
+    records = len(h.segment_frames(seg)[0])
+    assert records > 1_900_000
+    wal = os.path.getsize(h.path + "-wal")
+    assert wal < records // 4, "the close wrote %d bytes to the WAL for %d bytes of records" % (wal, records)
+    capture(h, [ev("insert", T0 + 6, 1, 300, {"_id": 300})])  # the next segment's records are its own
+    assert h.segment_state()["records"] == 1 and segments.close(h) == seg + 1
+    assert [s["seg"] for s in h.closed_segments()] == [before, seg, seg + 1]
+    assert len(h.segment_frames(seg)[0]) == records
+
+
+def test_a_head_written_before_segment_ids_closes_its_open_records_into_the_next_segment(env):
+    """A head whose open records were written without their segment's id (before they had one): a reader counts
+    them and changes nothing; the next write gives them an id above every closed segment's."""
+    _tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    capture(h, [ev("insert", T0 + 5, 1, 1, {"_id": 1, CANARY: CANARY})])
+    first = close_seal(h, js, keys)[0]
+    capture(h, [ev("insert", T0 + 6, 1, 2, {"_id": 2})])
+    closed = segments.close(h)  # closed, not sealed yet
+    capture(h, [ev("insert", T0 + 7, 1, 3, {"_id": 3})])
+    capture(h, [ev("insert", T0 + 8, 1, 4, {"_id": 4})])
+    with h.write() as w:  # what such a head holds: open records without an id, no id counter
+        w._c.execute("UPDATE seg_records SET seg=NULL WHERE seg<>?", (closed,))  # pylint: disable=protected-access
+        w._c.execute("DELETE FROM meta WHERE name='seg_open'")  # pylint: disable=protected-access
+    assert h.segment_state()["records"] == 2
+    assert h._conn.execute("SELECT count(*) FROM seg_records WHERE seg IS NULL").fetchone()[0] == 2  # pylint: disable=protected-access
+    seg = segments.close(h)
+    assert seg == closed + 1
+    recs = segments.decode_records(segments.decompress_frames(h.segment_frames(seg)[0]))
+    assert [(t, i) for t, i, _raw in recs] == [(T0 + 7, 1), (T0 + 8, 1)]
+    sealed = segments.seal_closed(h, js, keys, "mk1")
+    assert [s["seq"] for s in sealed] == [first["seq"] + 1, first["seq"] + 2] and h.segment_state()["records"] == 0
+    plan = segments.plan_point(js, keys, (T0 + 8, 1))
+    assert [s["name"] for s in plan["segments"]] == [first["name"]] + [s["name"] for s in sealed]
+
+
 def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_chain(env, monkeypatch):
     """segments.Sealer (the daemon's tick): while a pass is held inside the store's write, the capture applies and logs
     events and closes the next segment (the pass does not lock the head meanwhile); a failed pass's error comes out of
