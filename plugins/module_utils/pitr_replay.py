@@ -33,7 +33,7 @@ import zlib
 
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import child_process, events
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import NotApplicable, UncertainOrder
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import id_key_from_document, split_bson_docs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import doc_offsets, id_key_from_document, split_bson_docs
 
 try:
     import bson
@@ -50,7 +50,6 @@ _OPS = {b"insert": _PUT, b"replace": _PUT, b"update": _UPD, b"delete": _DEL}
 _KB = b"\x02kb\x00"  # a correction's first element (segments)
 _POST = b"\x05\x00\x00\x00post\x00"  # after _KB: a post-image record (segments.post_records)
 _POST_ENTRY = struct.Struct(">II")  # id_key length, document length (_NONE: deleted)
-_I32 = struct.Struct("<i")
 # kind, namespace index, range index, count, bytes, CRC-32 (of a part's data; of a namespace's parts' CRCs); then the data.
 # CRC-32 (zlib): cheap; the parent hashes what it receives with SHA-256 for the manifest and checks the CRCs against it.
 _MSG = struct.Struct("<BIIQQI")
@@ -243,17 +242,9 @@ def replay_parts(plain: bytes | None, ops: list, limit: int = VIRTUAL_CHUNK_BYTE
 
 def _offsets(data: bytes) -> list:
     """Where each document of data (BSON documents back to back) starts, then len(data)."""
-    offs, pos, end, size = [], 0, len(data), _I32.unpack_from
-    append = offs.append
-    while pos < end:
-        append(pos)
-        step = size(data, pos)[0]
-        if step < 5:
-            raise ValueError("a base chunk that does not split into documents")
-        pos += step
-    if pos != end:
+    offs = doc_offsets(data)
+    if offs is None:
         raise ValueError("a base chunk that does not split into documents")
-    append(end)
     return offs
 
 
@@ -317,17 +308,6 @@ def _cut(view, offs: list, pieces: list, limit: int) -> list:
 def combine(crcs: list) -> int:
     """One CRC-32 for a namespace's parts, from theirs in order."""
     return zlib.crc32(struct.pack("<%dI" % len(crcs), *crcs))
-
-
-def count_docs(data: bytes) -> int:
-    count, pos, n, unpack = 0, 0, len(data), struct.Struct("<i").unpack_from
-    while pos < n:
-        size = unpack(data, pos)[0]
-        if size < 5:
-            return -1
-        pos += size
-        count += 1
-    return count if pos == n else -1
 
 
 def _read_exact(f, size: int) -> bytes:

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils import child_process, crypto, pitr_replay, restore, segments
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import RestoreError, RestoreTimeout
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.head import Head
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, id_key_from_document, split_bson_docs
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.rawbson import EMPTY_BSON, doc_offsets, id_key_from_document, split_bson_docs
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.storenames import namespace_hash
 
 if TYPE_CHECKING:
@@ -784,7 +784,8 @@ class _Fast:
         if kind == pitr_replay._ERROR:  # pylint: disable=protected-access
             raise self._ended("the replay process raised %s (%%s)" % data.decode("ascii", "replace"))
         if kind == pitr_replay._PART:  # pylint: disable=protected-access
-            if zlib.crc32(data) != crc or pitr_replay.count_docs(data) != count:
+            offs = doc_offsets(data)
+            if zlib.crc32(data) != crc or offs is None or len(offs) - 1 != count:
                 raise crypto.integrity_error("point-in-time image", self.entry["snapshot_id"],
                                              "has a range whose documents do not match what the replay process says")
             self.parts.setdefault((j, r), []).append({"id": "%s%d.%d" % (VIRTUAL_PREFIX, j, r), "key": None, "count": count,

@@ -10,6 +10,7 @@ rows (head.py) and the change stream's events (events.py).
 from __future__ import annotations
 
 import decimal
+import itertools
 import struct
 from typing import Any
 
@@ -28,14 +29,30 @@ except ImportError as e:  # pragma: no cover
 EMPTY_BSON = b"\x05\x00\x00\x00\x00"
 
 
+def doc_offsets(data: bytes) -> list | None:
+    """Where each document of data (BSON documents back to back) starts, then len(data); None when data is not whole
+    documents back to back (by their length prefixes)."""
+    offs, pos, end, size = [], 0, len(data), struct.Struct("<i").unpack_from
+    append = offs.append
+    while pos < end:
+        append(pos)
+        step = size(data, pos)[0] if pos + 4 <= end else 0
+        if step < 5:
+            return None
+        pos += step
+    if pos != end:
+        return None
+    append(end)
+    return offs
+
+
 def split_bson_docs(blob: bytes) -> list:
-    """Split concatenated BSON documents into a list of bytes."""
-    out, pos, mv = [], 0, memoryview(blob)
-    while pos < len(blob):
-        n = struct.unpack_from("<i", blob, pos)[0]
-        out.append(bytes(mv[pos:pos + n]))
-        pos += n
-    return out
+    """Split concatenated BSON documents into a list of bytes (ValueError when blob is not whole documents)."""
+    offs = doc_offsets(blob)
+    if offs is None:
+        raise ValueError("data that does not split into BSON documents")
+    mv = memoryview(blob)
+    return [bytes(mv[a:b]) for a, b in itertools.pairwise(offs)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,6 +128,19 @@ def test_a_replay_process_whose_totals_do_not_add_up_is_refused(lab, monkeypatch
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("seen", [lambda offs: None, lambda offs: offs[:-1]], ids=["not-documents", "one-fewer"])
+def test_a_range_whose_documents_are_not_what_the_replay_process_counts_is_refused(lab, monkeypatch, seen):
+    """The parent walks each range it receives: data that does not split into documents, or holds another number of
+    them than the child says, is refused before anything of it is written (the parent's walk stands for what a
+    faulty child would send)."""
+    real = point_in_time.doc_offsets
+    monkeypatch.setattr(point_in_time, "doc_offsets", lambda data: seen(real(data)))
+    out = str(lab["tmp"] / ("miscounted-%d" % len(os.listdir(str(lab["tmp"])))))
+    with pytest.raises(IntegrityError, match="do not match what the replay process says"):
+        restore_point(lab, max(p for p in lab["images"] if p < lab["ddl"]), out)
+    assert not os.path.exists(out)
+
+
 def flip_a_byte(path):
     """Flip one bit of a stored object near its end (its ciphertext or tag); its original bytes are returned."""
     saved = open(path, "rb").read()
