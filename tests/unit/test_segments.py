@@ -3,6 +3,9 @@ ranges and gaps, plans, and a replay that rebuilds the head's image at each poin
 import datetime
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +15,7 @@ from bson import Timestamp
 from bson.binary import Binary
 from bson.raw_bson import RawBSONDocument
 
-from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, rawbson, segments, snapshot, store
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import crypto, head, rawbson, segments, snapshot, store
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.errors import IntegrityError, PointNotRestorable, StoreError
 from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
 from pitr_overlap_helpers import wait_post_images_built
@@ -439,6 +442,76 @@ def test_a_head_written_before_segment_ids_closes_its_open_records_into_the_next
     assert [s["seq"] for s in sealed] == [first["seq"] + 1, first["seq"] + 2] and h.segment_state()["records"] == 0
     plan = segments.plan_point(js, keys, (T0 + 8, 1))
     assert [s["name"] for s in plan["segments"]] == [first["name"]] + [s["name"] for s in sealed]
+
+
+_CAPTURE_FOR_EVER = r"""
+import sys, bson
+from bson import Timestamp
+from bson.raw_bson import RawBSONDocument
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils import head, segments
+from ansible_collections.kmipbackup.mongodb.plugins.module_utils.events import Applier
+h = head.Head(sys.argv[1], bytes.fromhex(sys.argv[2]))
+h.record_segments = True
+t0, ap = int(sys.argv[3]), Applier()
+n = h.position()["cluster_time"][0] - t0  # go on where the last run's committed position is
+while True:
+    for _ in range(3):
+        rows = []
+        with h.write() as w:
+            for _ in range(20):
+                n += 1
+                raw = bson.encode({"_id": {"_data": "%08x" % n}, "operationType": "insert", "clusterTime": Timestamp(t0 + n, 1),
+                                   "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": n},
+                                   "fullDocument": {"_id": n, "pad": "p" * (n % 700)}})
+                ap.apply(w, RawBSONDocument(raw))
+                rows.append((t0 + n, 1, raw))
+            ap.flush()
+            w.log_records(rows)
+            w.set_position(b"token", [t0 + n, 1], True)
+        print(n, flush=True)
+    segments.close(h)
+"""
+
+
+def test_a_capture_killed_at_random_moments_keeps_each_applied_event_in_one_segment_in_order(env):
+    """A process applies and logs events, closing a segment every three transactions, and is killed (-9) at a random
+    moment (after 0 to 0.4 s of capture), four times over on the same head, each run going on from where the head is. Every time: no record without
+    a segment, the open segment's id above every closed one, and the records of the closed segments then the open one
+    are exactly the events the head applied, once each, in order; the closed ones seal into one chain."""
+    tmp, _provider, js, keys, h = env
+    snap(h, js, keys)
+    path, key = h.path, h._key_hex  # pylint: disable=protected-access
+    h.close()
+    sealed = []
+    for delay in (0.0, 0.03, 0.15, 0.4):  # where in its work each delay falls is up to the machine: a random moment
+        child = subprocess.Popen([sys.executable, "-c", _CAPTURE_FOR_EVER, path, key, str(T0)], stdout=subprocess.PIPE,  # pylint: disable=consider-using-with
+                                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert child.stdout.readline()  # a transaction committed: the kill falls inside the capture, not its start-up
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        h2 = head.Head(path, bytes.fromhex(key))
+        try:
+            c = h2._conn  # pylint: disable=protected-access
+            applied = h2.position()["cluster_time"][0] - T0
+            assert c.execute("SELECT count(*) FROM seg_records WHERE seg IS NULL").fetchone()[0] == 0
+            closed = [row[0] for row in c.execute("SELECT seg FROM seg_closed ORDER BY seg")]
+            open_id = c.execute("SELECT value FROM meta WHERE name='seg_open'").fetchone()[0]
+            assert all(seg < open_id for seg in closed)
+            assert {row[0] for row in c.execute("SELECT DISTINCT seg FROM seg_records")} <= set(closed) | {open_id}
+            times = []
+            for seg in closed + [open_id]:
+                for (recs,) in c.execute("SELECT recs FROM seg_records WHERE seg=? ORDER BY pos", (seg,)):
+                    times += [t - T0 for t, _i, _raw in segments.decode_records(crypto.decompress(recs))]
+            already = sealed[-1]["to"][0] - T0 if sealed else 0
+            assert times == list(range(already + 1, applied + 1))
+            wait_post_images_built(h2)
+            sealed += segments.seal_closed(h2, js, keys, "mk1")
+            assert [s["seq"] for s in sealed] == list(range(1, len(sealed) + 1))
+        finally:
+            h2.close()
+    assert len(sealed) >= 2
 
 
 def test_a_seal_pass_on_the_sealers_thread_lets_the_capture_go_on_and_keeps_the_chain(env, monkeypatch):
