@@ -32,7 +32,7 @@ EMPTY_BSON = b"\x05\x00\x00\x00\x00"
 def doc_offsets(data: bytes) -> list | None:
     """Where each document of data (BSON documents back to back) starts, then len(data); None when data is not whole
     documents back to back (by their length prefixes)."""
-    offs, pos, end, size = [], 0, len(data), struct.Struct("<i").unpack_from
+    offs, pos, end, size = [], 0, len(data), _i32.unpack_from
     append = offs.append
     while pos < end:
         append(pos)

@@ -475,10 +475,11 @@ while True:
 
 def test_a_capture_killed_at_random_moments_keeps_each_applied_event_in_one_segment_in_order(env):
     """A process applies and logs events, closing a segment every three transactions, and is killed (-9) at a random
-    moment (after 0 to 0.4 s of capture), four times over on the same head, each run going on from where the head is. Every time: no record without
-    a segment, the open segment's id above every closed one, and the records of the closed segments then the open one
-    are exactly the events the head applied, once each, in order; the closed ones seal into one chain."""
-    tmp, _provider, js, keys, h = env
+    moment (after 0 to 0.4 s of capture), four times over on the same head, each run going on from where the head is.
+    Every time: no record without a segment, the open segment's id above every closed one, and the records of the
+    closed segments then the open one are exactly the events the head applied, once each, in order; the closed ones
+    seal into one chain."""
+    _tmp, _provider, js, keys, h = env
     snap(h, js, keys)
     path, key = h.path, h._key_hex  # pylint: disable=protected-access
     h.close()
