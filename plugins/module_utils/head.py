@@ -548,10 +548,10 @@ def _set_meta(conn, name, value):
 
 def _segment_state(conn, writing=False):
     row = conn.execute("SELECT timeline, next_seq, from_t, from_i, opened FROM seg_state WHERE one=1").fetchone()
-    n = conn.execute("SELECT count(*) FROM seg_records WHERE seg=? OR seg IS NULL",
-                     (_open_segment_id(conn, writing),)).fetchone()[0]
+    seg = _open_segment_id(conn, writing)
+    n = conn.execute("SELECT count(*) FROM seg_records WHERE seg=? OR seg IS NULL", (seg,)).fetchone()[0]
     return {"timeline": row[0], "next_seq": row[1], "from": (row[2], row[3]) if row[2] is not None else None,
-            "opened": row[4], "records": n}
+            "opened": row[4], "records": n, "seg": seg}
 
 
 def _open_segment_id(conn, writing=False):
@@ -896,9 +896,9 @@ class Writer(Reader):
     def log_frames(self, frames: list) -> None:
         """log_records for records the caller compressed already: [(t, i of the last record, zstd frame of
         segments.encode_records(records))], in apply order."""
-        if frames and self._h.record_segments and self._segment_open() is not None:
-            seg = _open_segment_id(self._c, True)
-            self._c.executemany("INSERT INTO seg_records (seg, t, i, recs) VALUES (?, ?, ?, ?)", [(seg,) + f for f in frames])
+        state = self._segment_open() if frames and self._h.record_segments else None
+        if state is not None:
+            self._c.executemany("INSERT INTO seg_records (seg, t, i, recs) VALUES (?, ?, ?, ?)", [(state["seg"],) + f for f in frames])
 
     def _segment_open(self):
         """The open segment's state, starting a timeline at the head's position when none is open; None when the head
@@ -929,7 +929,7 @@ class Writer(Reader):
             return None
         to = max(tuple(to), state["from"])
         posts = None if final else self._post_images_from()
-        seg = _open_segment_id(self._c, True)
+        seg = state["seg"]
         self._c.execute("INSERT INTO seg_closed (seg, timeline, seq, from_t, from_i, to_t, to_i) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (seg, state["timeline"], state["next_seq"]) + tuple(state["from"]) + to)
         _set_meta(self._c, "seg_open", seg + 1)
@@ -963,7 +963,7 @@ class Writer(Reader):
         pos = _position(self._c)
         if pos["cluster_time"] and not pos["consistent"]:
             cut = tuple(pos["cluster_time"])
-            seg = _open_segment_id(self._c, True)
+            seg = state["seg"]
             for row_pos, recs in self._c.execute("SELECT pos, recs FROM seg_records WHERE seg=? AND (t > ? OR (t = ? AND i >= ?))",
                                                  (seg, cut[0], cut[0], cut[1])).fetchall():
                 keep = [(t, i, bytes(r)) for t, i, r in decode_records(crypto.decompress(recs, "head segment records")) if (t, i) < cut]

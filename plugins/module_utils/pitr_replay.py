@@ -213,7 +213,9 @@ def replay_parts(plain: bytes | None, ops: list, limit: int = VIRTUAL_CHUNK_BYTE
     applier applies them, in key order, cut as virtual chunks are (a part ends with the document that takes it to
     limit bytes). Only documents next to a change are looked at: the rest are copied as runs of the base's bytes."""
     data = plain or b""
-    offs = _offsets(data)  # offs[i]: where base document i starts; offs[-1]: the end
+    offs = doc_offsets(data)  # offs[i]: where base document i starts; offs[-1]: the end
+    if offs is None:
+        raise ValueError("a base chunk that does not split into documents")
     n = len(offs) - 1
     view = memoryview(data)
 
@@ -238,14 +240,6 @@ def replay_parts(plain: bytes | None, ops: list, limit: int = VIRTUAL_CHUNK_BYTE
     if at < n:
         pieces.append((at, n))
     return _cut(view, offs, pieces, limit)
-
-
-def _offsets(data: bytes) -> list:
-    """Where each document of data (BSON documents back to back) starts, then len(data)."""
-    offs = doc_offsets(data)
-    if offs is None:
-        raise ValueError("a base chunk that does not split into documents")
-    return offs
 
 
 def _base_doc(data, offs, key_at, keys, key):
